@@ -1,0 +1,7 @@
+"""`python -m dnsgate` is the `dnsgate` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

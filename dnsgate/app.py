@@ -1,0 +1,195 @@
+"""The composition root: builds every part from a Config, runs them, and takes them down in reverse.
+
+Start order: data dir and store (grants loaded before DNS listens, so gated names are blocked from
+the first packet), catalog, upstreams, pipeline, DNS listeners, API. Stop order is the reverse:
+listeners close, in-flight queries get a moment to finish, then the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .api import ApiSettings, create_app
+from .cache import AnswerCache, TtlPolicy
+from .catalog import Catalog, CatalogError, builtin_catalog_text, parse_catalog_text
+from .config import Config, HostPort, parse_host_port, resolv_conf_servers
+from .consent import ConsentTable
+from .consents import ConsentService
+from .dns_server import DnsListeners, TaskSet
+from .pipeline import Pipeline
+from .resolver import Resolver
+from .sinkhole import Sinkhole
+from .store import ConsentStore, StoreError
+from .upstream import Upstreams
+
+log = logging.getLogger(__name__)
+
+PORTAL_HOST = "consent.dnsgate.internal"
+RESOLV_CONF = Path("/etc/resolv.conf")
+
+
+class StartupError(Exception):
+    """dnsgate cannot start; the message is one line that names the culprit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    dns: tuple[HostPort, ...]
+    api: HostPort
+    data_dir: Path
+    upstreams: tuple[HostPort, ...]
+    token_file: Path | None
+
+    def ready_line(self) -> str:
+        token = f"; admin token in {self.token_file}" if self.token_file else ""
+        return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
+                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}")
+
+
+def load_catalog(cfg: Config) -> Catalog:
+    try:
+        if cfg.gate.catalog:
+            try:
+                text = Path(cfg.gate.catalog).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise StartupError(f"gate.catalog: cannot read {cfg.gate.catalog}: {exc.strerror}") from None
+            catalog = parse_catalog_text(text, cfg.gate.catalog)
+        else:
+            catalog = parse_catalog_text(builtin_catalog_text(), "built-in catalog")
+        return catalog.without(cfg.gate.disabled_domains)
+    except CatalogError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[HostPort, ...]:
+    if cfg.upstream.servers:
+        return cfg.upstream_servers
+    try:
+        found = resolv_conf_servers(resolv_conf.read_text(encoding="utf-8"))
+    except OSError:
+        found = ()
+    ours = set(cfg.dns_listen)
+    servers = tuple(s for s in (parse_host_port(a, default_port=53) for a in found) if s not in ours)
+    if not servers:
+        raise StartupError(f"upstream.servers: none configured and {resolv_conf} lists no usable nameserver; "
+                           "pass --upstream HOST[:PORT]")
+    return servers
+
+
+def admin_token(cfg: Config, data_dir: Path) -> tuple[str, Path | None]:
+    """The configured token, or the one kept in <data_dir>/admin-token (created 0600 if missing)."""
+    if cfg.api.admin_token:
+        return cfg.api.admin_token, None
+    path = data_dir / "admin-token"
+    try:
+        existing = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing:
+        return existing, path
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(token + "\n")
+    return token, path
+
+
+def prepare_data_dir(cfg: Config) -> tuple[Path, str, Path | None]:
+    """Create the data dir; return it with the admin token and the file that holds it (if any)."""
+    data_dir = Path(cfg.storage.data_dir).resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token, token_file = admin_token(cfg, data_dir)
+    except OSError as exc:
+        raise StartupError(f"storage.data_dir: {data_dir}: {exc.strerror}") from None
+    return data_dir, token, token_file
+
+
+async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
+    """Serve until `stop` is set. Raises StartupError if something cannot start."""
+    async with AsyncExitStack() as stack:
+        data_dir, token, token_file = prepare_data_dir(cfg)
+        catalog = load_catalog(cfg)
+        servers = upstream_servers(cfg)
+        try:
+            store = ConsentStore(data_dir / "consent.sqlite3")
+        except StoreError as exc:
+            raise StartupError(f"storage.data_dir: {exc}") from None
+        table = ConsentTable()
+        consents = ConsentService(store, table, catalog, cfg.consent)
+        stack.push_async_callback(consents.close)
+        clients = consents.load()
+
+        cache = AnswerCache(cfg.cache.max_entries, cfg.cache.max_bytes)
+        pipeline = Pipeline(
+            catalog, table, cache, Sinkhole(cfg.gate.mode, cfg.gate.sinkhole_ttl, cfg.dns.udp_max_size),
+            udp_max=cfg.dns.udp_max_size,
+            plain_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, None),
+            gated_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, cfg.gate.allowed_ttl_cap),
+        )
+        upstreams = Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
+                              udp_size=cfg.dns.udp_max_size)
+        stack.push_async_callback(upstreams.close)
+        resolver = Resolver(pipeline, upstreams)
+        tasks = TaskSet()
+        stack.push_async_callback(tasks.drain, 2.0)
+        listeners = DnsListeners(pipeline, resolver, tasks, cfg.dns.tcp_idle_timeout)
+        stack.push_async_callback(listeners.close)
+        for address in cfg.dns_listen:
+            try:
+                await listeners.start(address)
+            except OSError as exc:
+                raise StartupError(f"dns.listen {address}: {exc.strerror or exc}") from None
+
+        def health() -> Mapping[str, Any]:
+            return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
+                    "cache_entries": len(cache), "in_flight": len(tasks)}
+
+        api_address = cfg.api_listen
+        api_socket = _listen_tcp(api_address)
+        api_bound = HostPort(api_address.host, api_socket.getsockname()[1])
+        settings = ApiSettings(
+            admin_token=token,
+            allowed_origins=frozenset(cfg.api.allowed_origins),
+            api_port=api_bound.port,
+            own_hosts=frozenset({"localhost", PORTAL_HOST}),
+            max_days=cfg.consent.max_days,
+        )
+        runner = web.AppRunner(create_app(consents, catalog, settings, health), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        await web.SockSite(runner, api_socket).start()
+
+        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file)
+        log.info("loaded %d clients with consent, catalog %s (%d vendors, %d domains)",
+                 clients, catalog.version, len(catalog.vendors), len(catalog.rules))
+        if on_ready is not None:
+            on_ready(running)
+        await stop.wait()
+        log.info("stopping")
+
+
+def _listen_tcp(address: HostPort) -> socket.socket:
+    """Bind the API socket ourselves, so its real port is known before the app is built."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"api.listen {address}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,356 @@
+"""Configuration: frozen dataclasses, their embedded defaults, and parsing with errors that name the key.
+
+Everything dnsgate can be told lives here. `config/dnsgate.toml` documents every key and parses to
+exactly `Config()` (a test checks it). This module is pure: it reads no files and no environment
+except through the explicit inputs of `load_config`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final, Literal
+
+DEFAULT_DNS_PORT: Final = 5353
+DEFAULT_API_PORT: Final = 8053
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the key path."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, *, default_port: int | None = None, key: str = "address") -> HostPort:
+    """Parse `HOST:PORT`, `[V6]:PORT`, or (with a default port) `HOST`, `V6`, `[V6]`."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"{key}: missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"{key}: expected ':PORT' after ']' in {text!r}")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1 and default_port is None:
+        raise ConfigError(f"{key}: write IPv6 addresses as [ADDR]:PORT, got {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{key}: not an IP address: {host!r} (in {text!r})") from None
+    if not port_text:
+        if default_port is None:
+            raise ConfigError(f"{key}: missing port in {text!r} (HOST:PORT)")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: bad port {port_text!r} in {text!r}")
+    return HostPort(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    # Each address serves UDP and TCP.
+    listen: tuple[str, ...] = (f"127.0.0.1:{DEFAULT_DNS_PORT}",)
+    # Largest UDP reply we send to an EDNS client (RFC 9715 / DNS flag day 2020 value).
+    udp_max_size: int = 1232
+    # A TCP connection with no complete query for this long is closed (RFC 7766 §6.2.3).
+    tcp_idle_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    listen: str = f"127.0.0.1:{DEFAULT_API_PORT}"
+    # Bearer token for the admin endpoints. Empty: DNSGATE_ADMIN_TOKEN, else a token generated
+    # into <data_dir>/admin-token (mode 0600).
+    admin_token: str = ""
+    # Origins (scheme://host[:port]) besides dnsgate's own that may change consent from a browser.
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    # HOST[:PORT] entries, tried in order. Empty: the nameservers of /etc/resolv.conf.
+    servers: tuple[str, ...] = ()
+    # Overall deadline for one client query, every retry and fail-over included (seconds).
+    timeout: float = 3.0
+    # How long one attempt at one upstream may take before the next is tried (seconds).
+    attempt_timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = 100_000
+    max_bytes: int = 64 * 1024 * 1024
+    # Clamp the TTLs of cached answers (seconds).
+    min_ttl: int = 0
+    max_ttl: int = 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    # "nxdomain": NXDOMAIN + SOA (browsers do not cache it, so a grant applies at once);
+    # "null": A 0.0.0.0 / AAAA ::, other types NODATA + SOA.
+    mode: Literal["nxdomain", "null"] = "nxdomain"
+    # TTL and SOA MINIMUM of sinkhole answers (seconds).
+    sinkhole_ttl: int = 5
+    # Cap on the TTL of real answers for gated names, so a withdrawal reaches client caches fast.
+    allowed_ttl_cap: int = 10
+    # Vendor catalog file. Empty: the built-in catalog (config/vendors.toml).
+    catalog: str = ""
+    # Catalog domain patterns this deployment does not gate, e.g. ["*.api-us1.com"].
+    disabled_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentConfig:
+    # How long a grant lasts unless the request asks for less (days).
+    default_days: int = 180
+    # Hard maximum for any grant (days): 13 months.
+    max_days: int = 395
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    # Directory for the SQLite store and the generated admin token (relative to the working dir).
+    data_dir: str = "data"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    consent: ConsentConfig = field(default_factory=ConsentConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def dns_listen(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(a, key="dns.listen") for a in self.dns.listen)
+
+    @property
+    def api_listen(self) -> HostPort:
+        return parse_host_port(self.api.listen, key="api.listen")
+
+    @property
+    def upstream_servers(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(s, default_port=53, key="upstream.servers") for s in self.upstream.servers)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _convert(value: Any, annotation: str, key: str) -> Any:
+    """Check one TOML value against a field's annotation (given as a string: `from __future__`)."""
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation == "str" or annotation.startswith("Literal["):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if annotation.startswith("Literal["):
+            allowed = [a.strip().strip("\"'") for a in annotation[8:-1].split(",")]
+            if value not in allowed:
+                raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+    if annotation == "tuple[str, ...]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    raise AssertionError(f"unhandled annotation {annotation} for {key}")  # pragma: no cover
+
+
+def _section(cls: type[Any], data: Any, key: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(known)})")
+    values = {name: _convert(data[name], str(known[name].type), f"{key}.{name}") for name in data}
+    return cls(**values)
+
+
+_SECTIONS: Final[dict[str, type[Any]]] = {
+    "dns": DnsConfig,
+    "api": ApiConfig,
+    "upstream": UpstreamConfig,
+    "cache": CacheConfig,
+    "gate": GateConfig,
+    "consent": ConsentConfig,
+    "storage": StorageConfig,
+}
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Build a validated Config from parsed TOML; raise ConfigError naming the bad key."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+        sections[name] = _section(_SECTIONS[name], value, name)
+    return validate(Config(**sections))
+
+
+def parse_config_text(text: str, source: str = "config") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_config(data)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Check ranges and formats that the types alone do not catch."""
+    _check(len(cfg.dns.listen) > 0, "dns.listen: at least one address is needed")
+    cfg.dns_listen  # noqa: B018 -- parses every address, raising ConfigError on the first bad one
+    _check(512 <= cfg.dns.udp_max_size <= 65535, f"dns.udp_max_size: must be 512..65535, got {cfg.dns.udp_max_size}")
+    _check(cfg.dns.tcp_idle_timeout > 0, f"dns.tcp_idle_timeout: must be > 0, got {cfg.dns.tcp_idle_timeout}")
+    cfg.api_listen  # noqa: B018
+    for origin in cfg.api.allowed_origins:
+        _check(
+            origin.startswith(("http://", "https://")) and origin.count("/") == 2,
+            f"api.allowed_origins: expected scheme://host[:port], got {origin!r}",
+        )
+    cfg.upstream_servers  # noqa: B018
+    _check(cfg.upstream.timeout > 0, f"upstream.timeout: must be > 0, got {cfg.upstream.timeout}")
+    _check(
+        0 < cfg.upstream.attempt_timeout <= cfg.upstream.timeout,
+        f"upstream.attempt_timeout: must be > 0 and <= upstream.timeout, got {cfg.upstream.attempt_timeout}",
+    )
+    _check(cfg.cache.max_entries >= 0, f"cache.max_entries: must be >= 0, got {cfg.cache.max_entries}")
+    _check(cfg.cache.max_bytes >= 0, f"cache.max_bytes: must be >= 0, got {cfg.cache.max_bytes}")
+    _check(cfg.cache.min_ttl >= 0, f"cache.min_ttl: must be >= 0, got {cfg.cache.min_ttl}")
+    _check(
+        cfg.cache.max_ttl >= max(cfg.cache.min_ttl, 1),
+        f"cache.max_ttl: must be >= 1 and >= cache.min_ttl, got {cfg.cache.max_ttl}",
+    )
+    _check(1 <= cfg.gate.sinkhole_ttl <= 3600, f"gate.sinkhole_ttl: must be 1..3600, got {cfg.gate.sinkhole_ttl}")
+    _check(
+        1 <= cfg.gate.allowed_ttl_cap <= 86400,
+        f"gate.allowed_ttl_cap: must be 1..86400, got {cfg.gate.allowed_ttl_cap}",
+    )
+    _check(
+        1 <= cfg.consent.max_days <= 395,
+        f"consent.max_days: must be 1..395 (13 months), got {cfg.consent.max_days}",
+    )
+    _check(
+        1 <= cfg.consent.default_days <= cfg.consent.max_days,
+        f"consent.default_days: must be 1..consent.max_days, got {cfg.consent.default_days}",
+    )
+    _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Layering: defaults < file < environment < command line
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Values given on the command line or in DNSGATE_* variables; None means "not given"."""
+
+    dns: tuple[str, ...] | None = None
+    api: str | None = None
+    upstream: tuple[str, ...] | None = None
+    data_dir: str | None = None
+    admin_token: str | None = None
+
+
+ENV_PREFIX: Final = "DNSGATE_"
+
+
+def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
+    """Read DNSGATE_CONFIG and the DNSGATE_* overrides (lists are comma-separated)."""
+
+    def listed(name: str) -> tuple[str, ...] | None:
+        raw = env.get(ENV_PREFIX + name)
+        return None if raw is None else tuple(p.strip() for p in raw.split(",") if p.strip())
+
+    return env.get(ENV_PREFIX + "CONFIG") or None, Overrides(
+        dns=listed("DNS"),
+        api=env.get(ENV_PREFIX + "API") or None,
+        upstream=listed("UPSTREAM"),
+        data_dir=env.get(ENV_PREFIX + "DATA_DIR") or None,
+        admin_token=env.get(ENV_PREFIX + "ADMIN_TOKEN") or None,
+    )
+
+
+def merge_overrides(first: Overrides, then: Overrides) -> Overrides:
+    """`then` wins wherever it gives a value."""
+    return Overrides(
+        **{f.name: getattr(then, f.name) if getattr(then, f.name) is not None else getattr(first, f.name)
+           for f in fields(Overrides)}
+    )
+
+
+def apply_overrides(cfg: Config, o: Overrides) -> Config:
+    if o.dns is not None:
+        cfg = replace(cfg, dns=replace(cfg.dns, listen=o.dns))
+    if o.api is not None:
+        cfg = replace(cfg, api=replace(cfg.api, listen=o.api))
+    if o.upstream is not None:
+        cfg = replace(cfg, upstream=replace(cfg.upstream, servers=o.upstream))
+    if o.data_dir is not None:
+        cfg = replace(cfg, storage=replace(cfg.storage, data_dir=o.data_dir))
+    if o.admin_token is not None:
+        cfg = replace(cfg, api=replace(cfg.api, admin_token=o.admin_token))
+    return validate(cfg)
+
+
+def load_config(path: str | None, overrides: Overrides) -> Config:
+    """Defaults, then the file at `path` (if any), then the overrides."""
+    cfg = Config()
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+        cfg = parse_config_text(text, source=path)
+    return apply_overrides(cfg, overrides)
+
+
+def resolv_conf_servers(text: str) -> tuple[str, ...]:
+    """The `nameserver` addresses of a resolv.conf, in order (scoped IPv6 entries skipped)."""
+    servers: list[str] = []
+    for line in text.splitlines():
+        parts = line.split("#", 1)[0].split()
+        if len(parts) >= 2 and parts[0] == "nameserver" and "%" not in parts[1]:
+            try:
+                ipaddress.ip_address(parts[1])
+            except ValueError:
+                continue
+            servers.append(f"[{parts[1]}]" if ":" in parts[1] else parts[1])
+    return tuple(servers)

@@ -1,0 +1,233 @@
+"""The per-query decision: parse -> match vendor -> look up consent -> sinkhole, cached answer, or forward.
+
+Each step feels the effect of the ones before it and never of those after (CoreDNS's rule):
+  1. parse the query (raw bytes; `wire.parse_query` for anything unusual),
+  2. match the name against the catalog (the cache entry remembers the rule it is gated on,
+     including a vendor met through a CNAME),
+  3. look up the client's consent for the rule's vendor: no consent -> the sinkhole answer; the
+     cache is never allowed to bypass this,
+  4. serve the cached answer, or hand back a `Forward` for the shell to resolve upstream and
+     `complete`.
+No I/O here: the shell (resolver.py) does the awaiting, and tests drive this directly.
+The first branch of `answer` is the same steps inlined for the common shapes (no Query object is
+built): tests check it against the general path.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from .cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
+from .catalog import Catalog, DomainRule
+from .consent import ConsentTable
+from .sinkhole import Sinkhole
+from .wire import (
+    BADVERS,
+    CD,
+    HEADER,
+    MIN_UDP,
+    QR,
+    RA,
+    RD,
+    SERVFAIL,
+    Query,
+    Rejection,
+    cache_key,
+    error_reply,
+    opt_record,
+    parse_query,
+    rejection_reply,
+)
+
+log = logging.getLogger(__name__)
+
+ID_FLAGS: Final = struct.Struct(">HH")
+TCP_LIMIT: Final = 65535
+_UNSEEN: Final = object()
+_OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The query needs an upstream answer; `rule` is the catalog rule of its name, if any."""
+
+    query: Query
+    rule: DomainRule | None
+    client: str
+    tcp: bool
+
+
+class Pipeline:
+    __slots__ = ("cache", "catalog", "consent", "counters", "gated_ttl", "mono", "opt_tail", "plain_ttl",
+                 "sinkhole", "udp_max", "wall")
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        consent: ConsentTable,
+        cache: AnswerCache,
+        sinkhole: Sinkhole,
+        *,
+        udp_max: int,
+        plain_ttl: TtlPolicy,
+        gated_ttl: TtlPolicy,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.catalog = catalog
+        self.consent = consent
+        self.cache = cache
+        self.sinkhole = sinkhole
+        self.udp_max = udp_max
+        self.plain_ttl = plain_ttl
+        self.gated_ttl = gated_ttl
+        self.mono = mono
+        self.wall = wall
+        # Our OPT record, without and with DO, appended to replies to EDNS queries.
+        self.opt_tail = (opt_record(udp_max, False), opt_record(udp_max, True))
+        self.counters = Counters()
+
+    # ----------------------------------------------------------------------------------------
+    def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
+        """The reply to send now, a Forward to resolve upstream, or None to stay silent."""
+        n = len(data)
+        if n >= 17:
+            qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+            # Fast path: QR=0, opcode QUERY, one question, no records but at most an empty OPT.
+            if not flags & 0xF800 and qdcount == 1 and not ancount and not nscount:
+                qend = data.find(0, 12) + 5
+                edns = -2
+                if arcount == 0:
+                    if qend == n:
+                        edns = -1
+                elif arcount == 1 and n == qend + 11 and data[qend : qend + 3] == _OPT_HEAD and not data[qend + 6]:
+                    edns = data[qend + 7] >> 7
+                if edns != -2:
+                    question = data[12:qend]
+                    lower = question.lower()
+                    key = lower + b"\x01" if edns == 1 else lower
+                    if flags & CD:
+                        key = cache_key(lower, edns == 1, True)
+                    now = self.mono()
+                    entry = self.cache.get(key, now)
+                    rule = entry.rule if entry is not None else self.catalog.memo.get(lower[:-4], _UNSEEN)
+                    if rule.__class__ is DomainRule and not self.consent.allows(client, rule.vendor, self.wall()):
+                        reply = self.sinkhole.reply(qid, flags, question, _qtype(data, qend), rule, edns)
+                        if len(reply) <= MIN_UDP or tcp:  # else the general path truncates it
+                            self.counters.sinkholed += 1
+                            return reply
+                    elif entry is not None:
+                        self.counters.cached += 1
+                        return self._render(entry, qid, flags, question, edns, now,
+                                            TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
+        return self._answer_general(data, client, tcp)
+
+    def _answer_general(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
+        q = parse_query(data)
+        if isinstance(q, Rejection):
+            self.counters.count_rejection(q)
+            return rejection_reply(data, q)
+        if q.edns is not None and q.edns.version != 0:
+            self.counters.formerr += 1
+            return error_reply(q, BADVERS, self.udp_max)  # RFC 6891 §6.1.3
+        edns = -1 if q.edns is None else int(q.edns.do)
+        now = self.mono()
+        entry = self.cache.get(q.key, now)
+        rule = entry.rule if entry is not None else self.catalog.match(q.name)
+        if rule is not None and not self.consent.allows(client, rule.vendor, self.wall()):
+            self.counters.sinkholed += 1
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), tcp)
+        if entry is not None:
+            self.counters.cached += 1
+            return self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, tcp))
+        self.counters.cache_misses += 1
+        return Forward(q, rule, client, tcp)
+
+    # ----------------------------------------------------------------------------------------
+    def complete(self, fwd: Forward, entry: Entry) -> bytes:
+        """Answer a forwarded query from its (fresh or coalesced) entry, gating it once more:
+        the entry may have revealed a gated vendor behind a CNAME."""
+        q = fwd.query
+        edns = -1 if q.edns is None else int(q.edns.do)
+        rule = entry.rule
+        if rule is not None and not self.consent.allows(fwd.client, rule.vendor, self.wall()):
+            self.counters.sinkholed += 1
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), fwd.tcp)
+        self.counters.forwarded += 1
+        return self._render(entry, q.id, q.flags, q.question, edns, self.mono(), self._reply_limit(q, fwd.tcp))
+
+    def admit(self, fwd: Forward, reply: bytes) -> Entry:
+        """Build the entry for a verified upstream reply and cache it if it may be cached.
+        Raises cache.UnusableReply for replies whose records cannot be walked."""
+        q = fwd.query
+        policy = self.plain_ttl if fwd.rule is None else self.gated_ttl
+        entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, fwd.rule)
+        if cacheable:
+            self.cache.put(q.key, entry)
+        return entry
+
+    def servfail(self, fwd: Forward) -> bytes:
+        self.counters.servfail += 1
+        return error_reply(fwd.query, SERVFAIL, self.udp_max)
+
+    # ----------------------------------------------------------------------------------------
+    def _render(self, entry: Entry, qid: int, qflags: int, question: bytes, edns: int, now: float,
+                limit: int) -> bytes:
+        flags = QR | RA | (qflags & (RD | CD)) | entry.flags
+        if edns < 0:
+            reply = ID_FLAGS.pack(qid, flags) + b"\x00\x01" + entry.counts + question + entry.body_at(now)
+        else:
+            reply = (ID_FLAGS.pack(qid, flags) + b"\x00\x01" + entry.counts_edns + question
+                     + entry.body_at(now) + self.opt_tail[edns])
+        if len(reply) > limit:
+            return self._truncated(qid, flags, question, edns)
+        return reply
+
+    def _truncated(self, qid: int, flags: int, question: bytes, edns: int) -> bytes:
+        self.counters.truncated += 1
+        if edns < 0:
+            return HEADER.pack(qid, flags | 0x0200, 1, 0, 0, 0) + question
+        return HEADER.pack(qid, flags | 0x0200, 1, 0, 0, 1) + question + self.opt_tail[edns]
+
+    def _reply_limit(self, q: Query, tcp: bool) -> int:
+        return TCP_LIMIT if tcp else min(q.udp_limit, self.udp_max) if q.edns else MIN_UDP
+
+    def _limit(self, q: Query, reply: bytes, tcp: bool) -> bytes:
+        if len(reply) > self._reply_limit(q, tcp):
+            edns = -1 if q.edns is None else int(q.edns.do)
+            return self._truncated(q.id, struct.unpack_from(">H", reply, 2)[0], q.question, edns)
+        return reply
+
+
+def _qtype(data: bytes, qend: int) -> int:
+    return (data[qend - 4] << 8) | data[qend - 3]
+
+
+def _udp_limit(data: bytes, qend: int, edns: int, udp_max: int) -> int:
+    if edns < 0:
+        return MIN_UDP
+    return max(MIN_UDP, min((data[qend + 3] << 8) | data[qend + 4], udp_max))
+
+
+class Counters:
+    """Outcome counts; plain integers so counting costs the hot path next to nothing."""
+
+    __slots__ = ("cache_misses", "cached", "dropped", "formerr", "forwarded", "notimp", "servfail", "sinkholed",
+                 "truncated")
+
+    def __init__(self) -> None:
+        self.cached = self.cache_misses = self.dropped = self.formerr = self.forwarded = 0
+        self.notimp = self.servfail = self.sinkholed = self.truncated = 0
+
+    def count_rejection(self, r: Rejection) -> None:
+        if r.rcode is None:
+            self.dropped += 1
+        elif r.rcode == 4:
+            self.notimp += 1
+        else:
+            self.formerr += 1

@@ -1,0 +1,78 @@
+"""The answer a client gets for a gated name it has not consented to.
+
+Default (`nxdomain`): NXDOMAIN with the vendor zone's SOA in authority, TTL and MINIMUM both the
+sinkhole TTL (5 s), because browsers do not cache negative answers, so a fresh grant applies at
+once. `null`: A 0.0.0.0 / AAAA ::, other types NODATA with the SOA. With EDNS, an Extended DNS
+Error 15 "Blocked" names the vendor and the missing category. Pieces are built once per rule.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final, Literal
+
+from .catalog import DomainRule
+from .wire import (
+    AAAA,
+    CD,
+    EDE_BLOCKED,
+    IN,
+    NOERROR,
+    NXDOMAIN,
+    QR,
+    RA,
+    RD,
+    RR_FIXED,
+    A,
+    ede_option,
+    opt_record,
+    soa_record,
+)
+
+ID_FLAGS: Final = struct.Struct(">HH")
+SOA_MNAME: Final = b"\x07dnsgate\x08internal\x00"
+SOA_RNAME: Final = b"\x07consent\x07dnsgate\x08internal\x00"
+
+# edns: -1 no OPT in the query, 0 OPT without DO, 1 OPT with DO
+Parts = tuple[int, bytes, bytes]  # rcode, counts (QD..AR), records after the question
+
+
+def block_reason(rule: DomainRule) -> str:
+    vendor = rule.vendor
+    return f"{vendor.name} ({vendor.id}) is blocked: no consent for category '{vendor.category}'"
+
+
+class Sinkhole:
+    __slots__ = ("_parts", "mode", "ttl", "udp_max")
+
+    def __init__(self, mode: Literal["nxdomain", "null"], ttl: int, udp_max: int) -> None:
+        self.mode = mode
+        self.ttl = ttl
+        self.udp_max = udp_max
+        self._parts: dict[tuple[DomainRule, int, int], Parts] = {}
+
+    def reply(self, qid: int, qflags: int, question: bytes, qtype: int, rule: DomainRule, edns: int) -> bytes:
+        kind = qtype if self.mode == "null" and qtype in (A, AAAA) else 0
+        parts = self._parts.get((rule, kind, edns))
+        if parts is None:
+            parts = self._parts[(rule, kind, edns)] = self._build(rule, kind, edns)
+        rcode, counts, records = parts
+        return ID_FLAGS.pack(qid, QR | RA | (qflags & (RD | CD)) | rcode) + counts + question + records
+
+    def _build(self, rule: DomainRule, kind: int, edns: int) -> Parts:
+        if kind == A:
+            answer, authority = _address_rr(A, bytes(4), self.ttl), b""
+        elif kind == AAAA:
+            answer, authority = _address_rr(AAAA, bytes(16), self.ttl), b""
+        else:
+            answer, authority = b"", soa_record(rule.apex, self.ttl, SOA_MNAME, SOA_RNAME, self.ttl)
+        additional = b""
+        if edns >= 0:
+            additional = opt_record(self.udp_max, edns == 1, ede_option(EDE_BLOCKED, block_reason(rule)))
+        rcode = NXDOMAIN if self.mode == "nxdomain" else NOERROR
+        counts = struct.pack(">HHHH", 1, bool(answer), bool(authority), bool(additional))
+        return rcode, counts, answer + authority + additional
+
+
+def _address_rr(rtype: int, rdata: bytes, ttl: int) -> bytes:
+    return b"\xc0\x0c" + RR_FIXED.pack(rtype, IN, ttl, len(rdata)) + rdata

@@ -1,0 +1,328 @@
+"""DNS wire format on raw bytes: parse queries, walk records, build small replies.
+
+This is the hot path's vocabulary, so it builds no DNS objects: a query becomes one `Query` value,
+a reply is assembled from byte strings. Pure: no I/O, no clock. dnslib stays out of here (see
+`message.py` for the unusual packets that need it).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+HEADER: Final = struct.Struct(">HHHHHH")
+COUNTS: Final = struct.Struct(">HHHH")
+U16: Final = struct.Struct(">H")
+U32: Final = struct.Struct(">I")
+RR_FIXED: Final = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+
+# Header flag bits
+QR: Final = 0x8000
+OPCODE_MASK: Final = 0x7800
+AA: Final = 0x0400
+TC: Final = 0x0200
+RD: Final = 0x0100
+RA: Final = 0x0080
+Z: Final = 0x0040
+AD: Final = 0x0020
+CD: Final = 0x0010
+
+# RCODEs
+NOERROR: Final = 0
+FORMERR: Final = 1
+SERVFAIL: Final = 2
+NXDOMAIN: Final = 3
+NOTIMP: Final = 4
+REFUSED: Final = 5
+BADVERS: Final = 16  # extended: needs EDNS
+
+# Types and classes
+A: Final = 1
+NS: Final = 2
+CNAME: Final = 5
+SOA: Final = 6
+AAAA: Final = 28
+OPT: Final = 41
+DNAME: Final = 39
+RRSIG: Final = 46
+ANY: Final = 255
+IN: Final = 1
+
+EDNS_DO: Final = 0x8000
+EDE_OPTION: Final = 15  # RFC 8914 option code
+EDE_BLOCKED: Final = 15  # RFC 8914 info code "Blocked"
+
+MAX_NAME: Final = 255
+MIN_UDP: Final = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Edns:
+    udp_size: int
+    version: int
+    do: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A standard query that is well-formed enough to answer.
+
+    `question` is the client's own bytes (name, type, class) so the reply echoes its letter case;
+    `name` is the lower-cased wire name used for matching; `key` is the cache key.
+    """
+
+    id: int
+    flags: int
+    question: bytes
+    name: bytes
+    qtype: int
+    qclass: int
+    edns: Edns | None
+    key: bytes
+
+    @property
+    def text(self) -> str:
+        return wire_to_text(self.name)
+
+    @property
+    def udp_limit(self) -> int:
+        """Largest UDP reply this client accepts (before our own cap)."""
+        return MIN_UDP if self.edns is None else max(MIN_UDP, self.edns.udp_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A packet that gets an error reply (`rcode`) or none at all (`rcode is None`)."""
+
+    rcode: int | None
+    reason: str
+
+
+DROP_TOO_SHORT: Final = Rejection(None, "shorter than a DNS header")
+DROP_RESPONSE: Final = Rejection(None, "QR=1: a response, never answered")
+
+_KEY_SUFFIX: Final = (b"", b"\x01", b"\x02", b"\x03")
+
+
+def cache_key(question_lower: bytes, do: bool, cd: bool) -> bytes:
+    """Name, type and class (lower case), plus the DO and CD bits that change what upstream sends.
+
+    A key without flags ends in the class; a key with flags has one more byte. Since a valid
+    wire name ends at its first zero length byte, no two different questions share a key.
+    """
+    return question_lower + _KEY_SUFFIX[(do << 1) | cd]
+
+
+def parse_query(data: bytes) -> Query | Rejection:
+    """Parse a DNS query, or say why it is not answered normally."""
+    if len(data) < 12:
+        return DROP_TOO_SHORT
+    qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    if flags & QR:
+        return DROP_RESPONSE
+    if flags & OPCODE_MASK:
+        return Rejection(NOTIMP, f"opcode {(flags & OPCODE_MASK) >> 11} not implemented")
+    if qdcount != 1:
+        return Rejection(FORMERR, f"QDCOUNT is {qdcount}, must be 1 (RFC 9619)")
+    if ancount or nscount:
+        return Rejection(FORMERR, "answer or authority records in a query")
+    end = scan_name(data, 12)
+    if end < 0 or end + 5 > len(data):
+        return Rejection(FORMERR, "question name or type/class malformed")
+    question = data[12 : end + 5]
+    qtype, qclass = struct.unpack_from(">HH", data, end + 1)
+    edns: Edns | None = None
+    offset = end + 5
+    for _ in range(arcount):
+        rr = read_rr_header(data, offset)
+        if rr is None:
+            return Rejection(FORMERR, "additional section malformed")
+        owner_end, rtype, rclass, ttl, rdlen = rr
+        if rtype == OPT:
+            if edns is not None:
+                return Rejection(FORMERR, "more than one OPT record (RFC 6891 §6.1.1)")
+            if owner_end != offset + 1:
+                return Rejection(FORMERR, "OPT owner is not the root")
+            if not _options_well_formed(data, owner_end + 10, rdlen):
+                return Rejection(FORMERR, "OPT options malformed")
+            edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & EDNS_DO))
+        offset = owner_end + 10 + rdlen
+    lower = question.lower()
+    return Query(
+        id=qid,
+        flags=flags,
+        question=question,
+        name=lower[:-4],
+        qtype=qtype,
+        qclass=qclass,
+        edns=edns,
+        key=cache_key(lower, edns is not None and edns.do, bool(flags & CD)),
+    )
+
+
+def scan_name(data: bytes, offset: int) -> int:
+    """Offset of the root label of an uncompressed name at `offset`, or -1 if malformed."""
+    start = offset
+    n = len(data)
+    while offset < n:
+        length = data[offset]
+        if length == 0:
+            return offset if offset - start < MAX_NAME else -1
+        if length > 63:
+            return -1  # a pointer or a reserved label type: never valid in a question
+        offset += length + 1
+    return -1
+
+
+def skip_name(data: bytes, offset: int) -> int:
+    """Offset just past a possibly compressed name, or -1 if it runs off the message."""
+    n = len(data)
+    while offset < n:
+        length = data[offset]
+        if length == 0:
+            return offset + 1
+        if length >= 0xC0:
+            return offset + 2 if offset + 2 <= n else -1
+        if length > 63:
+            return -1
+        offset += length + 1
+    return -1
+
+
+def read_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
+    """Decompress the name at `offset`: (lower-case wire name, offset past it), or None if malformed.
+
+    Pointers must point strictly backwards, which also rules out loops.
+    """
+    labels: list[bytes] = []
+    total = 1
+    end = -1
+    limit = offset
+    n = len(data)
+    while True:
+        if offset >= n:
+            return None
+        length = data[offset]
+        if length == 0:
+            if end < 0:
+                end = offset + 1
+            break
+        if length >= 0xC0:
+            if offset + 1 >= n:
+                return None
+            target = ((length & 0x3F) << 8) | data[offset + 1]
+            if end < 0:
+                end = offset + 2
+            if target >= limit:
+                return None
+            offset = limit = target
+            continue
+        if length > 63 or offset + 1 + length > n:
+            return None
+        total += length + 1
+        if total > MAX_NAME:
+            return None
+        labels.append(data[offset : offset + 1 + length])
+        offset += length + 1
+    return b"".join(labels).lower() + b"\x00", end
+
+
+def read_rr_header(data: bytes, offset: int) -> tuple[int, int, int, int, int] | None:
+    """(offset past the owner name, type, class, ttl, rdlength) if the record fits in `data`."""
+    owner_end = skip_name(data, offset)
+    if owner_end < 0 or owner_end + 10 > len(data):
+        return None
+    rtype, rclass, ttl, rdlen = RR_FIXED.unpack_from(data, owner_end)
+    if owner_end + 10 + rdlen > len(data):
+        return None
+    return owner_end, rtype, rclass, ttl, rdlen
+
+
+def _options_well_formed(data: bytes, offset: int, rdlen: int) -> bool:
+    end = offset + rdlen
+    while offset < end:
+        if offset + 4 > end:
+            return False
+        offset += 4 + U16.unpack_from(data, offset + 2)[0]
+    return offset == end
+
+
+def name_to_wire(text: str) -> bytes:
+    """`Example.COM.` -> b'\\x07example\\x03com\\x00' (lower case). Raises ValueError if invalid."""
+    text = text.strip().rstrip(".").lower()
+    if not text:
+        return b"\x00"
+    out = bytearray()
+    for label in text.split("."):
+        raw = label.encode("idna") if not label.isascii() else label.encode("ascii")
+        if not 1 <= len(raw) <= 63:
+            raise ValueError(f"bad label {label!r} in {text!r}")
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > MAX_NAME:
+        raise ValueError(f"name too long: {text!r}")
+    return bytes(out)
+
+
+def wire_to_text(wire: bytes) -> str:
+    """b'\\x07example\\x03com\\x00' -> 'example.com.' (non-printable bytes escaped as \\DDD)."""
+    labels: list[str] = []
+    i = 0
+    while i < len(wire) and wire[i]:
+        raw = wire[i + 1 : i + 1 + wire[i]]
+        labels.append("".join(chr(b) if 33 <= b < 127 and b not in b'.\\"' else f"\\{b:03d}" for b in raw))
+        i += wire[i] + 1
+    return ".".join(labels) + "."
+
+
+def label_offsets(name: bytes) -> list[int]:
+    """Start offset of every label of a valid wire name (0 for the whole name)."""
+    offsets: list[int] = []
+    i = 0
+    while name[i]:
+        offsets.append(i)
+        i += name[i] + 1
+    return offsets
+
+
+# --------------------------------------------------------------------------------------------
+# Building replies
+
+
+def opt_record(udp_size: int, do: bool, options: bytes = b"", ext_rcode: int = 0) -> bytes:
+    """An OPT pseudo-record (root owner), EDNS version 0."""
+    ttl = ((ext_rcode >> 4) << 24) | (EDNS_DO if do else 0)
+    return b"\x00" + RR_FIXED.pack(OPT, udp_size, ttl, len(options)) + options
+
+
+def ede_option(info_code: int, text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return U16.pack(EDE_OPTION) + U16.pack(2 + len(raw)) + U16.pack(info_code) + raw
+
+
+def soa_record(owner: bytes, ttl: int, mname: bytes, rname: bytes, minimum: int) -> bytes:
+    rdata = mname + rname + struct.pack(">IIIII", 1, 3600, 600, 86400, minimum)
+    return owner + RR_FIXED.pack(SOA, IN, ttl, len(rdata)) + rdata
+
+
+def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
+    """QR and RA set; RD and CD copied from the query; AA, TC and Z clear; `extra` may add AD/TC."""
+    return QR | RA | (query_flags & (RD | CD)) | extra | (rcode & 0xF)
+
+
+def error_reply(query: Query, rcode: int, our_udp: int, options: bytes = b"") -> bytes:
+    """A reply with no records: the question echoed, an OPT if the query had one."""
+    if query.edns is None:
+        return HEADER.pack(query.id, reply_flags(query.flags, rcode), 1, 0, 0, 0) + query.question
+    opt = opt_record(our_udp, query.edns.do, options, ext_rcode=rcode)
+    return HEADER.pack(query.id, reply_flags(query.flags, rcode), 1, 0, 0, 1) + query.question + opt
+
+
+def rejection_reply(data: bytes, rejection: Rejection) -> bytes | None:
+    """The reply to a rejected packet: header only (ID, opcode and RD echoed), or None to drop."""
+    if rejection.rcode is None or len(data) < 12:
+        return None
+    qid, flags = struct.unpack_from(">HH", data)
+    return HEADER.pack(qid, QR | (flags & (OPCODE_MASK | RD)) | rejection.rcode, 0, 0, 0, 0)

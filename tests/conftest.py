@@ -1,0 +1,116 @@
+"""Shared fixtures: a stub upstream and a real dnsgate (in-process, port 0, loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rdatatype
+import pytest
+
+from dnsgate.app import Running, run
+from dnsgate.config import ApiConfig, Config, DnsConfig, StorageConfig, UpstreamConfig
+from tests.stub_upstream import StubUpstream
+
+TOKEN = "test-admin-token"
+
+
+def zone_for_tests(stub: StubUpstream) -> StubUpstream:
+    stub.add("host.example.test", "host.example.test. 300 IN A 192.0.2.10",
+             "host.example.test. 300 IN AAAA 2001:db8::10")
+    stub.add("other.example.test", "other.example.test. 60 IN A 192.0.2.11")
+    stub.add("trackcmp.net", "trackcmp.net. 300 IN A 198.51.100.1")
+    stub.add("x.trackcmp.net", "x.trackcmp.net. 300 IN A 198.51.100.2")
+    stub.add("prism.app-us1.com", "prism.app-us1.com. 300 IN A 198.51.100.3")
+    stub.add("acct.api-us1.com", "acct.api-us1.com. 300 IN A 198.51.100.4")
+    stub.add("api-us1.com", "api-us1.com. 300 IN A 198.51.100.5")
+    stub.add("nottrackcmp.net", "nottrackcmp.net. 300 IN A 192.0.2.20")
+    return stub
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[StubUpstream]:
+    stub = await zone_for_tests(StubUpstream()).start()
+    yield stub
+    await stub.stop()
+
+
+def make_config(stub: StubUpstream, data_dir: Path, **sections: Any) -> Config:
+    cfg = Config(
+        dns=DnsConfig(listen=("127.0.0.1:0",)),
+        api=ApiConfig(listen="127.0.0.1:0", admin_token=TOKEN),
+        upstream=UpstreamConfig(servers=(stub.address,), timeout=1.5, attempt_timeout=0.5),
+        storage=StorageConfig(data_dir=str(data_dir)),
+    )
+    return replace(cfg, **sections) if sections else cfg
+
+
+@dataclass
+class Gate:
+    running: Running
+    cfg: Config
+
+    @property
+    def dns_port(self) -> int:
+        return self.running.dns[0].port
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.running.api}"
+
+    async def query(self, name: str, rdtype: str = "A", *, source: str = "127.0.0.1", tcp: bool = False,
+                    use_edns: int | bool = False, want_dnssec: bool = False,
+                    timeout: float = 3.0) -> dns.message.Message:
+        q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), use_edns=use_edns,
+                                   want_dnssec=want_dnssec)
+        host = self.running.dns[0].host
+        if tcp:
+            return await dns.asyncquery.tcp(q, host, port=self.dns_port, source=source, timeout=timeout)
+        return await dns.asyncquery.udp(q, host, port=self.dns_port, source=source, timeout=timeout)
+
+    async def http(self, method: str, path: str, *, source: str = "127.0.0.1", json: Any = None,
+                   headers: dict[str, str] | None = None, data: bytes | None = None,
+                   admin: bool = False) -> tuple[int, Any]:
+        headers = dict(headers or {})
+        if admin:
+            headers["Authorization"] = f"Bearer {TOKEN}"
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session, session.request(
+            method, self.api_url + path, json=json, data=data, headers=headers
+        ) as response:
+            body = await response.json() if response.content_type == "application/json" else await response.text()
+            return response.status, body
+
+
+@contextlib.asynccontextmanager
+async def running_gate(cfg: Config) -> AsyncIterator[Gate]:
+    stop = asyncio.Event()
+    ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run(cfg, stop, ready.set_result))
+    waiters: list[asyncio.Future[Any]] = [task, ready]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the startup error
+    try:
+        yield Gate(ready.result(), cfg)
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def gate(upstream: StubUpstream, data_dir: Path) -> AsyncIterator[Gate]:
+    async with running_gate(make_config(upstream, data_dir)) as g:
+        yield g

@@ -1,0 +1,125 @@
+"""Configuration: the documented file equals the defaults; every bad input names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dnsgate.config import (
+    Config,
+    ConfigError,
+    HostPort,
+    Overrides,
+    load_config,
+    merge_overrides,
+    overrides_from_env,
+    parse_config_text,
+    parse_host_port,
+    resolv_conf_servers,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_documented_config_equals_embedded_defaults() -> None:
+    assert parse_config_text((ROOT / "config" / "dnsgate.toml").read_text()) == Config()
+
+
+def test_documented_config_mentions_every_key() -> None:
+    text = (ROOT / "config" / "dnsgate.toml").read_text()
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        assert f"[{section.name}]" in text
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"\n{key.name} = " in text, f"{section.name}.{key.name} is not documented"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[dns]\nlisten = ['127.0.0.1']", "dns.listen"),
+        ("[dns]\nlisten = ['not-an-ip:53']", "dns.listen"),
+        ("[dns]\nlisten = []", "dns.listen"),
+        ("[dns]\nlisten = ['::1:53']", "dns.listen"),
+        ("[dns]\nudp_max_size = 100", "dns.udp_max_size"),
+        ("[dns]\nudp_max_size = 'big'", "dns.udp_max_size"),
+        ("[dns]\ntcp_idle_timeout = 0", "dns.tcp_idle_timeout"),
+        ("[dns]\nlisten_on = ['127.0.0.1:53']", "dns.listen_on"),
+        ("[dsn]\nlisten = []", "dsn"),
+        ("dns = 5", "dns"),
+        ("[api]\nlisten = '127.0.0.1:99999'", "api.listen"),
+        ("[api]\nallowed_origins = ['example.com']", "api.allowed_origins"),
+        ("[upstream]\nservers = ['1.1.1.1:x']", "upstream.servers"),
+        ("[upstream]\ntimeout = -1", "upstream.timeout"),
+        ("[upstream]\nattempt_timeout = 5.0", "upstream.attempt_timeout"),
+        ("[cache]\nmax_entries = -1", "cache.max_entries"),
+        ("[cache]\nmax_ttl = 0", "cache.max_ttl"),
+        ("[cache]\nmin_ttl = true", "cache.min_ttl"),
+        ("[gate]\nmode = 'refused'", "gate.mode"),
+        ("[gate]\nsinkhole_ttl = 0", "gate.sinkhole_ttl"),
+        ("[gate]\nallowed_ttl_cap = 0", "gate.allowed_ttl_cap"),
+        ("[gate]\ndisabled_domains = [1]", "gate.disabled_domains"),
+        ("[consent]\nmax_days = 400", "consent.max_days"),
+        ("[consent]\ndefault_days = 0", "consent.default_days"),
+        ("[storage]\ndata_dir = ''", "storage.data_dir"),
+        ("[dns", "config"),
+    ],
+)
+def test_bad_config_names_the_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text)
+    assert str(caught.value).startswith(key), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "default", "expected"),
+    [
+        ("127.0.0.1:53", None, HostPort("127.0.0.1", 53)),
+        ("[::1]:5353", None, HostPort("::1", 5353)),
+        ("10.0.0.1", 53, HostPort("10.0.0.1", 53)),
+        ("2001:db8::1", 53, HostPort("2001:db8::1", 53)),
+        ("[2001:db8::1]", 53, HostPort("2001:db8::1", 53)),
+        ("[2001:db8::1]:5300", 53, HostPort("2001:db8::1", 5300)),
+    ],
+)
+def test_host_port(text: str, default: int | None, expected: HostPort) -> None:
+    assert parse_host_port(text, default_port=default) == expected
+
+
+def test_host_port_str_round_trips() -> None:
+    for hp in (HostPort("127.0.0.1", 53), HostPort("::1", 5353)):
+        assert parse_host_port(str(hp)) == hp
+
+
+def test_layering_defaults_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[api]\nlisten = "127.0.0.1:9000"\n[storage]\ndata_dir = "/from/file"\n')
+    env_path, env = overrides_from_env({"DNSGATE_DATA_DIR": "/from/env", "DNSGATE_DNS": "127.0.0.1:1, [::1]:2",
+                                        "DNSGATE_ADMIN_TOKEN": "t0k"})
+    assert env_path is None
+    cfg = load_config(str(path), merge_overrides(env, Overrides(upstream=("192.0.2.1",))))
+    assert cfg.api.listen == "127.0.0.1:9000"  # file
+    assert cfg.storage.data_dir == "/from/env"  # env beats file
+    assert cfg.dns.listen == ("127.0.0.1:1", "[::1]:2")
+    assert cfg.api.admin_token == "t0k"
+    assert cfg.upstream.servers == ("192.0.2.1",)  # flag
+    cfg2 = load_config(str(path), merge_overrides(env, Overrides(data_dir="/from/flag")))
+    assert cfg2.storage.data_dir == "/from/flag"  # flag beats env
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--config: cannot read"):
+        load_config(str(tmp_path / "nope.toml"), Overrides())
+
+
+def test_bad_override_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^dns\.listen"):
+        load_config(None, Overrides(dns=("localhost:53",)))
+
+
+def test_resolv_conf() -> None:
+    text = "# comment\nnameserver 10.0.0.1\nnameserver fe80::1%eth0\nnameserver 2001:db8::53 # v6\nsearch x\n"
+    assert resolv_conf_servers(text) == ("10.0.0.1", "[2001:db8::53]")
