@@ -23,7 +23,7 @@ from aiohttp import web
 from .api import ApiSettings, create_app
 from .cache import AnswerCache, TtlPolicy
 from .catalog import Catalog, CatalogError, builtin_catalog_text, parse_catalog_text
-from .config import Config, HostPort, parse_host_port, resolv_conf_servers
+from .config import Config, HostPort, parse_host_port, points_at, resolv_conf_servers
 from .consent import ConsentTable
 from .consents import ConsentService
 from .dns_server import DnsListeners, TaskSet
@@ -79,8 +79,8 @@ def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[Host
         found = resolv_conf_servers(resolv_conf.read_text(encoding="utf-8"))
     except OSError:
         found = ()
-    ours = set(cfg.dns_listen)
-    servers = tuple(s for s in (parse_host_port(a, default_port=53) for a in found) if s not in ours)
+    candidates = (parse_host_port(a, default_port=53) for a in found)
+    servers = tuple(s for s in candidates if not points_at(s, cfg.dns_listen))
     if not servers:
         raise StartupError(f"upstream.servers: none configured and {resolv_conf} lists no usable nameserver; "
                            "pass --upstream HOST[:PORT]")
@@ -150,7 +150,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             try:
                 await listeners.start(address)
             except OSError as exc:
-                raise StartupError(f"dns.listen {address}: {exc.strerror or exc}") from None
+                raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
 
         def health() -> Mapping[str, Any]:
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
@@ -180,6 +180,14 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         log.info("stopping")
 
 
+def os_reason(exc: OSError) -> str:
+    """The system's words for an OSError; uvloop keeps them on the chained cause."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    return str(exc)
+
+
 def _listen_tcp(address: HostPort) -> socket.socket:
     """Bind the API socket ourselves, so its real port is known before the app is built."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -190,6 +198,6 @@ def _listen_tcp(address: HostPort) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"api.listen {address}: {exc.strerror or exc}") from None
+        raise StartupError(f"api.listen {address}: {os_reason(exc)}") from None
     sock.setblocking(False)
     return sock

@@ -244,7 +244,9 @@ def validate(cfg: Config) -> Config:
             origin.startswith(("http://", "https://")) and origin.count("/") == 2,
             f"api.allowed_origins: expected scheme://host[:port], got {origin!r}",
         )
-    cfg.upstream_servers  # noqa: B018
+    for server in cfg.upstream_servers:
+        _check(not points_at(server, cfg.dns_listen),
+               f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
     _check(cfg.upstream.timeout > 0, f"upstream.timeout: must be > 0, got {cfg.upstream.timeout}")
     _check(
         0 < cfg.upstream.attempt_timeout <= cfg.upstream.timeout,
@@ -340,6 +342,18 @@ def load_config(path: str | None, overrides: Overrides) -> Config:
             raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
         cfg = parse_config_text(text, source=path)
     return apply_overrides(cfg, overrides)
+
+
+def points_at(server: HostPort, listening: tuple[HostPort, ...]) -> bool:
+    """Whether a query sent to `server` would reach one of our own listeners."""
+    for ours in listening:
+        if server.port != ours.port:
+            continue
+        if server.host == ours.host:
+            return True
+        if ours.host in ("0.0.0.0", "::") and ipaddress.ip_address(server.host).is_loopback:
+            return True
+    return False
 
 
 def resolv_conf_servers(text: str) -> tuple[str, ...]:

@@ -67,7 +67,7 @@ def normalize_client(address: str) -> str:
 
     Raises ValueError for anything that is not an IP address.
     """
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)

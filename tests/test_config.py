@@ -53,6 +53,8 @@ def test_documented_config_mentions_every_key() -> None:
         ("[api]\nallowed_origins = ['example.com']", "api.allowed_origins"),
         ("[upstream]\nservers = ['1.1.1.1:x']", "upstream.servers"),
         ("[upstream]\ntimeout = -1", "upstream.timeout"),
+        ("[upstream]\nservers = ['127.0.0.1:5353']", "upstream.servers"),
+        ("[dns]\nlisten = ['0.0.0.0:53']\n[upstream]\nservers = ['127.0.0.1']", "upstream.servers"),
         ("[upstream]\nattempt_timeout = 5.0", "upstream.attempt_timeout"),
         ("[cache]\nmax_entries = -1", "cache.max_entries"),
         ("[cache]\nmax_ttl = 0", "cache.max_ttl"),

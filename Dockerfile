@@ -1,0 +1,33 @@
+# dnsgate as a container: DNS on port 53 (UDP and TCP), the consent API on 8053, consent in /data.
+#   docker build -t dnsgate .
+#   docker run -d --name dnsgate -p 53:53/udp -p 53:53/tcp -p 8053:8053 -v dnsgate-data:/data \
+#     -e DNSGATE_UPSTREAM=9.9.9.9,149.112.112.112 dnsgate
+FROM python:3.11-slim
+
+# python may bind port 53 without running as root (Docker's default ip_unprivileged_port_start=0
+# covers this too; the capability keeps it working where that sysctl is not set).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libcap2-bin \
+ && setcap cap_net_bind_service=+ep "$(readlink -f /usr/local/bin/python3)" \
+ && apt-get purge -y libcap2-bin && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10053 --home-dir /data --shell /usr/sbin/nologin dnsgate \
+ && mkdir -p /data && chown dnsgate:dnsgate /data
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY config ./config
+COPY dnsgate ./dnsgate
+RUN pip install --no-cache-dir . && rm -rf /src
+
+ENV DNSGATE_DNS=0.0.0.0:53 \
+    DNSGATE_API=0.0.0.0:8053 \
+    DNSGATE_DATA_DIR=/data \
+    PYTHONUNBUFFERED=1
+VOLUME ["/data"]
+EXPOSE 53/udp 53/tcp 8053/tcp
+USER dnsgate
+WORKDIR /data
+HEALTHCHECK --interval=30s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8053/healthz', timeout=2)"]
+ENTRYPOINT ["dnsgate"]
+CMD ["serve"]
