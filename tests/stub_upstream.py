@@ -49,10 +49,16 @@ class StubUpstream:
 
     async def start(self) -> StubUpstream:
         loop = asyncio.get_running_loop()
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, 0))
-        self.port = self._udp.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
-        return self
+        for _ in range(20):  # the UDP port the kernel picks may be taken for TCP: try another
+            self._udp, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), local_addr=(self.host, 0))
+            self.port = self._udp.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port)
+            except OSError:
+                self._udp.close()
+                continue
+            return self
+        raise OSError("no port free for both UDP and TCP")
 
     async def stop(self) -> None:
         if self._udp is not None:
