@@ -35,7 +35,8 @@ class Cookie:
     purpose: str
 
 
-@dataclass(frozen=True, slots=True)
+# Vendors and rules compare and hash by identity: they key per-query dicts, so hashing must be cheap.
+@dataclass(frozen=True, slots=True, eq=False)
 class Vendor:
     id: str
     name: str
@@ -51,7 +52,7 @@ class Vendor:
     gvl_id: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DomainRule:
     """One catalog domain pattern. `apex` is the wire name the pattern is written on."""
 
