@@ -1,0 +1,603 @@
+#!/usr/bin/env python3
+"""dnsgate against dnsmasq and unbound, measured with dnsperf on loopback.
+
+    ./dev bench              # the full run, about 10 minutes
+    ./dev bench --quick      # about 2 minutes: one short run per cell
+    ./dev bench --only dnsgate --workloads mix,miss
+
+Every server gates the same names (NXDOMAIN for trackcmp.net and its subdomains, app-us1.com and
+its subdomains, subdomains of api-us1.com) and forwards the rest to a local unbound holding the
+test zone, so nothing leaves loopback. The server under test is pinned to CPU 0; dnsperf and the
+upstream to CPU 1. Each run records queries/s, loss, latency, server CPU time per answered query
+(utime+stime from /proc) and RSS; other processes' CPU use is recorded too, and a run disturbed by
+them is measured again. Ratios are computed within one execution because absolute rates move
+5-20 % between executions on a shared machine.
+
+Workloads: blocked (a client without consent asks for gated names), allowed (cached names), mix
+(90 % allowed, 10 % blocked), miss (every name unique: cache-miss forwarding), tcp (mix over TCP,
+one connection per dnsperf client), light (1,000 q/s: service latency). dnsgate alone also gets:
+churn (mix while another process grants and withdraws consent 100 times/s through the API, and
+checks each change reaches the next query), memory (RSS with 100k cached names and 10k clients
+holding consent), ready (seconds from start to the ready line).
+
+Writes results.json and summary.md into tests/bench/results/<timestamp>/ and prints the table.
+Needs Debian packages dnsperf, dnsmasq, unbound, bind9-dnsutils (installed with --install when
+missing and running as root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.query
+import dns.rcode
+
+ROOT = Path(__file__).resolve().parents[2]
+HZ = os.sysconf("SC_CLK_TCK")
+SERVER_CPU, CLIENT_CPU = "0", "1"
+PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321}
+N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
+GATED_SUFFIXES = ("trackcmp.net", "app-us1.com")
+PACKAGES = {"dnsperf": "dnsperf", "dnsmasq": "dnsmasq", "unbound": "unbound", "dig": "bind9-dnsutils",
+            "taskset": "util-linux"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def label(rnd: random.Random, k: int) -> str:
+    return "".join(rnd.choice(string.ascii_lowercase + string.digits) for _ in range(k))
+
+
+def generate(gen: Path, miss_names: int) -> None:
+    """Upstream zone, query files and peer configurations (deterministic: fixed seed)."""
+    rnd = random.Random(20261128)
+    gen.mkdir(parents=True, exist_ok=True)
+    upstream = [
+        "server:",
+        f"  interface: 127.0.0.1@{PORTS['upstream']}", f"  port: {PORTS['upstream']}",
+        "  do-ip6: no", "  do-tcp: yes", '  username: ""', '  chroot: ""', f'  directory: "{gen}"',
+        '  pidfile: ""', "  use-syslog: no", '  logfile: ""', "  verbosity: 0", "  num-threads: 1",
+        "  so-reuseport: no", '  module-config: "iterator"', "  access-control: 127.0.0.0/8 allow",
+        '  local-zone: "." static',  # never recurse anywhere
+        '  local-zone: "example.test." static',
+        # every name under miss.test exists: cache-miss forwarding gets real answers
+        '  local-zone: "miss.test." redirect', '  local-data: "miss.test. 86400 IN A 198.18.255.1"',
+        # the gated names exist upstream, so a client with consent gets a real answer
+        '  local-zone: "trackcmp.net." redirect', '  local-data: "trackcmp.net. 86400 IN A 198.18.254.1"',
+    ]
+    for n in range(N_HOSTS):
+        upstream.append(f'  local-data: "host{n}.example.test. 86400 IN A 198.18.{n // 256}.{n % 256}"')
+        upstream.append(f'  local-data: "host{n}.example.test. 86400 IN AAAA 2001:db8::{n:x}"')
+    upstream += ["remote-control:", "  control-enable: no", ""]
+    (gen / "upstream.conf").write_text("\n".join(upstream))
+
+    allowed = [f"host{n}.example.test {t}" for n in range(N_HOSTS) for t in ("A", "AAAA")]
+    rnd.shuffle(allowed)
+    blocked = []
+    for i in range(10000):
+        t = "A" if i % 2 == 0 else "AAAA"
+        r = i % 10
+        if r == 0:
+            blocked.append(f"trackcmp.net {t}")
+        elif r < 4:
+            blocked.append(f"{label(rnd, rnd.randint(6, 12))}.trackcmp.net {t}")
+        elif r < 6:
+            blocked.append(f"{rnd.choice(['prism', 'diffuser-cdn'])}.app-us1.com {t}")
+        elif r < 9:
+            blocked.append(f"{label(rnd, rnd.randint(6, 12))}.api-us1.com {t}")
+        else:
+            blocked.append(f"{label(rnd, 4)}.{label(rnd, 8)}.api-us1.com {t}")
+    rnd.shuffle(blocked)
+    mix = [rnd.choice(allowed) for _ in range(18000)] + [rnd.choice(blocked) for _ in range(2000)]
+    rnd.shuffle(mix)
+    miss = [f"u{i}.{label(rnd, 6)}.miss.test A" for i in range(miss_names)]
+    for name, lines in (("allowed", allowed), ("blocked", blocked), ("mix", mix), ("miss", miss)):
+        (gen / f"q_{name}.txt").write_text("\n".join(lines) + "\n")
+
+    (gen / "dnsmasq.conf").write_text("\n".join([
+        f"port={PORTS['dnsmasq']}", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
+        "no-poll", "user=root", f"server=127.0.0.1#{PORTS['upstream']}", "cache-size=150000",
+        "dns-forward-max=1000", f"pid-file={gen}/dnsmasq.pid",
+        # an address with no IP answers NXDOMAIN, like dnsgate's default sinkhole
+        "address=/trackcmp.net/", "address=/app-us1.com/", "address=/api-us1.com/", "",
+    ]))
+    (gen / "unbound.conf").write_text("\n".join([
+        "server:", f"  interface: 127.0.0.1@{PORTS['unbound']}", f"  port: {PORTS['unbound']}", "  do-ip6: no",
+        '  username: ""', '  chroot: ""', f'  directory: "{gen}"', '  pidfile: ""', "  use-syslog: no",
+        '  logfile: ""', "  verbosity: 0", "  num-threads: 1", "  so-reuseport: no", "  msg-cache-size: 64m",
+        "  rrset-cache-size: 128m", '  module-config: "iterator"', "  do-not-query-localhost: no",
+        "  access-control: 127.0.0.0/8 allow", '  local-zone: "test." nodefault',
+        '  local-zone: "trackcmp.net." always_nxdomain', '  local-zone: "app-us1.com." always_nxdomain',
+        '  local-zone: "api-us1.com." always_nxdomain',
+        "forward-zone:", '  name: "."', f"  forward-addr: 127.0.0.1@{PORTS['upstream']}",
+        "remote-control:", "  control-enable: no", "",
+    ]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes and /proc accounting
+
+
+def proc_tree(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(x) for x in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return seen
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    user = system = 0
+    for p in proc_tree(pid):
+        try:
+            rest = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            user += int(rest[11])
+            system += int(rest[12])
+        except (OSError, IndexError):
+            pass
+    return user / HZ, system / HZ
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return round(total / 1024, 1)
+
+
+def busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all CPUs)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / HZ
+
+
+def port_free(port: int) -> bool:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def dig(port: int, name: str, rdtype: str = "A", *extra: str) -> str:
+    return subprocess.run(["dig", "@127.0.0.1", "-p", str(port), name, rdtype, "+time=1", "+tries=1", *extra],
+                          capture_output=True, text=True).stdout
+
+
+def wait_ready(port: int, timeout: float = 20) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if "status: NOERROR" in dig(port, "host1.example.test"):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# dnsperf
+
+
+@dataclass
+class Run:
+    server: str
+    workload: str
+    rep: int
+    qps: float = 0.0
+    sent: int = 0
+    completed: int = 0
+    lost_pct: float = 0.0
+    lat_avg_ms: float = 0.0
+    lat_max_ms: float = 0.0
+    lat_sd_ms: float = 0.0
+    rcodes: str = ""
+    server_cpu_pct: float = 0.0
+    cpu_us_per_query: float = 0.0
+    dnsperf_cpu_pct: float = 0.0
+    other_cpu_pct: float = 0.0
+    disturbed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_dnsperf(text: str, run: Run) -> None:
+    def grab(pattern: str) -> float:
+        m = re.search(pattern, text)
+        return float(m.group(1)) if m else 0.0
+
+    run.sent = int(grab(r"Queries sent:\s+(\d+)"))
+    run.completed = int(grab(r"Queries completed:\s+(\d+)"))
+    run.lost_pct = grab(r"Queries lost:\s+\d+ \(([\d.]+)%\)")
+    run.qps = grab(r"Queries per second:\s+([\d.]+)")
+    run.lat_avg_ms = round(grab(r"Average Latency \(s\):\s+([\d.]+)") * 1000, 3)
+    run.lat_max_ms = round(grab(r"Average Latency \(s\):.*max ([\d.]+)") * 1000, 3)
+    run.lat_sd_ms = round(grab(r"Latency StdDev \(s\):\s+([\d.]+)") * 1000, 3)
+    m = re.search(r"Response codes:\s+(.*)", text)
+    run.rcodes = m.group(1).strip() if m else ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, gen: Path, out: Path) -> None:
+        self.args = args
+        self.gen = gen
+        self.out = out
+        self.runs: list[Run] = []
+        self.meta: dict[str, dict[str, Any]] = {}
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+
+    def log(self, message: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {message}"
+        print(line, flush=True)
+        with open(self.out / "run.log", "a") as f:
+            f.write(line + "\n")
+
+    def dnsperf(self, server: str, pid: int, port: int, workload: str, rep: int, *, duration: float,
+                q: int = 100, qps: int | None = None, tcp: bool = False, queries: int | None = None) -> Run:
+        data = {"tcp": "mix", "churn": "mix", "light": "allowed"}.get(workload, workload)
+        cmd = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
+               "-d", str(self.gen / f"q_{data}.txt"), "-c", str(self.args.clients), "-T", "1", "-q", str(q),
+               "-t", "2"]
+        cmd += ["-n", str(queries)] if queries else ["-l", str(duration)]
+        if qps:
+            cmd += ["-Q", str(qps)]
+        if tcp:
+            cmd += ["-m", "tcp"]
+        run = Run(server, workload, rep)
+        user0, sys0 = cpu_seconds(pid)
+        child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy0, t0 = busy_seconds(), time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+        busy1, t1 = busy_seconds(), time.monotonic()
+        user1, sys1 = cpu_seconds(pid)
+        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        (self.out / "raw" / f"{server}_{workload}_{rep}.txt").write_text(" ".join(cmd) + "\n" + proc.stdout
+                                                                         + proc.stderr)
+        parse_dnsperf(proc.stdout, run)
+        if not run.completed:
+            raise RuntimeError(f"dnsperf answered nothing: {(proc.stdout + proc.stderr)[-300:]}")
+        wall = t1 - t0
+        srv = (user1 - user0) + (sys1 - sys0)
+        cli = (child1.ru_utime - child0.ru_utime) + (child1.ru_stime - child0.ru_stime)
+        run.server_cpu_pct = round(100 * srv / wall, 1)
+        run.cpu_us_per_query = round(1e6 * srv / max(1, run.completed), 2)
+        run.dnsperf_cpu_pct = round(100 * cli / wall, 1)
+        # What neither the server nor dnsperf used; the upstream (idle once warm) counts here too.
+        run.other_cpu_pct = round(max(0.0, 100 * ((busy1 - busy0) - srv - cli) / wall), 1)
+        run.disturbed = run.other_cpu_pct > self.args.other_max and workload not in ("miss",)
+        return run
+
+    def measure(self, server: str, pid: int, port: int, workload: str, rep: int, **kw: Any) -> Run:
+        for attempt in range(self.args.retries + 1):
+            run = self.dnsperf(server, pid, port, workload, rep, **kw)
+            if not run.disturbed or attempt == self.args.retries:
+                break
+            self.log(f"{server} {workload} r{rep}: disturbed (other {run.other_cpu_pct}%), measuring again")
+            self.wait_quiet()
+        self.runs.append(run)
+        self.log(f"{server:8} {workload:8} r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
+                 f"avg {run.lat_avg_ms:.3f} ms  max {run.lat_max_ms:.3f} ms  {run.cpu_us_per_query:5.2f} us/q  "
+                 f"srv {run.server_cpu_pct}%  perf {run.dnsperf_cpu_pct}%  other {run.other_cpu_pct}%  {run.rcodes}")
+        return run
+
+    def wait_quiet(self, limit: float = 30) -> None:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            b0 = busy_seconds()
+            time.sleep(1)
+            load = 100 * (busy_seconds() - b0)
+            if load < self.args.other_max:
+                return
+            self.log(f"machine busy ({load:.0f}% of a core used by other processes), waiting")
+
+    # --------------------------------------------------------------------------------------------
+
+    def server_command(self, name: str, data_dir: Path) -> list[str]:
+        if name == "dnsmasq":
+            return ["dnsmasq", "-k", "-C", str(self.gen / "dnsmasq.conf")]
+        if name == "unbound":
+            return ["unbound", "-d", "-c", str(self.gen / "unbound.conf")]
+        config = data_dir / "dnsgate.toml"
+        config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
+                          f'[api]\nadmin_token = "bench"\n')
+        return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
+                "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
+                "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
+
+    def bench_server(self, name: str) -> None:
+        port = PORTS[name]
+        if not port_free(port):
+            self.log(f"{name}: port {port} busy, skipped")
+            return
+        self.wait_quiet()
+        log_path = self.out / f"{name}.log"
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, open(log_path, "w") as log_file:
+            started = time.monotonic()
+            proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.server_command(name, Path(tmp))],
+                                    stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+            try:
+                if not wait_ready(port):
+                    self.log(f"{name}: not ready, skipped")
+                    return
+                meta = self.meta.setdefault(name, {})
+                meta["ready_s"] = round(time.monotonic() - started, 2)
+                meta["check"] = {q: self.check(port, q) for q in
+                                 ("host7.example.test A", "host7.example.test AAAA", "trackcmp.net A",
+                                  "x.trackcmp.net AAAA", "prism.app-us1.com A", "ab.cd.api-us1.com A",
+                                  "u1.abc.miss.test A")}
+                self.log(f"{name}: up in {meta['ready_s']} s; {meta['check']}")
+                self.dnsperf(name, proc.pid, port, "allowed", 0, duration=0, q=50, queries=1)  # warm the cache
+                for workload in self.args.workloads:
+                    if workload in ("light", "memory") or (workload == "churn" and name != "dnsgate"):
+                        continue  # light runs last (after the cache is warm again); the rest are dnsgate's
+                    for rep in range(1, self.args.reps + 1):
+                        if workload == "churn":
+                            self.churn(proc.pid, port, rep)
+                        else:
+                            self.measure(name, proc.pid, port, workload, rep, duration=self.args.dur,
+                                         tcp=workload == "tcp")
+                        if workload == "miss":  # refill: the miss run evicts nothing we use, but be sure
+                            self.dnsperf(name, proc.pid, port, "allowed", 0, duration=0, q=50, queries=1)
+                if "light" in self.args.workloads:
+                    for rep in range(1, self.args.reps + 1):
+                        self.measure(name, proc.pid, port, "light", rep, duration=self.args.light_dur, qps=1000)
+                meta["rss_mib"] = rss_mib(proc.pid)
+                self.log(f"{name}: RSS {meta['rss_mib']} MiB after the runs")
+                if name == "dnsgate" and "memory" in self.args.workloads:
+                    self.memory(proc.pid, port)
+            finally:
+                stop(proc)
+
+    def check(self, port: int, query: str) -> str:
+        name, rdtype = query.split()
+        out = dig(port, name, rdtype)
+        status = re.search(r"status: (\w+)", out)
+        answers = re.findall(rf"^{re.escape(name)}\.\s+\d+\s+IN\s+\w+\s+(\S+)", out, re.M)
+        return f"{status.group(1) if status else 'timeout'} {','.join(answers)}".strip()
+
+    # dnsgate-only workloads -----------------------------------------------------------------------
+
+    def churn(self, pid: int, port: int, rep: int) -> None:
+        """The mix workload while 127.0.0.2 grants and withdraws 100 times a second through the API; after
+        each change a query from 127.0.0.2 must see it (counted as stale if it does not)."""
+        stats = {"changes": 0, "stale": 0, "errors": 0}
+        done = threading.Event()
+
+        def changer() -> None:
+            os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this thread only: keep CPU 0 for the server
+            url = f"http://127.0.0.1:{PORTS['dnsgate-api']}/v1/consent"
+            granted = False
+            next_at = time.monotonic()
+            while not done.is_set():
+                granted = not granted
+                body = json.dumps({"categories": ["marketing"] if granted else []}).encode()
+                req = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/json"})
+                try:
+                    with _bound_opener("127.0.0.2").open(req, timeout=2) as response:
+                        response.read()
+                    reply = dns.query.udp(dns.message.make_query("trackcmp.net", "A"), "127.0.0.1", port=port,
+                                          source="127.0.0.2", timeout=2)
+                    blocked = reply.rcode() == dns.rcode.NXDOMAIN
+                    if blocked == granted:
+                        stats["stale"] += 1
+                    stats["changes"] += 1
+                except Exception:
+                    stats["errors"] += 1
+                next_at += 0.01
+                time.sleep(max(0.0, next_at - time.monotonic()))
+
+        self.wait_quiet()
+        thread = threading.Thread(target=changer, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        try:  # no re-measuring here: the changes are part of the load
+            run = self.dnsperf("dnsgate", pid, port, "churn", rep, duration=self.args.dur)
+        finally:
+            done.set()
+            thread.join()
+        elapsed = time.monotonic() - started
+        run.extra.update(stats, changes_per_s=round(stats["changes"] / elapsed, 1))
+        self.runs.append(run)
+        self.log(f"dnsgate  churn    r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
+                 f"{run.cpu_us_per_query:5.2f} us/q  other {run.other_cpu_pct}%  {run.extra}")
+
+    def memory(self, pid: int, port: int) -> None:
+        """RSS with 100k cached names and 10k clients holding consent."""
+        api = f"http://127.0.0.1:{PORTS['dnsgate-api']}"
+        for i in range(10000):
+            body = json.dumps({"categories": ["marketing"]}).encode()
+            client = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
+            req = urllib.request.Request(f"{api}/v1/clients/{client}/consent", data=body, method="PUT",
+                                         headers={"Content-Type": "application/json", "Authorization": "Bearer bench"})
+            with urllib.request.urlopen(req, timeout=5) as response:
+                response.read()
+        names = self.gen / "q_memory.txt"
+        names.write_text("".join(f"m{i}.miss.test A\n" for i in range(100_000)))
+        subprocess.run(["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names),
+                        "-n", "1", "-c", "8", "-q", "50", "-t", "2"], capture_output=True, timeout=300)
+        health = json.loads(urllib.request.urlopen(f"{api}/healthz", timeout=5).read())
+        self.meta["dnsgate"]["memory"] = {"rss_mib": rss_mib(pid), "cache_entries": health.get("cache_entries"),
+                                          "clients_with_consent": health.get("clients_with_consent")}
+        self.log(f"dnsgate memory: {self.meta['dnsgate']['memory']}")
+
+
+def _bound_opener(source: str) -> urllib.request.OpenerDirector:
+    import http.client
+
+    class Conn(http.client.HTTPConnection):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            kw["source_address"] = (source, 0)
+            super().__init__(*a, **kw)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req: Any) -> Any:
+            return self.do_open(Conn, req)
+
+    return urllib.request.build_opener(Handler)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def summarize(bench: Bench) -> str:
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for run in bench.runs:
+        cells.setdefault((run.server, run.workload), []).append(run)
+    servers = [s for s in bench.args.only if any(k[0] == s for k in cells)]
+    workloads = [w for w in bench.args.workloads if any(k[1] == w for k in cells)]
+    lines = ["| server | workload | q/s (mean of runs) | lost % (max) | avg latency ms | max latency ms "
+             "| server CPU us/query | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+    for server in servers:
+        for workload in workloads:
+            runs = cells.get((server, workload))
+            if not runs:
+                continue
+            lines.append(
+                f"| {server} | {workload} | {mean([r.qps for r in runs]):.0f} "
+                f"({' / '.join(f'{r.qps:.0f}' for r in runs)}) | {max(r.lost_pct for r in runs):.2f} | "
+                f"{mean([r.lat_avg_ms for r in runs]):.3f} | {max(r.lat_max_ms for r in runs):.3f} | "
+                f"{mean([r.cpu_us_per_query for r in runs]):.2f} | {bench.meta.get(server, {}).get('rss_mib', '')} |")
+    if "dnsgate" in servers:
+        lines += ["", "| workload | dnsgate q/s x dnsmasq | x unbound | CPU us/query x dnsmasq | x unbound |",
+                  "|---|---|---|---|---|"]
+        for workload in workloads:
+            mine = cells.get(("dnsgate", workload))
+            if not mine:
+                continue
+            row = [workload]
+            for metric in ("qps", "cpu_us_per_query"):
+                for peer in ("dnsmasq", "unbound"):
+                    theirs = cells.get((peer, workload))
+                    ours = mean([getattr(r, metric) for r in mine])
+                    peers = mean([getattr(r, metric) for r in theirs or []])
+                    row.append(f"{ours / peers:.2f}" if peers else "-")
+            lines.append("| " + " | ".join(row) + " |")
+    meta = bench.meta.get("dnsgate", {})
+    if meta:
+        lines += ["", f"dnsgate: ready in {meta.get('ready_s')} s; memory {meta.get('memory', '-')}"]
+        churn = cells.get(("dnsgate", "churn"))
+        if churn:
+            lines.append("dnsgate churn: " + "; ".join(json.dumps(r.extra) for r in churn))
+    return "\n".join(lines)
+
+
+def ensure_tools(install: bool) -> None:
+    missing = [tool for tool in PACKAGES if shutil.which(tool) is None]
+    if not missing:
+        return
+    packages = sorted({PACKAGES[t] for t in missing})
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        sys.exit(f"missing {', '.join(missing)}: apt-get install {' '.join(packages)} (or run with --install as root)")
+    subprocess.run(["apt-get", "install", "-y", "-q", *packages], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short run per cell (about 2 minutes)")
+    parser.add_argument("--only", default="dnsmasq,unbound,dnsgate", help="servers, comma-separated")
+    parser.add_argument("--workloads", default="blocked,allowed,mix,miss,tcp,light,churn,memory")
+    parser.add_argument("--dur", type=float, default=7.0, help="seconds per load run")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--light-dur", type=float, default=3.0)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--cache-entries", type=int, default=200_000)
+    parser.add_argument("--other-max", type=float, default=10.0, help="%% of a core other processes may use")
+    parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--install", action="store_true", help="apt-get install missing tools (root)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.dur, args.reps, args.light_dur, args.retries = 3.0, 1, 2.0, 1
+    args.only = [s for s in args.only.split(",") if s]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    ensure_tools(args.install)
+    out = args.out or ROOT / "tests" / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    gen = out / "gen"
+    generate(gen, miss_names=int(150_000 * args.dur) + 10)
+    bench = Bench(args, gen, out)
+    if not port_free(PORTS["upstream"]):
+        sys.exit(f"port {PORTS['upstream']} (upstream) is busy")
+    with open(out / "upstream.log", "w") as upstream_log:
+        run_all(bench, args, gen, out, upstream_log)
+
+
+def version(cmd: list[str]) -> str:
+    lines = subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+    return lines[0] if lines else "?"
+
+
+def run_all(bench: Bench, args: argparse.Namespace, gen: Path, out: Path, upstream_log: Any) -> None:
+    upstream = subprocess.Popen(["taskset", "-c", CLIENT_CPU, "unbound", "-d", "-c", str(gen / "upstream.conf")],
+                                stdout=upstream_log, stderr=subprocess.STDOUT)
+    try:
+        if not wait_ready(PORTS["upstream"]):
+            sys.exit("the local upstream did not start")
+        env = {"lscpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout,
+               "kernel": os.uname().release, "python": sys.version.split()[0],
+               "dnsmasq": version(["dnsmasq", "--version"]), "unbound": version(["unbound", "-V"]),
+               "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip()}
+        bench.meta["env"] = env
+        for server in args.only:
+            bench.bench_server(server)
+    finally:
+        stop(upstream)
+        summary = summarize(bench)
+        (out / "summary.md").write_text(summary + "\n")
+        (out / "results.json").write_text(json.dumps({"runs": [r.__dict__ for r in bench.runs], "meta": bench.meta,
+                                                      "args": {k: str(v) for k, v in vars(args).items()}},
+                                                     indent=1))
+        shutil.rmtree(gen, ignore_errors=True)
+        print("\n" + summary)
+        print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
