@@ -1,16 +1,25 @@
 """The vendor catalog: who a gated name belongs to, what consent it needs, and what a person must know.
 
-`Catalog.match(name)` maps a lower-case wire name to the most specific `DomainRule` in O(labels),
-with a bounded memo so repeated names cost one dict lookup. Pure: parsing takes text, never files.
+`Catalog.match(name)` maps a lower-case wire name to the rule it is gated on in O(labels): the
+catalog's own vendor domains first, then the imported block lists (blocklists.py) unless an
+allow-list entry covers the name. A bounded memo makes repeated names cost one dict lookup (the
+pipeline's fast path reads it directly). Answers are checked too: `cloaked` and `address_rule`
+give the rule for a name reached through a CNAME or an address inside a vendor's IP ranges.
+
+The catalog is one base file (config/vendors.toml) plus optional drop-in files, each validated
+with errors that name the file, the vendor and the key. Pure: parsing takes text, never files.
 """
 
 from __future__ import annotations
 
+import bisect
+import ipaddress
+import itertools
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, Literal, Protocol
 
 from .wire import label_offsets, name_to_wire
 
@@ -18,7 +27,7 @@ MEMO_LIMIT: Final = 65_536
 
 
 class CatalogError(ValueError):
-    """The catalog is invalid; the message names the vendor and key."""
+    """The catalog is invalid; the message names the file, the vendor and the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +47,8 @@ class Cookie:
 # Vendors and rules compare and hash by identity: they key per-query dicts, so hashing must be cheap.
 @dataclass(frozen=True, slots=True, eq=False)
 class Vendor:
+    """A vendor of the catalog, or (kind "list") an imported block list gated on a category."""
+
     id: str
     name: str
     category: str
@@ -50,11 +61,22 @@ class Vendor:
     sources: tuple[str, ...]
     ccpa_sale_or_share: bool
     gvl_id: int | None = None
+    ip_ranges: tuple[str, ...] = ()
+    kind: Literal["vendor", "list"] = "vendor"
+
+
+Via = Literal["", "cname", "address"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DomainRule:
-    """One catalog domain pattern. `apex` is the wire name the pattern is written on."""
+    """One gate: a catalog domain pattern, a whole block list, or a vendor IP range.
+
+    `apex` is the wire name the pattern is written on; empty when the sinkhole's SOA should be
+    owned by the query name itself (lists, and answers gated through a CNAME or an address).
+    `via` says how an answer met the rule: "" by its own name, "cname" through an alias in the
+    answer, "address" through an address inside `pattern` (a CIDR).
+    """
 
     pattern: str
     vendor: Vendor
@@ -62,12 +84,22 @@ class DomainRule:
     subdomains_only: bool
     serves: str
     source: str
+    via: Via = ""
+
+
+class NameMatcher(Protocol):
+    """Imported lists (blocklists.ListIndex): the rule of a name, or None (also when allow-listed)."""
+
+    def match(self, name: bytes, offsets: list[int]) -> DomainRule | None: ...
+
+    def __len__(self) -> int: ...
 
 
 class Catalog:
-    """Categories, vendors and domain rules; immutable once built (a reload builds a new one)."""
+    """Categories, vendors, domain rules and lists; immutable once built (a reload builds a new one)."""
 
-    __slots__ = ("_by_apex", "categories", "memo", "rules", "vendors", "version")
+    __slots__ = ("_by_apex", "_cloaked", "_v4", "_v6", "categories", "ip_rules", "lists", "memo", "rules",
+                 "vendors", "version")
 
     def __init__(
         self,
@@ -75,17 +107,26 @@ class Catalog:
         categories: tuple[Category, ...],
         vendors: tuple[Vendor, ...],
         rules: tuple[DomainRule, ...],
+        lists: NameMatcher | None = None,
     ) -> None:
         self.version = version
         self.categories = categories
         self.vendors = vendors
         self.rules = rules
+        self.lists = lists
         self._by_apex = {r.apex: r for r in rules}
+        self._cloaked: dict[DomainRule, DomainRule] = {}
+        self.ip_rules = tuple(
+            DomainRule(pattern=cidr, vendor=v, apex=b"", subdomains_only=False, serves="", source="", via="address")
+            for v in vendors for cidr in v.ip_ranges
+        )
+        self._v4 = _AddressRanges(r for r in self.ip_rules if ":" not in r.pattern)
+        self._v6 = _AddressRanges(r for r in self.ip_rules if ":" in r.pattern)
         # name -> rule, for names already looked up (the fast path reads it directly)
         self.memo: dict[bytes, DomainRule | None] = {}
 
     def match(self, name: bytes) -> DomainRule | None:
-        """The most specific rule covering the lower-case wire `name`, or None."""
+        """The rule the lower-case wire `name` is gated on, or None."""
         try:
             return self.memo[name]
         except KeyError:
@@ -99,11 +140,29 @@ class Catalog:
 
     def _lookup(self, name: bytes) -> DomainRule | None:
         by_apex = self._by_apex
-        for i in label_offsets(name):
+        offsets = label_offsets(name)
+        for i in offsets:
             rule = by_apex.get(name[i:] if i else name)
             if rule is not None and not (i == 0 and rule.subdomains_only):
                 return rule
-        return None
+        # The catalog's vendors come first: their consent notice is what a person agreed to.
+        return None if self.lists is None else self.lists.match(name, offsets)
+
+    def cloaked(self, rule: DomainRule) -> DomainRule:
+        """`rule` as met through a CNAME/DNAME/SVCB target: same vendor, SOA owned by the query name."""
+        variant = self._cloaked.get(rule)
+        if variant is None:
+            variant = self._cloaked[rule] = replace(rule, apex=b"", via="cname")
+        return variant
+
+    def address_rule(self, address: bytes) -> DomainRule | None:
+        """The IP-range rule covering a 4- or 16-byte address from an answer, or None."""
+        ranges = self._v4 if len(address) == 4 else self._v6
+        return ranges.find(int.from_bytes(address, "big")) if ranges else None
+
+    @property
+    def checks_addresses(self) -> bool:
+        return bool(self._v4 or self._v6)
 
     def category(self, category_id: str) -> Category | None:
         return next((c for c in self.categories if c.id == category_id), None)
@@ -124,11 +183,67 @@ class Catalog:
                 f"(known: {', '.join(r.pattern for r in self.rules)})"
             )
         return Catalog(self.version, self.categories, self.vendors,
-                       tuple(r for r in self.rules if r.pattern not in off))
+                       tuple(r for r in self.rules if r.pattern not in off), self.lists)
+
+    def without_vendors(self, vendor_ids: Iterable[str]) -> Catalog:
+        """This catalog with whole vendors switched off (their domains and IP ranges resolve freely)."""
+        off = set(vendor_ids)
+        unknown = off - {v.id for v in self.vendors}
+        if unknown:
+            raise CatalogError(
+                f"gate.disabled_vendors: {', '.join(sorted(unknown))} not in the catalog "
+                f"(known: {', '.join(v.id for v in self.vendors)})"
+            )
+        return Catalog(self.version, self.categories, tuple(v for v in self.vendors if v.id not in off),
+                       tuple(r for r in self.rules if r.vendor.id not in off), self.lists)
+
+    def with_lists(self, lists: NameMatcher | None) -> Catalog:
+        return Catalog(self.version, self.categories, self.vendors, self.rules, lists)
+
+
+class _AddressRanges:
+    """Non-overlapping address ranges of one family, found by binary search on their starts."""
+
+    __slots__ = ("_ends", "_rules", "_starts")
+
+    def __init__(self, rules: Iterable[DomainRule]) -> None:
+        spans = sorted((_span(r.pattern), r) for r in rules)
+        self._starts = [s[0][0] for s in spans]
+        self._ends = [s[0][1] for s in spans]
+        self._rules = [s[1] for s in spans]
+
+    def find(self, address: int) -> DomainRule | None:
+        i = bisect.bisect_right(self._starts, address) - 1
+        return self._rules[i] if i >= 0 and address <= self._ends[i] else None
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+
+def _span(cidr: str) -> tuple[int, int]:
+    net = ipaddress.ip_network(cidr)
+    return int(net.network_address), int(net.broadcast_address)
 
 
 # --------------------------------------------------------------------------------------------
 # Parsing
+
+_TOP_KEYS: Final = frozenset({"version", "category", "vendor"})
+_CATEGORY_KEYS: Final = frozenset({"id", "name", "description"})
+_VENDOR_KEYS: Final = frozenset({"id", "name", "category", "tcf_purposes", "summary", "recipients", "privacy_policy",
+                                 "data_collected", "cookie", "sources", "ccpa_sale_or_share", "gvl_id", "ip_ranges",
+                                 "domain"})
+_COOKIE_KEYS: Final = frozenset({"name", "duration", "purpose"})
+_DOMAIN_KEYS: Final = frozenset({"pattern", "serves", "source"})
+
+
+def _known_keys(table: Any, known: frozenset[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(table, Mapping):
+        raise CatalogError(f"{where}: expected a table, got {table!r}")
+    for key in table:
+        if key not in known:
+            raise CatalogError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return table
 
 
 def _get(table: Mapping[str, Any], key: str, kind: type, where: str, default: Any = ...) -> Any:
@@ -160,60 +275,91 @@ def _parse_pattern(pattern: str, where: str) -> tuple[bytes, bool]:
     return apex, subdomains_only
 
 
-def parse_catalog(data: Mapping[str, Any], source: str = "catalog") -> Catalog:
-    version = _get(data, "version", str, source)
-    categories = tuple(
-        Category(
-            id=_get(c, "id", str, f"{source}: category[{i}]"),
-            name=_get(c, "name", str, f"{source}: category[{i}]"),
-            description=_get(c, "description", str, f"{source}: category[{i}]", ""),
-        )
-        for i, c in enumerate(_get(data, "category", list, source))
-    )
-    category_ids = {c.id for c in categories}
-    vendors: list[Vendor] = []
-    rules: dict[bytes, DomainRule] = {}
-    for i, v in enumerate(_get(data, "vendor", list, source)):
-        where = f"{source}: vendor[{i}]"
+def _ip_ranges(table: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    ranges = []
+    for i, text in enumerate(_str_list(table, "ip_ranges", where)):
+        try:
+            ranges.append(str(ipaddress.ip_network(text, strict=True)))
+        except ValueError as exc:
+            raise CatalogError(f"{where}.ip_ranges[{i}]: {exc}") from None
+    return tuple(ranges)
+
+
+class _Builder:
+    """Collects categories, vendors and rules from the base file and the drop-ins, in order."""
+
+    def __init__(self) -> None:
+        self.version = ""
+        self.categories: list[Category] = []
+        self.vendors: list[Vendor] = []
+        self.rules: dict[bytes, DomainRule] = {}
+        self.origin: dict[object, str] = {}  # category id / vendor id / rule apex -> source file
+        self.pending: list[tuple[Vendor, str]] = []  # vendor categories are checked once all files are in
+
+    def add(self, data: Mapping[str, Any], source: str, base: bool) -> None:
+        _known_keys(data, _TOP_KEYS, source)
+        version = _get(data, "version", str, source, ... if base else "")
+        if base:
+            self.version = version
+        elif version:
+            self.version += f"+{source.rsplit('/', 1)[-1]}:{version}"
+        for i, c in enumerate(_get(data, "category", list, source, ... if base else [])):
+            where = f"{source}: category[{i}]"
+            c = _known_keys(c, _CATEGORY_KEYS, where)
+            category = Category(id=_get(c, "id", str, where), name=_get(c, "name", str, where),
+                                description=_get(c, "description", str, where, ""))
+            if any(x.id == category.id for x in self.categories):
+                raise CatalogError(f"{source}: category {category.id!r}: already defined in "
+                                   f"{self.origin[('category', category.id)]}")
+            self.origin[("category", category.id)] = source
+            self.categories.append(category)
+        for i, v in enumerate(_get(data, "vendor", list, source, ... if base else [])):
+            self._vendor(v, f"{source}: vendor[{i}]", source)
+
+    def _vendor(self, v: Any, where: str, source: str) -> None:
+        v = _known_keys(v, _VENDOR_KEYS, where)
         vid = _get(v, "id", str, where)
         where = f"{source}: vendor {vid!r}"
-        category = _get(v, "category", str, where)
-        if category not in category_ids:
-            raise CatalogError(f"{where}.category: {category!r} is not a defined category")
         purposes = _get(v, "tcf_purposes", list, where, [])
-        if not all(isinstance(p, int) and 1 <= p <= 24 for p in purposes):
+        if not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 24 for p in purposes):
             raise CatalogError(f"{where}.tcf_purposes: expected integers 1..24")
+        cookies = []
+        for j, c in enumerate(_get(v, "cookie", list, where, [])):
+            cwhere = f"{where}.cookie[{j}]"
+            c = _known_keys(c, _COOKIE_KEYS, cwhere)
+            cookies.append(Cookie(name=_get(c, "name", str, cwhere), duration=_get(c, "duration", str, cwhere),
+                                  purpose=_get(c, "purpose", str, cwhere, "")))
         vendor = Vendor(
             id=vid,
             name=_get(v, "name", str, where),
-            category=category,
+            category=_get(v, "category", str, where),
             tcf_purposes=tuple(purposes),
             summary=_get(v, "summary", str, where, ""),
             recipients=_get(v, "recipients", str, where, ""),
             privacy_policy=_get(v, "privacy_policy", str, where, ""),
             data_collected=_str_list(v, "data_collected", where),
-            cookies=tuple(
-                Cookie(
-                    name=_get(c, "name", str, f"{where}.cookie[{j}]"),
-                    duration=_get(c, "duration", str, f"{where}.cookie[{j}]"),
-                    purpose=_get(c, "purpose", str, f"{where}.cookie[{j}]", ""),
-                )
-                for j, c in enumerate(_get(v, "cookie", list, where, []))
-            ),
+            cookies=tuple(cookies),
             sources=_str_list(v, "sources", where),
             ccpa_sale_or_share=_get(v, "ccpa_sale_or_share", bool, where, True),
             gvl_id=_get(v, "gvl_id", int, where, None),
+            ip_ranges=_ip_ranges(v, where),
         )
-        if any(x.id == vid for x in vendors):
-            raise CatalogError(f"{where}: duplicate vendor id")
-        vendors.append(vendor)
+        if any(x.id == vid for x in self.vendors):
+            raise CatalogError(f"{where}: duplicate vendor id (already defined in {self.origin[('vendor', vid)]})")
+        self.origin[("vendor", vid)] = source
+        self.vendors.append(vendor)
+        self.pending.append((vendor, where))
         for j, d in enumerate(_get(v, "domain", list, where)):
             dwhere = f"{where}.domain[{j}]"
+            d = _known_keys(d, _DOMAIN_KEYS, dwhere)
             pattern = _get(d, "pattern", str, dwhere)
             apex, subdomains_only = _parse_pattern(pattern, dwhere)
-            if apex in rules:
-                raise CatalogError(f"{dwhere}.pattern: {pattern!r} is already listed by {rules[apex].vendor.id!r}")
-            rules[apex] = DomainRule(
+            if apex in self.rules:
+                other = self.rules[apex]
+                raise CatalogError(f"{dwhere}.pattern: {pattern!r} is already listed by {other.vendor.id!r} "
+                                   f"({self.origin[apex]})")
+            self.origin[apex] = source
+            self.rules[apex] = DomainRule(
                 pattern=pattern,
                 vendor=vendor,
                 apex=apex,
@@ -221,15 +367,55 @@ def parse_catalog(data: Mapping[str, Any], source: str = "catalog") -> Catalog:
                 serves=_get(d, "serves", str, dwhere, ""),
                 source=_get(d, "source", str, dwhere, ""),
             )
-    return Catalog(version, categories, tuple(vendors), tuple(rules.values()))
+
+    def build(self) -> Catalog:
+        known = {c.id for c in self.categories}
+        for vendor, where in self.pending:
+            if vendor.category not in known:
+                raise CatalogError(f"{where}.category: {vendor.category!r} is not a defined category "
+                                   f"(known: {', '.join(sorted(known))})")
+        _check_overlaps(self.vendors, self.origin)
+        return Catalog(self.version, tuple(self.categories), tuple(self.vendors), tuple(self.rules.values()))
+
+
+def _check_overlaps(vendors: Sequence[Vendor], origin: Mapping[object, str]) -> None:
+    """IP ranges must not overlap: an address belongs to one vendor."""
+    spans = sorted((_span(cidr), cidr, v) for v in vendors for cidr in v.ip_ranges)
+    for (a, a_cidr, a_vendor), (b, b_cidr, b_vendor) in itertools.pairwise(spans):
+        same_family = (":" in a_cidr) == (":" in b_cidr)
+        if same_family and b[0] <= a[1]:
+            raise CatalogError(f"{origin[('vendor', b_vendor.id)]}: vendor {b_vendor.id!r}.ip_ranges: {b_cidr} "
+                               f"overlaps {a_cidr} of {a_vendor.id!r}")
+
+
+def _load_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{source}: not valid TOML: {exc}") from None
+
+
+def parse_catalog(data: Mapping[str, Any], source: str = "catalog") -> Catalog:
+    builder = _Builder()
+    builder.add(data, source, base=True)
+    return builder.build()
 
 
 def parse_catalog_text(text: str, source: str = "catalog") -> Catalog:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise CatalogError(f"{source}: not valid TOML: {exc}") from None
-    return parse_catalog(data, source)
+    return parse_catalog(_load_toml(text, source), source)
+
+
+def parse_catalog_files(base: tuple[str, str], dropins: Sequence[tuple[str, str]] = ()) -> Catalog:
+    """The base catalog (source, text) grown by drop-ins, in the order given (file name order).
+
+    A drop-in may add categories and vendors (its `version` is optional); it may not redefine a
+    category, a vendor or a domain pattern that an earlier file defines.
+    """
+    builder = _Builder()
+    builder.add(_load_toml(base[1], base[0]), base[0], base=True)
+    for source, text in dropins:
+        builder.add(_load_toml(text, source), source, base=False)
+    return builder.build()
 
 
 def builtin_catalog_text() -> str:
