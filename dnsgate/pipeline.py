@@ -2,8 +2,8 @@
 
 Each step feels the effect of the ones before it and never of those after (CoreDNS's rule):
   1. parse the query (raw bytes; `wire.parse_query` for anything unusual),
-  2. match the name against the catalog (the cache entry remembers the rule it is gated on,
-     including a vendor met through a CNAME),
+  2. match the name against the catalog and its lists (the cache entry remembers the rule it is
+     gated on, including a vendor its answer leads into through a CNAME: `admit`),
   3. look up the client's consent for the rule's vendor: no consent -> the sinkhole answer; the
      cache is never allowed to bypass this,
   4. serve the cached answer, or hand back a `Forward` for the shell to resolve upstream and
@@ -24,6 +24,7 @@ from typing import Final
 
 from .cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
 from .catalog import Catalog, DomainRule
+from .cloaking import answer_rule
 from .consent import ConsentTable
 from .sinkhole import Sinkhole
 from .wire import (
@@ -163,13 +164,28 @@ class Pipeline:
 
     def admit(self, fwd: Forward, reply: bytes) -> Entry:
         """Build the entry for a verified upstream reply and cache it if it may be cached.
-        Raises cache.UnusableReply for replies whose records cannot be walked."""
+
+        The entry is gated on the name's own rule, else on the vendor its answer leads into (CNAME
+        cloaking: cloaking.py), so hits are gated like this miss. Raises cache.UnusableReply for
+        replies whose records cannot be walked."""
         q = fwd.query
-        policy = self.plain_ttl if fwd.rule is None else self.gated_ttl
-        entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, fwd.rule)
+        catalog = self.catalog
+        # Matched again (a memo hit): a reload may have swapped the catalog since the Forward.
+        rule = catalog.match(q.name) or answer_rule(catalog, reply, len(q.question))
+        policy = self.plain_ttl if rule is None else self.gated_ttl
+        entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, rule)
         if cacheable:
             self.cache.put(q.key, entry)
         return entry
+
+    def install(self, catalog: Catalog, sinkhole: Sinkhole, plain_ttl: TtlPolicy, gated_ttl: TtlPolicy) -> None:
+        """Swap in reloaded rules, all in one step on the event loop (no query sees half of them),
+        and empty the cache with them: its entries are gated on the old catalog's rules."""
+        self.catalog = catalog
+        self.sinkhole = sinkhole
+        self.plain_ttl = plain_ttl
+        self.gated_ttl = gated_ttl
+        self.cache.clear()
 
     def servfail(self, fwd: Forward) -> bytes:
         self.counters.servfail += 1

@@ -3,7 +3,8 @@
 Default (`nxdomain`): NXDOMAIN with the vendor zone's SOA in authority, TTL and MINIMUM both the
 sinkhole TTL (5 s), because browsers do not cache negative answers, so a fresh grant applies at
 once. `null`: A 0.0.0.0 / AAAA ::, other types NODATA with the SOA. With EDNS, an Extended DNS
-Error 15 "Blocked" names the vendor and the missing category. Pieces are built once per rule.
+Error 15 "Blocked" names the vendor (or list) and the missing category, and how the answer met it
+(through a CNAME, or an address in the vendor's ranges). Pieces are built once per rule.
 """
 
 from __future__ import annotations
@@ -37,9 +38,21 @@ SOA_RNAME: Final = b"\x07consent\x07dnsgate\x08internal\x00"
 Parts = tuple[int, bytes, bytes]  # rcode, counts (QD..AR), records after the question
 
 
+QNAME: Final = b"\xc0\x0c"  # a compression pointer to the question's name
+
+
 def block_reason(rule: DomainRule) -> str:
     vendor = rule.vendor
-    return f"{vendor.name} ({vendor.id}) is blocked: no consent for category '{vendor.category}'"
+    if vendor.kind == "list":
+        reason = f"blocked by list '{vendor.name}' ({vendor.id}): no consent for category '{vendor.category}'"
+    else:
+        reason = f"{vendor.name} ({vendor.id}) is blocked: no consent for category '{vendor.category}'"
+    if rule.via == "cname":
+        target = "a listed name" if vendor.kind == "list" else rule.pattern
+        return f"{reason}; the name is an alias (CNAME) of {target}"
+    if rule.via == "address":
+        return f"{reason}; the answer points into {rule.pattern}"
+    return reason
 
 
 class Sinkhole:
@@ -65,7 +78,9 @@ class Sinkhole:
         elif kind == AAAA:
             answer, authority = _address_rr(AAAA, bytes(16), self.ttl), b""
         else:
-            answer, authority = b"", soa_record(rule.apex, self.ttl, SOA_MNAME, SOA_RNAME, self.ttl)
+            # The vendor zone's SOA; for lists and cloaked answers the name's own (any other owner
+            # would be out of bailiwick for the question).
+            answer, authority = b"", soa_record(rule.apex or QNAME, self.ttl, SOA_MNAME, SOA_RNAME, self.ttl)
         additional = b""
         if edns >= 0:
             additional = opt_record(self.udp_max, edns == 1, ede_option(EDE_BLOCKED, block_reason(rule)))
