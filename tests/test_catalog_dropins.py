@@ -129,7 +129,7 @@ def test_read_catalog_from_a_directory(tmp_path: Path) -> None:
     cfg = replace(Config(), gate=replace(GateConfig(), vendors_dir=str(dropins), disabled_vendors=("metrics",)))
     catalog = read_catalog(cfg)
     assert [v.id for v in catalog.vendors] == ["activecampaign", "adco", "late"]
-    with pytest.raises(CatalogError, match="gate.vendors_dir: .* is not a directory"):
+    with pytest.raises(CatalogError, match=r"gate.vendors_dir: .* is not a directory"):
         read_catalog(replace(cfg, gate=replace(cfg.gate, vendors_dir=str(tmp_path / "nope"))))
     (dropins / "30-bad.toml").write_text('[[vendor]]\nid = "bad"\nname = "Bad"\ncategory = "ads"\n')
     with pytest.raises(CatalogError, match=r"30-bad.toml: vendor 'bad': missing key 'domain'"):
