@@ -40,6 +40,22 @@ class ConsentControl(Protocol):
     async def events(self, client: str | None, limit: int) -> list[AuditEvent]: ...
 
 
+class RulesReport(Protocol):
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+    def as_json(self) -> dict[str, Any]: ...
+
+
+class RulesControl(Protocol):
+    """Reloading the catalog and lists (reload.Reloader)."""
+
+    async def reload(self, reason: str) -> RulesReport: ...
+    async def refresh(self, *, force: bool = False, reason: str = "refresh") -> RulesReport: ...
+    def status(self) -> list[dict[str, Any]]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
     admin_token: str
@@ -56,16 +72,18 @@ class ApiError(Exception):
 
 
 CONSENT: web.AppKey[ConsentControl] = web.AppKey("consent", ConsentControl)
-CATALOG: web.AppKey[Catalog] = web.AppKey("catalog", Catalog)
+CATALOG: web.AppKey[Callable[[], Catalog]] = web.AppKey("catalog")  # the catalog in force (reloads swap it)
+RULES: web.AppKey[RulesControl | None] = web.AppKey("rules")
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings", ApiSettings)
 HEALTH: web.AppKey[Callable[[], Mapping[str, Any]]] = web.AppKey("health")
 
 
-def create_app(consent: ConsentControl, catalog: Catalog, settings: ApiSettings,
-               health: Callable[[], Mapping[str, Any]]) -> web.Application:
+def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings: ApiSettings,
+               health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_as_json, origin_guard])
     app[CONSENT] = consent
     app[CATALOG] = catalog
+    app[RULES] = rules
     app[SETTINGS] = settings
     app[HEALTH] = health
     app.router.add_get("/healthz", healthz)
@@ -78,6 +96,9 @@ def create_app(consent: ConsentControl, catalog: Catalog, settings: ApiSettings,
     app.router.add_put("/v1/clients/{ip}/consent", put_client)
     app.router.add_delete("/v1/clients/{ip}/consent", delete_client)
     app.router.add_get("/v1/audit", audit)
+    app.router.add_post("/v1/reload", reload_rules)
+    app.router.add_get("/v1/lists", list_status)
+    app.router.add_post("/v1/lists/refresh", refresh_lists)
     return app
 
 
@@ -231,7 +252,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def vendors(request: web.Request) -> web.Response:
-    catalog = request.app[CATALOG]
+    catalog = request.app[CATALOG]()
+    lists = [s for s in _rules(request).status() if s["kind"] == "block"] if request.app[RULES] else []
     return web.json_response({
         "version": catalog.version,
         "categories": [{"id": c.id, "name": c.name, "description": c.description} for c in catalog.categories],
@@ -243,10 +265,13 @@ async def vendors(request: web.Request) -> web.Response:
                 "cookies": [{"name": c.name, "duration": c.duration, "purpose": c.purpose} for c in v.cookies],
                 "domains": [{"pattern": d.pattern, "serves": d.serves, "source": d.source}
                             for d in catalog.domains_of(v)],
+                "ip_ranges": list(v.ip_ranges),
                 "sources": list(v.sources),
             }
             for v in catalog.vendors
         ],
+        "lists": [{"id": s["id"], "name": s["name"], "category": s["category"], "entries": s["entries"]}
+                  for s in lists if s["loaded"]],
     })
 
 
@@ -285,7 +310,7 @@ async def delete_client(request: web.Request) -> web.Response:
 
 
 async def _put(request: web.Request, client: str, source: Source) -> web.Response:
-    categories, days = parse_choice(await json_body(request), request.app[CATALOG], request.app[SETTINGS].max_days)
+    categories, days = parse_choice(await json_body(request), request.app[CATALOG](), request.app[SETTINGS].max_days)
     view = await request.app[CONSENT].grant(client, categories, source, user_agent(request), days)
     return web.json_response(view_json(view))
 
@@ -310,3 +335,35 @@ async def audit(request: web.Request) -> web.Response:
          "expires_at": iso(e.expires_at), "source": e.source, "user_agent": e.user_agent}
         for e in events
     ]})
+
+
+def _rules(request: web.Request) -> RulesControl:
+    rules = request.app[RULES]
+    if rules is None:
+        raise ApiError(404, "not_found", "reloading is not available here")
+    return rules
+
+
+def _rules_response(report: RulesReport) -> web.Response:
+    if not report.ok:
+        # The running configuration stays; say why the new one was refused.
+        body = error_response(422, "reload_rejected", report.error or "rejected")
+        return body
+    return web.json_response(report.as_json())
+
+
+async def reload_rules(request: web.Request) -> web.Response:
+    """Re-read config, catalog and lists; swap them in whole, or keep the running ones (422)."""
+    require_admin(request)
+    return _rules_response(await _rules(request).reload("POST /v1/reload"))
+
+
+async def refresh_lists(request: web.Request) -> web.Response:
+    """Re-download every URL list now (conditional requests); new content is swapped in."""
+    require_admin(request)
+    return _rules_response(await _rules(request).refresh(force=True, reason="POST /v1/lists/refresh"))
+
+
+async def list_status(request: web.Request) -> web.Response:
+    require_admin(request)
+    return web.json_response({"lists": _rules(request).status()})

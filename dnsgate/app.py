@@ -1,17 +1,21 @@
 """The composition root: builds every part from a Config, runs them, and takes them down in reverse.
 
 Start order: data dir and store (grants loaded before DNS listens, so gated names are blocked from
-the first packet), catalog, upstreams, pipeline, DNS listeners, API. Stop order is the reverse:
-listeners close, in-flight queries get a moment to finish, then the store closes.
+the first packet), rules (catalog and lists: reload.py), upstreams, pipeline, DNS listeners, API,
+then SIGHUP reloads and the list refresh schedule. Stop order is the reverse: listeners close,
+in-flight queries get a moment to finish, then the store closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -21,15 +25,16 @@ from typing import Any
 from aiohttp import web
 
 from .api import ApiSettings, create_app
-from .cache import AnswerCache, TtlPolicy
-from .catalog import Catalog, CatalogError, builtin_catalog_text, parse_catalog_text
+from .cache import AnswerCache
+from .catalog import CatalogError
 from .config import Config, HostPort, parse_host_port, points_at, resolv_conf_servers
 from .consent import ConsentTable
 from .consents import ConsentService
 from .dns_server import DnsListeners, TaskSet
+from .list_sources import ListError, ListStore
 from .pipeline import Pipeline
+from .reload import Reloader, Ruleset
 from .resolver import Resolver
-from .sinkhole import Sinkhole
 from .store import ConsentStore, StoreError
 from .upstream import Upstreams
 
@@ -55,21 +60,6 @@ class Running:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
         return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}")
-
-
-def load_catalog(cfg: Config) -> Catalog:
-    try:
-        if cfg.gate.catalog:
-            try:
-                text = Path(cfg.gate.catalog).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise StartupError(f"gate.catalog: cannot read {cfg.gate.catalog}: {exc.strerror}") from None
-            catalog = parse_catalog_text(text, cfg.gate.catalog)
-        else:
-            catalog = parse_catalog_text(builtin_catalog_text(), "built-in catalog")
-        return catalog.without(cfg.gate.disabled_domains)
-    except CatalogError as exc:
-        raise StartupError(str(exc)) from None
 
 
 def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[HostPort, ...]:
@@ -116,12 +106,24 @@ def prepare_data_dir(cfg: Config) -> tuple[Path, str, Path | None]:
     return data_dir, token, token_file
 
 
-async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None) -> None:
-    """Serve until `stop` is set. Raises StartupError if something cannot start."""
+async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None,
+              reread: Callable[[], Config] | None = None) -> None:
+    """Serve until `stop` is set. Raises StartupError if something cannot start.
+
+    `reread` gives the configuration a reload should apply (the CLI re-reads the file, flags and
+    environment); by default a reload keeps `cfg` and re-reads the catalog and lists only."""
     async with AsyncExitStack() as stack:
         data_dir, token, token_file = prepare_data_dir(cfg)
-        catalog = load_catalog(cfg)
         servers = upstream_servers(cfg)
+        lists = ListStore(data_dir / "lists", timeout=cfg.lists.fetch_timeout, max_bytes=cfg.lists.max_download_bytes)
+        stack.push_async_callback(lists.close)
+        # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
+        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda rules: install(rules))
+        try:
+            rules = await reloader.start()
+        except (CatalogError, ListError) as exc:
+            raise StartupError(str(exc)) from None
+        catalog = rules.catalog
         try:
             store = ConsentStore(data_dir / "consent.sqlite3")
         except StoreError as exc:
@@ -131,13 +133,16 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         stack.push_async_callback(consents.close)
         clients = consents.load()
 
-        cache = AnswerCache(cfg.cache.max_entries, cfg.cache.max_bytes)
-        pipeline = Pipeline(
-            catalog, table, cache, Sinkhole(cfg.gate.mode, cfg.gate.sinkhole_ttl, cfg.dns.udp_max_size),
-            udp_max=cfg.dns.udp_max_size,
-            plain_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, None),
-            gated_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, cfg.gate.allowed_ttl_cap),
-        )
+        cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes)
+        pipeline = Pipeline(catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
+                            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl)
+
+        def install(new: Ruleset) -> None:
+            # One synchronous step on the event loop: no query runs between these lines.
+            cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
+            pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
+            consents.catalog = new.catalog
+
         upstreams = Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
                               udp_size=cfg.dns.udp_max_size)
         stack.push_async_callback(upstreams.close)
@@ -153,8 +158,11 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                 raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
 
         def health() -> Mapping[str, Any]:
+            lists_in_force = pipeline.catalog.lists
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
-                    "cache_entries": len(cache), "in_flight": len(tasks)}
+                    "cache_entries": len(cache), "in_flight": len(tasks),
+                    "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
+                    "reloads": reloader.reloads}
 
         api_address = cfg.api_listen
         api_socket = _listen_tcp(api_address)
@@ -166,18 +174,43 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             own_hosts=frozenset({"localhost", PORTAL_HOST}),
             max_days=cfg.consent.max_days,
         )
-        runner = web.AppRunner(create_app(consents, catalog, settings, health), access_log=None)
+        runner = web.AppRunner(create_app(consents, lambda: pipeline.catalog, settings, health, reloader),
+                               access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.SockSite(runner, api_socket).start()
 
+        _reload_on_sighup(reloader, tasks, stack)
+        schedule = asyncio.create_task(reloader.run_schedule())
+        stack.push_async_callback(_cancel, schedule)
+
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file)
-        log.info("loaded %d clients with consent, catalog %s (%d vendors, %d domains)",
-                 clients, catalog.version, len(catalog.vendors), len(catalog.rules))
+        log.info("loaded %d clients with consent, catalog %s (%d vendors, %d domains), %d list entries",
+                 clients, catalog.version, len(catalog.vendors), len(catalog.rules),
+                 len(catalog.lists) if catalog.lists is not None else 0)
         if on_ready is not None:
             on_ready(running)
         await stop.wait()
         log.info("stopping")
+
+
+def _reload_on_sighup(reloader: Reloader, tasks: TaskSet, stack: AsyncExitStack) -> None:
+    """SIGHUP reloads (signal handlers can only be set from the main thread, and not on Windows)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+
+    async def reload() -> None:
+        await reloader.reload("SIGHUP")  # the outcome is logged
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload()))
+    stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def os_reason(exc: OSError) -> str:

@@ -70,8 +70,9 @@ def serve(args: argparse.Namespace) -> int:
         upstream=tuple(args.upstream) if args.upstream else None,
         data_dir=args.data_dir,
     )
+    path, overrides = args.config or env_config, merge_overrides(env_overrides, flags)
     try:
-        cfg = load_config(args.config or env_config, merge_overrides(env_overrides, flags))
+        cfg = load_config(path, overrides)
     except ConfigError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 2
@@ -84,7 +85,8 @@ def serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await run(cfg, stop, ready)
+        # A reload (SIGHUP, POST /v1/reload) reads the same file, environment and flags again.
+        await run(cfg, stop, ready, reread=lambda: load_config(path, overrides))
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

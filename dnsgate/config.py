@@ -8,11 +8,14 @@ except through the explicit inputs of `load_config`.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
+
+from .wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
 DEFAULT_API_PORT: Final = 8053
@@ -113,6 +116,45 @@ class GateConfig:
     catalog: str = ""
     # Catalog domain patterns this deployment does not gate, e.g. ["*.api-us1.com"].
     disabled_domains: tuple[str, ...] = ()
+    # Directory of catalog drop-ins (*.toml, read in name order after the catalog). Empty: none.
+    vendors_dir: str = ""
+    # Catalog vendors this deployment does not gate at all, e.g. ["activecampaign"].
+    disabled_vendors: tuple[str, ...] = ()
+
+
+LIST_ID: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class ListSource:
+    """One imported list ([[lists.sources]] in the file)."""
+
+    # Short id ([a-z0-9_-]): named in the EDE text of blocked answers and in <data_dir>/lists.
+    id: str = ""
+    # Shown to people (EDE text, /v1/vendors). Empty: the id.
+    name: str = ""
+    # "block": the list's names are gated on `category`; "allow": its names are never list-gated.
+    kind: Literal["block", "allow"] = "block"
+    # Consent category that opens the list's names (block lists only; defined in the catalog).
+    category: str = ""
+    # Where the list comes from: one of an http(s) URL (refreshed, kept on disk) or a local file.
+    url: str = ""
+    file: str = ""
+    # Hosts-file and plain entries cover their subdomains too (AdBlock ||name^ always does).
+    subdomains: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListsConfig:
+    sources: tuple[ListSource, ...] = ()
+    # Names no list gates, e.g. ["cdn.example.com"] (and its subdomains), ["*.example.org"].
+    allow: tuple[str, ...] = ()
+    # Seconds between conditional re-downloads of URL lists; 0: only at start and on reload.
+    refresh_interval: float = 86400.0
+    # Seconds one download may take.
+    fetch_timeout: float = 30.0
+    # A download larger than this is refused (bytes).
+    max_download_bytes: int = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +180,7 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    lists: ListsConfig = field(default_factory=ListsConfig)
 
     @property
     def dns_listen(self) -> tuple[HostPort, ...]:
@@ -184,6 +227,10 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
         return tuple(value)
+    if annotation == "tuple[ListSource, ...]":
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
+        return tuple(_section(ListSource, item, f"{key}[{i}]") for i, item in enumerate(value))
     raise AssertionError(f"unhandled annotation {annotation} for {key}")  # pragma: no cover
 
 
@@ -206,6 +253,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "gate": GateConfig,
     "consent": ConsentConfig,
     "storage": StorageConfig,
+    "lists": ListsConfig,
 }
 
 
@@ -273,7 +321,36 @@ def validate(cfg: Config) -> Config:
         f"consent.default_days: must be 1..consent.max_days, got {cfg.consent.default_days}",
     )
     _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
+    _validate_lists(cfg.lists)
     return cfg
+
+
+def _validate_lists(lists: ListsConfig) -> None:
+    seen: set[str] = set()
+    for i, src in enumerate(lists.sources):
+        key = f"lists.sources[{i}]"
+        _check(bool(LIST_ID.fullmatch(src.id)), f"{key}.id: expected 1-63 of a-z 0-9 _ - (not first), got {src.id!r}")
+        _check(src.id not in seen, f"{key}.id: {src.id!r} is used twice")
+        seen.add(src.id)
+        _check(bool(src.url) != bool(src.file), f"{key}: give exactly one of url and file ({src.id})")
+        _check(not src.url or src.url.startswith(("http://", "https://")),
+               f"{key}.url: expected an http:// or https:// URL, got {src.url!r}")
+        if src.kind == "block":
+            _check(bool(src.category), f"{key}.category: a block list needs the consent category that opens it")
+        else:
+            _check(not src.category, f"{key}.category: an allow list has no category ({src.id})")
+    for pattern in lists.allow:
+        bare = pattern[2:] if pattern.startswith("*.") else pattern
+        try:
+            wire = name_to_wire(bare)
+        except ValueError as exc:
+            raise ConfigError(f"lists.allow: {exc}") from None
+        _check(wire != b"\x00" and "*" not in bare,
+               f"lists.allow: use 'example.com' or '*.example.com', got {pattern!r}")
+    _check(lists.refresh_interval >= 0, f"lists.refresh_interval: must be >= 0, got {lists.refresh_interval}")
+    _check(lists.fetch_timeout > 0, f"lists.fetch_timeout: must be > 0, got {lists.fetch_timeout}")
+    _check(lists.max_download_bytes >= 1024,
+           f"lists.max_download_bytes: must be >= 1024, got {lists.max_download_bytes}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -90,10 +90,10 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def running_gate(cfg: Config) -> AsyncIterator[Gate]:
+async def running_gate(cfg: Config, reread: Callable[[], Config] | None = None) -> AsyncIterator[Gate]:
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(cfg, stop, ready.set_result))
+    task = asyncio.create_task(run(cfg, stop, ready.set_result, reread))
     waiters: list[asyncio.Future[Any]] = [task, ready]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if task.done():

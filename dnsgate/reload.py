@@ -1,0 +1,428 @@
+"""The rules dnsgate gates on, built off to the side and swapped in whole: at start, on reload
+(SIGHUP, POST /v1/reload), and when a list download brings new content.
+
+A `Ruleset` is everything a reload replaces: the catalog (base file, drop-ins, switched-off vendors
+and domains) with the imported lists attached, the sinkhole, the TTL policies and the cache bounds.
+`Reloader` builds one completely (files read and lists parsed on a worker thread, so queries keep
+flowing), validates it, and only then hands it to `install`, which swaps it into the pipeline in one
+synchronous step on the event loop and empties the cache. Anything invalid -> nothing changes, the
+error is logged and returned. Consent is never touched.
+
+Which keys apply live: [gate], [cache] and [lists]. The rest ([dns], [api], [upstream], [consent],
+[storage]) are bound to sockets, threads or files at start; a reload reports them as needing a
+restart and keeps running with the old values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+from .blocklists import ListIndex, ParsedList, build_index, parse_list
+from .cache import TtlPolicy
+from .catalog import Catalog, CatalogError, DomainRule, Vendor, builtin_catalog_text, parse_catalog_files
+from .config import Config, ConfigError, ListSource
+from .list_sources import Fetched, ListError, ListStore, Stamp, read_chunks, stamp_of
+from .sinkhole import Sinkhole
+
+log = logging.getLogger(__name__)
+
+LIVE_SECTIONS: Final = ("gate", "cache", "lists")
+RESTART_SECTIONS: Final = ("dns", "api", "upstream", "consent", "storage")
+RETRY_AFTER_FAILURE: Final = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ruleset:
+    catalog: Catalog
+    sinkhole: Sinkhole
+    plain_ttl: TtlPolicy
+    gated_ttl: TtlPolicy
+    cache_max_entries: int
+    cache_max_bytes: int
+
+
+@dataclass(slots=True)
+class ListStatus:
+    """What GET /v1/lists and reload reports say about one list."""
+
+    id: str
+    name: str
+    kind: str
+    category: str
+    source: str
+    format: str = ""
+    entries: int = 0
+    skipped: int = 0
+    loaded: bool = False
+    fetched_at: float | None = None
+    checked_at: float | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    ok: bool
+    reason: str
+    error: str | None = None
+    action: str = "reloaded"  # or "refreshed" (lists only)
+    applied: tuple[str, ...] = ()  # changed keys now in force
+    restart_required: tuple[str, ...] = ()  # changed keys that keep their running value until a restart
+    catalog_version: str = ""
+    vendors: int = 0
+    domains: int = 0
+    list_entries: int = 0
+    lists: tuple[dict[str, Any], ...] = ()
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "status": self.action if self.ok else "rejected", "reason": self.reason, "error": self.error,
+            "applied": list(self.applied), "restart_required": list(self.restart_required),
+            "catalog": {"version": self.catalog_version, "vendors": self.vendors, "domains": self.domains},
+            "list_entries": self.list_entries, "lists": list(self.lists), "seconds": round(self.seconds, 3),
+        }
+
+
+def split_changes(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str, ...]]:
+    """(the config to run with, changed live keys, changed keys that need a restart)."""
+    applied: list[str] = []
+    restart: list[str] = []
+    for section in fields(Config):
+        old_part, new_part = getattr(running, section.name), getattr(new, section.name)
+        changed = [f"{section.name}.{f.name}" for f in fields(old_part)
+                   if getattr(old_part, f.name) != getattr(new_part, f.name)]
+        (applied if section.name in LIVE_SECTIONS else restart).extend(changed)
+    effective = replace(new, **{name: getattr(running, name) for name in RESTART_SECTIONS})
+    return effective, tuple(applied), tuple(restart)
+
+
+# --------------------------------------------------------------------------------------------
+# Building (runs on a worker thread: reads files, parses lists)
+
+
+def read_catalog(cfg: Config) -> Catalog:
+    """The base catalog, grown by the drop-ins of gate.vendors_dir, minus what is switched off."""
+    if cfg.gate.catalog:
+        base = (cfg.gate.catalog, _read_text(cfg.gate.catalog, "gate.catalog"))
+    else:
+        base = ("built-in catalog", builtin_catalog_text())
+    dropins: list[tuple[str, str]] = []
+    if cfg.gate.vendors_dir:
+        directory = Path(cfg.gate.vendors_dir)
+        if not directory.is_dir():
+            raise CatalogError(f"gate.vendors_dir: {directory} is not a directory")
+        dropins = [(str(p), _read_text(str(p), "gate.vendors_dir")) for p in sorted(directory.glob("*.toml"))]
+    catalog = parse_catalog_files(base, dropins)
+    return catalog.without_vendors(cfg.gate.disabled_vendors).without(cfg.gate.disabled_domains)
+
+
+def _read_text(path: str, key: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise CatalogError(f"{key}: cannot read {path}: {reason}") from None
+
+
+def list_rule(src: ListSource) -> DomainRule:
+    """The one rule every name of a block list is gated on: a vendor-less gate on its category."""
+    vendor = Vendor(id=src.id, name=src.name or src.id, category=src.category, tcf_purposes=(), summary="",
+                    recipients="", privacy_policy="", data_collected=(), cookies=(),
+                    sources=(src.url or src.file,), ccpa_sale_or_share=False, kind="list")
+    return DomainRule(pattern=f"list {src.id}", vendor=vendor, apex=b"", subdomains_only=False, serves="",
+                      source=src.url or src.file)
+
+
+@dataclass(slots=True)
+class _Parsed:
+    stamp: Stamp
+    parsed: ParsedList
+
+
+@dataclass(slots=True)
+class ListCache:
+    """Parsed lists and the last index, reused while their inputs are unchanged (a reload that does
+    not touch the lists costs nothing, and memory is not doubled while the old index serves)."""
+
+    parsed: dict[ListSource, _Parsed] = field(default_factory=dict)
+    rules: dict[ListSource, DomainRule] = field(default_factory=dict)
+    index_key: object = None
+    index: ListIndex | None = None
+
+
+def build_lists(cfg: Config, catalog: Catalog, paths: dict[str, Path], cache: ListCache,
+                statuses: dict[str, ListStatus]) -> ListIndex | None:
+    """The index of every list that has a copy (`paths`: id -> file); raises ListError/CatalogError."""
+    categories = {c.id for c in catalog.categories}
+    blocks: list[tuple[DomainRule, ParsedList]] = []
+    allows: list[ParsedList] = []
+    used: dict[ListSource, _Parsed] = {}
+    key: list[object] = [cfg.lists.allow]
+    for i, src in enumerate(cfg.lists.sources):
+        if src.kind == "block" and src.category not in categories:
+            raise CatalogError(f"lists.sources[{i}].category: {src.category!r} is not a category of the catalog "
+                               f"(known: {', '.join(sorted(categories))})")
+        path = paths.get(src.id)
+        if path is None:
+            continue  # a URL list not downloaded yet: the status says why
+        try:
+            stamp = stamp_of(path)
+            entry = cache.parsed.get(src)
+            if entry is None or entry.stamp != stamp:
+                entry = _Parsed(stamp, parse_list(read_chunks(path), subdomains=src.subdomains))
+        except OSError as exc:
+            raise ListError(f"lists.sources[{i}] ({src.id}): cannot read {path}: {exc.strerror}") from None
+        if not entry.parsed.entries:
+            raise ListError(f"lists.sources[{i}] ({src.id}): {path} holds no usable entries "
+                            f"({entry.parsed.skipped} lines skipped)")
+        used[src] = entry
+        key.append((src, stamp))
+        status = statuses[src.id]
+        status.format, status.entries, status.skipped = entry.parsed.format, entry.parsed.entries, entry.parsed.skipped
+        if src.kind == "block":
+            blocks.append((cache.rules.setdefault(src, list_rule(src)), entry.parsed))
+        else:
+            allows.append(entry.parsed)
+    cache.parsed = used  # lists no longer configured are forgotten
+    cache.rules = {src: rule for src, rule in cache.rules.items() if src in used}
+    if not blocks:
+        cache.index_key, cache.index = None, None
+        return None
+    index_key = tuple(key)
+    if cache.index is None or cache.index_key != index_key:
+        cache.index = build_index(blocks, allows, cfg.lists.allow)
+        cache.index_key = index_key
+    return cache.index
+
+
+def ruleset_for(cfg: Config, catalog: Catalog) -> Ruleset:
+    return Ruleset(
+        catalog=catalog,
+        sinkhole=Sinkhole(cfg.gate.mode, cfg.gate.sinkhole_ttl, cfg.dns.udp_max_size),
+        plain_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, None),
+        gated_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, cfg.gate.allowed_ttl_cap),
+        cache_max_entries=cfg.cache.max_entries,
+        cache_max_bytes=cfg.cache.max_bytes,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The shell
+
+
+class Reloader:
+    """Builds rulesets and installs them; one build at a time (reload, refresh and start share a lock)."""
+
+    def __init__(self, cfg: Config, reread: Callable[[], Config], store: ListStore,
+                 install: Callable[[Ruleset], None], wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.reread = reread
+        self.store = store
+        self.install = install
+        self.wall = wall
+        self.ruleset: Ruleset | None = None
+        self.statuses: dict[str, ListStatus] = {}
+        self.reloads = 0
+        self._cache = ListCache()
+        self._lock = asyncio.Lock()
+        self._checked: dict[str, tuple[float, bool]] = {}  # list id -> (last check, succeeded)
+        self._wake = asyncio.Event()
+
+    # -- entry points -------------------------------------------------------------------------
+
+    async def start(self) -> Ruleset:
+        """The first ruleset (the caller builds the pipeline around it). A URL list that cannot be
+        fetched and has no copy is left out with a warning and retried later: a DNS server comes up
+        even when a list's host is down."""
+        async with self._lock:
+            ruleset, fetched = await self._build(self.cfg, strict=False)
+            await self._commit(fetched)
+            self.ruleset = ruleset
+            return ruleset
+
+    async def reload(self, reason: str) -> ReloadReport:
+        """Re-read config, catalog and lists; swap them in, or keep everything as it is."""
+        started = time.monotonic()
+        async with self._lock:
+            try:
+                new_cfg = self.reread()
+                effective, applied, restart = split_changes(self.cfg, new_cfg)
+                ruleset, fetched = await self._build(effective, strict=True)
+            except (ConfigError, CatalogError, ListError) as exc:
+                log.error("reload (%s) rejected, the running configuration stays: %s", reason, exc)
+                return ReloadReport(ok=False, reason=reason, error=str(exc), seconds=time.monotonic() - started)
+            await self._commit(fetched)
+            self.cfg = effective
+            self._install(ruleset)
+            self.reloads += 1
+        report = self._report(reason, applied, restart, time.monotonic() - started)
+        log.info("reload (%s): applied %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
+                 reason, ", ".join(applied) or "no changed keys", report.catalog_version, report.vendors,
+                 report.domains, report.list_entries, report.seconds)
+        if restart:
+            log.warning("reload (%s): changed keys that need a restart were not applied: %s",
+                        reason, ", ".join(restart))
+        return report
+
+    async def refresh(self, *, force: bool = False, reason: str = "refresh") -> ReloadReport:
+        """Check URL lists that are due (all of them with `force`) and swap in any new content."""
+        started = time.monotonic()
+        async with self._lock:
+            now = self.wall()
+            due = [(i, s) for i, s in enumerate(self.cfg.lists.sources) if s.url and (force or self._due(s, now))]
+            fetched: list[Fetched] = []
+            for i, src in due:
+                try:
+                    fetched.append(await self.store.fetch(src, i))
+                    self._checked[src.id] = (now, True)
+                except ListError as exc:
+                    self._checked[src.id] = (now, False)
+                    self.statuses[src.id].error = str(exc)
+                    log.warning("list refresh: %s", exc)
+            changed = [f for f in fetched if f.path is not None]
+            if changed:
+                try:
+                    ruleset, _ = await self._build(self.cfg, strict=True, downloads=changed)
+                except (CatalogError, ListError) as exc:
+                    for f in changed:
+                        self.store.discard(f)
+                        self.statuses[f.source.id].error = str(exc)
+                    log.error("list refresh: new content rejected, the lists in use stay: %s", exc)
+                    return ReloadReport(ok=False, reason=reason, error=str(exc), action="refreshed",
+                                        seconds=time.monotonic() - started)
+            await self._commit(fetched)
+            if changed:
+                self._install(ruleset)
+                log.info("list refresh: new content for %s", ", ".join(f.source.id for f in changed))
+        return replace(self._report(reason, (), (), time.monotonic() - started), action="refreshed")
+
+    async def run_schedule(self) -> None:
+        """Refresh URL lists when due, until cancelled."""
+        while True:
+            delay = self._next_due(self.wall())
+            if delay is None:
+                self._wake.clear()
+                await self._wake.wait()  # nothing to schedule until a reload brings URL lists
+                continue
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            await self.refresh(reason="schedule")
+
+    def status(self) -> list[dict[str, Any]]:
+        return [s.as_json() for s in self.statuses.values()]
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _due_at(self, src: ListSource) -> float:
+        """When `src` should be checked next (only called with refresh_interval > 0)."""
+        interval = self.cfg.lists.refresh_interval
+        checked = self._checked.get(src.id)
+        if checked is None:
+            meta = self.store.meta(src)
+            checked = (meta.checked_at, True) if meta is not None else (0.0, True)
+            self._checked[src.id] = checked
+        at, ok = checked
+        return at + (interval if ok else min(interval, RETRY_AFTER_FAILURE))
+
+    def _due(self, src: ListSource, now: float) -> bool:
+        return self.cfg.lists.refresh_interval > 0 and now >= self._due_at(src)
+
+    def _next_due(self, now: float) -> float | None:
+        urls = [s for s in self.cfg.lists.sources if s.url]
+        if self.cfg.lists.refresh_interval <= 0 or not urls:
+            return None
+        return max(0.0, min(self._due_at(s) for s in urls) - now)
+
+    async def _build(self, cfg: Config, *, strict: bool,
+                     downloads: Sequence[Fetched] = ()) -> tuple[Ruleset, list[Fetched]]:
+        """A complete ruleset for `cfg`. Lists with no copy yet are fetched first; when that fails,
+        `strict` (reload) rejects the whole build, otherwise (start) the list is left out."""
+        statuses = {s.id: self._status_for(s) for s in cfg.lists.sources}
+        paths = {f.source.id: f.path for f in downloads if f.path is not None}  # new content to try
+        fetched: list[Fetched] = []
+        for i, src in enumerate(cfg.lists.sources):
+            if src.id in paths:
+                continue
+            local = self.store.local(src)
+            if local is None:
+                try:
+                    got = await self.store.fetch(src, i, conditional=False)
+                except ListError as exc:
+                    if strict:
+                        raise
+                    statuses[src.id].error = str(exc)
+                    self._checked[src.id] = (self.wall(), False)
+                    log.warning("%s; starting without this list, retrying later", exc)
+                    continue
+                self._checked[src.id] = (self.wall(), True)
+                fetched.append(got)
+                local = got.path
+            if local is not None:
+                paths[src.id] = local
+        try:
+            catalog = await asyncio.to_thread(self._build_catalog, cfg, paths, statuses)
+        except BaseException:
+            for f in fetched:
+                self.store.discard(f)
+            raise
+        self.statuses = statuses
+        return ruleset_for(cfg, catalog), fetched
+
+    def _build_catalog(self, cfg: Config, paths: dict[str, Path], statuses: dict[str, ListStatus]) -> Catalog:
+        catalog = read_catalog(cfg)
+        lists = build_lists(cfg, catalog, paths, self._cache, statuses)
+        for src in cfg.lists.sources:
+            statuses[src.id].loaded = src.id in paths and statuses[src.id].entries > 0
+        return catalog.with_lists(lists)
+
+    async def _commit(self, fetched: Sequence[Fetched]) -> None:
+        for f in fetched:
+            try:
+                await asyncio.to_thread(self.store.commit, f)
+            except OSError as exc:  # the list is in force; only its copy for the next start is missing
+                log.error("list %s: cannot keep the download in %s: %s", f.source.id, self.store.directory,
+                          exc.strerror)
+                continue
+            status = self.statuses.get(f.source.id)
+            if status is not None:
+                status.fetched_at, status.checked_at = f.meta.fetched_at or None, f.meta.checked_at or None
+                status.error = None
+
+    def _status_for(self, src: ListSource) -> ListStatus:
+        status = ListStatus(id=src.id, name=src.name or src.id, kind=src.kind, category=src.category,
+                            source=src.url or src.file)
+        meta = self.store.meta(src) if src.url else None
+        if meta is not None:
+            status.fetched_at, status.checked_at = meta.fetched_at or None, meta.checked_at or None
+        return status
+
+    def _install(self, ruleset: Ruleset) -> None:
+        self.ruleset = ruleset
+        self.install(ruleset)
+        self._wake.set()  # the schedule may have changed
+
+    def _report(self, reason: str, applied: tuple[str, ...], restart: tuple[str, ...], seconds: float) -> ReloadReport:
+        assert self.ruleset is not None
+        catalog = self.ruleset.catalog
+        return ReloadReport(
+            ok=True, reason=reason, applied=applied, restart_required=restart,
+            catalog_version=catalog.version, vendors=len(catalog.vendors), domains=len(catalog.rules),
+            list_entries=len(catalog.lists) if catalog.lists is not None else 0,
+            lists=tuple(self.status()), seconds=seconds,
+        )
+
+
+ReloadFn = Callable[[str], Awaitable[ReloadReport]]
