@@ -115,7 +115,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
     async with AsyncExitStack() as stack:
         data_dir, token, token_file = prepare_data_dir(cfg)
         servers = upstream_servers(cfg)
-        lists = ListStore(data_dir / "lists", timeout=cfg.lists.fetch_timeout, max_bytes=cfg.lists.max_download_bytes)
+        lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
         # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
         reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda rules: install(rules))

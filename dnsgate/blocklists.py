@@ -38,14 +38,15 @@ _LABEL: Final = rb"[a-z0-9_-]{1,63}+"
 _NAME: Final = _LABEL + rb"(?:\." + _LABEL + rb")*+"
 _WIDE: Final = _LABEL + rb"(?:\." + _LABEL + rb")++"  # two labels at least: `||com^` must not gate a TLD
 _END: Final = rb"\.?[ \t]*+(?:#.*)?\r?$"
-_HOSTS: Final = re.compile(rb"^[ \t]*+[0-9a-f:.]++[ \t]++(" + _NAME + rb")\.?(?=[ \t\r#]|$)", re.M)
-_HOSTS_MORE: Final = re.compile(rb"^[ \t]*+[0-9a-f:.]++[ \t]++[^\s#]++[ \t]++([^\s#][^#\r\n]*)", re.M)
+_IP: Final = rb"(?:[0-9]{1,3}+(?:\.[0-9]{1,3}+){3}+|[0-9a-f]*+:[0-9a-f:.]*+)"  # IPv4, or IPv6 (has a colon)
+_HOSTS: Final = re.compile(rb"^[ \t]*+" + _IP + rb"[ \t]++(" + _NAME + rb")\.?(?=[ \t\r#]|$)", re.M)
+_HOSTS_MORE: Final = re.compile(rb"^[ \t]*+" + _IP + rb"[ \t]++[^\s#]++[ \t]++([^\s#][^#\r\n]*)", re.M)
 _ADBLOCK: Final = re.compile(rb"^[ \t]*+\|\|(" + _WIDE + rb")\.?\^(?:\$important)?[ \t]*+\r?$", re.M)
 _ADBLOCK_ALLOW: Final = re.compile(rb"^[ \t]*+@@\|\|(" + _WIDE + rb")\.?\^(?:\$important)?[ \t]*+\r?$", re.M)
 _PLAIN: Final = re.compile(rb"^[ \t]*+(" + _NAME + rb")" + _END, re.M)
 _WILDCARD: Final = re.compile(rb"^[ \t]*+\*\.(" + _WIDE + rb")" + _END, re.M)
 _VALID_NAME: Final = re.compile(_NAME)
-_ADDRESS: Final = re.compile(rb"[0-9a-f:.]+")
+_ADDRESS: Final = re.compile(_IP)
 _HOSTS_IGNORED: Final = frozenset({
     b"localhost", b"localhost.localdomain", b"local", b"broadcasthost", b"ip6-localhost", b"ip6-loopback",
     b"ip6-localnet", b"ip6-mcastprefix", b"ip6-allnodes", b"ip6-allrouters", b"ip6-allhosts", b"0.0.0.0",

@@ -73,11 +73,8 @@ def stamp_of(path: Path) -> Stamp:
 class ListStore:
     """Copies of URL lists and their metadata in one directory; the HTTP client that fetches them."""
 
-    def __init__(self, directory: Path, *, timeout: float, max_bytes: int,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, directory: Path, wall: Callable[[], float] = time.time) -> None:
         self.directory = directory
-        self.timeout = timeout
-        self.max_bytes = max_bytes
         self.wall = wall
         self._session: aiohttp.ClientSession | None = None
 
@@ -102,8 +99,9 @@ class ListStore:
             return Path(src.file)
         return self.copy_path(src) if self.meta(src) is not None else None
 
-    async def fetch(self, src: ListSource, index: int, *, conditional: bool = True) -> Fetched:
-        """Download `src.url`; raises ListError naming the list."""
+    async def fetch(self, src: ListSource, index: int, *, timeout: float, max_bytes: int,
+                    conditional: bool = True) -> Fetched:
+        """Download `src.url` (at most `max_bytes`, within `timeout` seconds); raises ListError."""
         previous = self.meta(src) if conditional else None
         headers = {"User-Agent": "dnsgate (list refresh)"}
         if previous is not None:
@@ -115,13 +113,13 @@ class ListStore:
         try:
             session = self._client()
             async with session.get(src.url, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
+                                   timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 now = self.wall()
                 if response.status == 304 and previous is not None:
                     return Fetched(src, None, Meta(**{**asdict(previous), "checked_at": now}))
                 if response.status != 200:
                     raise ListError(f"{key}: {src.url} answered HTTP {response.status}")
-                if (response.content_length or 0) > self.max_bytes:
+                if (response.content_length or 0) > max_bytes:
                     raise ListError(f"{key}: {src.url} is larger than lists.max_download_bytes")
                 tmp = self.directory / f".{src.id}.list.download"
                 await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
@@ -129,7 +127,7 @@ class ListStore:
                 with tmp.open("wb") as out:
                     async for chunk in response.content.iter_chunked(CHUNK):
                         size += len(chunk)
-                        if size > self.max_bytes:
+                        if size > max_bytes:
                             out.close()
                             tmp.unlink(missing_ok=True)
                             raise ListError(f"{key}: {src.url} is larger than lists.max_download_bytes")

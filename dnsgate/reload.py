@@ -258,7 +258,7 @@ class Reloader:
                 new_cfg = self.reread()
                 effective, applied, restart = split_changes(self.cfg, new_cfg)
                 ruleset, fetched = await self._build(effective, strict=True)
-            except (ConfigError, CatalogError, ListError) as exc:
+            except (ConfigError, CatalogError, ListError, OSError) as exc:
                 log.error("reload (%s) rejected, the running configuration stays: %s", reason, exc)
                 return ReloadReport(ok=False, reason=reason, error=str(exc), seconds=time.monotonic() - started)
             await self._commit(fetched)
@@ -283,7 +283,7 @@ class Reloader:
             fetched: list[Fetched] = []
             for i, src in due:
                 try:
-                    fetched.append(await self.store.fetch(src, i))
+                    fetched.append(await self._fetch(self.cfg, src, i))
                     self._checked[src.id] = (now, True)
                 except ListError as exc:
                     self._checked[src.id] = (now, False)
@@ -319,7 +319,15 @@ class Reloader:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
                 continue
-            await self.refresh(reason="schedule")
+            try:
+                await self.refresh(reason="schedule")
+            except Exception:  # a bug must not end the schedule for good
+                log.exception("list refresh failed")
+                await asyncio.sleep(RETRY_AFTER_FAILURE)
+
+    async def _fetch(self, cfg: Config, src: ListSource, index: int, *, conditional: bool = True) -> Fetched:
+        return await self.store.fetch(src, index, timeout=cfg.lists.fetch_timeout,
+                                      max_bytes=cfg.lists.max_download_bytes, conditional=conditional)
 
     def status(self) -> list[dict[str, Any]]:
         return [s.as_json() for s in self.statuses.values()]
@@ -359,7 +367,7 @@ class Reloader:
             local = self.store.local(src)
             if local is None:
                 try:
-                    got = await self.store.fetch(src, i, conditional=False)
+                    got = await self._fetch(cfg, src, i, conditional=False)
                 except ListError as exc:
                     if strict:
                         raise

@@ -134,3 +134,10 @@ def test_read_catalog_from_a_directory(tmp_path: Path) -> None:
     (dropins / "30-bad.toml").write_text('[[vendor]]\nid = "bad"\nname = "Bad"\ncategory = "ads"\n')
     with pytest.raises(CatalogError, match=r"30-bad.toml: vendor 'bad': missing key 'domain'"):
         read_catalog(cfg)
+
+
+def test_the_shipped_example_dropin_is_valid() -> None:
+    sample = Path(__file__).resolve().parent.parent / "config" / "vendors.d" / "example.toml.sample"
+    catalog = parse_catalog_files(BASE, [("example.toml", sample.read_text())])
+    assert vendor_of(catalog, "x.ads.example") == "example-ads"
+    assert catalog.address_rule(ipaddress.ip_address("192.0.2.5").packed) is not None

@@ -134,6 +134,18 @@ def test_a_cname_into_an_imported_list(clock: Clock) -> None:
     assert answer(p, query("stats.shop.example"), "127.0.0.2").rcode() == dns.rcode.NOERROR
 
 
+def test_fast_path_agrees_on_list_blocked_names(clock: Clock) -> None:
+    rule = list_rule(ListSource(id="ads", category="analytics", file="/x"))
+    p = build(clock)
+    with_catalog(p, p.catalog.with_lists(build_index([(rule, parse_list([b"0.0.0.0 ads.example.net\n"]))], [])))
+    for q in (query("ads.example.net"), query("ADS.example.net", "AAAA", use_edns=0, want_dnssec=True)):
+        wire_q = q.to_wire()
+        general = p._answer_general(wire_q, "127.0.0.1", False)  # fills the memo
+        fast = p.answer(wire_q, "127.0.0.1", False)
+        assert isinstance(fast, bytes) and fast == general
+        assert dns.message.from_wire(fast).rcode() == dns.rcode.NXDOMAIN
+
+
 def test_fast_path_agrees_on_cloaked_hits(clock: Clock) -> None:
     p = build(clock)
     grant(p, "127.0.0.2")
