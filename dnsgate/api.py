@@ -345,10 +345,8 @@ def _rules(request: web.Request) -> RulesControl:
 
 
 def _rules_response(report: RulesReport) -> web.Response:
-    if not report.ok:
-        # The running configuration stays; say why the new one was refused.
-        body = error_response(422, "reload_rejected", report.error or "rejected")
-        return body
+    if not report.ok:  # the running configuration stays; say why the new one was refused
+        return error_response(422, "reload_rejected", report.error or "rejected")
     return web.json_response(report.as_json())
 
 

@@ -118,7 +118,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
         # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
-        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda rules: install(rules))
+        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda new: install(new))
         try:
             rules = await reloader.start()
         except (CatalogError, ListError) as exc:

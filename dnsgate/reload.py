@@ -266,9 +266,9 @@ class Reloader:
             self._install(ruleset)
             self.reloads += 1
         report = self._report(reason, applied, restart, time.monotonic() - started)
-        log.info("reload (%s): applied %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
-                 reason, ", ".join(applied) or "no changed keys", report.catalog_version, report.vendors,
-                 report.domains, report.list_entries, report.seconds)
+        log.info("reload (%s): %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
+                 reason, f"applied {', '.join(applied)}" if applied else "no config key changed",
+                 report.catalog_version, report.vendors, report.domains, report.list_entries, report.seconds)
         if restart:
             log.warning("reload (%s): changed keys that need a restart were not applied: %s",
                         reason, ", ".join(restart))
