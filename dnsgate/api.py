@@ -347,7 +347,13 @@ def _rules(request: web.Request) -> RulesControl:
 def _rules_response(report: RulesReport) -> web.Response:
     if not report.ok:  # the running configuration stays; say why the new one was refused
         return error_response(422, "reload_rejected", report.error or "rejected")
-    return web.json_response(report.as_json())
+    body = report.as_json()
+    body["lists"] = [_list_json(s) for s in body.get("lists", [])]
+    return web.json_response(body)
+
+
+def _list_json(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {**status, "fetched_at": iso(status.get("fetched_at")), "checked_at": iso(status.get("checked_at"))}
 
 
 async def reload_rules(request: web.Request) -> web.Response:
@@ -364,4 +370,4 @@ async def refresh_lists(request: web.Request) -> web.Response:
 
 async def list_status(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response({"lists": _rules(request).status()})
+    return web.json_response({"lists": [_list_json(s) for s in _rules(request).status()]})

@@ -293,10 +293,11 @@ class Reloader:
             if changed:
                 try:
                     ruleset, _ = await self._build(self.cfg, strict=True, downloads=changed)
-                except (CatalogError, ListError) as exc:
+                except (CatalogError, ListError, OSError) as exc:
                     for f in changed:
                         self.store.discard(f)
                         self.statuses[f.source.id].error = str(exc)
+                        self._checked[f.source.id] = (now, False)  # try again sooner than a full interval
                     log.error("list refresh: new content rejected, the lists in use stay: %s", exc)
                     return ReloadReport(ok=False, reason=reason, error=str(exc), action="refreshed",
                                         seconds=time.monotonic() - started)

@@ -209,6 +209,7 @@ async def test_a_url_list_is_fetched_refreshed_conditionally_and_kept_on_disk(
 
         status, report = await g.http("POST", "/v1/lists/refresh", admin=True)
         assert status == 200 and report["status"] == "refreshed"
+        assert report["lists"][0]["checked_at"].endswith("Z") and report["lists"][0]["entries"] == 1
         assert list_server.requests[1]["If-None-Match"] == list_server.etag
         assert list_server.requests[1]["If-Modified-Since"] == "Wed, 01 Jan 2025 00:00:00 GMT"
         assert (await g.query("tracker.adblock.test")).rcode() == dns.rcode.NXDOMAIN
