@@ -95,6 +95,11 @@ def test_format_detection_and_empty() -> None:
     assert parse_list([b"<html><body>captive portal</body></html>\n"]).entries == 0
 
 
+def test_blank_and_comment_lines_are_not_skipped_entries() -> None:
+    parsed = parse_list([b"a.example\n\n\n  \n\t# indented comment\r\n\r\n! adblock-style comment\nb.example\n"])
+    assert names(parsed, EXACT) == {"a.example", "b.example"} and parsed.skipped == 0
+
+
 def test_names_longer_than_dns_allows_are_skipped() -> None:
     long_name = b".".join([b"a" * 63] * 4)  # 255 characters
     parsed = parse_list([long_name + b"\nok.example\n"])
