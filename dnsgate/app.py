@@ -33,8 +33,9 @@ from .consents import ConsentService
 from .dns_server import DnsListeners, TaskSet
 from .list_sources import ListError, ListStore
 from .pipeline import Pipeline
-from .reload import Reloader, Ruleset
+from .reload import Reloader
 from .resolver import Resolver
+from .ruleset import Ruleset
 from .store import ConsentStore, StoreError
 from .upstream import Upstreams
 

@@ -7,7 +7,7 @@ import pytest
 from dnsgate.blocklists import EXACT, SUBS, TREE, ListIndex, ParsedList, build_index, detect_format, parse_list
 from dnsgate.catalog import DomainRule
 from dnsgate.config import ListSource
-from dnsgate.reload import list_rule
+from dnsgate.ruleset import list_rule
 from dnsgate.wire import label_offsets, name_to_wire
 
 HOSTS = b"""# a hosts file

@@ -10,7 +10,7 @@ import pytest
 
 from dnsgate.catalog import Catalog, CatalogError, builtin_catalog_text, parse_catalog_files
 from dnsgate.config import Config, GateConfig
-from dnsgate.reload import read_catalog
+from dnsgate.ruleset import read_catalog
 from dnsgate.wire import name_to_wire
 
 BASE = ("vendors.toml", builtin_catalog_text())

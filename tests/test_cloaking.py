@@ -13,7 +13,7 @@ from dnsgate.cache import TtlPolicy
 from dnsgate.catalog import Catalog, builtin_catalog_text, parse_catalog_files
 from dnsgate.config import ListSource
 from dnsgate.pipeline import Forward, Pipeline
-from dnsgate.reload import list_rule
+from dnsgate.ruleset import list_rule
 from dnsgate.sinkhole import Sinkhole
 from tests.test_catalog_dropins import ADS
 from tests.test_pipeline import Clock, answer, build, forward, grant, query, upstream_reply

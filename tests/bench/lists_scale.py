@@ -77,7 +77,7 @@ def measure(path: Path, fmt: str, sample: list[str]) -> dict[str, object]:
 
     from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
     from dnsgate.config import Config, ListsConfig, ListSource
-    from dnsgate.reload import ListCache, ListStatus, build_lists
+    from dnsgate.ruleset import ListCache, ListStatus, build_lists
     from dnsgate.wire import name_to_wire
 
     catalog = parse_catalog_text(builtin_catalog_text())
