@@ -3,7 +3,7 @@
     .venv/bin/python tests/bench/lists_scale.py [--sizes 10000,100000,1000000] [--format hosts]
 
 For each size it writes a list (hosts, adblock or domains format) into a temporary directory, then
-measures in a fresh child process, through the code dnsgate runs (reload.build_lists: read,
+measures in a fresh child process, through the code dnsgate runs (ruleset.build_lists: read,
 parse, index; the parsed list stays cached for later reloads, as in dnsgate):
   - load: seconds from opening the file to the index being ready (and a reload that finds the
     list unchanged: it hashes the file and reuses the index);
