@@ -16,9 +16,9 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,19 @@ from .catalog import CatalogError
 from .config import Config, HostPort, parse_host_port, points_at, resolv_conf_servers
 from .consent import ConsentTable
 from .consents import ConsentService
+from .dashboard import Sampler
 from .dns_server import DnsListeners, TaskSet
+from .events import ConsentWatch, EventHub
 from .list_sources import ListError, ListStore
+from .metrics import Sources, build_registry
+from .observe_api import Observability, add_routes
 from .pipeline import Pipeline
+from .querylog import QueryLog, load_key, sinkhole_rcode
+from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
+from .report import Watched
 from .resolver import Resolver
-from .ruleset import Ruleset
+from .ruleset import Ruleset, read_catalog
 from .store import ConsentStore, StoreError
 from .upstream import Upstreams
 
@@ -107,6 +114,45 @@ def prepare_data_dir(cfg: Config) -> tuple[Path, str, Path | None]:
     return data_dir, token, token_file
 
 
+def watched_patterns(cfg: Config) -> tuple[Watched, ...]:
+    """Every domain pattern of the catalog, switched off or not: the evidence report checks them all."""
+    try:
+        full = read_catalog(replace(cfg, gate=replace(cfg.gate, disabled_domains=(), disabled_vendors=())))
+    except CatalogError as exc:
+        raise StartupError(str(exc)) from None
+    return tuple(Watched(r.pattern, r.vendor.id, r.vendor.category) for r in full.rules
+                 if r.apex and r.vendor.kind == "vendor")
+
+
+def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> QueryLog:
+    mode = cfg.querylog.mode
+    try:
+        db = QueryLogDb(data_dir / "querylog.sqlite3") if mode != "off" else None
+        key = load_key(data_dir / "querylog.key") if mode == "anonymous" else b""
+    except (QueryLogError, OSError) as exc:
+        raise StartupError(f"storage.data_dir: query log: {exc}") from None
+    return QueryLog(cfg.querylog, db, hub, key=key, sinkhole_rcode=sinkhole_rcode(cfg.gate.mode))
+
+
+def background(stack: AsyncExitStack, coro: Coroutine[object, object, None]) -> None:
+    """Run `coro` until the stack unwinds to this point, then cancel it."""
+    task = asyncio.get_running_loop().create_task(coro)
+
+    async def cancel() -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(cancel)
+
+
+def config_line(cfg: Config) -> str:
+    return (f"config: gate.mode={cfg.gate.mode} sinkhole_ttl={cfg.gate.sinkhole_ttl} "
+            f"allowed_ttl_cap={cfg.gate.allowed_ttl_cap} disabled_domains={','.join(cfg.gate.disabled_domains) or '-'} "
+            f"cache.max_entries={cfg.cache.max_entries} upstream.timeout={cfg.upstream.timeout} "
+            f"querylog.mode={cfg.querylog.mode} log.format={cfg.log.format} "
+            f"events.webhook={'on' if cfg.events.webhook_url else 'off'}")
+
+
 async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None,
               reread: Callable[[], Config] | None = None) -> None:
     """Serve until `stop` is set. Raises StartupError if something cannot start.
@@ -115,6 +161,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
     environment); by default a reload keeps `cfg` and re-reads the catalog and lists only."""
     async with AsyncExitStack() as stack:
         data_dir, token, token_file = prepare_data_dir(cfg)
+        watched = watched_patterns(cfg)
         servers = upstream_servers(cfg)
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
@@ -134,6 +181,14 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         stack.push_async_callback(consents.close)
         clients = consents.load()
 
+        hub = EventHub(cfg.events.webhook_url, cfg.events.webhook_timeout)
+        querylog = open_querylog(cfg, data_dir, hub)
+        stack.push_async_callback(querylog.close)  # after the listeners close: the last entries are kept
+        watch = ConsentWatch(table, hub, querylog.client_label)
+        consents.listeners.append(watch.changed)
+        watch.start()
+        stack.callback(watch.close)
+
         cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes)
         pipeline = Pipeline(catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
                             plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl)
@@ -148,6 +203,9 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                               udp_size=cfg.dns.udp_max_size)
         stack.push_async_callback(upstreams.close)
         resolver = Resolver(pipeline, upstreams)
+        querylog.attach(pipeline)
+        background(stack, querylog.run())
+        background(stack, hub.run_webhook())
         tasks = TaskSet()
         stack.push_async_callback(tasks.drain, 2.0)
         listeners = DnsListeners(pipeline, resolver, tasks, cfg.dns.tcp_idle_timeout)
@@ -175,8 +233,15 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             own_hosts=frozenset({"localhost", PORTAL_HOST}),
             max_days=cfg.consent.max_days,
         )
-        runner = web.AppRunner(create_app(consents, lambda: pipeline.catalog, settings, health, reloader),
-                               access_log=None)
+        sources = Sources(pipeline=pipeline, cache=cache, resolver=resolver, upstreams=upstreams, consent=table,
+                          consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
+                          in_flight=lambda: len(tasks))
+        sampler = Sampler(sources)
+        background(stack, sampler.run())
+        app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
+        add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
+                                      watched))
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.SockSite(runner, api_socket).start()
@@ -186,13 +251,17 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         stack.push_async_callback(_cancel, schedule)
 
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file)
+        log.info(config_line(cfg))
         log.info("loaded %d clients with consent, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
                  len(catalog.lists) if catalog.lists is not None else 0)
+        log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
+                 ",".join(map(str, servers)), data_dir)
         if on_ready is not None:
             on_ready(running)
         await stop.wait()
         log.info("stopping")
+    log.info("stopped")
 
 
 def _reload_on_sighup(reloader: Reloader, tasks: TaskSet, stack: AsyncExitStack) -> None:

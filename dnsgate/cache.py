@@ -31,6 +31,7 @@ class Entry:
     rule: DomainRule | None  # gate on this rule's vendor before serving (the name's, or a cloaked one)
     age: int = 0
     body: bytes = field(default=b"")
+    count_slot: int = 0  # where the pipeline counts answers served from this entry (tally.py)
 
     def body_at(self, now: float) -> bytes:
         """The records with each TTL reduced by the whole seconds since the entry was filled."""

@@ -172,6 +172,36 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    # debug, info, warning or error. Never one line per query at info.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # "text": one key=value line per event; "json": one JSON object per line.
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLogConfig:
+    # "full": every query; "anonymous": every query, client as a keyed hash; "gated-only": only
+    # queries for gated names (the evidence for /v1/report); "off": nothing.
+    mode: Literal["full", "anonymous", "gated-only", "off"] = "gated-only"
+    # Entries waiting for the writer; beyond this they are dropped and counted.
+    queue_size: int = 100_000
+    # Seconds between batched writes.
+    flush_interval: float = 1.0
+    # Retention: entries older than this many days, and the oldest beyond max_rows, are deleted.
+    max_age_days: int = 30
+    max_rows: int = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    # POST each batch of events (gated decisions, consent changes) as JSON to this URL. Empty: off.
+    webhook_url: str = ""
+    # Seconds one webhook POST may take.
+    webhook_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -181,6 +211,9 @@ class Config:
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     lists: ListsConfig = field(default_factory=ListsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    querylog: QueryLogConfig = field(default_factory=QueryLogConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     @property
     def dns_listen(self) -> tuple[HostPort, ...]:
@@ -234,6 +267,11 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
     raise AssertionError(f"unhandled annotation {annotation} for {key}")  # pragma: no cover
 
 
+def _checked(cls: type[Any], name: str, value: Any, key: str) -> Any:
+    """One value checked against the annotation of field `name` of a config section."""
+    return _convert(value, str(next(f.type for f in fields(cls) if f.name == name)), key)
+
+
 def _section(cls: type[Any], data: Any, key: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{key}: expected a table, got {data!r}")
@@ -254,6 +292,9 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "consent": ConsentConfig,
     "storage": StorageConfig,
     "lists": ListsConfig,
+    "log": LogConfig,
+    "querylog": QueryLogConfig,
+    "events": EventsConfig,
 }
 
 
@@ -322,6 +363,14 @@ def validate(cfg: Config) -> Config:
     )
     _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
     _validate_lists(cfg.lists)
+    _check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")
+    _check(0 < cfg.querylog.flush_interval <= 60,
+           f"querylog.flush_interval: must be > 0 and <= 60, got {cfg.querylog.flush_interval}")
+    _check(cfg.querylog.max_age_days >= 1, f"querylog.max_age_days: must be >= 1, got {cfg.querylog.max_age_days}")
+    _check(cfg.querylog.max_rows >= 1, f"querylog.max_rows: must be >= 1, got {cfg.querylog.max_rows}")
+    _check(cfg.events.webhook_url == "" or cfg.events.webhook_url.startswith(("http://", "https://")),
+           f"events.webhook_url: expected an http:// or https:// URL, got {cfg.events.webhook_url!r}")
+    _check(cfg.events.webhook_timeout > 0, f"events.webhook_timeout: must be > 0, got {cfg.events.webhook_timeout}")
     return cfg
 
 
@@ -366,6 +415,8 @@ class Overrides:
     upstream: tuple[str, ...] | None = None
     data_dir: str | None = None
     admin_token: str | None = None
+    log_level: str | None = None
+    log_format: str | None = None
 
 
 ENV_PREFIX: Final = "DNSGATE_"
@@ -384,6 +435,8 @@ def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
         upstream=listed("UPSTREAM"),
         data_dir=env.get(ENV_PREFIX + "DATA_DIR") or None,
         admin_token=env.get(ENV_PREFIX + "ADMIN_TOKEN") or None,
+        log_level=env.get(ENV_PREFIX + "LOG_LEVEL") or None,
+        log_format=env.get(ENV_PREFIX + "LOG_FORMAT") or None,
     )
 
 
@@ -406,6 +459,11 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
         cfg = replace(cfg, storage=replace(cfg.storage, data_dir=o.data_dir))
     if o.admin_token is not None:
         cfg = replace(cfg, api=replace(cfg.api, admin_token=o.admin_token))
+    if o.log_level is not None:
+        cfg = replace(cfg, log=replace(cfg.log, level=_checked(LogConfig, "level", o.log_level.lower(), "log.level")))
+    if o.log_format is not None:
+        log_format = _checked(LogConfig, "format", o.log_format.lower(), "log.format")
+        cfg = replace(cfg, log=replace(cfg.log, format=log_format))
     return validate(cfg)
 
 

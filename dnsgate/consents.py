@@ -48,6 +48,8 @@ class ConsentService:
         self.cfg = cfg
         self.wall = wall
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
+        # Called with each change once it is stored and in force (metrics, events: events.py).
+        self.listeners: list[Callable[[AuditEvent], None]] = []
 
     def load(self) -> int:
         """Fill the table from the store (at start, before DNS listens); returns the client count."""
@@ -72,6 +74,7 @@ class ConsentService:
         await self._in_store(lambda: self.store.record(event, grants))
         self.table.replace(client, grants)
         log.info("consent granted: client=%s categories=%s source=%s", client, ",".join(wanted), source)
+        self._notify(event)
         return self.view(client)
 
     async def withdraw(self, client: str, source: Source, user_agent: str) -> ClientView:
@@ -81,7 +84,15 @@ class ConsentService:
         await self._in_store(lambda: self.store.record(event, {}))
         self.table.replace(client, {})
         log.info("consent withdrawn: client=%s categories=%s source=%s", client, ",".join(previous) or "-", source)
+        self._notify(event)
         return self.view(client)
+
+    def _notify(self, event: AuditEvent) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken observer must not fail a change that is already stored
+                log.exception("consent listener failed")
 
     def view(self, client: str) -> ClientView:
         now = self.wall()

@@ -26,7 +26,24 @@ from .cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
 from .catalog import Catalog, DomainRule
 from .cloaking import answer_rule
 from .consent import ConsentTable
+from .histogram import QUERY_BUCKETS, Histogram
 from .sinkhole import Sinkhole
+from .tally import (
+    CACHED,
+    DROPPED,
+    FORMERR,
+    FORWARDED,
+    NONE,
+    NOTIMP,
+    OTHER,
+    SERVFAIL,
+    SINKHOLED,
+    TYPE_SLOT,
+    LogEntry,
+    Tally,
+    slot,
+    type_slot,
+)
 from .wire import (
     BADVERS,
     CD,
@@ -35,7 +52,6 @@ from .wire import (
     QR,
     RA,
     RD,
-    SERVFAIL,
     Query,
     Rejection,
     cache_key,
@@ -44,6 +60,8 @@ from .wire import (
     parse_query,
     rejection_reply,
 )
+from .wire import NOTIMP as NOTIMP_RCODE
+from .wire import SERVFAIL as SERVFAIL_RCODE
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +69,24 @@ ID_FLAGS: Final = struct.Struct(">HH")
 TCP_LIMIT: Final = 65535
 _UNSEEN: Final = object()
 _OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
+_SINKHOLED: Final = slot(SINKHOLED, 0)
 
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """The query needs an upstream answer; `rule` is the catalog rule of its name, if any."""
+    """The query needs an upstream answer; `rule` is the catalog rule of its name, if any.
+    `started` is the monotonic time the query arrived (for the duration histogram and the log)."""
 
     query: Query
     rule: DomainRule | None
     client: str
     tcp: bool
+    started: float = 0.0
 
 
 class Pipeline:
-    __slots__ = ("cache", "catalog", "consent", "counters", "gated_ttl", "mono", "opt_tail", "plain_ttl",
-                 "sinkhole", "udp_max", "wall")
+    __slots__ = ("cache", "catalog", "consent", "counters", "counts", "durations", "gated_ttl", "log_all",
+                 "log_gated", "mono", "opt_tail", "plain_ttl", "sinkhole", "udp_max", "wall")
 
     def __init__(
         self,
@@ -91,7 +112,16 @@ class Pipeline:
         self.wall = wall
         # Our OPT record, without and with DO, appended to replies to EDNS queries.
         self.opt_tail = (opt_record(udp_max, False), opt_record(udp_max, True))
-        self.counters = Counters()
+        self.counters = Tally()
+        self.counts = self.counters.counts  # the hot path's one increment, one attribute away
+        # Seconds from arrival to reply of queries that went upstream (answers from memory take
+        # microseconds and are not timed: two clock reads would cost more than the answer).
+        self.durations = Histogram(QUERY_BUCKETS)
+        # Query-log sinks (querylog.py): `log_gated` receives every query for a gated name,
+        # `log_all` (None unless the log keeps every query) every other one. Each is a list's
+        # append, so recording costs one tuple.
+        self.log_gated: Callable[[LogEntry], None] | None = None
+        self.log_all: Callable[[LogEntry], None] | None = None
 
     # ----------------------------------------------------------------------------------------
     def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
@@ -117,13 +147,26 @@ class Pipeline:
                     now = self.mono()
                     entry = self.cache.get(key, now)
                     rule = entry.rule if entry is not None else self.catalog.memo.get(lower[:-4], _UNSEEN)
-                    if rule.__class__ is DomainRule and not self.consent.allows(client, rule.vendor, self.wall()):
-                        reply = self.sinkhole.reply(qid, flags, question, _qtype(data, qend), rule, edns)
-                        if len(reply) <= MIN_UDP or tcp:  # else the general path truncates it
-                            self.counters.sinkholed += 1
-                            return reply
+                    if rule.__class__ is DomainRule:
+                        if not self.consent.allows(client, rule.vendor, self.wall()):
+                            qtype = (data[qend - 4] << 8) | data[qend - 3]
+                            reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns)
+                            if len(reply) <= MIN_UDP or tcp:  # else the general path truncates it
+                                self.counts[_SINKHOLED + (TYPE_SLOT[qtype] if qtype < 256 else OTHER) * 2 + tcp] += 1
+                                if self.log_gated is not None:
+                                    self.log_gated((now, client, question, tcp, SINKHOLED, -1, rule, None, 0.0))
+                                return reply
+                        elif entry is not None:
+                            self.counts[entry.count_slot + tcp] += 1
+                            if self.log_gated is not None:
+                                self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule,
+                                                self.consent.grants(client).get(rule.vendor.category), 0.0))
+                            return self._render(entry, qid, flags, question, edns, now,
+                                                TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
                     elif entry is not None:
-                        self.counters.cached += 1
+                        self.counts[entry.count_slot + tcp] += 1
+                        if self.log_all is not None:
+                            self.log_all((now, client, question, tcp, CACHED, entry.flags & 0xF, None, None, 0.0))
                         return self._render(entry, qid, flags, question, edns, now,
                                             TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
         return self._answer_general(data, client, tcp)
@@ -131,23 +174,27 @@ class Pipeline:
     def _answer_general(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
         q = parse_query(data)
         if isinstance(q, Rejection):
-            self.counters.count_rejection(q)
+            self._rejected(q, data, client, tcp)
             return rejection_reply(data, q)
+        now = self.mono()
         if q.edns is not None and q.edns.version != 0:
-            self.counters.formerr += 1
+            self._plain(FORMERR, now, client, q, tcp, BADVERS, 0.0)
             return error_reply(q, BADVERS, self.udp_max)  # RFC 6891 §6.1.3
         edns = -1 if q.edns is None else int(q.edns.do)
-        now = self.mono()
         entry = self.cache.get(q.key, now)
         rule = entry.rule if entry is not None else self.catalog.match(q.name)
         if rule is not None and not self.consent.allows(client, rule.vendor, self.wall()):
-            self.counters.sinkholed += 1
+            self._gated(SINKHOLED, now, client, q.question, q.qtype, tcp, -1, rule, 0.0)
             return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), tcp)
         if entry is not None:
-            self.counters.cached += 1
-            return self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, tcp))
+            reply = self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, tcp))
+            if rule is not None:
+                self._gated(CACHED, now, client, q.question, q.qtype, tcp, entry.flags & 0xF, rule, 0.0)
+            else:
+                self._plain(CACHED, now, client, q, tcp, entry.flags & 0xF, 0.0)
+            return reply
         self.counters.cache_misses += 1
-        return Forward(q, rule, client, tcp)
+        return Forward(q, rule, client, tcp, now)
 
     # ----------------------------------------------------------------------------------------
     def complete(self, fwd: Forward, entry: Entry) -> bytes:
@@ -156,11 +203,18 @@ class Pipeline:
         q = fwd.query
         edns = -1 if q.edns is None else int(q.edns.do)
         rule = entry.rule
+        now = self.mono()
+        elapsed = now - fwd.started
+        self.durations.observe(elapsed)
         if rule is not None and not self.consent.allows(fwd.client, rule.vendor, self.wall()):
-            self.counters.sinkholed += 1
+            self._gated(SINKHOLED, now, fwd.client, q.question, q.qtype, fwd.tcp, -1, rule, elapsed)
             return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), fwd.tcp)
-        self.counters.forwarded += 1
-        return self._render(entry, q.id, q.flags, q.question, edns, self.mono(), self._reply_limit(q, fwd.tcp))
+        reply = self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, fwd.tcp))
+        if rule is not None:
+            self._gated(FORWARDED, now, fwd.client, q.question, q.qtype, fwd.tcp, entry.flags & 0xF, rule, elapsed)
+        else:
+            self._plain(FORWARDED, now, fwd.client, q, fwd.tcp, entry.flags & 0xF, elapsed)
+        return reply
 
     def admit(self, fwd: Forward, reply: bytes) -> Entry:
         """Build the entry for a verified upstream reply and cache it if it may be cached.
@@ -174,6 +228,7 @@ class Pipeline:
         rule = catalog.match(q.name) or answer_rule(catalog, reply, len(q.question))
         policy = self.plain_ttl if rule is None else self.gated_ttl
         entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, rule)
+        entry.count_slot = slot(CACHED, type_slot(q.qtype))
         if cacheable:
             self.cache.put(q.key, entry)
         return entry
@@ -188,8 +243,38 @@ class Pipeline:
         self.cache.clear()
 
     def servfail(self, fwd: Forward) -> bytes:
-        self.counters.servfail += 1
-        return error_reply(fwd.query, SERVFAIL, self.udp_max)
+        q = fwd.query
+        now = self.mono()
+        elapsed = now - fwd.started
+        self.durations.observe(elapsed)
+        if fwd.rule is not None:  # nothing was resolved, but the attempt is evidence too
+            self._gated(SERVFAIL, now, fwd.client, q.question, q.qtype, fwd.tcp, SERVFAIL_RCODE, fwd.rule, elapsed)
+        else:
+            self._plain(SERVFAIL, now, fwd.client, q, fwd.tcp, SERVFAIL_RCODE, elapsed)
+        return error_reply(q, SERVFAIL_RCODE, self.udp_max)
+
+    # ----------------------------------------------------------------------------------------
+    # Counting and logging off the fast path
+
+    def _gated(self, outcome: int, now: float, client: str, question: bytes, qtype: int, tcp: bool, rcode: int,
+               rule: DomainRule, elapsed: float) -> None:
+        """Count and record a query for a gated name; an allowed one records the grant that allowed it."""
+        self.counters.counts[slot(outcome, type_slot(qtype)) + tcp] += 1
+        if self.log_gated is not None:
+            allowed = outcome in (CACHED, FORWARDED)
+            grant = self.consent.grants(client).get(rule.vendor.category) if allowed else None
+            self.log_gated((now, client, question, tcp, outcome, rcode, rule, grant, elapsed))
+
+    def _plain(self, outcome: int, now: float, client: str, q: Query, tcp: bool, rcode: int, elapsed: float) -> None:
+        self.counters.counts[slot(outcome, type_slot(q.qtype)) + tcp] += 1
+        if self.log_all is not None:
+            self.log_all((now, client, q.question, tcp, outcome, rcode, None, None, elapsed))
+
+    def _rejected(self, r: Rejection, data: bytes, client: str, tcp: bool) -> None:
+        outcome = DROPPED if r.rcode is None else NOTIMP if r.rcode == NOTIMP_RCODE else FORMERR
+        self.counters.counts[slot(outcome, NONE) + tcp] += 1
+        if self.log_all is not None and r.rcode is not None:
+            self.log_all((self.mono(), client, None, tcp, outcome, r.rcode, None, None, 0.0))
 
     # ----------------------------------------------------------------------------------------
     def _render(self, entry: Entry, qid: int, qflags: int, question: bytes, edns: int, now: float,
@@ -220,30 +305,7 @@ class Pipeline:
         return reply
 
 
-def _qtype(data: bytes, qend: int) -> int:
-    return (data[qend - 4] << 8) | data[qend - 3]
-
-
 def _udp_limit(data: bytes, qend: int, edns: int, udp_max: int) -> int:
     if edns < 0:
         return MIN_UDP
     return max(MIN_UDP, min((data[qend + 3] << 8) | data[qend + 4], udp_max))
-
-
-class Counters:
-    """Outcome counts; plain integers so counting costs the hot path next to nothing."""
-
-    __slots__ = ("cache_misses", "cached", "dropped", "formerr", "forwarded", "notimp", "servfail", "sinkholed",
-                 "truncated")
-
-    def __init__(self) -> None:
-        self.cached = self.cache_misses = self.dropped = self.formerr = self.forwarded = 0
-        self.notimp = self.servfail = self.sinkholed = self.truncated = 0
-
-    def count_rejection(self, r: Rejection) -> None:
-        if r.rcode is None:
-            self.dropped += 1
-        elif r.rcode == 4:
-            self.notimp += 1
-        else:
-            self.formerr += 1

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from .config import HostPort
+from .histogram import UPSTREAM_BUCKETS, Histogram
 from .wire import CD, FORMERR, HEADER, NOTIMP, QR, RD, REFUSED, SERVFAIL, TC, Query, opt_record
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ class UpstreamStats:
     queries: int
     errors: int
     ignored: int
+
+
+class ServerStats:
+    """Per upstream server: attempts, failed attempts, and the latency of every reply received."""
+
+    __slots__ = ("errors", "latency", "queries")
+
+    def __init__(self) -> None:
+        self.queries = 0
+        self.errors = 0  # timeouts, socket errors, unusable replies, and SERVFAIL/REFUSED/... answers
+        self.latency = Histogram(UPSTREAM_BUCKETS)
 
 
 class _RandomIds:
@@ -111,6 +123,7 @@ class Upstreams:
         self.queries = 0
         self.errors = 0
         self.ignored = 0
+        self.per_server = {server: ServerStats() for server in self.servers}
 
     def stats(self) -> UpstreamStats:
         return UpstreamStats(self.queries, self.errors, self.ignored)
@@ -130,13 +143,19 @@ class Upstreams:
                     self.errors += 1
                     raise UpstreamError(f"{query.text}: every upstream failed; last: {last_problem}")
                 self.queries += 1
+                stats = self.per_server[server]
+                stats.queries += 1
+                started = loop.time()
                 try:
                     reply = await self._attempt(server, question, flags, do, min(remaining, self.attempt_timeout))
                 except (TimeoutError, OSError, asyncio.IncompleteReadError, _BadReply) as exc:
+                    stats.errors += 1
                     last_problem = f"{server}: {type(exc).__name__} {exc}".strip()
                     continue
+                stats.latency.observe(loop.time() - started)
                 rcode = reply[3] & 0xF
                 if rcode in RETRY_RCODES:
+                    stats.errors += 1
                     last_problem = f"{server}: rcode {rcode}"
                     continue
                 return reply

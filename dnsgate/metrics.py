@@ -1,0 +1,180 @@
+"""Prometheus exposition: a custom collector that reads dnsgate's plain counters at scrape time.
+
+Nothing here runs per query: the pipeline, cache, upstreams, consent watch and query log keep
+plain integers, and `DnsgateCollector.collect` turns them into metric families when /metrics is
+scraped. Labels are bounded: query type (a fixed list, then OTHER), protocol, outcome, vendor
+(the catalog), consent category, upstream server (the configuration). Never a client or a name.
+The registry is dnsgate's own (no global state), with the process and platform collectors.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .cache import AnswerCache
+from .catalog import Catalog
+from .consent import ConsentTable
+from .events import EventHub
+from .histogram import Histogram
+from .pipeline import Pipeline
+from .querylog import QueryLog
+from .resolver import Resolver
+from .tally import CACHED
+from .upstream import Upstreams
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    """Everything whose counts /metrics and the dashboard show; app.py fills it in."""
+
+    pipeline: Pipeline
+    cache: AnswerCache
+    resolver: Resolver
+    upstreams: Upstreams
+    consent: ConsentTable
+    consent_changes: Callable[[], dict[str, int]]
+    querylog: QueryLog
+    hub: EventHub
+    in_flight: Callable[[], int]
+    wall: Callable[[], float] = time.time
+    started: float = field(default_factory=time.time)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.pipeline.catalog  # the one in force: a reload swaps it
+
+    def clients_by_category(self) -> dict[str, int]:
+        """Clients with a grant in force, per category (a client may count in several)."""
+        now = self.wall()
+        counts = {c.id: 0 for c in self.catalog.categories}
+        for _client, grants in self.consent.clients():
+            for category, grant in grants.items():
+                if grant.expires_at > now:
+                    counts[category] = counts.get(category, 0) + 1
+        return counts
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+    buckets = [("+Inf" if b == float("inf") else repr(b), float(n)) for b, n in h.cumulative()]
+    family.add_metric(labels, buckets, h.sum)
+
+
+class DnsgateCollector(Collector):
+    def __init__(self, sources: Sources) -> None:
+        self.s = sources
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
+                                  | InfoMetricFamily]:
+        s = self.s
+        tally = s.pipeline.counters
+        info = InfoMetricFamily("dnsgate_build", "dnsgate version and runtime")
+        info.add_metric([], {"version": __version__, "python": platform.python_version(),
+                             "catalog": s.catalog.version})
+        yield info
+        yield GaugeMetricFamily("dnsgate_start_time_seconds", "When this dnsgate started (UNIX time)",
+                                value=s.started)
+
+        queries = CounterMetricFamily("dnsgate_queries", "DNS queries by query type, protocol and outcome",
+                                      labels=["type", "protocol", "outcome"])
+        for qtype, protocol, outcome, n in tally.series():
+            if n:  # an absent series reads as zero; hundreds of zero series would only add noise
+                queries.add_metric([qtype, protocol, outcome], n)
+        yield queries
+        yield CounterMetricFamily("dnsgate_truncated_replies", "UDP replies sent with TC=1 (the client retries "
+                                  "over TCP)", value=tally.truncated)
+        duration = HistogramMetricFamily("dnsgate_query_duration_seconds", "Time from a query's arrival to its "
+                                         "reply, for queries answered from upstream (answers from memory take "
+                                         "microseconds and are not timed)")
+        _histogram(duration, [], s.pipeline.durations)
+        yield duration
+
+        gated = CounterMetricFamily("dnsgate_gated_queries", "Queries for gated names, by vendor and decision "
+                                    "(sinkholed: no consent; allowed: answered for real; servfail: upstream "
+                                    "failed)", labels=["vendor", "decision"])
+        s.querylog.take()  # count what the pipeline recorded up to this scrape
+        for vendor in s.catalog.vendors:
+            for decision in ("sinkholed", "allowed"):
+                gated.add_metric([vendor.id, decision], s.querylog.gated.get((vendor.id, decision), 0))
+        for (vendor_id, decision), n in s.querylog.gated.items():
+            if decision not in ("sinkholed", "allowed") or s.catalog.vendor(vendor_id) is None:
+                gated.add_metric([vendor_id, decision], n)
+        yield gated
+
+        yield CounterMetricFamily("dnsgate_cache_hits", "Answers served from the cache",
+                                  value=tally.outcome(CACHED))
+        yield CounterMetricFamily("dnsgate_cache_misses", "Queries the cache could not answer",
+                                  value=tally.cache_misses)
+        yield CounterMetricFamily("dnsgate_cache_evictions", "Entries evicted to stay within the cache bounds",
+                                  value=s.cache.evictions)
+        yield GaugeMetricFamily("dnsgate_cache_entries", "Entries in the cache", value=len(s.cache))
+        yield GaugeMetricFamily("dnsgate_cache_bytes", "Approximate bytes held by the cache", value=s.cache.bytes)
+        yield CounterMetricFamily("dnsgate_coalesced_queries", "Queries that shared an identical query "
+                                  "already in flight upstream", value=s.resolver.coalesced)
+        yield GaugeMetricFamily("dnsgate_queries_in_flight", "Queries waiting for an upstream answer",
+                                value=s.in_flight())
+
+        up_queries = CounterMetricFamily("dnsgate_upstream_queries", "Attempts sent to each upstream",
+                                         labels=["upstream"])
+        up_errors = CounterMetricFamily("dnsgate_upstream_errors", "Attempts that failed (timeout, socket error, "
+                                        "unusable reply, SERVFAIL/REFUSED/FORMERR/NOTIMP)", labels=["upstream"])
+        up_latency = HistogramMetricFamily("dnsgate_upstream_latency_seconds", "Time for an upstream to reply",
+                                           labels=["upstream"])
+        for server, stats in s.upstreams.per_server.items():
+            up_queries.add_metric([str(server)], stats.queries)
+            up_errors.add_metric([str(server)], stats.errors)
+            _histogram(up_latency, [str(server)], stats.latency)
+        yield up_queries
+        yield up_errors
+        yield up_latency
+
+        changes = CounterMetricFamily("dnsgate_consent_changes", "Consent changes: grants, refusals (a 'no' with "
+                                      "nothing to withdraw), withdrawals, expiries", labels=["action"])
+        for action, n in s.consent_changes().items():
+            changes.add_metric([action], n)
+        yield changes
+        clients = GaugeMetricFamily("dnsgate_clients_with_consent", "Clients with a grant in force, by category",
+                                    labels=["category"])
+        for category, n in s.clients_by_category().items():
+            clients.add_metric([category], n)
+        yield clients
+
+        ql = s.querylog
+        yield CounterMetricFamily("dnsgate_querylog_written", "Query-log entries written", value=ql.written)
+        yield CounterMetricFamily("dnsgate_querylog_dropped", "Query-log entries dropped because the writer fell "
+                                  "behind (querylog.queue_size)", value=ql.dropped)
+        yield CounterMetricFamily("dnsgate_querylog_write_errors", "Query-log batches that failed to write",
+                                  value=ql.write_errors)
+        yield GaugeMetricFamily("dnsgate_querylog_queued", "Query-log entries waiting for the writer",
+                                value=ql.queued + len(ql.pending))
+        yield CounterMetricFamily("dnsgate_events_published", "Events published (gated decisions, consent "
+                                  "changes)", value=s.hub.published)
+        yield CounterMetricFamily("dnsgate_events_lost", "Events a slow subscriber or a failing webhook missed",
+                                  value=s.hub.lost)
+        yield GaugeMetricFamily("dnsgate_event_subscribers", "Open GET /v1/events streams", value=s.hub.subscribers)
+
+
+def build_registry(sources: Sources) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    registry.register(DnsgateCollector(sources))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

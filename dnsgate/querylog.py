@@ -1,0 +1,249 @@
+"""The query log: what the pipeline decided, kept off the hot path.
+
+The pipeline appends one tuple per query it is told to record (`tally.LogEntry`) to `pending`, a
+plain list on the event loop. Every `flush_interval` (and before any read through the API) the
+loop takes the list, counts gated queries per vendor, publishes gated decisions to the event hub,
+and queues the batch for one worker thread, which turns tuples into rows (names, wall-clock
+times, the privacy mode) and writes them to SQLite in one transaction. If more than `queue_size`
+entries wait for the writer, the excess is dropped, counted, and marked in the file so a report
+over that time says its evidence is incomplete.
+
+Privacy modes: `full` keeps every query; `anonymous` every query with the client replaced by a
+keyed hash (the key lives in the data dir, so the same client keeps one pseudonym and an admin
+can still filter by address); `gated-only` only queries for gated names; `off` writes nothing
+(gated decisions still reach the event stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import QueryLogConfig
+from .events import EventHub, iso
+from .pipeline import Pipeline
+from .querylog_db import Filters, QueryLogDb
+from .tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, SINKHOLED, LogEntry
+from .wire import NOERROR, NXDOMAIN, wire_to_text
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DAY = 86_400.0
+PRUNE_EVERY = 60.0  # seconds between retention passes
+MAX_GATED_CLIENTS = 10_000
+Row = dict[str, Any]
+
+
+def type_name(qtype: int) -> str:
+    return NAMED_TYPES.get(qtype) or f"TYPE{qtype}"
+
+
+def name_of(question: bytes) -> str:
+    """'trackcmp.net' from a question's wire bytes (lower case, no trailing dot; '.' for the root)."""
+    text = wire_to_text(question[:-4].lower())
+    return text[:-1] if len(text) > 1 else text
+
+
+def load_key(path: Path) -> bytes:
+    """The anonymisation key, created (0600) on first use: without it pseudonyms cannot be reversed."""
+    try:
+        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(key.hex() + "\n")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    entries: list[LogEntry]
+    wall_offset: float  # wall-clock time minus monotonic time when the batch was taken
+    dropped: int
+
+
+class QueryLog:
+    def __init__(self, cfg: QueryLogConfig, db: QueryLogDb | None, hub: EventHub, *, key: bytes,
+                 sinkhole_rcode: int, mono: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.mode = cfg.mode
+        self.db = db if cfg.mode != "off" else None
+        self.hub = hub
+        self.key = key
+        self.sinkhole_rcode = sinkhole_rcode
+        self.mono = mono
+        self.wall = wall
+        self.pending: list[LogEntry] = []
+        self._queue: list[Batch] = []
+        self.queued = 0  # entries taken but not yet written
+        self.written = 0
+        self.dropped = 0
+        self.write_errors = 0
+        # gated queries per vendor id, by decision: "sinkholed", "allowed", "servfail"
+        self.gated: dict[tuple[str, str], int] = {}
+        # client -> monotonic time it last asked for a gated name (the dashboard's "seen" clients)
+        self._gated_clients: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-querylog")
+        self._last_prune = 0.0
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Have `pipeline` record into this log: gated names always, every query in full/anonymous mode."""
+        pipeline.log_gated = self.pending.append
+        pipeline.log_all = self.pending.append if self.mode in ("full", "anonymous") else None
+
+    def client_label(self, client: str) -> str:
+        """How the log shows a client address in this mode."""
+        if self.mode != "anonymous":
+            return client
+        return "anon-" + hmac.new(self.key, client.encode(), hashlib.sha256).hexdigest()[:16]
+
+    # ----------------------------------------------------------------------------------------
+    # On the event loop
+
+    def take(self) -> None:
+        """Move pending entries to the writer's queue; count and publish the gated ones."""
+        if not self.pending:
+            return
+        entries = self.pending[:]
+        self.pending.clear()  # the same list object: the pipeline holds its bound append
+        offset = self.wall() - self.mono()
+        for entry in entries:
+            rule = entry[6]
+            if rule is not None:
+                outcome = entry[4]
+                decision = ("sinkholed" if outcome == SINKHOLED else
+                            "allowed" if outcome in (CACHED, FORWARDED) else OUTCOMES[outcome])
+                key = (rule.vendor.id, decision)
+                self.gated[key] = self.gated.get(key, 0) + 1
+                self._gated_clients.pop(entry[1], None)  # re-insert: the dict stays in last-seen order
+                self._gated_clients[entry[1]] = entry[0]
+                if self.hub.subscribers or self.hub.webhook_url:
+                    self.hub.publish(self._decision_event(entry, decision, offset))
+        while len(self._gated_clients) > MAX_GATED_CLIENTS:
+            del self._gated_clients[next(iter(self._gated_clients))]
+        if self.db is None:
+            return
+        room = max(0, self.cfg.queue_size - self.queued)
+        dropped = max(0, len(entries) - room)
+        if dropped:
+            entries = entries[:room]
+            self.dropped += dropped
+            log.warning("query log writer behind: dropped %d entries (querylog.queue_size=%d)", dropped,
+                        self.cfg.queue_size)
+        self._queue.append(Batch(entries, offset, dropped))
+        self.queued += len(entries)
+
+    def gated_clients_since(self, mono: float) -> list[str]:
+        """Clients that asked for a gated name since monotonic time `mono`."""
+        return [c for c, seen in self._gated_clients.items() if seen >= mono]
+
+    def _decision_event(self, entry: LogEntry, decision: str, offset: float) -> dict[str, Any]:
+        at, client, question, tcp, _outcome, _rcode, rule, grant, _elapsed = entry
+        assert rule is not None
+        assert question is not None
+        return {"type": "decision", "at": iso(at + offset), "client": self.client_label(client),
+                "name": name_of(question), "qtype": type_name((question[-4] << 8) | question[-3]),
+                "protocol": "tcp" if tcp else "udp", "vendor": rule.vendor.id, "category": rule.vendor.category,
+                "decision": decision, "grant_expires_at": iso(grant.expires_at) if grant else None}
+
+    async def flush(self) -> None:
+        """Write everything recorded so far; returns once it is in the file (reads see it)."""
+        self.take()
+        async with self._lock:
+            batches, self._queue = self._queue, []
+            if not batches or self.db is None:
+                return
+            now = self.wall()
+            prune = now - self._last_prune >= PRUNE_EVERY
+            if prune:
+                self._last_prune = now
+            try:
+                written = await self._in_thread(lambda: self._write(batches, now, prune))
+            except Exception:
+                self.write_errors += 1
+                log.exception("query log write failed; %d entries lost", sum(len(b.entries) for b in batches))
+                written = 0
+            finally:
+                self.queued -= sum(len(b.entries) for b in batches)
+            self.written += written
+
+    async def run(self) -> None:
+        """Flush every `flush_interval` until cancelled."""
+        while True:
+            await asyncio.sleep(self.cfg.flush_interval)
+            await self.flush()
+
+    async def read(self, fn: Callable[[QueryLogDb], T]) -> T:
+        """Run a read against the file on the writer's thread, after flushing."""
+        await self.flush()
+        if self.db is None:
+            raise RuntimeError("the query log is off")
+        db = self.db
+        return await self._in_thread(lambda: fn(db))
+
+    async def entries(self, filters: Filters, limit: int, newest_first: bool = True) -> list[Row]:
+        if self.mode == "anonymous" and filters.client is not None:
+            filters = replace(filters, client=self.client_label(filters.client))
+        return await self.read(lambda db: db.entries(filters, limit, newest_first))
+
+    async def close(self) -> None:
+        await self.flush()
+        if self.db is not None:
+            db = self.db
+            await self._in_thread(db.close)
+        self._executor.shutdown(wait=True)
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # ----------------------------------------------------------------------------------------
+    # On the writer thread
+
+    def _write(self, batches: list[Batch], now: float, prune: bool) -> int:
+        assert self.db is not None
+        written = 0
+        for batch in batches:
+            rows = [self._row(entry, batch.wall_offset) for entry in batch.entries]
+            self.db.insert(rows, batch.dropped, now)
+            written += len(rows)
+        if prune:
+            self.db.prune(now - self.cfg.max_age_days * DAY, self.cfg.max_rows)
+        return written
+
+    def _row(self, entry: LogEntry, offset: float) -> Row:
+        at, client, question, tcp, outcome, rcode, rule, grant, elapsed = entry
+        if rcode < 0:
+            rcode = self.sinkhole_rcode
+        return {
+            "at": at + offset,
+            "client": self.client_label(client),
+            "name": name_of(question) if question is not None else None,
+            "type": type_name((question[-4] << 8) | question[-3]) if question is not None else None,
+            "protocol": "tcp" if tcp else "udp",
+            "outcome": OUTCOMES[outcome],
+            "rcode": rcode,
+            "vendor": rule.vendor.id if rule is not None else None,
+            "category": rule.vendor.category if rule is not None else None,
+            "granted_at": grant.granted_at if grant is not None else None,
+            "grant_expires_at": grant.expires_at if grant is not None else None,
+            "grant_source": grant.source if grant is not None else None,
+            "duration_ms": round(elapsed * 1000, 3) if elapsed else None,
+        }
+
+
+def sinkhole_rcode(mode: str) -> int:
+    return NXDOMAIN if mode == "nxdomain" else NOERROR
