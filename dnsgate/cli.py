@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, observe_cli
 from .app import Running, StartupError, run
 from .config import ConfigError, Overrides, load_config, merge_overrides, overrides_from_env, parse_host_port
-
-log = logging.getLogger("dnsgate")
+from .logs import setup_logging
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,18 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_address(53),
                        help="upstream resolver; repeatable (env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
     serve.add_argument("--data-dir", metavar="DIR", help="where consent is stored (env DNSGATE_DATA_DIR)")
-    serve.add_argument("--log-level", default=os.environ.get("DNSGATE_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"], help="log level (env DNSGATE_LOG_LEVEL)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="log level (env DNSGATE_LOG_LEVEL; config log.level; default info)")
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="log lines as key=value text or JSON objects (env DNSGATE_LOG_FORMAT; config log.format)")
+    observe_cli.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         return serve(args)
-    return 2  # pragma: no cover - argparse enforces the command
+    return observe_cli.run(args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -69,6 +68,8 @@ def serve(args: argparse.Namespace) -> int:
         api=args.api,
         upstream=tuple(args.upstream) if args.upstream else None,
         data_dir=args.data_dir,
+        log_level=args.log_level,
+        log_format=args.log_format,
     )
     path, overrides = args.config or env_config, merge_overrides(env_overrides, flags)
     try:
@@ -76,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(cfg.log.level, cfg.log.format)
 
     def ready(running: Running) -> None:
         print(running.ready_line(), flush=True)
