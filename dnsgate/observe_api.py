@@ -37,7 +37,7 @@ SSE_HEARTBEAT = 15.0
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DASHBOARD_FILES = {"": ("index.html", "text/html"), "app.js": ("app.js", "text/javascript"),
-                   "app.css": ("app.css", "text/css")}
+                   "app.css": ("app.css", "text/css"), "icon.svg": ("icon.svg", "image/svg+xml")}
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

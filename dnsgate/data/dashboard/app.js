@@ -98,7 +98,8 @@ function drawClients(svg, clients) {
 
 function drawUpstreams(svg, upstreams) {
   clear(svg);
-  const W = 800, H = 200, L = 170, R = 70;
+  const W = 800, H = Math.max(80, 12 + 60 * upstreams.length), L = 170, R = 70;
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   if (!upstreams.length) return empty(svg, W, H, "no upstreams");
   const max = niceMax(Math.max(1, ...upstreams.map(u => u.p99_ms || 0)));
   const rowH = Math.min(60, (H - 10) / upstreams.length);

@@ -1,0 +1,44 @@
+"""A real browser for tests: Debian's chromium, headless, driven by Playwright (never a downloaded
+browser). The dashboard tests use it; so will the consent portal's (issue 5).
+
+    from tests.browser import browser  # noqa: F401  (a pytest fixture: import it into the test module)
+
+    async def test_page(browser: Browser, gate: Gate) -> None:
+        page = await browser.new_page()
+        ...
+
+Tests that need it are skipped where chromium is not installed (.ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+
+import pytest
+from playwright.async_api import Browser, async_playwright
+
+CHROMIUM = os.environ.get("DNSGATE_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+
+
+def chromium_available() -> bool:
+    return shutil.which(CHROMIUM) is not None
+
+
+needs_chromium = pytest.mark.skipif(not chromium_available(),
+                                    reason=f"{CHROMIUM} not found (apt-get install chromium)")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not chromium_available():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
