@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -172,3 +173,55 @@ async def test_upstream_pointing_at_ourselves_is_refused(tmp_path: Path) -> None
                               "--api", "127.0.0.1:0", "--data-dir", str(tmp_path))
     assert code == 2
     assert err.startswith("dnsgate: error: upstream.servers: 127.0.0.1:25399") and "loop" in err
+
+
+async def test_json_logs_say_start_config_consent_and_stop_but_nothing_per_query(upstream: StubUpstream,
+                                                                                 tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "serve", *_args(upstream, tmp_path), "--log-format", "json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env())
+    assert process.stdout is not None and process.stderr is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode()
+    match = READY.match(line)
+    assert match
+    proc = Proc(process, line, int(match[1]), int(match[2]))
+    for _ in range(3):
+        await proc.query("host.example.test")
+        await proc.query("trackcmp.net")
+    assert await proc.http("PUT", "/v1/consent", json={"categories": ["marketing"]}) == 200
+    process.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(process.communicate(), 10)
+    records = [json.loads(line) for line in err.decode().splitlines()]
+    messages = [r["msg"] for r in records]
+    assert all(r["level"] in ("info", "warning") and r["ts"] for r in records)
+    assert any(m.startswith("config: gate.mode=nxdomain") for m in messages)
+    assert any(m.startswith("started: dns=127.0.0.1:") for m in messages)
+    assert any(m.startswith("consent granted: client=127.0.0.1") for m in messages)
+    assert messages[-2:] == ["stopping", "stopped"]
+    assert not any("host.example.test" in m or "trackcmp" in m for m in messages)  # never a line per query
+
+
+async def test_log_command_shows_and_filters_the_query_log(upstream: StubUpstream, tmp_path: Path) -> None:
+    async with serving(*_args(upstream, tmp_path)) as proc:
+        await proc.query("trackcmp.net", source="127.0.0.61")
+        await proc.query("prism.app-us1.com", source="127.0.0.62")
+        code, out, err = await _run("log", "--api", f"127.0.0.1:{proc.api_port}", "--data-dir", str(tmp_path),
+                                    "--client", "127.0.0.62")
+        assert code == 0, err
+        (line,) = out.splitlines()
+        assert " 127.0.0.62 prism.app-us1.com A udp sinkholed rcode=3 vendor=activecampaign" in line
+        code, out, _ = await _run("log", "--api", f"http://127.0.0.1:{proc.api_port}", "--data-dir", str(tmp_path),
+                                  "--json", "--name", "*.trackcmp.net")
+        assert code == 0 and json.loads(out)["name"] == "trackcmp.net"
+        code, _, err = await _run("log", "--api", f"127.0.0.1:{proc.api_port}", "--token", "wrong")
+        assert code == 2 and "401" in err and len(err.splitlines()) == 1
+
+
+async def test_log_and_report_say_when_dnsgate_is_unreachable(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, _, err = await _run("report", "--api", f"127.0.0.1:{port}", "--token", "t", "--since", "1h")
+    assert code == 2 and "cannot reach dnsgate" in err
+    code, _, err = await _run("log", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path))
+    assert code == 2 and "no admin token" in err

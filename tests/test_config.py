@@ -66,6 +66,15 @@ def test_documented_config_mentions_every_key() -> None:
         ("[consent]\nmax_days = 400", "consent.max_days"),
         ("[consent]\ndefault_days = 0", "consent.default_days"),
         ("[storage]\ndata_dir = ''", "storage.data_dir"),
+        ("[log]\nlevel = 'loud'", "log.level"),
+        ("[log]\nformat = 'xml'", "log.format"),
+        ("[querylog]\nmode = 'everything'", "querylog.mode"),
+        ("[querylog]\nqueue_size = 0", "querylog.queue_size"),
+        ("[querylog]\nflush_interval = 0", "querylog.flush_interval"),
+        ("[querylog]\nmax_age_days = 0", "querylog.max_age_days"),
+        ("[querylog]\nmax_rows = 0", "querylog.max_rows"),
+        ("[events]\nwebhook_url = 'ftp://x'", "events.webhook_url"),
+        ("[events]\nwebhook_timeout = 0", "events.webhook_timeout"),
         ("[dns", "config"),
     ],
 )
@@ -125,3 +134,13 @@ def test_bad_override_is_checked() -> None:
 def test_resolv_conf() -> None:
     text = "# comment\nnameserver 10.0.0.1\nnameserver fe80::1%eth0\nnameserver 2001:db8::53 # v6\nsearch x\n"
     assert resolv_conf_servers(text) == ("10.0.0.1", "[2001:db8::53]")
+
+
+def test_log_settings_from_env_and_flags() -> None:
+    _, env = overrides_from_env({"DNSGATE_LOG_LEVEL": "DEBUG", "DNSGATE_LOG_FORMAT": "json"})
+    cfg = load_config(None, env)
+    assert (cfg.log.level, cfg.log.format) == ("debug", "json")
+    cfg = load_config(None, merge_overrides(env, Overrides(log_format="text")))
+    assert (cfg.log.level, cfg.log.format) == ("debug", "text")
+    with pytest.raises(ConfigError, match=r"^log\.level"):
+        load_config(None, Overrides(log_level="loud"))
