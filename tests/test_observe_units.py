@@ -24,6 +24,7 @@ from dnsgate.store import AuditEvent
 from dnsgate.tally import CACHED, FORWARDED, SINKHOLED, LogEntry
 from tests.test_pipeline import Clock, build, forward, grant, query
 
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
