@@ -30,7 +30,7 @@ from .ruleset import ListCache, ListStatus, Ruleset, build_lists, read_catalog, 
 log = logging.getLogger(__name__)
 
 LIVE_SECTIONS: Final = ("gate", "cache", "lists")
-RESTART_SECTIONS: Final = ("dns", "api", "upstream", "consent", "storage")
+RESTART_SECTIONS: Final = ("dns", "api", "upstream", "consent", "storage", "log", "querylog", "events")
 RETRY_AFTER_FAILURE: Final = 300.0
 
 

@@ -80,3 +80,24 @@ class Tally:
 
     def total(self) -> int:
         return sum(self.counts)
+
+    # Totals per outcome, for readers of the earlier plain counters (health, tests).
+    @property
+    def forwarded(self) -> int:
+        return self.outcome(FORWARDED)
+
+    @property
+    def cached(self) -> int:
+        return self.outcome(CACHED)
+
+    @property
+    def sinkholed(self) -> int:
+        return self.outcome(SINKHOLED)
+
+    @property
+    def servfail(self) -> int:
+        return self.outcome(SERVFAIL)
+
+    @property
+    def formerr(self) -> int:
+        return self.outcome(FORMERR)
