@@ -110,7 +110,7 @@ class ConsentWatch:
         self.client_label = client_label
         self.wall = wall
         self.changes = dict.fromkeys(CONSENT_ACTIONS, 0)
-        self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self._timers: dict[str, dict[str, asyncio.TimerHandle]] = {}  # client -> category -> expiry timer
 
     def start(self) -> None:
         """Schedule the expiry of every grant already in force (call on the running loop)."""
@@ -125,20 +125,21 @@ class ConsentWatch:
         # A "no" from a client that had nothing to withdraw is a refusal.
         action = "refuse" if event.action == "withdraw" and not event.categories else event.action
         self._emit(action, event.client, list(event.categories), event.expires_at, event.source, event.at)
-        for (client, category), timer in list(self._timers.items()):
-            if client == event.client:
-                timer.cancel()
-                del self._timers[(client, category)]
+        for timer in self._timers.pop(event.client, {}).values():
+            timer.cancel()
         for grant in self.table.grants(event.client).values():
             self._schedule(event.client, grant)
 
     def _schedule(self, client: str, grant: Grant) -> None:
         delay = max(0.0, grant.expires_at - self.wall())
         loop = asyncio.get_running_loop()
-        self._timers[(client, grant.category)] = loop.call_later(delay, self._expired, client, grant)
+        self._timers.setdefault(client, {})[grant.category] = loop.call_later(delay, self._expired, client, grant)
 
     def _expired(self, client: str, grant: Grant) -> None:
-        self._timers.pop((client, grant.category), None)
+        timers = self._timers.get(client, {})
+        timers.pop(grant.category, None)
+        if not timers:
+            self._timers.pop(client, None)
         if self.table.grants(client).get(grant.category) is grant:  # still the grant in force
             self._emit("expire", client, [grant.category], grant.expires_at, grant.source, grant.expires_at)
 
@@ -151,6 +152,7 @@ class ConsentWatch:
                           "categories": categories, "expires_at": iso(expires_at), "source": source})
 
     def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
+        for timers in self._timers.values():
+            for timer in timers.values():
+                timer.cancel()
         self._timers.clear()
