@@ -4,10 +4,11 @@
 #     -e DNSGATE_UPSTREAM=9.9.9.9,149.112.112.112 dnsgate
 FROM python:3.11-slim
 
+# iproute2: `ip -6 neigh` gives IPv6 clients' MAC addresses (with --network host).
 # python may bind port 53 without running as root (Docker's default ip_unprivileged_port_start=0
 # covers this too; the capability keeps it working where that sysctl is not set).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libcap2-bin \
+ && apt-get install -y --no-install-recommends libcap2-bin iproute2 \
  && setcap cap_net_bind_service=+ep "$(readlink -f /usr/local/bin/python3)" \
  && apt-get purge -y libcap2-bin && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10053 --home-dir /data --shell /usr/sbin/nologin dnsgate \

@@ -1,19 +1,21 @@
 """The HTTP API: a client reads and changes its own consent; an admin manages any client's.
 
-The caller of /v1/consent is the HTTP peer address, so a client changes only its own consent.
-State changes take JSON bodies only and refuse a browser `Origin` that is not dnsgate's own or
-allow-listed, so no third-party page can forge consent for a visitor's address. The app depends
-on the `ConsentControl` protocol, not on the store or the resolver.
+The caller of /v1/consent is the HTTP peer address (and its MAC, where the neighbour table knows
+it), so a client changes only its own consent. State changes take JSON bodies only and refuse a
+browser `Origin` that is not dnsgate's own or allow-listed, so no third-party page can forge
+consent for a visitor's address. Every state change answers with the new state; the caller's
+responses also carry a one-time pairing token. The app depends on the `ConsentControl` protocol
+(consents.ConsentService), not on the store or the resolver.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import ipaddress
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -21,9 +23,12 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .catalog import Catalog
-from .consent import Grant, Source, normalize_client
-from .consents import ClientView
-from .store import AuditEvent
+from .consent import KEY_SEPARATOR, Choice, Subject, normalize_client, normalize_mac
+from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
+from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Paired
+from .notice import Notice
+from .pairing import Offer
+from .store import Event, EventFilter
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +37,22 @@ STATE_CHANGING = frozenset({"PUT", "POST", "DELETE", "PATCH"})
 
 
 class ConsentControl(Protocol):
-    async def grant(self, client: str, categories: Iterable[str], source: Source, user_agent: str,
-                    days: int | None = None) -> ClientView: ...
-    async def withdraw(self, client: str, source: Source, user_agent: str) -> ClientView: ...
-    def view(self, client: str) -> ClientView: ...
+    catalog: Catalog
+    notice: Notice
+
+    def mac_of(self, address: str) -> str | None: ...
+    async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView: ...
+    async def withdraw(self, subject: Subject, caller: Caller) -> ClientView: ...
+    async def honour_gpc(self, caller: Caller) -> bool: ...
+    async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView: ...
+    def offer_pairing(self, caller: Caller) -> Offer: ...
+    def view(self, address: str, mac: str | None = None) -> ClientView: ...
+    def view_subject(self, subject: Subject) -> ClientView: ...
     def views(self) -> list[ClientView]: ...
-    async def events(self, client: str | None, limit: int) -> list[AuditEvent]: ...
+    def whoami(self, caller: Caller) -> tuple[ClientView, Paired | None]: ...
+    def explain(self, name: str, address: str, mac: str | None) -> Explanation: ...
+    async def events(self, address: str | None, limit: int) -> list[Event]: ...
+    def export(self, f: EventFilter) -> AsyncIterator[Event]: ...
 
 
 class RulesReport(Protocol):
@@ -88,14 +103,20 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
     app[HEALTH] = health
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/vendors", vendors)
+    app.router.add_get("/v1/notice", notice)
     app.router.add_get("/v1/consent", get_own)
     app.router.add_put("/v1/consent", put_own)
     app.router.add_delete("/v1/consent", delete_own)
+    app.router.add_post("/v1/session/end", end_own_session)
+    app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/clients", list_clients)
-    app.router.add_get("/v1/clients/{ip}/consent", get_client)
-    app.router.add_put("/v1/clients/{ip}/consent", put_client)
-    app.router.add_delete("/v1/clients/{ip}/consent", delete_client)
+    app.router.add_get("/v1/clients/{client:.+}/consent", get_client)
+    app.router.add_put("/v1/clients/{client:.+}/consent", put_client)
+    app.router.add_delete("/v1/clients/{client:.+}/consent", delete_client)
+    app.router.add_post("/v1/clients/{client:.+}/session/end", end_client_session)
     app.router.add_get("/v1/audit", audit)
+    app.router.add_get("/v1/audit/export", export)
+    app.router.add_get("/v1/explain", explain)
     app.router.add_post("/v1/reload", reload_rules)
     app.router.add_get("/v1/lists", list_status)
     app.router.add_post("/v1/lists/refresh", refresh_lists)
@@ -112,7 +133,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
+    except (ApiError, ConsentError) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "body_too_large", f"request body over {MAX_BODY} bytes")
@@ -166,30 +187,108 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return web.json_response({"error": body}, status=status)
 
 
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+# ------------------------------------------------------------------------------------------------
+# JSON views
 
 
 def view_json(view: ClientView) -> dict[str, Any]:
+    choice = view.choice
+    in_force = choice is not None and choice.active(view.now) and view.notice_current
+    granted = {}
+    if choice is not None and in_force:
+        granted = {c: {"granted": True, "granted_at": iso(choice.made_at), "expires_at": iso(choice.expires_at),
+                       "source": choice.source} for c, said in choice.categories.items() if said}
     return {
         "client": view.client,
-        "categories": {c: grant_json(g) for c, g in view.grants.items()},
-        "vendors": [
-            {"id": v.id, "name": v.name, "category": v.category, "allowed": v.allowed} for v in view.vendors
-        ],
+        "identity": {"address": view.address, "mac": view.mac, "mac_source": view.mac_source},
+        "profile": {"name": view.profile, "network": str(view.network) if view.network else None,
+                    "why": view.why_profile},
+        # issue 2's field: the categories granted and in force
+        "categories": granted,
+        "choice": choice_json(choice, view) if choice is not None else None,
+        "vendors": [{"id": v.id, "name": v.name, "category": v.category, "allowed": d.allowed, "reason": d.reason}
+                    for v, d in view.decisions],
+        "notes": list(view.notes),
+        "ask_again_after": iso(view.ask_again_after),
+        "kiosk": None if view.kiosk_idle_minutes is None else {
+            "idle_minutes": view.kiosk_idle_minutes, "last_seen": iso(view.kiosk_last_seen)},
     }
 
 
-def grant_json(g: Grant) -> dict[str, Any]:
-    return {"granted": True, "granted_at": iso(g.granted_at), "expires_at": iso(g.expires_at), "source": g.source}
+def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
+    n = c.notice
+    return {
+        "id": c.id,
+        "subject": {"address": c.subject.address, "mac": c.subject.mac, "network": c.subject.network},
+        "categories": dict(c.categories), "vendors": dict(c.vendors),
+        "made_at": iso(c.made_at), "expires_at": iso(c.expires_at), "active": c.active(view.now),
+        "channel": c.channel, "source": c.source, "profile": c.profile, "sec_gpc": c.sec_gpc,
+        "notice": None if n is None else {"catalog": n.catalog, "version": n.version, "sha256": n.sha256,
+                                          "language": n.language, "current": view.notice_current},
+    }
 
 
-def caller(request: web.Request) -> str:
+def offer_json(o: Offer) -> dict[str, Any]:
+    return {"token": o.token, "name": o.name, "expires_at": iso(o.expires_at)}
+
+
+def explanation_json(x: Explanation) -> dict[str, Any]:
+    view = view_json(x.view)
+    rule = x.rule
+    decision = x.decision
+    if rule is None:
+        answer, reasons = "resolve", [f"{x.name} matches no catalog rule: it is resolved normally for everyone"]
+    else:
+        vendor = rule.vendor
+        answer = "resolve" if decision is not None and decision.allowed else "sinkhole"
+        reasons = [f"{x.name} matches catalog rule {rule.pattern!r}: {vendor.name} ({vendor.id}), "
+                   f"category {vendor.category}"]
+    mac = x.view.mac
+    reasons.append(f"client {x.view.address}" + (f", MAC {mac} (from the {x.view.mac_source})" if mac else
+                                                  ", MAC unknown"))
+    reasons.append(f"profile {x.view.profile}: {x.view.why_profile}")
+    reasons.extend(x.view.notes)
+    c = x.view.choice
+    if c is not None:
+        notice = "current notice" if x.view.notice_current else "an older notice"
+        reasons.append(f"choice #{c.id} by {c.subject.describe()} via {c.channel}, made {iso(c.made_at)}, "
+                       f"expires {iso(c.expires_at)}, under {notice}")
+    elif rule is not None and x.view.profile not in ("deny", "allow"):
+        reasons.append("no choice applies to this client")
+    if decision is not None:
+        reasons.append(decision.reason)
+    return {"name": x.name, "answer": answer,
+            "rule": None if rule is None else {"pattern": rule.pattern, "vendor": rule.vendor.id,
+                                               "category": rule.vendor.category},
+            "allowed": None if decision is None else decision.allowed, "reasons": reasons, "client": view}
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests
+
+
+def caller_address(request: web.Request) -> str:
     if request.remote is None:
         raise ApiError(400, "no_peer", "cannot tell the caller's address")
     return normalize_client(request.remote)
+
+
+def the_caller(request: web.Request, channel: str = "device") -> Caller:
+    address = caller_address(request)
+    return Caller(address, request.app[CONSENT].mac_of(address), channel,  # type: ignore[arg-type]
+                  user_agent(request), sec_gpc(request))
+
+
+def admin_caller(request: web.Request) -> Caller:
+    return Caller(None, None, "admin", user_agent(request), sec_gpc(request))
+
+
+def sec_gpc(request: web.Request) -> str | None:
+    """The Sec-GPC value: "1" if any copy of the header says 1 (GPC spec), else what was sent."""
+    values = [v.strip() for v in request.headers.getall("Sec-GPC", [])]
+    if "1" in values:
+        return "1"
+    return values[0][:16] if values else None
 
 
 def require_admin(request: web.Request) -> None:
@@ -200,19 +299,35 @@ def require_admin(request: web.Request) -> None:
         raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'")
 
 
-def path_client(request: web.Request) -> str:
-    raw = request.match_info["ip"]
+def parse_subject(raw: str, field: str) -> Subject:
+    """An IP address, a MAC address, or a network (CIDR, host bits clear)."""
     try:
-        return normalize_client(raw)
+        return Subject(address=normalize_client(raw))
     except ValueError:
-        raise ApiError(400, "invalid_field", f"not an IP address: {raw!r}", "ip") from None
+        pass
+    try:
+        return Subject(mac=normalize_mac(raw))
+    except ValueError:
+        pass
+    if "/" in raw:
+        try:
+            return Subject(network=str(ipaddress.ip_network(raw)))
+        except ValueError as exc:
+            raise ApiError(400, "invalid_field", f"not a network: {raw!r} ({exc})", field) from None
+    raise ApiError(400, "invalid_field", f"not an IP address, MAC address or network: {raw!r}", field)
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
+def path_subject(request: web.Request) -> Subject:
+    return parse_subject(request.match_info["client"], "client")
+
+
+async def json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    if optional and not request.can_read_body and request.content_type in ("application/octet-stream", ""):
+        return {}
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await request.read() or (b"{}" if optional else b""))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "bad_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -220,31 +335,101 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tuple[list[str], int | None]:
-    unknown = set(body) - {"categories", "days"}
+CHOICE_FIELDS = frozenset({"categories", "choices", "vendors", "days", "notice", "language", "channel"})
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tuple[ChoiceRequest, str]:
+    """The choice in a PUT body, and the channel it names ("device" unless it says "portal").
+
+    Either issue 2's `{"categories": [...]}` (exactly these granted, every other category refused)
+    or `{"choices": {"marketing": true, ...}, "vendors": {"activecampaign": false}}` (only what is
+    named is decided)."""
+    unknown = set(body) - CHOICE_FIELDS
     if unknown:
         field = sorted(unknown)[0]
         raise ApiError(400, "invalid_field", f"unknown field {field!r}", field)
-    categories = body.get("categories")
-    if not isinstance(categories, list):
-        raise ApiError(400, "invalid_field", "categories must be a list of category ids", "categories")
     known = {c.id for c in catalog.categories}
-    for i, c in enumerate(categories):
-        if not isinstance(c, str) or c not in known:
-            raise ApiError(400, "invalid_field",
-                           f"unknown category {c!r} (known: {', '.join(sorted(known))})", f"categories[{i}]")
+    categories: dict[str, bool]
+    if "categories" in body and "choices" in body:
+        raise ApiError(400, "invalid_field", "send either categories (a list) or choices (an object)", "choices")
+    if "choices" in body:
+        raw = body["choices"]
+        if not isinstance(raw, dict):
+            raise ApiError(400, "invalid_field", "choices must be an object of category: true|false", "choices")
+        for c, v in raw.items():
+            if c not in known:
+                raise ApiError(400, "invalid_field", f"unknown category {c!r} (known: {', '.join(sorted(known))})",
+                               f"choices.{c}")
+            if not isinstance(v, bool):
+                raise ApiError(400, "invalid_field", "a choice is true (grant) or false (refuse)", f"choices.{c}")
+        categories = dict(raw)
+    elif "categories" in body or "vendors" not in body:
+        listed = body.get("categories")
+        if not isinstance(listed, list):
+            raise ApiError(400, "invalid_field", "categories must be a list of category ids", "categories")
+        for i, c in enumerate(listed):
+            if not isinstance(c, str) or c not in known:
+                raise ApiError(400, "invalid_field",
+                               f"unknown category {c!r} (known: {', '.join(sorted(known))})", f"categories[{i}]")
+        categories = {c.id: c.id in listed for c in catalog.categories}
+    else:
+        categories = {}
+    vendors = body.get("vendors", {})
+    if not isinstance(vendors, dict):
+        raise ApiError(400, "invalid_field", "vendors must be an object of vendor id: true|false", "vendors")
+    for v, said in vendors.items():
+        if catalog.vendor(v) is None:
+            raise ApiError(400, "invalid_field", f"unknown vendor {v!r}", f"vendors.{v}")
+        if not isinstance(said, bool):
+            raise ApiError(400, "invalid_field", "a choice is true (grant) or false (refuse)", f"vendors.{v}")
+    if not categories and not vendors:
+        raise ApiError(400, "invalid_field", "choose at least one category or vendor", "choices")
     days = body.get("days")
     if days is not None and (isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= max_days):
         raise ApiError(400, "invalid_field", f"days must be an integer 1..{max_days}", "days")
-    return categories, days
+    notice = body.get("notice", {})
+    if not isinstance(notice, dict) or set(notice) - {"version", "sha256"}:
+        raise ApiError(400, "invalid_field", 'notice must be {"version": ..., "sha256": ...}', "notice")
+    version, sha = notice.get("version"), notice.get("sha256")
+    if version is not None and not isinstance(version, str):
+        raise ApiError(400, "invalid_field", "notice.version must be a string", "notice.version")
+    if sha is not None and (not isinstance(sha, str) or not SHA256.fullmatch(sha)):
+        raise ApiError(400, "invalid_field", "notice.sha256 must be 64 hex digits", "notice.sha256")
+    language = body.get("language")
+    if language is not None and not isinstance(language, str):
+        raise ApiError(400, "invalid_field", "language must be a string such as 'en'", "language")
+    channel = body.get("channel", "device")
+    if channel not in ("portal", "device"):
+        raise ApiError(400, "invalid_field", "channel must be 'portal' or 'device'", "channel")
+    return ChoiceRequest(categories, dict(vendors), days, sha, version, language), channel
 
 
 def user_agent(request: web.Request) -> str:
     return request.headers.get("User-Agent", "")[:512]
 
 
+def client_filter(raw: str | None, field: str) -> tuple[str | None, str | None, str | None]:
+    """(address, mac, network) for a `client` query parameter."""
+    if raw is None:
+        return None, None, None
+    s = parse_subject(raw, field)
+    return s.address, s.mac, s.network
+
+
+def time_param(request: web.Request, name: str) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return parse_time(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_field", f"{name} must be an ISO 8601 date or time, e.g. 2026-12-01T00:00:00Z",
+                       name) from None
+
+
 # ------------------------------------------------------------------------------------------------
-# Handlers
+# Handlers: anyone
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -267,6 +452,7 @@ async def vendors(request: web.Request) -> web.Response:
                             for d in catalog.domains_of(v)],
                 "ip_ranges": list(v.ip_ranges),
                 "sources": list(v.sources),
+                "ccpa_sale_or_share": v.ccpa_sale_or_share,
             }
             for v in catalog.vendors
         ],
@@ -275,17 +461,73 @@ async def vendors(request: web.Request) -> web.Response:
     })
 
 
+async def notice(request: web.Request) -> web.Response:
+    control = request.app[CONSENT]
+    n = control.notice
+    return web.json_response({
+        "catalog": control.catalog.version, "version": n.version, "default_language": n.default_language,
+        "languages": {lang: {"sha256": n.hashes[lang], "text": text} for lang, text in n.texts.items()},
+    })
+
+
+# ------------------------------------------------------------------------------------------------
+# Handlers: the caller's own consent
+
+
 async def get_own(request: web.Request) -> web.Response:
-    return web.json_response(view_json(request.app[CONSENT].view(caller(request))))
+    control = request.app[CONSENT]
+    c = the_caller(request)
+    if c.sec_gpc == "1":
+        await control.honour_gpc(c)
+    assert c.address is not None
+    return web.json_response(view_json(control.view(c.address)))
 
 
 async def put_own(request: web.Request) -> web.Response:
-    return await _put(request, caller(request), "self")
+    control = request.app[CONSENT]
+    choice, channel = parse_choice(await json_body(request), control.catalog, request.app[SETTINGS].max_days)
+    c = the_caller(request, channel)
+    view = await control.choose(Subject(c.address, c.mac), choice, c)
+    return _own_state(control, view, c)
 
 
 async def delete_own(request: web.Request) -> web.Response:
-    view = await request.app[CONSENT].withdraw(caller(request), "self", user_agent(request))
-    return web.json_response(view_json(view))
+    control = request.app[CONSENT]
+    c = the_caller(request, "portal" if request.headers.get("Origin") else "device")
+    view = await control.withdraw(Subject(c.address, c.mac), c)
+    return _own_state(control, view, c)
+
+
+async def end_own_session(request: web.Request) -> web.Response:
+    await json_body(request, optional=True)
+    control = request.app[CONSENT]
+    c = the_caller(request)
+    view = await control.end_session(Subject(c.address, c.mac), c, "session ended by the kiosk software")
+    return _own_state(control, view, c)
+
+
+async def whoami(request: web.Request) -> web.Response:
+    control = request.app[CONSENT]
+    c = the_caller(request)
+    if c.sec_gpc == "1":
+        await control.honour_gpc(c)
+    view, paired = control.whoami(c)
+    dns = None
+    if paired is not None:
+        address, _, mac = paired.dns_key.partition(KEY_SEPARATOR)
+        dns = {"address": address, "mac": mac or control.mac_of(address), "paired_at": iso(paired.at)}
+    return web.json_response({
+        "http": {"address": c.address, "mac": c.mac}, "dns": dns,
+        "profile": view_json(view)["profile"], "pairing": offer_json(control.offer_pairing(c)),
+    })
+
+
+def _own_state(control: ConsentControl, view: ClientView, c: Caller) -> web.Response:
+    return web.json_response({**view_json(view), "pairing": offer_json(control.offer_pairing(c))})
+
+
+# ------------------------------------------------------------------------------------------------
+# Handlers: admin
 
 
 async def list_clients(request: web.Request) -> web.Response:
@@ -293,48 +535,107 @@ async def list_clients(request: web.Request) -> web.Response:
     return web.json_response({"clients": [view_json(v) for v in request.app[CONSENT].views()]})
 
 
+def _subject_view(control: ConsentControl, subject: Subject) -> ClientView:
+    if subject.address is not None:
+        return control.view(subject.address)
+    return control.view_subject(subject)
+
+
 async def get_client(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(view_json(request.app[CONSENT].view(path_client(request))))
+    return web.json_response(view_json(_subject_view(request.app[CONSENT], path_subject(request))))
 
 
 async def put_client(request: web.Request) -> web.Response:
     require_admin(request)
-    return await _put(request, path_client(request), "admin")
+    subject = path_subject(request)
+    control = request.app[CONSENT]
+    choice, _ = parse_choice(await json_body(request), control.catalog, request.app[SETTINGS].max_days)
+    return web.json_response(view_json(await control.choose(subject, choice, admin_caller(request))))
 
 
 async def delete_client(request: web.Request) -> web.Response:
     require_admin(request)
-    view = await request.app[CONSENT].withdraw(path_client(request), "admin", user_agent(request))
+    subject = path_subject(request)
+    view = await request.app[CONSENT].withdraw(subject, admin_caller(request))
     return web.json_response(view_json(view))
 
 
-async def _put(request: web.Request, client: str, source: Source) -> web.Response:
-    categories, days = parse_choice(await json_body(request), request.app[CATALOG](), request.app[SETTINGS].max_days)
-    view = await request.app[CONSENT].grant(client, categories, source, user_agent(request), days)
+async def end_client_session(request: web.Request) -> web.Response:
+    require_admin(request)
+    subject = path_subject(request)
+    await json_body(request, optional=True)
+    view = await request.app[CONSENT].end_session(subject, admin_caller(request), "reset by an admin")
     return web.json_response(view_json(view))
 
 
 async def audit(request: web.Request) -> web.Response:
     require_admin(request)
-    client = request.query.get("client")
-    if client is not None:
-        try:
-            client = normalize_client(client)
-        except ValueError:
-            raise ApiError(400, "invalid_field", f"not an IP address: {client!r}", "client") from None
+    address, mac, _ = client_filter(request.query.get("client"), "client")
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         raise ApiError(400, "invalid_field", "limit must be an integer", "limit") from None
     if not 1 <= limit <= 10_000:
         raise ApiError(400, "invalid_field", "limit must be 1..10000", "limit")
-    events = await request.app[CONSENT].events(client, limit)
-    return web.json_response({"events": [
-        {"id": e.id, "at": iso(e.at), "client": e.client, "action": e.action, "categories": list(e.categories),
-         "expires_at": iso(e.expires_at), "source": e.source, "user_agent": e.user_agent}
-        for e in events
-    ]})
+    events = await request.app[CONSENT].events(address or mac, limit)
+    return web.json_response({"events": [_audit_json(e) for e in events]})
+
+
+def _audit_json(e: Event) -> dict[str, Any]:
+    # issue 2's fields first (client, categories granted, source), then the full record
+    return {**event_json(e), "at": iso(e.at), "client": e.subject.address or e.subject.network or e.subject.mac,
+            "source": e.source, "decisions": {"categories": dict(e.categories), "vendors": dict(e.vendors)},
+            "categories": [c for c, granted in e.categories.items() if granted] if e.action == "grant"
+            else list(e.categories)}
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    """The consent log as JSON Lines (default) or CSV, oldest first, with time and client filters."""
+    require_admin(request)
+    fmt = request.query.get("format", "jsonl")
+    if fmt not in ("jsonl", "csv"):
+        raise ApiError(400, "invalid_field", "format must be jsonl or csv", "format")
+    address, mac, network = client_filter(request.query.get("client"), "client")
+    f = EventFilter(time_param(request, "since"), time_param(request, "until"), address, mac, network)
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/x-ndjson; charset=utf-8" if fmt == "jsonl" else "text/csv; charset=utf-8",
+        "Content-Disposition": f'attachment; filename="dnsgate-consent-log.{fmt}"',
+    })
+    await response.prepare(request)
+    if fmt == "csv":
+        await response.write(csv_header().encode())
+    line = jsonl_line if fmt == "jsonl" else csv_line
+    events: AsyncIterator[Event] = request.app[CONSENT].export(f)
+    async for event in events:
+        await response.write(line(event).encode())
+    await response.write_eof()
+    return response
+
+
+async def explain(request: web.Request) -> web.Response:
+    require_admin(request)
+    name = request.query.get("name", "").strip()
+    if not name or name == ".":
+        raise ApiError(400, "invalid_field", "name is required (a domain name such as trackcmp.net)", "name")
+    raw = request.query.get("client")
+    if raw is None:
+        raise ApiError(400, "invalid_field", "client is required (an IP address)", "client")
+    try:
+        address = normalize_client(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_field", f"not an IP address: {raw!r}", "client") from None
+    mac = request.query.get("mac")
+    if mac is not None:
+        try:
+            mac = normalize_mac(mac)
+        except ValueError:
+            raise ApiError(400, "invalid_field", f"not a MAC address: {mac!r}", "mac") from None
+    try:
+        x = request.app[CONSENT].explain(name, address, mac)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_field", f"not a domain name: {name!r} ({exc})", "name") from None
+    return web.json_response(explanation_json(x))
 
 
 def _rules(request: web.Request) -> RulesControl:

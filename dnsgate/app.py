@@ -16,6 +16,7 @@ import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -28,14 +29,18 @@ from .api import ApiSettings, create_app
 from .cache import AnswerCache
 from .catalog import CatalogError
 from .config import Config, HostPort, parse_host_port, points_at, resolv_conf_servers
-from .consent import ConsentTable
+from .consent import ConsentTable, ProfileMap, normalize_client
 from .consents import ConsentService
 from .dashboard import Sampler
 from .dns_server import DnsListeners, TaskSet
 from .events import ConsentWatch, EventHub
+from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
 from .metrics import Sources, build_registry
+from .neighbours import KernelNeighbours, NeighbourReader
+from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
 from .observe_api import Observability, add_routes
+from .pairing import Pairings
 from .pipeline import Pipeline
 from .querylog import QueryLog, load_key, sinkhole_rcode
 from .querylog_db import QueryLogDb, QueryLogError
@@ -68,6 +73,19 @@ class Running:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
         return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}")
+
+
+def load_notice(cfg: Config) -> Notice:
+    try:
+        if cfg.consent.notice:
+            try:
+                text = Path(cfg.consent.notice).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise StartupError(f"consent.notice: cannot read {cfg.consent.notice}: {exc.strerror}") from None
+            return parse_notice_text(text, f"consent.notice: {cfg.consent.notice}")
+        return parse_notice_text(builtin_notice_text(), "built-in notice")
+    except NoticeError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[HostPort, ...]:
@@ -154,14 +172,17 @@ def config_line(cfg: Config) -> str:
 
 
 async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], None] | None = None,
-              reread: Callable[[], Config] | None = None) -> None:
+              reread: Callable[[], Config] | None = None, *, wall: Callable[[], float] = time.time,
+              neighbours: NeighbourReader | None = None) -> None:
     """Serve until `stop` is set. Raises StartupError if something cannot start.
 
     `reread` gives the configuration a reload should apply (the CLI re-reads the file, flags and
-    environment); by default a reload keeps `cfg` and re-reads the catalog and lists only."""
+    environment); by default a reload keeps `cfg` and re-reads the catalog and lists only.
+    `wall` (the clock consent runs on) and `neighbours` (the MAC table reader) are for tests."""
     async with AsyncExitStack() as stack:
         data_dir, token, token_file = prepare_data_dir(cfg)
         watched = watched_patterns(cfg)
+        notice = load_notice(cfg)
         servers = upstream_servers(cfg)
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
@@ -176,28 +197,41 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             store = ConsentStore(data_dir / "consent.sqlite3")
         except StoreError as exc:
             raise StartupError(f"storage.data_dir: {exc}") from None
-        table = ConsentTable()
-        consents = ConsentService(store, table, catalog, cfg.consent)
+        table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
+                             kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
+        consents = ConsentService(store, table, catalog, notice, cfg.consent,
+                                  Pairings(PORTAL_HOST, cfg.identity.pairing_ttl), wall,
+                                  (normalize_client(a) for a in cfg.identity.trusted_forwarders))
         stack.push_async_callback(consents.close)
-        clients = consents.load()
+        try:
+            clients = consents.load()
+        except StoreError as exc:
+            raise StartupError(f"storage.data_dir: {exc}") from None
+        if neighbours is None and cfg.identity.neighbours:
+            neighbours = KernelNeighbours()
+        if neighbours is not None:
+            # Read once before DNS listens, so MAC identity holds from the first query.
+            table.set_neighbours(await asyncio.to_thread(neighbours))
+            background(stack, _refresh_neighbours(table, neighbours, cfg.identity.neighbour_refresh))
+        background(stack, consents.run_sweeper(cfg.consent.sweep_interval))
 
         hub = EventHub(cfg.events.webhook_url, cfg.events.webhook_timeout)
         querylog = open_querylog(cfg, data_dir, hub)
         stack.push_async_callback(querylog.close)  # after the listeners close: the last entries are kept
-        watch = ConsentWatch(table, hub, querylog.client_label)
+        watch = ConsentWatch(hub, querylog.client_label)
         consents.listeners.append(watch.changed)
-        watch.start()
-        stack.callback(watch.close)
 
         cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes)
         pipeline = Pipeline(catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
-                            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl)
+                            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
+                            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, PORTAL_HOST,
+                                                   consents.on_pair, wall))
 
         def install(new: Ruleset) -> None:
             # One synchronous step on the event loop: no query runs between these lines.
             cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
             pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
-            consents.catalog = new.catalog
+            consents.use_catalog(new.catalog)  # a new catalog version is a new notice
 
         upstreams = Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
                               udp_size=cfg.dns.udp_max_size)
@@ -252,7 +286,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
 
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file)
         log.info(config_line(cfg))
-        log.info("loaded %d clients with consent, catalog %s (%d vendors, %d domains), %d list entries",
+        log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
                  len(catalog.lists) if catalog.lists is not None else 0)
         log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
@@ -262,6 +296,16 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
+
+
+async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interval: float) -> None:
+    """Re-read the neighbour tables every `interval` seconds, on a worker thread."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            table.set_neighbours(await asyncio.to_thread(read))
+        except Exception:
+            log.exception("neighbour table refresh failed; retrying in %.0f s", interval)
 
 
 def _reload_on_sighup(reloader: Reloader, tasks: TaskSet, stack: AsyncExitStack) -> None:

@@ -1,20 +1,33 @@
-"""Command line: `dnsgate serve` and friends. Errors are one line naming the culprit, exit status 2
-for bad input (flags, config) and 1 for a failure to start (a port in use, say)."""
+"""Command line: `dnsgate serve`, `dnsgate consent …` and `dnsgate explain`. Errors are one line
+naming the culprit, exit status 2 for bad input (flags, config) and 1 for a failure to start (a
+port in use, say) or a refusal by the running server's API."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__, observe_cli
-from .app import Running, StartupError, run
-from .config import ConfigError, Overrides, load_config, merge_overrides, overrides_from_env, parse_host_port
+from .admin_client import AdminClient, AdminError, lines_of_view
+from .config import (
+    Config,
+    ConfigError,
+    Overrides,
+    load_config,
+    merge_overrides,
+    overrides_from_env,
+    parse_host_port,
+)
 from .logs import setup_logging
+
+if TYPE_CHECKING:
+    from .app import Running
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,6 +64,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"],
                        help="log lines as key=value text or JSON objects (env DNSGATE_LOG_FORMAT; config log.format)")
     observe_cli.add_commands(commands)
+
+    consent = commands.add_parser("consent", help="list, show, grant, withdraw or export consent "
+                                  "(talks to the running server's admin API)")
+    actions = consent.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    listing = actions.add_parser("list", help="every device, address and network with a choice")
+    show = actions.add_parser("show", help="one client's profile, choice and vendor decisions")
+    show.add_argument("client", help="IP address, MAC address or network (CIDR)")
+    grant = actions.add_parser("grant", help="record a choice for a client (as admin)")
+    grant.add_argument("client", help="IP address, MAC address or network (CIDR)")
+    grant.add_argument("categories", nargs="*", metavar="CATEGORY", help="categories to grant")
+    grant.add_argument("--refuse", action="append", default=[], metavar="CATEGORY", help="a category to refuse")
+    grant.add_argument("--vendor", action="append", default=[], metavar="VENDOR", help="a vendor to grant")
+    grant.add_argument("--refuse-vendor", action="append", default=[], metavar="VENDOR", help="a vendor to refuse")
+    grant.add_argument("--days", type=int, help="lifetime in days (default: the profile's)")
+    withdraw = actions.add_parser("withdraw", help="withdraw a client's consent (every category refused)")
+    withdraw.add_argument("client", help="IP address, MAC address or network (CIDR)")
+    reset = actions.add_parser("reset", help="forget a client's choice (ends a kiosk session)")
+    reset.add_argument("client", help="IP address, MAC address or network (CIDR)")
+    export = actions.add_parser("export", help="the consent log as JSON Lines or CSV")
+    export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    export.add_argument("--since", metavar="TIME", help="ISO 8601 date or time (UTC unless it says otherwise)")
+    export.add_argument("--until", metavar="TIME", help="ISO 8601 date or time, exclusive")
+    export.add_argument("--client", help="only this IP address, MAC address or network")
+    export.add_argument("--output", "-o", metavar="FILE", help="write here instead of standard output")
+
+    explain = commands.add_parser("explain", help="why a name resolves or not for a client")
+    explain.add_argument("name", help="the domain name, e.g. trackcmp.net")
+    explain.add_argument("--client", required=True, metavar="ADDR", help="the client's IP address")
+    explain.add_argument("--mac", help="the client's MAC address, if it reaches dnsgate through a forwarder")
+
+    for p in (listing, show, grant, withdraw, reset, export, explain):
+        p.add_argument("--api", metavar="HOST:PORT", type=_address(None),
+                       help="the server's API address (default: api.listen of the config; env DNSGATE_API)")
+        p.add_argument("--token", help="admin token (default: DNSGATE_ADMIN_TOKEN, api.admin_token, or "
+                       "<data dir>/admin-token)")
+        p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
+        p.add_argument("--data-dir", metavar="DIR", help="the server's data dir, for its admin token")
+        if p is not export:
+            p.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
 
 
@@ -58,7 +110,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return observe_cli.run(args)
+    if args.command not in ("consent", "explain"):
+        return observe_cli.run(args)
+    try:
+        client = AdminClient.for_config(_client_config(args), args.token)
+        return _admin_command(args, client)
+    except ConfigError as exc:
+        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        return 2
+    except AdminError as exc:
+        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _client_config(args: argparse.Namespace) -> Config:
+    env_config, env_overrides = overrides_from_env(os.environ)
+    flags = Overrides(api=args.api, data_dir=args.data_dir)
+    return load_config(args.config or env_config, merge_overrides(env_overrides, flags))
+
+
+def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.command == "explain":
+        result = client.get("/v1/explain", {"name": args.name, "client": args.client, "mac": args.mac})
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"{result['name']} for {args.client}: "
+                  f"{'RESOLVED' if result['answer'] == 'resolve' else 'BLOCKED (sinkhole)'}")
+            for reason in result["reasons"]:
+                print(f"  - {reason}")
+        return 0
+    action = args.action
+    if action == "export":
+        query = {"format": args.format, "since": args.since, "until": args.until, "client": args.client}
+        if args.output:
+            with open(args.output, "wb") as out:
+                client.stream("/v1/audit/export", query, out)
+        else:
+            client.stream("/v1/audit/export", query, sys.stdout.buffer)
+            sys.stdout.flush()
+        return 0
+    if action == "list":
+        views = client.get("/v1/clients")["clients"]
+        if args.json:
+            print(json.dumps(views, indent=2))
+            return 0
+        for view in views:
+            for line in lines_of_view(view):
+                print(line)
+            print()
+        if not views:
+            print("no choices recorded")
+        return 0
+    path = f"/v1/clients/{args.client}/consent"
+    if action == "show":
+        view = client.get(path)
+    elif action == "grant":
+        choices = {**{c: True for c in args.categories}, **{c: False for c in args.refuse}}
+        vendors = {**{v: True for v in args.vendor}, **{v: False for v in args.refuse_vendor}}
+        body: dict[str, object] = {"choices": choices}
+        if vendors:
+            body["vendors"] = vendors
+        if args.days is not None:
+            body["days"] = args.days
+        view = client.put(path, body)
+    elif action == "withdraw":
+        view = client.delete(path)
+    else:
+        view = client.post(f"/v1/clients/{args.client}/session/end")
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        for line in lines_of_view(view):
+            print(line)
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -78,6 +203,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level, cfg.log.format)
+
+    from .app import StartupError, run  # the server's imports; `consent` and `explain` do not need them
 
     def ready(running: Running) -> None:
         print(running.ready_line(), flush=True)

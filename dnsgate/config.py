@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 from .wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
+PROFILE_NAMES: Final = ("opt-in", "opt-out", "kiosk", "deny", "allow")
 DEFAULT_API_PORT: Final = 8053
 
 
@@ -159,10 +160,42 @@ class ListsConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConsentConfig:
-    # How long a grant lasts unless the request asks for less (days).
+    # How long a choice lasts on opt-in networks unless the request asks for less (days): 6 months.
     default_days: int = 180
-    # Hard maximum for any grant (days): 13 months.
+    # Hard maximum for any choice (days): 13 months.
     max_days: int = 395
+    # Lifetime of a choice on opt-out networks (an opt-out is not re-asked for 12 months).
+    opt_out_days: int = 395
+    # Lifetime of a choice on kiosk networks (it also ends with the session).
+    kiosk_days: int = 1
+    # A kiosk client's choice resets after this many minutes without DNS queries from it.
+    kiosk_idle_minutes: float = 15.0
+    # Consent notice file (TOML: version, default_language, [text]). Empty: the built-in notice.
+    notice: str = ""
+    # Days to keep consent-log events no choice in force rests on. 0: keep them forever.
+    retention_days: int = 0
+    # Seconds between sweeps that record expiries and idle kiosk resets.
+    sweep_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilesConfig:
+    # Profile of addresses in no listed network: opt-in, opt-out, kiosk, deny or allow.
+    default: Literal["opt-in", "opt-out", "kiosk", "deny", "allow"] = "opt-in"
+    # CIDR -> profile; the most specific network wins.
+    networks: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    # Read the kernel's neighbour tables for the MAC address of on-link clients.
+    neighbours: bool = True
+    # Seconds between reads of the neighbour tables.
+    neighbour_refresh: float = 30.0
+    # Forwarders (IP addresses) whose EDNS MAC and Client Subnet options are believed.
+    trusted_forwarders: tuple[str, ...] = ()
+    # Seconds a pairing token stays valid.
+    pairing_ttl: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +242,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     consent: ConsentConfig = field(default_factory=ConsentConfig)
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     lists: ListsConfig = field(default_factory=ListsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -264,6 +299,10 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
         return tuple(_section(ListSource, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if annotation == "tuple[tuple[str, str], ...]":
+        if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{key}: expected a table of \"key\" = \"value\" strings, got {value!r}")
+        return tuple((str(k), v) for k, v in value.items())
     raise AssertionError(f"unhandled annotation {annotation} for {key}")  # pragma: no cover
 
 
@@ -290,6 +329,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "cache": CacheConfig,
     "gate": GateConfig,
     "consent": ConsentConfig,
+    "profiles": ProfilesConfig,
+    "identity": IdentityConfig,
     "storage": StorageConfig,
     "lists": ListsConfig,
     "log": LogConfig,
@@ -361,6 +402,29 @@ def validate(cfg: Config) -> Config:
         1 <= cfg.consent.default_days <= cfg.consent.max_days,
         f"consent.default_days: must be 1..consent.max_days, got {cfg.consent.default_days}",
     )
+    c = cfg.consent
+    for name in ("opt_out_days", "kiosk_days"):
+        value = getattr(c, name)
+        _check(1 <= value <= c.max_days, f"consent.{name}: must be 1..consent.max_days, got {value}")
+    _check(c.kiosk_idle_minutes > 0, f"consent.kiosk_idle_minutes: must be > 0, got {c.kiosk_idle_minutes}")
+    _check(c.retention_days >= 0, f"consent.retention_days: must be >= 0 (0 keeps forever), got {c.retention_days}")
+    _check(0 < c.sweep_interval <= 3600, f"consent.sweep_interval: must be 0..3600 seconds, got {c.sweep_interval}")
+    for cidr, profile in cfg.profiles.networks:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"profiles.networks.{cidr!r}: {exc}") from None
+        _check(profile in PROFILE_NAMES,
+               f"profiles.networks.{cidr!r}: must be one of {', '.join(PROFILE_NAMES)}; got {profile!r}")
+    for address in cfg.identity.trusted_forwarders:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"identity.trusted_forwarders: not an IP address: {address!r}") from None
+    _check(cfg.identity.neighbour_refresh > 0,
+           f"identity.neighbour_refresh: must be > 0, got {cfg.identity.neighbour_refresh}")
+    _check(10 <= cfg.identity.pairing_ttl <= 86400,
+           f"identity.pairing_ttl: must be 10..86400 seconds, got {cfg.identity.pairing_ttl}")
     _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
     _validate_lists(cfg.lists)
     _check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")

@@ -1,65 +1,38 @@
-"""Consent state in memory: which client has granted which category, until when.
+"""Consent state in memory: who chose what, which network profile applies, and the per-query answer.
 
-The resolver asks `ConsentTable.allows` on every gated query, so it is a dict lookup and two
-comparisons. The table changes only through `ConsentService` (consents.py), which persists a
-change before applying it here. Pure: no I/O; time is passed in.
+A `Choice` is one recorded decision (per category, optionally per vendor) by one subject: a device
+(MAC), an address, or a network (CIDR, admin only). `decide` turns a vendor, a profile and the
+choice that applies into allowed/blocked and the reason why; `ConsentTable.resolve` finds which
+profile and which choice apply to a client. Both are pure and explain themselves (`dnsgate
+explain`, `GET /v1/consent`).
+
+The resolver asks `ConsentTable.allows` on every gated query. It must stay a couple of dict
+lookups: each client key's effective state (the set of vendors it may resolve, and until when that
+holds) is computed once and memoized; any change of choices, neighbours, notice or profiles clears
+the memo. Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice.
+The table changes only through `ConsentService` (consents.py), which persists first.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Literal
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from .catalog import Vendor
 
+Profile = Literal["opt-in", "opt-out", "kiosk", "deny", "allow"]
+PROFILES: Final[tuple[Profile, ...]] = ("opt-in", "opt-out", "kiosk", "deny", "allow")
+Channel = Literal["portal", "device", "admin", "system"]
+CHANNELS: Final = ("portal", "device", "admin", "system")
 Source = Literal["self", "admin"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """Consent for one category, as recorded (times are UNIX seconds, UTC)."""
-
-    category: str
-    granted_at: float
-    expires_at: float
-    source: Source
-
-    def active(self, now: float) -> bool:
-        return self.expires_at > now
-
-
-class ConsentTable:
-    """client address -> {category: Grant}. Each client's mapping is replaced whole, never edited."""
-
-    __slots__ = ("_clients",)
-
-    def __init__(self) -> None:
-        self._clients: dict[str, Mapping[str, Grant]] = {}
-
-    def allows(self, client: str, vendor: Vendor, now: float) -> bool:
-        """Whether `client` may resolve `vendor`'s names now (opt-in: no grant, no resolution)."""
-        grants = self._clients.get(client)
-        if grants is None:
-            return False
-        grant = grants.get(vendor.category)
-        return grant is not None and grant.expires_at > now
-
-    def grants(self, client: str) -> Mapping[str, Grant]:
-        return self._clients.get(client, {})
-
-    def replace(self, client: str, grants: Mapping[str, Grant]) -> None:
-        if grants:
-            self._clients[client] = dict(grants)
-        else:
-            self._clients.pop(client, None)
-
-    def clients(self) -> Iterator[tuple[str, Mapping[str, Grant]]]:
-        return iter(list(self._clients.items()))
-
-    def __len__(self) -> int:
-        return len(self._clients)
+MEMO_LIMIT: Final = 65_536
+FOREVER: Final = math.inf
+KEY_SEPARATOR: Final = "|"  # "address|mac": a client key carrying a MAC from a trusted forwarder
 
 
 def normalize_client(address: str) -> str:
@@ -71,3 +44,481 @@ def normalize_client(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+def normalize_mac(text: str) -> str:
+    """`AA-BB-CC-DD-EE-FF`, `aabb.ccdd.eeff` or `aa:bb:…` -> `aa:bb:cc:dd:ee:ff`; ValueError otherwise."""
+    digits = "".join(c for c in text.strip().lower() if c not in ":-.")
+    if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits) or len(text.strip()) > 17:
+        raise ValueError(f"not a MAC address: {text!r}")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def mac_from_bytes(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def client_key(address: str, mac: str | None) -> str:
+    return f"{address}{KEY_SEPARATOR}{mac}" if mac else address
+
+
+# ------------------------------------------------------------------------------------------------
+# What was chosen
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Whom a choice is about: a device (MAC, with the address it had), an address, or a network."""
+
+    address: str | None = None
+    mac: str | None = None
+    network: str | None = None  # CIDR text; admin consent for a whole network (a kiosk VLAN)
+
+    @property
+    def key(self) -> str:
+        """One text naming the subject: the MAC if known (it follows the device), else address/CIDR."""
+        return self.mac or self.address or self.network or "?"
+
+    def describe(self) -> str:
+        if self.network:
+            return f"network {self.network}"
+        if self.mac and self.address:
+            return f"device {self.mac} (at {self.address})"
+        if self.mac:
+            return f"device {self.mac}"
+        return f"address {self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeRef:
+    """The notice a person saw: catalog version, consent-text version and SHA-256, language."""
+
+    catalog: str
+    version: str
+    sha256: str
+    language: str
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentNotice:
+    """What counts as "the notice" now: grants made under anything else stop counting."""
+
+    catalog: str
+    version: str
+    hashes: Mapping[str, str]  # language -> SHA-256 of the text
+
+    def covers(self, ref: NoticeRef | None) -> bool:
+        return ref is not None and ref.catalog == self.catalog and ref.sha256 in self.hashes.values()
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One recorded choice; `id` is the event that recorded it. Categories and vendors map to
+    True (granted) or False (refused); anything not named is undecided."""
+
+    id: int
+    subject: Subject
+    categories: Mapping[str, bool]
+    vendors: Mapping[str, bool]
+    made_at: float
+    expires_at: float
+    notice: NoticeRef | None  # None: recorded before dnsgate kept notices (migrated)
+    channel: str
+    profile: str
+    sec_gpc: str | None = None
+    language: str = ""
+
+    def active(self, now: float) -> bool:
+        return self.expires_at > now
+
+    @property
+    def source(self) -> Source:
+        return "admin" if self.channel == "admin" else "self"
+
+    @property
+    def grants_anything(self) -> bool:
+        return any(self.categories.values()) or any(self.vendors.values())
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What allowed a client to resolve a vendor, as the query log records it (querylog.py): a
+    grant of a choice, or (source "profile:opt-out", "profile:allow") the network's profile."""
+
+    category: str
+    granted_at: float
+    expires_at: float
+    source: str
+
+    def active(self, now: float) -> bool:
+        return self.expires_at > now
+
+
+PROFILE_GRANT_EXPIRY: Final = 253_402_300_799.0  # 9999-12-31: a profile's permission does not run out
+
+
+# ------------------------------------------------------------------------------------------------
+# Deciding
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    by_choice: bool = False  # decided by a choice's grant or refusal (else by the profile)
+
+
+def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
+    """Allowed or blocked, and why, for one vendor under `profile` and the choice that applies.
+
+    Order: fixed profiles; a vendor-level decision (a refusal beats a category grant; a grant opens
+    only that vendor); the category decision; the profile's default. A grant made under an older
+    notice is skipped as if it did not exist; refusals always count.
+    """
+    if profile == "deny":
+        return Decision(False, "profile deny: trackers never resolve on this network")
+    if profile == "allow":
+        return Decision(True, "profile allow: trackers always resolve on this network")
+    if choice is None:
+        prefix = "no choice recorded; "
+    else:
+        current = notice is not None and notice.covers(choice.notice)
+        stale: list[str] = []
+        said = choice.vendors.get(vendor.id)
+        if said is False:
+            return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True)
+        if said is True:
+            if current:
+                return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}", True)
+            stale.append(f"vendor {vendor.id}")
+        said = choice.categories.get(vendor.category)
+        if said is False:
+            return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True)
+        if said is True:
+            if current:
+                return Decision(True, f"category {vendor.category} granted in choice #{choice.id}", True)
+            stale.append(f"category {vendor.category}")
+        if stale:
+            prefix = (f"the grant of {' and '.join(stale)} in choice #{choice.id} was made under an older "
+                      "notice and no longer counts; ")
+        else:
+            prefix = f"choice #{choice.id} does not decide vendor {vendor.id} or category {vendor.category}; "
+    if profile == "opt-out":
+        return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
+    return Decision(False, prefix + f"profile {profile}: blocked until granted")
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiles by network
+
+
+class ProfileMap:
+    """The profile of an address: the most specific configured network containing it, else the default."""
+
+    __slots__ = ("_memo", "default", "networks")
+
+    def __init__(self, default: Profile = "opt-in", networks: Iterable[tuple[str, Profile]] = ()) -> None:
+        self.default = default
+        parsed = [(ipaddress.ip_network(cidr), profile) for cidr, profile in networks]
+        self.networks: tuple[tuple[IPNetwork, Profile], ...] = tuple(
+            sorted(parsed, key=lambda item: item[0].prefixlen, reverse=True))
+        self._memo: dict[str, tuple[Profile, IPNetwork | None]] = {}
+
+    def of(self, address: str) -> tuple[Profile, IPNetwork | None]:
+        found = self._memo.get(address)
+        if found is None:
+            found = self._lookup(address)
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[address] = found
+        return found
+
+    def _lookup(self, address: str) -> tuple[Profile, IPNetwork | None]:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return self.default, None
+        for network, profile in self.networks:
+            if ip.version == network.version and ip in network:
+                return profile, network
+        return self.default, None
+
+    def why(self, address: str) -> str:
+        profile, network = self.of(address)
+        if network is None:
+            return f"{address} is in no network listed in profiles.networks; profiles.default is {profile}"
+        return f"{address} is in {network}, listed as {profile} in profiles.networks"
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+
+
+class ClientState:
+    """What the resolver keeps per client key: every decision made so far (vendor -> allowed), the
+    profile and choice they come from, and until when all of that holds."""
+
+    __slots__ = ("allowed", "choice", "profile", "until")
+
+    def __init__(self, allowed: dict[Vendor, bool], until: float, profile: Profile, choice: Choice | None) -> None:
+        self.allowed = allowed
+        self.until = until
+        self.profile = profile
+        self.choice = choice
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which profile and which choice apply to one client, and the notes of how they were found."""
+
+    address: str
+    mac: str | None
+    mac_source: str | None  # "neighbour table" | "trusted forwarder (EDNS)"
+    profile: Profile
+    network: IPNetwork | None
+    why_profile: str
+    choice: Choice | None
+    notes: tuple[str, ...]
+    decisions: tuple[tuple[Vendor, Decision], ...]
+    until: float
+
+    @property
+    def allowed(self) -> frozenset[Vendor]:
+        return frozenset(v for v, d in self.decisions if d.allowed)
+
+
+@dataclass(slots=True)
+class _Index:
+    by_mac: dict[str, Choice] = field(default_factory=dict)
+    by_address: dict[str, Choice] = field(default_factory=dict)
+    by_network: dict[str, Choice] = field(default_factory=dict)
+    networks: list[tuple[IPNetwork, Choice]] = field(default_factory=list)  # most specific first
+
+
+class ConsentTable:
+    """Every choice in force, indexed by device, address and network, and the per-client memo."""
+
+    __slots__ = ("_index", "_memo", "kiosk_idle", "kiosk_seen", "neighbours", "notice", "profiles", "vendors")
+
+    def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
+                 notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
+        self.vendors = tuple(vendors)
+        self.profiles = profiles or ProfileMap()
+        self.notice = notice
+        self.kiosk_idle = kiosk_idle
+        self.neighbours: Mapping[str, str] = {}
+        self._index = _Index()
+        # client key -> its profile and choice, until when they hold, and the decisions made so far
+        self._memo: dict[str, ClientState] = {}
+        # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
+        # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
+        self.kiosk_seen: dict[str, float] = {}
+
+    # -- the hot path --------------------------------------------------------------------------
+    def allows(self, client: str, vendor: Vendor, now: float) -> bool:
+        """Whether `client` (an address, or "address|mac") may resolve `vendor`'s names now."""
+        state = self._memo.get(client)
+        if state is None or now >= state.until:
+            state = self._state(client, now)
+        allowed = state.allowed.get(vendor)
+        if allowed is None:  # a vendor first met (a block list's, or one a reload brought)
+            allowed = state.allowed[vendor] = decide(vendor, state.profile, state.choice, self.notice).allowed
+        return allowed
+
+    def touch(self, client: str, now: float) -> None:
+        """A DNS query from a kiosk client with a choice: its session is still in use.
+
+        A query after the idle limit does not revive the session; the sweeper resets it."""
+        seen = self.kiosk_seen
+        if now - seen[client] <= self.kiosk_idle:
+            seen[client] = now
+
+    def _state(self, client: str, now: float) -> ClientState:
+        address, _, mac = client.partition(KEY_SEPARATOR)
+        r = self.resolve(address, mac or None, now, key=client)
+        memo = self._memo
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()  # a flood of addresses must not grow memory without bound
+        state = memo[client] = ClientState({v: d.allowed for v, d in r.decisions}, r.until, r.profile, r.choice)
+        return state
+
+    def grant_for(self, client: str, vendor: Vendor, now: float) -> Grant | None:
+        """What allowed `client` to resolve `vendor` (for the query log), or None if it may not."""
+        state = self._memo.get(client)
+        if state is None or now >= state.until:
+            state = self._state(client, now)
+        d = decide(vendor, state.profile, state.choice, self.notice)
+        if not d.allowed:
+            return None
+        c = state.choice
+        if d.by_choice and c is not None:
+            return Grant(vendor.category, c.made_at, c.expires_at, c.source)
+        return Grant(vendor.category, 0.0, PROFILE_GRANT_EXPIRY, f"profile:{state.profile}")
+
+    # -- resolution (off the hot path) ------------------------------------------------------------
+    def mac_of(self, address: str) -> str | None:
+        return self.neighbours.get(address)
+
+    def resolve(self, address: str, mac: str | None, now: float, key: str | None = None) -> Resolution:
+        """Profile, identity, the applicable choice, and every vendor's decision, with reasons.
+
+        `key` is the resolver's client key when it asks (it registers a kiosk session's clock)."""
+        profile, network = self.profiles.of(address)
+        mac_source = "trusted forwarder (EDNS)" if mac else None
+        if mac is None:
+            mac = self.neighbours.get(address)
+            mac_source = "neighbour table" if mac else None
+        notes: list[str] = []
+        choice: Choice | None = None
+        until = FOREVER
+        # deny/allow networks ignore choices (decide says so), but a view still shows the choice.
+        for candidate, personal in self._candidates(address, mac, notes):
+            if not candidate.active(now):
+                notes.append(f"choice #{candidate.id} ({candidate.subject.describe()}) expired")
+                continue
+            if personal and profile == "kiosk":
+                # The resolver's lookups (with a key) start the idle clock; views only read it.
+                last = (self.kiosk_seen.setdefault(key, now) if key is not None
+                        else self.kiosk_seen.get(address, now))
+                if now - last > self.kiosk_idle:
+                    notes.append(f"choice #{candidate.id}: the kiosk session went idle; it is reset")
+                    continue
+                until = min(until, last + self.kiosk_idle)
+            choice = candidate
+            until = min(until, candidate.expires_at)
+            break
+        decisions = tuple((v, decide(v, profile, choice, self.notice)) for v in self.vendors)
+        return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
+                          tuple(notes), decisions, until)
+
+    def _candidates(self, address: str, mac: str | None, notes: list[str]) -> Iterator[tuple[Choice, bool]]:
+        """Choices that may apply, most specific first: the device's, the address's, the networks'."""
+        index = self._index
+        if mac is not None:
+            by_mac = index.by_mac.get(mac)
+            if by_mac is not None:
+                yield by_mac, True
+        by_address = index.by_address.get(address)
+        if by_address is not None:
+            bound = by_address.subject.mac
+            if bound is not None and mac is not None and bound != mac:
+                notes.append(f"choice #{by_address.id} was made by {bound} at {address}; that address now "
+                             f"belongs to {mac}, so it does not apply")
+            else:
+                yield by_address, True
+        if index.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return
+            for net, choice in index.networks:
+                if ip.version == net.version and ip in net:
+                    yield choice, False
+
+    # -- changes (ConsentService calls these after the store committed) ---------------------------
+    def put(self, choice: Choice) -> None:
+        """Make `choice` current for its subject (it replaces what the subject had)."""
+        index = self._index
+        s = choice.subject
+        if s.network is not None:
+            index.by_network[s.network] = choice
+            index.networks = sorted(((ipaddress.ip_network(n), c) for n, c in index.by_network.items()),
+                                    key=lambda item: item[0].prefixlen, reverse=True)
+        else:
+            if s.mac is not None:
+                index.by_mac[s.mac] = choice
+            if s.address is not None:
+                index.by_address[s.address] = choice
+        self._changed()
+
+    def remove(self, choice_id: int) -> Choice | None:
+        """Drop a choice from every index (it expired, was reset or superseded)."""
+        index = self._index
+        found: Choice | None = None
+        for table in (index.by_mac, index.by_address, index.by_network):
+            for k, c in list(table.items()):
+                if c.id == choice_id:
+                    found = c
+                    del table[k]
+        if found is not None and found.subject.network is not None:
+            index.networks = [(n, c) for n, c in index.networks if c.id != choice_id]
+        self._changed()
+        return found
+
+    def superseded_by(self, subject: Subject) -> list[Choice]:
+        """The choices a new choice by `subject` replaces (a device's choice at an address also
+        replaces that address's own choice, unless that belongs to another device)."""
+        index = self._index
+        found: list[Choice] = []
+        if subject.network is not None:
+            c = index.by_network.get(subject.network)
+            return [c] if c else []
+        if subject.mac is not None and (c := index.by_mac.get(subject.mac)) is not None:
+            found.append(c)
+        c = index.by_address.get(subject.address) if subject.address is not None else None
+        # Another device's choice made at this address stays: it follows that device's MAC.
+        if c is not None and (c.subject.mac is None or c.subject.mac == subject.mac) and c not in found:
+            found.append(c)
+        return sorted(found, key=lambda c: c.made_at, reverse=True)
+
+    def personal_choices(self, address: str, mac: str | None) -> list[Choice]:
+        """The device's and the address's own choices (not a network's) that apply to this client."""
+        return [c for c, personal in self._candidates(address, mac, []) if personal]
+
+    def grants(self, client: str) -> dict[str, Grant]:
+        """The categories granted (notice current) by the choice that applies to `client`, expired or
+        not (readers such as the dashboard compare the expiry themselves)."""
+        address, _, mac = client.partition(KEY_SEPARATOR)
+        for choice, _personal in self._candidates(address, mac or self.neighbours.get(address), []):
+            return self._granted(choice)
+        return {}
+
+    def clients(self) -> Iterator[tuple[str, dict[str, Grant]]]:
+        """(subject, categories granted) for every choice that grants a category under the current notice."""
+        for choice in self.choices():
+            granted = self._granted(choice)
+            if granted:
+                yield choice.subject.key, granted
+
+    def _granted(self, choice: Choice) -> dict[str, Grant]:
+        if self.notice is None or not self.notice.covers(choice.notice):
+            return {}
+        return {c: Grant(c, choice.made_at, choice.expires_at, choice.source)
+                for c, said in choice.categories.items() if said}
+
+    def choices(self) -> list[Choice]:
+        index = self._index
+        unique = {c.id: c for t in (index.by_mac, index.by_address, index.by_network) for c in t.values()}
+        return sorted(unique.values(), key=lambda c: c.id)
+
+    def choice_of(self, subject: Subject) -> Choice | None:
+        index = self._index
+        if subject.network is not None:
+            return index.by_network.get(subject.network)
+        if subject.mac is not None:
+            return index.by_mac.get(subject.mac)
+        return index.by_address.get(subject.address or "")
+
+    def set_neighbours(self, table: Mapping[str, str]) -> bool:
+        """Adopt a fresh neighbour table (address -> MAC); returns whether it changed anything."""
+        if dict(table) == self.neighbours:
+            return False
+        self.neighbours = dict(table)
+        self._changed()
+        return True
+
+    def set_notice(self, notice: CurrentNotice) -> None:
+        self.notice = notice
+        self._changed()
+
+    def set_vendors(self, vendors: Iterable[Vendor]) -> None:
+        """A reload brought a new catalog: decide (and show) its vendors."""
+        self.vendors = tuple(vendors)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._memo.clear()
+
+    def __len__(self) -> int:
+        """Subjects whose choice grants something under the current notice ("clients with consent")."""
+        return sum(1 for _ in self.clients())

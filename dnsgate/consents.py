@@ -1,113 +1,571 @@
 """Changing consent: persist first, then apply, so an acknowledged change is durable and in force.
 
-Store calls run on one worker thread, in order; the in-memory table is updated on the event loop
-right after the write commits, so a client's very next DNS query sees the change.
+Every change is a list of `store.Step`s committed in one transaction on one worker thread, then
+applied to the in-memory `ConsentTable` on the event loop, so a client's very next DNS query sees
+it. One lock serializes changes: what a new choice supersedes is read and replaced atomically.
+
+Rules that need time or context live here, not in the table:
+- profiles: `deny`/`allow` networks take no choices; choice lifetimes differ per profile;
+- GPC: on an `opt-out` network, a request with `Sec-GPC: 1` records an opt-out of every vendor that
+  sells or shares data, unless the client's current choice is an explicit grant made while
+  sending GPC (the person consented despite the signal);
+- kiosk: a session ends by an API call or after `kiosk_idle_minutes` without DNS queries; each
+  reset is recorded;
+- pairing: a DNS source resolving a token is bound to the HTTP caller's choice; a later
+  withdrawal by that caller reaches every DNS source paired with it;
+- the sweeper records expiries and idle kiosk resets, and applies the retention period.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import ipaddress
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Final, TypeVar
 
-from .catalog import Catalog
+from .catalog import Catalog, DomainRule, Vendor
 from .config import ConsentConfig
-from .consent import ConsentTable, Grant, Source
-from .store import AuditEvent, ConsentStore
+from .consent import (
+    KEY_SEPARATOR,
+    Channel,
+    Choice,
+    ConsentTable,
+    Decision,
+    IPNetwork,
+    NoticeRef,
+    Profile,
+    Resolution,
+    Subject,
+    decide,
+)
+from .consent_log import iso
+from .notice import Notice
+from .pairing import Offer, Pairings
+from .store import ConsentStore, Event, EventFilter, Step
+from .wire import name_to_wire
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-DAY = 86_400.0
+DAY: Final = 86_400.0
+REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after an opt-out
+RETENTION_EVERY: Final = 3600.0
+EXPORT_PAGE: Final = 500
+
+
+class ConsentError(Exception):
+    """A change that the rules refuse; the API answers it with `status` and `code`."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 @dataclass(frozen=True, slots=True)
-class VendorState:
-    id: str
-    name: str
-    category: str
-    allowed: bool
+class Caller:
+    """Who makes a request, and how: the context every recorded event carries."""
+
+    address: str | None
+    mac: str | None
+    channel: Channel
+    user_agent: str = ""
+    sec_gpc: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceRequest:
+    categories: Mapping[str, bool]
+    vendors: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    days: int | None = None
+    notice_sha256: str | None = None
+    notice_version: str | None = None
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ClientView:
+    """A client's (or a subject's) consent as the API shows it."""
+
     client: str
-    grants: Mapping[str, Grant]  # active grants only
-    vendors: tuple[VendorState, ...]
+    subject: Subject
+    address: str | None
+    mac: str | None
+    mac_source: str | None
+    profile: Profile
+    network: IPNetwork | None
+    why_profile: str
+    choice: Choice | None  # the choice that applies (for a subject: its own)
+    notice_current: bool
+    decisions: tuple[tuple[Vendor, Decision], ...]
+    notes: tuple[str, ...]
+    ask_again_after: float | None
+    kiosk_idle_minutes: float | None
+    kiosk_last_seen: float | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    name: str
+    rule: DomainRule | None
+    view: ClientView
+    decision: Decision | None  # None: the name is not gated
+
+
+@dataclass(frozen=True, slots=True)
+class Paired:
+    dns_key: str
+    at: float
 
 
 class ConsentService:
-    def __init__(self, store: ConsentStore, table: ConsentTable, catalog: Catalog, cfg: ConsentConfig,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: ConsentStore, table: ConsentTable, catalog: Catalog, notice: Notice,
+                 cfg: ConsentConfig, pairings: Pairings, wall: Callable[[], float] = time.time,
+                 trusted_forwarders: Iterable[str] = ()) -> None:
         self.store = store
         self.table = table
         self.catalog = catalog
+        self.notice = notice
         self.cfg = cfg
+        self.pairings = pairings
         self.wall = wall
+        self.trusted_forwarders = frozenset(trusted_forwarders)
+        self.paired: dict[str, dict[str, float]] = {}  # HTTP subject key -> {DNS client key: when}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
-        # Called with each change once it is stored and in force (metrics, events: events.py).
-        self.listeners: list[Callable[[AuditEvent], None]] = []
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_purge = 0.0
+        # Called with each recorded event once it is stored and in force (metrics, events: events.py).
+        self.listeners: list[Callable[[Event], None]] = []
+        table.set_notice(notice.current(catalog.version))
 
+    # -- start -----------------------------------------------------------------------------------
     def load(self) -> int:
-        """Fill the table from the store (at start, before DNS listens); returns the client count."""
-        for client, grants in self.store.load().items():
-            self.table.replace(client, grants)
-        return len(self.table)
+        """Fill the table from the store (at start, before DNS listens); returns the choice count.
+
+        Records a profile_change for every choice whose network now has another profile."""
+        now = self.wall()
+        choices = self.store.load()
+        for choice in choices:
+            self.table.put(choice)
+        for http, dns, at in self.store.load_pairings():
+            self.paired.setdefault(http, {})[dns] = at
+        changed: list[tuple[Choice, Step]] = []
+        for choice in choices:
+            if choice.subject.address is None and choice.subject.network is None:
+                continue  # a device's profile follows wherever it is; nothing to compare at start
+            profile, why = self.profile_of(choice.subject)
+            if choice.profile != profile:
+                event = Event("profile_change", now, choice.subject, profile, choice.categories, choice.vendors,
+                              choice.expires_at, choice.notice, "system", supersedes=choice.id,
+                              reason=f"profile changed from {choice.profile} to {profile}: {why}")
+                changed.append((choice, Step(event, sets_profile_of=choice.id)))
+        if changed:
+            self.store.commit([step for _, step in changed])
+            for choice, step in changed:
+                self.table.put(dataclasses.replace(choice, profile=step.event.profile))
+                log_event(step.event)
+        for choice in self.table.choices():
+            if choice.subject.address and self.table.profiles.of(choice.subject.address)[0] == "kiosk":
+                self.table.kiosk_seen[choice.subject.address] = now  # a restart starts the idle clock
+        return len(choices)
+
+    def use_catalog(self, catalog: Catalog) -> None:
+        """A reload swapped the catalog: its vendors are decided from now on, and its version is part
+        of the notice (a new version makes earlier grants stop counting)."""
+        self.catalog = catalog
+        self.table.set_vendors(catalog.vendors)
+        self.table.set_notice(self.notice.current(catalog.version))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def mac_of(self, address: str) -> str | None:
+        return self.table.mac_of(address)
+
+    def profile_of(self, subject: Subject) -> tuple[Profile, str]:
+        profiles = self.table.profiles
+        if subject.network is not None:
+            net = ipaddress.ip_network(subject.network)
+            return profiles.of(str(net.network_address))[0], profiles.why(str(net.network_address))
+        address = subject.address or self._address_of_mac(subject.mac)
+        if address is None:
+            return profiles.default, f"device {subject.mac} is not in the neighbour table; " \
+                                     f"profiles.default is {profiles.default}"
+        return profiles.of(address)[0], profiles.why(address)
+
+    def _address_of_mac(self, mac: str | None) -> str | None:
+        if mac is None:
+            return None
+        return next((a for a, m in self.table.neighbours.items() if m == mac), None)
+
+    def view(self, address: str, mac: str | None = None) -> ClientView:
+        """A live client's consent, exactly as its DNS queries are decided."""
+        now = self.wall()
+        r = self.table.resolve(address, mac, now)
+        return self._view(address, Subject(address, r.mac), r, now)
+
+    def view_subject(self, subject: Subject) -> ClientView:
+        """A subject's own choice (a device, an address or a network), as the admin API lists it."""
+        now = self.wall()
+        profile, why = self.profile_of(subject)
+        own = self.table.choice_of(subject)
+        applies = own if own is not None and own.active(now) else None
+        decisions = tuple((v, decide(v, profile, applies, self.table.notice)) for v in self.catalog.vendors)
+        network = ipaddress.ip_network(subject.network) if subject.network else None
+        r = Resolution(subject.address or "", subject.mac, None, profile, network, why, own, (), decisions, 0.0)
+        return self._view(subject.key, subject, r, now)
+
+    def _view(self, client: str, subject: Subject, r: Resolution, now: float) -> ClientView:
+        choice = r.choice
+        notice = self.table.notice
+        ask_again = None
+        if (r.profile == "opt-out" and choice is not None and choice.subject.network is None
+                and any(choice.vendors.get(v.id) is False for v in self.catalog.vendors if v.ccpa_sale_or_share)):
+            ask_again = choice.made_at + REASK_AFTER
+        kiosk = r.profile == "kiosk"
+        last_seen = self.table.kiosk_seen.get(r.address) if kiosk else None
+        current = notice is not None and choice is not None and notice.covers(choice.notice)
+        return ClientView(client, subject, r.address or None, r.mac, r.mac_source, r.profile, r.network,
+                          r.why_profile, choice, current, r.decisions, r.notes, ask_again,
+                          self.cfg.kiosk_idle_minutes if kiosk else None, last_seen, now)
+
+    def views(self) -> list[ClientView]:
+        return [self.view_subject(c.subject) for c in self.table.choices()]
+
+    def explain(self, name: str, address: str, mac: str | None) -> Explanation:
+        """The decision for `name` asked by `address` (ValueError for a malformed name)."""
+        rule = self.catalog.match(name_to_wire(name))
+        view = self.view(address, mac)
+        decision = None
+        if rule is not None:
+            decision = next(d for v, d in view.decisions if v is rule.vendor)
+        return Explanation(name, rule, view, decision)
+
+    def whoami(self, caller: Caller) -> tuple[ClientView, Paired | None]:
+        assert caller.address is not None
+        view = self.view(caller.address)
+        links = self.paired.get(Subject(caller.address, caller.mac).key, {})
+        latest = max(links.items(), key=lambda item: item[1], default=None)
+        return view, Paired(*latest) if latest else None
+
+    async def events(self, address: str | None, limit: int) -> list[Event]:
+        return await self._in_store(lambda: self.store.events(address, limit))
+
+    async def export(self, f: EventFilter) -> AsyncIterator[Event]:
+        """Every event matching `f`, oldest first, read a page at a time."""
+        network = ipaddress.ip_network(f.network) if f.network else None
+        after = 0
+        while True:
+            page = await self._in_store(functools.partial(self.store.export_page, f, after, EXPORT_PAGE))
+            for event in page:
+                if network is None or _in_network(event.subject, network):
+                    yield event
+            if len(page) < EXPORT_PAGE:
+                return
+            after = page[-1].id or after
+
+    # -- changing --------------------------------------------------------------------------------
+    async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView:
+        """Record a choice by `subject`: it replaces the subject's previous one whole."""
+        async with self._lock:
+            now = self.wall()
+            profile, why = self.profile_of(subject)
+            if profile in ("deny", "allow"):
+                raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
+            notice = self._notice_ref(request)
+            days = min(request.days or self._days(profile), self.cfg.max_days)
+            steps = self._kiosk_idle_resets(subject, caller, now)
+            action = "grant" if any(request.categories.values()) or any(request.vendors.values()) else None
+            main = self._choice_step(subject, action, request.categories, request.vendors, now, now + days * DAY,
+                                     notice, caller, profile, reason="")
+            steps.append(main)
+            if main.event.action == "withdrawal":
+                steps += self._withdrawals_for_paired(subject, main.event, caller)
+            await self._commit(steps)
+            if profile == "kiosk" and subject.address is not None:
+                self.table.kiosk_seen[subject.address] = now
+        return self._after(subject)
+
+    async def withdraw(self, subject: Subject, caller: Caller) -> ClientView:
+        """Withdraw everything granted, in one action: every category (and vendor) becomes refused."""
+        categories = {c.id: False for c in self.catalog.categories}
+        previous = self.table.choice_of(subject)
+        vendors = {v: False for v in previous.vendors} if previous is not None else {}
+        return await self.choose(subject, ChoiceRequest(categories, vendors), caller)
+
+    async def honour_gpc(self, caller: Caller) -> bool:
+        """`Sec-GPC: 1` from a client on an opt-out network: record an opt-out of sale/sharing,
+        unless nothing is left to opt out of or the person consented explicitly despite GPC."""
+        if caller.address is None:
+            return False
+        async with self._lock:
+            now = self.wall()
+            subject = Subject(caller.address, caller.mac)
+            r = self.table.resolve(caller.address, None, now)  # the MAC, if any, from the neighbour table
+            if r.profile != "opt-out":
+                return False
+            selling = [v for v in self.catalog.vendors if v.ccpa_sale_or_share]
+            if not any(d.allowed for v, d in r.decisions if v in selling):
+                return False
+            own = r.choice if r.choice is not None and r.choice.subject.network is None else None
+            if own is not None and own.sec_gpc == "1" and own.grants_anything:
+                return False  # an explicit grant made while sending GPC: the later, specific choice wins
+            categories = dict(own.categories) if own else {}
+            vendors = {**(own.vendors if own else {}), **{v.id: False for v in selling}}
+            step = self._choice_step(subject, "refusal", categories, vendors, now,
+                                     now + self._days("opt-out") * DAY, self._notice_ref(ChoiceRequest({})),
+                                     dataclasses.replace(caller, sec_gpc="1"), "opt-out",
+                                     reason="opt-out of sale/sharing signalled by Sec-GPC: 1")
+            await self._commit([step])
+        return True
+
+    async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
+        """Reset the choices that apply personally to `subject` (a kiosk session ended)."""
+        async with self._lock:
+            now = self.wall()
+            profile, why = self.profile_of(subject)
+            if caller.channel != "admin" and profile != "kiosk":
+                raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
+            if subject.network is not None or caller.channel == "admin":
+                own = self.table.choice_of(subject)
+                ended = [own] if own is not None else []
+            else:
+                ended = self.table.personal_choices(subject.address or "", subject.mac)
+            steps = [self._reset_step(c, now, profile, caller, reason) for c in ended]
+            await self._commit(steps)
+            if subject.address is not None:
+                self.table.kiosk_seen.pop(subject.address, None)
+        return self._after(subject)
+
+    # -- pairing ---------------------------------------------------------------------------------
+    def offer_pairing(self, caller: Caller) -> Offer:
+        assert caller.address is not None
+        return self.pairings.offer(caller.address, caller.mac, self.wall())
+
+    def on_pair(self, token: str, dns_client: str) -> bool:
+        """Called by the pipeline for `<token>.pair.<portal host>`; binds in the background."""
+        offer = self.pairings.claim(token, self.wall())
+        if offer is None:
+            return False
+        self._spawn(self._bind(offer, dns_client))
+        return True
+
+    async def _bind(self, offer: Offer, dns_client: str) -> None:
+        async with self._lock:
+            now = self.wall()
+            http = Subject(offer.address, offer.mac)
+            dns = self._dns_subject(dns_client)
+            if dns.key == http.key:
+                self.paired.setdefault(http.key, {})[dns_client] = now
+                return
+            source = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
+            profile, _ = self.profile_of(dns)
+            steps: list[Step] = []
+            if source is not None and source.active(now) and profile not in ("deny", "allow"):
+                caller = Caller(dns.address, dns.mac, "portal" if source.channel == "portal" else "device",
+                                sec_gpc=source.sec_gpc)
+                step = self._choice_step(
+                    dns, "grant" if source.grants_anything else None, source.categories, source.vendors, now,
+                    source.expires_at, source.notice, caller, profile,
+                    reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}")
+                steps.append(dataclasses.replace(step, pairing=(http.key, dns_client)))
+            if steps:
+                await self._commit(steps)
+            else:
+                await self._in_store(lambda: self.store.remember_pairing(http.key, dns_client, now))
+            self.paired.setdefault(http.key, {})[dns_client] = now
+            log.info("consent paired: http=%s dns=%s", http.key, dns_client)
+
+    def _dns_subject(self, dns_client: str) -> Subject:
+        """The subject a DNS client key names. A MAC sent by a trusted forwarder without a Client
+        Subnet address belongs to a device behind it: the forwarder's own address is not the device's."""
+        address, _, mac = dns_client.partition(KEY_SEPARATOR)
+        if mac and address in self.trusted_forwarders:
+            return Subject(None, mac)
+        return Subject(address, mac or self.table.mac_of(address))
+
+    def _withdrawals_for_paired(self, subject: Subject, event: Event, caller: Caller) -> list[Step]:
+        steps: list[Step] = []
+        for dns_client in self.paired.get(subject.key, {}):
+            dns = self._dns_subject(dns_client)
+            if dns.key == subject.key:
+                continue
+            profile, _ = self.profile_of(dns)
+            if profile in ("deny", "allow"):
+                continue
+            steps.append(self._choice_step(
+                dns, None, event.categories, event.vendors, event.at, event.expires_at or event.at, event.notice,
+                caller, profile, reason=f"withdrawal by paired HTTP client {subject.describe()}"))
+        return steps
+
+    # -- sweeping --------------------------------------------------------------------------------
+    async def sweep(self) -> int:
+        """Record expiries and idle kiosk resets; purge events past retention. Returns events recorded."""
+        async with self._lock:
+            now = self.wall()
+            steps: list[Step] = []
+            for choice in self.table.choices():
+                if not choice.active(now):
+                    profile, _ = self.profile_of(choice.subject)
+                    steps.append(Step(
+                        Event("expiry", now, choice.subject, profile, choice.categories, choice.vendors,
+                              choice.expires_at, choice.notice, "system", supersedes=choice.id,
+                              reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}"),
+                        ends=(choice.id,), only_if_current=choice.id))
+            ending = {s.event.supersedes for s in steps}
+            idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
+            for key in idle_keys:
+                address, _, mac = key.partition(KEY_SEPARATOR)
+                profile, _ = self.table.profiles.of(address)
+                for choice in self.table.personal_choices(address, mac or self.table.mac_of(address)):
+                    if choice.id not in ending and profile == "kiosk":
+                        ending.add(choice.id)
+                        steps.append(self._reset_step(
+                            choice, now, profile, Caller(address, mac or None, "system"),
+                            f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes"))
+            recorded = await self._commit(steps)
+            for key in idle_keys:
+                last = self.table.kiosk_seen.get(key)
+                if last is not None and self.wall() - last > self.table.kiosk_idle:
+                    del self.table.kiosk_seen[key]
+            self.pairings.expire(now)
+        if self.cfg.retention_days and now - self._last_purge >= RETENTION_EVERY:
+            self._last_purge = now
+            purged = await self._in_store(lambda: self.store.purge(now - self.cfg.retention_days * DAY, now))
+            if purged:
+                log.info("consent log: %d events older than %d days purged", purged, self.cfg.retention_days)
+        return recorded
+
+    async def run_sweeper(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("consent sweep failed; retrying in %.0f s", interval)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _days(self, profile: Profile) -> int:
+        days = {"opt-out": self.cfg.opt_out_days, "kiosk": self.cfg.kiosk_days}.get(profile, self.cfg.default_days)
+        return min(days, self.cfg.max_days)
+
+    def _notice_ref(self, request: ChoiceRequest) -> NoticeRef:
+        notice = self.notice
+        language = request.language or notice.default_language
+        if language not in notice.texts:
+            raise ConsentError(400, "invalid_field", f"no notice text in language {language!r} "
+                               f"(have: {', '.join(notice.texts)})", "language")
+        sha = notice.hashes[language]
+        if request.notice_version is not None and request.notice_version != notice.version:
+            raise ConsentError(409, "notice_changed", f"the notice is now version {notice.version}, not "
+                               f"{request.notice_version!r}: show it again (GET /v1/notice)", "notice.version")
+        if request.notice_sha256 is not None and request.notice_sha256.lower() != sha:
+            raise ConsentError(409, "notice_changed", f"the {language} notice text now has SHA-256 {sha}: "
+                               "show it again (GET /v1/notice)", "notice.sha256")
+        return NoticeRef(self.catalog.version, notice.version, sha, language)
+
+    def _choice_step(self, subject: Subject, action: str | None, categories: Mapping[str, bool],
+                     vendors: Mapping[str, bool], now: float, expires_at: float, notice: NoticeRef | None,
+                     caller: Caller, profile: Profile, reason: str) -> Step:
+        """A step making a new choice for `subject`, superseding what it replaces. Without an
+        action: "withdrawal" if a grant was in force, else "refusal"."""
+        superseded = self.table.superseded_by(subject)
+        if action is None:
+            previous = self.table.choice_of(subject) or next(iter(superseded), None)
+            granted = previous is not None and previous.active(now) and previous.grants_anything
+            action = "withdrawal" if granted else "refusal"
+        event = Event(action, now, subject, profile, dict(categories), dict(vendors), expires_at, notice,
+                      caller.channel, caller.user_agent, caller.sec_gpc,
+                      supersedes=superseded[0].id if superseded else None, reason=reason)
+        return Step(event, makes_choice=True, ends=tuple(c.id for c in superseded))
+
+    def _reset_step(self, choice: Choice, now: float, profile: Profile, caller: Caller, reason: str) -> Step:
+        event = Event("reset", now, choice.subject, profile, choice.categories, choice.vendors, choice.expires_at,
+                      choice.notice, caller.channel, caller.user_agent, caller.sec_gpc, supersedes=choice.id,
+                      reason=reason)
+        return Step(event, ends=(choice.id,), only_if_current=choice.id)
+
+    def _kiosk_idle_resets(self, subject: Subject, caller: Caller, now: float) -> list[Step]:
+        """A new kiosk choice after an idle gap the sweeper has not yet seen: record the reset first."""
+        address = subject.address
+        last = self.table.kiosk_seen.get(address or "")
+        if address is None or last is None or now - last <= self.table.kiosk_idle:
+            return []
+        return [self._reset_step(c, now, "kiosk", Caller(address, subject.mac, "system"),
+                                 f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes")
+                for c in self.table.personal_choices(address, subject.mac)]
+
+    async def _commit(self, steps: Sequence[Step]) -> int:
+        """Persist, then apply to the table; returns how many steps were recorded."""
+        if not steps:
+            return 0
+        ids = await self._in_store(lambda: self.store.commit(steps))
+        recorded = 0
+        for step, event_id in zip(steps, ids, strict=True):
+            if event_id is None:
+                continue
+            recorded += 1
+            for ended in step.ends:
+                self.table.remove(ended)
+            if step.makes_choice:
+                self.table.put(step.event.as_choice(event_id))
+        for step, event_id in zip(steps, ids, strict=True):
+            if event_id is not None:  # once every step is in force
+                log_event(step.event)
+                self._notify(dataclasses.replace(step.event, id=event_id))
+        return recorded
+
+    def _after(self, subject: Subject) -> ClientView:
+        if subject.address is not None and subject.network is None:
+            known = subject.mac if subject.mac != self.table.mac_of(subject.address) else None
+            return self.view(subject.address, known)
+        return self.view_subject(subject)
 
     async def _in_store(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def grant(self, client: str, categories: Iterable[str], source: Source, user_agent: str,
-                    days: int | None = None) -> ClientView:
-        """Make `categories` exactly the client's granted set (an empty set withdraws)."""
-        wanted = tuple(dict.fromkeys(categories))
-        if not wanted:
-            return await self.withdraw(client, source, user_agent)
-        now = self.wall()
-        expires = now + min(days or self.cfg.default_days, self.cfg.max_days) * DAY
-        grants = {c: Grant(category=c, granted_at=now, expires_at=expires, source=source) for c in wanted}
-        event = AuditEvent(at=now, client=client, action="grant", categories=wanted, expires_at=expires,
-                           source=source, user_agent=user_agent)
-        await self._in_store(lambda: self.store.record(event, grants))
-        self.table.replace(client, grants)
-        log.info("consent granted: client=%s categories=%s source=%s", client, ",".join(wanted), source)
-        self._notify(event)
-        return self.view(client)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def withdraw(self, client: str, source: Source, user_agent: str) -> ClientView:
-        previous = tuple(self.table.grants(client))
-        event = AuditEvent(at=self.wall(), client=client, action="withdraw", categories=previous,
-                           expires_at=None, source=source, user_agent=user_agent)
-        await self._in_store(lambda: self.store.record(event, {}))
-        self.table.replace(client, {})
-        log.info("consent withdrawn: client=%s categories=%s source=%s", client, ",".join(previous) or "-", source)
-        self._notify(event)
-        return self.view(client)
-
-    def _notify(self, event: AuditEvent) -> None:
+    def _notify(self, event: Event) -> None:
         for listener in self.listeners:
             try:
                 listener(event)
             except Exception:  # a broken observer must not fail a change that is already stored
                 log.exception("consent listener failed")
 
-    def view(self, client: str) -> ClientView:
-        now = self.wall()
-        active = {c: g for c, g in self.table.grants(client).items() if g.active(now)}
-        vendors = tuple(
-            VendorState(v.id, v.name, v.category, self.table.allows(client, v, now)) for v in self.catalog.vendors
-        )
-        return ClientView(client, active, vendors)
-
-    def views(self) -> list[ClientView]:
-        return [self.view(client) for client, _ in self.table.clients()]
-
-    async def events(self, client: str | None, limit: int) -> list[AuditEvent]:
-        return await self._in_store(lambda: self.store.events(client, limit))
-
     async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=2.0)
         await self._in_store(self.store.close)
         self._executor.shutdown(wait=True)
+
+
+def _in_network(subject: Subject, network: IPNetwork) -> bool:
+    for text in (subject.address, subject.network):
+        if text:
+            try:
+                if ipaddress.ip_network(text, strict=False).subnet_of(network):  # type: ignore[arg-type]
+                    return True
+            except (ValueError, TypeError):
+                continue
+    return False
+
+
+PAST: Final = {"grant": "granted", "refusal": "refused", "withdrawal": "withdrawn", "expiry": "expired",
+               "reset": "reset", "profile_change": "profile changed"}
+
+
+def log_event(e: Event) -> None:
+    """One key=value line per recorded change (never per query)."""
+    s = e.subject
+    decided = ",".join(f"{k}={'granted' if v else 'refused'}" for k, v in {**e.categories, **e.vendors}.items())
+    log.info("consent %s: client=%s mac=%s profile=%s decisions=%s source=%s channel=%s%s",
+             PAST.get(e.action, e.action), s.address or s.network or "-", s.mac or "-", e.profile, decided or "-",
+             e.source, e.channel, f" reason={e.reason!r}" if e.reason else "")

@@ -2,9 +2,8 @@
 
 `EventHub` fans events out to server-sent-event subscribers (GET /v1/events) and to an optional
 webhook. Each subscriber has a bounded queue: one that stops reading loses events (counted), it
-never slows DNS. `ConsentWatch` turns consent changes into events, counts them for /metrics, logs
-one line each, and notices expiries (a grant that simply runs out changes nothing stored, so
-nothing else would say so).
+never slows DNS. `ConsentWatch` turns the consent log's events (grants, refusals, withdrawals,
+expiries, resets, profile changes) into events and counts them for /metrics.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 
-from .consent import ConsentTable, Grant
-from .store import AuditEvent
+from .store import Event as ConsentEvent
 
 log = logging.getLogger(__name__)
 
@@ -97,62 +94,29 @@ class EventHub:
                                 type(exc).__name__)
 
 
-CONSENT_ACTIONS = ("grant", "refuse", "withdraw", "expire")
+CONSENT_ACTIONS = ("grant", "refuse", "withdraw", "expire", "reset", "profile_change")
+# The consent log's actions (store.py) under the names this event stream has always used.
+STREAM_ACTIONS = {"grant": "grant", "refusal": "refuse", "withdrawal": "withdraw", "expiry": "expire",
+                  "reset": "reset", "profile_change": "profile_change"}
 
 
 class ConsentWatch:
-    """Counts, logs and publishes consent changes, and schedules an event for each grant's expiry."""
+    """Counts and publishes consent changes: every event the consent log records (consents.py),
+    expiries and kiosk resets included, once it is stored and in force."""
 
-    def __init__(self, table: ConsentTable, hub: EventHub, client_label: Callable[[str], str],
-                 wall: Callable[[], float] = time.time) -> None:
-        self.table = table
+    def __init__(self, hub: EventHub, client_label: Callable[[str], str]) -> None:
         self.hub = hub
         self.client_label = client_label
-        self.wall = wall
         self.changes = dict.fromkeys(CONSENT_ACTIONS, 0)
-        self._timers: dict[str, dict[str, asyncio.TimerHandle]] = {}  # client -> category -> expiry timer
 
-    def start(self) -> None:
-        """Schedule the expiry of every grant already in force (call on the running loop)."""
-        now = self.wall()
-        for client, grants in self.table.clients():
-            for grant in grants.values():
-                if grant.expires_at > now:  # long-expired grants ran out while dnsgate was not looking
-                    self._schedule(client, grant)
-
-    def changed(self, event: AuditEvent) -> None:
-        """ConsentService listener: `event` has just been stored and applied."""
-        # A "no" from a client that had nothing to withdraw is a refusal.
-        action = "refuse" if event.action == "withdraw" and not event.categories else event.action
-        self._emit(action, event.client, list(event.categories), event.expires_at, event.source, event.at)
-        for timer in self._timers.pop(event.client, {}).values():
-            timer.cancel()
-        for grant in self.table.grants(event.client).values():
-            self._schedule(event.client, grant)
-
-    def _schedule(self, client: str, grant: Grant) -> None:
-        delay = max(0.0, grant.expires_at - self.wall())
-        loop = asyncio.get_running_loop()
-        self._timers.setdefault(client, {})[grant.category] = loop.call_later(delay, self._expired, client, grant)
-
-    def _expired(self, client: str, grant: Grant) -> None:
-        timers = self._timers.get(client, {})
-        timers.pop(grant.category, None)
-        if not timers:
-            self._timers.pop(client, None)
-        if self.table.grants(client).get(grant.category) is grant:  # still the grant in force
-            self._emit("expire", client, [grant.category], grant.expires_at, grant.source, grant.expires_at)
-
-    def _emit(self, action: str, client: str, categories: list[str], expires_at: float | None, source: str,
-              at: float) -> None:
+    def changed(self, event: ConsentEvent) -> None:
+        """ConsentService listener."""
+        action = STREAM_ACTIONS.get(event.action, event.action)
         self.changes[action] = self.changes.get(action, 0) + 1
-        if action == "expire":  # the other changes are logged where they are made (consents.py)
-            log.info("consent expired: client=%s categories=%s", client, ",".join(categories))
-        self.hub.publish({"type": "consent", "at": iso(at), "client": self.client_label(client), "action": action,
-                          "categories": categories, "expires_at": iso(expires_at), "source": source})
-
-    def close(self) -> None:
-        for timers in self._timers.values():
-            for timer in timers.values():
-                timer.cancel()
-        self._timers.clear()
+        s = event.subject
+        categories = ([c for c, said in event.categories.items() if said] if action == "grant"
+                      else list(event.categories))
+        client = s.address or s.network or s.mac or ""
+        self.hub.publish({"type": "consent", "at": iso(event.at), "client": self.client_label(client),
+                          "action": action, "categories": categories, "vendors": dict(event.vendors),
+                          "profile": event.profile, "expires_at": iso(event.expires_at), "source": event.source})

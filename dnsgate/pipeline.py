@@ -5,9 +5,10 @@ Each step feels the effect of the ones before it and never of those after (CoreD
   2. match the name against the catalog and its lists (the cache entry remembers the rule it is
      gated on, including a vendor its answer leads into through a CNAME: `admit`),
   3. look up the client's consent for the rule's vendor: no consent -> the sinkhole answer; the
-     cache is never allowed to bypass this,
+     cache is never allowed to bypass this (the client is the source address; on the general
+     path, a trusted forwarder's EDNS options may name the device behind it: identity.py),
   4. serve the cached answer, or hand back a `Forward` for the shell to resolve upstream and
-     `complete`.
+     `complete` (pairing names, `<token>.pair.<portal host>`, are answered here instead).
 No I/O here: the shell (resolver.py) does the awaiting, and tests drive this directly.
 The first branch of `answer` is the same steps inlined for the common shapes (no Query object is
 built): tests check it against the general path.
@@ -27,6 +28,7 @@ from .catalog import Catalog, DomainRule
 from .cloaking import answer_rule
 from .consent import ConsentTable
 from .histogram import QUERY_BUCKETS, Histogram
+from .identity import QueryIdentity
 from .sinkhole import Sinkhole
 from .tally import (
     CACHED,
@@ -85,8 +87,8 @@ class Forward:
 
 
 class Pipeline:
-    __slots__ = ("cache", "catalog", "consent", "counters", "counts", "durations", "gated_ttl", "log_all",
-                 "log_gated", "mono", "opt_tail", "plain_ttl", "sinkhole", "udp_max", "wall")
+    __slots__ = ("cache", "catalog", "consent", "counters", "counts", "durations", "gated_ttl", "identity",
+                 "kiosk_seen", "log_all", "log_gated", "mono", "opt_tail", "plain_ttl", "sinkhole", "udp_max", "wall")
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class Pipeline:
         gated_ttl: TtlPolicy,
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        identity: QueryIdentity | None = None,
     ) -> None:
         self.catalog = catalog
         self.consent = consent
@@ -110,6 +113,10 @@ class Pipeline:
         self.gated_ttl = gated_ttl
         self.mono = mono
         self.wall = wall
+        self.identity = identity
+        # Kiosk clients with a choice: their last query time keeps their session alive. The same
+        # dict as the consent table's, read directly: empty (no kiosk sessions), it costs one truth test.
+        self.kiosk_seen = consent.kiosk_seen
         # Our OPT record, without and with DO, appended to replies to EDNS queries.
         self.opt_tail = (opt_record(udp_max, False), opt_record(udp_max, True))
         self.counters = Tally()
@@ -126,6 +133,9 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------
     def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
         """The reply to send now, a Forward to resolve upstream, or None to stay silent."""
+        seen = self.kiosk_seen
+        if seen and client in seen:
+            self.consent.touch(client, self.wall())
         n = len(data)
         if n >= 17:
             qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
@@ -160,7 +170,7 @@ class Pipeline:
                             self.counts[entry.count_slot + tcp] += 1
                             if self.log_gated is not None:
                                 self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule,
-                                                self.consent.grants(client).get(rule.vendor.category), 0.0))
+                                                self.consent.grant_for(client, rule.vendor, self.wall()), 0.0))
                             return self._render(entry, qid, flags, question, edns, now,
                                                 TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
                     elif entry is not None:
@@ -180,6 +190,9 @@ class Pipeline:
         if q.edns is not None and q.edns.version != 0:
             self._plain(FORMERR, now, client, q, tcp, BADVERS, 0.0)
             return error_reply(q, BADVERS, self.udp_max)  # RFC 6891 §6.1.3
+        identity = self.identity
+        if identity is not None and client in identity.trusted:
+            client = identity.client_of(data, q, client)  # the device behind a trusted forwarder
         edns = -1 if q.edns is None else int(q.edns.do)
         entry = self.cache.get(q.key, now)
         rule = entry.rule if entry is not None else self.catalog.match(q.name)
@@ -193,6 +206,10 @@ class Pipeline:
             else:
                 self._plain(CACHED, now, client, q, tcp, entry.flags & 0xF, 0.0)
             return reply
+        if identity is not None and q.name.endswith(identity.pair_suffix):  # never cached, so checked here
+            paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
+            if paired is not None:
+                return paired
         self.counters.cache_misses += 1
         return Forward(q, rule, client, tcp, now)
 
@@ -262,7 +279,7 @@ class Pipeline:
         self.counters.counts[slot(outcome, type_slot(qtype)) + tcp] += 1
         if self.log_gated is not None:
             allowed = outcome in (CACHED, FORWARDED)
-            grant = self.consent.grants(client).get(rule.vendor.category) if allowed else None
+            grant = self.consent.grant_for(client, rule.vendor, self.wall()) if allowed else None
             self.log_gated((now, client, question, tcp, outcome, rcode, rule, grant, elapsed))
 
     def _plain(self, outcome: int, now: float, client: str, q: Query, tcp: bool, rcode: int, elapsed: float) -> None:

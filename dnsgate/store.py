@@ -1,25 +1,57 @@
-"""Durable consent: current grants and an append-only audit trail, in SQLite through sqlite-utils.
+"""Durable consent: the choices in force and the append-only event log, in SQLite via sqlite-utils.
 
 Synchronous by design: `ConsentService` calls it from one worker thread, never from the query
-path. Every change is one transaction (audit event + grants) with synchronous=FULL in WAL mode,
-so an acknowledged change survives kill -9 and power loss, and a half-written one never exists.
-Triggers make the audit table refuse UPDATE and DELETE.
+path. Every change is one transaction (events + the choices they make or end) with
+synchronous=FULL in WAL mode, so an acknowledged change survives kill -9 and power loss, and a
+half-written one never exists.
+
+The event log is the proof of consent (GDPR Art. 7(1)): triggers refuse any UPDATE, and any
+DELETE except retention's purge of events older than its cut-off that no choice in force rests on.
+
+Schema history: version 1 (issue 2) had `grants` (client, category) and a smaller `events` table;
+opening such a file migrates it in place, in one transaction: new event columns are added (old
+rows keep what they recorded), each client's grants become one choice that points at the grant
+event it came from, and `grants` is dropped.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import sqlite_utils
 
-from .consent import Grant, Source
+from .consent import Choice, NoticeRef, Subject
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 2
+
+EVENT_COLUMNS: Final[dict[str, type]] = {
+    # version 1
+    "id": int, "at": float, "client": str, "action": str, "categories": str, "expires_at": float,
+    "source": str, "user_agent": str,
+    # version 2
+    "mac": str, "network": str, "profile": str, "decisions": str, "notice_catalog": str,
+    "notice_version": str, "notice_sha256": str, "language": str, "channel": str, "sec_gpc": str,
+    "supersedes": int, "reason": str,
+}
+NEW_EVENT_COLUMNS: Final = tuple(list(EVENT_COLUMNS)[8:])
+CHOICE_COLUMNS: Final[dict[str, type]] = {
+    "id": int, "address": str, "mac": str, "network": str, "categories": str, "vendors": str,
+    "made_at": float, "expires_at": float, "notice_catalog": str, "notice_version": str,
+    "notice_sha256": str, "language": str, "channel": str, "profile": str, "sec_gpc": str,
+}
+NO_UPDATE: Final = ("CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events "
+                    "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only'); END")
+NO_DELETE: Final = (
+    "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
+    "WHEN OLD.at >= (SELECT COALESCE(MAX(purge_before), 0) FROM retention_runs) "
+    "OR OLD.id IN (SELECT id FROM choices) "
+    "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only (only retention purges old events)'); END"
+)
 
 
 class StoreError(Exception):
@@ -27,15 +59,54 @@ class StoreError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class AuditEvent:
+class Event:
+    """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""
+
+    action: str  # grant | refusal | withdrawal | expiry | reset | profile_change (issue 2: withdraw)
     at: float
-    client: str
-    action: str  # "grant" | "withdraw"
-    categories: tuple[str, ...]
-    expires_at: float | None
-    source: Source
-    user_agent: str
+    subject: Subject
+    profile: str
+    categories: Mapping[str, bool] = field(default_factory=dict)
+    vendors: Mapping[str, bool] = field(default_factory=dict)
+    expires_at: float | None = None
+    notice: NoticeRef | None = None
+    channel: str = "system"
+    user_agent: str = ""
+    sec_gpc: str | None = None
+    supersedes: int | None = None
+    reason: str = ""
     id: int | None = None
+
+    @property
+    def source(self) -> str:
+        return "admin" if self.channel == "admin" else "self"
+
+    def as_choice(self, event_id: int) -> Choice:
+        assert self.expires_at is not None
+        return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
+                      self.notice, self.channel, self.profile, self.sec_gpc,
+                      self.notice.language if self.notice else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event and what it does to the choices in force, committed together with its siblings."""
+
+    event: Event
+    makes_choice: bool = False  # the event's decisions become its subject's current choice
+    ends: tuple[int, ...] = ()  # choices this event replaces or ends
+    only_if_current: int | None = None  # skip the step if this choice is no longer in force
+    pairing: tuple[str, str] | None = None  # (HTTP subject key, DNS client key) to remember
+    sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile changes
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    since: float | None = None
+    until: float | None = None
+    address: str | None = None
+    mac: str | None = None
+    network: str | None = None  # CIDR; matched by the caller (SQLite knows no addresses)
 
 
 class ConsentStore:
@@ -51,68 +122,207 @@ class ConsentStore:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"{path}: {exc}") from exc
 
+    # -- schema ------------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"schema version {version} is newer than this dnsgate ({SCHEMA_VERSION}); upgrade dnsgate")
         with self.db.atomic():
-            self.db.table("grants").create(
-                {"client": str, "category": str, "granted_at": float, "expires_at": float,
-                 "source": str, "event_id": int},
-                pk=("client", "category"), if_not_exists=True,
-            )
-            self.db.table("events").create(
-                {"id": int, "at": float, "client": str, "action": str, "categories": str,
-                 "expires_at": float, "source": str, "user_agent": str},
-                pk="id", if_not_exists=True,
-            )
+            events = self.db.table("events")
+            if not events.exists():
+                events.create(EVENT_COLUMNS, pk="id")
+            else:
+                for column in NEW_EVENT_COLUMNS:
+                    if column not in events.columns_dict:
+                        events.add_column(column, EVENT_COLUMNS[column])
             self.db.execute("CREATE INDEX IF NOT EXISTS events_client ON events(client, at)")
-            for op in ("UPDATE", "DELETE"):
-                self.db.execute(
-                    f"CREATE TRIGGER IF NOT EXISTS events_no_{op.lower()} BEFORE {op} ON events "
-                    "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
-                )
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_at ON events(at)")
+            self.db.table("choices").create(CHOICE_COLUMNS, pk="id", if_not_exists=True)
+            self.db.table("pairings").create({"http": str, "dns": str, "at": float}, pk=("http", "dns"),
+                                             if_not_exists=True)
+            self.db.table("retention_runs").create(
+                {"id": int, "at": float, "purge_before": float, "deleted": int}, pk="id", if_not_exists=True)
+            if self.db.table("grants").exists():
+                self._grants_to_choices()
+            self.db.execute(NO_UPDATE)
+            self.db.execute("DROP TRIGGER IF EXISTS events_no_delete")
+            self.db.execute(NO_DELETE)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
-    def load(self) -> dict[str, dict[str, Grant]]:
-        """Every stored grant, by client."""
-        clients: dict[str, dict[str, Grant]] = {}
+    def _grants_to_choices(self) -> None:
+        """Issue 2's grants become choices (granted categories, no notice recorded), then go."""
+        clients: dict[str, list[dict[str, Any]]] = {}
+        for row in self.db.table("grants").rows:
+            clients.setdefault(row["client"], []).append(row)
+        for client, rows in clients.items():
+            self.db.table("choices").insert({
+                "id": max(r["event_id"] for r in rows), "address": client,
+                "categories": json.dumps({r["category"]: True for r in rows}), "vendors": "{}",
+                "made_at": max(r["granted_at"] for r in rows), "expires_at": max(r["expires_at"] for r in rows),
+                "channel": "admin" if rows[0]["source"] == "admin" else "device", "profile": "opt-in",
+            }, replace=True)
+        self.db.table("grants").drop()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def load(self) -> list[Choice]:
+        """Every choice in force, oldest first."""
         try:
-            for row in self.db.table("grants").rows:
-                clients.setdefault(row["client"], {})[row["category"]] = Grant(
-                    category=row["category"], granted_at=row["granted_at"],
-                    expires_at=row["expires_at"], source=row["source"])
+            return [_choice(row) for row in self.db.table("choices").rows_where(order_by="made_at, id")]
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
-        return clients
 
-    def record(self, event: AuditEvent, grants: Mapping[str, Grant]) -> int:
-        """Append `event` and make `grants` the client's whole set, in one transaction."""
+    def load_pairings(self) -> list[tuple[str, str, float]]:
+        """(HTTP subject key, DNS client key, when) of every pairing."""
+        return [(r["http"], r["dns"], r["at"]) for r in self.db.table("pairings").rows]
+
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        where, args = ("client = ? OR mac = ?", [address, address]) if address else (None, [])
+        rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(where, args, order_by="id desc",
+                                                                           limit=limit)
+        return [_event(r) for r in rows]
+
+    def export_page(self, f: EventFilter, after_id: int, limit: int) -> list[Event]:
+        """Events with id > after_id matching `f` (except its network), oldest first."""
+        clauses, args = ["id > ?"], [after_id]
+        if f.since is not None:
+            clauses.append("at >= ?")
+            args.append(f.since)  # type: ignore[arg-type]
+        if f.until is not None:
+            clauses.append("at < ?")
+            args.append(f.until)  # type: ignore[arg-type]
+        if f.address is not None:
+            clauses.append("client = ?")
+            args.append(f.address)  # type: ignore[arg-type]
+        if f.mac is not None:
+            clauses.append("mac = ?")
+            args.append(f.mac)  # type: ignore[arg-type]
+        rows = self.db.table("events").rows_where(" AND ".join(clauses), args, order_by="id", limit=limit)
+        return [_event(r) for r in rows]
+
+    def count_events(self) -> int:
+        return self.db.table("events").count
+
+    # -- writing -----------------------------------------------------------------------------------
+    def commit(self, steps: Sequence[Step]) -> list[int | None]:
+        """Apply `steps` in one transaction; each step's event id, or None where it was skipped."""
+        ids: list[int | None] = []
         try:
             with self.db.atomic():
-                event_id = self.db.table("events").insert({
-                    "at": event.at, "client": event.client, "action": event.action,
-                    "categories": json.dumps(list(event.categories)), "expires_at": event.expires_at,
-                    "source": event.source, "user_agent": event.user_agent,
-                }).last_pk
-                self.db.execute("DELETE FROM grants WHERE client = ?", [event.client])
-                self.db.table("grants").insert_all(
-                    {"client": event.client, "category": g.category, "granted_at": g.granted_at,
-                     "expires_at": g.expires_at, "source": g.source, "event_id": event_id}
-                    for g in grants.values()
-                )
+                for step in steps:
+                    ids.append(self._apply(step))
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
+        return ids
+
+    def _apply(self, step: Step) -> int | None:
+        if step.only_if_current is not None and not self._current(step.only_if_current):
+            return None
+        e = step.event
+        event_id = self.db.table("events").insert(_event_row(e)).last_pk
         assert isinstance(event_id, int)
+        for ended in step.ends:
+            self.db.execute("DELETE FROM choices WHERE id = ?", [ended])
+        if step.makes_choice:
+            self.db.table("choices").insert(_choice_row(e.as_choice(event_id)))
+        if step.pairing is not None:
+            self.db.table("pairings").insert({"http": step.pairing[0], "dns": step.pairing[1], "at": e.at},
+                                             replace=True)
+        if step.sets_profile_of is not None:
+            self.db.execute("UPDATE choices SET profile = ? WHERE id = ?", [e.profile, step.sets_profile_of])
         return event_id
 
-    def events(self, client: str | None = None, limit: int = 100) -> list[AuditEvent]:
-        where, args = ("client = ?", [client]) if client else (None, [])
-        rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(
-            where, args, order_by="id desc", limit=limit)
-        return [
-            AuditEvent(at=r["at"], client=r["client"], action=r["action"],
-                       categories=tuple(json.loads(r["categories"])), expires_at=r["expires_at"],
-                       source=r["source"], user_agent=r["user_agent"], id=r["id"])
-            for r in rows
-        ]
+    def remember_pairing(self, http: str, dns: str, at: float) -> None:
+        try:
+            with self.db.atomic():
+                self.db.table("pairings").insert({"http": http, "dns": dns, "at": at}, replace=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _current(self, choice_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM choices WHERE id = ?", [choice_id]).fetchone() is not None
+
+    def purge(self, before: float, now: float) -> int:
+        """Retention: delete events older than `before` that no choice in force rests on."""
+        try:
+            with self.db.atomic():
+                doomed = self.db.execute(
+                    "SELECT COUNT(*) FROM events WHERE at < ? AND id NOT IN (SELECT id FROM choices)", [before]
+                ).fetchone()[0]
+                if not doomed:
+                    return 0
+                self.db.table("retention_runs").insert({"at": now, "purge_before": before, "deleted": doomed})
+                self.db.execute("DELETE FROM events WHERE at < ? AND id NOT IN (SELECT id FROM choices)", [before])
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return int(doomed)
 
     def close(self) -> None:
         self.db.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    s = e.subject
+    n = e.notice
+    return {
+        "at": e.at, "client": s.address or s.network or s.mac or "", "action": e.action,
+        # issue 2 readers: the categories granted
+        "categories": json.dumps([c for c, granted in e.categories.items() if granted]),
+        "expires_at": e.expires_at, "source": e.source, "user_agent": e.user_agent,
+        "mac": s.mac, "network": s.network, "profile": e.profile,
+        "decisions": json.dumps({"categories": dict(e.categories), "vendors": dict(e.vendors)}),
+        "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
+        "channel": e.channel, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes, "reason": e.reason,
+    }
+
+
+def _event(r: Mapping[str, Any]) -> Event:
+    if r.get("decisions"):
+        decisions = json.loads(r["decisions"])
+        categories, vendors = decisions.get("categories", {}), decisions.get("vendors", {})
+        action = r["action"]
+    else:  # an issue-2 row: a list of categories granted, or withdrawn
+        withdrawn = r["action"] == "withdraw"
+        categories, vendors = {c: not withdrawn for c in json.loads(r["categories"] or "[]")}, {}
+        action = "withdrawal" if withdrawn else r["action"]
+    network = r.get("network")
+    mac = r.get("mac")
+    address = None if network or (mac and r["client"] == mac) else r["client"]
+    return Event(
+        action=action, at=r["at"], subject=Subject(address or None, mac, network), profile=r.get("profile") or "",
+        categories=categories, vendors=vendors, expires_at=r["expires_at"], notice=_notice(r),
+        channel=r.get("channel") or ("admin" if r["source"] == "admin" else "device"),
+        user_agent=r["user_agent"] or "", sec_gpc=r.get("sec_gpc"), supersedes=r.get("supersedes"),
+        reason=r.get("reason") or "", id=r["id"],
+    )
+
+
+def _notice(r: Mapping[str, Any]) -> NoticeRef | None:
+    if not r.get("notice_catalog"):
+        return None
+    return NoticeRef(r["notice_catalog"], r["notice_version"] or "", r["notice_sha256"] or "", r["language"] or "")
+
+
+def _choice_row(c: Choice) -> dict[str, Any]:
+    n = c.notice
+    return {
+        "id": c.id, "address": c.subject.address, "mac": c.subject.mac, "network": c.subject.network,
+        "categories": json.dumps(dict(c.categories)), "vendors": json.dumps(dict(c.vendors)),
+        "made_at": c.made_at, "expires_at": c.expires_at,
+        "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": c.language or None,
+        "channel": c.channel, "profile": c.profile, "sec_gpc": c.sec_gpc,
+    }
+
+
+def _choice(r: Mapping[str, Any]) -> Choice:
+    return Choice(
+        id=r["id"], subject=Subject(r["address"], r["mac"], r["network"]),
+        categories=json.loads(r["categories"]), vendors=json.loads(r["vendors"] or "{}"),
+        made_at=r["made_at"], expires_at=r["expires_at"], notice=_notice(r), channel=r["channel"],
+        profile=r["profile"], sec_gpc=r["sec_gpc"], language=r["language"] or "",
+    )

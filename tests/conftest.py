@@ -66,10 +66,10 @@ class Gate:
         return f"http://{self.running.api}"
 
     async def query(self, name: str, rdtype: str = "A", *, source: str = "127.0.0.1", tcp: bool = False,
-                    use_edns: int | bool = False, want_dnssec: bool = False,
+                    use_edns: int | bool = False, want_dnssec: bool = False, options: list[Any] | None = None,
                     timeout: float = 3.0) -> dns.message.Message:
-        q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), use_edns=use_edns,
-                                   want_dnssec=want_dnssec)
+        q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), use_edns=0 if options else use_edns,
+                                   want_dnssec=want_dnssec, options=options)
         host = self.running.dns[0].host
         if tcp:
             return await dns.asyncquery.tcp(q, host, port=self.dns_port, source=source, timeout=timeout)
@@ -90,10 +90,11 @@ class Gate:
 
 
 @contextlib.asynccontextmanager
-async def running_gate(cfg: Config, reread: Callable[[], Config] | None = None) -> AsyncIterator[Gate]:
+async def running_gate(cfg: Config, reread: Callable[[], Config] | None = None, **hooks: Any) -> AsyncIterator[Gate]:
+    """dnsgate in-process; `hooks` go to app.run (a fake `wall` clock, a fake `neighbours` table)."""
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(run(cfg, stop, ready.set_result, reread))
+    task = asyncio.create_task(run(cfg, stop, ready.set_result, reread, **hooks))
     waiters: list[asyncio.Future[Any]] = [task, ready]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     if task.done():

@@ -15,17 +15,19 @@ GRANT = {"categories": ["marketing"]}
 
 def stored(data_dir: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     with sqlite3.connect(data_dir / "consent.sqlite3") as db:
-        grants = db.execute("SELECT client, category FROM grants ORDER BY client").fetchall()
+        choices = db.execute("SELECT address, categories FROM choices ORDER BY address").fetchall()
         events = db.execute("SELECT client, action, categories, source FROM events ORDER BY id").fetchall()
-    return grants, events
+    return choices, events
 
 
 async def test_get_own_state_before_and_after(gate: Gate) -> None:
     status, body = await gate.http("GET", "/v1/consent", source="127.0.0.7")
     assert status == 200
-    assert body == {"client": "127.0.0.7", "categories": {},
-                    "vendors": [{"id": "activecampaign", "name": "ActiveCampaign", "category": "marketing",
-                                 "allowed": False}]}
+    assert body["client"] == "127.0.0.7" and body["categories"] == {} and body["choice"] is None
+    (vendor,) = body["vendors"]
+    assert {k: vendor[k] for k in ("id", "name", "category", "allowed")} == {
+        "id": "activecampaign", "name": "ActiveCampaign", "category": "marketing", "allowed": False}
+    assert "no choice recorded" in vendor["reason"]
     status, body = await gate.http("PUT", "/v1/consent", source="127.0.0.7", json=GRANT,
                                    headers={"User-Agent": "kiosk/1.0"})
     assert status == 200
@@ -34,23 +36,25 @@ async def test_get_own_state_before_and_after(gate: Gate) -> None:
     assert marketing["granted_at"].endswith("Z") and marketing["expires_at"] > marketing["granted_at"]
     assert body["vendors"][0]["allowed"] is True
     status, again = await gate.http("GET", "/v1/consent", source="127.0.0.7")
-    assert again == body
+    assert again == {k: v for k, v in body.items() if k != "pairing"}
 
 
 async def test_audit_trail_records_grant_and_withdrawal(gate: Gate, data_dir: Path) -> None:
     await gate.http("PUT", "/v1/consent", source="127.0.0.7", json=GRANT, headers={"User-Agent": "kiosk/1.0"})
     await gate.http("DELETE", "/v1/consent", source="127.0.0.7")
     await gate.http("PUT", "/v1/clients/127.0.0.8/consent", json=GRANT, admin=True)
-    grants, events = stored(data_dir)
-    assert grants == [("127.0.0.8", "marketing")]
+    choices, events = stored(data_dir)
+    # a withdrawal is a recorded choice too: every category refused
+    assert choices == [("127.0.0.7", '{"marketing": false, "analytics": false}'),
+                       ("127.0.0.8", '{"marketing": true, "analytics": false}')]
     assert events == [
         ("127.0.0.7", "grant", '["marketing"]', "self"),
-        ("127.0.0.7", "withdraw", '["marketing"]', "self"),
+        ("127.0.0.7", "withdrawal", "[]", "self"),
         ("127.0.0.8", "grant", '["marketing"]', "admin"),
     ]
     status, body = await gate.http("GET", "/v1/audit?client=127.0.0.7", admin=True)
     assert status == 200
-    assert [e["action"] for e in body["events"]] == ["withdraw", "grant"]
+    assert [e["action"] for e in body["events"]] == ["withdrawal", "grant"]
     assert body["events"][1]["user_agent"] == "kiosk/1.0"
 
 
@@ -111,7 +115,7 @@ async def test_bad_requests_change_nothing(gate: Gate, data_dir: Path, method: s
 @pytest.mark.parametrize("ip", ["not-an-ip", "999.1.1.1", "127.0.0.1%25eth0x"])
 async def test_admin_bad_ip_is_400(gate: Gate, ip: str) -> None:
     status, body = await gate.http("PUT", f"/v1/clients/{ip}/consent", json=GRANT, admin=True)
-    assert status == 400 and body["error"]["field"] == "ip"
+    assert status == 400 and body["error"]["field"] == "client"
 
 
 @pytest.mark.parametrize("origin_of", ["api", "localhost", "portal"])

@@ -75,6 +75,18 @@ def test_documented_config_mentions_every_key() -> None:
         ("[querylog]\nmax_rows = 0", "querylog.max_rows"),
         ("[events]\nwebhook_url = 'ftp://x'", "events.webhook_url"),
         ("[events]\nwebhook_timeout = 0", "events.webhook_timeout"),
+        ("[consent]\nkiosk_days = 400", "consent.kiosk_days"),
+        ("[consent]\nopt_out_days = 0", "consent.opt_out_days"),
+        ("[consent]\nkiosk_idle_minutes = 0", "consent.kiosk_idle_minutes"),
+        ("[consent]\nretention_days = -1", "consent.retention_days"),
+        ("[consent]\nsweep_interval = 0", "consent.sweep_interval"),
+        ("[profiles]\ndefault = 'gdpr'", "profiles.default"),
+        ("[profiles]\nnetworks = { '10.0.0.1/8' = 'kiosk' }", "profiles.networks"),
+        ("[profiles]\nnetworks = { '10.0.0.0/8' = 'strict' }", "profiles.networks"),
+        ("[profiles]\nnetworks = ['10.0.0.0/8']", "profiles.networks"),
+        ("[identity]\ntrusted_forwarders = ['router']", "identity.trusted_forwarders"),
+        ("[identity]\npairing_ttl = 1", "identity.pairing_ttl"),
+        ("[identity]\nneighbour_refresh = 0", "identity.neighbour_refresh"),
         ("[dns", "config"),
     ],
 )
@@ -119,6 +131,11 @@ def test_layering_defaults_file_env_flags(tmp_path: Path) -> None:
     assert cfg.upstream.servers == ("192.0.2.1",)  # flag
     cfg2 = load_config(str(path), merge_overrides(env, Overrides(data_dir="/from/flag")))
     assert cfg2.storage.data_dir == "/from/flag"  # flag beats env
+
+
+def test_profile_networks_parse_from_a_table() -> None:
+    cfg = parse_config_text('[profiles]\nnetworks = { "10.0.5.0/24" = "kiosk", "2001:db8::/32" = "opt-out" }')
+    assert cfg.profiles.networks == (("10.0.5.0/24", "kiosk"), ("2001:db8::/32", "opt-out"))
 
 
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:

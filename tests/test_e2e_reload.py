@@ -134,7 +134,8 @@ async def test_reload_picks_up_dropins_and_switched_off_vendors(upstream: StubUp
         assert (await g.http("PUT", "/v1/consent", json={"categories": ["ads"]}))[0] == 200
         assert (await g.query("adco.example")).rcode() == dns.rcode.NOERROR
         own = (await g.http("GET", "/v1/consent"))[1]
-        assert own["vendors"] == [{"id": "adco", "name": "AdCo", "category": "ads", "allowed": True}]
+        assert [{k: v[k] for k in ("id", "name", "category", "allowed")} for v in own["vendors"]] == [
+            {"id": "adco", "name": "AdCo", "category": "ads", "allowed": True}]
 
         (dropins / "broken.toml").write_text('[[vendor]]\nid = "x"\nname = "X"\ncategory = "ads"\nserves = 1\n')
         status, body = await g.http("POST", "/v1/reload", admin=True)

@@ -1,6 +1,6 @@
 """The pure pieces behind the evidence and the counts, without sockets: the report's verdict,
 JUnit output, time parsing, per-query counting and the log entries the pipeline records, the
-consent watch's expiry events, and JSON logs."""
+consent watch's events, and JSON logs."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from typing import Any
 import dns.message
 import pytest
 
-from dnsgate.consent import ConsentTable, Grant
+from dnsgate.consent import Grant, Subject
 from dnsgate.events import ConsentWatch, EventHub
 from dnsgate.logs import setup_logging
 from dnsgate.observe_api import parse_time
 from dnsgate.pipeline import Forward
 from dnsgate.report import Watched, build_report, junit
-from dnsgate.store import AuditEvent
+from dnsgate.store import Event as ConsentEvent
 from dnsgate.tally import CACHED, FORWARDED, SINKHOLED, LogEntry
 from tests.test_pipeline import Clock, build, forward, grant, query
 
@@ -149,21 +149,21 @@ def test_servfail_of_a_gated_query_is_recorded_as_evidence(clock: Clock) -> None
     assert [e[4] for e in gated] == [3]  # SERVFAIL outcome, nothing resolved
 
 
-async def test_consent_watch_emits_expiry_and_counts_changes() -> None:
-    table = ConsentTable()
+async def test_consent_watch_publishes_the_consent_logs_events_and_counts_them() -> None:
     hub = EventHub()
     now = 1_000_000.0
-    watch = ConsentWatch(table, hub, str, wall=lambda: now)
+    watch = ConsentWatch(hub, str)
+    me = Subject("10.0.0.1")
     async with hub.subscribe() as events:
-        table.replace("10.0.0.1", {"marketing": Grant("marketing", now, now + 0.05, "self")})
-        watch.changed(AuditEvent(now, "10.0.0.1", "grant", ("marketing",), now + 0.05, "self", "ua"))
-        granted = await asyncio.wait_for(events.get(), 2)
-        expired = await asyncio.wait_for(events.get(), 2)  # scheduled for the grant's expiry
-        watch.changed(AuditEvent(now, "10.0.0.9", "withdraw", (), None, "self", "ua"))
-        refused = await asyncio.wait_for(events.get(), 2)
+        watch.changed(ConsentEvent("grant", now, me, "opt-in", {"marketing": True, "analytics": False},
+                                   expires_at=now + 60, channel="portal", id=1))
+        watch.changed(ConsentEvent("expiry", now + 60, me, "opt-in", {"marketing": True}, expires_at=now + 60,
+                                   supersedes=1, id=2))
+        watch.changed(ConsentEvent("refusal", now, Subject("10.0.0.9"), "opt-in", {"marketing": False}, id=3))
+        granted, expired, refused = [await asyncio.wait_for(events.get(), 2) for _ in range(3)]
     assert (granted["action"], expired["action"], refused["action"]) == ("grant", "expire", "refuse")
-    assert watch.changes == {"grant": 1, "refuse": 1, "withdraw": 0, "expire": 1}
-    watch.close()
+    assert granted["categories"] == ["marketing"] and granted["source"] == "self" and granted["client"] == "10.0.0.1"
+    assert watch.changes == {"grant": 1, "refuse": 1, "withdraw": 0, "expire": 1, "reset": 0, "profile_change": 0}
 
 
 def test_json_logs_are_one_object_per_line() -> None:

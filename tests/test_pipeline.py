@@ -11,10 +11,10 @@ import dns.rrset
 import pytest
 
 from dnsgate.cache import AnswerCache, TtlPolicy
-from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
-from dnsgate.consent import ConsentTable, Grant
+from dnsgate.identity import QueryIdentity
 from dnsgate.pipeline import Forward, Pipeline
 from dnsgate.sinkhole import Sinkhole
+from tests import consent_fixtures
 
 
 class Clock:
@@ -31,11 +31,13 @@ def clock() -> Clock:
 
 
 def build(clock: Clock, mode: str = "nxdomain", max_entries: int = 1000) -> Pipeline:
+    table = consent_fixtures.table()
     return Pipeline(
-        parse_catalog_text(builtin_catalog_text()), ConsentTable(), AnswerCache(max_entries, 10**7),
+        consent_fixtures.CATALOG, table, AnswerCache(max_entries, 10**7),
         Sinkhole(mode, 5, 1232), udp_max=1232,  # type: ignore[arg-type]
         plain_ttl=TtlPolicy(0, 86400, None), gated_ttl=TtlPolicy(0, 86400, 10),
         mono=clock, wall=lambda: 1_700_000_000.0,
+        identity=QueryIdentity(table, ["127.0.0.53"], "consent.dnsgate.internal", lambda token, _: token == "t0k"),
     )
 
 
@@ -75,7 +77,7 @@ def forward(p: Pipeline, q: dns.message.Message, *records: str, client: str = "1
 
 
 def grant(p: Pipeline, client: str, category: str = "marketing", expires: float = 2_000_000_000.0) -> None:
-    p.consent.replace(client, {category: Grant(category, 0.0, expires, "self")})
+    p.consent.put(consent_fixtures.choice(client, categories={category: True}, expires_at=expires))
 
 
 @pytest.mark.parametrize("rdtype", ["A", "AAAA", "HTTPS", "MX", "TXT", "CNAME", "ANY", "TYPE65280"])
@@ -122,7 +124,8 @@ def test_gate_then_forward_then_gate_again(clock: Clock) -> None:
     # the cache now holds the real answer; another client still gets the sinkhole
     assert answer(p, query("trackcmp.net"), "127.0.0.3").rcode() == dns.rcode.NXDOMAIN
     assert answer(p, query("trackcmp.net"), "127.0.0.2").answer[0][0].to_text() == "198.51.100.1"
-    p.consent.replace("127.0.0.2", {})
+    for c in p.consent.choices():
+        p.consent.remove(c.id)
     assert answer(p, query("trackcmp.net"), "127.0.0.2").rcode() == dns.rcode.NXDOMAIN
 
 
@@ -246,3 +249,22 @@ def test_cache_bound(clock: Clock) -> None:
     for i in range(10):
         forward(p, query(f"n{i}.example.test"), f"n{i}.example.test. 300 IN A 192.0.2.1")
     assert len(p.cache) == 3 and p.cache.evictions == 7
+
+
+def test_pairing_names_are_answered_here_and_never_forwarded(clock: Clock) -> None:
+    p = build(clock)
+    assert answer(p, query("T0K.pair.consent.dnsgate.internal")).rcode() == dns.rcode.NOERROR
+    r = answer(p, query("nope.pair.consent.dnsgate.internal", "AAAA", use_edns=0))
+    assert r.rcode() == dns.rcode.NXDOMAIN and not r.authority  # no SOA: nobody caches it
+    # not a pairing name: one label too many, or a label that merely ends in "pair"
+    assert isinstance(p.answer(query("a.t0k.pair.consent.dnsgate.internal").to_wire(), "127.0.0.1", False), Forward)
+    assert isinstance(p.answer(query("t0k.xpair.consent.dnsgate.internal").to_wire(), "127.0.0.1", False), Forward)
+
+
+def test_only_a_trusted_forwarder_speaks_for_its_clients(clock: Clock) -> None:
+    p = build(clock)
+    p.consent.put(consent_fixtures.choice(mac="02:00:00:00:00:01"))
+    mac = [consent_fixtures.edns_option(65001, bytes.fromhex("020000000001"))]
+    trusted = p.answer(query("trackcmp.net", use_edns=0, options=mac).to_wire(), "127.0.0.53", False)
+    assert isinstance(trusted, Forward) and trusted.client == "127.0.0.53|02:00:00:00:00:01"
+    assert answer(p, query("trackcmp.net", use_edns=0, options=mac), "127.0.0.54").rcode() == dns.rcode.NXDOMAIN

@@ -20,14 +20,18 @@ import dns.rdatatype
 
 from dnsgate.cache import AnswerCache, TtlPolicy
 from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
-from dnsgate.consent import ConsentTable, Grant
+from dnsgate.consent import Choice, ConsentTable, CurrentNotice, NoticeRef, Subject
 from dnsgate.pipeline import Forward, Pipeline
 from dnsgate.sinkhole import Sinkhole
 
+SHOWN = NoticeRef(parse_catalog_text(builtin_catalog_text()).version, "bench", "0" * 64, "en")
+
 
 def build(setup: Callable[[Pipeline], None] | None = None) -> Pipeline:
+    catalog = parse_catalog_text(builtin_catalog_text())
+    consent = ConsentTable(catalog.vendors, notice=CurrentNotice(catalog.version, "bench", {"en": SHOWN.sha256}))
     p = Pipeline(
-        parse_catalog_text(builtin_catalog_text()), ConsentTable(), AnswerCache(1000, 10**7),
+        catalog, consent, AnswerCache(1000, 10**7),
         Sinkhole("nxdomain", 5, 1232), udp_max=1232,
         plain_ttl=TtlPolicy(0, 86400, None), gated_ttl=TtlPolicy(0, 86400, 10),
     )
@@ -70,7 +74,8 @@ def main() -> None:
         p.log_gated = sink.append
         if args.log == "all":
             p.log_all = sink.append
-    p.consent.replace("127.0.0.2", {"marketing": Grant("marketing", 0.0, 4e9, "self")})
+    # 127.0.0.2 granted marketing under the current notice
+    p.consent.put(Choice(1, Subject("127.0.0.2"), {"marketing": True}, {}, 0.0, 4e9, SHOWN, "device", "opt-in"))
     cases = {
         "cached": (dns.message.make_query("host.example.test", dns.rdatatype.A).to_wire(), "127.0.0.1"),
         "blocked": (dns.message.make_query("trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.1"),

@@ -1,0 +1,136 @@
+"""A small client for the running server's admin API, used by `dnsgate consent` and `dnsgate explain`.
+
+Finds the server the way `dnsgate serve` finds its settings (flags, DNSGATE_* variables, the
+config file, the defaults) and the admin token in `<data_dir>/admin-token` unless one is given.
+Blocking I/O through urllib: it runs once per command, never inside the server.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .config import Config
+
+TIMEOUT = 10.0
+CHUNK = 64 * 1024
+
+
+class AdminError(Exception):
+    """The API cannot be reached or refused the request; the message is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminClient:
+    base_url: str
+    token: str
+
+    @classmethod
+    def for_config(cls, cfg: Config, token: str | None = None) -> AdminClient:
+        address = cfg.api_listen
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+        base = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+        if not token:
+            token = cfg.api.admin_token
+        if not token:
+            path = Path(cfg.storage.data_dir) / "admin-token"
+            try:
+                token = path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise AdminError(f"no admin token: pass --token, set DNSGATE_ADMIN_TOKEN, or point --data-dir at "
+                                 f"the server's data dir ({path}: {exc.strerror})") from None
+        return cls(base, token)
+
+    def get(self, path: str, query: Mapping[str, str | None] | None = None) -> Any:
+        return self._json("GET", path, query)
+
+    def put(self, path: str, body: Mapping[str, Any]) -> Any:
+        return self._json("PUT", path, None, body)
+
+    def delete(self, path: str) -> Any:
+        return self._json("DELETE", path)
+
+    def post(self, path: str) -> Any:
+        return self._json("POST", path)
+
+    def stream(self, path: str, query: Mapping[str, str | None], out: BinaryIO) -> None:
+        with self._open("GET", path, query) as response:
+            for chunk in iter(lambda: response.read(CHUNK), b""):
+                out.write(chunk)
+
+    def _json(self, method: str, path: str, query: Mapping[str, str | None] | None = None,
+              body: Mapping[str, Any] | None = None) -> Any:
+        with self._open(method, path, query, body) as response:
+            return json.loads(response.read())
+
+    def _open(self, method: str, path: str, query: Mapping[str, str | None] | None = None,
+              body: Mapping[str, Any] | None = None) -> Any:
+        url = self.base_url + urllib.parse.quote(path, safe="/:")
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Authorization": f"Bearer {self.token}", "User-Agent": "dnsgate-cli"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            return urllib.request.urlopen(request, timeout=TIMEOUT)
+        except urllib.error.HTTPError as exc:
+            raise AdminError(_api_message(exc)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminError(f"cannot reach the dnsgate API at {self.base_url}: {reason} "
+                             "(is 'dnsgate serve' running? see --api)") from None
+
+
+def _api_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"the API answered HTTP {exc.code} {exc.reason}"
+    field = f" (field {error['field']})" if error.get("field") else ""
+    return f"{error.get('message', exc.reason)}{field} [HTTP {exc.code} {error.get('code', '')}]"
+
+
+def lines_of_view(view: Mapping[str, Any]) -> Iterator[str]:
+    """A client's consent in a few readable lines (the CLI's `consent show`)."""
+    ident = view["identity"]
+    mac = f", MAC {ident['mac']} (from the {ident['mac_source']})" if ident.get("mac") and ident.get("mac_source") \
+        else (f", MAC {ident['mac']}" if ident.get("mac") else "")
+    yield f"client {view['client']}{mac}"
+    profile = view["profile"]
+    yield f"profile {profile['name']}: {profile['why']}"
+    choice = view.get("choice")
+    if choice is None:
+        yield "choice: none recorded"
+    else:
+        subject = choice["subject"]
+        who = subject["network"] or subject["mac"] or subject["address"]
+        state = "in force" if choice["active"] else "expired"
+        notice = choice["notice"]
+        currency = "current" if notice and notice["current"] else "OUTDATED"
+        notice_text = "no notice recorded" if notice is None else (
+            f"notice {notice['version']} (catalog {notice['catalog']}), {currency}")
+        yield (f"choice #{choice['id']} by {who} via {choice['channel']}, made {choice['made_at']}, "
+               f"expires {choice['expires_at']} ({state}); {notice_text}")
+        for scope in ("categories", "vendors"):
+            if choice[scope]:
+                yield f"  {scope}: " + ", ".join(f"{k}={'granted' if v else 'refused'}"
+                                                 for k, v in choice[scope].items())
+    for note in view.get("notes", []):
+        yield f"note: {note}"
+    if view.get("ask_again_after"):
+        yield f"opted out: do not ask again before {view['ask_again_after']}"
+    if view.get("kiosk"):
+        kiosk = view["kiosk"]
+        yield f"kiosk: resets after {kiosk['idle_minutes']:g} idle minutes; last seen {kiosk['last_seen']}"
+    for v in view["vendors"]:
+        yield f"  {v['id']} ({v['category']}): {'ALLOWED' if v['allowed'] else 'BLOCKED'} - {v['reason']}"

@@ -1,0 +1,77 @@
+"""The consent log as records a person or a spreadsheet can read: JSON objects, JSON Lines, CSV.
+
+Pure formatting of `store.Event`s; the API and the CLI both export through it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from .store import Event
+
+FIELDS: Final = (
+    "id", "time", "action", "address", "mac", "network", "profile", "categories", "vendors", "expires_at",
+    "notice_catalog", "notice_version", "notice_sha256", "language", "channel", "user_agent", "sec_gpc",
+    "supersedes", "reason",
+)
+FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def iso(ts: float | None) -> str | None:
+    """UNIX seconds -> `2026-12-01T10:00:00Z` (UTC)."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> float:
+    """`2026-12-01`, `2026-12-01T10:00:00Z` or `…+02:00` -> UNIX seconds (naive means UTC)."""
+    parsed = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    n = e.notice
+    return {
+        "id": e.id, "time": iso(e.at), "action": e.action,
+        "address": e.subject.address, "mac": e.subject.mac, "network": e.subject.network, "profile": e.profile,
+        "categories": dict(e.categories), "vendors": dict(e.vendors), "expires_at": iso(e.expires_at),
+        "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
+        "channel": e.channel, "user_agent": e.user_agent, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes,
+        "reason": e.reason,
+    }
+
+
+def jsonl_line(e: Event) -> str:
+    return json.dumps(event_json(e), ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _decisions(d: Mapping[str, bool]) -> str:
+    return ";".join(f"{k}={'granted' if v else 'refused'}" for k, v in d.items())
+
+
+def csv_header() -> str:
+    return _csv_row(list(FIELDS))
+
+
+def csv_line(e: Event) -> str:
+    record = event_json(e)
+    record["categories"] = _decisions(e.categories)
+    record["vendors"] = _decisions(e.vendors)
+    if e.user_agent.startswith(FORMULA_START):
+        record["user_agent"] = "'" + e.user_agent  # a client-supplied string must not run as a spreadsheet formula
+    return _csv_row(["" if record[f] is None else str(record[f]) for f in FIELDS])
+
+
+def _csv_row(values: list[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(values)
+    return out.getvalue()

@@ -1,0 +1,124 @@
+"""`dnsgate consent …` and `dnsgate explain` as real processes against a running dnsgate's admin API,
+with the admin token found in the data dir."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import dns.rcode
+import pytest
+
+from dnsgate.config import ApiConfig
+from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import consent_config
+from tests.stub_upstream import StubUpstream
+
+
+@pytest.fixture
+async def gate(upstream: StubUpstream, data_dir: Path) -> AsyncIterator[Gate]:
+    cfg = make_config(upstream, data_dir)
+    cfg = consent_config(replace(cfg, api=ApiConfig(listen="127.0.0.1:0")))  # token generated into the data dir
+    async with running_gate(cfg) as g:
+        yield g
+
+
+async def cli(g: Gate, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", *args, "--api", str(g.running.api), "--data-dir", g.cfg.storage.data_dir,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_grant_show_list_withdraw(gate: Gate) -> None:
+    client = "127.0.0.60"
+    code, out, err = await cli(gate, "consent", "grant", client, "marketing", "--refuse", "analytics", "--days", "30")
+    assert code == 0, err
+    assert "categories: marketing=granted, analytics=refused" in out
+    assert "activecampaign (marketing): ALLOWED" in out
+    assert (await gate.query("trackcmp.net", source=client)).rcode() == dns.rcode.NOERROR
+
+    code, out, _ = await cli(gate, "consent", "show", client)
+    assert code == 0 and f"client {client}" in out and "profile opt-in" in out and "via admin" in out
+    code, out, _ = await cli(gate, "consent", "list", "--json")
+    assert code == 0 and [c["client"] for c in json.loads(out)] == [client]
+
+    code, out, _ = await cli(gate, "consent", "withdraw", client)
+    assert code == 0 and "activecampaign (marketing): BLOCKED" in out
+    assert (await gate.query("trackcmp.net", source=client)).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_grant_for_a_network_and_a_device_and_reset(gate: Gate) -> None:
+    code, out, err = await cli(gate, "consent", "grant", "127.0.10.0/24", "--vendor", "activecampaign")
+    assert code == 0, err
+    assert (await gate.query("trackcmp.net", source="127.0.10.9")).rcode() == dns.rcode.NOERROR
+    code, out, _ = await cli(gate, "consent", "grant", "02-00-00-00-00-61", "marketing")
+    assert code == 0 and "client 02:00:00:00:00:61" in out
+    code, out, _ = await cli(gate, "consent", "reset", "127.0.10.0/24")
+    assert code == 0 and "choice: none recorded" in out
+    assert (await gate.query("trackcmp.net", source="127.0.10.9")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_export_as_csv_and_jsonl_with_filters(gate: Gate, tmp_path: Path) -> None:
+    await cli(gate, "consent", "grant", "127.0.0.62", "marketing")
+    await cli(gate, "consent", "grant", "127.0.0.63", "marketing")
+    await cli(gate, "consent", "withdraw", "127.0.0.63")
+    code, out, _ = await cli(gate, "consent", "export", "--format", "csv", "--client", "127.0.0.63")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["action"] for r in rows] == ["grant", "withdrawal"] and rows[0]["channel"] == "admin"
+    target = tmp_path / "log.jsonl"
+    code, out, _ = await cli(gate, "consent", "export", "--since", "2000-01-01", "-o", str(target))
+    assert code == 0 and out == ""
+    assert len(target.read_text().splitlines()) == 3
+
+
+async def test_explain_prints_the_decision_and_every_reason(gate: Gate) -> None:
+    code, out, _ = await cli(gate, "explain", "x.TrackCmp.net.", "--client", "127.0.0.64")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "x.TrackCmp.net. for 127.0.0.64: BLOCKED (sinkhole)"
+    assert any("catalog rule 'trackcmp.net'" in line for line in lines)
+    assert any("profile opt-in" in line for line in lines)
+    assert any("no choice recorded" in line for line in lines)
+    await cli(gate, "consent", "grant", "127.0.0.64", "marketing")
+    code, out, _ = await cli(gate, "explain", "trackcmp.net", "--client", "127.0.0.64")
+    assert out.startswith("trackcmp.net for 127.0.0.64: RESOLVED") and "category marketing granted in choice" in out
+    code, out, _ = await cli(gate, "explain", "example.org", "--client", "127.0.0.64")
+    assert "RESOLVED" in out and "matches no catalog rule" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["consent", "show", "not-a-client"], "not an IP address, MAC address or network"),
+     (["consent", "grant", "127.0.0.65", "spying"], "unknown category 'spying'"),
+     (["explain", "trackcmp.net", "--client", "nope"], "not an IP address")],
+)
+async def test_api_refusals_are_one_line(gate: Gate, args: list[str], message: str) -> None:
+    code, out, err = await cli(gate, *args)
+    assert code == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+async def test_no_server_and_no_token_are_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "consent", "list", "--data-dir", str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1 and "no admin token" in err.decode() and len(err.decode().splitlines()) == 1
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "consent", "list", "--api", "127.0.0.1:9", "--token", "x",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    _, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 1 and "cannot reach the dnsgate API at http://127.0.0.1:9" in err.decode()

@@ -1,0 +1,172 @@
+"""Who the client is, over real sockets: admin consent for a network, MACs from a (fake) neighbour
+table, EDNS options from a trusted forwarder, and pairing HTTP with DNS."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import dns.edns
+import dns.rcode
+import pytest
+
+from dnsgate.config import ApiConfig
+from tests.conftest import TOKEN, Gate, make_config, running_gate
+from tests.consent_fixtures import FakeClock, FakeNeighbours, consent_config, edns_option, eventually, parse_jsonl
+from tests.stub_upstream import StubUpstream
+
+GRANT = {"categories": ["marketing"]}
+TRACKER = "trackcmp.net"
+FORWARDER, STRANGER = "127.0.7.53", "127.0.7.54"
+MAC_A, MAC_B, MAC_C = "02:00:00:00:00:0a", "02:00:00:00:00:0b", "02:00:00:00:00:0c"
+
+
+@pytest.fixture
+def neighbours() -> FakeNeighbours:
+    return FakeNeighbours()
+
+
+@pytest.fixture
+async def gate(upstream: StubUpstream, data_dir: Path, neighbours: FakeNeighbours) -> AsyncIterator[Gate]:
+    cfg = consent_config(make_config(upstream, data_dir), trusted=(FORWARDER,))
+    async with running_gate(cfg, wall=FakeClock(), neighbours=neighbours) as g:
+        yield g
+
+
+async def rcode(g: Gate, source: str, **kw: Any) -> int:
+    return (await g.query(TRACKER, source=source, **kw)).rcode()
+
+
+async def log_of(g: Gate, query: str = "", source: str = "127.0.0.1") -> list[dict[str, Any]]:
+    status, text = await g.http("GET", f"/v1/audit/export?format=jsonl{query}", admin=True, source=source)
+    assert status == 200
+    return parse_jsonl(text)
+
+
+async def test_admin_consent_for_a_network(gate: Gate) -> None:
+    status, body = await gate.http("PUT", "/v1/clients/127.0.5.0/28/consent", json=GRANT, admin=True)
+    assert status == 200 and body["choice"]["subject"]["network"] == "127.0.5.0/28"
+    assert await rcode(gate, "127.0.5.1") == dns.rcode.NOERROR
+    assert await rcode(gate, "127.0.5.14") == dns.rcode.NOERROR
+    assert await rcode(gate, "127.0.5.17") == dns.rcode.NXDOMAIN
+    # a person's own refusal inside the network beats the admin's grant
+    await gate.http("PUT", "/v1/consent", source="127.0.5.2", json={"choices": {"marketing": False}})
+    assert await rcode(gate, "127.0.5.2") == dns.rcode.NXDOMAIN
+    status, body = await gate.http("GET", "/v1/clients", admin=True)
+    assert {c["client"] for c in body["clients"]} == {"127.0.5.0/28", "127.0.5.2"}
+    await gate.http("DELETE", "/v1/clients/127.0.5.0/28/consent", admin=True)
+    assert await rcode(gate, "127.0.5.1") == dns.rcode.NXDOMAIN
+    status, body = await gate.http("PUT", "/v1/clients/127.0.5.1/28/consent", json=GRANT, admin=True)
+    assert status == 400 and body["error"]["field"] == "client" and "host bits" in body["error"]["message"]
+
+
+async def test_a_choice_follows_the_device_by_its_mac(gate: Gate, neighbours: FakeNeighbours) -> None:
+    first, second = "127.0.6.1", "127.0.6.2"
+    neighbours.table = {first: MAC_A}
+
+    async def seen(address: str, mac: str) -> bool:
+        return bool((await gate.http("GET", "/v1/whoami", source=address))[1]["http"]["mac"] == mac)
+
+    await eventually(lambda: seen(first, MAC_A))
+    _, body = await gate.http("PUT", "/v1/consent", source=first, json=GRANT)
+    assert body["identity"] == {"address": first, "mac": MAC_A, "mac_source": "neighbour table"}
+    assert body["choice"]["subject"] == {"address": first, "mac": MAC_A, "network": None}
+    assert await rcode(gate, first) == dns.rcode.NOERROR
+
+    # DHCP gives the device another address, and its old address to another device
+    neighbours.table = {second: MAC_A, first: MAC_B}
+    await eventually(lambda: seen(second, MAC_A))
+    assert await rcode(gate, second) == dns.rcode.NOERROR
+    assert await rcode(gate, first) == dns.rcode.NXDOMAIN
+    _status, body = await gate.http("GET", f"/v1/explain?name={TRACKER}&client={first}", admin=True)
+    assert body["answer"] == "sinkhole" and any("now belongs to" in r for r in body["reasons"])
+    (grant,) = await log_of(gate, f"&client={MAC_A}")
+    assert grant["mac"] == MAC_A and grant["address"] == first
+
+
+async def test_trusted_forwarder_edns_mac(gate: Gate) -> None:
+    status, _ = await gate.http("PUT", f"/v1/clients/{MAC_C}/consent", json=GRANT, admin=True)
+    assert status == 200
+    raw = edns_option(65001, bytes.fromhex(MAC_C.replace(":", "")))
+    text = edns_option(65073, MAC_C.upper().encode())
+    assert await rcode(gate, FORWARDER, options=[raw]) == dns.rcode.NOERROR
+    assert await rcode(gate, FORWARDER, options=[text], tcp=True) == dns.rcode.NOERROR
+    assert await rcode(gate, STRANGER, options=[raw]) == dns.rcode.NXDOMAIN  # not a trusted forwarder
+    assert await rcode(gate, FORWARDER) == dns.rcode.NXDOMAIN  # the forwarder itself has no consent
+
+
+async def test_trusted_forwarder_client_subnet(gate: Gate) -> None:
+    await gate.http("PUT", "/v1/clients/127.0.7.99/consent", json=GRANT, admin=True)
+    assert await rcode(gate, FORWARDER, options=[dns.edns.ECSOption("127.0.7.99", 32)]) == dns.rcode.NOERROR
+    assert await rcode(gate, FORWARDER, options=[dns.edns.ECSOption("127.0.7.98", 32)]) == dns.rcode.NXDOMAIN
+    assert await rcode(gate, STRANGER, options=[dns.edns.ECSOption("127.0.7.99", 32)]) == dns.rcode.NXDOMAIN
+    # a /24 names a network, not a client: the forwarder's own (absent) consent applies
+    assert await rcode(gate, FORWARDER, options=[dns.edns.ECSOption("127.0.7.0", 24)]) == dns.rcode.NXDOMAIN
+
+
+def _ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not configured on this machine")
+async def test_pairing_binds_the_dns_source_to_the_http_callers_choice(upstream: StubUpstream,
+                                                                         data_dir: Path) -> None:
+    """The browser talks HTTP over IPv6 (::1); the device's DNS queries come from 127.0.8.1."""
+    base = make_config(upstream, data_dir, api=ApiConfig(listen="[::1]:0", admin_token=TOKEN))
+    device = "127.0.8.1"
+    async with running_gate(consent_config(base), wall=FakeClock()) as g:
+        status, body = await g.http("PUT", "/v1/consent", source="::1", json=GRANT)
+        assert status == 200 and body["client"] == "::1"
+        name = body["pairing"]["name"]
+        assert name.endswith(".pair.consent.dnsgate.internal")
+        assert await rcode(g, device) == dns.rcode.NXDOMAIN
+        status, who = await g.http("GET", "/v1/whoami", source="::1")
+        assert who["http"]["address"] == "::1" and who["dns"] is None
+
+        paired = await g.query(name, source=device)
+        assert paired.rcode() == dns.rcode.NOERROR and not paired.answer and not paired.authority
+
+        async def bound() -> bool:
+            return (await g.http("GET", "/v1/whoami", source="::1"))[1]["dns"] is not None
+
+        await eventually(bound)
+        who = (await g.http("GET", "/v1/whoami", source="::1"))[1]
+        assert who["dns"]["address"] == device
+        assert await rcode(g, device) == dns.rcode.NOERROR
+        assert (await g.query(name, source=device)).rcode() == dns.rcode.NXDOMAIN  # used once
+        assert (await g.query("0" * 20 + ".pair.consent.dnsgate.internal", source=device)).rcode() == \
+            dns.rcode.NXDOMAIN
+        assert upstream.count(name) == 0  # pairing names never leave dnsgate
+        copy = (await log_of(g, f"&client={device}", source="::1"))[-1]
+        assert copy["action"] == "grant" and "paired with HTTP client address ::1" in copy["reason"]
+
+        # a withdrawal over HTTP reaches the paired DNS source too, in the same action
+        status, _ = await g.http("DELETE", "/v1/consent", source="::1")
+        assert status == 200
+        assert await rcode(g, device) == dns.rcode.NXDOMAIN
+    # the pairing outlives a restart
+    async with running_gate(consent_config(base), wall=FakeClock()) as g:
+        who = (await g.http("GET", "/v1/whoami", source="::1"))[1]
+        assert who["dns"]["address"] == device
+
+
+async def test_a_forwarded_device_pairs_by_its_mac(gate: Gate) -> None:
+    """Pairing through a trusted forwarder binds the device's MAC, not the forwarder's address."""
+    _status, body = await gate.http("PUT", "/v1/consent", source="127.0.7.10", json=GRANT)
+    mac = [edns_option(65001, bytes.fromhex(MAC_B.replace(":", "")))]
+    assert (await gate.query(body["pairing"]["name"], source=FORWARDER, options=mac)).rcode() == dns.rcode.NOERROR
+
+    async def bound() -> bool:
+        return (await rcode(gate, FORWARDER, options=mac)) == dns.rcode.NOERROR
+
+    await eventually(bound)
+    assert await rcode(gate, FORWARDER) == dns.rcode.NXDOMAIN  # other devices behind the forwarder: not

@@ -1,0 +1,216 @@
+"""The consent model without sockets: decisions, profiles, identity, the table's memo, parsers."""
+
+from __future__ import annotations
+
+import base64
+
+import dns.edns
+import dns.message
+import pytest
+
+from dnsgate.consent import ProfileMap, Subject, decide, normalize_mac
+from dnsgate.consent_log import csv_header, csv_line, jsonl_line, parse_time
+from dnsgate.identity import edns_identity
+from dnsgate.neighbours import parse_ip_neigh, parse_proc_arp
+from dnsgate.notice import NoticeError, builtin_notice_text, parse_notice_text, sha256_text
+from dnsgate.pairing import Pairings
+from dnsgate.store import Event
+from tests.consent_fixtures import CATALOG, NOTICE, SHOWN, choice, edns_option, table
+
+AC = CATALOG.vendors[0]
+NOW = 1_700_000_000.0
+OLD_NOTICE = SHOWN.__class__(CATALOG.version, "test-0", "b" * 64, "en")
+
+
+# -- decide -----------------------------------------------------------------------------------
+
+
+def test_vendor_refusal_beats_category_grant() -> None:
+    c = choice("10.0.0.1", categories={"marketing": True}, vendors={AC.id: False})
+    d = decide(AC, "opt-in", c, NOTICE)
+    assert not d.allowed and "vendor activecampaign refused" in d.reason
+
+
+def test_vendor_grant_opens_that_vendor_even_with_its_category_refused() -> None:
+    c = choice("10.0.0.1", categories={"marketing": False}, vendors={AC.id: True})
+    assert decide(AC, "opt-in", c, NOTICE).allowed
+
+
+def test_refusal_is_a_choice_and_blocks_on_opt_out_networks_too() -> None:
+    c = choice("10.0.0.1", categories={"marketing": False})
+    assert not decide(AC, "opt-out", c, NOTICE).allowed
+    assert decide(AC, "opt-out", None, NOTICE).allowed  # opt-out: allowed until the client opts out
+
+
+def test_grant_under_an_older_notice_no_longer_counts_but_refusals_do() -> None:
+    stale = choice("10.0.0.1", notice=OLD_NOTICE)
+    d = decide(AC, "opt-in", stale, NOTICE)
+    assert not d.allowed and "older notice" in d.reason
+    migrated = choice("10.0.0.1", notice=None)  # issue 2's grants recorded no notice
+    assert not decide(AC, "opt-in", migrated, NOTICE).allowed
+    refused = choice("10.0.0.1", categories={"marketing": False}, notice=OLD_NOTICE)
+    assert not decide(AC, "opt-out", refused, NOTICE).allowed
+
+
+@pytest.mark.parametrize(("profile", "allowed"), [("deny", False), ("allow", True)])
+def test_fixed_profiles_ignore_choices(profile: str, allowed: bool) -> None:
+    for c in (None, choice("10.0.0.1"), choice("10.0.0.1", categories={"marketing": False})):
+        assert decide(AC, profile, c, NOTICE).allowed is allowed  # type: ignore[arg-type]
+
+
+def test_undecided_category_falls_back_to_the_profile() -> None:
+    c = choice("10.0.0.1", categories={"analytics": True})
+    assert not decide(AC, "opt-in", c, NOTICE).allowed
+    assert decide(AC, "opt-out", c, NOTICE).allowed
+
+
+# -- profiles and the table ---------------------------------------------------------------------
+
+
+def test_profile_map_most_specific_network_wins_and_explains() -> None:
+    m = ProfileMap("opt-in", [("10.0.0.0/8", "opt-out"), ("10.0.5.0/24", "kiosk"), ("2001:db8::/32", "deny")])
+    assert m.of("10.0.5.9")[0] == "kiosk"
+    assert m.of("10.1.0.1")[0] == "opt-out"
+    assert m.of("192.0.2.1") == ("opt-in", None)
+    assert m.of("2001:db8::5")[0] == "deny"
+    assert "10.0.5.0/24" in m.why("10.0.5.9") and "profiles.default is opt-in" in m.why("192.0.2.1")
+
+
+def test_choice_follows_the_device_and_leaves_the_address() -> None:
+    t = table()
+    t.set_neighbours({"10.0.0.5": "aa:aa:aa:aa:aa:01"})
+    t.put(choice("10.0.0.5", mac="aa:aa:aa:aa:aa:01"))
+    assert t.allows("10.0.0.5", AC, NOW)
+    # DHCP: the device moved to .6, and .5 now belongs to another device
+    t.set_neighbours({"10.0.0.6": "aa:aa:aa:aa:aa:01", "10.0.0.5": "bb:bb:bb:bb:bb:02"})
+    assert t.allows("10.0.0.6", AC, NOW)
+    assert not t.allows("10.0.0.5", AC, NOW)
+    r = t.resolve("10.0.0.5", None, NOW)
+    assert any("now belongs to bb:bb:bb:bb:bb:02" in n for n in r.notes)
+    # the MAC unknown (a forwarder, an expired ARP entry): the address still carries the choice
+    t.set_neighbours({})
+    assert t.allows("10.0.0.5", AC, NOW)
+
+
+def test_device_choice_beats_address_and_network_choices() -> None:
+    t = table()
+    t.put(choice(network="10.0.0.0/24", categories={"marketing": True}))
+    t.put(choice("10.0.0.7", categories={"marketing": False}))
+    assert t.allows("10.0.0.8", AC, NOW) and not t.allows("10.0.0.7", AC, NOW)
+    assert not t.allows("10.0.1.8", AC, NOW)
+    t.put(choice(mac="cc:cc:cc:cc:cc:03", categories={"marketing": True}))
+    assert t.allows("10.0.0.7|cc:cc:cc:cc:cc:03", AC, NOW)  # a MAC from a trusted forwarder
+
+
+def test_memo_holds_until_expiry_then_falls_back() -> None:
+    t = table()
+    t.put(choice(network="10.0.0.0/24", expires_at=NOW + 100))
+    t.put(choice("10.0.0.9", categories={"marketing": False}, expires_at=NOW + 10))
+    assert not t.allows("10.0.0.9", AC, NOW)
+    assert t.allows("10.0.0.9", AC, NOW + 10)  # own refusal expired: the network's grant applies
+    assert not t.allows("10.0.0.9", AC, NOW + 100)
+
+
+def test_kiosk_session_idles_out_unless_queries_keep_it_alive() -> None:
+    t = table(networks=[("10.9.0.0/24", "kiosk")], kiosk_idle=900)
+    t.put(choice("10.9.0.2"))
+    assert t.allows("10.9.0.2", AC, NOW)
+    assert t.kiosk_seen == {"10.9.0.2": NOW}
+    t.touch("10.9.0.2", NOW + 600)
+    assert t.allows("10.9.0.2", AC, NOW + 1400)  # 800 s after the last query
+    t.touch("10.9.0.2", NOW + 2401)  # 1001 s idle: does not revive the session
+    assert not t.allows("10.9.0.2", AC, NOW + 2401)
+    assert t.kiosk_seen["10.9.0.2"] == NOW + 600
+
+
+def test_superseding_keeps_another_devices_choice_made_at_the_same_address() -> None:
+    t = table()
+    first = choice("10.0.0.5", mac="aa:aa:aa:aa:aa:01")
+    t.put(first)
+    assert t.superseded_by(Subject("10.0.0.5", "bb:bb:bb:bb:bb:02")) == []
+    assert t.superseded_by(Subject("10.0.0.6", "aa:aa:aa:aa:aa:01")) == [first]
+    assert t.superseded_by(Subject("10.0.0.5", None)) == []
+
+
+# -- identity ----------------------------------------------------------------------------------
+
+
+def _wire_with_options(*options: dns.edns.Option) -> tuple[bytes, int]:
+    q = dns.message.make_query("trackcmp.net", "A", use_edns=0, options=list(options))
+    wire = q.to_wire()
+    return wire, 12 + len(b"\x08trackcmp\x03net\x00") + 4
+
+
+def test_edns_mac_options_and_full_length_ecs() -> None:
+    raw = bytes.fromhex("0a1b2c3d4e5f")
+    wire, end = _wire_with_options(edns_option(65001, raw))
+    assert edns_identity(wire, end) == ("0a:1b:2c:3d:4e:5f", None)
+    wire, end = _wire_with_options(edns_option(65073, b"0A:1B:2C:3D:4E:5F"))
+    assert edns_identity(wire, end)[0] == "0a:1b:2c:3d:4e:5f"
+    wire, end = _wire_with_options(edns_option(65073, base64.b64encode(raw)))
+    assert edns_identity(wire, end)[0] == "0a:1b:2c:3d:4e:5f"
+    wire, end = _wire_with_options(dns.edns.ECSOption("192.0.2.77", 32))
+    assert edns_identity(wire, end) == (None, "192.0.2.77")
+    wire, end = _wire_with_options(dns.edns.ECSOption("192.0.2.0", 24))  # a network, not a client
+    assert edns_identity(wire, end) == (None, None)
+    wire, end = _wire_with_options(edns_option(65001, b"\x01\x02"), edns_option(65073, b"zz"))
+    assert edns_identity(wire, end) == (None, None)
+
+
+def test_neighbour_tables_parse() -> None:
+    arp = ("IP address       HW type     Flags       HW address            Mask     Device\n"
+           "192.168.1.20     0x1         0x2         52:54:00:AA:BB:CC     *        eth0\n"
+           "192.168.1.21     0x1         0x0         00:00:00:00:00:00     *        eth0\n"
+           "garbage\n")
+    assert parse_proc_arp(arp) == {"192.168.1.20": "52:54:00:aa:bb:cc"}
+    neigh = ("fe80::1 dev eth0 lladdr 52:54:00:12:34:56 router REACHABLE\n"
+             "2001:db8::7 dev eth0 lladdr 52:54:00:12:34:57 STALE\n"
+             "2001:db8::8 dev eth0 FAILED\n"
+             "192.168.1.30 dev eth0 lladdr 52:54:00:12:34:58 DELAY\n")
+    assert parse_ip_neigh(neigh) == {"fe80::1": "52:54:00:12:34:56", "2001:db8::7": "52:54:00:12:34:57",
+                                     "192.168.1.30": "52:54:00:12:34:58"}
+
+
+@pytest.mark.parametrize("text", ["aa:bb:cc:dd:ee", "aa:bb:cc:dd:ee:fg", "aabbccddeeff00", ""])
+def test_bad_macs(text: str) -> None:
+    with pytest.raises(ValueError, match="MAC"):
+        normalize_mac(text)
+
+
+def test_pairing_tokens_are_one_time_and_expire() -> None:
+    p = Pairings("consent.dnsgate.internal", ttl=60)
+    offer = p.offer("::1", None, NOW)
+    assert offer.name == f"{offer.token}.pair.consent.dnsgate.internal" and offer.token.isalnum()
+    assert p.claim(offer.token.upper(), NOW + 1) == offer  # resolvers may change the case
+    assert p.claim(offer.token, NOW + 2) is None
+    late = p.offer("::1", None, NOW)
+    assert p.claim(late.token, NOW + 61) is None
+
+
+# -- notice and log formats ---------------------------------------------------------------------
+
+
+def test_builtin_notice_and_bad_notices() -> None:
+    n = parse_notice_text(builtin_notice_text())
+    assert n.default_language == "en" and n.hashes["en"] == sha256_text(n.texts["en"])
+    with pytest.raises(NoticeError, match="version"):
+        parse_notice_text('[text]\nen = "x"')
+    with pytest.raises(NoticeError, match="default_language"):
+        parse_notice_text('version = "1"\ndefault_language = "de"\n[text]\nen = "x"')
+
+
+def test_csv_quotes_and_defuses_formulas() -> None:
+    e = Event("grant", NOW, Subject("10.0.0.1", "aa:aa:aa:aa:aa:01"), "opt-in", {"marketing": True},
+              {AC.id: False}, NOW + 10, SHOWN, "portal", '=HYPERLINK("x"), "quoted"', "1", 4, "", id=5)
+    header, line = csv_header(), csv_line(e)
+    assert header.startswith("id,time,action,address,mac")
+    assert "marketing=granted" in line and "activecampaign=refused" in line
+    assert "\"'=HYPERLINK(\"\"x\"\"), \"\"quoted\"\"\"" in line
+    assert jsonl_line(e).endswith("\n") and '"sec_gpc":"1"' in jsonl_line(e)
+
+
+def test_parse_time() -> None:
+    assert parse_time("2023-11-14T22:13:20Z") == NOW
+    assert parse_time("2023-11-14") == NOW - 80000
+    with pytest.raises(ValueError, match="isoformat"):
+        parse_time("yesterday")
