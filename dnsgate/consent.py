@@ -33,6 +33,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MEMO_LIMIT: Final = 65_536
 FOREVER: Final = math.inf
 KEY_SEPARATOR: Final = "|"  # "address|mac": a client key carrying a MAC from a trusted forwarder
+_UNKNOWN: Final = object()
 
 
 def normalize_client(address: str) -> str:
@@ -258,13 +259,14 @@ class ClientState:
     """What the resolver keeps per client key: every decision made so far (vendor -> allowed), the
     profile and choice they come from, and until when all of that holds."""
 
-    __slots__ = ("allowed", "choice", "profile", "until")
+    __slots__ = ("allowed", "choice", "grants", "profile", "until")
 
     def __init__(self, allowed: dict[Vendor, bool], until: float, profile: Profile, choice: Choice | None) -> None:
         self.allowed = allowed
         self.until = until
         self.profile = profile
         self.choice = choice
+        self.grants: dict[Vendor, Grant | None] = {}  # what allowed each vendor, for the query log
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +349,12 @@ class ConsentTable:
         state = self._memo.get(client)
         if state is None or now >= state.until:
             state = self._state(client, now)
+        grant = state.grants.get(vendor, _UNKNOWN)
+        if grant is _UNKNOWN:  # once per client and vendor: the log asks on every allowed query
+            grant = state.grants[vendor] = self._grant(vendor, state)
+        return grant  # type: ignore[return-value]
+
+    def _grant(self, vendor: Vendor, state: ClientState) -> Grant | None:
         d = decide(vendor, state.profile, state.choice, self.notice)
         if not d.allowed:
             return None
