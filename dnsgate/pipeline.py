@@ -158,7 +158,8 @@ class Pipeline:
                     entry = self.cache.get(key, now)
                     rule = entry.rule if entry is not None else self.catalog.memo.get(lower[:-4], _UNSEEN)
                     if rule.__class__ is DomainRule:
-                        if not self.consent.allows(client, rule.vendor, self.wall()):
+                        wall = self.wall()
+                        if not self.consent.allows(client, rule.vendor, wall):
                             qtype = (data[qend - 4] << 8) | data[qend - 3]
                             reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns)
                             if len(reply) <= MIN_UDP or tcp:  # else the general path truncates it
@@ -170,7 +171,7 @@ class Pipeline:
                             self.counts[entry.count_slot + tcp] += 1
                             if self.log_gated is not None:
                                 self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule,
-                                                self.consent.grant_for(client, rule.vendor, self.wall()), 0.0))
+                                                self.consent.grant_for(client, rule.vendor, wall), 0.0))
                             return self._render(entry, qid, flags, question, edns, now,
                                                 TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
                     elif entry is not None:
