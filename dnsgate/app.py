@@ -28,7 +28,7 @@ from aiohttp import web
 from .api import ApiSettings, create_app
 from .cache import AnswerCache
 from .catalog import CatalogError
-from .config import Config, HostPort, parse_host_port, points_at, resolv_conf_servers
+from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
 from .consents import ConsentService
 from .dashboard import Sampler
@@ -36,6 +36,7 @@ from .dns_server import DnsListeners, TaskSet
 from .events import ConsentWatch, EventHub
 from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
+from .local_answers import default_table
 from .metrics import Sources, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
 from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
@@ -66,7 +67,7 @@ class Running:
     dns: tuple[HostPort, ...]
     api: HostPort
     data_dir: Path
-    upstreams: tuple[HostPort, ...]
+    upstreams: tuple[UpstreamAddress, ...]
     token_file: Path | None
 
     def ready_line(self) -> str:
@@ -88,14 +89,17 @@ def load_notice(cfg: Config) -> Notice:
         raise StartupError(str(exc)) from None
 
 
-def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[HostPort, ...]:
+def upstream_servers(cfg: Config, resolv_conf: Path = RESOLV_CONF) -> tuple[UpstreamAddress, ...]:
     if cfg.upstream.servers:
         return cfg.upstream_servers
     try:
         found = resolv_conf_servers(resolv_conf.read_text(encoding="utf-8"))
     except OSError:
         found = ()
-    candidates = (parse_host_port(a, default_port=53) for a in found)
+    candidates: list[UpstreamAddress] = []
+    for address in found:
+        with contextlib.suppress(ConfigError):
+            candidates.append(parse_upstream(address))
     servers = tuple(s for s in candidates if not points_at(s, cfg.dns_listen))
     if not servers:
         raise StartupError(f"upstream.servers: none configured and {resolv_conf} lists no usable nameserver; "
@@ -221,27 +225,37 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         watch = ConsentWatch(hub, querylog.client_label)
         consents.listeners.append(watch.changed)
 
-        cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes)
-        pipeline = Pipeline(catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
-                            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
-                            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, PORTAL_HOST,
-                                                   consents.on_pair, wall))
+        cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
+                            stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
+        pipeline = Pipeline(
+            catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
+            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
+            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, PORTAL_HOST, consents.on_pair, wall),
+            local=default_table(cfg.local, (domain for domain, _ in cfg.upstream.domains)),
+            any_query=cfg.dns.any_query,
+            trust_ad=cfg.upstream.trust_ad,
+            prefetch=cfg.cache.prefetch,
+            stale_ttl=cfg.cache.stale_ttl,
+        )
 
         def install(new: Ruleset) -> None:
             # One synchronous step on the event loop: no query runs between these lines.
             cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
             pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
             consents.use_catalog(new.catalog)  # a new catalog version is a new notice
+            live = reloader.cfg  # the reloaded configuration's live sections
+            cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
+            pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
+            pipeline.local = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
 
-        upstreams = Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
-                              udp_size=cfg.dns.udp_max_size)
+        upstreams = build_upstreams(cfg, servers)
         stack.push_async_callback(upstreams.close)
-        resolver = Resolver(pipeline, upstreams)
         querylog.attach(pipeline)
         background(stack, querylog.run())
         background(stack, hub.run_webhook())
         tasks = TaskSet()
         stack.push_async_callback(tasks.drain, 2.0)
+        resolver = Resolver(pipeline, upstreams, tasks.spawn)
         listeners = DnsListeners(pipeline, resolver, tasks, cfg.dns.tcp_idle_timeout)
         stack.push_async_callback(listeners.close)
         for address in cfg.dns_listen:
@@ -255,7 +269,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
                     "cache_entries": len(cache), "in_flight": len(tasks),
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
-                    "reloads": reloader.reloads}
+                    "reloads": reloader.reloads,
+                    "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
 
         api_address = cfg.api_listen
         api_socket = _listen_tcp(api_address)
@@ -325,6 +340,17 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def build_upstreams(cfg: Config, servers: tuple[UpstreamAddress, ...]) -> Upstreams:
+    try:
+        return Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
+                         udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
+                         domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
+                         tls_ca_file=cfg.upstream.tls_ca_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise StartupError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
+                           f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
 
 
 def os_reason(exc: OSError) -> str:

@@ -2,11 +2,14 @@
 
 An `Entry` holds everything after the question of an upstream reply (OPT removed), the offsets of
 its TTL fields, and the catalog rule it is gated on. Rendering a hit is a concatenation; the TTLs
-are rewritten at most once per second of age. Pure: time is passed in.
+are rewritten at most once per second of age. With serve-stale on, an expired entry stays (unseen by
+`get`) for `stale_window` seconds so `get_stale` can answer when every upstream fails (RFC 8767).
+Pure: time is passed in.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ class Entry:
     age: int = 0
     body: bytes = field(default=b"")
     count_slot: int = 0  # where the pipeline counts answers served from this entry (tally.py)
+    refresh_at: float = math.inf  # a hit from this time on asks for a prefetch (once)
 
     def body_at(self, now: float) -> bytes:
         """The records with each TTL reduced by the whole seconds since the entry was filled."""
@@ -43,6 +47,17 @@ class Entry:
             self.body = bytes(buf)
             self.age = age
         return self.body
+
+    def stale_body(self, ttl: int) -> bytes:
+        """The records with every TTL set to `ttl` (RFC 8767 §4: 30 s recommended)."""
+        buf = bytearray(self.body0)
+        for offset in self.ttl_offsets:
+            U32.pack_into(buf, offset, ttl)
+        return bytes(buf)
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires - self.filled
 
     @property
     def rcode(self) -> int:
@@ -173,23 +188,33 @@ def question_length(reply: bytes) -> int:
 class AnswerCache:
     """LRU over entries, bounded in count and in bytes; expired entries are dropped when met."""
 
-    __slots__ = ("_bytes", "_entries", "evictions", "max_bytes", "max_entries")
+    __slots__ = ("_bytes", "_entries", "evictions", "max_bytes", "max_entries", "stale_window")
 
-    def __init__(self, max_entries: int, max_bytes: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int, stale_window: float = 0.0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self.stale_window = stale_window  # seconds an expired entry is kept for serve-stale; 0: off
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
 
     def get(self, key: bytes, now: float) -> Entry | None:
+        """A fresh entry, or None."""
         entry = self._entries.get(key)
         if entry is None:
             return None
         if entry.expires <= now:
-            self._drop(key)
+            if now >= entry.expires + self.stale_window:
+                self._drop(key)
             return None
         self._entries.move_to_end(key)
+        return entry
+
+    def get_stale(self, key: bytes, now: float) -> Entry | None:
+        """An expired entry still within the serve-stale window, or None."""
+        entry = self._entries.get(key)
+        if entry is None or not entry.expires <= now < entry.expires + self.stale_window:
+            return None
         return entry
 
     def put(self, key: bytes, entry: Entry) -> None:

@@ -23,6 +23,7 @@ from .config import (
     merge_overrides,
     overrides_from_env,
     parse_host_port,
+    parse_upstream,
 )
 from .logs import setup_logging
 
@@ -45,6 +46,14 @@ def _address(default_port: int | None) -> Callable[[str], str]:
     return check
 
 
+def _upstream(text: str) -> str:
+    try:
+        parse_upstream(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="dnsgate", description="A consent-aware DNS resolver.")
     parser.add_argument("--version", action="version", version=f"dnsgate {__version__}")
@@ -56,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DNS listen address, UDP and TCP; repeatable; IPv6 as [::1]:5353 (env DNSGATE_DNS)")
     serve.add_argument("--api", metavar="HOST:PORT", type=_address(None),
                        help="HTTP API listen address (env DNSGATE_API)")
-    serve.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_address(53),
-                       help="upstream resolver; repeatable (env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
+    serve.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_upstream,
+                       help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
+                            "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
     serve.add_argument("--data-dir", metavar="DIR", help="where consent is stored (env DNSGATE_DATA_DIR)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="log level (env DNSGATE_LOG_LEVEL; config log.level; default info)")

@@ -35,6 +35,50 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamAddress:
+    """One upstream resolver: plain DNS over UDP (TCP when a reply is truncated), TCP only, or DNS
+    over TLS, whose certificate must carry `tls_name` (or, if empty, the IP address)."""
+
+    host: str
+    port: int
+    transport: Literal["udp", "tcp", "tls"] = "udp"
+    tls_name: str = ""
+
+    def __str__(self) -> str:
+        address = str(HostPort(self.host, self.port))
+        if self.transport == "udp":
+            return address
+        return f"{self.transport}://{address}" + (f"#{self.tls_name}" if self.tls_name else "")
+
+
+UPSTREAM_SCHEMES: Final = {"udp://": ("udp", 53), "tcp://": ("tcp", 53), "tls://": ("tls", 853)}
+
+
+def parse_upstream(text: str, key: str = "upstream.servers") -> UpstreamAddress:
+    """`HOST[:PORT]`, `tcp://HOST[:PORT]` or `tls://HOST[:PORT][#NAME]` (IPv6 as `[V6]:PORT`)."""
+    rest = text.strip()
+    transport, port = "udp", 53
+    for scheme, (name, default) in UPSTREAM_SCHEMES.items():
+        if rest.lower().startswith(scheme):
+            transport, port, rest = name, default, rest[len(scheme):]
+            break
+    else:
+        if "://" in rest:
+            raise ConfigError(f"{key}: unknown scheme in {text!r} (use udp://, tcp:// or tls://)")
+    rest, _, tls_name = rest.partition("#")
+    if tls_name and transport != "tls":
+        raise ConfigError(f"{key}: '#NAME' (the certificate name) is only for tls:// upstreams, in {text!r}")
+    hp = parse_host_port(rest, default_port=port, key=key)
+    if tls_name:
+        try:
+            name_to_wire(tls_name)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: bad certificate name in {text!r}: {exc}") from None
+    host = str(ipaddress.ip_address(hp.host))  # canonical text: replies are matched on it
+    return UpstreamAddress(host, hp.port, transport, tls_name.lower().rstrip("."))  # type: ignore[arg-type]
+
+
 def parse_host_port(text: str, *, default_port: int | None = None, key: str = "address") -> HostPort:
     """Parse `HOST:PORT`, `[V6]:PORT`, or (with a default port) `HOST`, `V6`, `[V6]`."""
     text = text.strip()
@@ -73,6 +117,8 @@ class DnsConfig:
     udp_max_size: int = 1232
     # A TCP connection with no complete query for this long is closed (RFC 7766 §6.2.3).
     tcp_idle_timeout: float = 10.0
+    # Queries of type ANY: "hinfo" answers the minimal HINFO "RFC8482" (RFC 8482 §4.2), "refused" REFUSED.
+    any_query: Literal["hinfo", "refused"] = "hinfo"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +133,21 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    # HOST[:PORT] entries, tried in order. Empty: the nameservers of /etc/resolv.conf.
+    # HOST[:PORT], tcp://HOST[:PORT] or tls://HOST[:PORT][#NAME]. Empty: the nameservers of /etc/resolv.conf.
     servers: tuple[str, ...] = ()
+    # "failover": in the order given; "fastest": lowest measured round-trip time, others probed now and then.
+    strategy: Literal["failover", "fastest"] = "failover"
+    # Conditional forwarding: domain -> its own upstreams, e.g. {"corp.example" = ["10.0.0.53"]}.
+    domains: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Overall deadline for one client query, every retry and fail-over included (seconds).
     timeout: float = 3.0
     # How long one attempt at one upstream may take before the next is tried (seconds).
     attempt_timeout: float = 1.0
+    # Relay the upstream's AD bit (DNSSEC-validated) to clients that ask (DO or AD set). Off: AD is
+    # always clear, because dnsgate validates nothing and a plain-DNS path can forge the bit.
+    trust_ad: bool = False
+    # CA certificates (PEM) for tls:// upstreams. Empty: the system's trust store.
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +157,13 @@ class CacheConfig:
     # Clamp the TTLs of cached answers (seconds).
     min_ttl: int = 0
     max_ttl: int = 86_400
+    # RFC 8767: when every upstream fails, answer from expired entries (TTL `stale_ttl`) up to
+    # `stale_max_age` seconds past their expiry.
+    serve_stale: bool = False
+    stale_ttl: int = 30
+    stale_max_age: int = 86_400
+    # Refresh an entry that is asked for in the last tenth of its lifetime, before it expires.
+    prefetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +261,24 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalConfig:
+    # Names answered by dnsgate itself, never sent upstream; each can be switched off.
+    # use-application-dns.net -> NXDOMAIN: Firefox keeps its automatic DNS-over-HTTPS off.
+    firefox_canary: bool = True
+    # mask.icloud.com, mask-h2.icloud.com -> NXDOMAIN: Apple's signal that this network filters.
+    icloud_private_relay: bool = True
+    # _dns.resolver.arpa -> NODATA: clients find no encrypted resolver to switch to (RFC 9462).
+    ddr: bool = True
+    # localhost -> 127.0.0.1 / ::1 (RFC 6761); invalid and onion -> NXDOMAIN (RFC 6761, RFC 7686).
+    special_use: bool = True
+    # Reverse zones of private and special ranges (10.in-addr.arpa, d.f.ip6.arpa, ...) answered
+    # as empty zones (RFC 6303) unless upstream.domains forwards them.
+    private_reverse: bool = True
+    # A name answered without touching the upstreams, for health probes; empty: none.
+    healthcheck: str = "healthcheck.dnsgate.internal"
+
+
+@dataclass(frozen=True, slots=True)
 class StorageConfig:
     # Directory for the SQLite store and the generated admin token (relative to the working dir).
     data_dir: str = "data"
@@ -244,6 +324,7 @@ class Config:
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     lists: ListsConfig = field(default_factory=ListsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -259,8 +340,13 @@ class Config:
         return parse_host_port(self.api.listen, key="api.listen")
 
     @property
-    def upstream_servers(self) -> tuple[HostPort, ...]:
-        return tuple(parse_host_port(s, default_port=53, key="upstream.servers") for s in self.upstream.servers)
+    def upstream_servers(self) -> tuple[UpstreamAddress, ...]:
+        return tuple(parse_upstream(s) for s in self.upstream.servers)
+
+    @property
+    def upstream_domains(self) -> tuple[tuple[str, tuple[UpstreamAddress, ...]], ...]:
+        return tuple((domain, tuple(parse_upstream(s, f"upstream.domains.{domain}") for s in servers))
+                     for domain, servers in self.upstream.domains)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +375,11 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
             if value not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
         return value
+    if annotation == "tuple[tuple[str, tuple[str, ...]], ...]":
+        # a TOML table {name = ["a", "b"]} (or name = "a"), kept as sorted pairs
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table like {{\"corp.example\" = [\"10.0.0.53\"]}}, got {value!r}")
+        return tuple(sorted((str(name), _convert(v, "tuple[str, ...]", f"{key}.{name}")) for name, v in value.items()))
     if annotation == "tuple[str, ...]":
         if isinstance(value, str):
             value = [value]
@@ -331,6 +422,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "consent": ConsentConfig,
     "profiles": ProfilesConfig,
     "identity": IdentityConfig,
+    "local": LocalConfig,
     "storage": StorageConfig,
     "lists": ListsConfig,
     "log": LogConfig,
@@ -377,6 +469,15 @@ def validate(cfg: Config) -> Config:
     for server in cfg.upstream_servers:
         _check(not points_at(server, cfg.dns_listen),
                f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
+    for domain, servers in cfg.upstream_domains:
+        try:
+            name_to_wire(domain)
+        except ValueError as exc:
+            raise ConfigError(f"upstream.domains: bad domain {domain!r}: {exc}") from None
+        _check(bool(servers), f"upstream.domains.{domain}: at least one server is needed")
+        for server in servers:
+            _check(not points_at(server, cfg.dns_listen),
+                   f"upstream.domains.{domain}: {server} is dnsgate's own DNS address: queries would loop")
     _check(cfg.upstream.timeout > 0, f"upstream.timeout: must be > 0, got {cfg.upstream.timeout}")
     _check(
         0 < cfg.upstream.attempt_timeout <= cfg.upstream.timeout,
@@ -389,6 +490,13 @@ def validate(cfg: Config) -> Config:
         cfg.cache.max_ttl >= max(cfg.cache.min_ttl, 1),
         f"cache.max_ttl: must be >= 1 and >= cache.min_ttl, got {cfg.cache.max_ttl}",
     )
+    _check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
+    _check(cfg.cache.stale_max_age >= 1, f"cache.stale_max_age: must be >= 1, got {cfg.cache.stale_max_age}")
+    if cfg.local.healthcheck:
+        try:
+            name_to_wire(cfg.local.healthcheck)
+        except ValueError as exc:
+            raise ConfigError(f"local.healthcheck: {exc}") from None
     _check(1 <= cfg.gate.sinkhole_ttl <= 3600, f"gate.sinkhole_ttl: must be 1..3600, got {cfg.gate.sinkhole_ttl}")
     _check(
         1 <= cfg.gate.allowed_ttl_cap <= 86400,
@@ -543,7 +651,7 @@ def load_config(path: str | None, overrides: Overrides) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def points_at(server: HostPort, listening: tuple[HostPort, ...]) -> bool:
+def points_at(server: HostPort | UpstreamAddress, listening: tuple[HostPort, ...]) -> bool:
     """Whether a query sent to `server` would reach one of our own listeners."""
     for ours in listening:
         if server.port != ours.port:

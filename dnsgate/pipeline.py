@@ -2,13 +2,16 @@
 
 Each step feels the effect of the ones before it and never of those after (CoreDNS's rule):
   1. parse the query (raw bytes; `wire.parse_query` for anything unusual),
-  2. match the name against the catalog and its lists (the cache entry remembers the rule it is
+  2. names dnsgate answers itself (`local_answers`: localhost, canaries, health probe, ...),
+  3. match the name against the catalog and its lists (the cache entry remembers the rule it is
      gated on, including a vendor its answer leads into through a CNAME: `admit`),
-  3. look up the client's consent for the rule's vendor: no consent -> the sinkhole answer; the
+  4. look up the client's consent for the rule's vendor: no consent -> the sinkhole answer; the
      cache is never allowed to bypass this (the client is the source address; on the general
      path, a trusted forwarder's EDNS options may name the device behind it: identity.py),
-  4. serve the cached answer, or hand back a `Forward` for the shell to resolve upstream and
-     `complete` (pairing names, `<token>.pair.<portal host>`, are answered here instead).
+  5. serve the cached answer (asking for a prefetch when it nears expiry), answer ANY and zone
+     transfers locally, or hand back a `Forward` for the shell to resolve upstream and `complete`
+     (or, when every upstream failed, answer `stale` per RFC 8767). Pairing names,
+     `<token>.pair.<portal host>`, are answered before step 2, since they live in dnsgate's zone.
 No I/O here: the shell (resolver.py) does the awaiting, and tests drive this directly.
 The first branch of `answer` is the same steps inlined for the common shapes (no Query object is
 built): tests check it against the general path.
@@ -17,11 +20,12 @@ built): tests check it against the general path.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from .cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
 from .catalog import Catalog, DomainRule
@@ -29,17 +33,21 @@ from .cloaking import answer_rule
 from .consent import ConsentTable
 from .histogram import QUERY_BUCKETS, Histogram
 from .identity import QueryIdentity
+from .local_answers import LocalTable, local_reply
 from .sinkhole import Sinkhole
 from .tally import (
     CACHED,
     DROPPED,
     FORMERR,
     FORWARDED,
+    LOCAL,
     NONE,
     NOTIMP,
     OTHER,
+    REFUSED,
     SERVFAIL,
     SINKHOLED,
+    STALE,
     TYPE_SLOT,
     LogEntry,
     Tally,
@@ -47,22 +55,34 @@ from .tally import (
     type_slot,
 )
 from .wire import (
+    AD,
+    ANY,
+    AXFR,
     BADVERS,
     CD,
+    EDE_STALE,
     HEADER,
+    HINFO,
+    IN,
+    IXFR,
     MIN_UDP,
     QR,
     RA,
     RD,
+    RR_FIXED,
+    Edns,
     Query,
     Rejection,
     cache_key,
+    ede_option,
     error_reply,
     opt_record,
     parse_query,
     rejection_reply,
+    scan_name,
 )
 from .wire import NOTIMP as NOTIMP_RCODE
+from .wire import REFUSED as REFUSED_RCODE
 from .wire import SERVFAIL as SERVFAIL_RCODE
 
 log = logging.getLogger(__name__)
@@ -72,6 +92,10 @@ TCP_LIMIT: Final = 65535
 _UNSEEN: Final = object()
 _OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
 _SINKHOLED: Final = slot(SINKHOLED, 0)
+# RFC 8482 §4.2: one HINFO record, CPU "RFC8482", OS empty, owned by the question's name
+ANY_HINFO: Final = b"\xc0\x0c" + RR_FIXED.pack(HINFO, IN, 3600, 9) + b"\x07RFC8482\x00"
+PREFETCH_AT: Final = 0.9  # share of an entry's lifetime after which a hit triggers a refresh
+PREFETCH_MIN_TTL: Final = 2  # entries that live shorter are not refreshed early
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +111,9 @@ class Forward:
 
 
 class Pipeline:
-    __slots__ = ("cache", "catalog", "consent", "counters", "counts", "durations", "gated_ttl", "identity",
-                 "kiosk_seen", "log_all", "log_gated", "mono", "opt_tail", "plain_ttl", "sinkhole", "udp_max", "wall")
+    __slots__ = ("any_query", "cache", "catalog", "consent", "counters", "counts", "durations", "gated_ttl",
+                 "identity", "kiosk_seen", "local", "log_all", "log_gated", "mono", "on_refresh", "opt_tail",
+                 "plain_ttl", "prefetch", "sinkhole", "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -103,6 +128,11 @@ class Pipeline:
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         identity: QueryIdentity | None = None,
+        local: LocalTable | None = None,
+        any_query: Literal["hinfo", "refused"] = "hinfo",
+        trust_ad: bool = False,
+        prefetch: bool = False,
+        stale_ttl: int = 30,
     ) -> None:
         self.catalog = catalog
         self.consent = consent
@@ -117,8 +147,17 @@ class Pipeline:
         # Kiosk clients with a choice: their last query time keeps their session alive. The same
         # dict as the consent table's, read directly: empty (no kiosk sessions), it costs one truth test.
         self.kiosk_seen = consent.kiosk_seen
+        self.local = local if local is not None else LocalTable()
+        self.any_query = any_query
+        self.trust_ad = trust_ad  # keep the upstream's AD bit in entries (else it is dropped on admission)
+        self.prefetch = prefetch
+        self.stale_ttl = stale_ttl
+        # Set by the shell: called with a Forward when a hit finds its entry near expiry.
+        self.on_refresh: Callable[[Forward], None] | None = None
         # Our OPT record, without and with DO, appended to replies to EDNS queries.
         self.opt_tail = (opt_record(udp_max, False), opt_record(udp_max, True))
+        stale_ede = ede_option(EDE_STALE, "")
+        self.stale_tail = (opt_record(udp_max, False, stale_ede), opt_record(udp_max, True, stale_ede))
         self.counters = Tally()
         self.counts = self.counters.counts  # the hot path's one increment, one attribute away
         # Seconds from arrival to reply of queries that went upstream (answers from memory take
@@ -146,12 +185,15 @@ class Pipeline:
                 if arcount == 0:
                     if qend == n:
                         edns = -1
-                elif arcount == 1 and n == qend + 11 and data[qend : qend + 3] == _OPT_HEAD and not data[qend + 6]:
+                elif (arcount == 1 and n == qend + 11 and data[qend : qend + 3] == _OPT_HEAD and not data[qend + 6]
+                      and not data[n - 2] and not data[n - 1]):  # version 0, no options
                     edns = data[qend + 7] >> 7
                 if edns != -2:
                     question = data[12:qend]
                     lower = question.lower()
-                    key = lower + b"\x01" if edns == 1 else lower
+                    if data[qend - 3] > 64 or data[qend - 4] or data[qend - 2] or data[qend - 1] > 64:
+                        lower = lower[:-4] + question[-4:]  # fold the name only: HTTPS is type 65, b"A"
+                    key = lower + b"\x02" if edns == 1 else lower  # = cache_key(lower, do=True, cd=False)
                     if flags & CD:
                         key = cache_key(lower, edns == 1, True)
                     now = self.mono()
@@ -176,6 +218,8 @@ class Pipeline:
                                                 TCP_LIMIT if tcp else _udp_limit(data, qend, edns, self.udp_max))
                     elif entry is not None:
                         self.counts[entry.count_slot + tcp] += 1
+                        if entry.refresh_at <= now:
+                            self._refresh(key, entry)
                         if self.log_all is not None:
                             self.log_all((now, client, question, tcp, CACHED, entry.flags & 0xF, None, None, 0.0))
                         return self._render(entry, qid, flags, question, edns, now,
@@ -194,6 +238,15 @@ class Pipeline:
         identity = self.identity
         if identity is not None and client in identity.trusted:
             client = identity.client_of(data, q, client)  # the device behind a trusted forwarder
+        if identity is not None and q.name.endswith(identity.pair_suffix):  # in dnsgate's zone: before it
+            paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
+            if paired is not None:
+                return paired
+        local = self.local.match(q.name) if q.qclass == IN else None
+        if local is not None:
+            reply = self._limit(q, local_reply(local, q, self.udp_max), tcp)
+            self._plain(LOCAL, now, client, q, tcp, reply[3] & 0xF, 0.0)
+            return reply
         edns = -1 if q.edns is None else int(q.edns.do)
         entry = self.cache.get(q.key, now)
         rule = entry.rule if entry is not None else self.catalog.match(q.name)
@@ -201,18 +254,40 @@ class Pipeline:
             self._gated(SINKHOLED, now, client, q.question, q.qtype, tcp, -1, rule, 0.0)
             return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), tcp)
         if entry is not None:
+            if entry.refresh_at <= now:
+                self._refresh(q.key, entry)
             reply = self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, tcp))
             if rule is not None:
                 self._gated(CACHED, now, client, q.question, q.qtype, tcp, entry.flags & 0xF, rule, 0.0)
             else:
                 self._plain(CACHED, now, client, q, tcp, entry.flags & 0xF, 0.0)
             return reply
-        if identity is not None and q.name.endswith(identity.pair_suffix):  # never cached, so checked here
-            paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
-            if paired is not None:
-                return paired
+        if q.qtype == ANY:
+            refused = self.any_query == "refused"
+            self._plain(REFUSED if refused else LOCAL, now, client, q, tcp, REFUSED_RCODE if refused else 0, 0.0)
+            return self._answer_any(q)
+        if q.qtype in (AXFR, IXFR):
+            self._plain(REFUSED, now, client, q, tcp, REFUSED_RCODE, 0.0)
+            return error_reply(q, REFUSED_RCODE, self.udp_max)  # a forwarder does not relay zone transfers
         self.counters.cache_misses += 1
         return Forward(q, rule, client, tcp, now)
+
+    def _answer_any(self, q: Query) -> bytes:
+        """RFC 8482: one small HINFO record instead of everything (or REFUSED); nothing is cached."""
+        if self.any_query == "refused":
+            return error_reply(q, REFUSED_RCODE, self.udp_max)
+        flags = QR | RA | (q.flags & (RD | CD))
+        if q.edns is None:
+            return HEADER.pack(q.id, flags, 1, 1, 0, 0) + q.question + ANY_HINFO
+        return HEADER.pack(q.id, flags, 1, 1, 0, 1) + q.question + ANY_HINFO + self.opt_tail[q.edns.do]
+
+    def _refresh(self, key: bytes, entry: Entry) -> None:
+        """Ask the shell, once per entry, to fetch this popular entry again before it expires."""
+        entry.refresh_at = math.inf
+        if self.on_refresh is not None:
+            q = _query_from_key(key)
+            self.counters.prefetched += 1
+            self.on_refresh(Forward(q, self.catalog.match(q.name), "", False, self.mono()))
 
     # ----------------------------------------------------------------------------------------
     def complete(self, fwd: Forward, entry: Entry) -> bytes:
@@ -247,7 +322,11 @@ class Pipeline:
         policy = self.plain_ttl if rule is None else self.gated_ttl
         entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, rule)
         entry.count_slot = slot(CACHED, type_slot(q.qtype))
+        if not self.trust_ad:
+            entry.flags &= 0xF  # we validate nothing, so we claim nothing (RFC 4035 §3.2.3)
         if cacheable:
+            if self.prefetch and entry.lifetime >= PREFETCH_MIN_TTL:
+                entry.refresh_at = entry.filled + PREFETCH_AT * entry.lifetime
             self.cache.put(q.key, entry)
         return entry
 
@@ -259,6 +338,36 @@ class Pipeline:
         self.plain_ttl = plain_ttl
         self.gated_ttl = gated_ttl
         self.cache.clear()
+
+    def stale(self, fwd: Forward) -> bytes | None:
+        """RFC 8767: every upstream failed; the expired answer, if one is within the stale window,
+        with TTL `stale_ttl` and (with EDNS) an Extended DNS Error 3 "Stale Answer". Gated as ever."""
+        q = fwd.query
+        now = self.mono()
+        entry = self.cache.get_stale(q.key, now)
+        if entry is None:
+            return None
+        elapsed = now - fwd.started
+        self.durations.observe(elapsed)
+        edns = -1 if q.edns is None else int(q.edns.do)
+        rule = entry.rule
+        if rule is not None and not self.consent.allows(fwd.client, rule.vendor, self.wall()):
+            self._gated(SINKHOLED, now, fwd.client, q.question, q.qtype, fwd.tcp, -1, rule, elapsed)
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), fwd.tcp)
+        if rule is not None:
+            self._gated(STALE, now, fwd.client, q.question, q.qtype, fwd.tcp, entry.flags & 0xF, rule, elapsed)
+        else:
+            self._plain(STALE, now, fwd.client, q, fwd.tcp, entry.flags & 0xF, elapsed)
+        flags = QR | RA | (q.flags & (RD | CD)) | self._entry_flags(entry, q.flags, edns)
+        body = entry.stale_body(self.stale_ttl)
+        if edns < 0:
+            reply = ID_FLAGS.pack(q.id, flags) + b"\x00\x01" + entry.counts + q.question + body
+        else:
+            reply = (ID_FLAGS.pack(q.id, flags) + b"\x00\x01" + entry.counts_edns + q.question + body
+                     + self.stale_tail[edns])
+        if len(reply) > self._reply_limit(q, fwd.tcp):
+            return self._truncated(q.id, flags, q.question, edns)
+        return reply
 
     def servfail(self, fwd: Forward) -> bytes:
         q = fwd.query
@@ -279,7 +388,7 @@ class Pipeline:
         """Count and record a query for a gated name; an allowed one records the grant that allowed it."""
         self.counters.counts[slot(outcome, type_slot(qtype)) + tcp] += 1
         if self.log_gated is not None:
-            allowed = outcome in (CACHED, FORWARDED)
+            allowed = outcome in (CACHED, FORWARDED, STALE)
             grant = self.consent.grant_for(client, rule.vendor, self.wall()) if allowed else None
             self.log_gated((now, client, question, tcp, outcome, rcode, rule, grant, elapsed))
 
@@ -298,6 +407,8 @@ class Pipeline:
     def _render(self, entry: Entry, qid: int, qflags: int, question: bytes, edns: int, now: float,
                 limit: int) -> bytes:
         flags = QR | RA | (qflags & (RD | CD)) | entry.flags
+        if flags & AD and not (qflags & AD or edns == 1):
+            flags &= ~AD  # AD only to clients that said they understand it (RFC 6840 §5.8)
         if edns < 0:
             reply = ID_FLAGS.pack(qid, flags) + b"\x00\x01" + entry.counts + question + entry.body_at(now)
         else:
@@ -313,6 +424,10 @@ class Pipeline:
             return HEADER.pack(qid, flags | 0x0200, 1, 0, 0, 0) + question
         return HEADER.pack(qid, flags | 0x0200, 1, 0, 0, 1) + question + self.opt_tail[edns]
 
+    @staticmethod
+    def _entry_flags(entry: Entry, qflags: int, edns: int) -> int:
+        return entry.flags if qflags & AD or edns == 1 else entry.flags & 0xF
+
     def _reply_limit(self, q: Query, tcp: bool) -> int:
         return TCP_LIMIT if tcp else min(q.udp_limit, self.udp_max) if q.edns else MIN_UDP
 
@@ -321,6 +436,16 @@ class Pipeline:
             edns = -1 if q.edns is None else int(q.edns.do)
             return self._truncated(q.id, struct.unpack_from(">H", reply, 2)[0], q.question, edns)
         return reply
+
+
+def _query_from_key(key: bytes) -> Query:
+    """The upstream query a cache key stands for (name, type, class and the DO/CD bits)."""
+    end = scan_name(key, 0) + 5
+    question = key[:end]
+    bits = key[end] if len(key) > end else 0
+    qtype, qclass = struct.unpack_from(">HH", question, end - 4)
+    return Query(id=0, flags=RD | (CD if bits & 1 else 0), question=question, name=question[:-4], qtype=qtype,
+                 qclass=qclass, edns=Edns(MIN_UDP, 0, True) if bits & 2 else None, key=key)
 
 
 def _udp_limit(data: bytes, qend: int, edns: int, udp_max: int) -> int:

@@ -33,7 +33,7 @@ from .config import QueryLogConfig
 from .events import EventHub, iso
 from .pipeline import Pipeline
 from .querylog_db import Filters, QueryLogDb
-from .tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, SINKHOLED, LogEntry
+from .tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, SINKHOLED, STALE, LogEntry
 from .wire import NOERROR, NXDOMAIN, wire_to_text
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class QueryLog:
             if rule is not None:
                 outcome = entry[4]
                 decision = ("sinkholed" if outcome == SINKHOLED else
-                            "allowed" if outcome in (CACHED, FORWARDED) else OUTCOMES[outcome])
+                            "allowed" if outcome in (CACHED, FORWARDED, STALE) else OUTCOMES[outcome])
                 key = (rule.vendor.id, decision)
                 self.gated[key] = self.gated.get(key, 0) + 1
                 self._gated_clients.pop(entry[1], None)  # re-insert: the dict stays in last-seen order

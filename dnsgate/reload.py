@@ -6,7 +6,7 @@ flowing), validates it, and only then hands it to `install`, which swaps it into
 synchronous step on the event loop and empties the cache. Anything invalid -> nothing changes, the
 error is logged and returned. Consent is never touched.
 
-Which keys apply live: [gate], [cache] and [lists]. The rest ([dns], [api], [upstream], [consent],
+Which keys apply live: [gate], [cache], [local] and [lists]. The rest ([dns], [api], [upstream], [consent],
 [storage]) are bound to sockets, threads or files at start; a reload reports them as needing a
 restart and keeps running with the old values.
 """
@@ -29,7 +29,7 @@ from .ruleset import ListCache, ListStatus, Ruleset, build_lists, read_catalog, 
 
 log = logging.getLogger(__name__)
 
-LIVE_SECTIONS: Final = ("gate", "cache", "lists")
+LIVE_SECTIONS: Final = ("gate", "cache", "local", "lists")
 RESTART_SECTIONS: Final = ("dns", "api", "upstream", "consent", "storage", "log", "querylog", "events")
 RETRY_AFTER_FAILURE: Final = 300.0
 

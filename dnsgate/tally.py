@@ -18,9 +18,11 @@ if TYPE_CHECKING:
     from .catalog import DomainRule
     from .consent import Grant
 
-# Outcomes, in index order. "forwarded": answered from a fresh upstream reply.
-OUTCOMES: Final = ("forwarded", "cached", "sinkholed", "servfail", "formerr", "notimp", "refused", "dropped")
-FORWARDED, CACHED, SINKHOLED, SERVFAIL, FORMERR, NOTIMP, REFUSED, DROPPED = range(len(OUTCOMES))
+# Outcomes, in index order. "forwarded": answered from a fresh upstream reply; "local": answered
+# by dnsgate itself (local_answers.py, ANY); "stale": an expired answer when every upstream failed.
+OUTCOMES: Final = ("forwarded", "cached", "sinkholed", "servfail", "formerr", "notimp", "refused", "dropped",
+                   "local", "stale")
+FORWARDED, CACHED, SINKHOLED, SERVFAIL, FORMERR, NOTIMP, REFUSED, DROPPED, LOCAL, STALE = range(len(OUTCOMES))
 PROTOCOLS: Final = ("udp", "tcp")
 
 # Query types with their own label (all below 256, so the fast path needs one byte and a zero
@@ -53,12 +55,13 @@ def slot(outcome: int, type_slot: int) -> int:
 class Tally:
     """The counts the pipeline keeps. `counts[slot(outcome, type slot) + tcp]`."""
 
-    __slots__ = ("cache_misses", "counts", "truncated")
+    __slots__ = ("cache_misses", "counts", "prefetched", "truncated")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(OUTCOMES) * NTYPES * 2)
         self.cache_misses = 0
         self.truncated = 0
+        self.prefetched = 0
 
     def count(self, outcome: int, qtype_slot: int, tcp: bool) -> None:
         """For the slower paths; the fast path indexes `counts` itself."""

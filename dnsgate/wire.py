@@ -42,16 +42,22 @@ A: Final = 1
 NS: Final = 2
 CNAME: Final = 5
 SOA: Final = 6
+PTR: Final = 12
+HINFO: Final = 13
+TXT: Final = 16
 AAAA: Final = 28
 OPT: Final = 41
 DNAME: Final = 39
 RRSIG: Final = 46
+IXFR: Final = 251
+AXFR: Final = 252
 ANY: Final = 255
 IN: Final = 1
 
 EDNS_DO: Final = 0x8000
 EDE_OPTION: Final = 15  # RFC 8914 option code
 EDE_BLOCKED: Final = 15  # RFC 8914 info code "Blocked"
+EDE_STALE: Final = 3  # RFC 8914 info code "Stale Answer"
 
 MAX_NAME: Final = 255
 MIN_UDP: Final = 512
@@ -149,6 +155,8 @@ def parse_query(data: bytes) -> Query | Rejection:
             edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & EDNS_DO))
         offset = owner_end + 10 + rdlen
     lower = question.lower()
+    if qtype > 64 or qclass > 64:  # a type or class byte may be a letter (HTTPS is 65, b"A"): fold the name only
+        lower = lower[:-4] + question[-4:]
     return Query(
         id=qid,
         flags=flags,

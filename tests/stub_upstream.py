@@ -1,21 +1,36 @@
 """A DNS server on loopback that the tests control: it plays dnsgate's upstream.
 
 Built on dnslib (the tests may use it freely). Answers come from `zone` (name -> RRs in zone-file
-text); unknown names get NXDOMAIN with an SOA. Behaviours for fault tests: `silent` (never
-answers), `delay`, `truncate_udp` (UDP replies carry TC=1 and no records; TCP gets the full
-answer), `wrong_id_first` (a reply with a wrong ID before the right one), `rcode` (answer every
-query with this RCODE). `queries` records (name, type, transport) of every query received.
+text, generic `TYPE65280 \\# 4 01020304` included); a CNAME is followed within the zone, as a
+recursive resolver would; RRSIGs are sent only to DO queries, for the type they cover; unknown
+names get NXDOMAIN with an SOA.
+
+Behaviours for fault tests: `silent` (never answers), `delay`, `truncate_udp` (UDP replies carry
+TC=1 and no records; TCP gets the full answer), `rcode` (answer every query with this RCODE),
+`set_ad` (AD in every reply), `reply_options` (EDNS options added to every reply). Spoofing, each
+sent before the genuine reply: `wrong_id_first` (a wrong ID), `spoof_first` (the right ID and
+question, but from another address: a different port), `wrong_question_first` (the right ID and
+source, another question); forged replies answer BOGUS_ADDRESS; `forge_only` sends the forgeries
+but never the genuine reply. `tls` (an ssl.SSLContext) adds a
+DNS-over-TLS listener on `tls_port`.
+
+`queries` records (name, type, transport) of every query received, `received` the raw queries
+and `sources` the (host, port) they came from
+(UDP); `connections` counts TCP and TLS connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from dnslib import QTYPE, RCODE, RR, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord, EDNSOption
+
+BOGUS_ADDRESS = "203.0.113.66"
 
 
 @dataclass
@@ -25,12 +40,25 @@ class StubUpstream:
     delay: float = 0.0
     truncate_udp: bool = False
     wrong_id_first: bool = False
+    spoof_first: bool = False
+    wrong_question_first: bool = False
+    forge_only: bool = False
     rcode: int | None = None
+    set_ad: bool = False
+    reply_options: list[EDNSOption] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None
     queries: list[tuple[str, str, str]] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)
+    sources: list[tuple[str, int]] = field(default_factory=list)
+    connections: int = 0  # TCP and TLS connections accepted
     port: int = 0
+    tls_port: int = 0
     host: str = "127.0.0.1"
     _udp: asyncio.DatagramTransport | None = None
+    _spoofer: asyncio.DatagramTransport | None = None
     _tcp: asyncio.Server | None = None
+    _tls_server: asyncio.Server | None = None
+    _seen: asyncio.Event = field(default_factory=asyncio.Event)
 
     def add(self, name: str, *records: str) -> None:
         """add('host.example.test', 'host.example.test. 300 IN A 192.0.2.1', ...)"""
@@ -57,43 +85,102 @@ class StubUpstream:
             except OSError:
                 self._udp.close()
                 continue
+            self._spoofer, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                                   local_addr=(self.host, 0))
+            if self.tls is not None:
+                self._tls_server = await asyncio.start_server(self._serve_tcp, self.host, 0, ssl=self.tls)
+                self.tls_port = self._tls_server.sockets[0].getsockname()[1]
             return self
         raise OSError("no port free for both UDP and TCP")
 
     async def stop(self) -> None:
-        if self._udp is not None:
-            self._udp.close()
-        if self._tcp is not None:
-            self._tcp.close()
-            await self._tcp.wait_closed()
+        for transport in (self._udp, self._spoofer):
+            if transport is not None:
+                transport.close()
+        for server in (self._tcp, self._tls_server):
+            if server is not None:
+                server.close()
+                await server.wait_closed()
+
+    async def wait_for(self, name: str, count: int, timeout: float = 3.0) -> None:
+        """Wait until `name` has been asked `count` times (bounded)."""
+        async with asyncio.timeout(timeout):
+            while self.count(name) < count:
+                self._seen.clear()
+                await self._seen.wait()
 
     def record(self, data: bytes, transport: str) -> None:
         request = DNSRecord.parse(data)
+        self._seen.set()
+        self.received.append(data)
         self.queries.append((str(request.q.qname).lower().rstrip("."), QTYPE.get(request.q.qtype), transport))
+
+    def options_received(self) -> list[int]:
+        """The EDNS option codes of every query received so far."""
+        codes: list[int] = []
+        for data in self.received:
+            for rr in DNSRecord.parse(data).ar:
+                if rr.rtype == QTYPE.OPT:
+                    codes += [o.code for o in rr.rdata]
+        return codes
+
+    def _records(self, name: str) -> list[Any]:
+        return [RR.fromZone(text)[0] for text in self.zone.get(name, [])]
 
     def answer(self, data: bytes, transport: str) -> bytes | None:
         request = DNSRecord.parse(data)
         name = str(request.q.qname).lower().rstrip(".")
+        qtype = request.q.qtype
         reply = request.reply()
+        reply.header.aa = 1  # as an authority would: dnsgate must clear it
+        do = any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
+        reply.header.ad = int(self.set_ad)  # dnslib would echo the query's AD
         if self.rcode is not None:
             reply.header.rcode = self.rcode
-            return bytes(reply.pack())
-        records = [RR.fromZone(text)[0] for text in self.zone.get(name, [])]
-        matching = [rr for rr in records if rr.rtype == request.q.qtype or rr.rtype == QTYPE.CNAME]
+            return self._finish(reply, request, transport)
+        records = self._records(name)
+        matching: list[Any] = []
+        owner = name
+        for _ in range(8):  # follow CNAMEs within the zone
+            here = self._records(owner) if owner != name else records
+            found = [rr for rr in here if rr.rtype in (qtype, QTYPE.CNAME) and rr.rtype != QTYPE.RRSIG]
+            signatures = [rr for rr in here if rr.rtype == QTYPE.RRSIG and do
+                          and str(rr.rdata).split()[0] in (QTYPE.get(qtype), "CNAME")]
+            matching += found + signatures
+            cname = next((rr for rr in found if rr.rtype == QTYPE.CNAME and qtype != QTYPE.CNAME), None)
+            if cname is None:
+                break
+            owner = str(cname.rdata.label).lower().rstrip(".")
         if records:
             for rr in matching:
                 reply.add_answer(rr)
         else:
             reply.header.rcode = RCODE.NXDOMAIN
-        if not matching:
-            zone = ".".join(name.split(".")[-2:]) or "."
+        if not any(rr.rtype == qtype for rr in matching):
+            zone = ".".join(owner.split(".")[-2:]) or "."
             reply.add_auth(*RR.fromZone(f"{zone}. 300 IN SOA ns.{zone}. host.{zone}. 1 3600 600 86400 60"))
         if transport == "udp" and self.truncate_udp:
             reply.rr, reply.auth = [], []
             reply.header.tc = 1
+        return self._finish(reply, request, transport)
+
+    def _finish(self, reply: Any, request: Any, transport: str) -> bytes:
+        if any(rr.rtype == QTYPE.OPT for rr in request.ar):
+            reply.add_ar(RR(rtype=QTYPE.OPT, rclass=4096, ttl=0, rdata=list(self.reply_options)))
+        return bytes(reply.pack())
+
+    def forged(self, data: bytes, *, question: str | None = None, id_xor: int = 0) -> bytes:
+        """A reply an attacker would send: BOGUS_ADDRESS for the question (or another one)."""
+        request = DNSRecord.parse(data)
+        if question is not None:
+            request.q.qname = question
+        reply = request.reply()
+        reply.header.id ^= id_xor
+        reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=3600, rdata=A(BOGUS_ADDRESS)))
         return bytes(reply.pack())
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while True:
                 length = struct.unpack(">H", await reader.readexactly(2))[0]
@@ -124,6 +211,7 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.stub.record(data, "udp")
+        self.stub.sources.append((addr[0], addr[1]))
         if self.stub.silent:
             return
         if self.stub.delay:
@@ -138,10 +226,16 @@ class _Udp(asyncio.DatagramProtocol):
         self._send(data, addr)
 
     def _send(self, data: bytes, addr: Any) -> None:
-        reply = self.stub.answer(data, "udp")
+        stub = self.stub
+        reply = stub.answer(data, "udp")
         if reply is None:
             return
-        if self.stub.wrong_id_first:
-            self.transport.sendto(bytes([reply[0] ^ 0xFF]) + reply[1:], addr)
-        self.transport.sendto(reply, addr)
+        if stub.wrong_id_first:
+            self.transport.sendto(stub.forged(data, id_xor=0xFFFF), addr)
+        if stub.spoof_first and stub._spoofer is not None:
+            stub._spoofer.sendto(stub.forged(data), addr)  # right ID and question, wrong source port
+        if stub.wrong_question_first:
+            self.transport.sendto(stub.forged(data, question="bogus.example.test"), addr)
+        if not stub.forge_only:
+            self.transport.sendto(reply, addr)
 

@@ -11,11 +11,13 @@ from dnsgate.config import (
     ConfigError,
     HostPort,
     Overrides,
+    UpstreamAddress,
     load_config,
     merge_overrides,
     overrides_from_env,
     parse_config_text,
     parse_host_port,
+    parse_upstream,
     resolv_conf_servers,
 )
 
@@ -88,6 +90,22 @@ def test_documented_config_mentions_every_key() -> None:
         ("[identity]\npairing_ttl = 1", "identity.pairing_ttl"),
         ("[identity]\nneighbour_refresh = 0", "identity.neighbour_refresh"),
         ("[dns", "config"),
+        ("[dns]\nany_query = 'all'", "dns.any_query"),
+        ("[upstream]\nstrategy = 'random'", "upstream.strategy"),
+        ("[upstream]\nservers = ['quic://1.1.1.1']", "upstream.servers"),
+        ("[upstream]\nservers = ['1.1.1.1#dns.example']", "upstream.servers"),
+        ("[upstream]\nservers = ['tls://1.1.1.1#bad..name']", "upstream.servers"),
+        ("[upstream]\ndomains = ['corp.example']", "upstream.domains"),
+        ("[upstream]\ndomains = { 'corp.example' = [] }", "upstream.domains.corp.example"),
+        ("[upstream]\ndomains = { 'corp.example' = ['not-an-ip'] }", "upstream.domains.corp.example"),
+        ("[upstream]\ndomains = { 'a..b' = ['10.0.0.1'] }", "upstream.domains"),
+        ("[upstream]\ndomains = { 'corp.example' = ['127.0.0.1:5353'] }", "upstream.domains.corp.example"),
+        ("[upstream]\ntrust_ad = 'yes'", "upstream.trust_ad"),
+        ("[cache]\nserve_stale = 1", "cache.serve_stale"),
+        ("[cache]\nstale_ttl = 0", "cache.stale_ttl"),
+        ("[cache]\nstale_max_age = 0", "cache.stale_max_age"),
+        ("[local]\nddr = 'no'", "local.ddr"),
+        ("[local]\nhealthcheck = 'a..b'", "local.healthcheck"),
     ],
 )
 def test_bad_config_names_the_key(text: str, key: str) -> None:
@@ -146,6 +164,27 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
 def test_bad_override_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"^dns\.listen"):
         load_config(None, Overrides(dns=("localhost:53",)))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("9.9.9.9", UpstreamAddress("9.9.9.9", 53)),
+    ("udp://9.9.9.9:5353", UpstreamAddress("9.9.9.9", 5353)),
+    ("tcp://[2001:DB8::0001]", UpstreamAddress("2001:db8::1", 53, "tcp")),
+    ("TLS://1.1.1.1#Cloudflare-DNS.com.", UpstreamAddress("1.1.1.1", 853, "tls", "cloudflare-dns.com")),
+    ("tls://[2620:fe::fe]:8853", UpstreamAddress("2620:fe::fe", 8853, "tls")),
+])
+def test_upstream_addresses(text: str, expected: UpstreamAddress) -> None:
+    assert parse_upstream(text) == expected
+    assert parse_upstream(str(expected)) == expected
+
+
+def test_conditional_domains_table() -> None:
+    cfg = parse_config_text('[upstream]\ndomains = { "corp.example" = ["10.0.0.53", "tls://10.0.0.54#dns.corp"], '
+                            '"168.192.in-addr.arpa" = "10.0.0.53" }')
+    assert cfg.upstream_domains == (
+        ("168.192.in-addr.arpa", (UpstreamAddress("10.0.0.53", 53),)),
+        ("corp.example", (UpstreamAddress("10.0.0.53", 53), UpstreamAddress("10.0.0.54", 853, "tls", "dns.corp"))),
+    )
 
 
 def test_resolv_conf() -> None:

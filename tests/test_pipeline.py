@@ -11,9 +11,12 @@ import dns.rrset
 import pytest
 
 from dnsgate.cache import AnswerCache, TtlPolicy
+from dnsgate.config import LocalConfig
 from dnsgate.identity import QueryIdentity
+from dnsgate.local_answers import default_table
 from dnsgate.pipeline import Forward, Pipeline
 from dnsgate.sinkhole import Sinkhole
+from dnsgate.tally import LOCAL, REFUSED, STALE
 from tests import consent_fixtures
 
 
@@ -206,7 +209,9 @@ def test_fast_path_and_general_path_agree(clock: Clock) -> None:
     forward(p, query("host.example.test"), "host.example.test. 300 IN A 192.0.2.10")
     forward(p, query("host.example.test", use_edns=0, want_dnssec=True), "host.example.test. 300 IN A 192.0.2.10")
     forward(p, query("trackcmp.net"), "trackcmp.net. 300 IN A 198.51.100.1", client="127.0.0.2")
+    forward(p, query("host.example.test", "HTTPS"), 'host.example.test. 300 IN HTTPS 1 . alpn="h2"')
     cases = [
+        (query("Host.example.test", "HTTPS"), "127.0.0.1"),  # type 65 is the byte "A": never case-folded
         (query("host.example.test"), "127.0.0.1"),
         (query("HOST.example.test", use_edns=0, want_dnssec=True), "127.0.0.1"),
         (query("trackcmp.net"), "127.0.0.1"),
@@ -218,6 +223,61 @@ def test_fast_path_and_general_path_agree(clock: Clock) -> None:
         fast = p.answer(wire_q, client, False)
         general = p._answer_general(wire_q, client, False)
         assert isinstance(fast, bytes) and fast == general, q.question
+
+
+def test_type_and_class_bytes_are_not_case_folded(clock: Clock) -> None:
+    p = build(clock)
+    forward(p, query("host.example.test", "HTTPS"), 'host.example.test. 300 IN HTTPS 1 . alpn="h2"')
+    assert isinstance(p.answer(query("host.example.test", "TYPE97").to_wire(), "127.0.0.1", False), Forward)
+    assert answer(p, query("HOST.example.test", "HTTPS")).answer[0].rdtype == dns.rdatatype.HTTPS
+
+
+def test_fast_path_serves_common_hits_without_the_parser(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's cache keys must be the general path's: else its hits turn into slow-path
+    work, or worse, find another key's entry (DO queries once found the CD entry)."""
+    p = build(clock)
+    cd = query("host.example.test")
+    cd.flags |= dns.flags.CD
+    shapes = [  # each cached with its own address, so a hit on the wrong entry shows
+        (query("host.example.test"), "192.0.2.10"),
+        (query("host.example.test", use_edns=0, want_dnssec=True), "192.0.2.11"),
+        (cd, "192.0.2.12"),
+        (query("host.example.test", "HTTPS"), "1 . alpn=\"h2\""),
+    ]
+    for q, rdata in shapes:
+        rdtype = dns.rdatatype.to_text(q.question[0].rdtype)
+        forward(p, q, f"host.example.test. 300 IN {rdtype} {rdata}")
+    shapes.append((query("host.example.test", use_edns=0), "192.0.2.10"))  # EDNS without DO: the plain entry
+    blocked = [query("x.trackcmp.net"), query("x.trackcmp.net", use_edns=0, want_dnssec=True)]
+    p.answer(blocked[0].to_wire(), "127.0.0.1", False)  # a name's first sight fills the catalog memo
+
+    def no_parsing(data: bytes) -> object:
+        raise AssertionError("the general path parsed a query the fast path should answer")
+
+    monkeypatch.setattr("dnsgate.pipeline.parse_query", no_parsing)
+    for q, rdata in shapes:
+        assert [r.to_text() for r in answer(p, q).answer[0]] == [rdata], q.question
+    for q in blocked:
+        assert answer(p, q).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_local_any_and_stale_answers_are_counted(clock: Clock) -> None:
+    p = Pipeline(
+        consent_fixtures.CATALOG, consent_fixtures.table(), AnswerCache(1000, 10**7, stale_window=60),
+        Sinkhole("nxdomain", 5, 1232), udp_max=1232, plain_ttl=TtlPolicy(0, 86400, None),
+        gated_ttl=TtlPolicy(0, 86400, 10), mono=clock, wall=lambda: 1_700_000_000.0,
+        local=default_table(LocalConfig()),
+    )
+    assert answer(p, query("localhost")).answer
+    assert answer(p, query("host.example.test", "ANY")).answer[0].rdtype == dns.rdatatype.HINFO
+    assert answer(p, query("example.test", "AXFR"), tcp=True).rcode() == dns.rcode.REFUSED
+    forward(p, query("host.example.test"), "host.example.test. 60 IN A 192.0.2.10")
+    clock.now += 61
+    out = p.answer(query("host.example.test").to_wire(), "127.0.0.1", False)
+    assert isinstance(out, Forward)
+    stale = p.stale(out)
+    assert stale is not None and dns.message.from_wire(stale).answer[0].ttl == 30
+    assert (p.counters.outcome(LOCAL), p.counters.outcome(REFUSED), p.counters.outcome(STALE)) == (2, 1, 1)
 
 
 def test_cd_bit_is_part_of_the_key(clock: Clock) -> None:

@@ -32,6 +32,12 @@ def test_parses_a_plain_query() -> None:
     assert q.text == "example.com."
 
 
+def test_type_and_class_keep_their_bytes() -> None:
+    q = wire.parse_query(header() + b"\x04HoSt\x00\x00\x41\x00\x01")  # type 65 (HTTPS) is the byte "A"
+    assert isinstance(q, wire.Query)
+    assert q.qtype == 65 and q.key == b"\x04host\x00\x00\x41\x00\x01" and q.name == b"\x04host\x00"
+
+
 def test_parses_edns() -> None:
     q = wire.parse_query(make(use_edns=0, payload=4096, want_dnssec=True,
                               options=[dns.edns.GenericOption(dns.edns.OptionType.make(65001), b"xx")]))

@@ -40,12 +40,13 @@ def build(setup: Callable[[Pipeline], None] | None = None) -> Pipeline:
     return p
 
 
-def fill(p: Pipeline, name: str, address: str, client: str = "127.0.0.1") -> None:
-    q = dns.message.make_query(name, "A")
+def fill(p: Pipeline, name: str, address: str, client: str = "127.0.0.1", rdtype: str = "A",
+         dnssec: bool = False) -> None:
+    q = dns.message.make_query(name, rdtype, use_edns=0 if dnssec else False, want_dnssec=dnssec)
     out = p.answer(q.to_wire(), client, False)
     assert isinstance(out, Forward), out
     r = dns.message.make_response(q)
-    r.answer.append(dns.rrset.from_text(name + ".", 300, "IN", "A", address))
+    r.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rdtype, address))
     p.complete(out, p.admit(out, r.to_wire()))
 
 
@@ -80,6 +81,10 @@ def main() -> None:
         "cached": (dns.message.make_query("host.example.test", dns.rdatatype.A).to_wire(), "127.0.0.1"),
         "blocked": (dns.message.make_query("trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.1"),
         "gated-allowed": (dns.message.make_query("trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.2"),
+        # what browsers and validating stubs ask: HTTPS (type 65, the byte "A") and EDNS with DO
+        "cached-https": (dns.message.make_query("host.example.test", dns.rdatatype.HTTPS).to_wire(), "127.0.0.1"),
+        "cached-do": (dns.message.make_query("host.example.test", dns.rdatatype.A, use_edns=0,
+                                             want_dnssec=True).to_wire(), "127.0.0.1"),
     }
     for label, (wire, client) in cases.items():
         ns = []
@@ -88,6 +93,8 @@ def main() -> None:
             p.cache.clear()
             fill(p, "host.example.test", "192.0.2.10")
             fill(p, "trackcmp.net", "198.51.100.1", client="127.0.0.2")
+            fill(p, "host.example.test", "1 . alpn=h2", rdtype="HTTPS")
+            fill(p, "host.example.test", "192.0.2.10", dnssec=True)
             assert isinstance(p.answer(wire, client, False), bytes)
             ns.append(per_call_ns(p, wire, client, args.n, args.rounds, sink.clear))
         print(f"{label:14s} {min(ns):7.1f} ns/query  (runs: {', '.join(f'{x:.1f}' for x in ns)})")

@@ -1,0 +1,162 @@
+"""Odd packets and query types over loopback, with the name cached or not: FORMERR for QDCOUNT != 1
+and malformed queries (header only), NOTIMP for unknown opcodes, silence for responses and runts;
+unknown types relayed (RFC 3597); ANY answered minimally (RFC 8482) without touching the cache;
+DNSSEC passed through (DO, CD, RRSIGs; AD only from a trusted upstream)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from dnsgate.config import DnsConfig, UpstreamConfig
+from tests.conftest import Gate, make_config, running_gate
+from tests.resolver.conftest import ask, on_path, query_wire, udp_raw
+from tests.stub_upstream import StubUpstream
+
+QUESTION = b"\x04host\x07example\x04test\x00\x00\x01\x00\x01"
+
+
+def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0) -> bytes:
+    return struct.pack(">HHHHHH", 0xBEEF, flags, qd, an, ns, ar)
+
+
+@pytest.mark.parametrize(("packet", "rcode"), [
+    (header(qd=0), dns.rcode.FORMERR),
+    (header(qd=2) + QUESTION + QUESTION, dns.rcode.FORMERR),  # RFC 9619
+    (header() + QUESTION[:-3], dns.rcode.FORMERR),  # type/class cut short
+    (header() + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),  # pointer in the question
+    (header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x05", dns.rcode.FORMERR),  # OPT rdata missing
+    (header(flags=0x2900) + QUESTION, dns.rcode.NOTIMP),  # opcode 5 (UPDATE)
+    (header(flags=0x1100) + QUESTION, dns.rcode.NOTIMP),  # opcode 2 (STATUS)
+    (header(flags=0x7900) + QUESTION, dns.rcode.NOTIMP),  # opcode 15 (unassigned)
+])
+async def test_error_replies_are_header_only(gate: Gate, upstream: StubUpstream, path: str, packet: bytes,
+                                             rcode: int) -> None:
+    if path == "hit":
+        await ask(gate, query_wire("host.example.test"))
+    reply = await udp_raw(gate.dns_port, packet)
+    assert reply is not None and len(reply) == 12
+    qid, flags, *counts = struct.unpack(">HHHHHH", reply)
+    assert qid == 0xBEEF and flags & 0x8000 and flags & 0xF == rcode and counts == [0, 0, 0, 0]
+    assert flags & 0x7800 == struct.unpack_from(">H", packet, 2)[0] & 0x7800  # opcode echoed
+    assert upstream.count("host.example.test") == (1 if path == "hit" else 0)
+
+
+@pytest.mark.parametrize("packet", [header(flags=0x8180) + QUESTION, b"\xbe\xef\x01\x00\x00", b""],
+                         ids=["response", "runt", "empty"])
+async def test_responses_and_runts_get_no_reply(gate: Gate, upstream: StubUpstream, path: str, packet: bytes) -> None:
+    if path == "hit":
+        await ask(gate, query_wire("host.example.test"))
+    assert await udp_raw(gate.dns_port, packet, timeout=0.3) is None
+    assert (await gate.query("host.example.test")).answer  # still serving
+
+
+async def test_unknown_type_relayed_transparently(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    upstream.add("odd.example.test", "odd.example.test. 300 IN TYPE65280 \\# 6 0102030405ff")
+    reply = await on_path(gate, upstream, path, lambda: query_wire("odd.example.test", "TYPE65280", use_edns=0))
+    (rrset,) = reply.answer
+    assert rrset.rdtype == 65280 and rrset[0].to_text() == "\\# 6 0102030405ff"
+
+
+async def test_https_records_reach_upstream_as_https(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    upstream.add("www.example.test", "www.example.test. 300 IN HTTPS 1 . alpn=h2")
+    reply = await on_path(gate, upstream, path, lambda: query_wire("WWW.example.test", "HTTPS"))
+    assert reply.answer[0].rdtype == dns.rdatatype.HTTPS and upstream.queries == [("www.example.test", "HTTPS", "udp")]
+
+
+async def test_unknown_type_nodata_relayed(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    reply = await on_path(gate, upstream, path, lambda: query_wire("host.example.test", "TYPE65281"))
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.answer and reply.authority[0].rdtype == dns.rdatatype.SOA
+
+
+async def test_any_gets_rfc8482_hinfo_and_leaves_the_cache_alone(gate: Gate, upstream: StubUpstream,
+                                                                 path: str) -> None:
+    if path == "hit":
+        assert (await gate.query("host.example.test", "A")).answer  # A cached before ANY
+    for edns in (False, 0):
+        reply = dns.message.from_wire(await ask(gate, query_wire("Host.example.test", "ANY", use_edns=edns)))
+        assert reply.rcode() == dns.rcode.NOERROR
+        (rrset,) = reply.answer
+        assert rrset.rdtype == dns.rdatatype.HINFO and rrset[0].cpu == b"RFC8482" and rrset[0].os == b""
+        assert rrset.name.to_text().lower() == "host.example.test."
+        assert reply.edns == (-1 if edns is False else 0)
+    assert ("host.example.test", "ANY", "udp") not in upstream.queries  # ANY is never forwarded
+    a = await gate.query("host.example.test", "A")  # and A is still the real A, from wherever
+    aaaa = await gate.query("host.example.test", "AAAA")
+    assert [r.to_text() for r in a.answer[0]] == ["192.0.2.10"]
+    assert [r.to_text() for r in aaaa.answer[0]] == ["2001:db8::10"]
+
+
+async def test_any_can_be_refused(upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = make_config(upstream, data_dir, dns=replace(DnsConfig(listen=("127.0.0.1:0",)), any_query="refused"))
+    async with running_gate(cfg) as g:
+        reply = await g.query("host.example.test", "ANY")
+        assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+        assert not upstream.queries
+
+
+async def test_zone_transfers_refused(gate: Gate, upstream: StubUpstream) -> None:
+    reply = dns.message.from_wire(await ask(gate, query_wire("example.test", "AXFR"), tcp=True))
+    assert reply.rcode() == dns.rcode.REFUSED and not upstream.queries
+
+
+def _signed(upstream: StubUpstream) -> None:
+    upstream.add("signed.example.test", "signed.example.test. 300 IN A 192.0.2.30",
+                 "signed.example.test. 300 IN RRSIG A 13 3 300 20300101000000 20200101000000 12345 example.test. "
+                 "c2lnbmF0dXJlIGJ5dGVz")
+
+
+async def test_dnssec_pass_through_do_and_rrsig(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    _signed(upstream)
+    reply = await on_path(gate, upstream, path, lambda: query_wire("signed.example.test", use_edns=0,
+                                                                   want_dnssec=True))
+    assert reply.ednsflags & dns.flags.DO
+    assert {r.rdtype for r in reply.answer} == {dns.rdatatype.A, dns.rdatatype.RRSIG}
+    plain = await gate.query("signed.example.test", use_edns=0)  # without DO: its own cache entry, no RRSIG
+    assert {r.rdtype for r in plain.answer} == {dns.rdatatype.A}
+    assert all(struct.unpack_from(">H", q, len(q) - 7)[0] & dns.flags.DO for q in upstream.received[:1])
+
+
+async def test_cd_is_relayed_and_kept_apart_in_the_cache(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    reply = await on_path(gate, upstream, path, lambda: query_wire("host.example.test", flags_set=0x0010))
+    assert reply.flags & dns.flags.CD and reply.answer
+    assert all(struct.unpack_from(">H", q, 2)[0] & 0x0010 for q in upstream.received)  # CD went upstream
+    before = len(upstream.queries)
+    await gate.query("host.example.test")  # CD clear: a different cache entry
+    assert len(upstream.queries) == before + 1
+
+
+async def test_ad_cleared_by_default(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    upstream.set_ad = True
+    reply = await on_path(gate, upstream, path, lambda: query_wire("host.example.test", use_edns=0, want_dnssec=True))
+    assert reply.answer and not reply.flags & dns.flags.AD  # dnsgate validates nothing, claims nothing
+
+
+async def test_ad_relayed_from_a_trusted_upstream(upstream: StubUpstream, data_dir: Path, path: str) -> None:
+    upstream.set_ad = True
+    cfg = make_config(upstream, data_dir, upstream=UpstreamConfig(servers=(upstream.address,), timeout=1.5,
+                                                                  attempt_timeout=0.5, trust_ad=True))
+    async with running_gate(cfg) as g:
+        reply = await on_path(g, upstream, path, lambda: query_wire("host.example.test", use_edns=0,
+                                                                    want_dnssec=True))
+        assert reply.flags & dns.flags.AD
+        asked_ad = await on_path(g, upstream, "hit", lambda: query_wire("host.example.test", use_edns=0,
+                                                                        want_dnssec=True, flags_set=0x0020))
+        assert asked_ad.flags & dns.flags.AD
+        # a client that shows no DNSSEC awareness (no DO, no AD) gets no AD (RFC 6840 §5.8)
+        plain = await on_path(g, upstream, path, lambda: query_wire("other.example.test", flags_clear=0x0020))
+        assert not plain.flags & dns.flags.AD
+        assert all(struct.unpack_from(">H", q, 2)[0] & 0x0020 for q in upstream.received)  # AD asked upstream
+    upstream.set_ad = False
+    cfg2 = make_config(upstream, data_dir, upstream=UpstreamConfig(servers=(upstream.address,), timeout=1.5,
+                                                                   attempt_timeout=0.5, trust_ad=True))
+    async with running_gate(cfg2) as g:
+        reply = dns.message.from_wire(await ask(g, query_wire("nottrackcmp.net", use_edns=0, want_dnssec=True)))
+        assert reply.answer and not reply.flags & dns.flags.AD  # only as the upstream set it
