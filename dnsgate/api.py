@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from .catalog import Catalog
-from .consent import KEY_SEPARATOR, Choice, Subject, normalize_client, normalize_mac
+from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
 from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
 from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Paired
 from .notice import Notice
@@ -140,7 +140,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        if "Allow" in exc.headers:  # 405 names the methods the resource has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 @web.middleware
@@ -206,13 +209,22 @@ def view_json(view: ClientView) -> dict[str, Any]:
         # issue 2's field: the categories granted and in force
         "categories": granted,
         "choice": choice_json(choice, view) if choice is not None else None,
-        "vendors": [{"id": v.id, "name": v.name, "category": v.category, "allowed": d.allowed, "reason": d.reason}
+        "vendors": [{"id": v.id, "name": v.name, "category": v.category, **decision_json(d, view)}
                     for v, d in view.decisions],
+        # what a vendor-less gate on each category (an imported block list) gets
+        "by_category": {c: decision_json(d, view) for c, d in view.by_category},
         "notes": list(view.notes),
         "ask_again_after": iso(view.ask_again_after),
         "kiosk": None if view.kiosk_idle_minutes is None else {
             "idle_minutes": view.kiosk_idle_minutes, "last_seen": iso(view.kiosk_last_seen)},
     }
+
+
+def decision_json(d: Decision, view: ClientView) -> dict[str, Any]:
+    """Allowed or not, why, and (when a choice decided it) since and until when that holds."""
+    c = view.choice if d.by_choice else None
+    return {"allowed": d.allowed, "reason": d.reason, "by_choice": d.by_choice,
+            "since": iso(c.made_at) if c else None, "until": iso(c.expires_at) if c else None}
 
 
 def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
@@ -480,7 +492,7 @@ async def get_own(request: web.Request) -> web.Response:
     if c.sec_gpc == "1":
         await control.honour_gpc(c)
     assert c.address is not None
-    return web.json_response(view_json(control.view(c.address)))
+    return web.json_response({**view_json(control.view(c.address)), "sec_gpc": c.sec_gpc})
 
 
 async def put_own(request: web.Request) -> web.Response:
@@ -523,7 +535,8 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 def _own_state(control: ConsentControl, view: ClientView, c: Caller) -> web.Response:
-    return web.json_response({**view_json(view), "pairing": offer_json(control.offer_pairing(c))})
+    return web.json_response({**view_json(view), "sec_gpc": c.sec_gpc,
+                              "pairing": offer_json(control.offer_pairing(c))})
 
 
 # ------------------------------------------------------------------------------------------------

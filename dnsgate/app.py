@@ -43,6 +43,8 @@ from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
 from .observe_api import Observability, add_routes
 from .pairing import Pairings
 from .pipeline import Pipeline
+from .portal import PortalSettings, portal_url
+from .portal import add_routes as add_portal_routes
 from .querylog import QueryLog, load_key, sinkhole_rcode
 from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
@@ -54,7 +56,6 @@ from .upstream import Upstreams
 
 log = logging.getLogger(__name__)
 
-PORTAL_HOST = "consent.dnsgate.internal"
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 
@@ -204,7 +205,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
                              kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
-                                  Pairings(PORTAL_HOST, cfg.identity.pairing_ttl), wall,
+                                  Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
                                   (normalize_client(a) for a in cfg.identity.trusted_forwarders))
         stack.push_async_callback(consents.close)
         try:
@@ -230,7 +231,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         pipeline = Pipeline(
             catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
             plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
-            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, PORTAL_HOST, consents.on_pair, wall),
+            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, cfg.portal.host,
+                                   consents.on_pair, wall),
             local=default_table(cfg.local, (domain for domain, _ in cfg.upstream.domains)),
             any_query=cfg.dns.any_query,
             trust_ad=cfg.upstream.trust_ad,
@@ -279,7 +281,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             admin_token=token,
             allowed_origins=frozenset(cfg.api.allowed_origins),
             api_port=api_bound.port,
-            own_hosts=frozenset({"localhost", PORTAL_HOST}),
+            own_hosts=frozenset({"localhost", cfg.portal.host.lower()}),
             max_days=cfg.consent.max_days,
         )
         sources = Sources(pipeline=pipeline, cache=cache, resolver=resolver, upstreams=upstreams, consent=table,
@@ -288,6 +290,9 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         sampler = Sampler(sources)
         background(stack, sampler.run())
         app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
+        portal = PortalSettings(cfg.portal.host.lower(), portal_url(cfg.portal.host.lower(), cfg.portal.url, api_bound),
+                                cfg.portal.captive, frozenset(cfg.portal.cors_origins))
+        add_portal_routes(app, portal)
         add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
                                       watched))
         runner = web.AppRunner(app, access_log=None)

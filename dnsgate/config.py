@@ -279,6 +279,25 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PortalConfig:
+    # The consent portal's host name. dnsgate's DNS answers it (A/AAAA) with the API's address, so
+    # every client of the network can open http://<host>/; pairing names live under it too.
+    host: str = "consent.dnsgate.internal"
+    # Addresses the portal host resolves to. Empty: the API's address, or, for an API listening on a
+    # wildcard (0.0.0.0, ::), the address of this host that faces the asking client.
+    addresses: tuple[str, ...] = ()
+    # The portal's URL as shown and handed to captive-portal clients (e.g. behind a TLS proxy).
+    # Empty: http://<host>/, with the API's port unless it is 80.
+    url: str = ""
+    # Guest Wi-Fi: answer the RFC 8908 captive-portal API at /captive-portal/api, "captive" for a
+    # device until its first choice (a refusal releases it exactly as a grant does).
+    captive: bool = False
+    # Web origins (scheme://host[:port], exact) whose pages may read GET /v1/consent/status
+    # cross-origin (CORS, no credentials; Chrome asks the visitor for local-network permission).
+    cors_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StorageConfig:
     # Directory for the SQLite store and the generated admin token (relative to the working dir).
     data_dir: str = "data"
@@ -325,6 +344,7 @@ class Config:
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     lists: ListsConfig = field(default_factory=ListsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -423,6 +443,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "profiles": ProfilesConfig,
     "identity": IdentityConfig,
     "local": LocalConfig,
+    "portal": PortalConfig,
     "storage": StorageConfig,
     "lists": ListsConfig,
     "log": LogConfig,
@@ -533,6 +554,7 @@ def validate(cfg: Config) -> Config:
            f"identity.neighbour_refresh: must be > 0, got {cfg.identity.neighbour_refresh}")
     _check(10 <= cfg.identity.pairing_ttl <= 86400,
            f"identity.pairing_ttl: must be 10..86400 seconds, got {cfg.identity.pairing_ttl}")
+    _validate_portal(cfg.portal)
     _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
     _validate_lists(cfg.lists)
     _check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")
@@ -544,6 +566,27 @@ def validate(cfg: Config) -> Config:
            f"events.webhook_url: expected an http:// or https:// URL, got {cfg.events.webhook_url!r}")
     _check(cfg.events.webhook_timeout > 0, f"events.webhook_timeout: must be > 0, got {cfg.events.webhook_timeout}")
     return cfg
+
+
+HOST_NAME: Final = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                              r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _validate_portal(portal: PortalConfig) -> None:
+    _check(bool(HOST_NAME.fullmatch(portal.host)),
+           f"portal.host: expected a host name of two or more labels, such as consent.dnsgate.internal, "
+           f"got {portal.host!r}")
+    for address in portal.addresses:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"portal.addresses: not an IP address: {address!r}") from None
+    _check(portal.url == "" or (portal.url.startswith(("http://", "https://")) and portal.url.count("/") >= 2
+                                and portal.url.split("/")[2] != ""),
+           f"portal.url: expected an http:// or https:// URL, got {portal.url!r}")
+    for origin in portal.cors_origins:
+        _check(origin.startswith(("http://", "https://")) and origin.count("/") == 2 and origin.split("/")[2] != "",
+               f"portal.cors_origins: expected scheme://host[:port], got {origin!r}")
 
 
 def _validate_lists(lists: ListsConfig) -> None:

@@ -107,6 +107,8 @@ class ClientView:
     kiosk_idle_minutes: float | None
     kiosk_last_seen: float | None
     now: float
+    # category -> the decision for a vendor-less gate on it (what an imported block list gets)
+    by_category: tuple[tuple[str, Decision], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,9 +231,12 @@ class ConsentService:
         kiosk = r.profile == "kiosk"
         last_seen = self.table.kiosk_seen.get(r.address) if kiosk else None
         current = notice is not None and choice is not None and notice.covers(choice.notice)
+        applies = choice if choice is not None and choice.active(now) else None
+        by_category = tuple((c.id, decide(_list_gate(c.id), r.profile, applies, notice))
+                            for c in self.catalog.categories)
         return ClientView(client, subject, r.address or None, r.mac, r.mac_source, r.profile, r.network,
                           r.why_profile, choice, current, r.decisions, r.notes, ask_again,
-                          self.cfg.kiosk_idle_minutes if kiosk else None, last_seen, now)
+                          self.cfg.kiosk_idle_minutes if kiosk else None, last_seen, now, by_category)
 
     def views(self) -> list[ClientView]:
         return [self.view_subject(c.subject) for c in self.table.choices()]
@@ -545,6 +550,14 @@ class ConsentService:
             await asyncio.wait(set(self._tasks), timeout=2.0)
         await self._in_store(self.store.close)
         self._executor.shutdown(wait=True)
+
+
+@functools.cache
+def _list_gate(category: str) -> Vendor:
+    """A stand-in for any imported list gated on `category` (lists are decided by category alone)."""
+    return Vendor(id=f"list:{category}", name=category, category=category, tcf_purposes=(), summary="",
+                  recipients="", privacy_policy="", data_collected=(), cookies=(), sources=(),
+                  ccpa_sale_or_share=False, kind="list")
 
 
 def _in_network(subject: Subject, network: IPNetwork) -> bool:

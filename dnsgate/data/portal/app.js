@@ -1,0 +1,312 @@
+// The consent portal: a same-origin client of dnsgate's consent API (see /openapi.json).
+// Strings come from strings.json; nothing is loaded from elsewhere, and nothing from the API or the
+// URL is ever parsed as HTML (textContent only).
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  let S = {};
+  let lang = "en";
+  let notice = null;   // GET /v1/notice
+  let catalog = null;  // GET /v1/vendors
+  let state = null;    // the latest consent state (GET/PUT/DELETE /v1/consent)
+  let who = null;      // GET /v1/whoami
+
+  // -- helpers -----------------------------------------------------------------------------------
+  const t = (key, vars = {}) =>
+    Object.entries(vars).reduce((s, [k, v]) => s.split(`{${k}}`).join(String(v)), S[key] ?? key);
+
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(props)) {
+      if (k === "text") node.textContent = v;
+      else if (k === "class") node.className = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children) if (c !== null && c !== undefined) node.append(c);
+    return node;
+  }
+
+  const when = (iso) => (iso ? new Date(iso).toLocaleString(lang, { dateStyle: "medium", timeStyle: "short" }) : "");
+
+  async function api(method, path, body) {
+    const init = { method, cache: "no-store", headers: {} };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const response = await fetch(path, init);
+    const data = await response.json().catch(() => null);
+    if (!response.ok) {
+      const e = (data && data.error) || {};
+      throw Object.assign(new Error(e.message || response.statusText), { status: response.status, code: e.code });
+    }
+    return data;
+  }
+
+  // return_to: only an http(s) URL, never javascript:, data: or credentials; shown as its host.
+  function returnTo() {
+    const raw = new URLSearchParams(location.search).get("return_to");
+    if (!raw) return null;
+    let url;
+    try { url = new URL(raw); } catch { return null; }
+    if ((url.protocol !== "http:" && url.protocol !== "https:") || url.username || url.password) return null;
+    return url;
+  }
+
+  const categoryName = (id) => (catalog.categories.find((c) => c.id === id) || { name: id }).name;
+  const fixedProfile = () => state.profile.name === "deny" || state.profile.name === "allow";
+
+  function describe(decision) {
+    if (decision.by_choice) {
+      return t(decision.allowed ? "state_allowed_choice" : "state_blocked_choice",
+        { since: when(decision.since), until: when(decision.until) });
+    }
+    if (fixedProfile()) return t(decision.allowed ? "state_allowed_default" : "state_blocked_network");
+    return t(decision.allowed ? "state_allowed_default" : "state_blocked_default");
+  }
+
+  // -- rendering ---------------------------------------------------------------------------------
+  function applyStrings() {
+    document.documentElement.lang = lang;
+    for (const node of document.querySelectorAll("[data-t]")) node.textContent = t(node.dataset.t);
+    document.title = t("title");
+  }
+
+  function renderNotice() {
+    const box = $("notice-text");
+    box.replaceChildren();
+    const entry = notice.languages[lang] || notice.languages[notice.default_language];
+    for (const paragraph of entry.text.split(/\n\s*\n/)) box.append(el("p", { text: paragraph.replace(/\s*\n\s*/g, " ") }));
+  }
+
+  function renderFirst() {
+    const vendors = state.vendors;
+    const allowed = vendors.filter((v) => v.allowed).length;
+    const total = vendors.length;
+    const key = total === 0 ? "summary_nothing" : total === 1 ? (allowed ? "summary_one_allowed" : "summary_one_blocked")
+      : allowed === 0 ? "summary_none_allowed" : allowed === total ? "summary_all_allowed" : "summary_some_allowed";
+    $("summary").textContent = `${t(key, { allowed, total })} ${t("profile_" + state.profile.name)}`;
+    $("overview").replaceChildren(...vendors.map((v) => el("li", { class: v.allowed ? "allowed" : "blocked",
+      "data-vendor": v.id, "data-state": v.allowed ? "allowed" : "blocked" },
+      el("span", { class: "dot", "aria-hidden": "true" }),
+      t("overview_item", { vendor: v.name, category: categoryName(v.category), state: describe(v) }))));
+
+    const gpc = state.sec_gpc === "1" || navigator.globalPrivacyControl === true;
+    $("gpc").hidden = !gpc;
+    if (gpc) $("gpc").textContent = `${t("gpc_sent")} ${t("gpc_" + state.profile.name)}`;
+
+    const choice = state.choice;
+    const stale = choice && choice.notice && !choice.notice.current && Object.values(choice.categories).some(Boolean);
+    $("stale").hidden = !stale;
+    if (stale) $("stale").textContent = t("stale", { when: when(choice.made_at) });
+
+    $("ask-again").hidden = !state.ask_again_after;
+    if (state.ask_again_after) {
+      $("ask-again").textContent = t("ask_again", { when: when(choice && choice.made_at), until: when(state.ask_again_after) });
+    }
+
+    const fixed = fixedProfile();
+    $("decide").hidden = fixed;
+    $("choose").hidden = fixed;
+    const kiosk = state.profile.name === "kiosk";
+    document.body.classList.toggle("kiosk", kiosk || new URLSearchParams(location.search).get("layout") === "kiosk");
+    $("kiosk").hidden = !kiosk;
+    if (kiosk) $("kiosk-text").textContent = t("kiosk_text", { minutes: state.kiosk ? state.kiosk.idle_minutes : "" });
+
+    const back = returnTo();
+    $("return").hidden = !back;
+    if (back) {
+      $("return-link").href = back.href;
+      $("return-link").textContent = t("return_link", { host: back.host });
+    }
+  }
+
+  function vendorCard(facts, decision) {
+    const details = el("details", {},
+      el("summary", { text: t("vendor_details", { vendor: facts.name }) }),
+      el("h4", { text: t("vendor_data") }),
+      el("ul", {}, ...facts.data_collected.map((d) => el("li", { text: d }))),
+      el("h4", { text: t("vendor_cookies") }),
+      cookieTable(facts.cookies),
+      el("h4", { text: t("vendor_recipients") }),
+      el("p", { text: facts.recipients }),
+      facts.ccpa_sale_or_share ? el("p", { text: t("vendor_sells") }) : null,
+      el("h4", { text: t("vendor_names") }),
+      el("ul", { class: "names" }, ...facts.domains.map((d) => el("li", {}, el("code", { text: d.pattern }), ` ${d.serves}`))),
+      facts.privacy_policy ? el("p", {}, el("a", { href: facts.privacy_policy, rel: "noopener noreferrer",
+        text: t("vendor_policy", { vendor: facts.name }) })) : null);
+    const purposes = facts.tcf_purposes.map((p) => t(`tcf_${p}`)).join(t("list_separator"));
+    return el("article", { class: "vendor", "data-vendor": facts.id, "aria-labelledby": `v-${facts.id}` },
+      el("h3", { id: `v-${facts.id}`, text: facts.name }),
+      el("p", { class: `state ${decision.allowed ? "allowed" : "blocked"}`, "data-state": decision.allowed ? "allowed" : "blocked",
+        text: describe(decision) }),
+      el("p", { text: facts.summary }),
+      purposes ? el("p", { class: "muted", text: `${t("vendor_purposes")}: ${purposes}` }) : null,
+      details);
+  }
+
+  function cookieTable(cookies) {
+    const head = el("tr", {}, ...["cookie_name", "cookie_purpose", "cookie_duration"].map((k) => el("th", { scope: "col", text: t(k) })));
+    const rows = cookies.map((c) => el("tr", {}, el("td", {}, el("code", { text: c.name })), el("td", { text: c.purpose }),
+      el("td", { text: c.duration })));
+    return el("div", { class: "table-scroll" }, el("table", {}, el("thead", {}, head), el("tbody", {}, ...rows)));
+  }
+
+  function renderCategories() {
+    const list = $("category-list");
+    list.replaceChildren();
+    for (const category of catalog.categories) {
+      const decision = state.by_category[category.id] || { allowed: false, by_choice: false };
+      const box = el("input", { type: "checkbox", id: `cat-${category.id}`, name: category.id });
+      box.checked = decision.allowed;
+      const vendors = catalog.vendors.filter((v) => v.category === category.id);
+      const lists = catalog.lists.filter((l) => l.category === category.id);
+      const fieldset = el("fieldset", { class: "category", "data-category": category.id },
+        el("legend", { text: category.name }),
+        el("p", { text: category.description }),
+        el("div", { class: "switch" }, box, el("label", { for: box.id, text: t("category_allow", { category: category.name }) })),
+        el("p", { class: `state ${decision.allowed ? "allowed" : "blocked"}`, "data-state": decision.allowed ? "allowed" : "blocked",
+          text: t("category_state", { state: describe(decision) }) }));
+      for (const facts of vendors) {
+        const vendorDecision = state.vendors.find((v) => v.id === facts.id);
+        if (vendorDecision) fieldset.append(vendorCard(facts, vendorDecision));
+      }
+      if (lists.length) {
+        fieldset.append(el("h3", { text: t("lists_heading") }), el("ul", {}, ...lists.map((l) => el("li", { "data-list": l.id,
+          text: t("list_item", { name: l.name, entries: l.entries.toLocaleString(lang), state: describe(decision) }) }))));
+      }
+      if (!vendors.length && !lists.length) fieldset.append(el("p", { class: "muted", text: t("no_vendors") }));
+      list.append(fieldset);
+    }
+    const granted = state.vendors.some((v) => v.allowed && v.by_choice)
+      || Object.values(state.by_category).some((d) => d.allowed && d.by_choice);
+    $("withdraw").hidden = !granted;
+  }
+
+  function renderDevice() {
+    if (!who) return;
+    const { address, mac } = who.http;
+    $("device-text").textContent = mac ? t("device_mac", { address, mac }) : t("device_text", { address });
+    const dns = who.dns;
+    $("pairing-text").hidden = !dns || dns.address === address;
+    if (dns && dns.address !== address) $("pairing-text").textContent = t("pairing_done", { address: dns.address, when: when(dns.paired_at) });
+  }
+
+  function render() {
+    renderFirst();
+    renderCategories();
+    renderDevice();
+  }
+
+  // -- acting ------------------------------------------------------------------------------------
+  function shown() {
+    const entry = notice.languages[lang] ? lang : notice.default_language;
+    return { notice: { version: notice.version, sha256: notice.languages[entry].sha256 }, language: entry, channel: "portal" };
+  }
+
+  // Resolve <token>.pair.<portal host> through the device's own resolver, so dnsgate can bind the
+  // DNS source it sees to this choice when it differs from the HTTP address. The fetch itself is
+  // meant to fail: the name has no address.
+  function pair(pairing) {
+    if (!pairing || !pairing.name) return;
+    fetch(`${location.protocol}//${pairing.name}/`, { mode: "no-cors", cache: "no-store" }).catch(() => {})
+      .finally(() => setTimeout(refreshWho, 1500));
+  }
+
+  async function refreshWho() {
+    try { who = await api("GET", "/v1/whoami"); renderDevice(); } catch { /* shown on the next load */ }
+  }
+
+  function say(lines, kind = "ok") {
+    const box = $("result");
+    box.className = `result ${kind}`;
+    box.setAttribute("role", kind === "error" ? "alert" : "status");
+    box.replaceChildren(...lines.map((line) => el("p", { text: line })));
+  }
+
+  async function act(method, path, body, outcome) {
+    const buttons = document.querySelectorAll("button");
+    buttons.forEach((b) => { b.disabled = true; });
+    say([t("working")]);
+    try {
+      state = await api(method, path, body);
+      render();
+      say(outcome(state));
+      pair(state.pairing);
+    } catch (e) {
+      if (e.code === "notice_changed") {
+        await load();
+        say([t("result_notice_changed")], "warn");
+      } else {
+        say([t("result_error", { message: e.message })], "error");
+      }
+    } finally {
+      buttons.forEach((b) => { b.disabled = false; });
+    }
+  }
+
+  function grantedOutcome(s) {
+    const open = s.vendors.filter((v) => v.allowed).map((v) => v.name);
+    const lists = catalog.lists.filter((l) => (s.by_category[l.category] || {}).allowed).map((l) => l.name);
+    const what = [...open, ...lists];
+    if (!what.length) return [t("result_refused")];
+    return [t("result_granted", { what: what.join(t("list_separator")) }), t("result_cache")];
+  }
+
+  const refusedOutcome = (s) => (s.vendors.some((v) => v.allowed) ? grantedOutcome(s) : [t("result_refused"), t("result_cache")]);
+
+  function accept() {
+    act("PUT", "/v1/consent", { categories: catalog.categories.map((c) => c.id), ...shown() }, grantedOutcome);
+  }
+
+  function reject() {
+    act("PUT", "/v1/consent", { categories: [], ...shown() }, refusedOutcome);
+  }
+
+  function save(event) {
+    event.preventDefault();
+    const choices = Object.fromEntries(catalog.categories.map((c) => [c.id, $(`cat-${c.id}`).checked]));
+    act("PUT", "/v1/consent", { choices, ...shown() }, grantedOutcome);
+  }
+
+  function withdraw() {
+    act("DELETE", "/v1/consent", undefined, () => [t("result_withdrawn"), t("result_cache")]);
+  }
+
+  function endSession() {
+    act("POST", "/v1/session/end", undefined, () => [t("result_session_ended")]);
+  }
+
+  // -- start -------------------------------------------------------------------------------------
+  async function load() {
+    [notice, catalog, state, who] = await Promise.all([
+      api("GET", "/v1/notice"), api("GET", "/v1/vendors"), api("GET", "/v1/consent"), api("GET", "/v1/whoami")]);
+    renderNotice();
+    render();
+  }
+
+  async function start() {
+    const strings = await fetch("/portal/strings.json", { cache: "no-cache" }).then((r) => r.json());
+    const wanted = [...(navigator.languages || []), navigator.language || "", "en"].map((l) => l.toLowerCase());
+    lang = wanted.map((l) => (strings[l] ? l : l.split("-")[0])).find((l) => strings[l]) || "en";
+    S = strings[lang];
+    applyStrings();
+    try {
+      await load();
+    } catch (e) {
+      $("loading").textContent = t("load_failed", { message: e.message });
+      return;
+    }
+    $("loading").hidden = true;
+    for (const id of ["first", "notice", "choose", "device"]) $(id).hidden = id === "choose" && fixedProfile();
+    $("accept-all").addEventListener("click", accept);
+    $("reject-all").addEventListener("click", reject);
+    $("categories").addEventListener("submit", save);
+    $("withdraw").addEventListener("click", withdraw);
+    $("end-session").addEventListener("click", endSession);
+    document.body.dataset.ready = "true";
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+})();
