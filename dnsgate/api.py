@@ -398,6 +398,8 @@ def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tu
     if not categories and not vendors:
         raise ApiError(400, "invalid_field", "choose at least one category or vendor", "choices")
     days = body.get("days")
+    if isinstance(days, float) and days.is_integer():
+        days = int(days)  # JSON has one number type: 30.0 is 30
     if days is not None and (isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= max_days):
         raise ApiError(400, "invalid_field", f"days must be an integer 1..{max_days}", "days")
     notice = body.get("notice", {})

@@ -70,6 +70,7 @@ class Running:
     data_dir: Path
     upstreams: tuple[UpstreamAddress, ...]
     token_file: Path | None
+    routes: tuple[str, ...] = ()  # "METHOD /path" of every API route (/openapi.json lists exactly these)
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
@@ -304,7 +305,9 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         schedule = asyncio.create_task(reloader.run_schedule())
         stack.push_async_callback(_cancel, schedule)
 
-        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file)
+        routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
+                               if r.method != "HEAD" and r.resource is not None}))
+        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes)
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),

@@ -129,6 +129,8 @@ def filters_from(request: web.Request, now: float) -> Filters:
         name = name.strip().lower().rstrip(".")
         if not name:
             raise ApiError(400, "invalid_field", "name must not be empty", "name")
+    if q.get("vendor") == "":
+        raise ApiError(400, "invalid_field", "vendor must not be empty", "vendor")
     after = q.get("after")
     if after is not None and not after.isdigit():
         raise ApiError(400, "invalid_field", "after must be an entry id", "after")

@@ -57,16 +57,17 @@ def error(description: str) -> dict[str, Any]:
 def query(name: str, description: str, schema: dict[str, Any] | None = None, *,
           required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "description": description,
-            "schema": schema or {"type": "string"}}
+            "schema": schema or {"type": "string", "minLength": 1}}
 
 
 CLIENT_PATH: Final = {"name": "client", "in": "path", "required": True,
                       "description": "an IP address, a MAC address, or a network in CIDR notation",
-                      "schema": {"type": "string", "minLength": 1}}
+                      "schema": {"type": "string", "pattern": r"^[0-9A-Fa-f:.\-]+(/[0-9]{1,3})?$"}}
 SEC_GPC: Final = {"name": "Sec-GPC", "in": "header", "required": False,
                   "description": "Global Privacy Control; `1` on an opt-out network records an opt-out of "
-                                 "sale/sharing", "schema": {"type": "string", "enum": ["1"]}}
+                                 "sale/sharing", "schema": {"type": "string"}}
 BAD: Final = error("Invalid input: the `field` names the culprit; nothing changed")
+NO_ROUTE: Final = error("No such route (the path holds characters no client name has)")
 UNAUTHORIZED: Final = error("Admin endpoint without the right `Authorization: Bearer` token")
 FORBIDDEN: Final = error("A browser Origin that may not change consent")
 CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `not_kiosk`)")
@@ -78,7 +79,37 @@ AGE_PARAMS: Final = [query("since", "ISO 8601, UNIX seconds, or an age such as 1
 LIMIT: Final = query("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": 10000})
 
 
-def schemas() -> dict[str, Any]:
+def choice_request_schema(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tuple[str, ...],
+                          max_days: int) -> dict[str, Any]:
+    """The body of a choice, with the catalog's category and vendor ids and the notice's languages."""
+    category = {"type": "string", "enum": list(categories)}
+    decided = {"type": "object", "propertyNames": category, "additionalProperties": {"type": "boolean"}}
+    by_vendor = {"type": "object", "propertyNames": {"type": "string", "enum": list(vendors)},
+                 "additionalProperties": {"type": "boolean"}}
+    return {
+        "type": "object", "additionalProperties": False,
+        "description": "`categories` (exactly these granted, every other refused) or `choices` (only what is "
+                       "named is decided), optionally `vendors`",
+        "properties": {
+            "categories": {"type": "array", "items": category},
+            "choices": decided,
+            "vendors": by_vendor,
+            "days": {"type": ["integer", "null"], "minimum": 1, "maximum": max_days},
+            "notice": {"type": "object", "additionalProperties": False,
+                       "properties": {"version": {"type": "string"},
+                                      "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}},
+            "language": {"enum": [*languages, None]},
+            "channel": {"type": "string", "enum": ["portal", "device"]},
+        },
+        "not": {"required": ["categories", "choices"]},
+        "anyOf": [{"required": ["categories"]},
+                  {"required": ["choices"], "properties": {"choices": {"minProperties": 1}}},
+                  {"required": ["vendors"], "properties": {"vendors": {"minProperties": 1}}}],
+    }
+
+
+def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tuple[str, ...],
+            max_days: int) -> dict[str, Any]:
     decision = obj({"allowed": {"type": "boolean"}, "reason": {"type": "string"}, "by_choice": {"type": "boolean"},
                     "since": TIME, "until": TIME})
     choice = obj({
@@ -108,28 +139,16 @@ def schemas() -> dict[str, Any]:
     })
     pairing = obj({"token": {"type": "string"}, "name": {"type": "string"}, "expires_at": TIME})
     own = {"allOf": [ref("ConsentState"), obj({"sec_gpc": NULLABLE_STRING}, {"pairing": ref("Pairing")})]}
-    choice_request = {
-        "type": "object", "additionalProperties": False,
-        "description": "`categories` (exactly these granted, every other refused) or `choices` (only what is "
-                       "named is decided), optionally `vendors`",
-        "properties": {
-            "categories": array({"type": "string"}),
-            "choices": mapping({"type": "boolean"}),
-            "vendors": mapping({"type": "boolean"}),
-            "days": {"type": "integer", "minimum": 1, "maximum": 395},
-            "notice": {"type": "object", "additionalProperties": False,
-                       "properties": {"version": {"type": "string"},
-                                      "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}},
-            "language": {"type": "string"},
-            "channel": {"type": "string", "enum": ["portal", "device"]},
-        },
-    }
+    choice_request = choice_request_schema(categories, vendors, languages, max_days)
     event = obj({"id": {"type": ["integer", "null"]}, "time": TIME, "action": {"type": "string"},
                  "address": NULLABLE_STRING, "mac": NULLABLE_STRING, "network": NULLABLE_STRING,
-                 "profile": {"type": "string"}, "categories": mapping({"type": "boolean"}),
-                 "vendors": mapping({"type": "boolean"}), "expires_at": TIME, "channel": {"type": "string"},
-                 "sec_gpc": NULLABLE_STRING, "supersedes": {"type": ["integer", "null"]},
-                 "reason": {"type": "string"}})
+                 "profile": {"type": "string"}, "vendors": mapping({"type": "boolean"}), "expires_at": TIME,
+                 "channel": {"type": "string"}, "sec_gpc": NULLABLE_STRING,
+                 "supersedes": {"type": ["integer", "null"]}, "reason": {"type": "string"},
+                 # issue 2's fields: the categories granted (a grant) or decided (anything else)
+                 "client": NULLABLE_STRING, "categories": array({"type": "string"}),
+                 "decisions": obj({"categories": mapping({"type": "boolean"}),
+                                   "vendors": mapping({"type": "boolean"})})})
     rules_report = obj({"status": {"type": "string"}, "reason": {"type": "string"}, "error": NULLABLE_STRING,
                         "applied": array({"type": "string"}), "restart_required": array({"type": "string"}),
                         "catalog": obj({"version": {"type": "string"}, "vendors": {"type": "integer"},
@@ -252,21 +271,21 @@ def paths() -> dict[str, Any]:
         "/v1/clients/{client}/consent": {
             "parameters": [CLIENT_PATH],
             "get": {"tags": ["admin"], "summary": "A client's consent", "security": ADMIN,
-                    "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED}},
+                    "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "404": NO_ROUTE}},
             "put": {"tags": ["admin"], "summary": "Record a choice for a client", "security": ADMIN,
                     "requestBody": {"required": True, **json_body(ref("ChoiceRequest"))},
                     "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                                  "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED}},
+                                  "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED}},
             "delete": {"tags": ["admin"], "summary": "Withdraw a client's consent", "security": ADMIN,
                        "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                                     "409": CONFLICT}},
+                                     "404": NO_ROUTE, "409": CONFLICT}},
         },
         "/v1/clients/{client}/session/end": {"post": {
             "tags": ["admin"], "summary": "Forget a client's choice (recorded as a reset)", "security": ADMIN,
             "parameters": [CLIENT_PATH],
             "requestBody": {"required": False, **json_body({"type": "object"})},
             "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                          "413": TOO_LARGE, "415": UNSUPPORTED}}},
+                          "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED}}},
         "/v1/audit": {"get": {"tags": ["admin"], "summary": "The newest consent events", "security": ADMIN,
                               "parameters": [query("client", "an IP address, MAC or network"), LIMIT],
                               "responses": {"200": ok(obj({"events": array(ref("Event"))})), "400": BAD,
@@ -347,9 +366,11 @@ def paths() -> dict[str, Any]:
     }
 
 
-@functools.cache
-def openapi_document() -> dict[str, Any]:
-    components = schemas()
+@functools.lru_cache(maxsize=8)
+def openapi_document(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tuple[str, ...],
+                     max_days: int) -> dict[str, Any]:
+    """The document for the catalog in force (a reload may change its categories and vendors)."""
+    components = schemas(categories, vendors, languages, max_days)
     components["BriefDecision"] = obj({"allowed": {"type": "boolean"}, "by_choice": {"type": "boolean"},
                                        "until": TIME})
     return {

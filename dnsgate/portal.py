@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .api import CONSENT, ApiError, caller_address, decision_json
+from .api import CATALOG, CONSENT, SETTINGS, ApiError, caller_address, decision_json
 from .config import HostPort
 from .openapi import openapi_document
 
@@ -147,4 +147,7 @@ async def captive(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(), headers={"Cache-Control": "no-cache"})
+    catalog = request.app[CATALOG]()
+    document = openapi_document(tuple(c.id for c in catalog.categories), tuple(v.id for v in catalog.vendors),
+                                tuple(request.app[CONSENT].notice.texts), request.app[SETTINGS].max_days)
+    return web.json_response(document, headers={"Cache-Control": "no-cache"})

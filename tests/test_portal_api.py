@@ -1,0 +1,231 @@
+"""The consent portal over HTTP (no browser): the page and its assets, the strings file, the state the
+page reads, the read-only status with CORS, the RFC 8908 captive-portal API, and error hygiene."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from html.parser import HTMLParser
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dnsgate.config import ConfigError, PortalConfig, parse_config_text
+from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import KIOSK, consent_config
+from tests.stub_upstream import StubUpstream
+
+PORTAL = Path(__file__).resolve().parent.parent / "dnsgate" / "data" / "portal"
+SITE = "https://shop.example"
+
+
+async def fetch(url: str, method: str = "GET", headers: dict[str, str] | None = None,
+                source: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as session, session.request(
+            method, url, headers=headers or {}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+@pytest.fixture
+async def portal_gate(upstream: StubUpstream, data_dir: Path) -> AsyncIterator[Gate]:
+    cfg = consent_config(make_config(upstream, data_dir))
+    cfg = replace(cfg, portal=PortalConfig(captive=True, cors_origins=(SITE,)))
+    async with running_gate(cfg) as g:
+        yield g
+
+
+class Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+async def test_page_is_small_same_origin_and_has_no_inline_code(gate: Gate) -> None:
+    status, headers, body = await fetch(gate.api_url + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    csp = headers["Content-Security-Policy"]
+    for directive in ("default-src 'none'", "script-src 'self'", "style-src 'self'", "frame-ancestors 'none'",
+                      "connect-src 'self' http://*.pair.consent.dnsgate.internal"):
+        assert directive in csp
+    assert "unsafe" not in csp
+    parser = Tags()
+    parser.feed(body.decode())
+    assert ("html", {"lang": "en"}) in parser.tags
+    for tag, attrs in parser.tags:
+        assert not any(name.startswith("on") or name == "style" for name in attrs), (tag, attrs)
+        if tag == "script":
+            assert attrs.get("src", "").startswith("/portal/")  # type: ignore[union-attr]
+        for name in ("src", "href"):
+            value = attrs.get(name)
+            assert value is None or value.startswith(("/", "#")), (tag, attrs)  # nothing from elsewhere
+    total = len(body)
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css"),
+                       ("strings.json", "application/json"), ("icon.svg", "image/svg+xml")):
+        status, headers, asset = await fetch(f"{gate.api_url}/portal/{name}")
+        assert status == 200 and headers["Content-Type"].startswith(kind), name
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        total += len(asset)
+    assert total < 64 * 1024  # small: the whole portal, uncompressed
+    for path in ("/portal/nope.js", "/portal/..%2Fapi.py", "/portal/"):
+        status, _, body = await fetch(gate.api_url + path)
+        assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_every_string_the_page_uses_is_in_the_strings_file() -> None:
+    strings = json.loads((PORTAL / "strings.json").read_text())
+    english = strings["en"]
+    html = (PORTAL / "index.html").read_text()
+    script = (PORTAL / "app.js").read_text()
+    used = set(re.findall(r'data-t="([a-z0-9_-]+)"', html))
+    used |= set(re.findall(r'\bt\("([a-z0-9_-]+)"', script)) - {"profile_", "gpc_"}  # + a profile name:
+    used |= {f"profile_{p}" for p in ("opt-in", "opt-out", "kiosk", "deny", "allow")}
+    used |= {f"gpc_{p}" for p in ("opt-in", "opt-out", "kiosk", "deny", "allow")}
+    used |= set(re.findall(r'"(summary_[a-z_]+|state_[a-z_]+|result_[a-z_]+|cookie_[a-z]+)"', script))
+    missing = sorted(k for k in used if k not in english)
+    assert not missing, missing
+    for language, table in strings.items():  # a translation names the same keys
+        assert set(table) == set(english), language
+    # no user-visible English hides in the script: every string literal shown goes through t()
+    assert not re.search(r'textContent\s*=\s*"', script)
+
+
+async def test_state_for_the_page_says_since_until_and_gpc(gate: Gate) -> None:
+    status, before = await gate.http("GET", "/v1/consent", headers={"Sec-GPC": "1"})
+    assert status == 200 and before["sec_gpc"] == "1"
+    ac = next(v for v in before["vendors"] if v["id"] == "activecampaign")
+    assert ac == {**ac, "allowed": False, "by_choice": False, "since": None, "until": None}
+    assert before["by_category"]["analytics"]["allowed"] is False
+    status, after = await gate.http("PUT", "/v1/consent", json={"categories": ["marketing"], "channel": "portal"})
+    assert status == 200 and after["sec_gpc"] is None and after["pairing"]["name"].endswith(
+        ".pair.consent.dnsgate.internal")
+    ac = next(v for v in after["vendors"] if v["id"] == "activecampaign")
+    assert ac["allowed"] and ac["by_choice"] and ac["since"] == after["choice"]["made_at"]
+    assert ac["until"] == after["choice"]["expires_at"]
+    assert after["by_category"] == {
+        "marketing": {**after["by_category"]["marketing"], "allowed": True, "by_choice": True},
+        "analytics": {**after["by_category"]["analytics"], "allowed": False, "by_choice": True}}
+
+
+async def test_status_has_no_identity_and_cors_only_for_listed_origins(portal_gate: Gate) -> None:
+    url = portal_gate.api_url + "/v1/consent/status"
+    status, headers, body = await fetch(url, headers={"Origin": SITE})
+    state = json.loads(body)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == SITE and headers["Vary"] == "Origin"
+    assert "Access-Control-Allow-Credentials" not in headers and headers["Cache-Control"] == "no-store"
+    assert state["vendors"]["activecampaign"] == {"allowed": False, "by_choice": False, "until": None}
+    assert state["decided"] is False and state["profile"] == "opt-in"
+    assert "127.0.0.1" not in body.decode() and "identity" not in state  # nothing that names the device
+    assert state["portal_url"] == f"http://consent.dnsgate.internal:{portal_gate.running.api.port}/"
+
+    for other in ("https://evil.example", "https://shop.example.evil", "null", SITE + ":443"):
+        status, headers, _ = await fetch(url, headers={"Origin": other})
+        assert status == 200 and "Access-Control-Allow-Origin" not in headers and headers["Vary"] == "Origin"
+
+    preflight = {"Origin": SITE, "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Private-Network": "true"}
+    status, headers, _ = await fetch(url, "OPTIONS", preflight)
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == SITE
+    assert headers["Access-Control-Allow-Private-Network"] == "true"
+    assert headers["Access-Control-Allow-Methods"] == "GET" and headers["Vary"] == "Origin"
+    assert "Access-Control-Allow-Credentials" not in headers
+    status, headers, body = await fetch(url, "OPTIONS", {**preflight, "Origin": "https://evil.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_refused"
+    assert "Access-Control-Allow-Origin" not in headers
+    status, _, body = await fetch(url, "OPTIONS", {**preflight, "Access-Control-Request-Method": "PUT"})
+    assert status == 405
+    # CORS never opens a state change: the consent API refuses other origins as before.
+    status, answer = await portal_gate.http("PUT", "/v1/consent", json={"categories": ["marketing"]},
+                                            headers={"Origin": SITE})
+    assert status == 403 and answer["error"]["code"] == "origin_refused"
+
+    await portal_gate.http("PUT", "/v1/consent", json={"categories": ["marketing"]})
+    _, _, body = await fetch(url)
+    state = json.loads(body)
+    assert state["decided"] and state["vendors"]["activecampaign"]["allowed"]
+    assert state["categories"]["marketing"]["until"] is not None
+
+
+@pytest.mark.parametrize("first", ["accept", "reject"])
+async def test_captive_until_the_first_choice_whatever_it_is(portal_gate: Gate, first: str) -> None:
+    url = portal_gate.api_url + "/captive-portal/api"
+    status, headers, body = await fetch(url)
+    assert status == 200 and headers["Content-Type"].startswith("application/captive+json")
+    assert "no-store" in headers["Cache-Control"]
+    assert json.loads(body) == {"captive": True, "user-portal-url":
+                                f"http://consent.dnsgate.internal:{portal_gate.running.api.port}/"}
+    categories = ["marketing", "analytics"] if first == "accept" else []
+    status, _ = await portal_gate.http("PUT", "/v1/consent", json={"categories": categories})
+    assert status == 200
+    assert json.loads((await fetch(url))[2])["captive"] is False
+    assert json.loads((await fetch(url, source="127.0.0.2"))[2])["captive"] is True  # another device
+    # withdrawing is a choice too: still released
+    await portal_gate.http("DELETE", "/v1/consent")
+    assert json.loads((await fetch(url))[2])["captive"] is False
+
+
+async def test_captive_again_after_a_kiosk_session_ends(portal_gate: Gate) -> None:
+    kiosk = KIOSK + "7"
+    url = portal_gate.api_url + "/captive-portal/api"
+    await portal_gate.http("PUT", "/v1/consent", source=kiosk, json={"categories": []})
+    assert json.loads((await fetch(url, source=kiosk))[2])["captive"] is False
+    status, state = await portal_gate.http("POST", "/v1/session/end", source=kiosk)
+    assert status == 200 and state["choice"] is None  # answered with the new state
+    assert json.loads((await fetch(url, source=kiosk))[2])["captive"] is True
+
+
+async def test_captive_api_is_off_by_default(gate: Gate) -> None:
+    status, body = await gate.http("GET", "/captive-portal/api")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+async def test_errors_have_one_shape_and_405_says_what_is_allowed(gate: Gate) -> None:
+    status, headers, body = await fetch(gate.api_url + "/v1/consent", "PATCH")
+    assert status == 405 and set(headers["Allow"].split(",")) >= {"GET", "PUT", "DELETE"}
+    assert json.loads(body) == {"error": {"status": 405, "code": "method_not_allowed",
+                                          "message": "Method Not Allowed"}}
+    status, body = await gate.http("GET", "/nowhere")
+    assert status == 404 and body == {"error": {"status": 404, "code": "not_found", "message": "Not Found"}}
+    status, body = await gate.http("PUT", "/v1/consent", json={"categories": ["nope"]})
+    assert status == 400 and body["error"]["field"] == "categories[0]" and set(body["error"]) == {
+        "status", "code", "message", "field"}
+
+
+async def test_days_as_a_whole_float_is_accepted(gate: Gate) -> None:
+    status, body = await gate.http("PUT", "/v1/consent", json={"categories": ["marketing"], "days": 30.0})
+    assert status == 200 and body["choice"]["expires_at"] is not None
+    status, body = await gate.http("PUT", "/v1/consent", json={"categories": ["marketing"], "days": 30.5})
+    assert status == 400 and body["error"]["field"] == "days"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[portal]\nhost = 'consent'", "portal.host"),
+    ("[portal]\nhost = 'bad_name.example'", "portal.host"),
+    ("[portal]\nhost = '*.example.com'", "portal.host"),
+    ("[portal]\naddresses = ['consent.example']", "portal.addresses"),
+    ("[portal]\nurl = 'javascript:alert(1)'", "portal.url"),
+    ("[portal]\ncors_origins = ['https://shop.example/']", "portal.cors_origins"),
+    ("[portal]\ncaptive = 'yes'", "portal.captive"),
+])
+def test_portal_config_errors_name_the_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        parse_config_text(text)
+
+
+async def test_portal_host_is_configurable(upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = replace(make_config(upstream, data_dir), portal=PortalConfig(host="consent.home.arpa",
+                                                                      url="https://consent.example.net/"))
+    async with running_gate(cfg) as g:
+        status, headers, _ = await fetch(g.api_url + "/")
+        assert "http://*.pair.consent.home.arpa" in headers["Content-Security-Policy"]
+        status, state = await g.http("PUT", "/v1/consent", json={"categories": []},
+                                     headers={"Origin": "http://consent.home.arpa"})
+        assert status == 200 and state["pairing"]["name"].endswith(".pair.consent.home.arpa")
+        _, status_body = await g.http("GET", "/v1/consent/status")
+        assert status_body["portal_url"] == "https://consent.example.net/"
