@@ -225,9 +225,15 @@
     box.replaceChildren(...lines.map((line) => el("p", { text: line })));
   }
 
+  // While a change is on its way further clicks are ignored; buttons are not disabled, because a
+  // disabled button loses keyboard focus.
+  let busy = false;
+
   async function act(method, path, body, outcome) {
+    if (busy) return;
+    busy = true;
     const buttons = document.querySelectorAll("button");
-    buttons.forEach((b) => { b.disabled = true; });
+    buttons.forEach((b) => b.setAttribute("aria-disabled", "true"));
     say([t("working")]);
     try {
       state = await api(method, path, body);
@@ -242,7 +248,8 @@
         say([t("result_error", { message: e.message })], "error");
       }
     } finally {
-      buttons.forEach((b) => { b.disabled = false; });
+      buttons.forEach((b) => b.removeAttribute("aria-disabled"));
+      busy = false;
     }
   }
 

@@ -1,0 +1,294 @@
+"""The consent portal in a real browser (Debian's chromium, headless, through Playwright).
+
+The browser talks to dnsgate over loopback from 127.0.0.1, and the DNS checks ask from the address
+the page itself says dnsgate sees, so the HTTP caller and the DNS client are the same client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import dns.rcode
+import pytest
+from axe_playwright_python.async_playwright import Axe
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, ViewportSize, async_playwright, expect
+
+from dnsgate.config import PortalConfig, ProfilesConfig
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import consent_config
+from tests.stub_upstream import StubUpstream
+
+TRACKER, TRACKER_ADDRESS = "trackcmp.net", "198.51.100.1"
+PHONE, DESKTOP = ViewportSize(width=390, height=844), ViewportSize(width=1280, height=900)
+KIOSK_SCREEN = ViewportSize(width=1920, height=1080)
+# The page resolves <token>.pair.<portal host> through the system resolver to pair HTTP with DNS.
+# Here both are 127.0.0.1 already, and the host's resolver is not dnsgate: keep those names local.
+ARGS = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.pair.consent.dnsgate.internal ~NOTFOUND"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not chromium_available():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@contextlib.asynccontextmanager
+async def portal(upstream: StubUpstream, data_dir: Path, profile: str = "opt-in") -> AsyncIterator[Gate]:
+    """dnsgate whose network profile for the browser's address (127.0.0.1) is `profile`."""
+    cfg = consent_config(make_config(upstream, data_dir))
+    cfg = replace(cfg, profiles=ProfilesConfig(networks=(("127.0.0.1/32", profile), *cfg.profiles.networks)),
+                  portal=PortalConfig(captive=True))
+    async with running_gate(cfg) as g:
+        yield g
+
+
+@dataclass
+class Watch:
+    """Everything the page asked for, and anything it complained about (CSP violations included)."""
+
+    origin: str
+    requests: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> None:
+        def on_request(request: Request) -> None:
+            self.requests.append(request.url)
+
+        def on_console(message: ConsoleMessage) -> None:
+            pairing = ".pair." in message.text or ".pair." in (message.location or {}).get("url", "")
+            if message.type in ("error", "warning") and not pairing:  # the pairing fetch is meant to fail
+                self.problems.append(message.text)
+
+        page.on("request", on_request)
+        page.on("console", on_console)
+        page.on("pageerror", lambda exc: self.problems.append(str(exc)))
+
+    def check(self) -> None:
+        assert self.problems == []
+        elsewhere = [u for u in self.requests if not u.startswith(self.origin + "/") and ".pair." not in u]
+        assert elsewhere == []
+
+
+async def open_portal(browser: Browser, g: Gate, query: str = "", viewport: ViewportSize = DESKTOP,
+                      **context: Any) -> tuple[Page, Watch]:
+    page = await (await browser.new_context(viewport=viewport, **context)).new_page()
+    watch = Watch(g.api_url)
+    watch.attach(page)
+    response = await page.goto(g.api_url + "/" + query)
+    assert response is not None and response.ok
+    await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    return page, watch
+
+
+async def seen_address(page: Page) -> str:
+    """The address dnsgate says this browser has: the DNS checks ask from it."""
+    text = await page.locator("#device-text").text_content() or ""
+    found = re.search(r"at (\d+\.\d+\.\d+\.\d+)", text)
+    assert found, text
+    return found[1]
+
+
+async def tracker(g: Gate, source: str) -> tuple[int, list[str]]:
+    reply = await g.query(TRACKER, source=source)
+    return reply.rcode(), [rr.to_text() for rrset in reply.answer for rr in rrset]
+
+
+def vendor_row(page: Page, vendor: str = "activecampaign") -> Any:
+    return page.locator(f"#overview li[data-vendor='{vendor}']")
+
+
+async def test_accept_then_withdraw_changes_the_trackers_dns(browser: Browser, upstream: StubUpstream,
+                                                             data_dir: Path) -> None:
+    async with portal(upstream, data_dir) as g:
+        page, watch = await open_portal(browser, g, "?return_to=https://shop.example/cart?id=7")
+        client = await seen_address(page)
+        assert client == "127.0.0.1"
+
+        # A new visitor sees what is at stake and that the tracker is blocked.
+        await expect(page.locator("h1")).to_have_text("Tracking on this network")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        await expect(vendor_row(page)).to_contain_text("ActiveCampaign (Marketing): blocked")
+        accept, reject = page.get_by_role("button", name="Accept all"), page.get_by_role("button", name="Reject all")
+        a, r = await accept.bounding_box(), await reject.bounding_box()
+        assert a and r and (a["width"], a["height"]) == (r["width"], r["height"])  # equally prominent
+        assert a["y"] + a["height"] < DESKTOP["height"]  # on the first screen
+        await expect(page.locator("#notice-text")).to_contain_text("unless you agree")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        await accept.click()
+        await expect(page.locator("#result")).to_contain_text("Saved")
+        await expect(page.locator("#result")).to_contain_text("ActiveCampaign")
+        await expect(page.locator("#result")).to_contain_text("a minute or two")  # honest about caches
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        await expect(vendor_row(page)).to_contain_text("allowed since")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+
+        back = page.get_by_role("link", name="Back to shop.example")
+        await expect(back).to_have_attribute("href", "https://shop.example/cart?id=7")
+
+        await page.get_by_role("button", name="Withdraw all consent").click()
+        await expect(page.locator("#result")).to_contain_text("Withdrawn")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        # The proof: both changes came from the portal, with the notice it showed.
+        _, notice = await g.http("GET", "/v1/notice")
+        _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1", admin=True)
+        latest = audit["events"][:2]
+        assert [e["action"] for e in latest] == ["withdrawal", "grant"]
+        assert {e["channel"] for e in latest} == {"portal"}
+        assert {e["notice_sha256"] for e in latest} == {notice["languages"]["en"]["sha256"]}
+        watch.check()
+
+
+async def test_reject_all_and_choosing_per_category(browser: Browser, upstream: StubUpstream,
+                                                    data_dir: Path) -> None:
+    async with portal(upstream, data_dir) as g:
+        page, watch = await open_portal(browser, g)
+        client = await seen_address(page)
+        await page.get_by_role("button", name="Reject all").click()
+        await expect(page.locator("#result")).to_contain_text("stay blocked")
+        await expect(page.locator("fieldset[data-category='marketing'] > p.state")).to_contain_text(
+            "blocked since")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+        # released from the captive portal exactly as an acceptance would
+        _, captive = await g.http("GET", "/captive-portal/api")  # application/captive+json
+        assert json.loads(captive)["captive"] is False
+
+        await page.get_by_label("Allow Marketing trackers on this device").check()
+        await page.get_by_role("button", name="Save my choices").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        await expect(page.get_by_label("Allow Analytics trackers on this device")).not_to_be_checked()
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+        _, state = await g.http("GET", "/v1/consent")
+        assert state["choice"]["categories"] == {"marketing": True, "analytics": False}
+
+        # What a person is shown about the vendor, before choosing.
+        details = page.locator("article[data-vendor='activecampaign'] details")
+        await details.locator("summary").click()
+        for fact in ("ac_enable_tracking", "1 year", "Full URL and title of every page visited",
+                     "ActiveCampaign, LLC", "trackcmp.net"):
+            await expect(details).to_contain_text(fact)
+        await expect(page.locator("article[data-vendor='activecampaign']")).to_contain_text(
+            "Create profiles for personalised advertising")
+        watch.check()
+
+
+async def test_keyboard_only(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
+    async with portal(upstream, data_dir) as g:
+        page, watch = await open_portal(browser, g)
+        client = await seen_address(page)
+
+        async def tab_to(element_id: str) -> None:
+            for _ in range(60):
+                await page.keyboard.press("Tab")
+                if await page.evaluate("document.activeElement && document.activeElement.id") == element_id:
+                    return
+            raise AssertionError(f"#{element_id} cannot be reached with Tab")
+
+        await page.keyboard.press("Tab")
+        await expect(page.get_by_role("link", name="Skip to the choices")).to_be_focused()
+        await tab_to("accept-all")
+        await page.keyboard.press("Enter")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+
+        await tab_to("cat-marketing")
+        await page.keyboard.press("Space")  # untick Marketing
+        await expect(page.locator("#cat-marketing")).not_to_be_checked()
+        await tab_to("save")
+        await page.keyboard.press("Enter")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+        # focus is visible on whatever has it
+        outline = await page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+        assert outline not in ("none", "")
+        watch.check()
+
+
+async def test_kiosk_large_type_and_end_session(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
+    async with portal(upstream, data_dir, profile="kiosk") as g:
+        page, watch = await open_portal(browser, g)
+        client = await seen_address(page)
+        await expect(page.locator("body")).to_have_class(re.compile(r"\bkiosk\b"))
+        size = await page.evaluate("parseFloat(getComputedStyle(document.body).fontSize)")
+        assert size >= 20
+        end = page.get_by_role("button", name="End session")
+        await expect(end).to_be_visible()
+        await expect(page.locator("#kiosk-text")).to_contain_text("reset for the next person")
+
+        await page.get_by_role("button", name="Accept all").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+        await end.click()
+        await expect(page.locator("#result")).to_contain_text("Session ended")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+        _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1", admin=True)
+        assert audit["events"][0]["action"] == "reset"
+        watch.check()
+
+
+async def test_gpc_is_shown_with_what_it_means_here(browser: Browser, upstream: StubUpstream,
+                                                    data_dir: Path) -> None:
+    async with portal(upstream, data_dir, profile="opt-out") as g:
+        page, watch = await open_portal(browser, g, extra_http_headers={"Sec-GPC": "1"})
+        client = await seen_address(page)
+        gpc = page.locator("#gpc")
+        await expect(gpc).to_be_visible()
+        await expect(gpc).to_contain_text("Global Privacy Control")
+        await expect(gpc).to_contain_text("counts as your opt-out")
+        await expect(page.locator("#summary")).to_contain_text("opt-out")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")  # the signal was honoured
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+        await expect(page.locator("#ask-again")).to_contain_text("not be asked")
+        watch.check()
+
+    async with portal(upstream, data_dir.parent / "opt-in") as g:
+        page, _ = await open_portal(browser, g, extra_http_headers={"Sec-GPC": "1"})
+        await expect(page.locator("#gpc")).to_contain_text("GPC never grants anything")
+        page, _ = await open_portal(browser, g)
+        await expect(page.locator("#gpc")).to_be_hidden()
+
+
+@pytest.mark.parametrize("given", ["javascript:alert(document.domain)", "data:text/html,hi", "//evil.example/",
+                                   "https://user:pw@shop.example/", "ftp://shop.example/", "not a url"])
+async def test_return_to_only_takes_web_addresses(browser: Browser, gate: Gate, given: str) -> None:
+    page, watch = await open_portal(browser, gate, "?return_to=" + given.replace("&", "%26"))
+    await expect(page.locator("#return")).to_be_hidden()
+    assert await page.locator("a[href^='javascript']").count() == 0
+    watch.check()
+
+
+async def test_accessibility_and_layout(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
+    async with portal(upstream, data_dir) as g:
+        for viewport, query in ((DESKTOP, "?return_to=https://shop.example/"), (PHONE, ""),
+                                (KIOSK_SCREEN, "?layout=kiosk")):
+            page, watch = await open_portal(browser, g, query, viewport=viewport)
+            await page.get_by_role("button", name="Accept all").click()
+            await expect(page.locator("#result")).to_contain_text("Saved")
+            for summary in await page.locator("details summary").all():
+                await summary.click()  # check the vendor facts too
+            results = await Axe().run(page, options={"resultTypes": ["violations"]})
+            assert results.response["testEngine"]["name"] == "axe-core"  # it did run
+            serious = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]])
+                       for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+            assert serious == [], serious
+            # responsive: nothing is wider than the screen
+            root = "document.documentElement"
+            overflow = await page.evaluate(f"{root}.scrollWidth - {root}.clientWidth")
+            assert overflow <= 0, (viewport, overflow)
+            watch.check()
