@@ -1,0 +1,74 @@
+"""The portal host's address per client: fixed, configured, or this host's address facing the client
+when the API listens on a wildcard (the real kernel answers over loopback)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from dnsgate.portal_dns import A_TYPE, AAAA_TYPE, MEMO_LIMIT, PortalAddresses, facing_address
+
+
+def packed(*ips: str) -> tuple[bytes, ...]:
+    return tuple(ipaddress.ip_address(ip).packed for ip in ips)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_a_specific_api_address_is_the_answer_for_everyone() -> None:
+    p = PortalAddresses("192.0.2.7", facing=lambda c: pytest.fail("no lookup for a fixed address"))
+    assert p.is_fixed and p.records("127.0.0.1") == {A_TYPE: packed("192.0.2.7")}
+    assert PortalAddresses("2001:db8::7").records("10.0.0.1") == {AAAA_TYPE: packed("2001:db8::7")}
+
+
+def test_configured_addresses_win_even_for_a_wildcard_api() -> None:
+    p = PortalAddresses("0.0.0.0", ("198.51.100.9", "2001:db8::9"))
+    assert p.is_fixed
+    assert p.records("10.1.2.3") == {A_TYPE: packed("198.51.100.9"), AAAA_TYPE: packed("2001:db8::9")}
+
+
+def test_wildcard_answers_the_address_facing_the_client() -> None:
+    # Loopback clients are reached from 127.0.0.1, whatever 127/8 address they use.
+    assert facing_address("127.0.0.9") == "127.0.0.1"
+    p = PortalAddresses("0.0.0.0")
+    assert not p.is_fixed
+    assert p.records("127.0.0.9") == {A_TYPE: packed("127.0.0.1")}
+    assert p.records("127.0.0.9|02:00:00:00:00:01") == {A_TYPE: packed("127.0.0.1")}  # a key with a MAC
+    assert p.records("::1") == {}  # an IPv4-only API has no address for an IPv6 client
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_dual_stack_wildcard_answers_in_the_clients_family() -> None:
+    p = PortalAddresses("::")
+    assert p.records("::1") == {AAAA_TYPE: packed("::1")}
+    assert p.records("127.0.0.3") == {A_TYPE: packed("127.0.0.1")}
+
+
+def test_lookups_are_remembered_for_a_while_and_bounded() -> None:
+    calls: list[str] = []
+    now = [0.0]
+
+    def facing(client: str) -> str:
+        calls.append(client)
+        return "192.0.2.1"
+
+    p = PortalAddresses("0.0.0.0", facing=facing, mono=lambda: now[0])
+    for _ in range(3):
+        p.records("10.0.0.1")
+    assert calls == ["10.0.0.1"]
+    now[0] += 61
+    p.records("10.0.0.1")
+    assert calls == ["10.0.0.1", "10.0.0.1"]  # an interface address may change: asked again
+    for i in range(MEMO_LIMIT + 10):
+        p.records(f"10.1.{i // 256}.{i % 256}")
+    assert len(p._memo) <= MEMO_LIMIT
+    assert PortalAddresses("0.0.0.0", facing=lambda c: None).records("10.9.9.9") == {}  # no route: NODATA
