@@ -23,7 +23,6 @@ SHOTS = {"phone": ViewportSize(width=390, height=844), "desktop": ViewportSize(w
 
 
 async def main(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     stub = await zone_for_tests(StubUpstream()).start()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -41,4 +40,6 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1] if len(sys.argv) > 1 else "docs")))
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs")
+    target.mkdir(parents=True, exist_ok=True)
+    asyncio.run(main(target))
