@@ -36,7 +36,7 @@ from .dns_server import DnsListeners, TaskSet
 from .events import ConsentWatch, EventHub
 from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
-from .local_answers import default_table
+from .local_answers import LocalTable, default_table
 from .metrics import Sources, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
 from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
@@ -45,6 +45,7 @@ from .pairing import Pairings
 from .pipeline import Pipeline
 from .portal import PortalSettings, portal_url
 from .portal import add_routes as add_portal_routes
+from .portal_dns import PortalAddresses, portal_zone
 from .querylog import QueryLog, load_key, sinkhole_rcode
 from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
@@ -227,6 +228,13 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         watch = ConsentWatch(hub, querylog.client_label)
         consents.listeners.append(watch.changed)
 
+        portal_addresses = PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)
+
+        def local_names(live: Config) -> LocalTable:
+            table = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
+            table.add(portal_zone(cfg.portal.host, portal_addresses))  # http://consent.dnsgate.internal/
+            return table
+
         cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
                             stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
         pipeline = Pipeline(
@@ -234,7 +242,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
             identity=QueryIdentity(table, cfg.identity.trusted_forwarders, cfg.portal.host,
                                    consents.on_pair, wall),
-            local=default_table(cfg.local, (domain for domain, _ in cfg.upstream.domains)),
+            local=local_names(cfg),
             any_query=cfg.dns.any_query,
             trust_ad=cfg.upstream.trust_ad,
             prefetch=cfg.cache.prefetch,
@@ -249,7 +257,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             live = reloader.cfg  # the reloaded configuration's live sections
             cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
             pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
-            pipeline.local = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
+            pipeline.local = local_names(live)
 
         upstreams = build_upstreams(cfg, servers)
         stack.push_async_callback(upstreams.close)

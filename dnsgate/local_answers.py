@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -62,6 +62,9 @@ class LocalZone:
     below: Below
     ttl: int
     why: str
+    # Records that depend on the client asking (the consent portal's address facing it): used
+    # instead of `records` when set.
+    per_client: Callable[[str], Mapping[int, tuple[bytes, ...]]] | None = None
     soa: bytes = field(init=False)
 
     def __post_init__(self) -> None:
@@ -152,20 +155,21 @@ class LocalTable:
         return sum(1 for z in self._zones.values() if z is not None)
 
 
-def local_reply(zone: LocalZone, q: Query, udp_max: int) -> bytes:
+def local_reply(zone: LocalZone, q: Query, udp_max: int, client: str = "") -> bytes:
     """The reply to `q` from `zone`: records under a pointer to the question, else an SOA."""
     at_apex = len(q.name) == len(zone.apex)
+    records = zone.records if zone.per_client is None else zone.per_client(client)
     rdatas: tuple[bytes, ...] = ()
     if at_apex:
         rcode = zone.rcode
         if rcode == NOERROR:
-            rdatas = zone.records.get(q.qtype, ())
+            rdatas = records.get(q.qtype, ())
     elif zone.below == "nxdomain":
         rcode = NXDOMAIN
     else:  # "same": a redirect of the apex's data
         rcode = NOERROR
         if q.qtype not in (SOA, NS):
-            rdatas = zone.records.get(q.qtype, ())
+            rdatas = records.get(q.qtype, ())
     apex_pointer = struct.pack(">H", 0xC000 | (12 + len(q.name) - len(zone.apex)))
     if rdatas:
         body = b"".join(b"\xc0\x0c" + RR_FIXED.pack(q.qtype, IN, zone.ttl, len(r)) + r for r in rdatas)

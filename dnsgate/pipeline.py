@@ -244,7 +244,7 @@ class Pipeline:
                 return paired
         local = self.local.match(q.name) if q.qclass == IN else None
         if local is not None:
-            reply = self._limit(q, local_reply(local, q, self.udp_max), tcp)
+            reply = self._limit(q, local_reply(local, q, self.udp_max, client), tcp)
             self._plain(LOCAL, now, client, q, tcp, reply[3] & 0xF, 0.0)
             return reply
         edns = -1 if q.edns is None else int(q.edns.do)

@@ -20,11 +20,14 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from .consent import normalize_client
+from .local_answers import LocalZone
+from .wire import NOERROR, name_to_wire
 
 A_TYPE: Final = 1
 AAAA_TYPE: Final = 28
 MEMO_SECONDS: Final = 60.0
 MEMO_LIMIT: Final = 4096
+PORTAL_TTL: Final = 60  # short: the API's address may change with a restart
 WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}
 
 Records = dict[int, tuple[bytes, ...]]
@@ -94,3 +97,10 @@ class PortalAddresses:
             return {}  # an IPv4-only API has no address for an IPv6 client to use
         local = self.facing(address)
         return records_for([local]) if local else {}
+
+
+def portal_zone(host: str, addresses: PortalAddresses) -> LocalZone:
+    """The local answer for the portal host: its A/AAAA records (fixed, or per client); other types
+    NODATA. Names below it are not covered here (pairing names are answered before local zones)."""
+    return LocalZone(name_to_wire(host), NOERROR, addresses.fixed, "none", PORTAL_TTL,
+                     "the consent portal", per_client=None if addresses.is_fixed else addresses.records)

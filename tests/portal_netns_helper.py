@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -75,7 +76,7 @@ async def main(data_dir: Path) -> dict[str, Any]:
             seen["shop_title_before"] = await page.title()
 
             await page.click("#consent")  # a top-level navigation to the portal, by name
-            await page.wait_for_url(f"{PORTAL}?return_to=*")
+            await page.wait_for_url(re.compile(re.escape(f"{PORTAL}?return_to=")))
             await expect(page.locator("body")).to_have_attribute("data-ready", "true")
             row = page.locator("#overview li[data-vendor='activecampaign']")
             seen["portal_url"] = page.url

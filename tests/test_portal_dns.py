@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import replace
+from pathlib import Path
 
+import dns.rcode
 import pytest
 
-from dnsgate.portal_dns import A_TYPE, AAAA_TYPE, MEMO_LIMIT, PortalAddresses, facing_address
+from dnsgate.config import ApiConfig, PortalConfig
+from dnsgate.portal_dns import A_TYPE, AAAA_TYPE, MEMO_LIMIT, PORTAL_TTL, PortalAddresses, facing_address
+from tests.conftest import TOKEN, Gate, make_config, running_gate
+from tests.stub_upstream import StubUpstream
+
+PORTAL = "consent.dnsgate.internal"
 
 
 def packed(*ips: str) -> tuple[bytes, ...]:
@@ -72,3 +80,38 @@ def test_lookups_are_remembered_for_a_while_and_bounded() -> None:
         p.records(f"10.1.{i // 256}.{i % 256}")
     assert len(p._memo) <= MEMO_LIMIT
     assert PortalAddresses("0.0.0.0", facing=lambda c: None).records("10.9.9.9") == {}  # no route: NODATA
+
+
+# -- over the wire: dnsgate answers its portal name itself ------------------------------------------
+
+async def answers(g: Gate, rdtype: str, source: str = "127.0.0.1", name: str = PORTAL) -> tuple[str, list[str]]:
+    reply = await g.query(name, rdtype, source=source)
+    return dns.rcode.to_text(reply.rcode()), [rr.to_text() for rrset in reply.answer for rr in rrset]
+
+
+async def test_the_portal_name_resolves_to_the_api(gate: Gate, upstream: StubUpstream) -> None:
+    assert await answers(gate, "A") == ("NOERROR", ["127.0.0.1"])
+    assert await answers(gate, "AAAA") == ("NOERROR", [])  # an IPv4 API: NODATA, not a wrong address
+    assert await answers(gate, "A", name="www." + PORTAL) == ("NXDOMAIN", [])  # dnsgate's own zone
+    assert upstream.count(PORTAL) == 0  # never asked upstream
+    reply = await gate.query(PORTAL, "A")
+    assert reply.answer[0].ttl == PORTAL_TTL
+    status, _ = await gate.http("POST", "/v1/reload", admin=True)  # a reload rebuilds the local names
+    assert status == 200 and await answers(gate, "A") == ("NOERROR", ["127.0.0.1"])
+
+
+async def test_a_wildcard_api_answers_the_address_facing_each_client(upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = make_config(upstream, data_dir, api=ApiConfig(listen="0.0.0.0:0", admin_token=TOKEN))
+    async with running_gate(cfg) as g:
+        assert await answers(g, "A", source="127.0.0.9") == ("NOERROR", ["127.0.0.1"])
+        status, _ = await g.http("GET", "/v1/consent/status", source="127.0.0.9")  # and it is reachable there
+        assert status == 200
+
+
+async def test_configured_portal_addresses_and_host(upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = replace(make_config(upstream, data_dir),
+                  portal=PortalConfig(host="consent.home.arpa", addresses=("192.0.2.80", "2001:db8::80")))
+    async with running_gate(cfg) as g:
+        assert await answers(g, "A", name="consent.home.arpa") == ("NOERROR", ["192.0.2.80"])
+        assert await answers(g, "AAAA", name="CONSENT.home.arpa.") == ("NOERROR", ["2001:db8::80"])
+        assert (await answers(g, "A"))[0] == "NXDOMAIN"  # the default name is not the portal any more
