@@ -72,11 +72,13 @@ class Running:
     upstreams: tuple[UpstreamAddress, ...]
     token_file: Path | None
     routes: tuple[str, ...] = ()  # "METHOD /path" of every API route (/openapi.json lists exactly these)
+    portal: str = ""  # the consent portal's URL
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
+        portal = f"; consent portal {self.portal}" if self.portal else ""
         return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
-                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}")
+                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}{portal}")
 
 
 def load_notice(cfg: Config) -> Notice:
@@ -315,7 +317,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
 
         routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                                if r.method != "HEAD" and r.resource is not None}))
-        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes)
+        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url)
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),

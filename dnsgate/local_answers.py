@@ -204,7 +204,7 @@ def default_table(cfg: LocalConfig, forwarded_domains: Iterable[str] = ()) -> Lo
     """The local names a configuration switches on; `forwarded_domains` (conditional forwarding)
     take precedence over the zones they fall in."""
     table = LocalTable()
-    # dnsgate's own zone never leaves the network; a later issue registers the portal name here.
+    # dnsgate's own zone never leaves the network; app.py adds the consent portal's name (portal_dns.py).
     table.add(nxdomain(DNSGATE_ZONE, "dnsgate's own zone"))
     if cfg.healthcheck:
         table.add(addresses(cfg.healthcheck, "127.0.0.1", why="health probe", extra={TXT: (b"\x02ok",)}))
