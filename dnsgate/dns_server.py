@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any, cast
 
 from .config import HostPort
@@ -78,10 +79,9 @@ class UdpListener(asyncio.DatagramProtocol):
             self.transport.sendto(result, addr)  # type: ignore[union-attr]
             return
         assert isinstance(result, Forward)
-        self.tasks.spawn(self._forward(result, addr))
+        self.resolver.start(result, partial(self._reply, addr))
 
-    async def _forward(self, fwd: Forward, addr: Any) -> None:
-        reply = await self.resolver.forward(fwd)
+    def _reply(self, addr: Any, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
