@@ -12,48 +12,70 @@ from __future__ import annotations
 import math
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from .catalog import DomainRule
-from .wire import AD, NOERROR, NXDOMAIN, OPT, SOA, U32, read_rr_header, scan_name, skip_name
+from .wire import AD, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, scan_name, skip_name
 
 ENTRY_OVERHEAD: Final = 240  # rough bytes per entry besides the answer itself (objects, dict slot)
+U16S: Final = struct.Struct(">H")
+_FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
 
 
-@dataclass(slots=True)
 class Entry:
-    flags: int  # AD and RCODE as upstream sent them; QR/RA/RD/CD are set per reply
-    counts: bytes  # ANCOUNT, NSCOUNT, ARCOUNT (no OPT)
-    counts_edns: bytes  # the same with one more additional record (our OPT)
-    body0: bytes  # the records, TTLs as at `filled`
-    ttl_offsets: tuple[int, ...]
-    ttls: tuple[int, ...]
-    filled: float
-    expires: float  # monotonic time after which the entry is not served
-    rule: DomainRule | None  # gate on this rule's vendor before serving (the name's, or a cloaked one)
-    age: int = 0
-    body: bytes = field(default=b"")
-    count_slot: int = 0  # where the pipeline counts answers served from this entry (tally.py)
-    refresh_at: float = math.inf  # a hit from this time on asks for a prefetch (once)
+    """One cached answer. Compact on purpose (the cache holds 100k of them): the TTL offsets are
+    packed u16s, the original TTLs are read back from `body0` when the age changes, `body` is
+    `body0` until then, and the header tails of common shapes are shared between entries."""
+
+    __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "filled", "flags", "head",
+                 "head_edns", "offsets", "refresh_at", "reply_flags", "rule")
+
+    def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: bytes, filled: float,
+                 expires: float, rule: DomainRule | None) -> None:
+        self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
+        self.reply_flags = QR | RA | flags
+        self.head, self.head_edns = _heads(*counts)  # QDCOUNT..ARCOUNT, without and with our OPT
+        self.body0 = body0  # the records, TTLs as at `filled`
+        self.body = body0  # the records, TTLs as at `filled + age`
+        self.offsets = offsets  # where each TTL is in the body, as packed u16s
+        self.filled = filled
+        self.expires = expires  # monotonic time after which the entry is not served
+        self.rule = rule  # gate on this rule's vendor before serving (the name's, or a cloaked one)
+        self.age = 0
+        self.body_until = filled + 1  # `body` is right until then (then `body_at`)
+        self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
+        self.count_slot = 0  # where the pipeline counts answers served from this entry (tally.py)
+        self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
 
     def body_at(self, now: float) -> bytes:
         """The records with each TTL reduced by the whole seconds since the entry was filled."""
         age = int(now - self.filled)
-        if age != self.age or not self.body:
-            buf = bytearray(self.body0)
-            for offset, ttl in zip(self.ttl_offsets, self.ttls, strict=True):
-                U32.pack_into(buf, offset, ttl - age if ttl > age else 0)
-            self.body = bytes(buf)
+        if age != self.age:
+            self.body = self._with_ttls(lambda ttl: ttl - age if ttl > age else 0)
             self.age = age
+        self.body_until = self.filled + age + 1
         return self.body
 
     def stale_body(self, ttl: int) -> bytes:
         """The records with every TTL set to `ttl` (RFC 8767 §4: 30 s recommended)."""
-        buf = bytearray(self.body0)
-        for offset in self.ttl_offsets:
-            U32.pack_into(buf, offset, ttl)
+        return self._with_ttls(lambda _: ttl)
+
+    def _with_ttls(self, new_ttl: Callable[[int], int]) -> bytes:
+        body0 = self.body0
+        buf = bytearray(body0)
+        for (offset,) in U16S.iter_unpack(self.offsets):
+            U32.pack_into(buf, offset, new_ttl(U32.unpack_from(body0, offset)[0]))
         return bytes(buf)
+
+    @property
+    def counts(self) -> bytes:
+        return self.head[2:]
+
+    @property
+    def counts_edns(self) -> bytes:
+        return self.head_edns[2:]
 
     @property
     def lifetime(self) -> float:
@@ -66,6 +88,19 @@ class Entry:
     @property
     def size(self) -> int:
         return len(self.body0) + ENTRY_OVERHEAD
+
+
+_HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+
+
+def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
+    """QDCOUNT..ARCOUNT without and with our OPT; shared between entries of the same shape."""
+    heads = _HEADS.get((an, ns, ar))
+    if heads is None:
+        heads = (struct.pack(">HHHH", 1, an, ns, ar), struct.pack(">HHHH", 1, an, ns, ar + 1))
+        if len(_HEADS) < 4096:
+            _HEADS[(an, ns, ar)] = heads
+    return heads
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,87 +123,90 @@ class OptNotLast(UnusableReply):
 
 
 def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy,
-                     rule: DomainRule | None) -> tuple[Entry, bool]:
+                     rule: DomainRule | None, keep_ad: bool = True) -> tuple[Entry, bool]:
     """Turn a verified upstream reply into an Entry, and say whether it may be cached.
 
     The OPT record is dropped (EDNS is hop by hop; we add our own). Positive answers live for their
     smallest TTL; negative ones for min(SOA TTL, SOA MINIMUM) per RFC 2308; anything else, or a
-    negative answer without SOA, is served once and not cached.
+    negative answer without SOA, is served once and not cached. The AD bit is kept only with
+    `keep_ad` (an upstream trusted to validate). One pass over the records with the names skipped
+    inline: this runs for every cache miss.
     """
-    flags = struct.unpack_from(">H", reply, 2)[0]
-    ancount, nscount, arcount = struct.unpack_from(">HHH", reply, 6)
-    start = 12 + question_len
-    offset = start
-    kept: list[tuple[int, int, int, int]] = []  # (rr start, rr end, ttl offset, ttl) relative to reply
-    soa_ttl: int | None = None
-    positive_ttls: list[int] = []
-    opt_count = 0
-    for index in range(ancount + nscount + arcount):
-        rr = read_rr_header(reply, offset)
-        if rr is None:
+    flags, _qd, ancount, nscount, arcount = _FLAGS_COUNTS.unpack_from(reply, 2)
+    start = offset = 12 + question_len
+    n = len(reply)
+    lo, hi = ttl.min_ttl, ttl.max_ttl
+    if ttl.cap is not None and ttl.cap < hi:
+        hi = ttl.cap
+    answers_end = ancount + nscount
+    ttls: list[int] = []  # position in the body, new TTL, position, new TTL, ...
+    records_end = start  # the records before the OPT are contiguous from `start`
+    opt_at = -1
+    soa_ttl = -1
+    lifetime = -1  # the smallest TTL of the answer and authority records, SOA aside
+    for index in range(answers_end + arcount):
+        i = offset  # skip the owner name, compressed or not
+        while True:
+            if i >= n:
+                raise UnusableReply(f"record {index} malformed")
+            length = reply[i]
+            if length == 0:
+                i += 1
+                break
+            if length >= 0xC0:
+                i += 2
+                break
+            if length > 63:
+                raise UnusableReply(f"record {index} malformed")
+            i += length + 1
+        if i + 10 > n:
             raise UnusableReply(f"record {index} malformed")
-        owner_end, rtype, _rclass, rttl, rdlen = rr
-        end = owner_end + 10 + rdlen
+        rtype, _rclass, rttl, rdlen = RR_FIXED.unpack_from(reply, i)
+        end = i + 10 + rdlen
+        if end > n:
+            raise UnusableReply(f"record {index} malformed")
         if rtype == OPT:
-            if index < ancount + nscount:
+            if index < answers_end:
                 raise UnusableReply("OPT outside the additional section")
-            opt_count += 1
+            if opt_at >= 0:
+                raise OptNotLast("two OPT records")
+            opt_at = offset
         else:
-            new_ttl = ttl.apply(rttl & 0x7FFFFFFF)
-            if rtype == SOA and ancount <= index < ancount + nscount:
-                minimum = _soa_minimum(reply, owner_end + 10, end)
-                if minimum is None:
-                    raise UnusableReply("SOA record malformed")
-                new_ttl = soa_ttl = min(new_ttl, ttl.apply(minimum))
-            elif index < ancount + nscount:
-                positive_ttls.append(new_ttl)
-            kept.append((offset, end, owner_end + 4, new_ttl))
+            if opt_at >= 0:  # compression pointers may point across the OPT: message.opt_last rebuilds
+                raise OptNotLast("a record follows the OPT record")
+            new_ttl = rttl & 0x7FFFFFFF
+            if new_ttl < lo:
+                new_ttl = lo
+            if new_ttl > hi:
+                new_ttl = hi
+            if index < answers_end:
+                if rtype == SOA and index >= ancount:
+                    minimum = _soa_minimum(reply, i + 10, end)
+                    if minimum is None:
+                        raise UnusableReply("SOA record malformed")
+                    new_ttl = soa_ttl = min(new_ttl, ttl.apply(minimum))
+                elif lifetime < 0 or new_ttl < lifetime:
+                    lifetime = new_ttl
+            ttls.append(i + 4 - start)
+            ttls.append(new_ttl)
+            records_end = end
         offset = end
+    body = bytearray(reply[start:records_end])
+    offsets = bytearray()
+    for k in range(0, len(ttls), 2):
+        U32.pack_into(body, ttls[k], ttls[k + 1])
+        offsets += U16S.pack(ttls[k])
     rcode = flags & 0xF
-    body, offsets = _body_without_opt(reply, start, kept)
     if rcode == NOERROR and ancount:
-        lifetime = min(positive_ttls) if positive_ttls else 0
-    elif rcode in (NOERROR, NXDOMAIN) and soa_ttl is not None:
-        lifetime = soa_ttl
+        cache_for = max(lifetime, 0)
+    elif rcode in (NOERROR, NXDOMAIN) and soa_ttl >= 0:
+        cache_for = soa_ttl
     else:
-        lifetime = 0
-    kept_ar = arcount - opt_count
-    ttls = tuple(k[3] for k in kept)
-    entry = Entry(
-        flags=flags & (AD | 0xF),
-        counts=struct.pack(">HHH", ancount, nscount, kept_ar),
-        counts_edns=struct.pack(">HHH", ancount, nscount, kept_ar + 1),
-        body0=_with_ttls(body, offsets, ttls),
-        ttl_offsets=offsets,
-        ttls=ttls,
-        filled=now,
-        expires=now + lifetime,
-        rule=rule,
-    )
-    return entry, lifetime > 0
-
-
-def _body_without_opt(reply: bytes, start: int,
-                      kept: list[tuple[int, int, int, int]]) -> tuple[bytes, tuple[int, ...]]:
-    """Join the kept records; TTL offsets become relative to the body.
-
-    Cutting the OPT out is safe for compression pointers only if nothing after it points past
-    it; OPT comes last in practice, and a reply where a kept record follows it is rebuilt.
-    """
-    if not kept:
-        return b"", ()
-    last_end = kept[-1][1]
-    contiguous = all(kept[i][1] == kept[i + 1][0] for i in range(len(kept) - 1)) and kept[0][0] == start
-    if not contiguous:
-        raise OptNotLast("OPT record before other records")
-    return reply[start:last_end], tuple(k[2] - start for k in kept)
-
-
-def _with_ttls(body: bytes, offsets: tuple[int, ...], ttls: tuple[int, ...]) -> bytes:
-    buf = bytearray(body)
-    for offset, ttl in zip(offsets, ttls, strict=True):
-        U32.pack_into(buf, offset, ttl)
-    return bytes(buf)
+        cache_for = 0
+    counts = (ancount, nscount, arcount - (opt_at >= 0))
+    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, bytes(body), bytes(offsets), now, now + cache_for,
+                  rule)
+    return entry, cache_for > 0
 
 
 def _soa_minimum(reply: bytes, rdata: int, end: int) -> int | None:
@@ -188,58 +226,58 @@ def question_length(reply: bytes) -> int:
 class AnswerCache:
     """LRU over entries, bounded in count and in bytes; expired entries are dropped when met."""
 
-    __slots__ = ("_bytes", "_entries", "evictions", "max_bytes", "max_entries", "stale_window")
+    __slots__ = ("_bytes", "entries", "evictions", "max_bytes", "max_entries", "stale_window")
 
     def __init__(self, max_entries: int, max_bytes: int, stale_window: float = 0.0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stale_window = stale_window  # seconds an expired entry is kept for serve-stale; 0: off
-        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._bytes = 0
         self.evictions = 0
 
     def get(self, key: bytes, now: float) -> Entry | None:
         """A fresh entry, or None."""
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None:
             return None
         if entry.expires <= now:
             if now >= entry.expires + self.stale_window:
                 self._drop(key)
             return None
-        self._entries.move_to_end(key)
+        self.entries.move_to_end(key)
         return entry
 
     def get_stale(self, key: bytes, now: float) -> Entry | None:
         """An expired entry still within the serve-stale window, or None."""
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None or not entry.expires <= now < entry.expires + self.stale_window:
             return None
         return entry
 
     def put(self, key: bytes, entry: Entry) -> None:
-        if key in self._entries:
+        if key in self.entries:
             self._drop(key)
         size = entry.size + len(key)
         if self.max_entries == 0 or size > self.max_bytes:
             return
-        self._entries[key] = entry
+        self.entries[key] = entry
         self._bytes += size
-        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-            old_key, old = self._entries.popitem(last=False)
+        while len(self.entries) > self.max_entries or self._bytes > self.max_bytes:
+            old_key, old = self.entries.popitem(last=False)
             self._bytes -= old.size + len(old_key)
             self.evictions += 1
 
     def _drop(self, key: bytes) -> None:
-        old = self._entries.pop(key)
+        old = self.entries.pop(key)
         self._bytes -= old.size + len(key)
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
         self._bytes = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     @property
     def bytes(self) -> int:

@@ -35,7 +35,7 @@ SOA_MNAME: Final = b"\x07dnsgate\x08internal\x00"
 SOA_RNAME: Final = b"\x07consent\x07dnsgate\x08internal\x00"
 
 # edns: -1 no OPT in the query, 0 OPT without DO, 1 OPT with DO
-Parts = tuple[int, bytes, bytes]  # rcode, counts (QD..AR), records after the question
+Parts = tuple[int, bytes, bytes]  # flags but RD/CD (QR, RA, RCODE), counts (QD..AR), records after the question
 
 
 QNAME: Final = b"\xc0\x0c"  # a compression pointer to the question's name
@@ -62,15 +62,21 @@ class Sinkhole:
         self.mode = mode
         self.ttl = ttl
         self.udp_max = udp_max
-        self._parts: dict[tuple[DomainRule, int, int], Parts] = {}
+        # per rule, 9 slots: (no OPT, OPT, OPT+DO) x (other types, A, AAAA in null mode)
+        self._parts: dict[DomainRule, list[Parts | None]] = {}
 
     def reply(self, qid: int, qflags: int, question: bytes, qtype: int, rule: DomainRule, edns: int) -> bytes:
-        kind = qtype if self.mode == "null" and qtype in (A, AAAA) else 0
-        parts = self._parts.get((rule, kind, edns))
+        index = edns + 1
+        if self.mode == "null" and qtype in (A, AAAA):
+            index += 3 if qtype == A else 6
+        slots = self._parts.get(rule)
+        if slots is None:
+            slots = self._parts[rule] = [None] * 9
+        parts = slots[index]
         if parts is None:
-            parts = self._parts[(rule, kind, edns)] = self._build(rule, kind, edns)
-        rcode, counts, records = parts
-        return ID_FLAGS.pack(qid, QR | RA | (qflags & (RD | CD)) | rcode) + counts + question + records
+            kind = A if 3 <= index < 6 else AAAA if index >= 6 else 0
+            parts = slots[index] = self._build(rule, kind, edns)
+        return ID_FLAGS.pack(qid, parts[0] | (qflags & (RD | CD))) + parts[1] + question + parts[2]
 
     def _build(self, rule: DomainRule, kind: int, edns: int) -> Parts:
         if kind == A:
@@ -86,7 +92,7 @@ class Sinkhole:
             additional = opt_record(self.udp_max, edns == 1, ede_option(EDE_BLOCKED, block_reason(rule)))
         rcode = NXDOMAIN if self.mode == "nxdomain" else NOERROR
         counts = struct.pack(">HHHH", 1, bool(answer), bool(authority), bool(additional))
-        return rcode, counts, answer + authority + additional
+        return QR | RA | rcode, counts, answer + authority + additional
 
 
 def _address_rr(rtype: int, rdata: bytes, ttl: int) -> bytes:
