@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .catalog import DomainRule
-from .wire import AD, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, scan_name, skip_name
+from .wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
 ENTRY_OVERHEAD: Final = 240  # rough bytes per entry besides the answer itself (objects, dict slot)
 U16S: Final = struct.Struct(">H")
@@ -122,9 +122,15 @@ class OptNotLast(UnusableReply):
     """A record follows the OPT record; `message.opt_last` rebuilds such a reply."""
 
 
+ALIASES: Final = 1  # the answer section has a CNAME, DNAME, SVCB or HTTPS record (targets to check)
+ADDRESSES: Final = 2  # ... an A or AAAA record
+_KIND_OF: Final = {CNAME: ALIASES, DNAME: ALIASES, 64: ALIASES, 65: ALIASES, A: ADDRESSES, AAAA: ADDRESSES}
+
+
 def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy,
-                     rule: DomainRule | None, keep_ad: bool = True) -> tuple[Entry, bool]:
-    """Turn a verified upstream reply into an Entry, and say whether it may be cached.
+                     rule: DomainRule | None, keep_ad: bool = True) -> tuple[Entry, bool, int]:
+    """Turn a verified upstream reply into an Entry; say whether it may be cached, and what kinds of
+    records its answer section holds (ALIASES | ADDRESSES: what an answer check must look at).
 
     The OPT record is dropped (EDNS is hop by hop; we add our own). Positive answers live for their
     smallest TTL; negative ones for min(SOA TTL, SOA MINIMUM) per RFC 2308; anything else, or a
@@ -144,6 +150,7 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     opt_at = -1
     soa_ttl = -1
     lifetime = -1  # the smallest TTL of the answer and authority records, SOA aside
+    kinds = 0
     for index in range(answers_end + arcount):
         i = offset  # skip the owner name, compressed or not
         while True:
@@ -179,6 +186,8 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
                 new_ttl = lo
             if new_ttl > hi:
                 new_ttl = hi
+            if index < ancount:
+                kinds |= _KIND_OF.get(rtype, 0)
             if index < answers_end:
                 if rtype == SOA and index >= ancount:
                     minimum = _soa_minimum(reply, i + 10, end)
@@ -206,7 +215,7 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     counts = (ancount, nscount, arcount - (opt_at >= 0))
     entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, bytes(body), bytes(offsets), now, now + cache_for,
                   rule)
-    return entry, cache_for > 0
+    return entry, cache_for > 0, kinds
 
 
 def _soa_minimum(reply: bytes, rdata: int, end: int) -> int | None:
@@ -215,12 +224,6 @@ def _soa_minimum(reply: bytes, rdata: int, end: int) -> int | None:
     if rname_end < 0 or rname_end + 20 != end:
         return None
     return int(U32.unpack_from(reply, rname_end + 16)[0])
-
-
-def question_length(reply: bytes) -> int:
-    """Length of the (single) question of a reply, or -1 if malformed."""
-    end = scan_name(reply, 12)
-    return -1 if end < 0 or end + 5 > len(reply) else end + 5 - 12
 
 
 class AnswerCache:

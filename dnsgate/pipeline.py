@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .cache import AnswerCache, Entry, TtlPolicy, entry_from_reply
+from .cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, entry_from_reply
 from .catalog import Catalog, DomainRule
 from .cloaking import answer_rule
 from .consent import ConsentTable
@@ -92,6 +92,7 @@ TCP_LIMIT: Final = 65535
 _OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
 _SINKHOLED: Final = slot(SINKHOLED, 0)
 _SINKHOLED_OTHER: Final = slot(SINKHOLED, OTHER)
+_CACHED_OTHER: Final = slot(CACHED, OTHER)
 # RFC 8482 §4.2: one HINFO record, CPU "RFC8482", OS empty, owned by the question's name
 ANY_HINFO: Final = b"\xc0\x0c" + RR_FIXED.pack(HINFO, IN, 3600, 9) + b"\x07RFC8482\x00"
 GATED_MEMO_LIMIT: Final = 65_536
@@ -99,7 +100,7 @@ PREFETCH_AT: Final = 0.9  # share of an entry's lifetime after which a hit trigg
 PREFETCH_MIN_TTL: Final = 2  # entries that live shorter are not refreshed early
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: it is built per miss, and a frozen dataclass costs 4x to create
 class Forward:
     """The query needs an upstream answer; `rule` is the catalog rule of its name, if any.
     `started` is the monotonic time the query arrived (for the duration histogram and the log)."""
@@ -109,13 +110,14 @@ class Forward:
     client: str
     tcp: bool
     started: float = 0.0
+    catalog: Catalog | None = None  # the catalog `rule` comes from
 
 
 class Pipeline:
-    __slots__ = ("any_query", "cache", "catalog", "consent", "counters", "counts", "durations", "entries", "gated",
-                 "gated_ttl", "identity", "kiosk_seen", "local", "log_all", "log_gated", "mono", "on_refresh",
-                 "opt_tail", "plain_ttl", "prefetch", "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl",
-                 "trust_ad", "udp_max", "wall")
+    __slots__ = ("any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts", "durations",
+                 "entries", "gated", "gated_ttl", "identity", "kiosk_seen", "local", "log_all", "log_gated", "mono",
+                 "on_refresh", "opt_tail", "plain_ttl", "prefetch", "sinkhole", "sinkhole_slot", "stale_tail",
+                 "stale_ttl", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -167,6 +169,7 @@ class Pipeline:
         self.counters = Tally()
         # where a sinkholed query of each type (< 256) is counted, over UDP; +1 for TCP
         self.sinkhole_slot = [slot(SINKHOLED, TYPE_SLOT[t]) for t in range(256)]
+        self.cached_slot = [slot(CACHED, TYPE_SLOT[t]) for t in range(256)]  # an entry's count_slot
         self.counts = self.counters.counts  # the hot path's one increment, one attribute away
         # Seconds from arrival to reply of queries that went upstream (answers from memory take
         # microseconds and are not timed: two clock reads would cost more than the answer).
@@ -242,7 +245,13 @@ class Pipeline:
         else:
             rule = self.gated.get(key)  # gated questions seen before; None: not gated, or unseen
             if rule is None or self.consent.allows(client, rule.vendor, self.wall()):
-                return self._answer_general(data, client, tcp)
+                # not in memory: the general steps, without parsing the packet a second time
+                if scan_name(question, 0) != len(question) - 5:
+                    return self._answer_general(data, client, tcp)  # a malformed name: FORMERR
+                qtype = (question[-4] << 8) | question[-3]
+                q = Query(qid, flags, question, lower[:-4], qtype, (question[-2] << 8) | question[-1],
+                          None if edns < 0 else Edns((data[-8] << 8) | data[-7], 0, edns == 1), key)
+                return self._decide(q, data, client, tcp, now)
         # the sinkhole: a gated name, and this client has not consented to its vendor
         qtype = (question[-4] << 8) | question[-3]
         reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns)
@@ -262,6 +271,10 @@ class Pipeline:
         if q.edns is not None and q.edns.version != 0:
             self._plain(FORMERR, now, client, q, tcp, BADVERS, 0.0)
             return error_reply(q, BADVERS, self.udp_max)  # RFC 6891 §6.1.3
+        return self._decide(q, data, client, tcp, now)
+
+    def _decide(self, q: Query, data: bytes, client: str, tcp: bool, now: float) -> bytes | Forward | None:
+        """Steps 2 to 5 for a parsed query."""
         identity = self.identity
         if identity is not None and client in identity.trusted:
             client = identity.client_of(data, q, client)  # the device behind a trusted forwarder
@@ -305,7 +318,7 @@ class Pipeline:
             self._plain(REFUSED, now, client, q, tcp, REFUSED_RCODE, 0.0)
             return error_reply(q, REFUSED_RCODE, self.udp_max)  # a forwarder does not relay zone transfers
         self.counters.cache_misses += 1
-        return Forward(q, rule, client, tcp, now)
+        return Forward(q, rule, client, tcp, now, self.catalog)
 
     def _answer_any(self, q: Query) -> bytes:
         """RFC 8482: one small HINFO record instead of everything (or REFUSED); nothing is cached."""
@@ -352,11 +365,17 @@ class Pipeline:
         replies whose records cannot be walked."""
         q = fwd.query
         catalog = self.catalog
-        # Matched again (a memo hit): a reload may have swapped the catalog since the Forward.
-        rule = catalog.match(q.name) or answer_rule(catalog, reply, len(q.question))
-        policy = self.plain_ttl if rule is None else self.gated_ttl
-        entry, cacheable = entry_from_reply(reply, len(q.question), self.mono(), policy, rule, self.trust_ad)
-        entry.count_slot = slot(CACHED, type_slot(q.qtype))
+        qlen = len(q.question)
+        # The rule found when the query came in, unless a reload has swapped the catalog since.
+        rule = fwd.rule if fwd.catalog is catalog else catalog.match(q.name)
+        now = self.mono()
+        entry, cacheable, kinds = entry_from_reply(reply, qlen, now, self.plain_ttl if rule is None else self.gated_ttl,
+                                                   rule, self.trust_ad)
+        if rule is None and (kinds & ALIASES or (kinds & ADDRESSES and catalog.checks_addresses)):
+            cloaked = answer_rule(catalog, reply, qlen)
+            if cloaked is not None:  # gated after all, and its TTLs capped like a gated name's
+                entry, cacheable, _ = entry_from_reply(reply, qlen, now, self.gated_ttl, cloaked, self.trust_ad)
+        entry.count_slot = self.cached_slot[q.qtype] if q.qtype < 256 else _CACHED_OTHER
         if cacheable:
             if self.prefetch and entry.lifetime >= PREFETCH_MIN_TTL:
                 entry.refresh_at = entry.filled + PREFETCH_AT * entry.lifetime

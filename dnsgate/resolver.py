@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import message
-from .cache import Entry, OptNotLast, UnusableReply, question_length
+from .cache import Entry, OptNotLast, UnusableReply
 from .pipeline import Forward, Pipeline
 from .upstream import After, UpstreamError, Upstreams
 
@@ -114,8 +114,8 @@ class Resolver:
                 log.exception("cannot answer %s", fwd.query.text)
 
     def _admit(self, fwd: Forward, reply: bytes) -> Entry:
-        if question_length(reply) != len(fwd.query.question):
-            raise UnusableReply("question malformed")
+        # The upstream transports accept only replies whose question is ours, byte for byte
+        # (upstream._is_reply_to), so the records start right after it.
         try:
             return self.pipeline.admit(fwd, reply)
         except OptNotLast:

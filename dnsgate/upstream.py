@@ -133,10 +133,12 @@ def _is_reply_to(data: bytes, question: bytes) -> bool:
 class Server:
     """One upstream and what we have learned about it."""
 
-    __slots__ = ("address", "down_until", "failures", "srtt", "stats", "stream")
+    __slots__ = ("address", "down_until", "failures", "family", "peer", "srtt", "stats", "stream")
 
     def __init__(self, address: UpstreamAddress, stats: ServerStats | None = None) -> None:
         self.address = address
+        self.family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        self.peer = (address.host, address.port)  # where UDP queries go and replies must come from
         self.stats = stats if stats is not None else ServerStats()  # shared by a server listed twice
         self.srtt: float | None = None  # smoothed round-trip time (s); None until measured
         self.failures = 0  # consecutive
@@ -303,7 +305,7 @@ class UdpAttempt(_Waiter):
         self.server = server
         self.sock = sock
         self.qid = qid
-        self.peer = (server.address.host, server.address.port)
+        self.peer = server.peer
         self.question = question
         self.done = done
         self.context = context
@@ -469,6 +471,7 @@ class Upstreams:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.udp_size = udp_size
+        self._opt = (opt_record(udp_size, False), opt_record(udp_size, True))  # the OPT of our queries
         self.ask_ad = ask_ad  # set AD in upstream queries so a validating upstream reports (RFC 6840 §5.7)
         self.random = RandomBytes()
         # Counts and latency per address (metrics.py, dashboard.py), shared where an address serves
@@ -540,7 +543,7 @@ class Upstreams:
         server = group.order(now)[0]
         if server.address.transport != "udp":
             return None
-        family = socket.AF_INET6 if ":" in server.address.host else socket.AF_INET
+        family = server.family
         pool = self._pools.get(family)
         if pool is None:
             pool = self._pools[family] = _UdpPool(self, family, self.sockets_per_family, self.queries_per_socket)
@@ -644,7 +647,7 @@ class Upstreams:
         return reply
 
     def _message(self, qid: int, question: bytes, flags: int, do: bool) -> bytes:
-        return HEADER.pack(qid, flags, 1, 0, 0, 1) + question + opt_record(self.udp_size, do)
+        return HEADER.pack(qid, flags, 1, 0, 0, 1) + question + self._opt[do]
 
     async def _udp(self, server: UpstreamAddress, question: bytes, flags: int, do: bool, timeout: float) -> bytes:
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET

@@ -63,14 +63,16 @@ MAX_NAME: Final = 255
 MIN_UDP: Final = 512
 
 
-@dataclass(frozen=True, slots=True)
+# Values built per query are plain slotted dataclasses, not frozen ones: a frozen dataclass costs
+# about four times as much to create (13k instructions against 3k), and nothing mutates them.
+@dataclass(slots=True)
 class Edns:
     udp_size: int
     version: int
     do: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query:
     """A standard query that is well-formed enough to answer.
 
