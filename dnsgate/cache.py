@@ -20,26 +20,25 @@ from .catalog import DomainRule
 from .wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
 ENTRY_OVERHEAD: Final = 240  # rough bytes per entry besides the answer itself (objects, dict slot)
-U16S: Final = struct.Struct(">H")
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
 
 
 class Entry:
-    """One cached answer. Compact on purpose (the cache holds 100k of them): the TTL offsets are
-    packed u16s, the original TTLs are read back from `body0` when the age changes, `body` is
-    `body0` until then, and the header tails of common shapes are shared between entries."""
+    """One cached answer. Compact on purpose (the cache holds 100k of them): the original TTLs are
+    read back from `body0` when the age changes, `body` is `body0` until then (often a slice of the
+    upstream reply, not a copy), and the header tails of common shapes are shared between entries."""
 
     __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "filled", "flags", "head",
                  "head_edns", "offsets", "refresh_at", "reply_flags", "rule")
 
-    def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: bytes, filled: float,
+    def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
                  expires: float, rule: DomainRule | None) -> None:
         self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
         self.reply_flags = QR | RA | flags
         self.head, self.head_edns = _heads(*counts)  # QDCOUNT..ARCOUNT, without and with our OPT
         self.body0 = body0  # the records, TTLs as at `filled`
         self.body = body0  # the records, TTLs as at `filled + age`
-        self.offsets = offsets  # where each TTL is in the body, as packed u16s
+        self.offsets = offsets  # where each TTL is in the body
         self.filled = filled
         self.expires = expires  # monotonic time after which the entry is not served
         self.rule = rule  # gate on this rule's vendor before serving (the name's, or a cloaked one)
@@ -65,7 +64,7 @@ class Entry:
     def _with_ttls(self, new_ttl: Callable[[int], int]) -> bytes:
         body0 = self.body0
         buf = bytearray(body0)
-        for (offset,) in U16S.iter_unpack(self.offsets):
+        for offset in self.offsets:
             U32.pack_into(buf, offset, new_ttl(U32.unpack_from(body0, offset)[0]))
         return bytes(buf)
 
@@ -145,7 +144,8 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     if ttl.cap is not None and ttl.cap < hi:
         hi = ttl.cap
     answers_end = ancount + nscount
-    ttls: list[int] = []  # position in the body, new TTL, position, new TTL, ...
+    positions: list[int] = []  # where each record's TTL is in the body
+    changed: list[tuple[int, int]] = []  # (position, TTL) where the TTL had to be clamped or capped
     records_end = start  # the records before the OPT are contiguous from `start`
     opt_at = -1
     soa_ttl = -1
@@ -196,15 +196,18 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
                     new_ttl = soa_ttl = min(new_ttl, ttl.apply(minimum))
                 elif lifetime < 0 or new_ttl < lifetime:
                     lifetime = new_ttl
-            ttls.append(i + 4 - start)
-            ttls.append(new_ttl)
+            positions.append(i + 4 - start)
+            if new_ttl != rttl:
+                changed.append((i + 4 - start, new_ttl))
             records_end = end
         offset = end
-    body = bytearray(reply[start:records_end])
-    offsets = bytearray()
-    for k in range(0, len(ttls), 2):
-        U32.pack_into(body, ttls[k], ttls[k + 1])
-        offsets += U16S.pack(ttls[k])
+    if changed:  # clamped or capped TTLs: written into a copy
+        edited = bytearray(reply[start:records_end])
+        for position, new_ttl in changed:
+            U32.pack_into(edited, position, new_ttl)
+        body = bytes(edited)
+    else:
+        body = reply[start:records_end]
     rcode = flags & 0xF
     if rcode == NOERROR and ancount:
         cache_for = max(lifetime, 0)
@@ -213,8 +216,7 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     else:
         cache_for = 0
     counts = (ancount, nscount, arcount - (opt_at >= 0))
-    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, bytes(body), bytes(offsets), now, now + cache_for,
-                  rule)
+    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, body, tuple(positions), now, now + cache_for, rule)
     return entry, cache_for > 0, kinds
 
 
