@@ -90,6 +90,7 @@ class Entry:
 
 
 _HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
 def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
@@ -216,7 +217,10 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     else:
         cache_for = 0
     counts = (ancount, nscount, arcount - (opt_at >= 0))
-    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, body, tuple(positions), now, now + cache_for, rule)
+    offsets = tuple(positions)
+    if len(_OFFSETS) < 4096:  # most answers share a handful of shapes: keep one tuple of each
+        offsets = _OFFSETS.setdefault(offsets, offsets)
+    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, body, offsets, now, now + cache_for, rule)
     return entry, cache_for > 0, kinds
 
 

@@ -132,10 +132,11 @@ class Catalog:
         except KeyError:
             pass
         rule = self._lookup(name)
-        memo = self.memo
-        if len(memo) >= MEMO_LIMIT:
-            memo.clear()  # a flood of unique names must not grow memory without bound
-        memo[name] = rule
+        if rule is not None:  # only gated names: misses of unique names would fill it with None
+            memo = self.memo
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()  # a flood of unique gated names must not grow memory without bound
+            memo[name] = rule
         return rule
 
     def _lookup(self, name: bytes) -> DomainRule | None:
