@@ -59,6 +59,7 @@ def _client_of(host: str, v6: bool) -> str:
 class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, v6: bool) -> None:
         self.pipeline = pipeline
+        self.answer = pipeline.answer  # bound once: this runs for every datagram
         self.resolver = resolver
         self.tasks = tasks
         self.v6 = v6
@@ -66,20 +67,19 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's class is not a subclass
+        self.sendto = self.transport.sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            result = self.pipeline.answer(data, _client_of(addr[0], self.v6) if self.v6 else addr[0], False)
+            result = self.answer(data, _client_of(addr[0], True) if self.v6 else addr[0], False)
         except Exception:
             log.exception("internal error answering a UDP query from %s", addr[0])
             result = rejection_reply(data, INTERNAL_ERROR)
-        if result is None:
-            return
         if result.__class__ is bytes:
-            self.transport.sendto(result, addr)  # type: ignore[union-attr]
-            return
-        assert isinstance(result, Forward)
-        self.resolver.start(result, partial(self._reply, addr))
+            self.sendto(result, addr)
+        elif result is not None:
+            assert isinstance(result, Forward)
+            self.resolver.start(result, partial(self._reply, addr))
 
     def _reply(self, addr: Any, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -83,7 +83,7 @@ async def run(n: int, rounds: int) -> list[float]:
     resolver = Resolver(pipeline, upstreams, tasks.spawn)
     listener = UdpListener(pipeline, resolver, tasks, False)
     transport = CountingTransport()
-    listener.transport = transport  # type: ignore[assignment]
+    listener.connection_made(transport)  # type: ignore[arg-type]
     results = []
     serial = 0
     template = dns.message.make_query("u0000000.abcdef.miss.test", "A").to_wire()
