@@ -203,7 +203,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             raise StartupError(str(exc)) from None
         catalog = rules.catalog
         try:
-            store = ConsentStore(data_dir / "consent.sqlite3")
+            store = ConsentStore(data_dir / "consent.sqlite3", cfg.storage.synchronous)
         except StoreError as exc:
             raise StartupError(f"storage.data_dir: {exc}") from None
         table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
