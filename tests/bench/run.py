@@ -28,6 +28,7 @@ missing and running as root).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -340,7 +341,7 @@ class Bench:
             return ["unbound", "-d", "-c", str(self.gen / "unbound.conf")]
         config = data_dir / "dnsgate.toml"
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
-                          f'[api]\nadmin_token = "bench"\n')
+                          f'[api]\nadmin_token = "bench"\n[storage]\nsynchronous = "{self.args.synchronous}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
@@ -406,16 +407,17 @@ class Bench:
 
         def changer() -> None:
             os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this thread only: keep CPU 0 for the server
-            url = f"http://127.0.0.1:{PORTS['dnsgate-api']}/v1/consent"
+            # one keep-alive connection from 127.0.0.2, as a consent page in a browser would use
+            conn = http.client.HTTPConnection("127.0.0.1", PORTS["dnsgate-api"], source_address=("127.0.0.2", 0),
+                                              timeout=2)
             granted = False
             next_at = time.monotonic()
             while not done.is_set():
                 granted = not granted
-                body = json.dumps({"categories": ["marketing"] if granted else []}).encode()
-                req = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/json"})
+                body = json.dumps({"categories": ["marketing"] if granted else []})
                 try:
-                    with _bound_opener("127.0.0.2").open(req, timeout=2) as response:
-                        response.read()
+                    conn.request("PUT", "/v1/consent", body=body, headers={"Content-Type": "application/json"})
+                    conn.getresponse().read()
                     reply = dns.query.udp(dns.message.make_query("trackcmp.net", "A"), "127.0.0.1", port=port,
                                           source="127.0.0.2", timeout=2)
                     blocked = reply.rcode() == dns.rcode.NXDOMAIN
@@ -424,8 +426,10 @@ class Bench:
                     stats["changes"] += 1
                 except Exception:
                     stats["errors"] += 1
+                    conn.close()
                 next_at += 0.01
                 time.sleep(max(0.0, next_at - time.monotonic()))
+            conn.close()
 
         self.wait_quiet()
         thread = threading.Thread(target=changer, daemon=True)
@@ -460,21 +464,6 @@ class Bench:
         self.meta["dnsgate"]["memory"] = {"rss_mib": rss_mib(pid), "cache_entries": health.get("cache_entries"),
                                           "clients_with_consent": health.get("clients_with_consent")}
         self.log(f"dnsgate memory: {self.meta['dnsgate']['memory']}")
-
-
-def _bound_opener(source: str) -> urllib.request.OpenerDirector:
-    import http.client
-
-    class Conn(http.client.HTTPConnection):
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            kw["source_address"] = (source, 0)
-            super().__init__(*a, **kw)
-
-    class Handler(urllib.request.HTTPHandler):
-        def http_open(self, req: Any) -> Any:
-            return self.do_open(Conn, req)
-
-    return urllib.request.build_opener(Handler)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -549,6 +538,8 @@ def main() -> None:
     parser.add_argument("--cache-entries", type=int, default=200_000)
     parser.add_argument("--other-max", type=float, default=10.0, help="%% of a core other processes may use")
     parser.add_argument("--retries", type=int, default=2)
+    parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
+                        help="dnsgate's storage.synchronous (what a consent change costs)")
     parser.add_argument("--install", action="store_true", help="apt-get install missing tools (root)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
