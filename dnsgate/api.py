@@ -28,7 +28,7 @@ from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, pars
 from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Paired
 from .notice import Notice
 from .pairing import Offer
-from .store import Event, EventFilter
+from .store import Event, EventFilter, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except (ApiError, ConsentError) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
+    except StoreError as exc:  # the store cannot be reached: nothing changed, trackers stay blocked
+        log.error("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
+        return error_response(503, "consent_store_unavailable",
+                              f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
+                              "trackers stay blocked for clients without a recorded grant")
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "body_too_large", f"request body over {MAX_BODY} bytes")
     except web.HTTPException as exc:

@@ -1,7 +1,8 @@
 """The composition root: builds every part from a Config, runs them, and takes them down in reverse.
 
-Start order: data dir and store (grants loaded before DNS listens, so gated names are blocked from
-the first packet), rules (catalog and lists: reload.py), upstreams, pipeline, DNS listeners, API,
+Start order: data dir and store (choices loaded before DNS listens, so gated names are decided
+from the first packet; a shared store that cannot be reached starts fail-closed and is followed
+until it answers), rules (catalog and lists: reload.py), upstreams, pipeline, DNS listeners, API,
 then SIGHUP reloads and the list refresh schedule. Stop order is the reverse: listeners close,
 in-flight queries get a moment to finish, then the store closes.
 """
@@ -30,6 +31,7 @@ from .cache import AnswerCache
 from .catalog import CatalogError
 from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
+from .consent_backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from .consents import ConsentService
 from .dashboard import Sampler
 from .dns_server import DnsListeners, TaskSet
@@ -52,7 +54,7 @@ from .reload import Reloader
 from .report import Watched
 from .resolver import Resolver
 from .ruleset import Ruleset, read_catalog
-from .store import ConsentStore, StoreError
+from .store import StoreError
 from .upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -73,12 +75,14 @@ class Running:
     token_file: Path | None
     routes: tuple[str, ...] = ()  # "METHOD /path" of every API route (/openapi.json lists exactly these)
     portal: str = ""  # the consent portal's URL
+    store: str = ""  # where consent is kept, if not in the data dir (a Redis URL without password)
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
+        store = f"; consent store {self.store}" if self.store else ""
         portal = f"; consent portal {self.portal}" if self.portal else ""
         return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
-                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{token}{portal}")
+                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}")
 
 
 def load_notice(cfg: Config) -> Notice:
@@ -202,20 +206,16 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         except (CatalogError, ListError) as exc:
             raise StartupError(str(exc)) from None
         catalog = rules.catalog
-        try:
-            store = ConsentStore(data_dir / "consent.sqlite3", cfg.storage.synchronous)
-        except StoreError as exc:
-            raise StartupError(f"storage.data_dir: {exc}") from None
+        store = open_backend(cfg, data_dir)
         table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
                              kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
                                   Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
                                   (normalize_client(a) for a in cfg.identity.trusted_forwarders))
         stack.push_async_callback(consents.close)
-        try:
-            clients = consents.load()
-        except StoreError as exc:
-            raise StartupError(f"storage.data_dir: {exc}") from None
+        clients = await load_consent(consents, store)
+        if store.shared:
+            background(stack, consents.run_follower())
         if neighbours is None and cfg.identity.neighbours:
             neighbours = KernelNeighbours()
         if neighbours is not None:
@@ -281,6 +281,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             lists_in_force = pipeline.catalog.lists
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
                     "cache_entries": len(cache), "in_flight": len(tasks),
+                    "consent_store": consents.store_problem or "ok",
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
                     "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
@@ -297,7 +298,9 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         )
         sources = Sources(pipeline=pipeline, cache=cache, resolver=resolver, upstreams=upstreams, consent=table,
                           consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
-                          in_flight=lambda: len(tasks))
+                          in_flight=lambda: len(tasks),
+                          consent_store=lambda: (consents.store_errors, not consents.store_problem),
+                          consent_remote=lambda: consents.remote_changes if store.shared else None)
         sampler = Sampler(sources)
         background(stack, sampler.run())
         app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
@@ -317,7 +320,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
 
         routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                                if r.method != "HEAD" and r.resource is not None}))
-        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url)
+        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url,
+                          store.name if store.shared else "")
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
@@ -329,6 +333,40 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
+
+
+def open_backend(cfg: Config, data_dir: Path) -> ConsentBackend:
+    """SQLite in the data dir, or Redis (storage.store)."""
+    if cfg.storage.store == "sqlite":
+        try:
+            return SqliteBackend.open(data_dir / SQLITE_FILE, cfg.storage.synchronous)
+        except StoreError as exc:
+            raise StartupError(f"storage.data_dir: {exc}") from None
+    from .redis_store import RedisBackend  # only a shared deployment needs the Redis client
+
+    try:
+        return RedisBackend(cfg.storage.store, cfg.storage.redis_prefix, cfg.storage.redis_timeout)
+    except ValueError as exc:
+        raise StartupError(f"storage.store: {exc}") from None
+
+
+async def load_consent(consents: ConsentService, store: ConsentBackend) -> int:
+    """Every choice into the table before DNS listens. SQLite that cannot be read stops dnsgate;
+    Redis that cannot be reached does not: dnsgate starts fail-closed and loads once Redis answers."""
+    try:
+        clients = await consents.load()
+    except StoreError as exc:
+        if not store.shared:
+            raise StartupError(f"storage.data_dir: {exc}") from None
+        consents.hold_closed(str(exc))
+        return 0
+    from .redis_store import RedisBackend
+
+    if isinstance(store, RedisBackend):
+        warning = await store.durability_warning()
+        if warning:
+            log.warning("consent store %s: %s", store.name, warning)
+    return clients
 
 
 async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interval: float) -> None:

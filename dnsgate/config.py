@@ -305,6 +305,13 @@ class StorageConfig:
     # acknowledged (survives power loss); "normal" survives kill -9 but may lose the last changes
     # in a power cut, and costs about half the CPU per consent change.
     synchronous: Literal["full", "normal"] = "full"
+    # Where consent is kept: "sqlite" (<data_dir>/consent.sqlite3), or a Redis URL
+    # (redis://[:password@]host:6379/0, rediss:// for TLS, unix:///path.sock) shared by several instances.
+    store: str = "sqlite"
+    # Prefix of every Redis key, so several dnsgate deployments can share one Redis.
+    redis_prefix: str = "dnsgate:"
+    # Seconds to wait for Redis before a change fails (503) or the connection counts as lost.
+    redis_timeout: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -560,6 +567,13 @@ def validate(cfg: Config) -> Config:
            f"identity.pairing_ttl: must be 10..86400 seconds, got {cfg.identity.pairing_ttl}")
     _validate_portal(cfg.portal)
     _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
+    store = cfg.storage.store
+    _check(store == "sqlite" or (store.startswith(("redis://", "rediss://", "unix://")) and len(store) > 8),
+           f"storage.store: expected \"sqlite\" or a Redis URL (redis://host:6379/0, rediss://…, unix://…), "
+           f"got {store!r}")
+    _check(bool(cfg.storage.redis_prefix), "storage.redis_prefix: must not be empty")
+    _check(0 < cfg.storage.redis_timeout <= 60,
+           f"storage.redis_timeout: must be 0..60 seconds, got {cfg.storage.redis_timeout}")
     _validate_lists(cfg.lists)
     _check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")
     _check(0 < cfg.querylog.flush_interval <= 60,
@@ -633,6 +647,7 @@ class Overrides:
     api: str | None = None
     upstream: tuple[str, ...] | None = None
     data_dir: str | None = None
+    store: str | None = None
     admin_token: str | None = None
     log_level: str | None = None
     log_format: str | None = None
@@ -653,6 +668,7 @@ def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
         api=env.get(ENV_PREFIX + "API") or None,
         upstream=listed("UPSTREAM"),
         data_dir=env.get(ENV_PREFIX + "DATA_DIR") or None,
+        store=env.get(ENV_PREFIX + "STORE") or None,
         admin_token=env.get(ENV_PREFIX + "ADMIN_TOKEN") or None,
         log_level=env.get(ENV_PREFIX + "LOG_LEVEL") or None,
         log_format=env.get(ENV_PREFIX + "LOG_FORMAT") or None,
@@ -676,6 +692,8 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
         cfg = replace(cfg, upstream=replace(cfg.upstream, servers=o.upstream))
     if o.data_dir is not None:
         cfg = replace(cfg, storage=replace(cfg.storage, data_dir=o.data_dir))
+    if o.store is not None:
+        cfg = replace(cfg, storage=replace(cfg.storage, store=o.store))
     if o.admin_token is not None:
         cfg = replace(cfg, api=replace(cfg.api, admin_token=o.admin_token))
     if o.log_level is not None:

@@ -453,6 +453,21 @@ class ConsentTable:
         self._changed()
         return found
 
+    def reset(self, choices: Iterable[Choice]) -> None:
+        """Replace every choice (a shared store's whole state); later ones of a subject win."""
+        self._index = _Index()
+        for choice in choices:
+            self.put(choice)
+        self._changed()
+
+    def find(self, choice_id: int) -> Choice | None:
+        index = self._index
+        for table in (index.by_mac, index.by_address, index.by_network):
+            for c in table.values():
+                if c.id == choice_id:
+                    return c
+        return None
+
     def superseded_by(self, subject: Subject) -> list[Choice]:
         """The choices a new choice by `subject` replaces (a device's choice at an address also
         replaces that address's own choice, unless that belongs to another device)."""
@@ -514,6 +529,10 @@ class ConsentTable:
         self.neighbours = dict(table)
         self._changed()
         return True
+
+    def set_profiles(self, profiles: ProfileMap) -> None:
+        self.profiles = profiles
+        self._changed()
 
     def set_notice(self, notice: CurrentNotice) -> None:
         self.notice = notice

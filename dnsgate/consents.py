@@ -14,6 +14,11 @@ Rules that need time or context live here, not in the table:
 - pairing: a DNS source resolving a token is bound to the HTTP caller's choice; a later
   withdrawal by that caller reaches every DNS source paired with it;
 - the sweeper records expiries and idle kiosk resets, and applies the retention period.
+
+Where consent is kept is the `consent_backend.ConsentBackend` the service is given: SQLite, or Redis
+shared with other instances. With a shared store, the service also applies the changes other
+instances record (`apply_recorded`, called by the store's follower), and a change planned before
+another instance's change is planned again on the latest state (`_change`).
 """
 
 from __future__ import annotations
@@ -24,8 +29,7 @@ import functools
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -40,14 +44,16 @@ from .consent import (
     IPNetwork,
     NoticeRef,
     Profile,
+    ProfileMap,
     Resolution,
     Subject,
     decide,
 )
+from .consent_backend import Conflict, ConsentBackend, Snapshot
 from .consent_log import iso
 from .notice import Notice
 from .pairing import Offer, Pairings
-from .store import ConsentStore, Event, EventFilter, Step
+from .store import Event, EventFilter, Step, StoreError
 from .wire import name_to_wire
 
 log = logging.getLogger(__name__)
@@ -55,7 +61,7 @@ T = TypeVar("T")
 DAY: Final = 86_400.0
 REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after an opt-out
 RETENTION_EVERY: Final = 3600.0
-EXPORT_PAGE: Final = 500
+PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
 
 
 class ConsentError(Exception):
@@ -126,7 +132,7 @@ class Paired:
 
 
 class ConsentService:
-    def __init__(self, store: ConsentStore, table: ConsentTable, catalog: Catalog, notice: Notice,
+    def __init__(self, store: ConsentBackend, table: ConsentTable, catalog: Catalog, notice: Notice,
                  cfg: ConsentConfig, pairings: Pairings, wall: Callable[[], float] = time.time,
                  trusted_forwarders: Iterable[str] = ()) -> None:
         self.store = store
@@ -138,44 +144,88 @@ class ConsentService:
         self.wall = wall
         self.trusted_forwarders = frozenset(trusted_forwarders)
         self.paired: dict[str, dict[str, float]] = {}  # HTTP subject key -> {DNS client key: when}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_purge = 0.0
-        # Called with each recorded event once it is stored and in force (metrics, events: events.py).
+        self._profiles = table.profiles  # the configured ones (see hold_closed)
+        # The store's health, for /healthz and /metrics: failed operations, the problem while it
+        # lasts ("" once the store answers again), changes applied from other instances.
+        self.store_errors = 0
+        self.store_problem = ""
+        self.remote_changes = 0
+        # Called with each recorded event once it is stored and in force (metrics, events: events.py),
+        # on every instance that shares the store.
         self.listeners: list[Callable[[Event], None]] = []
         table.set_notice(notice.current(catalog.version))
 
     # -- start -----------------------------------------------------------------------------------
-    def load(self) -> int:
+    async def load(self) -> int:
         """Fill the table from the store (at start, before DNS listens); returns the choice count.
 
         Records a profile_change for every choice whose network now has another profile."""
         now = self.wall()
-        choices = self.store.load()
-        for choice in choices:
-            self.table.put(choice)
-        for http, dns, at in self.store.load_pairings():
+        snapshot = await self._in_store(self.store.load())
+        self.replace_all(snapshot)
+
+        def plan() -> list[Step]:
+            steps: list[Step] = []
+            for choice in self.table.choices():
+                if choice.subject.address is None and choice.subject.network is None:
+                    continue  # a device's profile follows wherever it is; nothing to compare at start
+                profile, why = self.profile_of(choice.subject)
+                if choice.profile != profile:
+                    event = Event("profile_change", now, choice.subject, profile, choice.categories,
+                                  choice.vendors, choice.expires_at, choice.notice, "system", supersedes=choice.id,
+                                  reason=f"profile changed from {choice.profile} to {profile}: {why}")
+                    steps.append(Step(event, sets_profile_of=choice.id))
+            return steps
+
+        async with self._lock:
+            await self._change(plan)
+        if not self.store.shared:
+            # A restart starts the idle clock. With a shared store the clock is each instance's own, started
+            # by the DNS queries it sees: a kiosk that uses another instance must not be reset from here.
+            for choice in self.table.choices():
+                if choice.subject.address and self.table.profiles.of(choice.subject.address)[0] == "kiosk":
+                    self.table.kiosk_seen[choice.subject.address] = now
+        return len(snapshot.choices)
+
+    def hold_closed(self, problem: str) -> None:
+        """Start without the store: no choice is known, and no profile opens a gated name, until the
+        store answers (its follower then calls `replace_all`, which restores the configured profiles)."""
+        self.table.set_profiles(ProfileMap("opt-in", ()))
+        self.store_errors += 1
+        self.store_health(problem)
+
+    # -- what a shared store tells this instance (consent_backend.ChangeSink) ----------------------
+    def replace_all(self, snapshot: Snapshot) -> None:
+        self.table.reset(snapshot.choices)
+        if self.table.profiles is not self._profiles:
+            self.table.set_profiles(self._profiles)
+        self.paired = {}
+        for http, dns, at in snapshot.pairings:
             self.paired.setdefault(http, {})[dns] = at
-        changed: list[tuple[Choice, Step]] = []
-        for choice in choices:
-            if choice.subject.address is None and choice.subject.network is None:
-                continue  # a device's profile follows wherever it is; nothing to compare at start
-            profile, why = self.profile_of(choice.subject)
-            if choice.profile != profile:
-                event = Event("profile_change", now, choice.subject, profile, choice.categories, choice.vendors,
-                              choice.expires_at, choice.notice, "system", supersedes=choice.id,
-                              reason=f"profile changed from {choice.profile} to {profile}: {why}")
-                changed.append((choice, Step(event, sets_profile_of=choice.id)))
-        if changed:
-            self.store.commit([step for _, step in changed])
-            for choice, step in changed:
-                self.table.put(dataclasses.replace(choice, profile=step.event.profile))
-                log_event(step.event)
-        for choice in self.table.choices():
-            if choice.subject.address and self.table.profiles.of(choice.subject.address)[0] == "kiosk":
-                self.table.kiosk_seen[choice.subject.address] = now  # a restart starts the idle clock
-        return len(choices)
+
+    def apply_recorded(self, step: Step, event_id: int, own: bool) -> None:
+        self._put_in_force(step, event_id)
+        if own:
+            return  # _commit logs and announces it
+        self.remote_changes += 1
+        event = dataclasses.replace(step.event, id=event_id)
+        log.debug("consent change #%d recorded through another instance applied", event_id)
+        self._notify(event)
+
+    def store_health(self, problem: str) -> None:
+        if problem and not self.store_problem:
+            log.error("consent store unavailable: %s; DNS answers from the choices in memory (gated names "
+                      "stay blocked for clients without a known grant), consent changes answer 503", problem)
+        elif not problem and self.store_problem:
+            log.info("consent store %s reachable again; caught up with the changes made meanwhile", self.store.name)
+        self.store_problem = problem
+
+    async def run_follower(self) -> None:
+        """Apply the changes other instances record, for as long as dnsgate runs (shared stores only)."""
+        await self.store.follow(self)
 
     def use_catalog(self, catalog: Catalog) -> None:
         """A reload swapped the catalog: its vendors are decided from now on, and its version is part
@@ -258,20 +308,19 @@ class ConsentService:
         return view, Paired(*latest) if latest else None
 
     async def events(self, address: str | None, limit: int) -> list[Event]:
-        return await self._in_store(lambda: self.store.events(address, limit))
+        return await self._in_store(self.store.events(address, limit))
 
     async def export(self, f: EventFilter) -> AsyncIterator[Event]:
         """Every event matching `f`, oldest first, read a page at a time."""
         network = ipaddress.ip_network(f.network) if f.network else None
-        after = 0
+        events = self.store.export(f)
         while True:
-            page = await self._in_store(functools.partial(self.store.export_page, f, after, EXPORT_PAGE))
-            for event in page:
-                if network is None or _in_network(event.subject, network):
-                    yield event
-            if len(page) < EXPORT_PAGE:
+            try:
+                event = await self._in_store(anext(events))
+            except StopAsyncIteration:
                 return
-            after = page[-1].id or after
+            if network is None or _in_network(event.subject, network):
+                yield event
 
     # -- changing --------------------------------------------------------------------------------
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView:
@@ -283,14 +332,22 @@ class ConsentService:
                 raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
             notice = self._notice_ref(request)
             days = min(request.days or self._days(profile), self.cfg.max_days)
-            steps = self._kiosk_idle_resets(subject, caller, now)
             action = "grant" if any(request.categories.values()) or any(request.vendors.values()) else None
-            main = self._choice_step(subject, action, request.categories, request.vendors, now, now + days * DAY,
-                                     notice, caller, profile, reason="")
-            steps.append(main)
-            if main.event.action == "withdrawal":
-                steps += self._withdrawals_for_paired(subject, main.event, caller)
-            await self._commit(steps)
+            if action is None and self.store.shared:
+                # A withdrawal reaches DNS sources paired through any instance.
+                links = await self._in_store(self.store.pairings_of(subject.key))
+                self.paired[subject.key] = {**links, **self.paired.get(subject.key, {})}
+
+            def plan() -> list[Step]:
+                steps = self._kiosk_idle_resets(subject, caller, now)
+                main = self._choice_step(subject, action, request.categories, request.vendors, now,
+                                         now + days * DAY, notice, caller, profile, reason="")
+                steps.append(main)
+                if main.event.action == "withdrawal":
+                    steps += self._withdrawals_for_paired(subject, main.event, caller)
+                return steps
+
+            await self._change(plan)
             if profile == "kiosk" and subject.address is not None:
                 self.table.kiosk_seen[subject.address] = now
         return self._after(subject)
@@ -307,26 +364,29 @@ class ConsentService:
         unless nothing is left to opt out of or the person consented explicitly despite GPC."""
         if caller.address is None:
             return False
+        address = caller.address
         async with self._lock:
             now = self.wall()
-            subject = Subject(caller.address, caller.mac)
-            r = self.table.resolve(caller.address, None, now)  # the MAC, if any, from the neighbour table
-            if r.profile != "opt-out":
-                return False
-            selling = [v for v in self.catalog.vendors if v.ccpa_sale_or_share]
-            if not any(d.allowed for v, d in r.decisions if v in selling):
-                return False
-            own = r.choice if r.choice is not None and r.choice.subject.network is None else None
-            if own is not None and own.sec_gpc == "1" and own.grants_anything:
-                return False  # an explicit grant made while sending GPC: the later, specific choice wins
-            categories = dict(own.categories) if own else {}
-            vendors = {**(own.vendors if own else {}), **{v.id: False for v in selling}}
-            step = self._choice_step(subject, "refusal", categories, vendors, now,
-                                     now + self._days("opt-out") * DAY, self._notice_ref(ChoiceRequest({})),
-                                     dataclasses.replace(caller, sec_gpc="1"), "opt-out",
-                                     reason="opt-out of sale/sharing signalled by Sec-GPC: 1")
-            await self._commit([step])
-        return True
+            subject = Subject(address, caller.mac)
+
+            def plan() -> list[Step]:
+                r = self.table.resolve(address, None, now)  # the MAC, if any, from the neighbour table
+                if r.profile != "opt-out":
+                    return []
+                selling = [v for v in self.catalog.vendors if v.ccpa_sale_or_share]
+                if not any(d.allowed for v, d in r.decisions if v in selling):
+                    return []
+                own = r.choice if r.choice is not None and r.choice.subject.network is None else None
+                if own is not None and own.sec_gpc == "1" and own.grants_anything:
+                    return []  # an explicit grant made while sending GPC: the later, specific choice wins
+                categories = dict(own.categories) if own else {}
+                vendors = {**(own.vendors if own else {}), **{v.id: False for v in selling}}
+                return [self._choice_step(subject, "refusal", categories, vendors, now,
+                                          now + self._days("opt-out") * DAY, self._notice_ref(ChoiceRequest({})),
+                                          dataclasses.replace(caller, sec_gpc="1"), "opt-out",
+                                          reason="opt-out of sale/sharing signalled by Sec-GPC: 1")]
+
+            return await self._change(plan) > 0
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
         """Reset the choices that apply personally to `subject` (a kiosk session ended)."""
@@ -335,13 +395,16 @@ class ConsentService:
             profile, why = self.profile_of(subject)
             if caller.channel != "admin" and profile != "kiosk":
                 raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
-            if subject.network is not None or caller.channel == "admin":
-                own = self.table.choice_of(subject)
-                ended = [own] if own is not None else []
-            else:
-                ended = self.table.personal_choices(subject.address or "", subject.mac)
-            steps = [self._reset_step(c, now, profile, caller, reason) for c in ended]
-            await self._commit(steps)
+
+            def plan() -> list[Step]:
+                if subject.network is not None or caller.channel == "admin":
+                    own = self.table.choice_of(subject)
+                    ended = [own] if own is not None else []
+                else:
+                    ended = self.table.personal_choices(subject.address or "", subject.mac)
+                return [self._reset_step(c, now, profile, caller, reason) for c in ended]
+
+            await self._change(plan)
             if subject.address is not None:
                 self.table.kiosk_seen.pop(subject.address, None)
         return self._after(subject)
@@ -367,21 +430,22 @@ class ConsentService:
             if dns.key == http.key:
                 self.paired.setdefault(http.key, {})[dns_client] = now
                 return
-            source = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
-            profile, _ = self.profile_of(dns)
-            steps: list[Step] = []
-            if source is not None and source.active(now) and profile not in ("deny", "allow"):
+
+            def plan() -> list[Step]:
+                source = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
+                profile, _ = self.profile_of(dns)
+                if source is None or not source.active(now) or profile in ("deny", "allow"):
+                    return []
                 caller = Caller(dns.address, dns.mac, "portal" if source.channel == "portal" else "device",
                                 sec_gpc=source.sec_gpc)
                 step = self._choice_step(
                     dns, "grant" if source.grants_anything else None, source.categories, source.vendors, now,
                     source.expires_at, source.notice, caller, profile,
                     reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}")
-                steps.append(dataclasses.replace(step, pairing=(http.key, dns_client)))
-            if steps:
-                await self._commit(steps)
-            else:
-                await self._in_store(lambda: self.store.remember_pairing(http.key, dns_client, now))
+                return [dataclasses.replace(step, pairing=(http.key, dns_client))]
+
+            if not await self._change(plan):
+                await self._in_store(self.store.remember_pairing(http.key, dns_client, now))
             self.paired.setdefault(http.key, {})[dns_client] = now
             log.info("consent paired: http=%s dns=%s", http.key, dns_client)
 
@@ -412,27 +476,31 @@ class ConsentService:
         """Record expiries and idle kiosk resets; purge events past retention. Returns events recorded."""
         async with self._lock:
             now = self.wall()
-            steps: list[Step] = []
-            for choice in self.table.choices():
-                if not choice.active(now):
-                    profile, _ = self.profile_of(choice.subject)
-                    steps.append(Step(
-                        Event("expiry", now, choice.subject, profile, choice.categories, choice.vendors,
-                              choice.expires_at, choice.notice, "system", supersedes=choice.id,
-                              reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}"),
-                        ends=(choice.id,), only_if_current=choice.id))
-            ending = {s.event.supersedes for s in steps}
             idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
-            for key in idle_keys:
-                address, _, mac = key.partition(KEY_SEPARATOR)
-                profile, _ = self.table.profiles.of(address)
-                for choice in self.table.personal_choices(address, mac or self.table.mac_of(address)):
-                    if choice.id not in ending and profile == "kiosk":
-                        ending.add(choice.id)
-                        steps.append(self._reset_step(
-                            choice, now, profile, Caller(address, mac or None, "system"),
-                            f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes"))
-            recorded = await self._commit(steps)
+
+            def plan() -> list[Step]:
+                steps: list[Step] = []
+                for choice in self.table.choices():
+                    if not choice.active(now):
+                        profile, _ = self.profile_of(choice.subject)
+                        steps.append(Step(
+                            Event("expiry", now, choice.subject, profile, choice.categories, choice.vendors,
+                                  choice.expires_at, choice.notice, "system", supersedes=choice.id,
+                                  reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}"),
+                            ends=(choice.id,), only_if_current=choice.id))
+                ending = {s.event.supersedes for s in steps}
+                for key in idle_keys:
+                    address, _, mac = key.partition(KEY_SEPARATOR)
+                    profile, _ = self.table.profiles.of(address)
+                    for choice in self.table.personal_choices(address, mac or self.table.mac_of(address)):
+                        if choice.id not in ending and profile == "kiosk":
+                            ending.add(choice.id)
+                            steps.append(self._reset_step(
+                                choice, now, profile, Caller(address, mac or None, "system"),
+                                f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes"))
+                return steps
+
+            recorded = await self._change(plan)
             for key in idle_keys:
                 last = self.table.kiosk_seen.get(key)
                 if last is not None and self.wall() - last > self.table.kiosk_idle:
@@ -440,7 +508,7 @@ class ConsentService:
             self.pairings.expire(now)
         if self.cfg.retention_days and now - self._last_purge >= RETENTION_EVERY:
             self._last_purge = now
-            purged = await self._in_store(lambda: self.store.purge(now - self.cfg.retention_days * DAY, now))
+            purged = await self._in_store(self.store.purge(now - self.cfg.retention_days * DAY, now))
             if purged:
                 log.info("consent log: %d events older than %d days purged", purged, self.cfg.retention_days)
         return recorded
@@ -450,6 +518,8 @@ class ConsentService:
             await asyncio.sleep(interval)
             try:
                 await self.sweep()
+            except StoreError:
+                pass  # store_health logged it; expired choices already stop counting in memory
             except Exception:
                 log.exception("consent sweep failed; retrying in %.0f s", interval)
 
@@ -504,25 +574,47 @@ class ConsentService:
                                  f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes")
                 for c in self.table.personal_choices(address, subject.mac)]
 
-    async def _commit(self, steps: Sequence[Step]) -> int:
+    async def _change(self, plan: Callable[[], list[Step]]) -> int:
+        """Plan a change on the table, store it, put it in force; returns the steps recorded.
+
+        A shared store refuses a plan made before another instance's change (`Conflict`): catch up
+        with that change and plan again, so that what a change supersedes is always what is in force."""
+        for _ in range(PLAN_ATTEMPTS):
+            based_on = self.store.position
+            steps = plan()
+            if not steps:
+                return 0
+            try:
+                return await self._commit(steps, based_on)
+            except Conflict:
+                await self._in_store(self.store.catch_up(self))
+        raise StoreError(f"{self.store.name}: other instances kept changing consent meanwhile; try again")
+
+    async def _commit(self, steps: Sequence[Step], based_on: int) -> int:
         """Persist, then apply to the table; returns how many steps were recorded."""
-        if not steps:
-            return 0
-        ids = await self._in_store(lambda: self.store.commit(steps))
-        recorded = 0
-        for step, event_id in zip(steps, ids, strict=True):
-            if event_id is None:
-                continue
-            recorded += 1
-            for ended in step.ends:
-                self.table.remove(ended)
-            if step.makes_choice:
-                self.table.put(step.event.as_choice(event_id))
-        for step, event_id in zip(steps, ids, strict=True):
+        recorded = await self._in_store(self.store.commit(steps, based_on))
+        pairs = list(zip(steps, recorded.ids, strict=True))
+        for step, event_id in pairs:
+            if event_id is not None and event_id > recorded.in_force_up_to:
+                self._put_in_force(step, event_id)
+        for step, event_id in pairs:
             if event_id is not None:  # once every step is in force
                 log_event(step.event)
                 self._notify(dataclasses.replace(step.event, id=event_id))
-        return recorded
+        return sum(1 for _, event_id in pairs if event_id is not None)
+
+    def _put_in_force(self, step: Step, event_id: int) -> None:
+        for ended in step.ends:
+            self.table.remove(ended)
+        if step.makes_choice:
+            self.table.put(step.event.as_choice(event_id))
+        if step.sets_profile_of is not None:
+            changed = self.table.find(step.sets_profile_of)
+            if changed is not None:
+                self.table.put(dataclasses.replace(changed, profile=step.event.profile))
+        if step.pairing is not None:
+            http, dns = step.pairing
+            self.paired.setdefault(http, {})[dns] = step.event.at
 
     def _after(self, subject: Subject) -> ClientView:
         if subject.address is not None and subject.network is None:
@@ -530,8 +622,16 @@ class ConsentService:
             return self.view(subject.address, known)
         return self.view_subject(subject)
 
-    async def _in_store(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _in_store(self, op: Awaitable[T]) -> T:
+        try:
+            result = await op
+        except StoreError as exc:
+            self.store_errors += 1
+            self.store_health(str(exc))
+            raise
+        if self.store_problem and not self.store.shared:
+            self.store_health("")  # a shared store's follower says when it is back (it catches up first)
+        return result
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -548,8 +648,7 @@ class ConsentService:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
-        await self._in_store(self.store.close)
-        self._executor.shutdown(wait=True)
+        await self.store.close()
 
 
 @functools.cache

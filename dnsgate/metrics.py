@@ -51,6 +51,10 @@ class Sources:
     querylog: QueryLog
     hub: EventHub
     in_flight: Callable[[], int]
+    # (failed consent store operations, whether the store answers), and the changes other instances
+    # recorded that this one applied (None: the store is not shared).
+    consent_store: Callable[[], tuple[int, bool]] | None = None
+    consent_remote: Callable[[], int | None] | None = None
     wall: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
@@ -152,6 +156,15 @@ class DnsgateCollector(Collector):
         for category, n in s.clients_by_category().items():
             clients.add_metric([category], n)
         yield clients
+        if s.consent_store is not None:
+            errors, up = s.consent_store()
+            yield CounterMetricFamily("dnsgate_consent_store_errors", "Consent store operations that failed (the "
+                                      "change was refused with 503)", value=errors)
+            yield GaugeMetricFamily("dnsgate_consent_store_up", "1 if the consent store answers", value=int(up))
+        remote = s.consent_remote() if s.consent_remote is not None else None
+        if remote is not None:
+            yield CounterMetricFamily("dnsgate_consent_remote_changes", "Consent changes recorded through other "
+                                      "instances sharing the store, applied here", value=remote)
 
         ql = s.querylog
         yield CounterMetricFamily("dnsgate_querylog_written", "Query-log entries written", value=ql.written)

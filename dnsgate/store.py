@@ -176,6 +176,13 @@ class ConsentStore:
         """(HTTP subject key, DNS client key, when) of every pairing."""
         return [(r["http"], r["dns"], r["at"]) for r in self.db.table("pairings").rows]
 
+    def pairings_of(self, http: str) -> dict[str, float]:
+        """The DNS client keys paired with one HTTP subject, and when."""
+        try:
+            return {r["dns"]: r["at"] for r in self.db.table("pairings").rows_where("http = ?", [http])}
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
     def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
         where, args = ("client = ? OR mac = ?", [address, address]) if address else (None, [])
         rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(where, args, order_by="id desc",
@@ -248,6 +255,25 @@ class ConsentStore:
         try:
             with self.db.atomic():
                 self.db.table("pairings").insert({"http": http, "dns": dns, "at": at}, replace=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def restore_events(self, events: Sequence[Event]) -> int:
+        """Migration: append events that keep their ids (another store's log, oldest first)."""
+        try:
+            with self.db.atomic():
+                self.db.table("events").insert_all(({**_event_row(e), "id": e.id} for e in events), pk="id")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return len(events)
+
+    def restore_state(self, choices: Sequence[Choice], pairings: Sequence[tuple[str, str, float]]) -> None:
+        """Migration: the choices in force and the pairings of another store."""
+        try:
+            with self.db.atomic():
+                self.db.table("choices").insert_all((_choice_row(c) for c in choices), pk="id")
+                self.db.table("pairings").insert_all(({"http": h, "dns": d, "at": at} for h, d, at in pairings),
+                                                     pk=("http", "dns"), replace=True)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
@@ -339,3 +365,8 @@ def _choice(r: Mapping[str, Any]) -> Choice:
         made_at=r["made_at"], expires_at=r["expires_at"], notice=_notice(r), channel=r["channel"],
         profile=r["profile"], sec_gpc=r["sec_gpc"], language=r["language"] or "",
     )
+
+
+# The same rows for another store (redis_store.py keeps them as stream entries and hashes), so
+# both stores record, export and migrate exactly the same fields.
+event_row, event_from_row, choice_row, choice_from_row = _event_row, _event, _choice_row, _choice

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pytest
 
 from dnsgate.app import Running, run
 from dnsgate.config import ApiConfig, Config, DnsConfig, StorageConfig, UpstreamConfig
+from tests.redis_server import REDIS_SERVER, RedisServer
 from tests.stub_upstream import StubUpstream
 
 TOKEN = "test-admin-token"
@@ -115,3 +116,28 @@ def data_dir(tmp_path: Path) -> Path:
 async def gate(upstream: StubUpstream, data_dir: Path) -> AsyncIterator[Gate]:
     async with running_gate(make_config(upstream, data_dir)) as g:
         yield g
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own (loopback, free port), stopped by PID afterwards."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def consent_store(request: pytest.FixtureRequest) -> str:
+    """`storage.store` for tests that must hold for both stores: "sqlite", or a fresh Redis's URL."""
+    if request.param == "sqlite":
+        return "sqlite"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+def with_store(cfg: Config, store: str) -> Config:
+    return replace(cfg, storage=replace(cfg.storage, store=store))

@@ -13,7 +13,7 @@ import dns.rcode
 import pytest
 
 from dnsgate.config import ApiConfig
-from tests.conftest import TOKEN, Gate, make_config, running_gate
+from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import FakeClock, FakeNeighbours, consent_config, edns_option, eventually, parse_jsonl
 from tests.stub_upstream import StubUpstream
 
@@ -29,8 +29,10 @@ def neighbours() -> FakeNeighbours:
 
 
 @pytest.fixture
-async def gate(upstream: StubUpstream, data_dir: Path, neighbours: FakeNeighbours) -> AsyncIterator[Gate]:
-    cfg = consent_config(make_config(upstream, data_dir), trusted=(FORWARDER,))
+async def gate(upstream: StubUpstream, data_dir: Path, neighbours: FakeNeighbours,
+               consent_store: str) -> AsyncIterator[Gate]:
+    """dnsgate with SQLite, and again with Redis: identity and pairing hold for both stores."""
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store), trusted=(FORWARDER,))
     async with running_gate(cfg, wall=FakeClock(), neighbours=neighbours) as g:
         yield g
 

@@ -15,7 +15,7 @@ from typing import Any
 import dns.rcode
 import pytest
 
-from tests.conftest import Gate, make_config, running_gate
+from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import (
     ALLOW,
     DENY,
@@ -41,9 +41,12 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def gate(upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Gate]:
+async def gate(upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock,
+               consent_store: str) -> AsyncIterator[Gate]:
+    """dnsgate with SQLite, and again with Redis: every rule holds for both stores."""
     upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
-    cfg = consent_config(make_config(upstream, data_dir), catalog=two_vendor_catalog(tmp_path))
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store),
+                         catalog=two_vendor_catalog(tmp_path))
     async with running_gate(cfg, wall=clock) as g:
         yield g
 
