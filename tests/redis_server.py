@@ -26,7 +26,8 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, directory: Path, port: int | None = None) -> None:
-        assert REDIS_SERVER is not None
+        assert REDIS_SERVER is not None, "redis-server is not installed (Debian package redis-server)"
+        self.binary = REDIS_SERVER
         self.directory = directory
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -39,7 +40,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start (again, on the same port and files) and return once it answers PING."""
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no",
              "--logfile", str(self.directory / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
