@@ -618,6 +618,8 @@ async def export(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "invalid_field", "format must be jsonl or csv", "format")
     address, mac, network = client_filter(request.query.get("client"), "client")
     f = EventFilter(time_param(request, "since"), time_param(request, "until"), address, mac, network)
+    events: AsyncIterator[Event] = request.app[CONSENT].export(f)
+    first = await anext(events, None)  # a store that cannot be read answers 503 before anything is sent
     response = web.StreamResponse(headers={
         "Content-Type": "application/x-ndjson; charset=utf-8" if fmt == "jsonl" else "text/csv; charset=utf-8",
         "Content-Disposition": f'attachment; filename="dnsgate-consent-log.{fmt}"',
@@ -626,9 +628,17 @@ async def export(request: web.Request) -> web.StreamResponse:
     if fmt == "csv":
         await response.write(csv_header().encode())
     line = jsonl_line if fmt == "jsonl" else csv_line
-    events: AsyncIterator[Event] = request.app[CONSENT].export(f)
-    async for event in events:
-        await response.write(line(event).encode())
+    try:
+        if first is not None:
+            await response.write(line(first).encode())
+        async for event in events:
+            await response.write(line(event).encode())
+    except StoreError as exc:
+        # The status is sent already: break the transfer, so a short log is never taken for the whole.
+        log.error("consent log export cut short: %s", exc)
+        if request.transport is not None:
+            request.transport.close()
+        return response
     await response.write_eof()
     return response
 

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .consent import Choice
@@ -156,11 +157,20 @@ class RedisBackend:
     def position(self) -> int:
         return self._position
 
-    async def _call(self, what: str, op: Callable[[], Any]) -> Any:
-        try:
-            return await op()
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
+    async def _call(self, what: str, op: Callable[[], Any], *, again: bool = True) -> Any:
+        """Run one operation; StoreError if Redis cannot do it. A dropped connection (Redis restarted,
+        a proxy closed an idle one) empties the pool, and a read (`again`) is tried once more on a fresh
+        connection. A change is not: Redis may have applied it before the connection dropped."""
+        for attempt in (1, 2):
+            try:
+                return await op()
+            except (RedisConnectionError, OSError) as exc:
+                await self.redis.connection_pool.disconnect()
+                if attempt == 2 or not again:
+                    raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
+            except (RedisError, TimeoutError) as exc:
+                raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
 
     # -- reading the state ---------------------------------------------------------------------------
     async def load(self) -> Snapshot:
@@ -215,7 +225,7 @@ class RedisBackend:
     async def commit(self, steps: Sequence[Step], based_on: int) -> Recorded:
         payload = json.dumps([self._step_args(s) for s in steps], separators=(",", ":"))
         result = await self._call("commit", lambda: self.redis.eval(COMMIT, 4, *self.keys, self.prefix,
-                                                                    str(based_on), payload))
+                                                                    str(based_on), payload), again=False)
         if result[0] == "conflict":
             raise Conflict(f"{self.name}: the log is at {result[1]}, this change was planned at {based_on}")
         ids = [int(i) or None for i in result[2:]]
