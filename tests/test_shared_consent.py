@@ -174,7 +174,7 @@ async def swept(g: Gate) -> bool:
     """The instance's table no longer holds any choice (its sweeper or its follower removed it)."""
     status, body = await g.http("GET", "/v1/clients", admin=True)
     assert status == 200
-    return body["clients"] == []
+    return not body["clients"]
 
 
 async def test_concurrent_changes_through_two_instances_end_in_one_choice(
@@ -189,7 +189,7 @@ async def test_concurrent_changes_through_two_instances_end_in_one_choice(
 
         async def agree() -> bool:
             views = [(await g.http("GET", "/v1/clients", admin=True))[1]["clients"] for g in (a, b)]
-            return views[0] == views[1]
+            return bool(views[0] == views[1])
         await eventually(agree, timeout=SECOND)
         clients = (await a.http("GET", "/v1/clients", admin=True))[1]["clients"]
         assert len(clients) == 1  # one choice in force, not one per instance
@@ -353,7 +353,7 @@ async def test_choices_expire_natively_and_the_log_is_a_stream(
             assert 3 * 86_400_000 - 60_000 < ttl_ms <= 3 * 86_400_000  # Redis drops the key itself
             fields = await client.hgetall(f"dnsgate:choice:{choice_id}")
             assert fields["address"] == me and json.loads(fields["categories"])["marketing"] is True
-            entries = await client.xrange("dnsgate:log")
+            entries: Any = await client.xrange("dnsgate:log")
             assert [entry_id for entry_id, _ in entries] == [f"{choice_id}-0"]
             assert entries[0][1]["action"] == "grant" and entries[0][1]["client"] == me
             assert (await client.xinfo_stream("dnsgate:log"))["length"] == 1
