@@ -1,6 +1,6 @@
-"""Command line: `dnsgate serve`, `dnsgate consent …` and `dnsgate explain`. Errors are one line
-naming the culprit, exit status 2 for bad input (flags, config) and 1 for a failure to start (a
-port in use, say) or a refusal by the running server's API."""
+"""Command line: `dnsgate serve`, `dnsgate consent …`, `dnsgate explain` and `dnsgate store migrate`.
+Errors are one line naming the culprit, exit status 2 for bad input (flags, config) and 1 for a
+failure to start (a port in use, say), a refusal by the running server's API, or a failed migration."""
 
 from __future__ import annotations
 
@@ -69,11 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
                             "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
     serve.add_argument("--data-dir", metavar="DIR", help="where consent is stored (env DNSGATE_DATA_DIR)")
+    serve.add_argument("--store", metavar="sqlite|URL", help="consent store: sqlite (in the data dir) or a Redis "
+                       "URL shared by several instances, redis://host:6379/0 (env DNSGATE_STORE)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                        help="log level (env DNSGATE_LOG_LEVEL; config log.level; default info)")
     serve.add_argument("--log-format", choices=["text", "json"],
                        help="log lines as key=value text or JSON objects (env DNSGATE_LOG_FORMAT; config log.format)")
     observe_cli.add_commands(commands)
+
+    store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis")
+    store_actions = store.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    migrate = store_actions.add_parser(
+        "migrate", help="copy every choice, pairing and logged event into an empty store (stop dnsgate first)")
+    migrate.add_argument("--from", dest="source", required=True, metavar="STORE",
+                         help="sqlite:PATH (e.g. sqlite:data/consent.sqlite3) or redis://host:6379/0")
+    migrate.add_argument("--to", dest="target", required=True, metavar="STORE", help="the same forms; must be empty")
+    migrate.add_argument("--redis-prefix", default="dnsgate:", metavar="PREFIX",
+                         help="key prefix in Redis (storage.redis_prefix; default dnsgate:)")
+    migrate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="how long to wait for Redis per operation (default 10)")
 
     consent = commands.add_parser("consent", help="list, show, grant, withdraw or export consent "
                                   "(talks to the running server's admin API)")
@@ -120,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "store":
+        return store_command(args)
     if args.command not in ("consent", "explain"):
         return observe_cli.run(args)
     try:
@@ -203,6 +219,7 @@ def serve(args: argparse.Namespace) -> int:
         api=args.api,
         upstream=tuple(args.upstream) if args.upstream else None,
         data_dir=args.data_dir,
+        store=args.store,
         log_level=args.log_level,
         log_format=args.log_format,
     )
@@ -233,6 +250,35 @@ def serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def store_command(args: argparse.Namespace) -> int:
+    """`dnsgate store migrate --from STORE --to STORE`."""
+    from .store_migrate import BadStore, MigrationError, migrate, open_store
+
+    async def run() -> str:
+        source = open_store(args.source, "--from", prefix=args.redis_prefix, timeout=args.timeout, must_exist=True)
+        try:
+            target = open_store(args.target, "--to", prefix=args.redis_prefix, timeout=args.timeout,
+                                must_exist=False)
+            try:
+                copied = await migrate(source, target)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+        return (f"copied {copied.events} events, {copied.choices} choices and {copied.pairings} pairings "
+                f"from {source.name} to {target.name}; the copy's log exports exactly as the original's")
+
+    if args.source == args.target:
+        print("dnsgate: error: --from and --to name the same store", file=sys.stderr)
+        return 2
+    try:
+        print(asyncio.run(run()))
+    except MigrationError as exc:
+        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, BadStore) else 1
     return 0
 
 

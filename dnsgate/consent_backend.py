@@ -11,7 +11,8 @@ instances sharing consent). The service never knows which one it has:
   the service catches up and plans again, so every change is decided on the latest state;
 - `follow(sink)` runs for the instance's lifetime and hands `sink` every change recorded through
   another instance, in log order; `catch_up(sink)` does so at once. SQLite has nothing to follow;
-- the event log (`events`, `export`), pairings, retention (`purge`), and `restore` (migration).
+- the event log (`events`, `export`), pairings, kiosk activity (`share_activity`: a kiosk is idle
+  only when no instance has seen it), retention (`purge`), and `restore` (migration).
 
 Storage that cannot be reached raises `store.StoreError` from every call (the API answers 503).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,9 @@ class ConsentBackend(Protocol):
         """Events matching `f` (except its network, which the caller checks), oldest first."""
     async def remember_pairing(self, http: str, dns: str, at: float) -> None: ...
     async def pairings_of(self, http: str) -> dict[str, float]: ...
+    async def share_activity(self, seen: Mapping[str, float], forget_before: float) -> dict[str, float]:
+        """Kiosk sessions: merge this instance's last DNS query time per client key into the store's
+        and return the latest any instance saw (forgetting times older than `forget_before`)."""
     async def purge(self, before: float, now: float) -> int: ...
     async def restore(self, events: AsyncIterator[Event], snapshot: Snapshot) -> int:
         """Fill an empty store with `events` (ids kept) and `snapshot`'s choices; returns events copied."""
@@ -143,6 +147,9 @@ class SqliteBackend:
     async def pairings_of(self, http: str) -> dict[str, float]:
         return await self._run(functools.partial(self.store.pairings_of, http))
 
+    async def share_activity(self, seen: Mapping[str, float], forget_before: float) -> dict[str, float]:
+        return dict(seen)  # one instance: its own clock is the only one
+
     async def purge(self, before: float, now: float) -> int:
         return await self._run(functools.partial(self.store.purge, before, now))
 
@@ -170,3 +177,11 @@ class SqliteBackend:
 def choices_in_order(choices: Iterable[Choice]) -> list[Choice]:
     """Oldest first, as both stores load them (a later choice of a subject wins in the table)."""
     return sorted(choices, key=lambda c: (c.made_at, c.id))
+
+
+def stop_if_cancelled() -> None:
+    """Re-raise a cancellation that a client library turned into an error (a Redis command cut off
+    by shutdown), so a loop that retries on errors still stops when its task is cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

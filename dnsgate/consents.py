@@ -24,6 +24,7 @@ another instance's change is planned again on the latest state (`_change`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import ipaddress
@@ -49,7 +50,7 @@ from .consent import (
     Subject,
     decide,
 )
-from .consent_backend import Conflict, ConsentBackend, Snapshot
+from .consent_backend import Conflict, ConsentBackend, Snapshot, stop_if_cancelled
 from .consent_log import iso
 from .notice import Notice
 from .pairing import Offer, Pairings
@@ -182,12 +183,13 @@ class ConsentService:
 
         async with self._lock:
             await self._change(plan)
-        if not self.store.shared:
-            # A restart starts the idle clock. With a shared store the clock is each instance's own, started
-            # by the DNS queries it sees: a kiosk that uses another instance must not be reset from here.
-            for choice in self.table.choices():
-                if choice.subject.address and self.table.profiles.of(choice.subject.address)[0] == "kiosk":
-                    self.table.kiosk_seen[choice.subject.address] = now
+        kiosks = [c.subject.address for c in self.table.choices()
+                  if c.subject.address and self.table.profiles.of(c.subject.address)[0] == "kiosk"]
+        if self.store.shared:
+            await self._share_activity(adopt=kiosks)  # the last query any instance saw from each kiosk
+        else:
+            for address in kiosks:
+                self.table.kiosk_seen[address] = now  # a restart starts the idle clock
         return len(snapshot.choices)
 
     def hold_closed(self, problem: str) -> None:
@@ -350,6 +352,9 @@ class ConsentService:
             await self._change(plan)
             if profile == "kiosk" and subject.address is not None:
                 self.table.kiosk_seen[subject.address] = now
+                if self.store.shared:
+                    with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
+                        await self._share_activity()
         return self._after(subject)
 
     async def withdraw(self, subject: Subject, caller: Caller) -> ClientView:
@@ -476,6 +481,8 @@ class ConsentService:
         """Record expiries and idle kiosk resets; purge events past retention. Returns events recorded."""
         async with self._lock:
             now = self.wall()
+            if self.store.shared and self.table.kiosk_seen:
+                await self._share_activity()
             idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
 
             def plan() -> list[Step]:
@@ -516,11 +523,13 @@ class ConsentService:
     async def run_sweeper(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            stop_if_cancelled()
             try:
                 await self.sweep()
             except StoreError:
                 pass  # store_health logged it; expired choices already stop counting in memory
             except Exception:
+                stop_if_cancelled()
                 log.exception("consent sweep failed; retrying in %.0f s", interval)
 
     # -- internals -------------------------------------------------------------------------------
@@ -573,6 +582,17 @@ class ConsentService:
         return [self._reset_step(c, now, "kiosk", Caller(address, subject.mac, "system"),
                                  f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes")
                 for c in self.table.personal_choices(address, subject.mac)]
+
+    async def _share_activity(self, adopt: Iterable[str] = ()) -> None:
+        """Publish this instance's kiosk activity and take the latest any instance saw, so a kiosk is
+        idle only when no instance has seen a query from it (`adopt`: keys to start tracking)."""
+        seen = self.table.kiosk_seen  # the pipeline holds this dict: update it, never replace it
+        forget = self.wall() - max(DAY, 2 * self.table.kiosk_idle)
+        merged = await self._in_store(self.store.share_activity(dict(seen), forget))
+        wanted = set(adopt)
+        for key, last in merged.items():
+            if key in seen or key in wanted:
+                seen[key] = max(last, seen.get(key, last))
 
     async def _change(self, plan: Callable[[], list[Step]]) -> int:
         """Plan a change on the table, store it, put it in force; returns the steps recorded.

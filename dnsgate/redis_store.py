@@ -11,6 +11,8 @@ Keys, under `storage.redis_prefix` ("dnsgate:"):
   when an event ends its choice (expiry recorded, reset, superseded), so it outlives the hash of an
   expired choice: the expiry is recorded exactly once, by whichever instance's sweeper is first.
 - `pairings`: a hash, JSON `[http key, dns key]` -> when.
+- `activity`: a hash, kiosk client key -> its last DNS query seen by any instance (merged at every
+  sweep), so a kiosk session is idle only when no instance has seen a query from it.
 
 A change is one Lua script, which Redis runs alone: it checks that `seq` is still the position the
 change was planned at (else `Conflict`: the service catches up and plans again), allocates event
@@ -47,7 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from .consent import Choice
-from .consent_backend import ChangeSink, Conflict, Recorded, Snapshot, choices_in_order
+from .consent_backend import ChangeSink, Conflict, Recorded, Snapshot, choices_in_order, stop_if_cancelled
 from .store import (
     CHOICE_COLUMNS,
     EVENT_COLUMNS,
@@ -102,6 +104,25 @@ for i, s in ipairs(cjson.decode(ARGV[3])) do
 end
 redis.call('SET', KEYS[1], string.format('%d', seq))
 out[2] = string.format('%d', seq)
+return out
+"""
+
+
+ACTIVITY: Final = """
+for i = 2, #ARGV, 2 do
+  local seen = redis.call('HGET', KEYS[1], ARGV[i])
+  if not seen or tonumber(seen) < tonumber(ARGV[i + 1]) then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    out[#out + 1] = all[i]
+    out[#out + 1] = all[i + 1]
+  end
+end
 return out
 """
 
@@ -255,6 +276,12 @@ class RedisBackend:
         args["fields"] = flat({**encode(event_row(e)), "x": json.dumps(effects, separators=(",", ":"))})
         return args
 
+    async def share_activity(self, seen: Mapping[str, float], forget_before: float) -> dict[str, float]:
+        args = [repr(forget_before), *(item for key, at in seen.items() for item in (key, repr(at)))]
+        flat_reply = await self._call("kiosk activity", lambda: self.redis.eval(ACTIVITY, 1, self.prefix + "activity",
+                                                                                *args))
+        return {flat_reply[i]: float(flat_reply[i + 1]) for i in range(0, len(flat_reply), 2)}
+
     async def remember_pairing(self, http: str, dns: str, at: float) -> None:
         await self._call("pairing", lambda: self.redis.hset(self.keys[3], json.dumps([http, dns]), repr(at)))
 
@@ -273,6 +300,7 @@ class RedisBackend:
         problem = "" if self._loaded else "not loaded yet"
         wait = RETRY_MIN
         while True:
+            stop_if_cancelled()
             try:
                 if not self._loaded:
                     sink.replace_all(await self.load())

@@ -15,7 +15,7 @@ import dns.rcode
 import pytest
 
 from dnsgate.config import ProfilesConfig
-from tests.conftest import Gate, make_config, running_gate
+from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import (
     DENY,
     KIOSK,
@@ -44,9 +44,11 @@ def neighbours() -> FakeNeighbours:
 
 
 @pytest.fixture
-async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock,
-               neighbours: FakeNeighbours) -> AsyncIterator[Gate]:
-    async with running_gate(consent_config(make_config(upstream, data_dir)), wall=clock, neighbours=neighbours) as g:
+async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock, neighbours: FakeNeighbours,
+               consent_store: str) -> AsyncIterator[Gate]:
+    """dnsgate with SQLite, and again with Redis: the log records and exports the same for both."""
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
+    async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
         yield g
 
 
@@ -106,9 +108,10 @@ async def test_export_filters_by_time_and_client_as_jsonl_and_csv(gate: Gate, cl
     assert (await gate.http("GET", "/v1/audit/export"))[0] == 401
 
 
-async def test_the_log_is_append_only(gate: Gate, data_dir: Path) -> None:
-    await gate.http("PUT", "/v1/consent", source="127.0.0.42", json=GRANT)
-    await gate.http("DELETE", "/v1/consent", source="127.0.0.42")
+async def test_the_log_is_append_only(upstream: StubUpstream, data_dir: Path) -> None:
+    async with running_gate(consent_config(make_config(upstream, data_dir))) as gate:
+        await gate.http("PUT", "/v1/consent", source="127.0.0.42", json=GRANT)
+        await gate.http("DELETE", "/v1/consent", source="127.0.0.42")
     with sqlite3.connect(data_dir / "consent.sqlite3") as db:
         for statement in ("UPDATE events SET action = 'forged'", "DELETE FROM events",
                           "UPDATE events SET user_agent = '' WHERE id = 1"):
@@ -118,8 +121,8 @@ async def test_the_log_is_append_only(gate: Gate, data_dir: Path) -> None:
 
 
 async def test_retention_purges_old_events_but_never_the_proof_of_a_choice_in_force(
-        upstream: StubUpstream, data_dir: Path, clock: FakeClock) -> None:
-    cfg = consent_config(make_config(upstream, data_dir), retention_days=1)
+        upstream: StubUpstream, data_dir: Path, clock: FakeClock, consent_store: str) -> None:
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store), retention_days=1)
     async with running_gate(cfg, wall=clock) as g:
         await g.http("PUT", "/v1/consent", source="127.0.0.44", json=GRANT)
         await g.http("DELETE", "/v1/consent", source="127.0.0.44")  # the grant is superseded
@@ -137,8 +140,9 @@ async def test_retention_purges_old_events_but_never_the_proof_of_a_choice_in_fo
 
 
 async def test_a_restart_keeps_every_choice_and_the_event_log_intact(
-        upstream: StubUpstream, data_dir: Path, clock: FakeClock, neighbours: FakeNeighbours) -> None:
-    cfg = consent_config(make_config(upstream, data_dir))
+        upstream: StubUpstream, data_dir: Path, clock: FakeClock, neighbours: FakeNeighbours,
+        consent_store: str) -> None:
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
     probes = [("127.0.0.41", "trackcmp.net"), ("127.0.0.46", "trackcmp.net"), ("127.0.0.47", "trackcmp.net"),
               ("127.0.9.5", "trackcmp.net"), (OPT_OUT + "46", "trackcmp.net"), (KIOSK + "46", "trackcmp.net"),
               ("127.0.0.48", "trackcmp.net")]
