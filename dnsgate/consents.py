@@ -153,6 +153,7 @@ class ConsentService:
         # lasts ("" once the store answers again), changes applied from other instances.
         self.store_errors = 0
         self.store_problem = ""
+        self._feed_problem = ""
         self.remote_changes = 0
         # Called with each recorded event once it is stored and in force (metrics, events: events.py),
         # on every instance that shares the store.
@@ -181,15 +182,18 @@ class ConsentService:
                     steps.append(Step(event, sets_profile_of=choice.id))
             return steps
 
-        async with self._lock:
-            await self._change(plan)
         kiosks = [c.subject.address for c in self.table.choices()
                   if c.subject.address and self.table.profiles.of(c.subject.address)[0] == "kiosk"]
-        if self.store.shared:
-            await self._share_activity(adopt=kiosks)  # the last query any instance saw from each kiosk
-        else:
+        if not self.store.shared:
             for address in kiosks:
                 self.table.kiosk_seen[address] = now  # a restart starts the idle clock
+        try:
+            async with self._lock:
+                await self._change(plan)
+            if self.store.shared:
+                await self._share_activity(adopt=kiosks)  # the last query any instance saw from each kiosk
+        except StoreError:
+            pass  # the choices are in force; the profile changes are recorded at the next start
         return len(snapshot.choices)
 
     def hold_closed(self, problem: str) -> None:
@@ -197,7 +201,7 @@ class ConsentService:
         store answers (its follower then calls `replace_all`, which restores the configured profiles)."""
         self.table.set_profiles(ProfileMap("opt-in", ()))
         self.store_errors += 1
-        self.store_health(problem)
+        self.store_health(problem)  # until the follower has loaded everything
 
     # -- what a shared store tells this instance (consent_backend.ChangeSink) ----------------------
     def replace_all(self, snapshot: Snapshot) -> None:
@@ -218,6 +222,11 @@ class ConsentService:
         self._notify(event)
 
     def store_health(self, problem: str) -> None:
+        """The follower's word on a shared store: unreachable (why), or back and caught up ("")."""
+        self._feed_problem = problem
+        self._report(problem)
+
+    def _report(self, problem: str) -> None:
         if problem and not self.store_problem:
             log.error("consent store unavailable: %s; DNS answers from the choices in memory (gated names "
                       "stay blocked for clients without a known grant), consent changes answer 503", problem)
@@ -647,10 +656,10 @@ class ConsentService:
             result = await op
         except StoreError as exc:
             self.store_errors += 1
-            self.store_health(str(exc))
+            self._report(str(exc))
             raise
-        if self.store_problem and not self.store.shared:
-            self.store_health("")  # a shared store's follower says when it is back (it catches up first)
+        if self.store_problem and not self._feed_problem:
+            self._report("")  # (while the follower is cut off, it says when the store is back, caught up)
         return result
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
