@@ -201,13 +201,15 @@ def throughput(gates: dict[str, Dnsgate], gen: Path, out: Path, runs: int, durat
     summary: dict[str, Any] = {}
     for name, rs in results.items():
         qps = [r.qps for r in rs]
-        summary[name] = {"qps": qps, "mean": statistics.fmean(qps), "min": min(qps), "max": max(qps),
+        summary[name] = {"qps": qps, "mean": statistics.fmean(qps), "median": statistics.median(qps),
+                         "min": min(qps), "max": max(qps),
                          "stdev_pct": 100 * statistics.pstdev(qps) / statistics.fmean(qps),
                          "cpu_us_per_query": [r.cpu_us_per_query for r in rs],
                          "other_cpu_pct": [r.other_cpu_pct for r in rs],
                          "disturbed": sum(r.disturbed for r in rs)}
     s, r = summary["sqlite"], summary["redis"]
     summary["redis_over_sqlite"] = r["mean"] / s["mean"]
+    summary["median_ratio"] = r["median"] / s["median"]  # less moved by a run another job disturbed
     summary["pairwise"] = [rq / sq for rq, sq in zip(r["qps"], s["qps"], strict=True)]
     summary["cpu_ratio"] = statistics.fmean(r["cpu_us_per_query"]) / statistics.fmean(s["cpu_us_per_query"])
     return summary
@@ -222,14 +224,16 @@ def report(p: dict[str, Any], t: dict[str, Any], args: argparse.Namespace) -> st
         f"| after A answered 200 | {a['p50']:.2f} | {a['p99']:.2f} | {a['max']:.2f} |",
         f"| whole change (request sent) | {w['p50']:.2f} | {w['p99']:.2f} | {w['max']:.2f} |", "",
         f"Throughput, dnsperf mix, {args.runs} runs of {args.duration:g} s per store, interleaved ABBA:", "",
-        "| store | q/s per run | mean | spread (min-max) | stdev | dnsgate CPU us/query | runs still disturbed |",
-        "|---|---|---|---|---|---|---|",
+        "| store | q/s per run | mean | median | spread (min-max) | stdev | dnsgate CPU us/query "
+        "| runs still disturbed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, x in (("sqlite", s), ("redis", r)):
-        lines.append(f"| {name} | {' / '.join(f'{q:.0f}' for q in x['qps'])} | {x['mean']:.0f} | "
+        lines.append(f"| {name} | {' / '.join(f'{q:.0f}' for q in x['qps'])} | {x['mean']:.0f} | {x['median']:.0f} | "
                      f"{x['min']:.0f}-{x['max']:.0f} | {x['stdev_pct']:.1f} % | "
                      f"{statistics.fmean(x['cpu_us_per_query']):.2f} | {x['disturbed']} |")
-    lines += ["", f"Redis / SQLite: {t['redis_over_sqlite']:.3f} of the mean q/s "
+    lines += ["", f"Redis / SQLite: {t['redis_over_sqlite']:.3f} of the mean q/s, "
+              f"{t['median_ratio']:.3f} of the median "
               f"(run pairs: {', '.join(f'{x:.3f}' for x in t['pairwise'])}); "
               f"CPU per query {t['cpu_ratio']:.3f}."]
     return "\n".join(lines)
