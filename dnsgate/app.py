@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .admission import Admission
 from .api import ApiSettings, create_app
 from .cache import AnswerCache
 from .catalog import CatalogError
@@ -34,7 +35,7 @@ from .consent import ConsentTable, ProfileMap, normalize_client
 from .consent_backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from .consents import ConsentService
 from .dashboard import Sampler
-from .dns_server import DnsListeners, TaskSet
+from .dns_server import DnsListeners, TaskSet, TcpLimits
 from .events import ConsentWatch, EventHub
 from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
@@ -249,7 +250,9 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             trust_ad=cfg.upstream.trust_ad,
             prefetch=cfg.cache.prefetch,
             stale_ttl=cfg.cache.stale_ttl,
+            admission=admission(cfg),
         )
+        background(stack, _tick_every_second(pipeline.admission))
 
         def install(new: Ruleset) -> None:
             # One synchronous step on the event loop: no query runs between these lines.
@@ -269,7 +272,10 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         tasks = TaskSet()
         stack.push_async_callback(tasks.drain, 2.0)
         resolver = Resolver(pipeline, upstreams, tasks.spawn)
-        listeners = DnsListeners(pipeline, resolver, tasks, cfg.dns.tcp_idle_timeout)
+        d = cfg.dns
+        listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
+            d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
+            d.tcp_max_queries_per_connection, d.tcp_max_pipelined))
         stack.push_async_callback(listeners.close)
         for address in cfg.dns_listen:
             try:
@@ -282,6 +288,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
                     "cache_entries": len(cache), "in_flight": len(tasks),
                     "consent_store": consents.store_problem or "ok",
+                    "tcp_connections": len(listeners.tcp),
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
                     "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
@@ -367,6 +374,19 @@ async def load_consent(consents: ConsentService, store: ConsentBackend) -> int:
         if warning:
             log.warning("consent store %s: %s", store.name, warning)
     return clients
+
+
+def admission(cfg: Config) -> Admission:
+    d = cfg.dns
+    return Admission(d.allow_clients, rate=d.rate_limit, slip=d.rate_limit_slip, v4_prefix=d.rate_limit_ipv4_prefix,
+                     v6_prefix=d.rate_limit_ipv6_prefix, exempt=d.rate_limit_exempt)
+
+
+async def _tick_every_second(admission: Admission) -> None:
+    """Refill the rate limit's buckets (a second's worth of replies per prefix)."""
+    while True:
+        await asyncio.sleep(1.0)
+        admission.tick()
 
 
 async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interval: float) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from .admission import DEFAULT_ALLOWED, DEFAULT_EXEMPT
 from .wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
@@ -119,6 +120,27 @@ class DnsConfig:
     tcp_idle_timeout: float = 10.0
     # Queries of type ANY: "hinfo" answers the minimal HINFO "RFC8482" (RFC 8482 §4.2), "refused" REFUSED.
     any_query: Literal["hinfo", "refused"] = "hinfo"
+    # Networks whose clients are answered (UDP and TCP); everyone else gets REFUSED. Default: loopback,
+    # RFC 1918, CGNAT, IPv4/IPv6 link-local, IPv6 ULA. ["0.0.0.0/0", "::/0"] would be an open resolver.
+    allow_clients: tuple[str, ...] = DEFAULT_ALLOWED
+    # Response rate limiting: UDP replies per second per client prefix (0: off). Beyond it replies are
+    # dropped, except every `rate_limit_slip`-th, sent truncated (TC=1) so real clients retry over TCP.
+    rate_limit: int = 1000
+    rate_limit_slip: int = 2
+    rate_limit_ipv4_prefix: int = 24
+    rate_limit_ipv6_prefix: int = 56
+    # Networks never rate limited (they cannot be spoofed from outside).
+    rate_limit_exempt: tuple[str, ...] = DEFAULT_EXEMPT
+    # TCP: open connections in total and per client address; beyond the total, the connection idle
+    # longest is closed to make room (so idle or slow clients cannot lock others out).
+    tcp_max_connections: int = 512
+    tcp_max_connections_per_client: int = 32
+    # Seconds a client may take to send one query once it has started (slow-loris), and to read replies.
+    tcp_query_timeout: float = 5.0
+    # Queries answered on one connection, after which it is closed once their replies are sent.
+    tcp_max_queries_per_connection: int = 10_000
+    # Queries one connection may have outstanding upstream; beyond, reading pauses until replies go out.
+    tcp_max_pipelined: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +514,7 @@ def validate(cfg: Config) -> Config:
     cfg.dns_listen  # noqa: B018 -- parses every address, raising ConfigError on the first bad one
     _check(512 <= cfg.dns.udp_max_size <= 65535, f"dns.udp_max_size: must be 512..65535, got {cfg.dns.udp_max_size}")
     _check(cfg.dns.tcp_idle_timeout > 0, f"dns.tcp_idle_timeout: must be > 0, got {cfg.dns.tcp_idle_timeout}")
+    _validate_exposure(cfg.dns)
     cfg.api_listen  # noqa: B018
     for origin in cfg.api.allowed_origins:
         _check(
@@ -605,6 +628,33 @@ def _validate_portal(portal: PortalConfig) -> None:
     for origin in portal.cors_origins:
         _check(origin.startswith(("http://", "https://")) and origin.count("/") == 2 and origin.split("/")[2] != "",
                f"portal.cors_origins: expected scheme://host[:port], got {origin!r}")
+
+
+def _networks(key: str, values: tuple[str, ...]) -> None:
+    for i, text in enumerate(values):
+        try:
+            ipaddress.ip_network(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]: expected a network such as '192.168.0.0/16': {exc}") from None
+
+
+def _validate_exposure(d: DnsConfig) -> None:
+    _networks("dns.allow_clients", d.allow_clients)
+    _networks("dns.rate_limit_exempt", d.rate_limit_exempt)
+    _check(d.rate_limit >= 0, f"dns.rate_limit: must be >= 0 (0: off), got {d.rate_limit}")
+    _check(0 <= d.rate_limit_slip <= 10, f"dns.rate_limit_slip: must be 0..10, got {d.rate_limit_slip}")
+    _check(8 <= d.rate_limit_ipv4_prefix <= 32,
+           f"dns.rate_limit_ipv4_prefix: must be 8..32, got {d.rate_limit_ipv4_prefix}")
+    _check(16 <= d.rate_limit_ipv6_prefix <= 128,
+           f"dns.rate_limit_ipv6_prefix: must be 16..128, got {d.rate_limit_ipv6_prefix}")
+    _check(d.tcp_max_connections >= 1, f"dns.tcp_max_connections: must be >= 1, got {d.tcp_max_connections}")
+    _check(1 <= d.tcp_max_connections_per_client <= d.tcp_max_connections,
+           f"dns.tcp_max_connections_per_client: must be 1..dns.tcp_max_connections, "
+           f"got {d.tcp_max_connections_per_client}")
+    _check(d.tcp_query_timeout > 0, f"dns.tcp_query_timeout: must be > 0, got {d.tcp_query_timeout}")
+    _check(d.tcp_max_queries_per_connection >= 1,
+           f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
+    _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
 
 
 def _validate_lists(lists: ListsConfig) -> None:

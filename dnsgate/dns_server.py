@@ -1,7 +1,10 @@
 """UDP and TCP listeners: bytes in, the pipeline's answer out; forwards run as tracked tasks.
 
 TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as each
-completes (pipelining, out of order), and an idle timeout while no query is outstanding.
+completes (pipelining, out of order), and an idle timeout while no query is outstanding. TCP is
+where a slow client could hold resources, so `TcpLimits` bounds connections (in total and per
+client), the time to send a query or take replies, the queries per connection and those waiting
+upstream at once.
 Neither listener lets an exception escape: an internal error answers SERVFAIL.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
@@ -89,37 +94,120 @@ class UdpListener(asyncio.DatagramProtocol):
         log.debug("UDP socket error: %s", exc)
 
 
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """What one TCP client may hold (config [dns] tcp_*)."""
+
+    idle_timeout: float = 10.0  # no query outstanding and none arriving: close
+    query_timeout: float = 5.0  # to finish sending a query once started, or to take queued replies
+    max_connections: int = 512
+    max_per_client: int = 32
+    max_queries: int = 10_000  # per connection; then it closes once their replies are sent
+    max_pipelined: int = 100  # queries outstanding upstream per connection; beyond, reading pauses
+
+
+class TcpTable:
+    """The open connections: admission against the limits, and who makes room when it is full."""
+
+    def __init__(self, limits: TcpLimits) -> None:
+        self.limits = limits
+        self.open: dict[TcpConnection, None] = {}
+        self.per_client: Counter[str] = Counter()
+        self.closed: Counter[str] = Counter()  # why connections were closed early (metrics, tests)
+
+    def admit(self, conn: TcpConnection) -> bool:
+        if self.per_client[conn.client] >= self.limits.max_per_client:
+            self.closed["per_client_limit"] += 1
+            return False
+        if len(self.open) >= self.limits.max_connections:
+            # Make room: the connection that has been idle longest goes (slow or idle clients,
+            # even many of them, cannot lock a new client out while any of them is idle).
+            idle = [c for c in self.open if not c.outstanding]
+            if not idle:
+                self.closed["total_limit"] += 1
+                return False
+            victim = min(idle, key=lambda c: c.last_active)
+            self.closed["evicted"] += 1
+            victim.abort()
+        self.open[conn] = None
+        self.per_client[conn.client] += 1
+        return True
+
+    def discard(self, conn: TcpConnection) -> None:
+        if self.open.pop(conn, 0) is None:
+            self.per_client[conn.client] -= 1
+            if not self.per_client[conn.client]:
+                del self.per_client[conn.client]
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+
 class TcpConnection(asyncio.Protocol):
-    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, idle_timeout: float,
-                 connections: set[TcpConnection]) -> None:
+    """One client connection: framed queries in, replies out as each completes (RFC 7766), held to
+    the TcpLimits: a query must arrive whole within `query_timeout` of its first byte, replies must
+    be taken as fast, and at most `max_pipelined` queries wait upstream at a time."""
+
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, table: TcpTable) -> None:
         self.pipeline = pipeline
-        self.connections = connections
         self.resolver = resolver
         self.tasks = tasks
-        self.idle_timeout = idle_timeout
+        self.table = table
+        self.limits = table.limits
         self.transport: asyncio.Transport | None = None
         self.client = ""
         self.buffer = bytearray()
         self.outstanding = 0
+        self.queries = 0
+        self.last_active = 0.0
+        self.reading = True
+        self.write_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.slow_timer: asyncio.TimerHandle | None = None  # a partial query, or replies not taken
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.connections.add(self)
         peer = transport.get_extra_info("peername")
         self.client = normalize_client(peer[0]) if peer else "unknown"
+        self.last_active = asyncio.get_running_loop().time()
+        if not self.table.admit(self):
+            self.transport.abort()
+            return
+        self.transport.set_write_buffer_limits(high=64 * 1024)
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self.queries >= self.limits.max_queries:
+            return  # the cap is reached: replies still go out, then the connection closes
         self.buffer += data
-        while len(self.buffer) >= 2:
-            length = U16.unpack_from(self.buffer)[0]
-            if len(self.buffer) < 2 + length:
-                break
-            message = bytes(self.buffer[2 : 2 + length])
-            del self.buffer[: 2 + length]
-            self._handle(message)
+        self._take_queries()
         self._arm_idle_timer()
+
+    def _take_queries(self) -> None:
+        """Answer every complete query in the buffer, as far as the limits allow."""
+        buffer = self.buffer
+        while len(buffer) >= 2 and self.outstanding < self.limits.max_pipelined \
+                and self.queries < self.limits.max_queries:
+            length = U16.unpack_from(buffer)[0]
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2 : 2 + length])
+            del buffer[: 2 + length]
+            self.queries += 1
+            self.last_active = asyncio.get_running_loop().time()
+            self._handle(message)
+        if self.transport is None:
+            return
+        if buffer and self.slow_timer is None and not self.write_paused:
+            self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
+                                                                    "query not sent in time")
+        elif not buffer and self.slow_timer is not None and not self.write_paused:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+        self._set_reading(self.outstanding < self.limits.max_pipelined and not self.write_paused
+                          and self.queries < self.limits.max_queries)
+        if self.queries >= self.limits.max_queries and not self.outstanding:
+            self.transport.close()
 
     def _handle(self, message: bytes) -> None:
         try:
@@ -141,17 +229,55 @@ class TcpConnection(asyncio.Protocol):
             self._send(await self.resolver.forward(fwd))
         finally:
             self.outstanding -= 1
-            self._arm_idle_timer()
+            if self.transport is not None:
+                self._take_queries()  # queries held back by max_pipelined, or close after the cap
+                self._arm_idle_timer()
 
     def _send(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(U16.pack(len(reply)) + reply)
 
+    def _set_reading(self, on: bool) -> None:
+        if self.transport is None or on == self.reading or self.transport.is_closing():
+            return
+        self.reading = on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        # The client is not taking its replies: take no more queries, and give it query_timeout.
+        self.write_paused = True
+        self._set_reading(False)
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+        self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
+                                                                "replies not read in time")
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+        if self.transport is not None:
+            self._take_queries()
+
+    def _too_slow(self, why: str) -> None:
+        self.slow_timer = None
+        self.table.closed["slow"] += 1
+        log.debug("closing TCP connection from %s: %s", self.client, why)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
     def _arm_idle_timer(self) -> None:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.transport is not None and not self.transport.is_closing():
-            self.idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._idle)
+            self.idle_timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle)
 
     def _idle(self) -> None:
         if self.outstanding:
@@ -160,23 +286,25 @@ class TcpConnection(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        for timer in (self.idle_timer, self.slow_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.slow_timer = None
         self.transport = None
-        self.connections.discard(self)
+        self.buffer.clear()
+        self.table.discard(self)
 
 
 class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
-    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp_idle_timeout: float) -> None:
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits) -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
-        self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp = TcpTable(tcp)
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
-        self._connections: set[TcpConnection] = set()
         self.bound: list[HostPort] = []
 
     async def start(self, address: HostPort) -> HostPort:
@@ -191,8 +319,7 @@ class DnsListeners:
             port = transport.get_extra_info("sockname")[1]
             try:
                 server = await loop.create_server(
-                    lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp_idle_timeout,
-                                          self._connections),
+                    lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp),
                     address.host, port, family=family, reuse_address=True)
             except OSError:
                 transport.close()
@@ -211,7 +338,7 @@ class DnsListeners:
             transport.close()
         for server in self._tcp:
             server.close()
-        for connection in list(self._connections):
+        for connection in list(self.tcp.open):
             if connection.transport is not None:
                 connection.transport.close()
         for server in self._tcp:

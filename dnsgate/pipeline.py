@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from .admission import Admission
 from .cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, entry_from_reply
 from .catalog import Catalog, DomainRule
 from .cloaking import answer_rule
@@ -114,10 +115,10 @@ class Forward:
 
 
 class Pipeline:
-    __slots__ = ("any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts", "durations",
-                 "entries", "gated", "gated_ttl", "identity", "kiosk_seen", "local", "log_all", "log_gated", "mono",
-                 "on_refresh", "opt_tail", "plain_ttl", "prefetch", "sinkhole", "sinkhole_slot", "stale_tail",
-                 "stale_ttl", "trust_ad", "udp_max", "wall")
+    __slots__ = ("admission", "any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts",
+                 "durations", "entries", "gated", "gated_ttl", "gates", "identity", "kiosk_seen", "local", "log_all",
+                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "sinkhole", "sinkhole_slot",
+                 "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -137,8 +138,12 @@ class Pipeline:
         trust_ad: bool = False,
         prefetch: bool = False,
         stale_ttl: int = 30,
+        admission: Admission | None = None,
     ) -> None:
         self.catalog = catalog
+        # Who may ask and how fast (admission.py); by default everyone, without a rate limit.
+        self.admission = admission if admission is not None else Admission(("0.0.0.0/0", "::/0"))
+        self.gates = self.admission.gates  # client -> [tokens, allowed]: read directly, one dict lookup
         self.consent = consent
         self.cache = cache
         self.entries = cache.entries  # the fast path's lookups skip a method call
@@ -187,7 +192,16 @@ class Pipeline:
         The steps of `_answer_general`, inlined for the packets nearly every client sends (a standard
         query, at most an empty OPT) when the answer is in memory: a cache hit, or the sinkhole for
         a name already matched. Every other case goes the general way. About 1 µs of Python here
-        costs about 10 % of throughput (../shared/research/perf-anchors.md), hence the shape."""
+        costs about 10 % of throughput (../shared/research/perf-anchors.md), hence the shape.
+        First of all, who may ask and how fast (admission.py): one dict lookup, a comparison and a
+        decrement for a client within the ACL and its prefix's rate."""
+        gate = self.gates.get(client) or self.admission.gate(client)
+        if gate[1] and gate[0] > 0:
+            gate[0] -= 1
+        else:  # outside the ACL, or over the prefix's rate: admission.py decides
+            verdict = self.admission.turn_away(gate, data, tcp, self.counters, self.udp_max)
+            if verdict is not True:
+                return verdict
         seen = self.kiosk_seen
         if seen and client in seen:
             self.consent.touch(client, self.wall())
