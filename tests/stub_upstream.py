@@ -12,7 +12,10 @@ sent before the genuine reply: `wrong_id_first` (a wrong ID), `spoof_first` (the
 question, but from another address: a different port), `wrong_question_first` (the right ID and
 source, another question); forged replies answer BOGUS_ADDRESS; `forge_only` sends the forgeries
 but never the genuine reply. `tls` (an ssl.SSLContext) adds a
-DNS-over-TLS listener on `tls_port`.
+DNS-over-TLS listener on `tls_port`. Hostile upstreams: `rewrite(query, reply)` replaces each reply
+with what it returns (garbage, a compression loop, bad RDATA; None sends nothing); `reset_tcp`
+resets every TCP connection (RST) as soon as a query arrives. `max_in_flight` is the most UDP
+queries the stub held at once (with `delay`).
 
 `queries` records (name, type, transport) of every query received, `received` the raw queries
 and `sources` the (host, port) they came from
@@ -22,9 +25,11 @@ and `sources` the (host, port) they came from
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +52,10 @@ class StubUpstream:
     set_ad: bool = False
     reply_options: list[EDNSOption] = field(default_factory=list)
     tls: ssl.SSLContext | None = None
+    rewrite: Callable[[bytes, bytes], bytes | None] | None = None
+    reset_tcp: bool = False
+    in_flight: int = 0
+    max_in_flight: int = 0
     queries: list[tuple[str, str, str]] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
     sources: list[tuple[str, int]] = field(default_factory=list)
@@ -164,10 +173,11 @@ class StubUpstream:
             reply.header.tc = 1
         return self._finish(reply, request, transport)
 
-    def _finish(self, reply: Any, request: Any, transport: str) -> bytes:
+    def _finish(self, reply: Any, request: Any, transport: str) -> bytes | None:
         if any(rr.rtype == QTYPE.OPT for rr in request.ar):
             reply.add_ar(RR(rtype=QTYPE.OPT, rclass=4096, ttl=0, rdata=list(self.reply_options)))
-        return bytes(reply.pack())
+        packed = bytes(reply.pack())
+        return packed if self.rewrite is None else self.rewrite(bytes(request.pack()), packed)
 
     def forged(self, data: bytes, *, question: str | None = None, id_xor: int = 0) -> bytes:
         """A reply an attacker would send: BOGUS_ADDRESS for the question (or another one)."""
@@ -186,6 +196,11 @@ class StubUpstream:
                 length = struct.unpack(">H", await reader.readexactly(2))[0]
                 data = await reader.readexactly(length)
                 self.record(data, "tcp")
+                if self.reset_tcp:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.transport.abort()
+                    return
                 if self.silent:
                     continue
                 if self.delay:
@@ -215,6 +230,8 @@ class _Udp(asyncio.DatagramProtocol):
         if self.stub.silent:
             return
         if self.stub.delay:
+            self.stub.in_flight += 1
+            self.stub.max_in_flight = max(self.stub.max_in_flight, self.stub.in_flight)
             task = asyncio.get_running_loop().create_task(self._later(data, addr))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -222,8 +239,11 @@ class _Udp(asyncio.DatagramProtocol):
         self._send(data, addr)
 
     async def _later(self, data: bytes, addr: Any) -> None:
-        await asyncio.sleep(self.stub.delay)
-        self._send(data, addr)
+        try:
+            await asyncio.sleep(self.stub.delay)
+            self._send(data, addr)
+        finally:
+            self.stub.in_flight -= 1
 
     def _send(self, data: bytes, addr: Any) -> None:
         stub = self.stub
