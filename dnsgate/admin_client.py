@@ -33,7 +33,7 @@ class AdminClient:
 
     @classmethod
     def for_config(cls, cfg: Config, token: str | None = None) -> AdminClient:
-        address = cfg.api_listen
+        address = cfg.admin_listen or cfg.api_listen
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
         base = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
         if not token:

@@ -10,7 +10,6 @@ responses also carry a one-time pairing token. The app depends on the `ConsentCo
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import logging
@@ -22,6 +21,15 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .api_guard import (
+    ChangeLimiter,
+    bearer,
+    consent_rate_limit,
+    error_response,
+    security_headers,
+    store_unavailable,
+    token_matches,
+)
 from .catalog import Catalog
 from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
 from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
@@ -78,6 +86,9 @@ class ApiSettings:
     api_port: int
     own_hosts: frozenset[str]  # host names that are dnsgate itself (localhost, the portal host)
     max_days: int
+    max_body: int = MAX_BODY
+    consent_changes_per_minute: int = 0  # per client address; 0: no limit
+    admin_port: int = 0  # admin endpoints answer only on this local port (api.admin_listen); 0: any
 
 
 class ApiError(Exception):
@@ -95,7 +106,10 @@ HEALTH: web.AppKey[Callable[[], Mapping[str, Any]]] = web.AppKey("health")
 
 def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings: ApiSettings,
                health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_as_json, origin_guard])
+    limiter = ChangeLimiter(settings.consent_changes_per_minute)
+    app = web.Application(client_max_size=settings.max_body, middlewares=[
+        errors_as_json, store_unavailable, consent_rate_limit(limiter, is_admin), origin_guard])
+    app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
     app[CATALOG] = catalog
     app[RULES] = rules
@@ -141,7 +155,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
                               f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
                               "trackers stay blocked for clients without a recorded grant")
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, "body_too_large", f"request body over {MAX_BODY} bytes")
+        return error_response(413, "body_too_large", f"request body over {request.app[SETTINGS].max_body} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -186,13 +200,6 @@ def origin_allowed(origin: str, settings: ApiSettings) -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"status": status, "code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return web.json_response({"error": body}, status=status)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,11 +316,21 @@ def sec_gpc(request: web.Request) -> str | None:
 
 
 def require_admin(request: web.Request) -> None:
-    expected = request.app[SETTINGS].admin_token
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    settings = request.app[SETTINGS]
+    if settings.admin_port and local_port(request) != settings.admin_port:
+        raise ApiError(404, "not_found", "admin endpoints are served on the admin listener (api.admin_listen)")
+    if not is_admin(request):
         raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'")
+
+
+def is_admin(request: web.Request) -> bool:
+    token = bearer(request)
+    return token is not None and token_matches(token, request.app[SETTINGS].admin_token)
+
+
+def local_port(request: web.Request) -> int:
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    return int(sockname[1]) if sockname else 0
 
 
 def parse_subject(raw: str, field: str) -> Subject:

@@ -55,7 +55,7 @@ from .reload import Reloader
 from .report import Watched
 from .resolver import Resolver
 from .ruleset import Ruleset, read_catalog
-from .store import StoreError
+from .store import ConsentStore, StoreError, UnavailableStore
 from .upstream import Upstreams
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Running:
     routes: tuple[str, ...] = ()  # "METHOD /path" of every API route (/openapi.json lists exactly these)
     portal: str = ""  # the consent portal's URL
     store: str = ""  # where consent is kept, if not in the data dir (a Redis URL without password)
+    admin: HostPort | None = None  # the admin listener, if separate
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
@@ -207,14 +208,14 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         except (CatalogError, ListError) as exc:
             raise StartupError(str(exc)) from None
         catalog = rules.catalog
-        store = open_backend(cfg, data_dir)
+        store, problem = open_backend(cfg, data_dir)
         table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
                              kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
                                   Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
                                   (normalize_client(a) for a in cfg.identity.trusted_forwarders))
         stack.push_async_callback(consents.close)
-        clients = await load_consent(consents, store)
+        clients = await load_consent(consents, store, problem)
         if store.shared:
             background(stack, consents.run_follower())
         if neighbours is None and cfg.identity.neighbours:
@@ -289,6 +290,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                     "cache_entries": len(cache), "in_flight": len(tasks),
                     "consent_store": consents.store_problem or "ok",
                     "tcp_connections": len(listeners.tcp),
+                    "consent_store": consents.store_problem or "ok",
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
                     "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
@@ -296,18 +298,26 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         api_address = cfg.api_listen
         api_socket = _listen_tcp(api_address)
         api_bound = HostPort(api_address.host, api_socket.getsockname()[1])
+        admin_address = cfg.admin_listen
+        admin_socket = _listen_tcp(admin_address, "api.admin_listen") if admin_address is not None else None
+        admin_bound = HostPort(admin_address.host, admin_socket.getsockname()[1]) \
+            if admin_address is not None and admin_socket is not None else None
         settings = ApiSettings(
             admin_token=token,
             allowed_origins=frozenset(cfg.api.allowed_origins),
             api_port=api_bound.port,
             own_hosts=frozenset({"localhost", cfg.portal.host.lower()}),
             max_days=cfg.consent.max_days,
+            max_body=cfg.api.max_body_bytes,
+            consent_changes_per_minute=cfg.api.consent_changes_per_minute,
+            admin_port=admin_bound.port if admin_bound is not None else 0,
         )
         sources = Sources(pipeline=pipeline, cache=cache, resolver=resolver, upstreams=upstreams, consent=table,
                           consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
                           in_flight=lambda: len(tasks),
                           consent_store=lambda: (consents.store_errors, not consents.store_problem),
-                          consent_remote=lambda: consents.remote_changes if store.shared else None)
+                          consent_remote=lambda: consents.remote_changes if store.shared else None,
+                          tcp=listeners.tcp)
         sampler = Sampler(sources)
         background(stack, sampler.run())
         app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
@@ -320,6 +330,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.SockSite(runner, api_socket).start()
+        if admin_socket is not None:
+            await web.SockSite(runner, admin_socket).start()
 
         _reload_on_sighup(reloader, tasks, stack)
         schedule = asyncio.create_task(reloader.run_schedule())
@@ -328,7 +340,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                                if r.method != "HEAD" and r.resource is not None}))
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url,
-                          store.name if store.shared else "")
+                          store=store.name if store.shared else "", admin=admin_bound)
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
@@ -342,30 +354,48 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
     log.info("stopped")
 
 
-def open_backend(cfg: Config, data_dir: Path) -> ConsentBackend:
-    """SQLite in the data dir, or Redis (storage.store)."""
+def open_backend(cfg: Config, data_dir: Path) -> tuple[ConsentBackend, str]:
+    """SQLite in the data dir, or Redis (storage.store); and why it cannot be used, if so."""
     if cfg.storage.store == "sqlite":
-        try:
-            return SqliteBackend.open(data_dir / SQLITE_FILE, cfg.storage.synchronous)
-        except StoreError as exc:
-            raise StartupError(f"storage.data_dir: {exc}") from None
+        store, problem = open_store(data_dir / SQLITE_FILE, cfg.storage.synchronous)
+        return SqliteBackend(store), problem
     from .redis_store import RedisBackend  # only a shared deployment needs the Redis client
 
     try:
-        return RedisBackend(cfg.storage.store, cfg.storage.redis_prefix, cfg.storage.redis_timeout)
+        return RedisBackend(cfg.storage.store, cfg.storage.redis_prefix, cfg.storage.redis_timeout), ""
     except ValueError as exc:
         raise StartupError(f"storage.store: {exc}") from None
 
 
-async def load_consent(consents: ConsentService, store: ConsentBackend) -> int:
-    """Every choice into the table before DNS listens. SQLite that cannot be read stops dnsgate;
-    Redis that cannot be reached does not: dnsgate starts fail-closed and loads once Redis answers."""
+def open_store(path: Path, synchronous: str = "full") -> tuple[ConsentStore, str]:
+    """The SQLite consent store, or (if it cannot be opened and read) a stand-in that fails every
+    call, with the reason: dnsgate then answers DNS fail-closed and the consent API 503."""
     try:
-        clients = await consents.load()
+        store = ConsentStore(path, synchronous)
     except StoreError as exc:
-        if not store.shared:
-            raise StartupError(f"storage.data_dir: {exc}") from None
-        consents.hold_closed(str(exc))
+        return UnavailableStore(path, str(exc)), str(exc)
+    try:
+        store.load()
+        store.load_pairings()
+        return store, ""
+    except StoreError as exc:
+        store.close()
+        return UnavailableStore(path, str(exc)), str(exc)
+
+
+async def load_consent(consents: ConsentService, store: ConsentBackend, problem: str) -> int:
+    """Every choice into the table before DNS listens. A store that cannot be opened or reached does
+    not stop dnsgate: it starts fail-closed (no grant known, no profile opens a gated name); Redis is
+    then followed until it answers, SQLite needs the file fixed and a restart."""
+    if not problem:
+        try:
+            clients = await consents.load()
+        except StoreError as exc:
+            if not store.shared:  # opened and read a moment ago: the disk is failing under us
+                raise StartupError(f"storage.data_dir: {exc}") from None
+            problem = str(exc)
+    if problem:
+        consents.hold_closed(problem if store.shared else f"{problem}; fix or move the file and restart")
         return 0
     from .redis_store import RedisBackend
 
@@ -437,7 +467,7 @@ def os_reason(exc: OSError) -> str:
     return str(exc)
 
 
-def _listen_tcp(address: HostPort) -> socket.socket:
+def _listen_tcp(address: HostPort, key: str = "api.listen") -> socket.socket:
     """Bind the API socket ourselves, so its real port is known before the app is built."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -447,6 +477,6 @@ def _listen_tcp(address: HostPort) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"api.listen {address}: {os_reason(exc)}") from None
+        raise StartupError(f"{key} {address}: {os_reason(exc)}") from None
     sock.setblocking(False)
     return sock

@@ -151,6 +151,13 @@ class ApiConfig:
     admin_token: str = ""
     # Origins (scheme://host[:port]) besides dnsgate's own that may change consent from a browser.
     allowed_origins: tuple[str, ...] = ()
+    # A separate listener for the admin endpoints (e.g. "127.0.0.1:8054"); they then answer only there.
+    # Empty: on `listen`, behind the token.
+    admin_listen: str = ""
+    # Largest request body accepted (bytes); larger ones get 413.
+    max_body_bytes: int = 16 * 1024
+    # Consent changes one client address may make per minute (a burst of as many); 0: no limit.
+    consent_changes_per_minute: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +400,10 @@ class Config:
         return parse_host_port(self.api.listen, key="api.listen")
 
     @property
+    def admin_listen(self) -> HostPort | None:
+        return parse_host_port(self.api.admin_listen, key="api.admin_listen") if self.api.admin_listen else None
+
+    @property
     def upstream_servers(self) -> tuple[UpstreamAddress, ...]:
         return tuple(parse_upstream(s) for s in self.upstream.servers)
 
@@ -516,6 +527,13 @@ def validate(cfg: Config) -> Config:
     _check(cfg.dns.tcp_idle_timeout > 0, f"dns.tcp_idle_timeout: must be > 0, got {cfg.dns.tcp_idle_timeout}")
     _validate_exposure(cfg.dns)
     cfg.api_listen  # noqa: B018
+    admin = cfg.admin_listen
+    _check(admin is None or admin.port == 0 or admin.port != cfg.api_listen.port or admin.host != cfg.api_listen.host,
+           f"api.admin_listen: must differ from api.listen, got {cfg.api.admin_listen!r}")
+    _check(1024 <= cfg.api.max_body_bytes <= 16 * 1024 * 1024,
+           f"api.max_body_bytes: must be 1024..16777216, got {cfg.api.max_body_bytes}")
+    _check(cfg.api.consent_changes_per_minute >= 0,
+           f"api.consent_changes_per_minute: must be >= 0 (0: no limit), got {cfg.api.consent_changes_per_minute}")
     for origin in cfg.api.allowed_origins:
         _check(
             origin.startswith(("http://", "https://")) and origin.count("/") == 2,

@@ -155,6 +155,7 @@ class ConsentService:
         self.store_problem = ""
         self._feed_problem = ""
         self.remote_changes = 0
+        self._provisional = 0  # ids (negative) of refusals held in memory while the store failed
         # Called with each recorded event once it is stored and in force (metrics, events: events.py),
         # on every instance that shares the store.
         self.listeners: list[Callable[[Event], None]] = []
@@ -621,7 +622,11 @@ class ConsentService:
 
     async def _commit(self, steps: Sequence[Step], based_on: int) -> int:
         """Persist, then apply to the table; returns how many steps were recorded."""
-        recorded = await self._in_store(self.store.commit(steps, based_on))
+        try:
+            recorded = await self._in_store(self.store.commit(steps, based_on))
+        except StoreError:
+            self._hold_refusal(steps)
+            raise
         pairs = list(zip(steps, recorded.ids, strict=True))
         for step, event_id in pairs:
             if event_id is not None and event_id > recorded.in_force_up_to:
@@ -631,6 +636,22 @@ class ConsentService:
                 log_event(step.event)
                 self._notify(dataclasses.replace(step.event, id=event_id))
         return sum(1 for _, event_id in pairs if event_id is not None)
+
+    def _hold_refusal(self, steps: Sequence[Step]) -> None:
+        """The store failed (answered 503): nothing that grants is applied, fail closed. A change that
+        only refuses (a withdrawal) is applied in memory all the same, so a person's "no" holds at
+        once; it is not recorded, says so, and is lost at a restart."""
+        choices = [s.event.as_choice(0) for s in steps if s.makes_choice]
+        if not choices or any(c.grants_anything for c in choices):
+            return
+        for step in steps:
+            self._provisional -= 1
+            for ended in step.ends:
+                self.table.remove(ended)
+            if step.makes_choice:
+                self.table.put(step.event.as_choice(self._provisional))
+        log.error("consent store unavailable: a refusal by %s is applied until restart but not recorded",
+                  steps[-1].event.subject.describe())
 
     def _put_in_force(self, step: Step, event_id: int) -> None:
         for ended in step.ends:

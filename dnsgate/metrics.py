@@ -27,6 +27,7 @@ from . import __version__
 from .cache import AnswerCache
 from .catalog import Catalog
 from .consent import ConsentTable
+from .dns_server import TcpTable
 from .events import EventHub
 from .histogram import Histogram
 from .pipeline import Pipeline
@@ -55,6 +56,7 @@ class Sources:
     # recorded that this one applied (None: the store is not shared).
     consent_store: Callable[[], tuple[int, bool]] | None = None
     consent_remote: Callable[[], int | None] | None = None
+    tcp: TcpTable | None = None  # the TCP connection table
     wall: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
@@ -166,6 +168,8 @@ class DnsgateCollector(Collector):
             yield CounterMetricFamily("dnsgate_consent_remote_changes", "Consent changes recorded through other "
                                       "instances sharing the store, applied here", value=remote)
 
+        yield from _exposure(s)
+
         ql = s.querylog
         yield CounterMetricFamily("dnsgate_querylog_written", "Query-log entries written", value=ql.written)
         yield CounterMetricFamily("dnsgate_querylog_dropped", "Query-log entries dropped because the writer fell "
@@ -179,6 +183,25 @@ class DnsgateCollector(Collector):
         yield CounterMetricFamily("dnsgate_events_lost", "Events a slow subscriber or a failing webhook missed",
                                   value=s.hub.lost)
         yield GaugeMetricFamily("dnsgate_event_subscribers", "Open GET /v1/events streams", value=s.hub.subscribers)
+
+
+def _exposure(s: Sources) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """The client ACL, rate limiting and TCP limits."""
+    a = s.pipeline.admission
+    yield CounterMetricFamily("dnsgate_acl_refused", "Queries refused because the client is outside dns.allow_clients",
+                              value=a.refused)
+    limited = CounterMetricFamily("dnsgate_rate_limited", "UDP replies held back by the per-prefix rate limit: "
+                                  "dropped, or sent truncated (slipped)", labels=["action"])
+    limited.add_metric(["dropped"], a.dropped)
+    limited.add_metric(["slipped"], a.slipped)
+    yield limited
+    if s.tcp is not None:
+        yield GaugeMetricFamily("dnsgate_tcp_connections", "Open DNS-over-TCP connections", value=len(s.tcp))
+        closed = CounterMetricFamily("dnsgate_tcp_closed_early", "TCP connections refused or closed by a limit",
+                                     labels=["reason"])
+        for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
+            closed.add_metric([reason], s.tcp.closed[reason])
+        yield closed
 
 
 def build_registry(sources: Sources) -> CollectorRegistry:

@@ -28,6 +28,7 @@ import sqlite_utils
 from .consent import Choice, NoticeRef, Subject
 
 SCHEMA_VERSION: Final = 2
+BUSY_TIMEOUT: Final = 2.0
 
 EVENT_COLUMNS: Final[dict[str, type]] = {
     # version 1
@@ -115,7 +116,8 @@ class ConsentStore:
         self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            # A lock held elsewhere is waited for BUSY_TIMEOUT, then the change fails (503), unapplied.
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             self.db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'normal' else 'FULL'}")
@@ -174,7 +176,10 @@ class ConsentStore:
 
     def load_pairings(self) -> list[tuple[str, str, float]]:
         """(HTTP subject key, DNS client key, when) of every pairing."""
-        return [(r["http"], r["dns"], r["at"]) for r in self.db.table("pairings").rows]
+        try:
+            return [(r["http"], r["dns"], r["at"]) for r in self.db.table("pairings").rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     def pairings_of(self, http: str) -> dict[str, float]:
         """The DNS client keys paired with one HTTP subject, and when."""
@@ -185,9 +190,12 @@ class ConsentStore:
 
     def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
         where, args = ("client = ? OR mac = ?", [address, address]) if address else (None, [])
-        rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(where, args, order_by="id desc",
-                                                                           limit=limit)
-        return [_event(r) for r in rows]
+        try:
+            rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(where, args, order_by="id desc",
+                                                                               limit=limit)
+            return [_event(r) for r in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     def export_page(self, f: EventFilter, after_id: int, limit: int) -> list[Event]:
         """Events with id > after_id matching `f` (except its network), oldest first."""
@@ -204,8 +212,11 @@ class ConsentStore:
         if f.mac is not None:
             clauses.append("mac = ?")
             args.append(f.mac)  # type: ignore[arg-type]
-        rows = self.db.table("events").rows_where(" AND ".join(clauses), args, order_by="id", limit=limit)
-        return [_event(r) for r in rows]
+        try:
+            rows = self.db.table("events").rows_where(" AND ".join(clauses), args, order_by="id", limit=limit)
+            return [_event(r) for r in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
 
     def count_events(self) -> int:
         return self.db.table("events").count
@@ -297,6 +308,45 @@ class ConsentStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+class UnavailableStore(ConsentStore):
+    """Stands in for a store that could not be opened (locked, corrupt, unreadable): dnsgate keeps
+    answering DNS, fail-closed, and every consent read or change raises StoreError (API: 503)."""
+
+    def __init__(self, path: Path, reason: str) -> None:  # no super().__init__(): it would open the file
+        self.path = path
+        self.reason = reason
+
+    def _fail(self) -> StoreError:
+        return StoreError(f"{self.path}: {self.reason}")
+
+    def load(self) -> list[Choice]:
+        raise self._fail()
+
+    def load_pairings(self) -> list[tuple[str, str, float]]:
+        raise self._fail()
+
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        raise self._fail()
+
+    def export_page(self, f: EventFilter, after_id: int, limit: int) -> list[Event]:
+        raise self._fail()
+
+    def count_events(self) -> int:
+        raise self._fail()
+
+    def commit(self, steps: Sequence[Step]) -> list[int | None]:
+        raise self._fail()
+
+    def remember_pairing(self, http: str, dns: str, at: float) -> None:
+        raise self._fail()
+
+    def purge(self, before: float, now: float) -> int:
+        raise self._fail()
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------
