@@ -288,7 +288,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             lists_in_force = pipeline.catalog.lists
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
                     "cache_entries": len(cache), "in_flight": len(tasks),
-                    "consent_store": consents.store_problem or "ok",
+                    "tasks": len(asyncio.all_tasks()),
                     "tcp_connections": len(listeners.tcp),
                     "consent_store": consents.store_problem or "ok",
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,

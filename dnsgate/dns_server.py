@@ -295,6 +295,19 @@ class TcpConnection(asyncio.Protocol):
         self.table.discard(self)
 
 
+UDP_RECEIVE_BUFFER = 4 << 20  # the kernel caps it at net.core.rmem_max
+
+
+def _large_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    """A burst of queries (a LAN waking up, a flood) waits in the socket instead of being dropped
+    by the kernel while the loop is busy; the default (~200 KB) holds only ~300 datagrams."""
+    sock = transport.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except (OSError, AttributeError):  # pragma: no cover - a platform without the option
+        log.debug("cannot enlarge the UDP receive buffer")
+
+
 class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
@@ -317,6 +330,7 @@ class DnsListeners:
                 lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6),
                 local_addr=(address.host, address.port), family=family)
             port = transport.get_extra_info("sockname")[1]
+            _large_receive_buffer(transport)
             try:
                 server = await loop.create_server(
                     lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp),

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from .admission import Admission
-from .cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, entry_from_reply
+from .cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, UnusableReply, entry_from_reply
 from .catalog import Catalog, DomainRule
 from .cloaking import answer_rule
 from .consent import ConsentTable
@@ -77,6 +77,7 @@ from .wire import (
     cache_key,
     ede_option,
     error_reply,
+    names_well_formed,
     opt_record,
     parse_query,
     rejection_reply,
@@ -378,6 +379,8 @@ class Pipeline:
         cloaking: cloaking.py), so hits are gated like this miss. Raises cache.UnusableReply for
         replies whose records cannot be walked."""
         q = fwd.query
+        if not names_well_formed(reply, 12 + len(q.question)):  # hostile data never reaches the cache
+            raise UnusableReply("a name in the reply does not decompress (pointer loop or past the end)")
         catalog = self.catalog
         qlen = len(q.question)
         # The rule found when the query came in, unless a reload has swapped the catalog since.

@@ -152,7 +152,8 @@ class Server:
 
     def failed(self, now: float, penalty: float, reason: str) -> None:
         self.failures += 1
-        backoff = min(BACKOFF_BASE * 2 ** (self.failures - 1), BACKOFF_MAX)
+        # The exponent is capped: 2 ** 1024 is no float (OverflowError after 1025 failures in a row).
+        backoff = min(BACKOFF_BASE * 2 ** min(self.failures - 1, 16), BACKOFF_MAX)
         if self.down_until <= now:
             log.warning("upstream %s failed (%s); asking it only as a last resort for %.0f s",
                         self.address, reason, backoff)

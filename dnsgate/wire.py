@@ -238,6 +238,38 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
     return b"".join(labels).lower() + b"\x00", end
 
 
+# Types whose RDATA holds domain names a client will decompress: (offset of each name in the RDATA).
+NAME_FIELDS: Final = {2: (0,), 5: (0,), 12: (0,), 39: (0,), 15: (2,), 33: (6,), 64: (2,), 65: (2,)}
+SOA_TYPE: Final = 6
+
+
+def names_well_formed(data: bytes, offset: int) -> bool:
+    """Whether every record after the question (starting at `offset`) has an owner name, and the
+    names in its RDATA (NS, CNAME, PTR, DNAME, MX, SRV, SOA, SVCB/HTTPS), that decompress: no
+    pointer loops, forward pointers or names running off the message. Upstream replies that fail
+    this would reach clients (and the cache) as poison, so they are treated as no reply at all."""
+    ancount, nscount, arcount = COUNTS.unpack_from(data, 4)[1:]
+    for _ in range(ancount + nscount + arcount):
+        if read_name(data, offset) is None:
+            return False
+        rr = read_rr_header(data, offset)
+        if rr is None:
+            return False
+        owner_end, rtype, _rclass, _ttl, rdlen = rr
+        rdata = owner_end + 10
+        if rtype == SOA_TYPE:
+            mname = read_name(data, rdata)
+            if mname is None or read_name(data, mname[1]) is None:
+                return False
+        else:
+            for at in NAME_FIELDS.get(rtype, ()):
+                name = read_name(data, rdata + at) if at < rdlen else None
+                if name is None or name[1] > rdata + rdlen:
+                    return False
+        offset = rdata + rdlen
+    return True
+
+
 def read_rr_header(data: bytes, offset: int) -> tuple[int, int, int, int, int] | None:
     """(offset past the owner name, type, class, ttl, rdlength) if the record fits in `data`."""
     owner_end = skip_name(data, offset)

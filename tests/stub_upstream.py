@@ -54,6 +54,7 @@ class StubUpstream:
     tls: ssl.SSLContext | None = None
     rewrite: Callable[[bytes, bytes], bytes | None] | None = None
     reset_tcp: bool = False
+    default_a: str = ""  # names not in the zone get this A record (TTL 0: never cached) instead of NXDOMAIN
     in_flight: int = 0
     max_in_flight: int = 0
     queries: list[tuple[str, str, str]] = field(default_factory=list)
@@ -148,6 +149,12 @@ class StubUpstream:
             reply.header.rcode = self.rcode
             return self._finish(reply, request, transport)
         records = self._records(name)
+        if not records and self.default_a and qtype == QTYPE.A:
+            records = [RR(name, QTYPE.A, ttl=0, rdata=A(self.default_a))]
+            for rr in records:
+                reply.add_answer(rr)
+            return self._finish(reply, request, transport) if transport == "tcp" or not self.truncate_udp \
+                else self._truncated(reply, request)
         matching: list[Any] = []
         owner = name
         for _ in range(8):  # follow CNAMEs within the zone
@@ -172,6 +179,11 @@ class StubUpstream:
             reply.rr, reply.auth = [], []
             reply.header.tc = 1
         return self._finish(reply, request, transport)
+
+    def _truncated(self, reply: Any, request: Any) -> bytes | None:
+        reply.rr, reply.auth = [], []
+        reply.header.tc = 1
+        return self._finish(reply, request, "udp")
 
     def _finish(self, reply: Any, request: Any, transport: str) -> bytes | None:
         if any(rr.rtype == QTYPE.OPT for rr in request.ar):

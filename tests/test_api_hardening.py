@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,9 +37,11 @@ async def test_security_headers_on_every_page(gate: Gate, path: str) -> None:
 
 
 async def test_errors_and_state_changes_carry_the_headers_too(gate: Gate) -> None:
-    for method, path, kw in [("PUT", "/v1/consent", {"data": b"x", "headers": {"Content-Type": "text/plain"}}),
-                             ("PUT", "/v1/consent", {"json": {"categories": ["marketing"]}}),
-                             ("POST", "/v1/reload", {})]:
+    cases: list[tuple[str, str, dict[str, Any]]] = [
+        ("PUT", "/v1/consent", {"data": b"x", "headers": {"Content-Type": "text/plain"}}),
+        ("PUT", "/v1/consent", {"json": {"categories": ["marketing"]}}),
+        ("POST", "/v1/reload", {})]
+    for method, path, kw in cases:
         status, headers = await headers_of(gate.api_url + path, method, **kw)
         assert status in (200, 401, 415)
         assert headers["X-Content-Type-Options"] == "nosniff" and "Content-Security-Policy" in headers

@@ -36,11 +36,15 @@ async def metric(g: Gate, name: str) -> float:
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
+def corrupt(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not a database, " * 200)
+
+
 @pytest.mark.parametrize("profile", ["opt-in", "opt-out", "allow"])
 async def test_corrupt_store_at_start_fails_closed(upstream: StubUpstream, data_dir: Path, profile: str,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    data_dir.mkdir(parents=True)
-    (data_dir / "consent.sqlite3").write_bytes(b"this is not a database, " * 200)
+    corrupt(data_dir / "consent.sqlite3")
     cfg = replace(make_config(upstream, data_dir), profiles=ProfilesConfig(default=profile))  # type: ignore[arg-type]
     async with running_gate(cfg) as g:
         assert await rcode(g, "trackcmp.net", "127.0.0.1") == NXDOMAIN  # even where the profile would allow it

@@ -72,7 +72,7 @@ async def worker(session: aiohttp.ClientSession, api: str, clients: list[Client]
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"unexpected {response.status} for {c.address}")
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return  # the server died under us: the change stays "in flight"
         c.acked, c.changes, c.in_flight = grant, c.changes + 1, None
 
