@@ -77,9 +77,9 @@ from .wire import (
     cache_key,
     ede_option,
     error_reply,
-    names_well_formed,
     opt_record,
     parse_query,
+    records_well_formed,
     rejection_reply,
     scan_name,
 )
@@ -379,8 +379,8 @@ class Pipeline:
         cloaking: cloaking.py), so hits are gated like this miss. Raises cache.UnusableReply for
         replies whose records cannot be walked."""
         q = fwd.query
-        if not names_well_formed(reply, 12 + len(q.question)):  # hostile data never reaches the cache
-            raise UnusableReply("a name in the reply does not decompress (pointer loop or past the end)")
+        if not records_well_formed(reply, 12 + len(q.question)):  # hostile data never reaches the cache
+            raise UnusableReply("a record a client could not read (a name that does not decompress, a bad size)")
         catalog = self.catalog
         qlen = len(q.question)
         # The rule found when the query came in, unless a reload has swapped the catalog since.

@@ -238,16 +238,20 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
     return b"".join(labels).lower() + b"\x00", end
 
 
-# Types whose RDATA holds domain names a client will decompress: (offset of each name in the RDATA).
-NAME_FIELDS: Final = {2: (0,), 5: (0,), 12: (0,), 39: (0,), 15: (2,), 33: (6,), 64: (2,), 65: (2,)}
-SOA_TYPE: Final = 6
+# Types whose RDATA holds a domain name a client will decompress: (offset of the name, whether it
+# must end the RDATA). A and AAAA have fixed sizes, SOA two names and 20 bytes, TXT framed strings.
+NAME_FIELDS: Final = {2: (0, True), 5: (0, True), 12: (0, True), 39: (0, True), 15: (2, True), 33: (6, True),
+                      64: (2, False), 65: (2, False)}
+FIXED_SIZE: Final = {1: 4, 28: 16}
 
 
-def names_well_formed(data: bytes, offset: int) -> bool:
-    """Whether every record after the question (starting at `offset`) has an owner name, and the
-    names in its RDATA (NS, CNAME, PTR, DNAME, MX, SRV, SOA, SVCB/HTTPS), that decompress: no
-    pointer loops, forward pointers or names running off the message. Upstream replies that fail
-    this would reach clients (and the cache) as poison, so they are treated as no reply at all."""
+def records_well_formed(data: bytes, offset: int) -> bool:
+    """Whether every record after the question (starting at `offset`) is one a client can read:
+    its owner name decompresses (no pointer loop, no forward pointer, nothing past the end), and
+    so do the names in its RDATA (NS, CNAME, PTR, DNAME, MX, SRV, SOA, SVCB/HTTPS); A, AAAA, SOA
+    and TXT have the size their format says. Upstream replies that fail this would reach clients,
+    and the cache, as poison: they are treated as no reply at all. Other types are relayed as
+    opaque data (RFC 3597)."""
     ancount, nscount, arcount = COUNTS.unpack_from(data, 4)[1:]
     for _ in range(ancount + nscount + arcount):
         if read_name(data, offset) is None:
@@ -257,16 +261,27 @@ def names_well_formed(data: bytes, offset: int) -> bool:
             return False
         owner_end, rtype, _rclass, _ttl, rdlen = rr
         rdata = owner_end + 10
-        if rtype == SOA_TYPE:
-            mname = read_name(data, rdata)
-            if mname is None or read_name(data, mname[1]) is None:
+        end = rdata + rdlen
+        if rtype in FIXED_SIZE:
+            if rdlen != FIXED_SIZE[rtype]:
                 return False
-        else:
-            for at in NAME_FIELDS.get(rtype, ()):
-                name = read_name(data, rdata + at) if at < rdlen else None
-                if name is None or name[1] > rdata + rdlen:
-                    return False
-        offset = rdata + rdlen
+        elif rtype in NAME_FIELDS:
+            at, last = NAME_FIELDS[rtype]
+            name = read_name(data, rdata + at) if at < rdlen else None
+            if name is None or name[1] > end or (last and name[1] != end):
+                return False
+        elif rtype == SOA:
+            mname = read_name(data, rdata)
+            rname = read_name(data, mname[1]) if mname is not None and mname[1] < end else None
+            if rname is None or rname[1] + 20 != end:
+                return False
+        elif rtype == TXT:
+            at = rdata
+            while at < end:
+                at += data[at] + 1
+            if at != end or not rdlen:
+                return False
+        offset = end
     return True
 
 

@@ -1,0 +1,137 @@
+"""What must hold for any input, shared by the property tests (hypothesis), the coverage-guided
+fuzzer (atheris, tests/fuzz/fuzz_dns.py) and the corpus replay: no exception escapes; every reply
+parses; its ID is the query's; a packet with QR=1 is never answered; a hostile upstream reply never
+crashes the answer path, and what it leaves in the cache renders as a reply that parses.
+
+One input drives one of three targets, chosen by its first byte:
+  0: wire.parse_query on the rest;
+  1: Pipeline.answer on the rest (UDP, then TCP; from a client with consent and one without);
+  2: a fixed query forwarded, the rest as the upstream's reply (admit, complete, then a cache hit).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import dns.exception
+import dns.message
+
+from dnsgate.admission import DEFAULT_ALLOWED, Admission
+from dnsgate import message
+from dnsgate.cache import AnswerCache, OptNotLast, TtlPolicy, UnusableReply
+from dnsgate.identity import QueryIdentity
+from dnsgate.pipeline import Forward, Pipeline
+from dnsgate.sinkhole import Sinkhole
+from dnsgate.wire import Query, Rejection, parse_query, read_rr_header, scan_name
+from tests import consent_fixtures
+
+CLIENTS = ("127.0.0.1", "192.168.1.20", "8.8.8.8")  # no consent; consent (below); outside the ACL
+QUESTIONS = (dns.message.make_query("host.example.test", "A"),
+             dns.message.make_query("trackcmp.net", "AAAA", use_edns=0, want_dnssec=True),
+             dns.message.make_query("www.example.test", "HTTPS", use_edns=0))
+
+
+def pipeline() -> Pipeline:
+    table = consent_fixtures.table()
+    table.put(consent_fixtures.choice("192.168.1.20"))
+    return Pipeline(consent_fixtures.CATALOG, table, AnswerCache(200, 10**6), Sinkhole("nxdomain", 5, 1232),
+                    udp_max=1232, plain_ttl=TtlPolicy(0, 86400, None), gated_ttl=TtlPolicy(0, 86400, 10),
+                    mono=lambda: 1000.0, wall=lambda: 1_700_000_000.0,
+                    identity=QueryIdentity(table, ["192.168.1.53"], "consent.dnsgate.internal", lambda t, c: False),
+                    admission=Admission(DEFAULT_ALLOWED))
+
+
+def check_reply(reply: bytes, query: bytes, tcp: bool) -> None:
+    assert query[2] & 0x80 == 0, "a packet with QR=1 was answered"
+    assert reply[:2] == query[:2], "the reply's ID is not the query's"
+    assert reply[2] & 0x80, "the reply has QR=0"
+    if not tcp:
+        assert len(reply) <= 65535
+    try:
+        dns.message.from_wire(_opaque(reply))
+    except dns.message.ShortHeader:
+        raise AssertionError("a reply shorter than a header") from None
+    except dns.exception.DNSException as exc:
+        # dnspython refuses TSIG-less replies to TSIG queries etc.; only our own malformations count
+        if not isinstance(exc, dns.message.UnknownTSIGKey):
+            raise AssertionError(f"the reply does not parse: {exc!r}: {reply.hex()}") from None
+
+
+VALIDATED = frozenset({1, 28, 2, 5, 12, 39, 15, 33, 6, 16, 41, 13})  # checked by wire.records_well_formed
+
+
+def _opaque(reply: bytes) -> bytes:
+    """The reply with every record of a type dnsgate relays as opaque data (RFC 3597) retyped as an
+    unknown type, so dnspython judges the message's structure, not the contents it never looks at."""
+    out = bytearray(reply)
+    end = scan_name(reply, 12) if len(reply) > 12 and reply[5] else 7
+    offset = end + 5 if end >= 12 else 12
+    an, ns, ar = struct.unpack_from(">HHH", reply, 6) if len(reply) >= 12 else (0, 0, 0)
+    for _ in range(an + ns + ar):
+        rr = read_rr_header(reply, offset)
+        if rr is None:
+            break
+        owner_end, rtype, _, _, rdlen = rr
+        if rtype not in VALIDATED:
+            out[owner_end : owner_end + 2] = b"\xff\x00"
+        offset = owner_end + 10 + rdlen
+    return bytes(out)
+
+
+def check_parse(data: bytes) -> None:
+    q = parse_query(data)
+    assert isinstance(q, Query | Rejection)
+    if isinstance(q, Query):
+        assert data[12 : 12 + len(q.question)] == q.question
+
+
+def check_answer(p: Pipeline, data: bytes) -> None:
+    for client in CLIENTS:
+        for tcp in (False, True):
+            out = p.answer(data, client, tcp)
+            if out is None:
+                continue
+            if isinstance(out, Forward):
+                assert len(data) >= 12 and not data[2] & 0x80
+                # the upstream failed: the SERVFAIL must be a proper reply too
+                check_reply(p.servfail(out), data, tcp)
+                continue
+            check_reply(out, data, tcp)
+
+
+def check_upstream(p: Pipeline, reply: bytes, which: int = 0) -> None:
+    q = QUESTIONS[which % len(QUESTIONS)]
+    wire = q.to_wire()
+    for client in CLIENTS[:2]:
+        fwd = p.answer(wire, client, False)
+        if not isinstance(fwd, Forward):  # cached by an earlier input, or sinkholed
+            assert isinstance(fwd, bytes)
+            check_reply(fwd, wire, False)
+            continue
+        # As upstream.py accepts it: QR set, one question, ours; the input decides flags, counts, records.
+        head = (reply + bytes(12))[:12]
+        forged = (wire[:2] + bytes([head[2] | 0x80, head[3]]) + b"\x00\x01" + head[6:12]
+                  + fwd.query.name + fwd.query.question[-4:] + reply[12:])
+        try:
+            try:
+                entry = p.admit(fwd, forged)
+            except OptNotLast:  # resolver.py rebuilds such replies
+                entry = p.admit(fwd, message.opt_last(forged))
+        except UnusableReply:
+            continue
+        check_reply(p.complete(fwd, entry), wire, False)
+        again = p.answer(wire, client, True)  # a cache hit, if it was cached: it must render cleanly
+        if isinstance(again, bytes):
+            check_reply(again, wire, True)
+
+
+def run_one(p: Pipeline, data: bytes) -> None:
+    if not data:
+        return
+    target, rest = data[0] % 3, data[1:]
+    if target == 0:
+        check_parse(rest)
+    elif target == 1:
+        check_answer(p, rest)
+    else:
+        check_upstream(p, rest, data[0] // 3)
