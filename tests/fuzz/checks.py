@@ -16,8 +16,8 @@ import struct
 import dns.exception
 import dns.message
 
-from dnsgate.admission import DEFAULT_ALLOWED, Admission
 from dnsgate import message
+from dnsgate.admission import DEFAULT_ALLOWED, Admission
 from dnsgate.cache import AnswerCache, OptNotLast, TtlPolicy, UnusableReply
 from dnsgate.identity import QueryIdentity
 from dnsgate.pipeline import Forward, Pipeline
