@@ -8,6 +8,7 @@ except through the explicit inputs of `load_config`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from .wire import name_to_wire
 DEFAULT_DNS_PORT: Final = 5353
 PROFILE_NAMES: Final = ("opt-in", "opt-out", "kiosk", "deny", "allow")
 DEFAULT_API_PORT: Final = 8053
+MAX_TTL: Final = 2**31 - 1  # RFC 2181 §8
 
 
 class ConfigError(ValueError):
@@ -430,6 +432,8 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has inf and nan; no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation == "str" or annotation.startswith("Literal["):
         if not isinstance(value, str):
@@ -524,7 +528,8 @@ def validate(cfg: Config) -> Config:
     _check(len(cfg.dns.listen) > 0, "dns.listen: at least one address is needed")
     cfg.dns_listen  # noqa: B018 -- parses every address, raising ConfigError on the first bad one
     _check(512 <= cfg.dns.udp_max_size <= 65535, f"dns.udp_max_size: must be 512..65535, got {cfg.dns.udp_max_size}")
-    _check(cfg.dns.tcp_idle_timeout > 0, f"dns.tcp_idle_timeout: must be > 0, got {cfg.dns.tcp_idle_timeout}")
+    _check(0 < cfg.dns.tcp_idle_timeout <= 3600,
+           f"dns.tcp_idle_timeout: must be > 0 and <= 3600 seconds, got {cfg.dns.tcp_idle_timeout}")
     _validate_exposure(cfg.dns)
     cfg.api_listen  # noqa: B018
     admin = cfg.admin_listen
@@ -551,20 +556,22 @@ def validate(cfg: Config) -> Config:
         for server in servers:
             _check(not points_at(server, cfg.dns_listen),
                    f"upstream.domains.{domain}: {server} is dnsgate's own DNS address: queries would loop")
-    _check(cfg.upstream.timeout > 0, f"upstream.timeout: must be > 0, got {cfg.upstream.timeout}")
+    _check(0 < cfg.upstream.timeout <= 60,
+           f"upstream.timeout: must be > 0 and <= 60 seconds, got {cfg.upstream.timeout}")
     _check(
         0 < cfg.upstream.attempt_timeout <= cfg.upstream.timeout,
         f"upstream.attempt_timeout: must be > 0 and <= upstream.timeout, got {cfg.upstream.attempt_timeout}",
     )
     _check(cfg.cache.max_entries >= 0, f"cache.max_entries: must be >= 0, got {cfg.cache.max_entries}")
     _check(cfg.cache.max_bytes >= 0, f"cache.max_bytes: must be >= 0, got {cfg.cache.max_bytes}")
-    _check(cfg.cache.min_ttl >= 0, f"cache.min_ttl: must be >= 0, got {cfg.cache.min_ttl}")
+    _check(0 <= cfg.cache.min_ttl <= MAX_TTL, f"cache.min_ttl: must be 0..{MAX_TTL}, got {cfg.cache.min_ttl}")
     _check(
-        cfg.cache.max_ttl >= max(cfg.cache.min_ttl, 1),
-        f"cache.max_ttl: must be >= 1 and >= cache.min_ttl, got {cfg.cache.max_ttl}",
+        max(cfg.cache.min_ttl, 1) <= cfg.cache.max_ttl <= MAX_TTL,
+        f"cache.max_ttl: must be 1..{MAX_TTL} and >= cache.min_ttl, got {cfg.cache.max_ttl}",
     )
     _check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
-    _check(cfg.cache.stale_max_age >= 1, f"cache.stale_max_age: must be >= 1, got {cfg.cache.stale_max_age}")
+    _check(1 <= cfg.cache.stale_max_age <= MAX_TTL,
+           f"cache.stale_max_age: must be 1..{MAX_TTL}, got {cfg.cache.stale_max_age}")
     if cfg.local.healthcheck:
         try:
             name_to_wire(cfg.local.healthcheck)
@@ -669,7 +676,7 @@ def _validate_exposure(d: DnsConfig) -> None:
     _check(1 <= d.tcp_max_connections_per_client <= d.tcp_max_connections,
            f"dns.tcp_max_connections_per_client: must be 1..dns.tcp_max_connections, "
            f"got {d.tcp_max_connections_per_client}")
-    _check(d.tcp_query_timeout > 0, f"dns.tcp_query_timeout: must be > 0, got {d.tcp_query_timeout}")
+    _check(0 < d.tcp_query_timeout <= 600, f"dns.tcp_query_timeout: must be > 0 and <= 600, got {d.tcp_query_timeout}")
     _check(d.tcp_max_queries_per_connection >= 1,
            f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
     _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
