@@ -237,7 +237,10 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.stub.record(data, "udp")
+        try:
+            self.stub.record(data, "udp")
+        except Exception:  # a name dnslib cannot read (binary labels): an upstream that ignores it
+            return
         self.stub.sources.append((addr[0], addr[1]))
         if self.stub.silent:
             return

@@ -147,3 +147,15 @@ async def test_rate_limit_over_udp_sockets(upstream: StubUpstream, data_dir: Pat
 
 def test_defaults_match_the_documented_acl() -> None:
     assert DnsConfig().allow_clients == DEFAULT_ALLOWED
+
+
+def test_amplification_is_bounded() -> None:
+    """The figures of tests/bench/amplification.py, held as limits."""
+    from tests.bench import amplification as amp
+
+    assert amp.worst(amp.pipeline(), amp.OUTSIDE)[0] <= 1.0  # REFUSED is never larger than the query
+    inside, _ = amp.worst(amp.pipeline(), amp.INSIDE)
+    assert inside <= 1232 / 17  # at most udp_max_size for the smallest possible query
+    big = dns.message.make_query(amp.BIG, "TXT").to_wire()
+    assert amp.flood(amp.pipeline(), amp.OUTSIDE, big, 20_000)[0] < 0.1
+    assert amp.flood(amp.pipeline(), amp.INSIDE, big, 20_000)[0] < 1.0  # rate limit and slip
