@@ -262,7 +262,10 @@ class _Udp(asyncio.DatagramProtocol):
 
     def _send(self, data: bytes, addr: Any) -> None:
         stub = self.stub
-        reply = stub.answer(data, "udp")
+        try:
+            reply = stub.answer(data, "udp")
+        except Exception:  # dnslib cannot build an answer for this name: an upstream that ignores it
+            return
         if reply is None:
             return
         if stub.wrong_id_first:
