@@ -4,6 +4,7 @@ connection, queries waiting upstream per connection. Every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -129,4 +130,36 @@ async def test_queries_waiting_upstream_per_connection(limited: Gate, upstream: 
     replies: list[Any] = [await read_reply(reader) for _ in names]
     assert sorted(r.id for r in replies) == [1, 2, 3, 4, 5, 6] and all(r.answer for r in replies)
     assert upstream.max_in_flight <= 2
+    writer.close()
+
+
+@pytest.mark.parametrize("limited", [{"tcp_query_timeout": 0.5, "tcp_max_pipelined": 1000}], indirect=True)
+async def test_a_client_that_never_reads_its_replies_is_closed(limited: Gate, upstream: StubUpstream) -> None:
+    upstream.add("big.example.test", "big.example.test. 300 IN TXT " + " ".join(['"' + "x" * 250 + '"'] * 4))
+    assert (await limited.query("big.example.test", "TXT", tcp=True)).answer  # cached from now on
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", limited.dns_port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    q = dns.message.make_query("big.example.test", "TXT").to_wire()
+    burst = (struct.pack(">H", len(q)) + q) * 500
+    try:
+        for _ in range(20):  # ~10 000 replies of 1 KB, never read
+            writer.write(burst)
+            await asyncio.wait_for(writer.drain(), 5)
+    except (ConnectionError, TimeoutError):
+        pass  # closed (or stopped reading) while we were still sending: what we want to see
+    async with asyncio.timeout(5):
+        while True:
+            _, text = await limited.http("GET", "/metrics")
+            if 'dnsgate_tcp_closed_early_total{reason="slow"} 1.0' in text:
+                break
+            await asyncio.sleep(0.1)
+    try:  # what was sent before the close is still in our buffer; then the end
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
+    except ConnectionResetError:
+        pass
     writer.close()
