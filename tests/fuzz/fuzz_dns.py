@@ -3,9 +3,10 @@ of upstream replies; tests/fuzz/checks.py says what must hold and how the first 
 
     .venv/bin/python -m tests.fuzz.fuzz_dns -max_total_time=600 /tmp/corpus tests/fuzz/corpus
 
-libFuzzer writes new interesting inputs to the first directory (keep the repository's corpus
-second, read-only, unless you mean to add to it) and a failing input to ./crash-<sha1>: copy it to
-tests/fuzz/crashes/, where tests/test_fuzz_properties.py replays it from then on. A short run is
+libFuzzer writes the inputs that reach new code to the first directory (keep the repository's
+corpus second, read-only; copy new inputs worth keeping into tests/fuzz/corpus) and a failing input
+to ./crash-<sha1>: copy that to tests/fuzz/crashes/. tests/test_fuzz_properties.py replays both
+directories on every test run. A short run is
 part of the test suite (tests/test_fuzz_atheris.py).
 """
 
