@@ -39,6 +39,7 @@ class Figures:
     seconds: float = 0.0
     queries: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
+    lost_kinds: Counter[str] = field(default_factory=Counter)
     consent_changes: int = 0
     consent_errors: int = 0
     outages: int = 0
@@ -64,8 +65,8 @@ def _kind(rng: random.Random) -> str:
                        [40, 25, 10, 10, 3, 7, 5])[0]
 
 
-async def _tcp_query(port: int, data: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _tcp_query(port: int, data: bytes, source: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     try:
         writer.write(struct.pack(">H", len(data)) + data)
         length = struct.unpack(">H", await reader.readexactly(2))[0]
@@ -89,7 +90,7 @@ async def load(served: Served, until: float, concurrency: int, f: Figures, seed:
             counter[0] += 1
             i = counter[0]
             kind = _kind(rng)
-            source = rng.choice(CHURNERS) if kind == "gated-consenting" else "127.0.0.1"
+            source = rng.choice(CHURNERS) if kind in ("gated-consenting", "tcp") else "127.0.0.1"
             name = {"cached": "host.example.test", "gated": "trackcmp.net", "gated-consenting": "x.trackcmp.net",
                     "any": "other.example.test", "tcp": "other.example.test"}.get(kind, f"u{i}.soak.example.test")
             qid = i & 0xFFFF
@@ -100,8 +101,8 @@ async def load(served: Served, until: float, concurrency: int, f: Figures, seed:
                 data = data[:12] + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30)))
             f.queries += 1
             try:
-                if kind == "tcp":
-                    reply = await asyncio.wait_for(_tcp_query(served.dns_port, data), 5)
+                if kind == "tcp":  # from several addresses, as from a LAN (32 connections per client at most)
+                    reply = await asyncio.wait_for(_tcp_query(served.dns_port, data, source), 5)
                 else:
                     transport, client = sockets[source]
                     while qid in client.waiting:
@@ -114,8 +115,9 @@ async def load(served: Served, until: float, concurrency: int, f: Figures, seed:
                         reply = await asyncio.wait_for(future, 5)
                     finally:
                         client.waiting.pop(qid, None)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 f.outcomes["no reply"] += 1
+                f.lost_kinds[f"{kind}: {type(exc).__name__}"] += 1
                 continue
             rcode = reply[3] & 0xF
             f.outcomes[{0: "noerror", 1: "formerr", 2: "servfail", 3: "nxdomain"}.get(rcode, f"rcode{rcode}")] += 1
@@ -170,7 +172,9 @@ async def run(seconds: float, concurrency: int, data_dir: Path, seed: int = 1) -
     stub = zone_for_tests(StubUpstream(default_a="192.0.2.99"))
     await stub.start()
     config = data_dir.parent / "soak.toml"
-    config.write_text("[upstream]\ntimeout = 1.5\nattempt_timeout = 0.5\n")
+    # A cache small enough to reach its bound during warm-up: expired entries of names never asked
+    # again stay until evicted, so a larger cache only shows up as growth until it is full.
+    config.write_text("[upstream]\ntimeout = 1.5\nattempt_timeout = 0.5\n[cache]\nmax_entries = 5000\n")
     served = await serve(stub.address, data_dir, config=config)
     f = Figures()
     started = time.monotonic()
@@ -196,14 +200,15 @@ def report(f: Figures) -> str:
             + ", ".join(f"{k} {v}" for k, v in sorted(f.outcomes.items()))
             + f"; unexplained loss {f.lost}; consent changes {f.consent_changes} (refused {f.consent_errors}); "
             f"upstream outages {f.outages}; RSS {rss[0] / 1024:.1f} -> {rss[max(1, len(rss) // 10)] / 1024:.1f} "
-            f"(after warm-up) -> {rss[-1] / 1024:.1f} MB ({100 * f.rss_growth:+.1f} %); tasks before/after "
+            f"(after warm-up) -> {rss[len(rss) // 2] / 1024:.1f} (half-way) -> {rss[-1] / 1024:.1f} MB "
+            f"({100 * f.rss_growth:+.1f} %); tasks before/after "
             f"{f.tasks[0]}/{f.tasks[1]}; error lines in the log {len(f.error_lines)}")
 
 
 def problems(f: Figures) -> list[str]:
     found = []
     if f.lost:
-        found.append(f"{f.lost} queries got no reply")
+        found.append(f"{f.lost} queries got no reply: {dict(f.lost_kinds)}")
     if f.rss_growth > 0.10:
         found.append(f"RSS grew {100 * f.rss_growth:.1f} % after warm-up")
     if f.error_lines:
@@ -219,6 +224,7 @@ async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         f = await run(args.seconds, args.concurrency, Path(tmp) / "data", args.seed)
     print(report(f))
+    print("RSS samples (MB):", " ".join(f"{kb / 1024:.1f}" for kb in f.rss_kb))
     for p in problems(f):
         print("  problem:", p)
     return 1 if problems(f) else 0
