@@ -187,7 +187,7 @@ class TcpConnection(asyncio.Protocol):
         """Answer every complete query in the buffer, as far as the limits allow."""
         buffer = self.buffer
         while len(buffer) >= 2 and self.outstanding < self.limits.max_pipelined \
-                and self.queries < self.limits.max_queries:
+                and self.queries < self.limits.max_queries and not self.write_paused:
             length = U16.unpack_from(buffer)[0]
             if len(buffer) < 2 + length:
                 break
