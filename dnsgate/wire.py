@@ -245,6 +245,36 @@ NAME_FIELDS: Final = {2: (0, True), 5: (0, True), 12: (0, True), 39: (0, True), 
 FIXED_SIZE: Final = {1: 4, 28: 16}
 
 
+def name_end(data: bytes, offset: int) -> int:
+    """Offset just past the (possibly compressed) name at `offset` if it decompresses within 255
+    bytes with every pointer strictly backwards (so no loop), else -1. Builds nothing."""
+    n = len(data)
+    end = -1
+    limit = offset
+    total = 1
+    while offset < n:
+        length = data[offset]
+        if length == 0:
+            return offset + 1 if end < 0 else end
+        if length >= 0xC0:
+            if offset + 1 >= n:
+                return -1
+            target = ((length & 0x3F) << 8) | data[offset + 1]
+            if end < 0:
+                end = offset + 2
+            if target >= limit:
+                return -1
+            offset = limit = target
+            continue
+        if length > 63:
+            return -1
+        total += length + 1
+        if total > MAX_NAME:
+            return -1
+        offset += length + 1
+    return -1
+
+
 def records_well_formed(data: bytes, offset: int) -> bool:
     """Whether every record after the question (starting at `offset`) is one a client can read:
     its owner name decompresses (no pointer loop, no forward pointer, nothing past the end), and
@@ -253,27 +283,28 @@ def records_well_formed(data: bytes, offset: int) -> bool:
     and the cache, as poison: they are treated as no reply at all. Other types are relayed as
     opaque data (RFC 3597)."""
     ancount, nscount, arcount = COUNTS.unpack_from(data, 4)[1:]
+    n = len(data)
     for _ in range(ancount + nscount + arcount):
-        if read_name(data, offset) is None:
+        owner_end = name_end(data, offset)
+        if owner_end < 0 or owner_end + 10 > n:
             return False
-        rr = read_rr_header(data, offset)
-        if rr is None:
-            return False
-        owner_end, rtype, _rclass, _ttl, rdlen = rr
+        rtype, _rclass, _ttl, rdlen = RR_FIXED.unpack_from(data, owner_end)
         rdata = owner_end + 10
         end = rdata + rdlen
+        if end > n:
+            return False
         if rtype in FIXED_SIZE:
             if rdlen != FIXED_SIZE[rtype]:
                 return False
         elif rtype in NAME_FIELDS:
             at, last = NAME_FIELDS[rtype]
-            name = read_name(data, rdata + at) if at < rdlen else None
-            if name is None or name[1] > end or (last and name[1] != end):
+            name = name_end(data, rdata + at) if at < rdlen else -1
+            if name < 0 or name > end or (last and name != end):
                 return False
         elif rtype == SOA:
-            mname = read_name(data, rdata)
-            rname = read_name(data, mname[1]) if mname is not None and mname[1] < end else None
-            if rname is None or rname[1] + 20 != end:
+            mname = name_end(data, rdata)
+            rname = name_end(data, mname) if 0 <= mname < end else -1
+            if rname < 0 or rname + 20 != end:
                 return False
         elif rtype == TXT:
             at = rdata
