@@ -8,10 +8,12 @@ beyond that the replies are dropped, except every `slip`-th one, which is sent t
 no records) so that a real client behind that prefix retries over TCP, where its source address
 is proven by the handshake and no limit applies. This is BIND's RRL, keyed on the prefix alone.
 
-Per query this costs the pipeline one dict lookup (the address's gate, memoized), a truth test,
-a comparison and a decrement: a gate is a small list [tokens, allowed] shared by every address of
-a prefix. Everything else (parsing an address, matching networks, refilling) happens once per
-new address or once a second. Pure: no clock, no I/O; the shell calls `tick` every second.
+Per query this costs the pipeline one dict lookup (the address's gate, memoized) and an identity
+test for a client in the ACL that is not rate limited (loopback by default; every client when
+`rate` is 0): its gate is `True`. Any other gate is a small list [tokens, allowed] shared by every
+address of a prefix, which adds two subscripts, a comparison and a decrement. Everything else
+(parsing an address, matching networks, refilling) happens once per new address or once a second.
+Pure: no clock, no I/O; the shell calls `tick` every second.
 """
 
 from __future__ import annotations
@@ -51,15 +53,16 @@ class Admission:
         self.v4_prefix = v4_prefix
         self.v6_prefix = v6_prefix
         # The pipeline reads `gates` directly (one dict lookup per query); `gate` fills it.
-        self.gates: dict[str, Gate] = {}
+        self.gates: dict[str, Gate | Literal[True]] = {}
         self.buckets: dict[tuple[IPNetwork | None, int], Gate] = {}
         self.slip_count = 0
         self.refused = 0  # queries refused by the ACL
         self.dropped = 0  # UDP replies not sent because the prefix was over its rate
         self.slipped = 0  # ... sent truncated instead
 
-    def gate(self, client: str) -> Gate:
-        """The gate of an address not yet seen (memoized in `gates`)."""
+    def gate(self, client: str) -> Gate | Literal[True]:
+        """The gate of an address not yet seen (memoized in `gates`): True for a client the ACL
+        allows and no rate limit applies to, else its prefix's bucket."""
         try:
             ip = ipaddress.ip_address(client)
         except ValueError:  # "unknown" (no peer name): never allowed
@@ -72,11 +75,14 @@ class Admission:
             bits = self.v4_prefix if ip.version == 4 else self.v6_prefix
             key = (ipaddress.ip_network(f"{ip}/{bits}", strict=False), int(allowed))
             start = self.burst
+        if len(self.gates) >= MEMO_LIMIT:
+            self.gates.clear()
+        if start == UNLIMITED and allowed:
+            self.gates[client] = True
+            return True
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = [start, int(allowed)]
-        if len(self.gates) >= MEMO_LIMIT:
-            self.gates.clear()
         self.gates[client] = bucket
         return bucket
 
@@ -93,10 +99,16 @@ class Admission:
             if len(self.buckets) > 2 * BUCKET_LIMIT:
                 self.buckets.clear()
 
-    def turn_away(self, gate: Gate, data: bytes, tcp: bool, counts: Tally,
+    def turn_away(self, gate: Gate | None, client: str, data: bytes, tcp: bool, counts: Tally,
                   udp_max: int) -> bytes | Literal[True] | None:
-        """The slow side of the pipeline's check: True to answer normally (TCP is not rate
-        limited; a token was left), else the reply to send instead (REFUSED, truncated) or None."""
+        """The slow side of the pipeline's check (an address not seen yet, outside the ACL, or out
+        of tokens): True to answer normally (TCP is not rate limited; a token was left), else the
+        reply to send instead (REFUSED, truncated) or None."""
+        if gate is None:
+            found = self.gate(client)
+            if found is True:
+                return True
+            gate = found
         limited = not tcp and gate[0] <= 0
         if not limited:
             if gate[0] > 0:

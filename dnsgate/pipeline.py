@@ -144,7 +144,7 @@ class Pipeline:
         self.catalog = catalog
         # Who may ask and how fast (admission.py); by default everyone, without a rate limit.
         self.admission = admission if admission is not None else Admission(("0.0.0.0/0", "::/0"))
-        self.gates = self.admission.gates  # client -> [tokens, allowed]: read directly, one dict lookup
+        self.gates = self.admission.gates  # client -> True or [tokens, allowed]: read directly
         self.consent = consent
         self.cache = cache
         self.entries = cache.entries  # the fast path's lookups skip a method call
@@ -194,15 +194,17 @@ class Pipeline:
         query, at most an empty OPT) when the answer is in memory: a cache hit, or the sinkhole for
         a name already matched. Every other case goes the general way. About 1 µs of Python here
         costs about 10 % of throughput (../shared/research/perf-anchors.md), hence the shape.
-        First of all, who may ask and how fast (admission.py): one dict lookup, a comparison and a
-        decrement for a client within the ACL and its prefix's rate."""
-        gate = self.gates.get(client) or self.admission.gate(client)
-        if gate[1] and gate[0] > 0:
-            gate[0] -= 1
-        else:  # outside the ACL, or over the prefix's rate: admission.py decides
-            verdict = self.admission.turn_away(gate, data, tcp, self.counters, self.udp_max)
-            if verdict is not True:
-                return verdict
+        First of all, who may ask and how fast (admission.py): one dict lookup and an identity test
+        for a client in the ACL that is not rate limited; two subscripts and a decrement more for one
+        that is."""
+        gate = self.gates.get(client)
+        if gate is not True:  # True: in the ACL and not rate limited (loopback; everyone when rate is 0)
+            if gate is not None and gate[1] and gate[0] > 0:  # in the ACL, tokens left this second
+                gate[0] -= 1
+            else:  # first sight, outside the ACL, or over the prefix's rate: admission.py decides
+                verdict = self.admission.turn_away(gate, client, data, tcp, self.counters, self.udp_max)
+                if verdict is not True:
+                    return verdict
         seen = self.kiosk_seen
         if seen and client in seen:
             self.consent.touch(client, self.wall())
