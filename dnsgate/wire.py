@@ -245,9 +245,10 @@ NAME_FIELDS: Final = {2: (0, True), 5: (0, True), 12: (0, True), 39: (0, True), 
 FIXED_SIZE: Final = {1: 4, 28: 16}
 
 
-def name_end(data: bytes, offset: int) -> int:
+def name_end(data: bytes, offset: int, trusted: int = -1) -> int:
     """Offset just past the (possibly compressed) name at `offset` if it decompresses within 255
-    bytes with every pointer strictly backwards (so no loop), else -1. Builds nothing."""
+    bytes with every pointer strictly backwards (so no loop), else -1. Builds nothing. A pointer
+    to `trusted` (a name already checked: the question's, at 12) ends the walk there."""
     n = len(data)
     end = -1
     limit = offset
@@ -262,6 +263,8 @@ def name_end(data: bytes, offset: int) -> int:
             target = ((length & 0x3F) << 8) | data[offset + 1]
             if end < 0:
                 end = offset + 2
+            if target == trusted and total == 1:
+                return end
             if target >= limit:
                 return -1
             offset = limit = target
@@ -282,19 +285,25 @@ def records_well_formed(data: bytes, offset: int) -> bool:
     and TXT have the size their format says. Upstream replies that fail this would reach clients,
     and the cache, as poison: they are treated as no reply at all. Other types are relayed as
     opaque data (RFC 3597)."""
-    ancount, nscount, arcount = COUNTS.unpack_from(data, 4)[1:]
+    _qd, ancount, nscount, arcount = COUNTS.unpack_from(data, 4)
     n = len(data)
+    unpack = RR_FIXED.unpack_from
+    fixed = FIXED_SIZE
     for _ in range(ancount + nscount + arcount):
-        owner_end = name_end(data, offset)
+        if data[offset : offset + 2] == b"\xc0\x0c":
+            owner_end = offset + 2  # the question's name, checked on arrival: nearly every owner
+        else:
+            owner_end = name_end(data, offset, 12)
         if owner_end < 0 or owner_end + 10 > n:
             return False
-        rtype, _rclass, _ttl, rdlen = RR_FIXED.unpack_from(data, owner_end)
+        rtype, _rclass, _ttl, rdlen = unpack(data, owner_end)
         rdata = owner_end + 10
         end = rdata + rdlen
         if end > n:
             return False
-        if rtype in FIXED_SIZE:
-            if rdlen != FIXED_SIZE[rtype]:
+        size = fixed.get(rtype)
+        if size is not None:
+            if rdlen != size:
                 return False
         elif rtype in NAME_FIELDS:
             at, last = NAME_FIELDS[rtype]
