@@ -290,10 +290,8 @@ def records_well_formed(data: bytes, offset: int) -> bool:
     unpack = RR_FIXED.unpack_from
     fixed = FIXED_SIZE
     for _ in range(ancount + nscount + arcount):
-        if data[offset : offset + 2] == b"\xc0\x0c":
-            owner_end = offset + 2  # the question's name, checked on arrival: nearly every owner
-        else:
-            owner_end = name_end(data, offset, 12)
+        # Nearly every owner is a pointer to the question's name, which was checked on arrival.
+        owner_end = offset + 2 if data[offset : offset + 2] == b"\xc0\x0c" else name_end(data, offset, 12)
         if owner_end < 0 or owner_end + 10 > n:
             return False
         rtype, _rclass, _ttl, rdlen = unpack(data, owner_end)
