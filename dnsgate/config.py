@@ -567,7 +567,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= cfg.cache.min_ttl <= MAX_TTL, f"cache.min_ttl: must be 0..{MAX_TTL}, got {cfg.cache.min_ttl}")
     _check(
         max(cfg.cache.min_ttl, 1) <= cfg.cache.max_ttl <= MAX_TTL,
-        f"cache.max_ttl: must be 1..{MAX_TTL} and >= cache.min_ttl, got {cfg.cache.max_ttl}",
+        f"cache.max_ttl: must be >= 1 and >= cache.min_ttl, and at most {MAX_TTL}, got {cfg.cache.max_ttl}",
     )
     _check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
     _check(1 <= cfg.cache.stale_max_age <= MAX_TTL,

@@ -219,7 +219,8 @@ class Pipeline:
         if arcount == 0:
             question = data[12:]
             edns = -1
-        elif (arcount == 1 and data[-11:-8] == _OPT_HEAD and not data[-5] and not data[-2] and not data[-1]):
+        elif (arcount == 1 and n >= 28 and data[-11:-8] == _OPT_HEAD and not data[-5] and not data[-2]
+              and not data[-1]):  # n >= 28: room for a question (5+) before the OPT (issue 8's fuzzer)
             question = data[12:-11]  # EDNS version 0, no options
             edns = data[-4] >> 7
         else:

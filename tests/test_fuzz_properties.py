@@ -85,3 +85,9 @@ def _saved() -> list[Path]:
 @pytest.mark.parametrize("path", _saved(), ids=lambda p: f"{p.parent.name}/{p.name[:12]}")
 def test_fuzz_corpus_and_crash_reproducers_replay(path: Path) -> None:
     checks.run_one(checks.pipeline(), path.read_bytes())
+
+
+def test_fast_path_short_question_before_an_empty_opt() -> None:
+    """Found by the fuzzer: arcount 1, the last 11 bytes an empty OPT, fewer than 5 before it."""
+    data = bytes.fromhex("9cd801000001000000000001037700002904d000000000000000")[:25]
+    checks.check_answer(checks.pipeline(), data)
