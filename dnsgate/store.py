@@ -342,7 +342,16 @@ class UnavailableStore(ConsentStore):
     def remember_pairing(self, http: str, dns: str, at: float) -> None:
         raise self._fail()
 
+    def pairings_of(self, http: str) -> dict[str, float]:
+        raise self._fail()
+
     def purge(self, before: float, now: float) -> int:
+        raise self._fail()
+
+    def restore_events(self, events: Sequence[Event]) -> int:
+        raise self._fail()
+
+    def restore_state(self, choices: Sequence[Choice], pairings: Sequence[tuple[str, str, float]]) -> None:
         raise self._fail()
 
     def close(self) -> None:
