@@ -61,6 +61,7 @@ EDE_STALE: Final = 3  # RFC 8914 info code "Stale Answer"
 
 MAX_NAME: Final = 255
 MIN_UDP: Final = 512
+HEADER_SIZE: Final = 12
 
 
 # Values built per query are plain slotted dataclasses, not frozen ones: a frozen dataclass costs
@@ -247,7 +248,7 @@ FIXED_SIZE: Final = {1: 4, 28: 16}
 
 def name_end(data: bytes, offset: int, trusted: int = -1) -> int:
     """Offset just past the (possibly compressed) name at `offset` if it decompresses within 255
-    bytes with every pointer strictly backwards (so no loop), else -1. Builds nothing. A pointer
+    bytes with every pointer strictly backwards (so no loop) and past the header, else -1. Builds nothing. A pointer
     to `trusted` (a name already checked: the question's, at 12) ends the walk there."""
     n = len(data)
     end = -1
@@ -265,7 +266,7 @@ def name_end(data: bytes, offset: int, trusted: int = -1) -> int:
                 end = offset + 2
             if target == trusted and total == 1:
                 return end
-            if target >= limit:
+            if target >= limit or target < HEADER_SIZE:  # no names live in the header
                 return -1
             offset = limit = target
             continue

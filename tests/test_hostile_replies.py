@@ -50,6 +50,9 @@ GOOD = [
 BAD = {
     "owner points at itself": raw_answer(1, bytes([192, 0, 2, 1]), owner=struct.pack(">H", 0xC000 | QEND)),
     "owner points forward": raw_answer(1, bytes([192, 0, 2, 1]), owner=b"\xc0\xff"),
+    # A name in the header decompresses to whatever the ID and flags spell, which differ in our reply.
+    "owner points into the header": raw_answer(1, bytes([192, 0, 2, 1]), owner=b"\xc0\x00"),
+    "CNAME target points into the header": raw_answer(5, b"\xc0\x04"),
     "A of 3 bytes": raw_answer(1, bytes([192, 0, 2])),
     "AAAA of 4 bytes": raw_answer(28, bytes(4)),
     "CNAME target loops": raw_answer(5, struct.pack(">H", 0xC000 | (QEND + 12))),

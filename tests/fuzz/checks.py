@@ -29,6 +29,8 @@ CLIENTS = ("127.0.0.1", "192.168.1.20", "8.8.8.8")  # no consent; consent (below
 QUESTIONS = (dns.message.make_query("host.example.test", "A"),
              dns.message.make_query("trackcmp.net", "AAAA", use_edns=0, want_dnssec=True),
              dns.message.make_query("www.example.test", "HTTPS", use_edns=0))
+for _n, _q in enumerate(QUESTIONS):
+    _q.id = 0x3C0C + _n  # fixed, so a reproducer replays the same way (a reply's pointer may land in the ID)
 
 
 def pipeline() -> Pipeline:
