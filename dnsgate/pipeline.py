@@ -228,7 +228,7 @@ class Pipeline:
         lower = question.lower()
         if question[-3] > 64 or question[-4] or question[-2] or question[-1] > 64:
             lower = lower[:-4] + question[-4:]  # fold the name only: HTTPS is type 65, b"A"
-        key = lower + b"\x02" if edns == 1 else lower  # = cache_key(lower, do=True, cd=False)
+        key = lower + (b"\x02" if edns == 1 else b"\x00")  # = cache_key(lower, edns == 1, cd=False)
         if flags & CD:
             key = cache_key(lower, edns == 1, True)
         now = self.mono()

@@ -111,14 +111,17 @@ class Rejection:
 DROP_TOO_SHORT: Final = Rejection(None, "shorter than a DNS header")
 DROP_RESPONSE: Final = Rejection(None, "QR=1: a response, never answered")
 
-_KEY_SUFFIX: Final = (b"", b"\x01", b"\x02", b"\x03")
+_KEY_SUFFIX: Final = (b"\x00", b"\x01", b"\x02", b"\x03")
 
 
 def cache_key(question_lower: bytes, do: bool, cd: bool) -> bytes:
-    """Name, type and class (lower case), plus the DO and CD bits that change what upstream sends.
+    """Name, type and class (lower case), plus one byte for the DO and CD bits that change what
+    upstream sends.
 
-    A key without flags ends in the class; a key with flags has one more byte. Since a valid
-    wire name ends at its first zero length byte, no two different questions share a key.
+    Since a valid wire name ends at its first zero length byte, no two different questions share a
+    key. Every key has the byte, even without flags: Pipeline.answer looks up the raw question of
+    a packet it has not parsed, and a question with one byte of junk after the class must not
+    equal the key of a valid question with a flag byte (issue 8's fuzzer found that).
     """
     return question_lower + _KEY_SUFFIX[(do << 1) | cd]
 

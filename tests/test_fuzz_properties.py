@@ -91,3 +91,22 @@ def test_fast_path_short_question_before_an_empty_opt() -> None:
     """Found by the fuzzer: arcount 1, the last 11 bytes an empty OPT, fewer than 5 before it."""
     data = bytes.fromhex("9cd801000001000000000001037700002904d000000000000000")[:25]
     checks.check_answer(checks.pipeline(), data)
+
+
+@pytest.mark.parametrize("flags", [0x0110, 0x0100], ids=["CD", "DO"])
+def test_junk_after_the_question_never_hits_a_flagged_key(flags: int) -> None:
+    """Found by the fuzzer: a question of a gated name asked with CD (or DO) is memoized under its
+    key, which had one flag byte more than the question; the same question with that byte as junk
+    after the class, asked without flags, hit that key and was echoed, junk and all."""
+    p = checks.pipeline()
+    question = b"\x08trackcmp\x03net\x00\x00\x01\x00\x01"
+    flagged = struct.pack(">HHHHHH", 1, flags, 1, 0, 0, 0 if flags & 0x10 else 1) + question
+    if not flags & 0x10:
+        flagged += b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"  # an empty OPT with DO
+    checks.check_answer(p, flagged)  # sinkholed for the client without consent, and memoized
+    junk = struct.pack(">HHHHHH", 2, 0x0100, 1, 0, 0, 0) + question + (b"\x01" if flags & 0x10 else b"\x02")
+    checks.check_answer(p, junk)
+    for client in checks.CLIENTS[:2]:
+        reply = p.answer(junk, client, False)
+        if isinstance(reply, bytes):
+            assert dns.message.from_wire(reply).question[0].name.to_text() == "trackcmp.net."

@@ -28,14 +28,14 @@ def test_parses_a_plain_query() -> None:
     assert q.id == 0x1234 and q.qtype == 1 and q.qclass == 1 and q.edns is None
     assert q.question == b"\x07ExAmPlE\x03com\x00\x00\x01\x00\x01"  # the client's case, for the echo
     assert q.name == b"\x07example\x03com\x00"
-    assert q.key == QUESTION
+    assert q.key == QUESTION + b"\x00"
     assert q.text == "example.com."
 
 
 def test_type_and_class_keep_their_bytes() -> None:
     q = wire.parse_query(header() + b"\x04HoSt\x00\x00\x41\x00\x01")  # type 65 (HTTPS) is the byte "A"
     assert isinstance(q, wire.Query)
-    assert q.qtype == 65 and q.key == b"\x04host\x00\x00\x41\x00\x01" and q.name == b"\x04host\x00"
+    assert q.qtype == 65 and q.key == b"\x04host\x00\x00\x41\x00\x01\x00" and q.name == b"\x04host\x00"
 
 
 def test_parses_edns() -> None:
