@@ -285,8 +285,8 @@ def name_end(data: bytes, offset: int, trusted: int = -1) -> int:
 def records_well_formed(data: bytes, offset: int) -> bool:
     """Whether every record after the question (starting at `offset`) is one a client can read:
     its owner name decompresses (no pointer loop, no forward pointer, nothing past the end), and
-    so do the names in its RDATA (NS, CNAME, PTR, DNAME, MX, SRV, SOA, SVCB/HTTPS); A, AAAA, SOA
-    and TXT have the size their format says. Upstream replies that fail this would reach clients,
+    so do the names in its RDATA (NS, CNAME, PTR, DNAME, MX, SRV, SOA, SVCB/HTTPS); A, AAAA, SOA,
+    TXT and HINFO have the size their format says. Upstream replies that fail this would reach clients,
     and the cache, as poison: they are treated as no reply at all. Other types are relayed as
     opaque data (RFC 3597)."""
     _qd, ancount, nscount, arcount = COUNTS.unpack_from(data, 4)
@@ -322,6 +322,10 @@ def records_well_formed(data: bytes, offset: int) -> bool:
             while at < end:
                 at += data[at] + 1
             if at != end or not rdlen:
+                return False
+        elif rtype == HINFO:  # two character-strings, CPU and OS
+            at = rdata + data[rdata] + 1 if rdata < end else end
+            if at >= end or at + data[at] + 1 != end:
                 return False
         offset = end
     return True

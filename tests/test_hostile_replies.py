@@ -42,6 +42,8 @@ GOOD = [
     reply_with("host.example.test. 60 IN CNAME x.example.test.", "x.example.test. 60 IN A 192.0.2.1"),
     reply_with("host.example.test. 60 IN MX 10 mail.example.test."),
     reply_with("host.example.test. 60 IN TXT \"a\" \"\" \"bc\""),
+    reply_with("host.example.test. 60 IN HINFO \"x86\" \"Linux\""),
+    reply_with("host.example.test. 60 IN HINFO \"\" \"\""),
     reply_with("host.example.test. 60 IN SRV 1 2 443 svc.example.test."),
     reply_with("host.example.test. 60 IN HTTPS 1 . alpn=h2 ipv4hint=192.0.2.1"),
     reply_with("host.example.test. 60 IN TYPE65280 \\# 3 010203"),
@@ -60,6 +62,9 @@ BAD = {
     "MX without a name": raw_answer(15, b"\x00\x0a"),
     "SOA too short": raw_answer(6, b"\x00\x00" + bytes(10)),
     "TXT string past its RDATA": raw_answer(16, b"\x09abc"),
+    "HINFO without RDATA": raw_answer(13, b""),
+    "HINFO with one string": raw_answer(13, b"\x03x86"),
+    "HINFO with bytes after the strings": raw_answer(13, b"\x03x86\x05Linux!"),
     "RDLENGTH past the end": raw_answer(1, bytes(4))[:-2],
 }
 
