@@ -359,7 +359,7 @@ class QueryLogConfig:
     # queries for gated names (the evidence for /v1/report); "off": nothing.
     mode: Literal["full", "anonymous", "gated-only", "off"] = "gated-only"
     # Entries waiting for the writer; beyond this they are dropped and counted.
-    queue_size: int = 100_000
+    queue_size: int = 10_000
     # Seconds between batched writes.
     flush_interval: float = 1.0
     # Retention: entries older than this many days, and the oldest beyond max_rows, are deleted.

@@ -23,9 +23,11 @@ import logging
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +44,17 @@ DAY = 86_400.0
 PRUNE_EVERY = 60.0  # seconds between retention passes
 MAX_GATED_CLIENTS = 10_000
 Row = dict[str, Any]
+TEXT_MEMO = 4096  # questions and clients whose text forms the writer remembers
+
+
+_RULE = itemgetter(6)
+_OUTCOME = itemgetter(4)
+
+
+def _decision(outcome: int) -> str:
+    """What a gated query's outcome means for its vendor: sinkholed, allowed, or the outcome."""
+    return ("sinkholed" if outcome == SINKHOLED else
+            "allowed" if outcome in (CACHED, FORWARDED, STALE) else OUTCOMES[outcome])
 
 
 def type_name(qtype: int) -> str:
@@ -99,6 +112,9 @@ class QueryLog:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-querylog")
         self._last_prune = 0.0
+        # The writer thread's memos: question bytes -> (name, type), client -> its label in the log.
+        self._names: dict[bytes | None, tuple[str | None, str | None]] = {}
+        self._labels: dict[str, str] = {}
 
     def attach(self, pipeline: Pipeline) -> None:
         """Have `pipeline` record into this log: gated names always, every query in full/anonymous mode."""
@@ -121,18 +137,20 @@ class QueryLog:
         entries = self.pending[:]
         self.pending.clear()  # the same list object: the pipeline holds its bound append
         offset = self.wall() - self.mono()
-        for entry in entries:
-            rule = entry[6]
+        # A flood repeats a few (rule, outcome) pairs and clients: count them at C speed, then
+        # once per distinct pair or client (this runs on the event loop that answers DNS).
+        for (rule, outcome), n in Counter(zip(map(_RULE, entries), map(_OUTCOME, entries), strict=True)).items():
             if rule is not None:
-                outcome = entry[4]
-                decision = ("sinkholed" if outcome == SINKHOLED else
-                            "allowed" if outcome in (CACHED, FORWARDED, STALE) else OUTCOMES[outcome])
-                key = (rule.vendor.id, decision)
-                self.gated[key] = self.gated.get(key, 0) + 1
-                self._gated_clients.pop(entry[1], None)  # re-insert: the dict stays in last-seen order
-                self._gated_clients[entry[1]] = entry[0]
-                if self.hub.subscribers or self.hub.webhook_url:
-                    self.hub.publish(self._decision_event(entry, decision, offset))
+                key = (rule.vendor.id, _decision(outcome))
+                self.gated[key] = self.gated.get(key, 0) + n
+        last_seen = {entry[1]: entry[0] for entry in entries if entry[6] is not None}
+        for client, at in last_seen.items():
+            self._gated_clients.pop(client, None)  # re-insert: the dict stays in last-seen order
+            self._gated_clients[client] = at
+        if self.hub.subscribers or self.hub.webhook_url:
+            for entry in entries:
+                if entry[6] is not None:
+                    self.hub.publish(self._decision_event(entry, _decision(entry[4]), offset))
         while len(self._gated_clients) > MAX_GATED_CLIENTS:
             del self._gated_clients[next(iter(self._gated_clients))]
         if self.db is None:
@@ -224,25 +242,30 @@ class QueryLog:
             self.db.prune(now - self.cfg.max_age_days * DAY, self.cfg.max_rows)
         return written
 
-    def _row(self, entry: LogEntry, offset: float) -> Row:
+    def _row(self, entry: LogEntry, offset: float) -> tuple[Any, ...]:
+        """The entry as a row of querylog_db.COLUMNS (after "id"). A flood repeats a few questions
+        and clients, so their text forms are memoized (bounded)."""
         at, client, question, tcp, outcome, rcode, rule, grant, elapsed = entry
         if rcode < 0:
             rcode = self.sinkhole_rcode
-        return {
-            "at": at + offset,
-            "client": self.client_label(client),
-            "name": name_of(question) if question is not None else None,
-            "type": type_name((question[-4] << 8) | question[-3]) if question is not None else None,
-            "protocol": "tcp" if tcp else "udp",
-            "outcome": OUTCOMES[outcome],
-            "rcode": rcode,
-            "vendor": rule.vendor.id if rule is not None else None,
-            "category": rule.vendor.category if rule is not None else None,
-            "granted_at": grant.granted_at if grant is not None else None,
-            "grant_expires_at": grant.expires_at if grant is not None else None,
-            "grant_source": grant.source if grant is not None else None,
-            "duration_ms": round(elapsed * 1000, 3) if elapsed else None,
-        }
+        names = self._names
+        name_type = names.get(question)
+        if name_type is None:
+            if len(names) >= TEXT_MEMO:
+                names.clear()
+            name_type = names[question] = (name_of(question), type_name((question[-4] << 8) | question[-3])) \
+                if question is not None else (None, None)
+        labels = self._labels
+        label = labels.get(client)
+        if label is None:
+            if len(labels) >= TEXT_MEMO:
+                labels.clear()
+            label = labels[client] = self.client_label(client)
+        vendor = rule.vendor if rule is not None else None
+        return (at + offset, label, name_type[0], name_type[1], "tcp" if tcp else "udp", OUTCOMES[outcome], rcode,
+                vendor.id if vendor is not None else None, vendor.category if vendor is not None else None,
+                grant.granted_at if grant is not None else None, grant.expires_at if grant is not None else None,
+                grant.source if grant is not None else None, round(elapsed * 1000, 3) if elapsed else None)
 
 
 def sinkhole_rcode(mode: str) -> int:
