@@ -397,12 +397,13 @@ async def load_consent(consents: ConsentService, store: ConsentBackend, problem:
     if problem:
         consents.hold_closed(problem if store.shared else f"{problem}; fix or move the file and restart")
         return 0
-    from .redis_store import RedisBackend
+    if store.shared:
+        from .redis_store import RedisBackend  # imported only when used: the client adds to start-up
 
-    if isinstance(store, RedisBackend):
-        warning = await store.durability_warning()
-        if warning:
-            log.warning("consent store %s: %s", store.name, warning)
+        if isinstance(store, RedisBackend):
+            warning = await store.durability_warning()
+            if warning:
+                log.warning("consent store %s: %s", store.name, warning)
     return clients
 
 

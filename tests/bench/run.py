@@ -341,7 +341,7 @@ class Bench:
             return ["unbound", "-d", "-c", str(self.gen / "unbound.conf")]
         config = data_dir / "dnsgate.toml"
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
-                          f'[api]\nadmin_token = "bench"\n[storage]\nsynchronous = "{self.args.synchronous}"\n')
+                          f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n[storage]\nsynchronous = "{self.args.synchronous}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
@@ -417,7 +417,10 @@ class Bench:
                 body = json.dumps({"categories": ["marketing"] if granted else []})
                 try:
                     conn.request("PUT", "/v1/consent", body=body, headers={"Content-Type": "application/json"})
-                    conn.getresponse().read()
+                    response = conn.getresponse()
+                    response.read()
+                    if response.status != 200:  # (the config lifts the per-client limit on changes)
+                        raise RuntimeError(f"PUT /v1/consent answered {response.status}")
                     reply = dns.query.udp(dns.message.make_query("trackcmp.net", "A"), "127.0.0.1", port=port,
                                           source="127.0.0.2", timeout=2)
                     blocked = reply.rcode() == dns.rcode.NXDOMAIN
