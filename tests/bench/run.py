@@ -341,7 +341,8 @@ class Bench:
             return ["unbound", "-d", "-c", str(self.gen / "unbound.conf")]
         config = data_dir / "dnsgate.toml"
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
-                          f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n[storage]\nsynchronous = "{self.args.synchronous}"\n')
+                          f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
+                          f'[storage]\nsynchronous = "{self.args.synchronous}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
