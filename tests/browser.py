@@ -12,9 +12,10 @@ Tests that need it are skipped where chromium is not installed (.ci/run installs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from playwright.async_api import Browser, async_playwright
@@ -32,13 +33,20 @@ needs_chromium = pytest.mark.skipif(not chromium_available(),
                                     reason=f"{CHROMIUM} not found (apt-get install chromium)")
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+@contextlib.asynccontextmanager
+async def launched(args: Sequence[str] = CHROMIUM_ARGS) -> AsyncIterator[Browser]:
+    """Chromium started with `args`, closed afterwards; the test is skipped without chromium."""
     if not chromium_available():
         pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
     async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        started = await playwright.chromium.launch(executable_path=CHROMIUM, args=list(args))
         try:
-            yield launched
+            yield started
         finally:
-            await launched.close()
+            await started.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with launched() as started:
+        yield started

@@ -17,10 +17,10 @@ from typing import Any
 import dns.rcode
 import pytest
 from axe_playwright_python.async_playwright import Axe
-from playwright.async_api import Browser, ConsoleMessage, Page, Request, ViewportSize, async_playwright, expect
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, ViewportSize, expect
 
 from dnsgate.config import PortalConfig, ProfilesConfig
-from tests.browser import CHROMIUM, CHROMIUM_ARGS, chromium_available
+from tests.browser import CHROMIUM_ARGS, launched
 from tests.conftest import Gate, make_config, running_gate
 from tests.consent_fixtures import consent_config
 from tests.stub_upstream import StubUpstream
@@ -35,14 +35,8 @@ ARGS = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.pair.consent.dnsgate.intern
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    if not chromium_available():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
+    async with launched(ARGS) as started:
+        yield started
 
 
 @contextlib.asynccontextmanager
