@@ -368,18 +368,11 @@ def open_backend(cfg: Config, data_dir: Path) -> tuple[ConsentBackend, str]:
 
 
 def open_store(path: Path, synchronous: str = "full") -> tuple[ConsentStore, str]:
-    """The SQLite consent store, or (if it cannot be opened and read) a stand-in that fails every
-    call, with the reason: dnsgate then answers DNS fail-closed and the consent API 503."""
+    """The SQLite consent store, or (if it cannot be opened) a stand-in that fails every call, with
+    the reason: dnsgate then answers DNS fail-closed and the consent API 503."""
     try:
-        store = ConsentStore(path, synchronous)
+        return ConsentStore(path, synchronous), ""
     except StoreError as exc:
-        return UnavailableStore(path, str(exc)), str(exc)
-    try:
-        store.load()
-        store.load_pairings()
-        return store, ""
-    except StoreError as exc:
-        store.close()
         return UnavailableStore(path, str(exc)), str(exc)
 
 
@@ -389,10 +382,8 @@ async def load_consent(consents: ConsentService, store: ConsentBackend, problem:
     then followed until it answers, SQLite needs the file fixed and a restart."""
     if not problem:
         try:
-            clients = await consents.load()
+            clients = await consents.load()  # nothing is applied unless every choice was read
         except StoreError as exc:
-            if not store.shared:  # opened and read a moment ago: the disk is failing under us
-                raise StartupError(f"storage.data_dir: {exc}") from None
             problem = str(exc)
     if problem:
         consents.hold_closed(problem if store.shared else f"{problem}; fix or move the file and restart")
