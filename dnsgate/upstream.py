@@ -544,14 +544,7 @@ class Upstreams:
         server = group.order(now)[0]
         if server.address.transport != "udp":
             return None
-        family = server.family
-        pool = self._pools.get(family)
-        if pool is None:
-            pool = self._pools[family] = _UdpPool(self, family, self.sockets_per_family, self.queries_per_socket)
-        sock = pool.take()
-        qid = self.random.u16()
-        while qid in sock.pending:
-            qid = self.random.u16()
+        sock, qid = self._socket_and_id(server.family)
         question = query.name + query.question[-4:]
         attempt = UdpAttempt(self, group, server, sock, qid, question, done, context, now)
         sock.pending[qid] = attempt
@@ -647,11 +640,8 @@ class Upstreams:
             reply = await self._stream(server, question, flags, do, timeout - (loop.time() - started))
         return reply
 
-    def _message(self, qid: int, question: bytes, flags: int, do: bool) -> bytes:
-        return HEADER.pack(qid, flags, 1, 0, 0, 1) + question + self._opt[do]
-
-    async def _udp(self, server: UpstreamAddress, question: bytes, flags: int, do: bool, timeout: float) -> bytes:
-        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    def _socket_and_id(self, family: int) -> tuple[_UdpSocket, int]:
+        """A socket of the family's pool and a random query ID not outstanding on it."""
         pool = self._pools.get(family)
         if pool is None:
             pool = self._pools[family] = _UdpPool(self, family, self.sockets_per_family, self.queries_per_socket)
@@ -659,6 +649,13 @@ class Upstreams:
         qid = self.random.u16()
         while qid in sock.pending:
             qid = self.random.u16()
+        return sock, qid
+
+    def _message(self, qid: int, question: bytes, flags: int, do: bool) -> bytes:
+        return HEADER.pack(qid, flags, 1, 0, 0, 1) + question + self._opt[do]
+
+    async def _udp(self, server: UpstreamAddress, question: bytes, flags: int, do: bool, timeout: float) -> bytes:
+        sock, qid = self._socket_and_id(socket.AF_INET6 if ":" in server.host else socket.AF_INET)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         sock.pending[qid] = _FutureWaiter(future, (server.host, server.port), question)
