@@ -19,27 +19,16 @@ from pathlib import Path
 import pytest
 
 from tests.browser import chromium_available
+from tests.netns import IP, netns_unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-IP = shutil.which("ip") or "/usr/sbin/ip"
 _names = itertools.count()
 
 
 def _unavailable() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace"
-    if not Path(IP).exists():
-        return "ip not installed (apt install iproute2)"
     if not chromium_available():
         return "chromium not installed (apt install chromium)"
-    probe = f"dnsgate-portal-probe-{os.getpid()}"
-    result = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        return f"cannot create a network namespace: {result.stderr.strip()}"
-    subprocess.run([IP, "netns", "del", probe], check=False)
-    return None
+    return netns_unavailable(f"dnsgate-portal-probe-{os.getpid()}")
 
 
 UNAVAILABLE = _unavailable()

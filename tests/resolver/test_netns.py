@@ -18,27 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import IP, netns_unavailable
 from tests.resolver.conftest import system_tool
 
 ROOT = Path(__file__).resolve().parents[2]
-IP = system_tool("ip") or "ip"
 _names = itertools.count()
 
 
 def _unavailable() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace"
-    for tool in ("ip", "getent"):
-        if system_tool(tool) is None:
-            return f"{tool} not installed (apt install iproute2 libc-bin)"
-    probe = f"dnsgate-probe-{os.getpid()}"
-    result = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        return f"cannot create a network namespace: {result.stderr.strip()}"
-    subprocess.run([IP, "netns", "del", probe], check=False)
-    return None
+    if system_tool("getent") is None:
+        return "getent not installed (apt install libc-bin)"
+    return netns_unavailable(f"dnsgate-probe-{os.getpid()}")
 
 
 UNAVAILABLE = _unavailable()
