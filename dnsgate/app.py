@@ -37,6 +37,7 @@ from .consents import ConsentService
 from .dashboard import Sampler
 from .dns_server import DnsListeners, TaskSet, TcpLimits
 from .events import ConsentWatch, EventHub
+from .gc_policy import refreeze
 from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
 from .local_answers import LocalTable, default_table
@@ -264,6 +265,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
             pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
             pipeline.local = local_names(live)
+            refreeze()  # the old catalog and lists out, the new ones out of the GC's full passes
 
         upstreams = build_upstreams(cfg, servers)
         stack.push_async_callback(upstreams.close)

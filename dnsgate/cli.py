@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -232,17 +233,20 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.log.level, cfg.log.format)
 
     from .app import StartupError, run  # the server's imports; `consent` and `explain` do not need them
-
-    def ready(running: Running) -> None:
-        print(running.ready_line(), flush=True)
+    from .gc_policy import frozen_startup
 
     async def main_task() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # A reload (SIGHUP, POST /v1/reload) reads the same file, environment and flags again.
-        await run(cfg, stop, ready, reread=lambda: load_config(path, overrides))
+        with contextlib.ExitStack() as serving:
+            def ready(running: Running) -> None:
+                print(running.ready_line(), flush=True)
+                serving.enter_context(frozen_startup())  # what start-up built stays out of GC passes
+
+            # A reload (SIGHUP, POST /v1/reload) reads the same file, environment and flags again.
+            await run(cfg, stop, ready, reread=lambda: load_config(path, overrides))
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
