@@ -17,10 +17,11 @@ import ipaddress
 import itertools
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Final, Literal, Protocol
 
+from .gc_policy import untrack
 from .wire import label_offsets, name_to_wire
 
 MEMO_LIMIT: Final = 65_536
@@ -63,6 +64,14 @@ class Vendor:
     gvl_id: int | None = None
     ip_ranges: tuple[str, ...] = ()
     kind: Literal["vendor", "list"] = "vendor"
+    # (id, category): what the query log records. An untracked tuple of strings, so that a log entry
+    # holding it is one the cycle collector can untrack too (a flood queues ~10 000 a second).
+    logged: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        logged = (self.id, self.category)
+        untrack(logged)
+        object.__setattr__(self, "logged", logged)
 
 
 Via = Literal["", "cname", "address"]

@@ -247,7 +247,7 @@ class Pipeline:
                     if self.log_all is not None:
                         self.log_all((now, client, question, tcp, CACHED, entry.flags & 0xF, None, None, 0.0))
                 elif self.log_gated is not None:
-                    self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule,
+                    self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule.vendor.logged,
                                     self.consent.grant_for(client, rule.vendor, wall), 0.0))
                 fl = entry.reply_flags | (flags & 0x0110)  # RD and CD copied
                 if fl & AD and not (flags & AD or edns == 1):
@@ -277,7 +277,7 @@ class Pipeline:
             return self._answer_general(data, client, tcp)  # it truncates
         self.counts[self.sinkhole_slot[qtype] + tcp if qtype < 256 else _SINKHOLED_OTHER + tcp] += 1
         if self.log_gated is not None:
-            self.log_gated((now, client, question, tcp, SINKHOLED, -1, rule, None, 0.0))
+            self.log_gated((now, client, question, tcp, SINKHOLED, -1, rule.vendor.logged, None, 0.0))
         return reply
 
     def _answer_general(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
@@ -462,7 +462,7 @@ class Pipeline:
         if self.log_gated is not None:
             allowed = outcome in (CACHED, FORWARDED, STALE)
             grant = self.consent.grant_for(client, rule.vendor, self.wall()) if allowed else None
-            self.log_gated((now, client, question, tcp, outcome, rcode, rule, grant, elapsed))
+            self.log_gated((now, client, question, tcp, outcome, rcode, rule.vendor.logged, grant, elapsed))
 
     def _plain(self, outcome: int, now: float, client: str, q: Query, tcp: bool, rcode: int, elapsed: float) -> None:
         self.counters.counts[slot(outcome, type_slot(q.qtype)) + tcp] += 1

@@ -47,7 +47,7 @@ Row = dict[str, Any]
 TEXT_MEMO = 4096  # questions and clients whose text forms the writer remembers
 
 
-_RULE = itemgetter(6)
+_VENDOR = itemgetter(6)
 _OUTCOME = itemgetter(4)
 
 
@@ -137,11 +137,11 @@ class QueryLog:
         entries = self.pending[:]
         self.pending.clear()  # the same list object: the pipeline holds its bound append
         offset = self.wall() - self.mono()
-        # A flood repeats a few (rule, outcome) pairs and clients: count them at C speed, then
+        # A flood repeats a few (vendor, outcome) pairs and clients: count them at C speed, then
         # once per distinct pair or client (this runs on the event loop that answers DNS).
-        for (rule, outcome), n in Counter(zip(map(_RULE, entries), map(_OUTCOME, entries), strict=True)).items():
-            if rule is not None:
-                key = (rule.vendor.id, _decision(outcome))
+        for (vendor, outcome), n in Counter(zip(map(_VENDOR, entries), map(_OUTCOME, entries), strict=True)).items():
+            if vendor is not None:
+                key = (vendor[0], _decision(outcome))
                 self.gated[key] = self.gated.get(key, 0) + n
         last_seen = {entry[1]: entry[0] for entry in entries if entry[6] is not None}
         for client, at in last_seen.items():
@@ -170,12 +170,12 @@ class QueryLog:
         return [c for c, seen in self._gated_clients.items() if seen >= mono]
 
     def _decision_event(self, entry: LogEntry, decision: str, offset: float) -> dict[str, Any]:
-        at, client, question, tcp, _outcome, _rcode, rule, grant, _elapsed = entry
-        assert rule is not None
+        at, client, question, tcp, _outcome, _rcode, vendor, grant, _elapsed = entry
+        assert vendor is not None
         assert question is not None
         return {"type": "decision", "at": iso(at + offset), "client": self.client_label(client),
                 "name": name_of(question), "qtype": type_name((question[-4] << 8) | question[-3]),
-                "protocol": "tcp" if tcp else "udp", "vendor": rule.vendor.id, "category": rule.vendor.category,
+                "protocol": "tcp" if tcp else "udp", "vendor": vendor[0], "category": vendor[1],
                 "decision": decision, "grant_expires_at": iso(grant.expires_at) if grant else None}
 
     async def flush(self) -> None:
@@ -245,7 +245,7 @@ class QueryLog:
     def _row(self, entry: LogEntry, offset: float) -> tuple[Any, ...]:
         """The entry as a row of querylog_db.COLUMNS (after "id"). A flood repeats a few questions
         and clients, so their text forms are memoized (bounded)."""
-        at, client, question, tcp, outcome, rcode, rule, grant, elapsed = entry
+        at, client, question, tcp, outcome, rcode, vendor, grant, elapsed = entry
         if rcode < 0:
             rcode = self.sinkhole_rcode
         names = self._names
@@ -261,9 +261,8 @@ class QueryLog:
             if len(labels) >= TEXT_MEMO:
                 labels.clear()
             label = labels[client] = self.client_label(client)
-        vendor = rule.vendor if rule is not None else None
         return (at + offset, label, name_type[0], name_type[1], "tcp" if tcp else "udp", OUTCOMES[outcome], rcode,
-                vendor.id if vendor is not None else None, vendor.category if vendor is not None else None,
+                vendor[0] if vendor is not None else None, vendor[1] if vendor is not None else None,
                 grant.granted_at if grant is not None else None, grant.expires_at if grant is not None else None,
                 grant.source if grant is not None else None, round(elapsed * 1000, 3) if elapsed else None)
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 if TYPE_CHECKING:
-    from .catalog import DomainRule
     from .consent import Grant
 
 # Outcomes, in index order. "forwarded": answered from a fresh upstream reply; "local": answered
@@ -40,7 +39,8 @@ TYPE_SLOT: Final = bytes(list(NAMED_TYPES).index(t) if t in NAMED_TYPES else OTH
 # What the pipeline hands the query log per query, built only when the log wants it:
 # (monotonic time, client, question bytes as sent or None, tcp, outcome, rcode, the catalog rule
 #  of a gated name, the grant that allowed it, seconds spent upstream).
-LogEntry: TypeAlias = "tuple[float, str, bytes | None, bool, int, int, DomainRule | None, Grant | None, float]"
+# (monotonic time, client, question, tcp, outcome, rcode, gated vendor's Vendor.logged, grant, seconds upstream)
+LogEntry: TypeAlias = "tuple[float, str, bytes | None, bool, int, int, tuple[str, str] | None, Grant | None, float]"
 
 
 def type_slot(qtype: int) -> int:
