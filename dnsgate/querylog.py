@@ -1,12 +1,12 @@
 """The query log: what the pipeline decided, kept off the hot path.
 
 The pipeline appends one tuple per query it is told to record (`tally.LogEntry`) to `pending`, a
-plain list on the event loop. Every `flush_interval` (and before any read through the API) the
-loop takes the list, counts gated queries per vendor, publishes gated decisions to the event hub,
-and queues the batch for one worker thread, which turns tuples into rows (names, wall-clock
-times, the privacy mode) and writes them to SQLite in one transaction. If more than `queue_size`
-entries wait for the writer, the excess is dropped, counted, and marked in the file so a report
-over that time says its evidence is incomplete.
+plain list on the event loop. Every 0.1 s the loop takes the list, counts gated queries per
+vendor, publishes gated decisions to the event hub and queues the batch; every `flush_interval`
+(and before any read through the API) it hands the queue to one worker thread, which turns tuples
+into rows (names, wall-clock times, the privacy mode) and writes them to SQLite in one transaction.
+If more than `queue_size` entries wait for the writer, the excess is dropped, counted, and marked
+in the file so a report over that time says its evidence is incomplete.
 
 Privacy modes: `full` keeps every query; `anonymous` every query with the client replaced by a
 keyed hash (the key lives in the data dir, so the same client keeps one pseudonym and an admin
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DAY = 86_400.0
 PRUNE_EVERY = 60.0  # seconds between retention passes
+# Seconds between takes: take() costs ~0.3 µs per entry on the event loop, so a flood's second of
+# entries (70 000) taken at once held DNS for 23 ms; taken every 0.1 s, for ~2 ms at a time.
+TAKE_EVERY = 0.1
 MAX_GATED_CLIENTS = 10_000
 Row = dict[str, Any]
 TEXT_MEMO = 4096  # questions and clients whose text forms the writer remembers
@@ -200,10 +203,16 @@ class QueryLog:
             self.written += written
 
     async def run(self) -> None:
-        """Flush every `flush_interval` until cancelled."""
+        """Take pending entries every TAKE_EVERY and flush every `flush_interval`, until cancelled."""
+        loop = asyncio.get_running_loop()
+        flush_at = loop.time() + self.cfg.flush_interval
         while True:
-            await asyncio.sleep(self.cfg.flush_interval)
-            await self.flush()
+            await asyncio.sleep(min(TAKE_EVERY, max(0.0, flush_at - loop.time())))
+            if loop.time() >= flush_at:
+                await self.flush()
+                flush_at = loop.time() + self.cfg.flush_interval
+            else:
+                self.take()
 
     async def read(self, fn: Callable[[QueryLogDb], T]) -> T:
         """Run a read against the file on the writer's thread, after flushing."""
