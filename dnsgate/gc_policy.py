@@ -17,22 +17,26 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
-_untrack = ctypes.pythonapi.PyObject_GC_UnTrack  # the documented C API: no Python-level equivalent
-_untrack.argtypes = (ctypes.py_object,)
-_untrack.restype = None
+if sys.implementation.name == "cpython":
+    _untrack = ctypes.pythonapi.PyObject_GC_UnTrack  # the documented C API: no Python-level equivalent
+    _untrack.argtypes = (ctypes.py_object,)
+    _untrack.restype = None
 
-
-def untrack(obj: object) -> None:
-    """Take `obj` out of the cycle collector's sight. Only for an object that can never be part of a
-    reference cycle: one in a cycle would never be freed."""
-    if gc.is_tracked(obj):
-        _untrack(obj)
+    def untrack(obj: object) -> None:
+        """Take `obj` out of the cycle collector's sight. Only for an object that can never be part
+        of a reference cycle: one in a cycle would never be freed."""
+        if gc.is_tracked(obj):
+            _untrack(obj)
+else:  # pragma: no cover - other interpreters collect differently
+    def untrack(obj: object) -> None:
+        """CPython only: elsewhere a no-op."""
 
 
 @contextmanager
