@@ -1,7 +1,7 @@
 """What a cache miss costs in Python, end to end but without the kernel: datagram in, upstream query
 out, upstream reply in, answer out.
 
-    .venv/bin/python tests/bench/miss_cost.py [--rounds 7] [--n 20000]
+    .venv/bin/python -m tests.bench.miss_cost [--rounds 7] [--n 20000]
 
 The real UdpListener, Pipeline, Resolver and Upstreams run on a real event loop; only the sockets
 are replaced: the upstream "socket" answers every query at once (an A record for the name asked),
