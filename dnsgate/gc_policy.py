@@ -1,11 +1,13 @@
 """Keeping the cycle collector's full passes short, so they do not stall DNS.
 
 CPython's full collection walks every tracked object, and runs each time the old generation has
-grown by a quarter. Two kinds of objects made those passes long (measured under the miss benchmark:
-10 passes of 80-154 ms in 30 s, the benchmark's "max latency"):
+grown by a quarter. Three kinds of objects made those passes long (measured under the miss benchmark:
+10 passes in 30 s, p50 137 ms, max 154 ms, the benchmark's "max latency"):
 - cache entries, ~100 000 of them: they can never be part of a reference cycle (they hold bytes,
   numbers and a catalog rule, and nothing points back at them), so the cache untracks each one
   (`untrack`) and reference counting frees it when it is evicted;
+- query log entries, ~10 000 a second under a flood: they hold the vendor as `Vendor.logged`, an
+  untracked tuple of strings, so CPython untracks them itself at their first young collection;
 - what start-up built (modules, the catalog, lists of up to millions of names): `dnsgate serve`
   freezes it once it is ready (`frozen_startup`), and a reload, which replaces the catalog and
   lists, collects and refreezes (`refreeze`).

@@ -37,9 +37,8 @@ TYPE_SLOT: Final = bytes(list(NAMED_TYPES).index(t) if t in NAMED_TYPES else OTH
 
 
 # What the pipeline hands the query log per query, built only when the log wants it:
-# (monotonic time, client, question bytes as sent or None, tcp, outcome, rcode, the catalog rule
-#  of a gated name, the grant that allowed it, seconds spent upstream).
-# (monotonic time, client, question, tcp, outcome, rcode, gated vendor's Vendor.logged, grant, seconds upstream)
+# (monotonic time, client, question bytes as sent or None, tcp, outcome, rcode, the gated vendor's
+#  `Vendor.logged` (id, category) or None, the grant that allowed it, seconds spent upstream).
 LogEntry: TypeAlias = "tuple[float, str, bytes | None, bool, int, int, tuple[str, str] | None, Grant | None, float]"
 
 
