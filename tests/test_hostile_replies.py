@@ -15,6 +15,7 @@ from dnsgate.cache import UnusableReply
 from dnsgate.pipeline import Forward
 from dnsgate.wire import records_well_formed
 from tests.fuzz import checks
+from tests.test_pipeline import add_records
 
 Q = dns.message.make_query("host.example.test", "A")
 QEND = len(Q.to_wire())
@@ -22,12 +23,7 @@ QEND = len(Q.to_wire())
 
 def reply_with(*records: str, authority: str | None = None) -> bytes:
     r = dns.message.make_response(Q)
-    for text in records:
-        name, ttl, _, rdtype, rdata = text.split(None, 4)
-        r.answer.append(dns.rrset.from_text(name, int(ttl), "IN", rdtype, rdata))
-    if authority:
-        name, ttl, _, rdtype, rdata = authority.split(None, 4)
-        r.authority.append(dns.rrset.from_text(name, int(ttl), "IN", rdtype, rdata))
+    add_records(r, records, authority)
     return r.to_wire()
 
 

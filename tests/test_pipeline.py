@@ -55,14 +55,17 @@ def upstream_reply(q: dns.message.Message, *records: str, rcode: int = 0, soa: s
     r = dns.message.make_response(q)
     r.set_rcode(dns.rcode.Rcode.make(rcode))
     r.flags |= dns.flags.AA  # must not reach the client
-    for text in records:
-        name, ttl, _, rdtype, rdata = text.split(None, 4)
-        r.answer.append(dns.rrset.from_text(name, int(ttl), "IN", rdtype, rdata))
-    if soa:
-        name, ttl, _, rdtype, rdata = soa.split(None, 4)
-        r.authority.append(dns.rrset.from_text(name, int(ttl), "IN", rdtype, rdata))
+    add_records(r, records, soa)
     r.use_edns(0, payload=4096)
     return r.to_wire()
+
+
+def add_records(r: dns.message.Message, answers: tuple[str, ...], authority: str | None = None) -> None:
+    """Append records written as zone-file lines ("name ttl IN type rdata")."""
+    for section, lines in ((r.answer, answers), (r.authority, (authority,) if authority else ())):
+        for text in lines:
+            name, ttl, _, rdtype, rdata = text.split(None, 4)
+            section.append(dns.rrset.from_text(name, int(ttl), "IN", rdtype, rdata))
 
 
 def answer(p: Pipeline, q: dns.message.Message, client: str = "127.0.0.1", tcp: bool = False) -> dns.message.Message:
