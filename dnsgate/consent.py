@@ -8,8 +8,10 @@ explain`, `GET /v1/consent`).
 
 The resolver asks `ConsentTable.allows` on every gated query. It must stay a couple of dict
 lookups: each client key's effective state (the set of vendors it may resolve, and until when that
-holds) is computed once and memoized; any change of choices, neighbours, notice or profiles clears
-the memo. Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice.
+holds) is computed once and memoized. A choice's change forgets only the memo of the clients it
+can apply to (its address's, its device's; a network's choice, the notice, profiles and the catalog
+clear it all), so that 100 changes a second on a network with thousands of clients cost nothing per
+client. Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice.
 The table changes only through `ConsentService` (consents.py), which persists first.
 """
 
@@ -31,6 +33,7 @@ Source = Literal["self", "admin"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MEMO_LIMIT: Final = 65_536
+NEIGHBOUR_CHANGES_FORGOTTEN_ONE_BY_ONE: Final = 256  # more addresses changed MAC at once: forget the whole memo
 FOREVER: Final = math.inf
 KEY_SEPARATOR: Final = "|"  # "address|mac": a client key carrying a MAC from a trusted forwarder
 _UNKNOWN: Final = object()
@@ -295,12 +298,32 @@ class _Index:
     by_address: dict[str, Choice] = field(default_factory=dict)
     by_network: dict[str, Choice] = field(default_factory=dict)
     networks: list[tuple[IPNetwork, Choice]] = field(default_factory=list)  # most specific first
+    by_id: dict[int, Choice] = field(default_factory=dict)  # every choice one of the above holds
+
+    def slots(self, choice: Choice) -> Iterator[tuple[dict[str, Choice], str]]:
+        """Where `choice` is filed (if it still is): under its subject's network, or MAC and address."""
+        s = choice.subject
+        if s.network is not None:
+            yield self.by_network, s.network
+            return
+        if s.mac is not None:
+            yield self.by_mac, s.mac
+        if s.address is not None:
+            yield self.by_address, s.address
+
+    def holds(self, choice: Choice) -> bool:
+        return any((c := table.get(key)) is not None and c.id == choice.id for table, key in self.slots(choice))
+
+    def sort_networks(self) -> None:
+        self.networks = sorted(((ipaddress.ip_network(n), c) for n, c in self.by_network.items()),
+                               key=lambda item: item[0].prefixlen, reverse=True)
 
 
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
-    __slots__ = ("_index", "_memo", "kiosk_idle", "kiosk_seen", "neighbours", "notice", "profiles", "vendors")
+    __slots__ = ("_index", "_memo", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_seen", "neighbours",
+                 "notice", "profiles", "vendors")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
                  notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
@@ -312,6 +335,9 @@ class ConsentTable:
         self._index = _Index()
         # client key -> its profile and choice, until when they hold, and the decisions made so far
         self._memo: dict[str, ClientState] = {}
+        # address (MAC) -> the memo's keys resolved with it: what a change of its choice must forget
+        self._memo_by_address: dict[str, set[str]] = {}
+        self._memo_by_mac: dict[str, set[str]] = {}
         # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
         # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
         self.kiosk_seen: dict[str, float] = {}
@@ -339,9 +365,12 @@ class ConsentTable:
         address, _, mac = client.partition(KEY_SEPARATOR)
         r = self.resolve(address, mac or None, now, key=client)
         memo = self._memo
-        if len(memo) >= MEMO_LIMIT:
-            memo.clear()  # a flood of addresses must not grow memory without bound
+        if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
+            self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
         state = memo[client] = ClientState({v: d.allowed for v, d in r.decisions}, r.until, r.profile, r.choice)
+        self._memo_by_address.setdefault(address, set()).add(client)
+        if r.mac is not None:
+            self._memo_by_mac.setdefault(r.mac, set()).add(client)
         return state
 
     def grant_for(self, client: str, vendor: Vendor, now: float) -> Grant | None:
@@ -427,30 +456,33 @@ class ConsentTable:
     def put(self, choice: Choice) -> None:
         """Make `choice` current for its subject (it replaces what the subject had)."""
         index = self._index
-        s = choice.subject
-        if s.network is not None:
-            index.by_network[s.network] = choice
-            index.networks = sorted(((ipaddress.ip_network(n), c) for n, c in index.by_network.items()),
-                                    key=lambda item: item[0].prefixlen, reverse=True)
-        else:
-            if s.mac is not None:
-                index.by_mac[s.mac] = choice
-            if s.address is not None:
-                index.by_address[s.address] = choice
-        self._changed()
+        replaced: list[Choice] = []
+        for table, key in index.slots(choice):
+            previous = table.get(key)
+            if previous is not None and previous.id != choice.id:
+                replaced.append(previous)
+            table[key] = choice
+        index.by_id[choice.id] = choice
+        for previous in replaced:
+            if not index.holds(previous):
+                index.by_id.pop(previous.id, None)  # (it may have held both of the slots)
+        if choice.subject.network is not None:
+            index.sort_networks()
+        self._forget(choice.subject)
 
     def remove(self, choice_id: int) -> Choice | None:
         """Drop a choice from every index (it expired, was reset or superseded)."""
         index = self._index
-        found: Choice | None = None
-        for table in (index.by_mac, index.by_address, index.by_network):
-            for k, c in list(table.items()):
-                if c.id == choice_id:
-                    found = c
-                    del table[k]
-        if found is not None and found.subject.network is not None:
-            index.networks = [(n, c) for n, c in index.networks if c.id != choice_id]
-        self._changed()
+        found = index.by_id.pop(choice_id, None)
+        if found is None:
+            return None
+        for table, key in index.slots(found):
+            c = table.get(key)
+            if c is not None and c.id == choice_id:
+                del table[key]
+        if found.subject.network is not None:
+            index.sort_networks()
+        self._forget(found.subject)
         return found
 
     def reset(self, choices: Iterable[Choice]) -> None:
@@ -458,15 +490,10 @@ class ConsentTable:
         self._index = _Index()
         for choice in choices:
             self.put(choice)
-        self._changed()
+        self._forget_all()
 
     def find(self, choice_id: int) -> Choice | None:
-        index = self._index
-        for table in (index.by_mac, index.by_address, index.by_network):
-            for c in table.values():
-                if c.id == choice_id:
-                    return c
-        return None
+        return self._index.by_id.get(choice_id)
 
     def superseded_by(self, subject: Subject) -> list[Choice]:
         """The choices a new choice by `subject` replaces (a device's choice at an address also
@@ -510,9 +537,7 @@ class ConsentTable:
                 for c, said in choice.categories.items() if said}
 
     def choices(self) -> list[Choice]:
-        index = self._index
-        unique = {c.id: c for t in (index.by_mac, index.by_address, index.by_network) for c in t.values()}
-        return sorted(unique.values(), key=lambda c: c.id)
+        return sorted(self._index.by_id.values(), key=lambda c: c.id)
 
     def choice_of(self, subject: Subject) -> Choice | None:
         index = self._index
@@ -524,27 +549,50 @@ class ConsentTable:
 
     def set_neighbours(self, table: Mapping[str, str]) -> bool:
         """Adopt a fresh neighbour table (address -> MAC); returns whether it changed anything."""
-        if dict(table) == self.neighbours:
+        new, old = dict(table), self.neighbours
+        if new == old:
             return False
-        self.neighbours = dict(table)
-        self._changed()
+        self.neighbours = new
+        moved = [a for a in new.keys() | old.keys() if new.get(a) != old.get(a)]
+        if len(moved) > NEIGHBOUR_CHANGES_FORGOTTEN_ONE_BY_ONE:
+            self._forget_all()
+        else:  # a client's resolution reads the neighbour table at its own address only
+            for address in moved:
+                self._forget(Subject(address))
         return True
 
     def set_profiles(self, profiles: ProfileMap) -> None:
         self.profiles = profiles
-        self._changed()
+        self._forget_all()
 
     def set_notice(self, notice: CurrentNotice) -> None:
         self.notice = notice
-        self._changed()
+        self._forget_all()
 
     def set_vendors(self, vendors: Iterable[Vendor]) -> None:
         """A reload brought a new catalog: decide (and show) its vendors."""
         self.vendors = tuple(vendors)
-        self._changed()
+        self._forget_all()
 
-    def _changed(self) -> None:
+    def _forget(self, subject: Subject) -> None:
+        """Forget the memo of every client key a choice of `subject` can apply to."""
+        if subject.network is not None:  # rare (an admin's): the network may hold any number of clients
+            self._forget_all()
+            return
+        memo = self._memo
+        for by, key in ((self._memo_by_address, subject.address), (self._memo_by_mac, subject.mac)):
+            if key is not None:
+                for client in by.pop(key, ()):
+                    memo.pop(client, None)
+
+    def _forget_all(self) -> None:
         self._memo.clear()
+        self._memo_by_address.clear()
+        self._memo_by_mac.clear()
+
+    def memoized(self) -> set[str]:
+        """The client keys whose state is memoized now."""
+        return set(self._memo)
 
     def __len__(self) -> int:
         """Subjects whose choice grants something under the current notice ("clients with consent")."""

@@ -7,8 +7,10 @@ import base64
 import dns.edns
 import dns.message
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dnsgate.consent import ProfileMap, Subject, decide, normalize_mac
+from dnsgate.consent import Choice, ProfileMap, Subject, decide, normalize_mac
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line, parse_time
 from dnsgate.identity import edns_identity
 from dnsgate.neighbours import parse_ip_neigh, parse_proc_arp
@@ -130,6 +132,81 @@ def test_superseding_keeps_another_devices_choice_made_at_the_same_address() -> 
     assert t.superseded_by(Subject("10.0.0.5", "bb:bb:bb:bb:bb:02")) == []
     assert t.superseded_by(Subject("10.0.0.6", "aa:aa:aa:aa:aa:01")) == [first]
     assert t.superseded_by(Subject("10.0.0.5", None)) == []
+
+
+# The memo forgets only what a change can affect (a choice's address and device; a network's choice
+# forgets everything): whatever the sequence of changes, a memoized answer must equal a fresh
+# resolution, and the indexes must hold what a plain "file under each key, remove everywhere"
+# model holds.
+ADDRESSES = ("10.0.0.1", "10.0.0.2", "10.0.1.1")
+MACS = ("aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:02")
+CLIENTS = ADDRESSES + tuple(f"{a}|{m}" for a in ADDRESSES for m in MACS)
+SUBJECTS = st.one_of(
+    st.builds(Subject, st.sampled_from(ADDRESSES)),
+    st.builds(Subject, st.none(), st.sampled_from(MACS)),
+    st.builds(Subject, st.sampled_from(ADDRESSES), st.sampled_from(MACS)),
+    st.builds(Subject, network=st.sampled_from(("10.0.0.0/24", "10.0.0.0/16"))),
+)
+CHANGES = st.lists(st.one_of(
+    st.tuples(st.just("put"), SUBJECTS, st.booleans()),
+    st.tuples(st.just("remove"), st.integers(0, 12)),
+    st.tuples(st.just("neighbours"), st.dictionaries(st.sampled_from(ADDRESSES), st.sampled_from(MACS))),
+), max_size=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(CHANGES)
+def test_memo_and_indexes_follow_every_change(changes: list[tuple[object, ...]]) -> None:
+    t = table()
+    model: dict[str, dict[str, Choice]] = {"mac": {}, "address": {}, "network": {}}
+    made: list[Choice] = []
+    for change in changes:
+        if change[0] == "put":
+            subject, grant = change[1], change[2]
+            assert isinstance(subject, Subject) and isinstance(grant, bool)
+            c = choice(subject.address, mac=subject.mac, network=subject.network, categories={"marketing": grant})
+            made.append(c)
+            t.put(c)
+            keys = ({"network": subject.network} if subject.network else {"mac": subject.mac, "address": subject.address})
+            for kind, key in keys.items():
+                if key is not None:
+                    model[kind][key] = c
+        elif change[0] == "remove":
+            index = change[1]
+            assert isinstance(index, int)
+            gone = made[index].id if index < len(made) else -1
+            removed = t.remove(gone)
+            held = [k for filed in model.values() for k, c in list(filed.items()) if c.id == gone]
+            assert (removed is not None) == bool(held)
+            for filed in model.values():
+                for key in [k for k, c in filed.items() if c.id == gone]:
+                    del filed[key]
+        else:
+            neighbours = change[1]
+            assert isinstance(neighbours, dict)
+            t.set_neighbours(neighbours)
+        unique = {c.id: c for filed in model.values() for c in filed.values()}
+        assert t.choices() == sorted(unique.values(), key=lambda c: c.id)
+        assert all(t.find(i) is c for i, c in unique.items())
+        for client in CLIENTS:
+            address, _, mac = client.partition("|")
+            assert t.allows(client, AC, NOW) == (AC in t.resolve(address, mac or None, NOW).allowed), (client, change)
+
+
+def test_a_change_forgets_only_the_clients_it_can_apply_to() -> None:
+    t = table()
+    t.set_neighbours({"10.0.0.3": "aa:aa:aa:aa:aa:01"})
+    for client in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4|aa:aa:aa:aa:aa:01"):
+        assert not t.allows(client, AC, NOW)
+    t.put(choice("10.0.0.1"))
+    assert t.memoized() == {"10.0.0.2", "10.0.0.3", "10.0.0.4|aa:aa:aa:aa:aa:01"}
+    t.put(choice(mac="aa:aa:aa:aa:aa:01"))  # the device: by the neighbour table, and from a forwarder
+    assert t.memoized() == {"10.0.0.2"}
+    assert [t.allows(c, AC, NOW) for c in ("10.0.0.1", "10.0.0.3", "10.0.0.4|aa:aa:aa:aa:aa:01")] == [True] * 3
+    t.set_neighbours({"10.0.0.3": "aa:aa:aa:aa:aa:01", "10.0.0.1": "bb:bb:bb:bb:bb:02"})
+    assert t.memoized() == {"10.0.0.2", "10.0.0.3", "10.0.0.4|aa:aa:aa:aa:aa:01"}
+    t.put(choice(network="10.0.0.0/24"))
+    assert t.memoized() == set()
 
 
 # -- identity ----------------------------------------------------------------------------------
