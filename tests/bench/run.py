@@ -17,8 +17,8 @@ Workloads: blocked (a client without consent asks for gated names), allowed (cac
 (90 % allowed, 10 % blocked), miss (every name unique: cache-miss forwarding), tcp (mix over TCP,
 one connection per dnsperf client), light (1,000 q/s: service latency). dnsgate alone also gets:
 churn (mix while another process grants and withdraws consent 100 times/s through the API, and
-checks each change reaches the next query), memory (RSS with 100k cached names and 10k clients
-holding consent), ready (seconds from start to the ready line).
+checks each change reaches the next query; 10 000 other clients hold a choice), memory (RSS with
+100k cached names and 10k clients holding consent), ready (seconds from start to the ready line).
 
 Writes results.json and summary.md into tests/bench/results/<timestamp>/ and prints the table.
 Needs Debian packages dnsperf, dnsmasq, unbound, bind9-dnsutils (installed with --install when
@@ -444,6 +444,9 @@ class Bench:
                 time.sleep(max(0.0, next_at - time.monotonic()))
             conn.close()
 
+        if rep == 1 and self.args.churn_clients:
+            # other clients holding a choice: a change must not cost more with many of them
+            give_choices(self.args.churn_clients)
         self.wait_quiet()
         thread = threading.Thread(target=changer, daemon=True)
         started = time.monotonic()
@@ -462,13 +465,7 @@ class Bench:
     def memory(self, pid: int, port: int) -> None:
         """RSS with 100k cached names and 10k clients holding consent."""
         api = f"http://127.0.0.1:{PORTS['dnsgate-api']}"
-        for i in range(10000):
-            body = json.dumps({"categories": ["marketing"]}).encode()
-            client = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
-            req = urllib.request.Request(f"{api}/v1/clients/{client}/consent", data=body, method="PUT",
-                                         headers={"Content-Type": "application/json", "Authorization": "Bearer bench"})
-            with urllib.request.urlopen(req, timeout=5) as response:
-                response.read()
+        give_choices(10000)
         names = self.gen / "q_memory.txt"
         names.write_text("".join(f"m{i}.miss.test A\n" for i in range(100_000)))
         subprocess.run(["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names),
@@ -477,6 +474,22 @@ class Bench:
         self.meta["dnsgate"]["memory"] = {"rss_mib": rss_mib(pid), "cache_entries": health.get("cache_entries"),
                                           "clients_with_consent": health.get("clients_with_consent")}
         self.log(f"dnsgate memory: {self.meta['dnsgate']['memory']}")
+
+
+def give_choices(n: int) -> None:
+    """Clients 10.0.0.0 up to 10.x.y.z each grant marketing, through dnsgate's admin API."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORTS["dnsgate-api"], timeout=5)
+    try:
+        for i in range(n):
+            client = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
+            conn.request("PUT", f"/v1/clients/{client}/consent", body=json.dumps({"categories": ["marketing"]}),
+                         headers={"Content-Type": "application/json", "Authorization": "Bearer bench"})
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"PUT /v1/clients/{client}/consent answered {response.status}")
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,6 +563,7 @@ def main() -> None:
     parser.add_argument("--light-dur", type=float, default=3.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cache-entries", type=int, default=200_000)
+    parser.add_argument("--churn-clients", type=int, default=10_000, help="other clients holding a choice in churn")
     parser.add_argument("--other-max", type=float, default=10.0, help="%% of a core other processes may use")
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
