@@ -299,6 +299,9 @@ class _Index:
     by_network: dict[str, Choice] = field(default_factory=dict)
     networks: list[tuple[IPNetwork, Choice]] = field(default_factory=list)  # most specific first
     by_id: dict[int, Choice] = field(default_factory=dict)  # every choice one of the above holds
+    # choice id -> its expiry and the categories it grants under the current notice (if any):
+    # what /healthz and /metrics count, kept up to date so that counting never walks every choice
+    granting: dict[int, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
 
     def slots(self, choice: Choice) -> Iterator[tuple[dict[str, Choice], str]]:
         """Where `choice` is filed (if it still is): under its subject's network, or MAC and address."""
@@ -462,10 +465,10 @@ class ConsentTable:
             if previous is not None and previous.id != choice.id:
                 replaced.append(previous)
             table[key] = choice
-        index.by_id[choice.id] = choice
+        self._file(choice)
         for previous in replaced:
             if not index.holds(previous):
-                index.by_id.pop(previous.id, None)  # (it may have held both of the slots)
+                self._unfile(previous.id)  # (it may have held both of the slots)
         if choice.subject.network is not None:
             index.sort_networks()
         self._forget(choice.subject)
@@ -473,7 +476,7 @@ class ConsentTable:
     def remove(self, choice_id: int) -> Choice | None:
         """Drop a choice from every index (it expired, was reset or superseded)."""
         index = self._index
-        found = index.by_id.pop(choice_id, None)
+        found = self._unfile(choice_id)
         if found is None:
             return None
         for table, key in index.slots(found):
@@ -494,6 +497,24 @@ class ConsentTable:
 
     def find(self, choice_id: int) -> Choice | None:
         return self._index.by_id.get(choice_id)
+
+    def _file(self, choice: Choice) -> None:
+        index = self._index
+        index.by_id[choice.id] = choice
+        granted = self._granted_categories(choice)
+        if granted:
+            index.granting[choice.id] = (choice.expires_at, granted)
+        else:
+            index.granting.pop(choice.id, None)
+
+    def _unfile(self, choice_id: int) -> Choice | None:
+        self._index.granting.pop(choice_id, None)
+        return self._index.by_id.pop(choice_id, None)
+
+    def _granted_categories(self, choice: Choice) -> tuple[str, ...]:
+        if self.notice is None or not self.notice.covers(choice.notice):
+            return ()
+        return tuple(c for c, said in choice.categories.items() if said)
 
     def superseded_by(self, subject: Subject) -> list[Choice]:
         """The choices a new choice by `subject` replaces (a device's choice at an address also
@@ -523,12 +544,14 @@ class ConsentTable:
             return self._granted(choice)
         return {}
 
-    def clients(self) -> Iterator[tuple[str, dict[str, Grant]]]:
-        """(subject, categories granted) for every choice that grants a category under the current notice."""
-        for choice in self.choices():
-            granted = self._granted(choice)
-            if granted:
-                yield choice.subject.key, granted
+    def granted_counts(self, now: float) -> dict[str, int]:
+        """Per category, the choices that grant it under the current notice and have not expired."""
+        counts: dict[str, int] = {}
+        for expires_at, categories in self._index.granting.values():
+            if expires_at > now:
+                for category in categories:
+                    counts[category] = counts.get(category, 0) + 1
+        return counts
 
     def _granted(self, choice: Choice) -> dict[str, Grant]:
         if self.notice is None or not self.notice.covers(choice.notice):
@@ -567,6 +590,8 @@ class ConsentTable:
 
     def set_notice(self, notice: CurrentNotice) -> None:
         self.notice = notice
+        for choice in list(self._index.by_id.values()):
+            self._file(choice)  # what counts as granting changed
         self._forget_all()
 
     def set_vendors(self, vendors: Iterable[Vendor]) -> None:
@@ -596,4 +621,4 @@ class ConsentTable:
 
     def __len__(self) -> int:
         """Subjects whose choice grants something under the current notice ("clients with consent")."""
-        return sum(1 for _ in self.clients())
+        return len(self._index.granting)

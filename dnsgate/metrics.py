@@ -66,13 +66,7 @@ class Sources:
 
     def clients_by_category(self) -> dict[str, int]:
         """Clients with a grant in force, per category (a client may count in several)."""
-        now = self.wall()
-        counts = {c.id: 0 for c in self.catalog.categories}
-        for _client, grants in self.consent.clients():
-            for category, grant in grants.items():
-                if grant.expires_at > now:
-                    counts[category] = counts.get(category, 0) + 1
-        return counts
+        return {**{c.id: 0 for c in self.catalog.categories}, **self.consent.granted_counts(self.wall())}
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:

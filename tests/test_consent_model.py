@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dnsgate.consent import Choice, ProfileMap, Subject, decide, normalize_mac
+from dnsgate.consent import Choice, CurrentNotice, ProfileMap, Subject, decide, normalize_mac
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line, parse_time
 from dnsgate.identity import edns_identity
 from dnsgate.neighbours import parse_ip_neigh, parse_proc_arp
@@ -140,6 +140,7 @@ def test_superseding_keeps_another_devices_choice_made_at_the_same_address() -> 
 # model holds.
 ADDRESSES = ("10.0.0.1", "10.0.0.2", "10.0.1.1")
 MACS = ("aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:02")
+OTHER_NOTICE = CurrentNotice(CATALOG.version, "test-2", {"en": "c" * 64})  # grants under NOTICE stop counting
 CLIENTS = ADDRESSES + tuple(f"{a}|{m}" for a in ADDRESSES for m in MACS)
 SUBJECTS = st.one_of(
     st.builds(Subject, st.sampled_from(ADDRESSES)),
@@ -151,6 +152,7 @@ CHANGES = st.lists(st.one_of(
     st.tuples(st.just("put"), SUBJECTS, st.booleans()),
     st.tuples(st.just("remove"), st.integers(0, 12)),
     st.tuples(st.just("neighbours"), st.dictionaries(st.sampled_from(ADDRESSES), st.sampled_from(MACS))),
+    st.tuples(st.just("notice"), st.sampled_from((NOTICE, OTHER_NOTICE))),
 ), max_size=25)
 
 
@@ -164,7 +166,8 @@ def test_memo_and_indexes_follow_every_change(changes: list[tuple[object, ...]])
         if change[0] == "put":
             subject, grant = change[1], change[2]
             assert isinstance(subject, Subject) and isinstance(grant, bool)
-            c = choice(subject.address, mac=subject.mac, network=subject.network, categories={"marketing": grant})
+            c = choice(subject.address, mac=subject.mac, network=subject.network, categories={"marketing": grant},
+                       expires_at=NOW + len(made) - 4)  # the first five have expired
             made.append(c)
             t.put(c)
             keys = ({"network": subject.network} if subject.network else {"mac": subject.mac, "address": subject.address})
@@ -181,13 +184,20 @@ def test_memo_and_indexes_follow_every_change(changes: list[tuple[object, ...]])
             for filed in model.values():
                 for key in [k for k, c in filed.items() if c.id == gone]:
                     del filed[key]
-        else:
+        elif change[0] == "neighbours":
             neighbours = change[1]
             assert isinstance(neighbours, dict)
             t.set_neighbours(neighbours)
+        else:
+            assert isinstance(change[1], CurrentNotice)
+            t.set_notice(change[1])
         unique = {c.id: c for filed in model.values() for c in filed.values()}
         assert t.choices() == sorted(unique.values(), key=lambda c: c.id)
         assert all(t.find(i) is c for i, c in unique.items())
+        granting = [c for c in unique.values() if t.notice is NOTICE and c.categories["marketing"]]
+        assert len(t) == len(granting)
+        live = sum(1 for c in granting if c.expires_at > NOW)
+        assert t.granted_counts(NOW) == ({"marketing": live} if live else {})
         for client in CLIENTS:
             address, _, mac = client.partition("|")
             assert t.allows(client, AC, NOW) == (AC in t.resolve(address, mac or None, NOW).allowed), (client, change)
