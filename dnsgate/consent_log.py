@@ -9,6 +9,8 @@ import csv
 import datetime as dt
 import io
 import json
+import math
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -26,7 +28,20 @@ def iso(ts: float | None) -> str | None:
     """UNIX seconds -> `2026-12-01T10:00:00Z` (UTC)."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return f"{utc_stamp(ts)[0]}Z"
+
+
+def utc_stamp(ts: float) -> tuple[str, int]:
+    """UNIX seconds -> (`2026-12-01T10:00:00`, microseconds), rounded as datetime.fromtimestamp
+    rounds; through time.gmtime, a quarter of datetime's cost (~1 instead of ~4 µs: a consent
+    change formats a dozen times, the event stream once per logged query)."""
+    fraction, seconds = math.modf(ts)  # CPython's own split: whole seconds, then the fraction rounded
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        seconds, micro = seconds + 1, micro - 1_000_000
+    elif micro < 0:
+        seconds, micro = seconds - 1, micro + 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), micro
 
 
 def parse_time(text: str) -> float:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 
+from .consent_log import utc_stamp
 from .store import Event as ConsentEvent
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,11 @@ WEBHOOK_BATCH = 500
 
 
 def iso(ts: float | None) -> str | None:
+    """UNIX seconds -> `2026-12-01T10:00:00.123Z` (UTC)."""
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    stamp, micro = utc_stamp(ts)
+    return f"{stamp}.{micro // 1000:03d}Z"
 
 
 class EventHub:

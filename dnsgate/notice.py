@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from .consent import CurrentNotice
@@ -25,10 +25,10 @@ class Notice:
     version: str
     default_language: str
     texts: Mapping[str, str]  # language -> text
+    hashes: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the text, hashed once
 
-    @property
-    def hashes(self) -> dict[str, str]:
-        return {lang: sha256_text(text) for lang, text in self.texts.items()}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hashes", {lang: sha256_text(text) for lang, text in self.texts.items()})
 
     def current(self, catalog_version: str) -> CurrentNotice:
         return CurrentNotice(catalog_version, self.version, self.hashes)
