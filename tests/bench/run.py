@@ -348,7 +348,8 @@ class Bench:
         config = data_dir / "dnsgate.toml"
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
                           f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
-                          f'[storage]\nsynchronous = "{self.args.synchronous}"\n')
+                          f'[storage]\nsynchronous = "{self.args.synchronous}"\n'
+                          f'[querylog]\nmode = "{self.args.querylog}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
@@ -568,6 +569,8 @@ def main() -> None:
     parser.add_argument("--retries", type=int, default=2)
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full",
                         help="dnsgate's storage.synchronous (what a consent change costs)")
+    parser.add_argument("--querylog", choices=["full", "anonymous", "gated-only", "off"], default="gated-only",
+                        help="dnsgate's query log mode (the default's: every gated query is logged)")
     parser.add_argument("--install", action="store_true", help="apt-get install missing tools (root)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
