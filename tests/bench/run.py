@@ -28,6 +28,7 @@ missing and running as root).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -71,7 +72,7 @@ def label(rnd: random.Random, k: int) -> str:
     return "".join(rnd.choice(string.ascii_lowercase + string.digits) for _ in range(k))
 
 
-def generate(gen: Path, miss_names: int) -> None:
+def generate(gen: Path, miss_names: int, reps: int) -> None:
     """Upstream zone, query files and peer configurations (deterministic: fixed seed)."""
     rnd = random.Random(20261128)
     gen.mkdir(parents=True, exist_ok=True)
@@ -113,9 +114,13 @@ def generate(gen: Path, miss_names: int) -> None:
     rnd.shuffle(blocked)
     mix = [rnd.choice(allowed) for _ in range(18000)] + [rnd.choice(blocked) for _ in range(2000)]
     rnd.shuffle(mix)
-    miss = [f"u{i}.{label(rnd, 6)}.miss.test A" for i in range(miss_names)]
-    for name, lines in (("allowed", allowed), ("blocked", blocked), ("mix", mix), ("miss", miss)):
+    for name, lines in (("allowed", allowed), ("blocked", blocked), ("mix", mix)):
         (gen / f"q_{name}.txt").write_text("\n".join(lines) + "\n")
+    # A file of names per repetition: a second run through the first's names would be answered
+    # from the cache the first filled (every server's r2 of "miss" was half cache hits).
+    for r in range(1, reps + 1):
+        (gen / f"q_miss{r}.txt").write_text("".join(f"u{i}.r{r}{label(rnd, 6)}.miss.test A\n"
+                                                    for i in range(miss_names)))
 
     (gen / "dnsmasq.conf").write_text("\n".join([
         f"port={PORTS['dnsmasq']}", "listen-address=127.0.0.1", "bind-interfaces", "no-resolv", "no-hosts",
@@ -214,6 +219,16 @@ def wait_ready(port: int, timeout: float = 20) -> bool:
     return False
 
 
+def wait_idle(pid: int, limit: float = 15) -> None:
+    """Until the server uses under 5 % of a core (half-second samples), at most `limit` seconds."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        before = sum(cpu_seconds(pid))
+        time.sleep(0.5)
+        if sum(cpu_seconds(pid)) - before < 0.025:
+            return
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -265,6 +280,13 @@ def parse_dnsperf(text: str, run: Run) -> None:
     run.rcodes = m.group(1).strip() if m else ""
 
 
+@dataclass(frozen=True)
+class Started:
+    name: str
+    pid: int
+    port: int
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, gen: Path, out: Path) -> None:
         self.args = args
@@ -282,7 +304,7 @@ class Bench:
 
     def dnsperf(self, server: str, pid: int, port: int, workload: str, rep: int, *, duration: float,
                 q: int = 100, qps: int | None = None, tcp: bool = False, queries: int | None = None) -> Run:
-        data = {"tcp": "mix", "churn": "mix", "light": "allowed"}.get(workload, workload)
+        data = {"tcp": "mix", "churn": "mix", "light": "allowed", "miss": f"miss{rep}"}.get(workload, workload)
         cmd = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
                "-d", str(self.gen / f"q_{data}.txt"), "-c", str(self.args.clients), "-T", "1", "-q", str(q),
                "-t", "2"]
@@ -354,52 +376,67 @@ class Bench:
                 "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
 
-    def bench_server(self, name: str) -> None:
+    def start(self, name: str, stack: contextlib.ExitStack) -> Started | None:
+        """Start one server (stopped when `stack` closes), wait until it answers, check its answers
+        and warm its cache."""
         port = PORTS[name]
         if not port_free(port):
             self.log(f"{name}: port {port} busy, skipped")
-            return
+            return None
         self.wait_quiet()
-        log_path = self.out / f"{name}.log"
-        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp, open(log_path, "w") as log_file:
-            started = time.monotonic()
-            proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.server_command(name, Path(tmp))],
-                                    stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-            try:
-                if not wait_ready(port):
-                    self.log(f"{name}: not ready, skipped")
-                    return
-                meta = self.meta.setdefault(name, {})
-                meta["ready_s"] = round(time.monotonic() - started, 2)
-                meta["check"] = {q: self.check(port, q) for q in
-                                 ("host7.example.test A", "host7.example.test AAAA", "trackcmp.net A",
-                                  "x.trackcmp.net AAAA", "prism.app-us1.com A", "ab.cd.api-us1.com A",
-                                  "u1.abc.miss.test A")}
-                self.log(f"{name}: up in {meta['ready_s']} s; {meta['check']}")
-                self.dnsperf(name, proc.pid, port, "allowed", 0, duration=0, q=50, queries=1)  # warm the cache
-                for workload in self.args.workloads:
-                    if workload in ("light", "memory") or (workload == "churn" and name != "dnsgate"):
-                        continue  # light runs last (after the cache is warm again); the rest are dnsgate's
-                    for rep in range(1, self.args.reps + 1):
-                        try:
-                            if workload == "churn":
-                                self.churn(proc.pid, port, rep)
-                            else:
-                                self.measure(name, proc.pid, port, workload, rep, duration=self.args.dur,
-                                             tcp=workload == "tcp")
-                        except RuntimeError as exc:  # one failed cell (a peer that stopped answering)
-                            self.log(f"{name} {workload} r{rep}: failed, left out: {exc}")
-                        if workload == "miss":  # refill: the miss run evicts nothing we use, but be sure
-                            self.dnsperf(name, proc.pid, port, "allowed", 0, duration=0, q=50, queries=1)
-                if "light" in self.args.workloads:
-                    for rep in range(1, self.args.reps + 1):
-                        self.measure(name, proc.pid, port, "light", rep, duration=self.args.light_dur, qps=1000)
-                meta["rss_mib"] = rss_mib(proc.pid)
-                self.log(f"{name}: RSS {meta['rss_mib']} MiB after the runs")
-                if name == "dnsgate" and "memory" in self.args.workloads:
-                    self.memory(proc.pid, port)
-            finally:
-                stop(proc)
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-"))
+        log_file = stack.enter_context((self.out / f"{name}.log").open("w"))
+        started = time.monotonic()
+        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.server_command(name, Path(tmp))],
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        stack.callback(stop, proc)
+        if not wait_ready(port):
+            self.log(f"{name}: not ready, skipped")
+            return None
+        meta = self.meta.setdefault(name, {})
+        meta["ready_s"] = round(time.monotonic() - started, 2)
+        meta["check"] = {q: self.check(port, q) for q in
+                         ("host7.example.test A", "host7.example.test AAAA", "trackcmp.net A",
+                          "x.trackcmp.net AAAA", "prism.app-us1.com A", "ab.cd.api-us1.com A",
+                          "u1.abc.miss.test A")}
+        self.log(f"{name}: up in {meta['ready_s']} s; {meta['check']}")
+        self.dnsperf(name, proc.pid, port, "allowed", 0, duration=0, q=50, queries=1)  # warm the cache
+        return Started(name, proc.pid, port)
+
+    def bench_servers(self, names: list[str]) -> None:
+        """Every server runs at once (idle ones cost nothing), and each cell of a workload runs on one
+        server after the other: the VM's speed drifts by tens of percent within minutes, so peers
+        measured back to back compare, peers measured minutes apart may not."""
+        with contextlib.ExitStack() as stack:
+            servers = [s for s in (self.start(name, stack) for name in names) if s is not None]
+            for workload in self.args.workloads:
+                if workload in ("light", "memory"):
+                    continue  # light runs last (after the cache is warm again); memory is dnsgate's
+                for rep in range(1, self.args.reps + 1):
+                    for s in servers:
+                        if workload == "churn" and s.name != "dnsgate":
+                            continue
+                        self.cell(s, workload, rep)
+            if "light" in self.args.workloads:
+                for rep in range(1, self.args.reps + 1):
+                    for s in servers:
+                        self.measure(s.name, s.pid, s.port, "light", rep, duration=self.args.light_dur, qps=1000)
+            for s in servers:
+                self.meta[s.name]["rss_mib"] = rss_mib(s.pid)
+                self.log(f"{s.name}: RSS {self.meta[s.name]['rss_mib']} MiB after the runs")
+                if s.name == "dnsgate" and "memory" in self.args.workloads:
+                    self.memory(s.pid, s.port)
+
+    def cell(self, s: Started, workload: str, rep: int) -> None:
+        try:
+            if workload == "churn":
+                self.churn(s.pid, s.port, rep)
+            else:
+                self.measure(s.name, s.pid, s.port, workload, rep, duration=self.args.dur, tcp=workload == "tcp")
+        except RuntimeError as exc:  # one failed cell (a peer that stopped answering)
+            self.log(f"{s.name} {workload} r{rep}: failed, left out: {exc}")
+        if workload == "miss":  # refill: the miss run evicts nothing we use, but be sure
+            self.dnsperf(s.name, s.pid, s.port, "allowed", 0, duration=0, q=50, queries=1)
 
     def check(self, port: int, query: str) -> str:
         name, rdtype = query.split()
@@ -448,6 +485,7 @@ class Bench:
         if rep == 1 and self.args.churn_clients:
             # other clients holding a choice: a change must not cost more with many of them
             give_choices(self.args.churn_clients)
+            wait_idle(pid)  # (the consent store checkpoints its log after those writes)
         self.wait_quiet()
         thread = threading.Thread(target=changer, daemon=True)
         started = time.monotonic()
@@ -585,7 +623,7 @@ def main() -> None:
     out = args.out or ROOT / "tests" / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     gen = out / "gen"
-    generate(gen, miss_names=int(150_000 * args.dur) + 10)
+    generate(gen, miss_names=int(150_000 * args.dur) + 10, reps=args.reps)
     bench = Bench(args, gen, out)
     if not port_free(PORTS["upstream"]):
         sys.exit(f"port {PORTS['upstream']} (upstream) is busy")
@@ -610,8 +648,7 @@ def run_all(bench: Bench, args: argparse.Namespace, gen: Path, out: Path, upstre
                "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip()}
         bench.meta["env"] = env
-        for server in args.only:
-            bench.bench_server(server)
+        bench.bench_servers(args.only)
     finally:
         stop(upstream)
         summary = summarize(bench)

@@ -257,7 +257,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
         work = Path(tmp)
         base.PORTS["upstream"] = up = free_port()
-        base.generate(work / "gen", miss_names=10)
+        base.generate(work / "gen", miss_names=10, reps=1)
         redis = RedisServer(work / "redis-server").start()
         upstream = subprocess.Popen(["taskset", "-c", base.CLIENT_CPU, "unbound", "-d", "-c",
                                      str(work / "gen" / "upstream.conf")],
