@@ -7,11 +7,12 @@
 
 Every server gates the same names (NXDOMAIN for trackcmp.net and its subdomains, app-us1.com and
 its subdomains, subdomains of api-us1.com) and forwards the rest to a local unbound holding the
-test zone, so nothing leaves loopback. The server under test is pinned to CPU 0; dnsperf and the
-upstream to CPU 1. Each run records queries/s, loss, latency, server CPU time per answered query
-(utime+stime from /proc) and RSS; other processes' CPU use is recorded too, and a run disturbed by
-them is measured again. Ratios are computed within one execution because absolute rates move
-5-20 % between executions on a shared machine.
+test zone, so nothing leaves loopback. The servers run side by side, pinned to CPU 0; dnsperf and
+the upstream to CPU 1. Each run records queries/s, loss, latency, server CPU time per answered
+query (utime+stime from /proc) and RSS; other processes' CPU use is recorded too, and a run
+disturbed by them is measured again. A workload's runs alternate between the servers and ratios
+are computed within one execution: absolute rates move by tens of percent within minutes on a
+shared machine.
 
 Workloads: blocked (a client without consent asks for gated names), allowed (cached names), mix
 (90 % allowed, 10 % blocked), miss (every name unique: cache-miss forwarding), tcp (mix over TCP,
