@@ -58,7 +58,9 @@ import dns.rcode
 ROOT = Path(__file__).resolve().parents[2]
 HZ = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = "0", "1"
-PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321}
+PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321,
+         "echo": 25322}
+ECHO_WORKLOADS = ("blocked", "allowed", "mix")  # the echo answers UDP only, and forwards nothing
 N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
 GATED_SUFFIXES = ("trackcmp.net", "app-us1.com")
 PACKAGES = {"dnsperf": "dnsperf", "dnsmasq": "dnsmasq", "unbound": "unbound", "dig": "bind9-dnsutils",
@@ -368,6 +370,8 @@ class Bench:
             return ["dnsmasq", "-k", "-C", str(self.gen / "dnsmasq.conf")]
         if name == "unbound":
             return ["unbound", "-d", "-c", str(self.gen / "unbound.conf")]
+        if name == "echo":
+            return [sys.executable, "-m", "tests.bench.echo", "--port", str(PORTS["echo"])]
         config = data_dir / "dnsgate.toml"
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
                           f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
@@ -415,12 +419,15 @@ class Bench:
                     continue  # light runs last (after the cache is warm again); memory is dnsgate's
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
-                        if workload == "churn" and s.name != "dnsgate":
+                        if ((workload == "churn" and s.name != "dnsgate")
+                                or (s.name == "echo" and workload not in ECHO_WORKLOADS)):
                             continue
                         self.cell(s, workload, rep)
             if "light" in self.args.workloads:
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
+                        if s.name == "echo":
+                            continue
                         self.measure(s.name, s.pid, s.port, "light", rep, duration=self.args.light_dur, qps=1000)
             for s in servers:
                 self.meta[s.name]["rss_mib"] = rss_mib(s.pid)
@@ -559,19 +566,20 @@ def summarize(bench: Bench) -> str:
                 f"{mean([r.lat_avg_ms for r in runs]):.3f} | {max(r.lat_max_ms for r in runs):.3f} | "
                 f"{mean([r.cpu_us_per_query for r in runs]):.2f} | {bench.meta.get(server, {}).get('rss_mib', '')} |")
     if "dnsgate" in servers:
-        lines += ["", "| workload | dnsgate q/s x dnsmasq | x unbound | CPU us/query x dnsmasq | x unbound |",
-                  "|---|---|---|---|---|"]
+        peers = [p for p in ("dnsmasq", "unbound", "echo") if p in servers]
+        lines += ["", "| workload | " + " | ".join(f"dnsgate q/s x {p}" for p in peers) + " | "
+                  + " | ".join(f"CPU us/query x {p}" for p in peers) + " |", "|---" * (1 + 2 * len(peers)) + "|"]
         for workload in workloads:
             mine = cells.get(("dnsgate", workload))
             if not mine:
                 continue
             row = [workload]
             for metric in ("qps", "cpu_us_per_query"):
-                for peer in ("dnsmasq", "unbound"):
+                for peer in peers:
                     theirs = cells.get((peer, workload))
                     ours = mean([getattr(r, metric) for r in mine])
-                    peers = mean([getattr(r, metric) for r in theirs or []])
-                    row.append(f"{ours / peers:.2f}" if peers else "-")
+                    their_mean = mean([getattr(r, metric) for r in theirs or []])
+                    row.append(f"{ours / their_mean:.2f}" if their_mean else "-")
             lines.append("| " + " | ".join(row) + " |")
     meta = bench.meta.get("dnsgate", {})
     if meta:
@@ -595,7 +603,7 @@ def ensure_tools(install: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short run per cell (about 2 minutes)")
-    parser.add_argument("--only", default="dnsmasq,unbound,dnsgate", help="servers, comma-separated")
+    parser.add_argument("--only", default="dnsmasq,unbound,dnsgate,echo", help="servers, comma-separated")
     parser.add_argument("--workloads", default="blocked,allowed,mix,tcp,miss,light,churn,memory",
                         help="(miss comes late: dnsmasq stalls after it)")
     parser.add_argument("--dur", type=float, default=7.0, help="seconds per load run")
