@@ -60,7 +60,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321,
          "echo": 25322}
-ECHO_WORKLOADS = ("blocked", "allowed", "mix")  # the echo answers UDP only, and forwards nothing
+ECHO_WORKLOADS = ("blocked", "allowed", "mix", "light")  # the echo answers UDP only, and forwards nothing
 N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
 GATED_SUFFIXES = ("trackcmp.net", "app-us1.com")
 PACKAGES = {"dnsperf": "dnsperf", "dnsmasq": "dnsmasq", "unbound": "unbound", "dig": "bind9-dnsutils",
@@ -426,8 +426,6 @@ class Bench:
             if "light" in self.args.workloads:
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
-                        if s.name == "echo":
-                            continue
                         self.measure(s.name, s.pid, s.port, "light", rep, duration=self.args.light_dur, qps=1000)
             for s in servers:
                 self.meta[s.name]["rss_mib"] = rss_mib(s.pid)
