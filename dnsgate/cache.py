@@ -20,10 +20,10 @@ from .catalog import DomainRule
 from .gc_policy import untrack
 from .wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
-# Bytes per entry besides its key's and answer's own: the Entry (152), its floats and flags int (~100),
-# the LRU dict's slot (~75), two bytes headers (66). tracemalloc over 20 000 cached A answers: 441
-# bytes per entry in all, key and answer included (RSS: ~540 with the allocator's slack).
-ENTRY_OVERHEAD: Final = 400
+# Bytes per entry besides its key's and answer's own: the Entry (152), its floats (~72), the LRU
+# dict's slot (~75), two bytes headers (66). tracemalloc over 20 000 cached A answers: 409 bytes per
+# entry in all, key and answer included (RSS: ~500 with the allocator's slack).
+ENTRY_OVERHEAD: Final = 370
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
 
 
@@ -40,7 +40,8 @@ class Entry:
     def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
                  expires: float, rule: DomainRule | None) -> None:
         self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
-        self.reply_flags = QR | RA | flags
+        reply_flags = QR | RA | flags  # (above 256: an int object of its own unless shared)
+        self.reply_flags = _REPLY_FLAGS.setdefault(reply_flags, reply_flags)
         self.head, self.head_edns = _heads(*counts)  # QDCOUNT..ARCOUNT, without and with our OPT
         self.body0 = body0  # the records, TTLs as at `filled`
         self.body = body0  # the records, TTLs as at `filled + age`
@@ -96,6 +97,7 @@ class Entry:
 
 
 _HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_REPLY_FLAGS: dict[int, int] = {}  # one int object per flags value (32 bytes saved per entry); 16-bit: bounded
 _OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 
