@@ -213,7 +213,10 @@ async def test_a_fresh_port_per_query_when_asked(upstream: StubUpstream) -> None
             q = parse_query(dns.message.make_query(f"n{i}.example.test", "A").to_wire())
             assert isinstance(q, Query)
             await upstreams.exchange(q)
-        assert len({port for _, port in upstream.sources}) == 40
+        assert upstreams.sockets_opened >= 40  # a socket of its own for every query
+        # The kernel picks each port at random and may pick a closed socket's port again (two of 40
+        # picks from ~28 000 ports collide about 3 % of the time): nearly all of them differ.
+        assert len({port for _, port in upstream.sources}) >= 35
         assert len(upstreams.live_sockets) <= 8  # retired sockets are closed
     finally:
         await upstreams.close()
