@@ -42,13 +42,15 @@ class Server:
     def __init__(self, data_dir: str) -> None:
         config = Path(data_dir, "bench.toml")
         config.write_text('[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n')
+        log = Path(data_dir, "dnsgate.log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dnsgate", "serve", "--config", str(config), "--dns", f"127.0.0.1:{DNS_PORT}",
              "--api", f"127.0.0.1:{API_PORT}", "--upstream", "127.0.0.1:9", "--data-dir", data_dir,
              "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            stdout=subprocess.PIPE, stderr=log.open("wb"))
         assert self.proc.stdout is not None
-        self.proc.stdout.readline()  # the ready line
+        if not self.proc.stdout.readline():  # the ready line, or nothing: it did not start
+            raise SystemExit(f"dnsgate did not start: {log.read_text(errors='replace')[-500:]}")
         self.api = http.client.HTTPConnection("127.0.0.1", API_PORT, timeout=5)
 
     def put(self, path: str, categories: list[str], admin: bool = False) -> None:
