@@ -557,10 +557,7 @@ class ConsentTable:
         return counts
 
     def _granted(self, choice: Choice) -> dict[str, Grant]:
-        if self.notice is None or not self.notice.covers(choice.notice):
-            return {}
-        return {c: Grant(c, choice.made_at, choice.expires_at, choice.source)
-                for c, said in choice.categories.items() if said}
+        return {c: Grant(c, choice.made_at, choice.expires_at, choice.source) for c in self._granted_categories(choice)}
 
     def choices(self) -> list[Choice]:
         return sorted(self._index.by_id.values(), key=lambda c: c.id)
