@@ -182,11 +182,10 @@ def test_memo_and_indexes_follow_every_change(changes: list[tuple[object, ...]])
             assert isinstance(index, int)
             gone = made[index].id if index < len(made) else -1
             removed = t.remove(gone)
-            held = [k for filed in model.values() for k, c in list(filed.items()) if c.id == gone]
+            held = [(filed, k) for filed in model.values() for k, c in filed.items() if c.id == gone]
             assert (removed is not None) == bool(held)
-            for filed in model.values():
-                for key in [k for k, c in filed.items() if c.id == gone]:
-                    del filed[key]
+            for filed, key in held:
+                del filed[key]
         elif change[0] == "neighbours":
             neighbours = change[1]
             assert isinstance(neighbours, dict)

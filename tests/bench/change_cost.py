@@ -98,6 +98,7 @@ def measure(clients: int, active: int, changes: int) -> float:
             change(i)
             query_all()
         queries_alone = with_changes = 0.0
+        made = 0
         for block in range(0, changes, BLOCK):  # alternate blocks: the VM's speed drifts
             started = cpu_seconds(server.proc.pid)
             for _ in range(BLOCK):
@@ -108,7 +109,8 @@ def measure(clients: int, active: int, changes: int) -> float:
                 change(i)
                 query_all()
             with_changes += cpu_seconds(server.proc.pid) - started
-        return 1e6 * (with_changes - queries_alone) / (-(-changes // BLOCK) * BLOCK)
+            made += BLOCK
+        return 1e6 * (with_changes - queries_alone) / made
     finally:
         for s in sockets:
             s.close()
