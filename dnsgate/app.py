@@ -26,38 +26,35 @@ from typing import Any
 
 from aiohttp import web
 
-from .admission import Admission
+from . import dns_stack
 from .api import ApiSettings, create_app
-from .cache import AnswerCache
 from .catalog import CatalogError
 from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
 from .consent_backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from .consents import ConsentService
 from .dashboard import Sampler
-from .dns_server import DnsListeners, TaskSet, TcpLimits
+from .dns_counts import DnsCounts
+from .dns_server import TaskSet
+from .dns_stack import os_reason
 from .events import ConsentWatch, EventHub
 from .gc_policy import refreeze
-from .identity import QueryIdentity
 from .list_sources import ListError, ListStore
-from .local_answers import LocalTable, default_table
 from .metrics import Sources, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
 from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
 from .observe_api import Observability, add_routes
 from .pairing import Pairings
-from .pipeline import Pipeline
 from .portal import PortalSettings, portal_url
 from .portal import add_routes as add_portal_routes
-from .portal_dns import PortalAddresses, portal_zone
 from .querylog import QueryLog, load_key, sinkhole_rcode
 from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
+from .replica import JournaledTable, Start
 from .report import Watched
-from .resolver import Resolver
 from .ruleset import Ruleset, read_catalog
 from .store import ConsentStore, StoreError, UnavailableStore
-from .upstream import Upstreams
+from .workers import WorkerError, Workers
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +76,14 @@ class Running:
     portal: str = ""  # the consent portal's URL
     store: str = ""  # where consent is kept, if not in the data dir (a Redis URL without password)
     admin: HostPort | None = None  # the admin listener, if separate
+    workers: int = 1  # processes answering DNS (dns.workers)
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
+        processes = f", {self.workers} processes" if self.workers > 1 else ""
         store = f"; consent store {self.store}" if self.store else ""
         portal = f"; consent portal {self.portal}" if self.portal else ""
-        return (f"dnsgate ready: dns (udp+tcp) {', '.join(map(str, self.dns))}; api http://{self.api}; "
+        return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}; api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}")
 
 
@@ -210,8 +209,10 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             raise StartupError(str(exc)) from None
         catalog = rules.catalog
         store, problem = open_backend(cfg, data_dir)
-        table = ConsentTable(catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
-                             kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
+        # With workers, every change of the table is journaled for them (replica.py).
+        table = (JournaledTable if cfg.dns.workers > 1 else ConsentTable)(
+            catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
+            kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
                                   Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
                                   (normalize_client(a) for a in cfg.identity.trusted_forwarders))
@@ -233,65 +234,63 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         watch = ConsentWatch(hub, querylog.client_label)
         consents.listeners.append(watch.changed)
 
-        portal_addresses = PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)
-
-        def local_names(live: Config) -> LocalTable:
-            table = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
-            table.add(portal_zone(cfg.portal.host, portal_addresses))  # http://consent.dnsgate.internal/
-            return table
-
-        cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
-                            stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
-        pipeline = Pipeline(
-            catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
-            plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
-            identity=QueryIdentity(table, cfg.identity.trusted_forwarders, cfg.portal.host,
-                                   consents.on_pair, wall),
-            local=local_names(cfg),
-            any_query=cfg.dns.any_query,
-            trust_ad=cfg.upstream.trust_ad,
-            prefetch=cfg.cache.prefetch,
-            stale_ttl=cfg.cache.stale_ttl,
-            admission=admission(cfg),
-        )
-        background(stack, _tick_every_second(pipeline.admission))
+        try:
+            dns = dns_stack.build(cfg, rules, table, servers, on_pair=consents.on_pair, wall=wall)
+        except dns_stack.UpstreamError as exc:
+            raise StartupError(str(exc)) from None
+        pipeline, upstreams, tasks, listeners = dns.pipeline, dns.upstreams, dns.tasks, dns.listeners
+        background(stack, dns_stack.tick_every_second(pipeline.admission))
+        workers: Workers | None = None
 
         def install(new: Ruleset) -> None:
             # One synchronous step on the event loop: no query runs between these lines.
-            cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
-            pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
+            if workers is not None:
+                workers.install(new, reloader.cfg)  # journaled before the table's changes below
+            dns_stack.install(dns, new, reloader.cfg)  # the reloaded configuration's live sections
             consents.use_catalog(new.catalog)  # a new catalog version is a new notice
-            live = reloader.cfg  # the reloaded configuration's live sections
-            cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
-            pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
-            pipeline.local = local_names(live)
             refreeze()  # the old catalog and lists out, the new ones out of the GC's full passes
 
-        upstreams = build_upstreams(cfg, servers)
         stack.push_async_callback(upstreams.close)
         querylog.attach(pipeline)
         background(stack, querylog.run())
         background(stack, hub.run_webhook())
-        tasks = TaskSet()
         stack.push_async_callback(tasks.drain, 2.0)
-        resolver = Resolver(pipeline, upstreams, tasks.spawn)
-        d = cfg.dns
-        listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
-            d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
-            d.tcp_max_queries_per_connection, d.tcp_max_pipelined))
         stack.push_async_callback(listeners.close)
         for address in cfg.dns_listen:
             try:
                 await listeners.start(address)
             except OSError as exc:
                 raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
+        if isinstance(table, JournaledTable):
+            def start_state(number: int) -> Start:
+                return Start(cfg, reloader.cfg, reloader.ruleset or rules, servers, tuple(listeners.bound),
+                             table.copy(), pipeline.log_all is not None, number)
+
+            workers = Workers(cfg.dns.workers - 1, table, start_state, on_log=querylog.pending.extend,
+                              on_pair=consents.on_pair)
+            consents.replicated = workers.sync
+            reloader.settle = workers.sync
+            try:
+                await workers.start()
+            except WorkerError as exc:
+                raise StartupError(f"dns.workers: {exc}") from None
+            stack.push_async_callback(workers.close)  # before the listeners close: they keep answering
+
+        def dns_counts() -> DnsCounts:
+            own = dns.counts()
+            theirs = workers.counts() if workers is not None else None
+            return own if theirs is None else own.plus(theirs)
 
         def health() -> Mapping[str, Any]:
             lists_in_force = pipeline.catalog.lists
+            counts = dns_counts()
             return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
-                    "cache_entries": len(cache), "in_flight": len(tasks),
+                    "cache_entries": counts.cache_entries, "in_flight": counts.in_flight,
                     "tasks": len(asyncio.all_tasks()),
-                    "tcp_connections": len(listeners.tcp),
+                    "tcp_connections": counts.tcp_open,
+                    **({"workers": {"configured": cfg.dns.workers - 1, "listening": workers.running(),
+                                    "restarts": workers.restarts, "pids": workers.pids()}}
+                       if workers is not None else {}),
                     "consent_store": consents.store_problem or "ok",
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
@@ -314,12 +313,13 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             consent_changes_per_minute=cfg.api.consent_changes_per_minute,
             admin_port=admin_bound.port if admin_bound is not None else 0,
         )
-        sources = Sources(pipeline=pipeline, cache=cache, resolver=resolver, upstreams=upstreams, consent=table,
+        running_workers = workers
+        sources = Sources(dns=dns_counts, current_catalog=lambda: pipeline.catalog, consent=table,
                           consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
-                          in_flight=lambda: len(tasks),
                           consent_store=lambda: (consents.store_errors, not consents.store_problem),
                           consent_remote=lambda: consents.remote_changes if store.shared else None,
-                          tcp=listeners.tcp)
+                          workers=(lambda: (running_workers.running(), running_workers.restarts))
+                          if running_workers is not None else None)
         sampler = Sampler(sources)
         background(stack, sampler.run())
         app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
@@ -342,7 +342,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                                if r.method != "HEAD" and r.resource is not None}))
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url,
-                          store=store.name if store.shared else "", admin=admin_bound)
+                          store=store.name if store.shared else "", admin=admin_bound, workers=cfg.dns.workers)
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
@@ -400,19 +400,6 @@ async def load_consent(consents: ConsentService, store: ConsentBackend, problem:
     return clients
 
 
-def admission(cfg: Config) -> Admission:
-    d = cfg.dns
-    return Admission(d.allow_clients, rate=d.rate_limit, slip=d.rate_limit_slip, v4_prefix=d.rate_limit_ipv4_prefix,
-                     v6_prefix=d.rate_limit_ipv6_prefix, exempt=d.rate_limit_exempt)
-
-
-async def _tick_every_second(admission: Admission) -> None:
-    """Refill the rate limit's buckets (a second's worth of replies per prefix)."""
-    while True:
-        await asyncio.sleep(1.0)
-        admission.tick()
-
-
 async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interval: float) -> None:
     """Re-read the neighbour tables every `interval` seconds, on a worker thread."""
     while True:
@@ -440,25 +427,6 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-def build_upstreams(cfg: Config, servers: tuple[UpstreamAddress, ...]) -> Upstreams:
-    try:
-        return Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
-                         udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
-                         domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
-                         tls_ca_file=cfg.upstream.tls_ca_file)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise StartupError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
-                           f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
-
-
-def os_reason(exc: OSError) -> str:
-    """The system's words for an OSError; uvloop keeps them on the chained cause."""
-    for error in (exc, exc.__cause__):
-        if isinstance(error, OSError) and error.strerror:
-            return error.strerror
-    return str(exc)
 
 
 def _listen_tcp(address: HostPort, key: str = "api.listen") -> socket.socket:

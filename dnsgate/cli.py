@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log level (env DNSGATE_LOG_LEVEL; config log.level; default info)")
     serve.add_argument("--log-format", choices=["text", "json"],
                        help="log lines as key=value text or JSON objects (env DNSGATE_LOG_FORMAT; config log.format)")
+    serve.add_argument("--workers", metavar="N", help="processes answering DNS on the same addresses, for "
+                       "machines with spare cores (env DNSGATE_WORKERS; config dns.workers; default 1)")
     observe_cli.add_commands(commands)
 
     store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis")
@@ -223,6 +225,7 @@ def serve(args: argparse.Namespace) -> int:
         store=args.store,
         log_level=args.log_level,
         log_format=args.log_format,
+        workers=args.workers,
     )
     path, overrides = args.config or env_config, merge_overrides(env_overrides, flags)
     try:

@@ -23,6 +23,7 @@ DEFAULT_DNS_PORT: Final = 5353
 PROFILE_NAMES: Final = ("opt-in", "opt-out", "kiosk", "deny", "allow")
 DEFAULT_API_PORT: Final = 8053
 MAX_TTL: Final = 2**31 - 1  # RFC 2181 §8
+MAX_WORKERS: Final = 64
 
 
 class ConfigError(ValueError):
@@ -143,6 +144,10 @@ class DnsConfig:
     tcp_max_queries_per_connection: int = 10_000
     # Queries one connection may have outstanding upstream; beyond, reading pauses until replies go out.
     tcp_max_pipelined: int = 100
+    # Processes answering DNS on the same addresses (SO_REUSEPORT), for machines with cores to spare:
+    # this one (API, consent store, query log) and workers - 1 more, each with its own cache and a
+    # copy of the consent table that every change reaches before the API answers.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,6 +685,7 @@ def _validate_exposure(d: DnsConfig) -> None:
     _check(d.tcp_max_queries_per_connection >= 1,
            f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
     _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
+    _check(1 <= d.workers <= MAX_WORKERS, f"dns.workers: must be 1..{MAX_WORKERS}, got {d.workers}")
 
 
 def _validate_lists(lists: ListsConfig) -> None:
@@ -726,6 +732,7 @@ class Overrides:
     admin_token: str | None = None
     log_level: str | None = None
     log_format: str | None = None
+    workers: str | None = None
 
 
 ENV_PREFIX: Final = "DNSGATE_"
@@ -747,6 +754,7 @@ def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
         admin_token=env.get(ENV_PREFIX + "ADMIN_TOKEN") or None,
         log_level=env.get(ENV_PREFIX + "LOG_LEVEL") or None,
         log_format=env.get(ENV_PREFIX + "LOG_FORMAT") or None,
+        workers=env.get(ENV_PREFIX + "WORKERS") or None,
     )
 
 
@@ -776,7 +784,17 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
     if o.log_format is not None:
         log_format = _checked(LogConfig, "format", o.log_format.lower(), "log.format")
         cfg = replace(cfg, log=replace(cfg.log, format=log_format))
+    if o.workers is not None:
+        cfg = replace(cfg, dns=replace(cfg.dns, workers=_checked(DnsConfig, "workers", _whole(o.workers, "dns.workers"),
+                                                                  "dns.workers")))
     return validate(cfg)
+
+
+def _whole(text: str, key: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(f"{key}: expected a whole number, got {text!r}") from None
 
 
 def load_config(path: str | None, overrides: Overrides) -> Config:

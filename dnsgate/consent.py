@@ -322,6 +322,17 @@ class _Index:
                                key=lambda item: item[0].prefixlen, reverse=True)
 
 
+@dataclass(frozen=True, slots=True)
+class TableCopy:
+    vendors: tuple[Vendor, ...]
+    profiles: ProfileMap
+    notice: CurrentNotice | None
+    kiosk_idle: float
+    neighbours: Mapping[str, str]
+    index: _Index
+    kiosk_seen: dict[str, float]
+
+
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
@@ -614,6 +625,19 @@ class ConsentTable:
         self._memo.clear()
         self._memo_by_address.clear()
         self._memo_by_mac.clear()
+
+    def copy(self) -> TableCopy:
+        """Everything but the memo, for a replica (`from_copy`, in a worker process). It shares this
+        table's objects: pickle it at once, never keep it."""
+        return TableCopy(self.vendors, self.profiles, self.notice, self.kiosk_idle, self.neighbours, self._index,
+                         self.kiosk_seen)
+
+    @classmethod
+    def from_copy(cls, c: TableCopy) -> ConsentTable:
+        table = cls(c.vendors, c.profiles, c.notice, c.kiosk_idle)
+        table.neighbours, table._index = c.neighbours, c.index
+        table.kiosk_seen.update(c.kiosk_seen)
+        return table
 
     def memoized(self) -> set[str]:
         """The client keys whose state is memoized now."""

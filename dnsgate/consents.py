@@ -159,6 +159,9 @@ class ConsentService:
         # Called with each recorded event once it is stored and in force (metrics, events: events.py),
         # on every instance that shares the store.
         self.listeners: list[Callable[[Event], None]] = []
+        # dns.workers > 1: awaited once a change is in force here, returns once every worker has it
+        # too (workers.py), so that a change the API reports done holds on every process.
+        self.replicated: Callable[[], Awaitable[None]] | None = None
         table.set_notice(notice.current(catalog.version))
 
     # -- start -----------------------------------------------------------------------------------
@@ -626,16 +629,22 @@ class ConsentService:
             recorded = await self._in_store(self.store.commit(steps, based_on))
         except StoreError:
             self._hold_refusal(steps)
+            await self._replicate()
             raise
         pairs = list(zip(steps, recorded.ids, strict=True))
         for step, event_id in pairs:
             if event_id is not None and event_id > recorded.in_force_up_to:
                 self._put_in_force(step, event_id)
+        await self._replicate()
         for step, event_id in pairs:
             if event_id is not None:  # once every step is in force
                 log_event(step.event)
                 self._notify(dataclasses.replace(step.event, id=event_id))
         return sum(1 for _, event_id in pairs if event_id is not None)
+
+    async def _replicate(self) -> None:
+        if self.replicated is not None:
+            await self.replicated()
 
     def _hold_refusal(self, steps: Sequence[Step]) -> None:
         """The store failed (answered 503): nothing that grants is applied, fail closed. A change that

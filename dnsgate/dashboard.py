@@ -44,12 +44,13 @@ class Sampler:
         s = self.s
         s.querylog.take()
         gated = s.querylog.gated
+        dns = s.dns()
         return Totals(
             at=self.mono(),
-            queries=s.pipeline.counters.total(),
+            queries=dns.tally.total(),
             sinkholed=sum(n for (_, d), n in gated.items() if d == "sinkholed"),
             allowed=sum(n for (_, d), n in gated.items() if d == "allowed"),
-            upstream={str(server): (st.latency.count, st.latency.sum) for server, st in s.upstreams.per_server.items()},
+            upstream={str(server): (st.latency.count, st.latency.sum) for server, st in dns.upstreams.items()},
         )
 
     def sample(self) -> None:
@@ -78,7 +79,8 @@ class Sampler:
 
     def stats(self) -> dict[str, Any]:
         s = self.s
-        tally = s.pipeline.counters
+        dns = s.dns()
+        tally = dns.tally
         now_totals = self.totals()
         gated = s.querylog.gated
         ranked = sorted(s.catalog.vendors,
@@ -90,7 +92,7 @@ class Sampler:
         seen = s.querylog.gated_clients_since(self.mono() - RECENT_CLIENTS)
         with_consent = sum(1 for c in seen if any(g.expires_at > wall for g in s.consent.grants(c).values()))
         upstreams = []
-        for server, st in s.upstreams.per_server.items():
+        for server, st in dns.upstreams.items():
             h = st.latency
             upstreams.append({
                 "server": str(server), "queries": st.queries, "errors": st.errors,

@@ -311,7 +311,8 @@ def _large_receive_buffer(transport: asyncio.BaseTransport) -> None:
 class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
-    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits) -> None:
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits,
+                 reuse_port: bool = False) -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
@@ -319,6 +320,9 @@ class DnsListeners:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self.bound: list[HostPort] = []
+        # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
+        # and the kernel spreads clients over them by their address and port.
+        self.reuse_port = reuse_port
 
     async def start(self, address: HostPort) -> HostPort:
         """Listen on UDP and TCP at `address`; with port 0, both get the same free port."""
@@ -328,13 +332,13 @@ class DnsListeners:
         for _attempt in range(20 if address.port == 0 else 1):
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6),
-                local_addr=(address.host, address.port), family=family)
+                local_addr=(address.host, address.port), family=family, reuse_port=self.reuse_port or None)
             port = transport.get_extra_info("sockname")[1]
             _large_receive_buffer(transport)
             try:
                 server = await loop.create_server(
                     lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp),
-                    address.host, port, family=family, reuse_address=True)
+                    address.host, port, family=family, reuse_address=True, reuse_port=self.reuse_port or None)
             except OSError:
                 transport.close()
                 if address.port == 0:

@@ -24,17 +24,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .cache import AnswerCache
 from .catalog import Catalog
 from .consent import ConsentTable
-from .dns_server import TcpTable
+from .dns_counts import DnsCounts
 from .events import EventHub
 from .histogram import Histogram
-from .pipeline import Pipeline
 from .querylog import QueryLog
-from .resolver import Resolver
 from .tally import CACHED
-from .upstream import Upstreams
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -43,26 +39,26 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Sources:
     """Everything whose counts /metrics and the dashboard show; app.py fills it in."""
 
-    pipeline: Pipeline
-    cache: AnswerCache
-    resolver: Resolver
-    upstreams: Upstreams
+    # What every process answering DNS has counted (the primary's own, plus its workers'), and
+    # the catalog in force (a reload swaps it).
+    dns: Callable[[], DnsCounts]
+    current_catalog: Callable[[], Catalog]
     consent: ConsentTable
     consent_changes: Callable[[], dict[str, int]]
     querylog: QueryLog
     hub: EventHub
-    in_flight: Callable[[], int]
     # (failed consent store operations, whether the store answers), and the changes other instances
     # recorded that this one applied (None: the store is not shared).
     consent_store: Callable[[], tuple[int, bool]] | None = None
     consent_remote: Callable[[], int | None] | None = None
-    tcp: TcpTable | None = None  # the TCP connection table
+    # dns.workers > 1: (workers listening, restarts so far)
+    workers: Callable[[], tuple[int, int]] | None = None
     wall: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
     @property
     def catalog(self) -> Catalog:
-        return self.pipeline.catalog  # the one in force: a reload swaps it
+        return self.current_catalog()
 
     def clients_by_category(self) -> dict[str, int]:
         """Clients with a grant in force, per category (a client may count in several)."""
@@ -81,7 +77,8 @@ class DnsgateCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily
                                   | InfoMetricFamily]:
         s = self.s
-        tally = s.pipeline.counters
+        dns = s.dns()
+        tally = dns.tally
         info = InfoMetricFamily("dnsgate_build", "dnsgate version and runtime")
         info.add_metric([], {"version": __version__, "python": platform.python_version(),
                              "catalog": s.catalog.version})
@@ -100,7 +97,7 @@ class DnsgateCollector(Collector):
         duration = HistogramMetricFamily("dnsgate_query_duration_seconds", "Time from a query's arrival to its "
                                          "reply, for queries answered from upstream (answers from memory take "
                                          "microseconds and are not timed)")
-        _histogram(duration, [], s.pipeline.durations)
+        _histogram(duration, [], dns.durations)
         yield duration
 
         gated = CounterMetricFamily("dnsgate_gated_queries", "Queries for gated names, by vendor and decision "
@@ -120,13 +117,13 @@ class DnsgateCollector(Collector):
         yield CounterMetricFamily("dnsgate_cache_misses", "Queries the cache could not answer",
                                   value=tally.cache_misses)
         yield CounterMetricFamily("dnsgate_cache_evictions", "Entries evicted to stay within the cache bounds",
-                                  value=s.cache.evictions)
-        yield GaugeMetricFamily("dnsgate_cache_entries", "Entries in the cache", value=len(s.cache))
-        yield GaugeMetricFamily("dnsgate_cache_bytes", "Approximate bytes held by the cache", value=s.cache.bytes)
+                                  value=dns.cache_evictions)
+        yield GaugeMetricFamily("dnsgate_cache_entries", "Entries in the cache", value=dns.cache_entries)
+        yield GaugeMetricFamily("dnsgate_cache_bytes", "Approximate bytes held by the cache", value=dns.cache_bytes)
         yield CounterMetricFamily("dnsgate_coalesced_queries", "Queries that shared an identical query "
-                                  "already in flight upstream", value=s.resolver.coalesced)
+                                  "already in flight upstream", value=dns.coalesced)
         yield GaugeMetricFamily("dnsgate_queries_in_flight", "Queries waiting for an upstream answer",
-                                value=s.in_flight())
+                                value=dns.in_flight)
 
         up_queries = CounterMetricFamily("dnsgate_upstream_queries", "Attempts sent to each upstream",
                                          labels=["upstream"])
@@ -134,7 +131,7 @@ class DnsgateCollector(Collector):
                                         "unusable reply, SERVFAIL/REFUSED/FORMERR/NOTIMP)", labels=["upstream"])
         up_latency = HistogramMetricFamily("dnsgate_upstream_latency_seconds", "Time for an upstream to reply",
                                            labels=["upstream"])
-        for server, stats in s.upstreams.per_server.items():
+        for server, stats in dns.upstreams.items():
             up_queries.add_metric([str(server)], stats.queries)
             up_errors.add_metric([str(server)], stats.errors)
             _histogram(up_latency, [str(server)], stats.latency)
@@ -162,7 +159,13 @@ class DnsgateCollector(Collector):
             yield CounterMetricFamily("dnsgate_consent_remote_changes", "Consent changes recorded through other "
                                       "instances sharing the store, applied here", value=remote)
 
-        yield from _exposure(s)
+        yield from _exposure(dns)
+        if s.workers is not None:
+            running, restarts = s.workers()
+            yield GaugeMetricFamily("dnsgate_workers", "Worker processes answering DNS besides this one (dns.workers "
+                                    "- 1 when all run)", value=running)
+            yield CounterMetricFamily("dnsgate_worker_restarts", "Worker processes started again after one exited "
+                                      "or was killed", value=restarts)
 
         ql = s.querylog
         yield CounterMetricFamily("dnsgate_querylog_written", "Query-log entries written", value=ql.written)
@@ -179,23 +182,21 @@ class DnsgateCollector(Collector):
         yield GaugeMetricFamily("dnsgate_event_subscribers", "Open GET /v1/events streams", value=s.hub.subscribers)
 
 
-def _exposure(s: Sources) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+def _exposure(dns: DnsCounts) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     """The client ACL, rate limiting and TCP limits."""
-    a = s.pipeline.admission
     yield CounterMetricFamily("dnsgate_acl_refused", "Queries refused because the client is outside dns.allow_clients",
-                              value=a.refused)
+                              value=dns.acl_refused)
     limited = CounterMetricFamily("dnsgate_rate_limited", "UDP replies held back by the per-prefix rate limit: "
                                   "dropped, or sent truncated (slipped)", labels=["action"])
-    limited.add_metric(["dropped"], a.dropped)
-    limited.add_metric(["slipped"], a.slipped)
+    limited.add_metric(["dropped"], dns.rate_dropped)
+    limited.add_metric(["slipped"], dns.rate_slipped)
     yield limited
-    if s.tcp is not None:
-        yield GaugeMetricFamily("dnsgate_tcp_connections", "Open DNS-over-TCP connections", value=len(s.tcp))
-        closed = CounterMetricFamily("dnsgate_tcp_closed_early", "TCP connections refused or closed by a limit",
-                                     labels=["reason"])
-        for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
-            closed.add_metric([reason], s.tcp.closed[reason])
-        yield closed
+    yield GaugeMetricFamily("dnsgate_tcp_connections", "Open DNS-over-TCP connections", value=dns.tcp_open)
+    closed = CounterMetricFamily("dnsgate_tcp_closed_early", "TCP connections refused or closed by a limit",
+                                 labels=["reason"])
+    for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
+        closed.add_metric([reason], dns.tcp_closed[reason])
+    yield closed
 
 
 def build_registry(sources: Sources) -> CollectorRegistry:

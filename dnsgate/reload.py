@@ -84,6 +84,8 @@ class Reloader:
         self.reread = reread
         self.store = store
         self.install = install
+        # Awaited after each install (dns.workers > 1: until every worker has the new rules too).
+        self.settle: Callable[[], Awaitable[None]] | None = None
         self.wall = wall
         self.ruleset: Ruleset | None = None
         self.statuses: dict[str, ListStatus] = {}
@@ -119,6 +121,7 @@ class Reloader:
             await self._commit(fetched)
             self.cfg = effective
             self._install(ruleset)
+            await self._settle()
             self.reloads += 1
         report = self._report(reason, applied, restart, time.monotonic() - started)
         log.info("reload (%s): %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
@@ -159,6 +162,7 @@ class Reloader:
             await self._commit(fetched)
             if changed:
                 self._install(ruleset)
+                await self._settle()
                 log.info("list refresh: new content for %s", ", ".join(f.source.id for f in changed))
         return replace(self._report(reason, (), (), time.monotonic() - started), action="refreshed")
 
@@ -272,6 +276,10 @@ class Reloader:
         if meta is not None:
             status.fetched_at, status.checked_at = meta.fetched_at or None, meta.checked_at or None
         return status
+
+    async def _settle(self) -> None:
+        if self.settle is not None:
+            await self.settle()
 
     def _install(self, ruleset: Ruleset) -> None:
         self.ruleset = ruleset

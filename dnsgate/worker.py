@@ -1,0 +1,147 @@
+"""A worker process (dns.workers > 1): answers DNS on the primary's addresses, and nothing else.
+
+The primary (workers.py) starts it as `python -m dnsgate.worker FD`, FD being its end of a
+socketpair. The first message carries what it needs to answer exactly as the primary does
+(replica.Start); it builds the same DNS side (dns_stack.py), binds the same addresses with
+SO_REUSEPORT, then applies the primary's journal of consent changes and reloads as it comes,
+acknowledging each batch. It sends its query-log entries every 0.1 s and its counts and kiosk
+activity every second. When the line to the primary closes (the primary stopped or died), it stops:
+a worker never answers from a consent table nobody updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+
+from . import dns_stack
+from .config import Config
+from .consent import ConsentTable
+from .dns_stack import DnsStack, os_reason
+from .gc_policy import frozen_startup, refreeze
+from .logs import setup_logging
+from .replica import Start, apply, forget_idle, merge_seen
+from .ruleset import Ruleset
+from .tally import LogEntry
+from .worker_link import Link, LinkClosed
+
+log = logging.getLogger("dnsgate.worker")
+
+LOG_EVERY = 0.1  # seconds between batches of query-log entries
+COUNTS_EVERY = 10  # ... and counts and kiosk activity every this many batches
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m dnsgate.worker FD (dnsgate starts its workers itself: see dns.workers)",
+              file=sys.stderr)
+        return 2
+    sock = socket.socket(fileno=int(argv[0]))
+    # Ctrl-C reaches the whole process group: the primary stops its workers in order, after itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from .cli import _loop_factory
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(serve(sock))
+
+
+async def serve(sock: socket.socket) -> int:
+    link = await Link.over(sock)
+    try:
+        kind, start = await link.receive()
+    except LinkClosed:
+        return 1
+    if kind != "start" or not isinstance(start, Start):
+        return 1
+    setup_logging(start.cfg.log.level, start.cfg.log.format)
+    table = ConsentTable.from_copy(start.table)
+
+    def pair(token: str, client: str) -> bool:
+        """The primary holds the offers: it binds the token (or not). NOERROR says the name was heard."""
+        link.send("pair", token, client)
+        return True
+
+    try:
+        stack = dns_stack.build(start.cfg, start.rules, table, start.servers, on_pair=pair, wall=time.time)
+    except dns_stack.UpstreamError as exc:
+        log.error("worker %d: %s", start.worker, exc)
+        return 1
+    dns_stack.install(stack, start.rules, start.live)
+    pending: list[LogEntry] = []
+    stack.pipeline.log_gated = pending.append
+    stack.pipeline.log_all = pending.append if start.log_all else None
+    async with AsyncExitStack() as exits:
+        exits.push_async_callback(stack.upstreams.close)
+        exits.push_async_callback(stack.tasks.drain, 2.0)
+        exits.push_async_callback(stack.listeners.close)
+        for address in start.bound:
+            try:
+                await stack.listeners.start(address)
+            except OSError as exc:
+                log.error("worker %d: dns.listen %s: %s", start.worker, address, os_reason(exc))
+                return 1
+        ticks = asyncio.create_task(dns_stack.tick_every_second(stack.pipeline.admission))
+        reports = asyncio.create_task(_report(link, stack, table, pending))
+        exits.push_async_callback(_cancel, ticks, reports)
+        link.send("ready")
+        with frozen_startup(), contextlib.suppress(LinkClosed):
+            await _follow(link, table, stack)
+    # The listeners are closed and the last queries answered: their entries and counts go too.
+    link.send("log", pending)
+    link.send("counts", stack.counts(), table.kiosk_seen)
+    with contextlib.suppress(LinkClosed):
+        await link.drain()
+    link.close()
+    return 0
+
+
+async def _follow(link: Link, table: ConsentTable, stack: DnsStack) -> None:
+    """Apply what the primary sends until it says stop (or its line closes)."""
+
+    def install(rules: Ruleset, live: Config) -> None:
+        dns_stack.install(stack, rules, live)
+        refreeze()
+
+    while True:
+        message = await link.receive()
+        kind = message[0]
+        if kind == "ops":
+            apply(table, message[2], install)
+            link.send("ack", message[1])
+        elif kind == "seen":
+            merge_seen(table.kiosk_seen, message[1])
+            forget_idle(table.kiosk_seen, table.kiosk_idle, time.time())
+        elif kind == "stop":
+            return
+        else:
+            raise LinkClosed(f"unknown message {kind!r}")
+
+
+async def _report(link: Link, stack: DnsStack, table: ConsentTable, pending: list[LogEntry]) -> None:
+    batches = 0
+    while True:
+        await asyncio.sleep(LOG_EVERY)
+        if pending:
+            link.send("log", pending)
+            pending.clear()  # the same list: the pipeline holds its bound append
+        batches += 1
+        if batches % COUNTS_EVERY == 0:
+            link.send("counts", stack.counts(), table.kiosk_seen)
+        await link.drain()
+
+
+async def _cancel(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,204 @@
+"""dns.workers > 1: worker processes answer on the same address, with the primary's consent.
+
+dnsgate runs in-process (the primary) and starts its workers as real processes; queries come
+from many UDP sockets, so the kernel's SO_REUSEPORT hash hands them to every process. Each
+process has its own cache, so the upstream's count of one fresh name says how many processes
+answered. A change through the API must hold on every socket's next query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import consent_config, eventually
+from tests.stub_upstream import StubUpstream
+
+TRACKER = "trackcmp.net"
+GRANT = {"categories": ["marketing"]}
+SOCKETS = 48  # P(a process of three gets none of them) = 3 * (2/3)^48, about 1e-8
+
+
+def with_workers(upstream: StubUpstream, data_dir: Path, n: int, **sections: Any) -> Any:
+    cfg = consent_config(make_config(upstream, data_dir))
+    return replace(cfg, dns=replace(cfg.dns, workers=n), **sections)
+
+
+@contextlib.asynccontextmanager
+async def sockets(client: str, n: int = SOCKETS) -> AsyncIterator[list[socket.socket]]:
+    """`n` UDP sockets from `client`, each its own source port (so its own process, fixed)."""
+    made = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            s.bind((client, 0))
+            made.append(s)
+        yield made
+    finally:
+        for s in made:
+            s.close()
+
+
+async def ask(g: Gate, s: socket.socket, name: str) -> dns.message.Message:
+    loop = asyncio.get_running_loop()
+    q = dns.message.make_query(name, dns.rdatatype.A)
+    await loop.sock_sendto(s, q.to_wire(), (g.running.dns[0].host, g.dns_port))
+    while True:
+        data, _ = await asyncio.wait_for(loop.sock_recvfrom(s, 4096), 3.0)
+        reply = dns.message.from_wire(data)
+        if reply.id == q.id:
+            return reply
+
+
+async def rcodes(g: Gate, socks: list[socket.socket], name: str = TRACKER) -> Counter[str]:
+    replies = await asyncio.gather(*(ask(g, s, name) for s in socks))
+    return Counter(dns.rcode.to_text(r.rcode()) for r in replies)
+
+
+async def health(g: Gate) -> dict[str, Any]:
+    status, body = await g.http("GET", "/healthz")
+    assert status == 200
+    return dict(body)
+
+
+async def metric_sum(g: Gate, prefix: str) -> float:
+    status, text = await g.http("GET", "/metrics")
+    assert status == 200
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_every_process_answers_and_each_change_holds_for_the_next_query_on_all_of_them(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    me = "127.0.0.51"
+    async with running_gate(with_workers(upstream, data_dir, 3)) as g, sockets(me) as socks:
+        assert (await health(g))["workers"]["listening"] == 2
+        # A fresh name: each process asks the upstream once (its own cache), so 3 asks = 3 processes.
+        assert await rcodes(g, socks, "host.example.test") == {"NOERROR": SOCKETS}
+        assert upstream.count("host.example.test") == 3
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        for _ in range(5):  # the API answers only once every process has the change
+            status, _ = await g.http("PUT", "/v1/consent", source=me, json=GRANT)
+            assert status == 200
+            assert await rcodes(g, socks) == {"NOERROR": SOCKETS}
+            status, _ = await g.http("DELETE", "/v1/consent", source=me)
+            assert status == 200
+            assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        # An admin's grant for a whole network (its members have no choice of their own).
+        async with sockets("127.0.9.7") as members:
+            assert await rcodes(g, members) == {"NXDOMAIN": SOCKETS}
+            status, _ = await g.http("PUT", "/v1/clients/127.0.9.0/24/consent", admin=True, json=GRANT)
+            assert status == 200
+            assert await rcodes(g, members) == {"NOERROR": SOCKETS}
+
+
+async def test_query_log_metrics_and_events_count_the_queries_every_process_answered(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = with_workers(upstream, data_dir, 3)
+    cfg = replace(cfg, querylog=replace(cfg.querylog, mode="full", flush_interval=0.1))
+    async with running_gate(cfg) as g, sockets("127.0.0.52") as socks:
+        before = await metric_sum(g, "dnsgate_queries_total{")
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        assert await rcodes(g, socks, "other.example.test") == {"NOERROR": SOCKETS}
+
+        async def counted() -> bool:  # workers send their counts every second
+            return await metric_sum(g, "dnsgate_queries_total{") - before >= 2 * SOCKETS
+
+        await eventually(counted, 5.0)
+        assert await metric_sum(g, "dnsgate_queries_total{") - before == 2 * SOCKETS
+        assert await metric_sum(g, 'dnsgate_gated_queries_total{decision="sinkholed",vendor="activecampaign"}') \
+            == SOCKETS
+        assert await metric_sum(g, "dnsgate_upstream_queries_total{") == 3  # one per process
+
+        async def logged() -> bool:
+            status, body = await g.http("GET", "/v1/queries?client=127.0.0.52&limit=500", admin=True)
+            assert status == 200, body
+            return len(body["entries"]) == 2 * SOCKETS
+
+        await eventually(logged, 5.0)
+
+
+async def test_a_killed_worker_is_started_again_from_the_consent_in_force(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    me = "127.0.0.53"
+    async with running_gate(with_workers(upstream, data_dir, 2)) as g, sockets(me) as socks:
+        (pid,) = (await health(g))["workers"]["pids"]
+        os.kill(pid, signal.SIGKILL)  # a worker this test's dnsgate started
+        # A change while it is gone is not held up by it, and the new worker starts with it.
+        status, _ = await g.http("PUT", "/v1/consent", source=me, json=GRANT)
+        assert status == 200
+
+        async def back() -> bool:
+            w = (await health(g))["workers"]
+            return bool(w["listening"] == 1 and w["restarts"] == 1 and w["pids"] != [pid])
+
+        await eventually(back, 10.0)
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}
+        assert upstream.count(TRACKER) == 2  # both processes answered (each asked once)
+        assert await metric_sum(g, "dnsgate_worker_restarts_total") == 1
+    assert _state(pid) == "gone"  # (reaped by dnsgate)
+
+
+async def test_a_reload_reaches_every_worker_before_it_is_reported_done(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = with_workers(upstream, data_dir, 3)
+    relaxed = replace(cfg, gate=replace(cfg.gate, disabled_domains=(TRACKER,)))
+    async with running_gate(cfg, reread=lambda: relaxed) as g, sockets("127.0.0.54") as socks:
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        status, body = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200, body
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}
+        pids = (await health(g))["workers"]["pids"]
+        assert len(pids) == 2
+    for pid in pids:  # stopped with dnsgate
+        assert _state(pid) == "gone"
+
+
+def _state(pid: int) -> str:
+    """The process's state letter, or "gone" ("Z": exited, waiting to be reaped by its new parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return "gone"
+
+
+async def test_workers_stop_when_the_primary_dies(upstream: StubUpstream, tmp_path: Path) -> None:
+    """A worker must never answer from a consent table nobody updates: it exits with its primary."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "serve", "--workers", "3", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0",
+        "--upstream", upstream.address, "--data-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env={k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")})
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        assert line.startswith("dnsgate ready: dns (udp+tcp, 3 processes) 127.0.0.1:"), line
+        api = line.split("api http://", 1)[1].split(";", 1)[0]
+        async with aiohttp.ClientSession() as session, session.get(f"http://{api}/healthz") as response:
+            pids = (await response.json())["workers"]["pids"]
+        assert len(pids) == 2 and all(_state(p) not in ("gone", "Z") for p in pids)
+        process.kill()  # the primary, which this test started
+        await process.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while any(_state(p) not in ("gone", "Z") for p in pids):
+            assert loop.time() < deadline, [_state(p) for p in pids]
+            await asyncio.sleep(0.05)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
