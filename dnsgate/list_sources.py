@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import aiohttp
+if TYPE_CHECKING:  # imported where a list is fetched: a worker process (worker.py) never fetches
+    import aiohttp
 
 from .config import ListSource
 
@@ -110,6 +111,8 @@ class ListStore:
             if previous.last_modified:
                 headers["If-Modified-Since"] = previous.last_modified
         key = f"lists.sources[{index}] ({src.id})"
+        import aiohttp
+
         try:
             session = self._client()
             async with session.get(src.url, headers=headers,
@@ -154,6 +157,8 @@ class ListStore:
             fetched.path.unlink(missing_ok=True)
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession()
         return self._session
