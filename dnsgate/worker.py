@@ -44,8 +44,11 @@ def main(argv: Sequence[str]) -> int:
               file=sys.stderr)
         return 2
     sock = socket.socket(fileno=int(argv[0]))
-    # Ctrl-C reaches the whole process group: the primary stops its workers in order, after itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker lives as long as its line to the primary: signals meant for dnsgate (Ctrl-C and a
+    # hangup reach the whole process group; systemd sends SIGTERM to every process of the service)
+    # are the primary's to act on, and it stops its workers in order. SIGKILL still ends one.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     from .cli import _loop_factory
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:

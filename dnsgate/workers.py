@@ -76,6 +76,7 @@ class Workers:
         self._changed = asyncio.Event()  # set whenever a worker acknowledges a batch or goes
         self._retired: DnsCounts | None = None  # what exited workers had counted
         self._closing = False
+        self._stopping = asyncio.Event()  # set with _closing: cuts a restart's wait short
         self._flush_due = False
         self._tasks: list[asyncio.Task[None]] = []
         self._last: dict[int, Worker] = {}  # each number's latest process, live or not
@@ -99,6 +100,7 @@ class Workers:
     async def close(self) -> None:
         """Ask every worker to stop (they send their last entries and counts), kill the slow ones."""
         self._closing = True
+        self._stopping.set()
         self.flush()
         for worker in self._live.values():
             worker.link.send("stop")
@@ -201,7 +203,10 @@ class Workers:
                 if time.monotonic() - worker.started >= STEADY:
                     delay = RESTART_DELAY
                 log.error("worker %d exited (code %s); starting it again in %g s", number, code, delay)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._closing:
+                return
             delay = min(delay * 2, RESTART_DELAY_MAX)
             self.restarts += 1
 
