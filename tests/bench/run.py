@@ -20,6 +20,8 @@ one connection per dnsperf client), light (1,000 q/s: service latency). dnsgate 
 churn (mix while another process grants and withdraws consent 100 times/s through the API, and
 checks each change reaches the next query; 10 000 other clients hold a choice), memory (RSS with
 100k cached names and 10k clients holding consent), ready (seconds from start to the ready line).
+"dnsgate-workers" (in --only) is dnsgate with dns.workers = --workers, on --workers-cpus, beside
+the single-process dnsgate: what worker processes do on this machine, measured in the same minutes.
 
 Writes results.json and summary.md into tests/bench/results/<timestamp>/ and prints the table.
 Needs Debian packages dnsperf, dnsmasq, unbound, bind9-dnsutils (installed with --install when
@@ -59,7 +61,8 @@ ROOT = Path(__file__).resolve().parents[2]
 HZ = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321,
-         "echo": 25322}
+         "echo": 25322, "dnsgate-workers": 25326, "dnsgate-workers-api": 25327}
+DNSGATES = ("dnsgate", "dnsgate-workers")
 ECHO_WORKLOADS = ("blocked", "allowed", "mix", "light")  # the echo answers UDP only, and forwards nothing
 N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
 GATED_SUFFIXES = ("trackcmp.net", "app-us1.com")
@@ -378,8 +381,9 @@ class Bench:
                           f'[storage]\nsynchronous = "{self.args.synchronous}"\n'
                           f'[querylog]\nmode = "{self.args.querylog}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
-                "--dns", f"127.0.0.1:{PORTS['dnsgate']}", "--api", f"127.0.0.1:{PORTS['dnsgate-api']}",
-                "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning"]
+                "--dns", f"127.0.0.1:{PORTS[name]}", "--api", f"127.0.0.1:{PORTS[name + '-api']}",
+                "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning",
+                *(["--workers", str(self.args.workers)] if name == "dnsgate-workers" else [])]
 
     def start(self, name: str, stack: contextlib.ExitStack) -> Started | None:
         """Start one server (stopped when `stack` closes), wait until it answers, check its answers
@@ -392,7 +396,8 @@ class Bench:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-{name}-"))
         log_file = stack.enter_context((self.out / f"{name}.log").open("w"))
         started = time.monotonic()
-        proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *self.server_command(name, Path(tmp))],
+        cpus = self.args.workers_cpus if name == "dnsgate-workers" else SERVER_CPU
+        proc = subprocess.Popen(["taskset", "-c", cpus, *self.server_command(name, Path(tmp))],
                                 stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
         stack.callback(stop, proc)
         if not wait_ready(port):
@@ -419,7 +424,7 @@ class Bench:
                     continue  # light runs last (after the cache is warm again); memory is dnsgate's
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
-                        if ((workload == "churn" and s.name != "dnsgate")
+                        if ((workload == "churn" and s.name not in DNSGATES)
                                 or (s.name == "echo" and workload not in ECHO_WORKLOADS)):
                             continue
                         self.cell(s, workload, rep)
@@ -436,7 +441,7 @@ class Bench:
     def cell(self, s: Started, workload: str, rep: int) -> None:
         try:
             if workload == "churn":
-                self.churn(s.pid, s.port, rep)
+                self.churn(s.name, s.pid, s.port, rep)
             else:
                 self.measure(s.name, s.pid, s.port, workload, rep, duration=self.args.dur, tcp=workload == "tcp")
         except RuntimeError as exc:  # one failed cell (a peer that stopped answering)
@@ -453,7 +458,7 @@ class Bench:
 
     # dnsgate-only workloads -----------------------------------------------------------------------
 
-    def churn(self, pid: int, port: int, rep: int) -> None:
+    def churn(self, name: str, pid: int, port: int, rep: int) -> None:
         """The mix workload while 127.0.0.2 grants and withdraws 100 times a second through the API; after
         each change a query from 127.0.0.2 must see it (counted as stale if it does not)."""
         stats = {"changes": 0, "stale": 0, "errors": 0}
@@ -462,7 +467,7 @@ class Bench:
         def changer() -> None:
             os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this thread only: keep CPU 0 for the server
             # one keep-alive connection from 127.0.0.2, as a consent page in a browser would use
-            conn = http.client.HTTPConnection("127.0.0.1", PORTS["dnsgate-api"], source_address=("127.0.0.2", 0),
+            conn = http.client.HTTPConnection("127.0.0.1", PORTS[name + "-api"], source_address=("127.0.0.2", 0),
                                               timeout=2)
             granted = False
             next_at = time.monotonic()
@@ -490,27 +495,27 @@ class Bench:
 
         if rep == 1 and self.args.churn_clients:
             # other clients holding a choice: a change must not cost more with many of them
-            give_choices(self.args.churn_clients)
+            give_choices(self.args.churn_clients, PORTS[name + "-api"])
             wait_idle(pid)  # (the consent store checkpoints its log after those writes)
         self.wait_quiet()
         thread = threading.Thread(target=changer, daemon=True)
         started = time.monotonic()
         thread.start()
         try:  # no re-measuring here: the changes are part of the load
-            run = self.dnsperf("dnsgate", pid, port, "churn", rep, duration=self.args.dur)
+            run = self.dnsperf(name, pid, port, "churn", rep, duration=self.args.dur)
         finally:
             done.set()
             thread.join()
         elapsed = time.monotonic() - started
         run.extra.update(stats, changes_per_s=round(stats["changes"] / elapsed, 1))
         self.runs.append(run)
-        self.log(f"dnsgate  churn    r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
+        self.log(f"{name}  churn    r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
                  f"{run.cpu_us_per_query:5.2f} us/q  other {run.other_cpu_pct}%  {run.extra}")
 
     def memory(self, pid: int, port: int) -> None:
         """RSS with 100k cached names and 10k clients holding consent."""
         api = f"http://127.0.0.1:{PORTS['dnsgate-api']}"
-        give_choices(10000)
+        give_choices(10000, PORTS["dnsgate-api"])
         names = self.gen / "q_memory.txt"
         names.write_text("".join(f"m{i}.miss.test A\n" for i in range(100_000)))
         subprocess.run(["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names),
@@ -521,9 +526,9 @@ class Bench:
         self.log(f"dnsgate memory: {self.meta['dnsgate']['memory']}")
 
 
-def give_choices(n: int) -> None:
+def give_choices(n: int, api_port: int) -> None:
     """Clients 10.0.0.0 up to 10.x.y.z each grant marketing, through dnsgate's admin API."""
-    conn = http.client.HTTPConnection("127.0.0.1", PORTS["dnsgate-api"], timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=5)
     try:
         for i in range(n):
             client = f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}"
@@ -563,12 +568,12 @@ def summarize(bench: Bench) -> str:
                 f"({' / '.join(f'{r.qps:.0f}' for r in runs)}) | {max(r.lost_pct for r in runs):.2f} | "
                 f"{mean([r.lat_avg_ms for r in runs]):.3f} | {max(r.lat_max_ms for r in runs):.3f} | "
                 f"{mean([r.cpu_us_per_query for r in runs]):.2f} | {bench.meta.get(server, {}).get('rss_mib', '')} |")
-    if "dnsgate" in servers:
-        peers = [p for p in ("dnsmasq", "unbound", "echo") if p in servers]
-        lines += ["", "| workload | " + " | ".join(f"dnsgate q/s x {p}" for p in peers) + " | "
+    for gate in (g for g in DNSGATES if g in servers):
+        peers = [p for p in ("dnsmasq", "unbound", "echo", "dnsgate") if p in servers and p != gate]
+        lines += ["", "| workload | " + " | ".join(f"{gate} q/s x {p}" for p in peers) + " | "
                   + " | ".join(f"CPU us/query x {p}" for p in peers) + " |", "|---" * (1 + 2 * len(peers)) + "|"]
         for workload in workloads:
-            mine = cells.get(("dnsgate", workload))
+            mine = cells.get((gate, workload))
             if not mine:
                 continue
             row = [workload]
@@ -579,12 +584,13 @@ def summarize(bench: Bench) -> str:
                     their_mean = mean([getattr(r, metric) for r in theirs or []])
                     row.append(f"{ours / their_mean:.2f}" if their_mean else "-")
             lines.append("| " + " | ".join(row) + " |")
-    meta = bench.meta.get("dnsgate", {})
-    if meta:
-        lines += ["", f"dnsgate: ready in {meta.get('ready_s')} s; memory {meta.get('memory', '-')}"]
-        churn = cells.get(("dnsgate", "churn"))
-        if churn:
-            lines.append("dnsgate churn: " + "; ".join(json.dumps(r.extra) for r in churn))
+    for gate in DNSGATES:
+        meta = bench.meta.get(gate, {})
+        if meta:
+            lines += ["", f"{gate}: ready in {meta.get('ready_s')} s; memory {meta.get('memory', '-')}"]
+            churn = cells.get((gate, "churn"))
+            if churn:
+                lines.append(f"{gate} churn: " + "; ".join(json.dumps(r.extra) for r in churn))
     return "\n".join(lines)
 
 
@@ -616,6 +622,10 @@ def main() -> None:
                         help="dnsgate's storage.synchronous (what a consent change costs)")
     parser.add_argument("--querylog", choices=["full", "anonymous", "gated-only", "off"], default="gated-only",
                         help="dnsgate's query log mode (the default's: every gated query is logged)")
+    parser.add_argument("--workers", type=int, default=2, help="dns.workers of the server dnsgate-workers")
+    parser.add_argument("--workers-cpus", default=SERVER_CPU,
+                        help=f"CPUs dnsgate-workers may use (the others get {SERVER_CPU}, dnsperf {CLIENT_CPU}); "
+                             f"{SERVER_CPU},{CLIENT_CPU} lets its processes share dnsperf's core")
     parser.add_argument("--install", action="store_true", help="apt-get install missing tools (root)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
