@@ -124,9 +124,9 @@ class Workers:
         ops = self.table.journal
         if not ops:
             return
+        data = Link.pack("ops", self._seq + 1, ops)  # (before the journal is emptied: pickling may fail)
         self.table.journal = []
         self._seq += 1
-        data = Link.pack("ops", self._seq, ops)
         for worker in self._live.values():
             worker.link.write(data)
 

@@ -25,9 +25,11 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from dnsgate.config import ListsConfig, ListSource
 from tests.conftest import Gate, make_config, running_gate
 from tests.consent_fixtures import consent_config, eventually
 from tests.stub_upstream import StubUpstream
+from tests.test_e2e_lists import zone_with_listed_names
 
 TRACKER = "trackcmp.net"
 GRANT = {"categories": ["marketing"]}
@@ -202,3 +204,21 @@ async def test_workers_stop_when_the_primary_dies(upstream: StubUpstream, tmp_pa
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_block_lists_reach_every_worker_at_start_and_at_each_reload(
+        upstream: StubUpstream, data_dir: Path, tmp_path: Path) -> None:
+    zone_with_listed_names(upstream)
+    hosts = tmp_path / "trackers.hosts"
+    hosts.write_text("0.0.0.0 ads.hosts.test\n")
+    lists = ListsConfig(sources=(ListSource(id="hosts", category="analytics", file=str(hosts)),))
+    cfg = with_workers(upstream, data_dir, 3, lists=lists)
+    async with running_gate(cfg, reread=lambda: cfg) as g, sockets("127.0.0.55") as socks:
+        assert await rcodes(g, socks, "ads.hosts.test") == {"NXDOMAIN": SOCKETS}
+        assert await rcodes(g, socks, "stats.hosts.test") == {"NOERROR": SOCKETS}
+        await asyncio.to_thread(hosts.write_text, "0.0.0.0 ads.hosts.test\n0.0.0.0 stats.hosts.test\n")
+        status, body = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200, body
+        assert await rcodes(g, socks, "stats.hosts.test") == {"NXDOMAIN": SOCKETS}
+        assert (await g.http("PUT", "/v1/consent", source="127.0.0.55", json={"categories": ["analytics"]}))[0] == 200
+        assert await rcodes(g, socks, "stats.hosts.test") == {"NOERROR": SOCKETS}
