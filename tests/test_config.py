@@ -200,3 +200,14 @@ def test_log_settings_from_env_and_flags() -> None:
     assert (cfg.log.level, cfg.log.format) == ("debug", "text")
     with pytest.raises(ConfigError, match=r"^log\.level"):
         load_config(None, Overrides(log_level="loud"))
+
+
+def test_workers_from_env_and_flags() -> None:
+    _, env = overrides_from_env({"DNSGATE_WORKERS": " 3 "})
+    assert load_config(None, env).dns.workers == 3
+    assert load_config(None, merge_overrides(env, Overrides(workers="2"))).dns.workers == 2
+    assert load_config(None, Overrides()).dns.workers == 1
+    with pytest.raises(ConfigError, match=r"^dns\.workers: expected a whole number, got 'four'"):
+        load_config(None, Overrides(workers="four"))
+    with pytest.raises(ConfigError, match=r"^dns\.workers: must be 1\.\.64, got 0"):
+        load_config(None, Overrides(workers="0"))
