@@ -595,6 +595,14 @@ class ConsentTable:
                 self._forget(Subject(address))
         return True
 
+    def set_seen(self, key: str, at: float | None) -> None:
+        """The consent service's own word on a kiosk client's last query: a new session starts its
+        clock (`at`), an ended one is forgotten (None). The pipeline's `touch` updates it per query."""
+        if at is None:
+            self.kiosk_seen.pop(key, None)
+        else:
+            self.kiosk_seen[key] = at
+
     def set_profiles(self, profiles: ProfileMap) -> None:
         self.profiles = profiles
         self._forget_all()

@@ -190,7 +190,7 @@ class ConsentService:
                   if c.subject.address and self.table.profiles.of(c.subject.address)[0] == "kiosk"]
         if not self.store.shared:
             for address in kiosks:
-                self.table.kiosk_seen[address] = now  # a restart starts the idle clock
+                self.table.set_seen(address, now)  # a restart starts the idle clock
         try:
             async with self._lock:
                 await self._change(plan)
@@ -364,7 +364,8 @@ class ConsentService:
 
             await self._change(plan)
             if profile == "kiosk" and subject.address is not None:
-                self.table.kiosk_seen[subject.address] = now
+                self.table.set_seen(subject.address, now)  # a new session: its idle clock starts now
+                await self._replicate()  # (a worker's clock of the session before must not end this one)
                 if self.store.shared:
                     with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
                         await self._share_activity()
@@ -424,7 +425,8 @@ class ConsentService:
 
             await self._change(plan)
             if subject.address is not None:
-                self.table.kiosk_seen.pop(subject.address, None)
+                self.table.set_seen(subject.address, None)
+                await self._replicate()
         return self._after(subject)
 
     # -- pairing ---------------------------------------------------------------------------------
@@ -524,7 +526,7 @@ class ConsentService:
             for key in idle_keys:
                 last = self.table.kiosk_seen.get(key)
                 if last is not None and self.wall() - last > self.table.kiosk_idle:
-                    del self.table.kiosk_seen[key]
+                    self.table.set_seen(key, None)
             self.pairings.expire(now)
         if self.cfg.retention_days and now - self._last_purge >= RETENTION_EVERY:
             self._last_purge = now

@@ -20,7 +20,9 @@ from typing import Final, Literal
 
 from .config import LocalConfig
 from .wire import (
+    AA,
     AAAA,
+    ANY,
     IN,
     NOERROR,
     NS,
@@ -38,6 +40,10 @@ from .wire import (
 )
 
 MEMO_LIMIT: Final = 65_536
+CH: Final = 3  # the CHAOS class
+# RFC 4892: "id.server" (and BIND's older "hostname.bind"), CH TXT, names the server instance that
+# answered: with dns.workers, which process ("dnsgate", "dnsgate worker 2").
+SERVER_ID_NAMES: Final = frozenset({name_to_wire("id.server"), name_to_wire("hostname.bind")})
 ZONE_TTL: Final = 10_800  # RFC 6303 §2's SOA values (and unbound's) for special-use zones
 POLICY_TTL: Final = 300  # canaries and DDR: long enough to spare queries, short enough to lift
 NOBODY: Final = b"\x06nobody\x07invalid\x00"
@@ -229,3 +235,17 @@ def default_table(cfg: LocalConfig, forwarded_domains: Iterable[str] = ()) -> Lo
     for domain in forwarded_domains:
         table.exempt(domain)
     return table
+
+
+def server_id_reply(q: Query, server_id: bytes, udp_max: int) -> bytes:
+    """The CH TXT answer to id.server / hostname.bind (NOERROR without records for other types)."""
+    flags = reply_flags(q.flags, NOERROR, AA)
+    answers = b""
+    if q.qtype in (TXT, ANY):
+        text = server_id[:255]
+        rdata = bytes((len(text),)) + text
+        answers = b"\xc0\x0c" + RR_FIXED.pack(TXT, CH, 0, len(rdata)) + rdata
+    count = 1 if answers else 0
+    if q.edns is None:
+        return struct.pack(">HHHHHH", q.id, flags, 1, count, 0, 0) + q.question + answers
+    return struct.pack(">HHHHHH", q.id, flags, 1, count, 0, 1) + q.question + answers + opt_record(udp_max, q.edns.do)

@@ -34,7 +34,7 @@ from .cloaking import answer_rule
 from .consent import ConsentTable
 from .histogram import QUERY_BUCKETS, Histogram
 from .identity import QueryIdentity
-from .local_answers import LocalTable, local_reply
+from .local_answers import CH, SERVER_ID_NAMES, LocalTable, local_reply, server_id_reply
 from .sinkhole import Sinkhole
 from .tally import (
     CACHED,
@@ -118,8 +118,8 @@ class Forward:
 class Pipeline:
     __slots__ = ("admission", "any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts",
                  "durations", "entries", "gated", "gated_ttl", "gates", "identity", "kiosk_seen", "local", "log_all",
-                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "sinkhole", "sinkhole_slot",
-                 "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
+                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "server_id", "sinkhole",
+                 "sinkhole_slot", "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -185,6 +185,8 @@ class Pipeline:
         # append, so recording costs one tuple.
         self.log_gated: Callable[[LogEntry], None] | None = None
         self.log_all: Callable[[LogEntry], None] | None = None
+        # What `dig CH TXT id.server` answers: which process this is (a worker says its number).
+        self.server_id = b"dnsgate"
 
     # ----------------------------------------------------------------------------------------
     def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
@@ -300,7 +302,13 @@ class Pipeline:
             paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
             if paired is not None:
                 return paired
-        local = self.local.match(q.name) if q.qclass == IN else None
+        if q.qclass == IN:
+            local = self.local.match(q.name)
+        elif q.qclass == CH and q.name in SERVER_ID_NAMES:
+            self._plain(LOCAL, now, client, q, tcp, 0, 0.0)
+            return self._limit(q, server_id_reply(q, self.server_id, self.udp_max), tcp)
+        else:
+            local = None
         if local is not None:
             reply = self._limit(q, local_reply(local, q, self.udp_max, client), tcp)
             self._plain(LOCAL, now, client, q, tcp, reply[3] & 0xF, 0.0)

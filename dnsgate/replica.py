@@ -23,7 +23,7 @@ from .ruleset import Ruleset
 
 # The ConsentTable methods that change it, as the journal names them.
 JOURNALED: Final = frozenset({"put", "remove", "reset", "set_neighbours", "set_profiles", "set_notice",
-                              "set_vendors"})
+                              "set_vendors", "set_seen"})
 INSTALL: Final = "install"  # a reload's ruleset (and live config), journaled in order with the table's changes
 
 Op = tuple[str, tuple[Any, ...]]
@@ -99,6 +99,10 @@ class JournaledTable(ConsentTable):
     def set_vendors(self, vendors: Iterable[Vendor]) -> None:
         super().set_vendors(vendors)
         self.note("set_vendors", self.vendors)
+
+    def set_seen(self, key: str, at: float | None) -> None:
+        super().set_seen(key, at)
+        self.note("set_seen", key, at)
 
 
 def apply(table: ConsentTable, ops: Iterable[Op], install: Callable[[Ruleset, Config], None]) -> None:

@@ -77,6 +77,7 @@ async def serve(sock: socket.socket) -> int:
         log.error("worker %d: %s", start.worker, exc)
         return 1
     dns_stack.install(stack, start.rules, start.live)
+    stack.pipeline.server_id = f"dnsgate worker {start.worker}".encode()
     pending: list[LogEntry] = []
     stack.pipeline.log_gated = pending.append
     stack.pipeline.log_all = pending.append if start.log_all else None

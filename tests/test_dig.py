@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import Gate
+from tests.stub_upstream import StubUpstream
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt install bind9-dnsutils)")
 
@@ -38,3 +39,14 @@ async def test_dig_over_tcp_and_for_aaaa(gate: Gate) -> None:
     assert "status: NOERROR" in out and "2001:db8::10" in out
     out = await dig(gate, "+tcp", "x.trackcmp.net", "HTTPS")
     assert "status: NXDOMAIN" in out
+
+
+async def test_dig_chaos_id_server_names_the_process_and_nothing_goes_upstream(gate: Gate,
+                                                                                 upstream: StubUpstream) -> None:
+    for name in ("id.server", "HOSTNAME.bind"):  # RFC 4892
+        out = await dig(gate, "CH", "TXT", name)
+        assert "status: NOERROR" in out and "flags: qr aa rd ra;" in out, out
+        assert f'{name}.\t\t0\tCH\tTXT\t"dnsgate"' in out, out
+    out = await dig(gate, "+noedns", "CH", "A", "id.server")
+    assert "status: NOERROR" in out and "ANSWER: 0" in out
+    assert upstream.count("id.server") == 0 and upstream.count("hostname.bind") == 0

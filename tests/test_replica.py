@@ -14,7 +14,11 @@ from tests.consent_fixtures import CATALOG, NOTICE, choice
 from tests.test_consent_model import ADDRESSES, CHANGES, CLIENTS, NOW, OTHER_NOTICE
 
 AC = CATALOG.vendors[0]
-PROFILES = (ProfileMap("opt-in"), ProfileMap("opt-out"), ProfileMap("opt-in", (("10.0.0.0/24", "deny"),)))
+PROFILES = (ProfileMap("opt-in"), ProfileMap("opt-out"), ProfileMap("opt-in", (("10.0.0.0/24", "deny"),)),
+            ProfileMap("kiosk"))
+# The consent service's word on kiosk sessions: a start (a time; 2000 s ago is idle) or an end.
+SEEN = st.lists(st.tuples(st.sampled_from(CLIENTS), st.one_of(st.none(), st.sampled_from((NOW - 2000, NOW - 10)))),
+                max_size=6)
 
 
 def journaled() -> JournaledTable:
@@ -30,13 +34,17 @@ def through_the_wire(obj: object) -> object:
 
 
 @settings(max_examples=300, deadline=None)
-@given(CHANGES, st.integers(0, 25), st.lists(st.sampled_from(PROFILES), max_size=2))
+@given(CHANGES, st.integers(0, 25), st.lists(st.sampled_from(PROFILES), max_size=2), SEEN)
 def test_a_replica_copied_at_any_point_and_fed_the_journal_decides_as_the_primary(
-        changes: list[tuple[object, ...]], copy_at: int, profiles: list[ProfileMap]) -> None:
+        changes: list[tuple[object, ...]], copy_at: int, profiles: list[ProfileMap],
+        seen: list[tuple[str, float | None]]) -> None:
     primary = journaled()
     replica: ConsentTable | None = None
     made: list[Choice] = []
-    for step, change in enumerate([*changes, *(("profiles", p) for p in profiles)]):
+    steps = [*changes, *(("profiles", p) for p in profiles)]
+    for i, (key, at) in enumerate(seen):  # spread among the other changes
+        steps.insert(min(len(steps), 3 * i), ("seen", key, at))
+    for step, change in enumerate(steps):
         if step == copy_at:  # a worker (re)starts: the copy, then only what the journal adds after it
             primary.journal.clear()
             replica = ConsentTable.from_copy(through_the_wire(primary.copy()))  # type: ignore[arg-type]
@@ -55,6 +63,8 @@ def test_a_replica_copied_at_any_point_and_fed_the_journal_decides_as_the_primar
             primary.set_neighbours(change[1])  # type: ignore[arg-type]
         elif kind == "notice":
             primary.set_notice(change[1])  # type: ignore[arg-type]
+        elif kind == "seen":
+            primary.set_seen(change[1], change[2])  # type: ignore[arg-type]
         else:
             primary.set_profiles(change[1])  # type: ignore[arg-type]
     if replica is None:
@@ -66,6 +76,7 @@ def test_a_replica_copied_at_any_point_and_fed_the_journal_decides_as_the_primar
     assert replica.notice == primary.notice
     assert [replica.profiles.of(a) for a in ADDRESSES] == [primary.profiles.of(a) for a in ADDRESSES]
     assert replica.neighbours == primary.neighbours
+    assert replica.kiosk_seen == primary.kiosk_seen
     assert decisions(replica) == decisions(primary)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import dns.message
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 
 from dnsgate.config import ListsConfig, ListSource
@@ -222,3 +223,47 @@ async def test_block_lists_reach_every_worker_at_start_and_at_each_reload(
         assert await rcodes(g, socks, "stats.hosts.test") == {"NXDOMAIN": SOCKETS}
         assert (await g.http("PUT", "/v1/consent", source="127.0.0.55", json={"categories": ["analytics"]}))[0] == 200
         assert await rcodes(g, socks, "stats.hosts.test") == {"NOERROR": SOCKETS}
+
+
+async def server_ids(g: Gate, socks: list[socket.socket]) -> list[str]:
+    """Which process answers each socket: `CH TXT id.server` (RFC 4892)."""
+    loop = asyncio.get_running_loop()
+    out = []
+    for s in socks:
+        q = dns.message.make_query("id.server", dns.rdatatype.TXT, dns.rdataclass.CH)
+        await loop.sock_sendto(s, q.to_wire(), (g.running.dns[0].host, g.dns_port))
+        reply = dns.message.from_wire((await asyncio.wait_for(loop.sock_recvfrom(s, 4096), 3.0))[0])
+        out.append(b"".join(reply.answer[0][0].strings).decode())
+    return out
+
+
+async def test_a_kiosk_seen_only_by_workers_keeps_its_session_and_loses_it_when_idle(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    kiosk = "127.0.2.20"  # the kiosk network of consent_config
+    cfg = with_workers(upstream, data_dir, 3)
+    cfg = replace(cfg, consent=replace(cfg.consent, kiosk_idle_minutes=0.05))  # 3 s
+    async with running_gate(cfg) as g, sockets(kiosk) as socks:
+        ids = await server_ids(g, socks)
+        assert set(ids) == {"dnsgate", "dnsgate worker 1", "dnsgate worker 2"}
+        by_workers = [s for s, i in zip(socks, ids, strict=True) if i != "dnsgate"]
+        assert (await g.http("PUT", "/v1/consent", source=kiosk, json=GRANT))[0] == 200
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 6.0  # twice the idle time, the primary never asked
+        while loop.time() < until:
+            assert await rcodes(g, by_workers, "host.example.test") == {"NOERROR": len(by_workers)}
+            await asyncio.sleep(0.5)
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}  # still in session, on every process
+
+        async def ended() -> bool:
+            status, body = await g.http("GET", "/v1/consent", source=kiosk)
+            return status == 200 and body["choice"] is None
+
+        await eventually(ended, 10.0)  # no queries: idle after 3 s, whatever process saw the last one
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        # The next visitor's session starts afresh on the workers too.
+        assert (await g.http("PUT", "/v1/consent", source=kiosk, json=GRANT))[0] == 200
+        until = loop.time() + 4.5
+        while loop.time() < until:  # (a worker's clock of the session before must not end this one)
+            assert await rcodes(g, by_workers) == {"NOERROR": len(by_workers)}
+            await asyncio.sleep(0.5)
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}
