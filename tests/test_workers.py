@@ -267,3 +267,27 @@ async def test_a_kiosk_seen_only_by_workers_keeps_its_session_and_loses_it_when_
             assert await rcodes(g, by_workers) == {"NOERROR": len(by_workers)}
             await asyncio.sleep(0.5)
         assert await rcodes(g, socks) == {"NOERROR": SOCKETS}
+
+
+async def test_a_pairing_name_asked_through_a_worker_binds_on_the_primary(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    browser, device = "127.0.0.56", "127.0.8.2"  # the HTTP caller, and its device's DNS source
+    async with running_gate(with_workers(upstream, data_dir, 3)) as g, sockets(device) as socks:
+        ids = await server_ids(g, socks)
+        by_workers = [s for s, i in zip(socks, ids, strict=True) if i != "dnsgate"]
+        status, body = await g.http("PUT", "/v1/consent", source=browser, json=GRANT)
+        assert status == 200
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        reply = await ask(g, by_workers[0], body["pairing"]["name"])
+        assert reply.rcode() == dns.rcode.NOERROR  # heard; the primary binds it
+
+        async def bound() -> bool:
+            return (await g.http("GET", "/v1/whoami", source=browser))[1]["dns"] is not None
+
+        await eventually(bound)
+        assert (await g.http("GET", "/v1/whoami", source=browser))[1]["dns"]["address"] == device
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}  # the copy of the choice, on every process
+        status, _ = await g.http("DELETE", "/v1/consent", source=browser)  # and a withdrawal reaches it
+        assert status == 200
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+        assert upstream.count(body["pairing"]["name"]) == 0
