@@ -163,11 +163,11 @@ async def test_a_reload_under_continuous_load_loses_no_query(upstream: StubUpstr
     list_b = hosts_list(tmp_path / "b.hosts", *(f"n{i}.load-b.test" for i in range(100_000)))
     conf = tmp_path / "dnsgate.toml"
     conf.write_text(BASE + list_section(list_a))
-    duration = 3.0
+    cap = 30.0  # the load runs until enough reloads and queries overlapped (seconds on a slow machine)
     async with gate_from_file(conf, upstream, data_dir) as g:
         assert (await g.http("PUT", "/v1/consent", source="127.0.0.4", json={"categories": ["marketing"]}))[0] == 200
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + duration
+        deadline = loop.time() + cap
         # (name, client) -> the outcomes allowed: "gated" (sinkhole with EDE) or "answered"
         cases: list[tuple[str, str, set[str]]] = [
             ("host.example.test", "127.0.0.5", {"answered"}),
@@ -179,11 +179,16 @@ async def test_a_reload_under_continuous_load_loses_no_query(upstream: StubUpstr
         ]
         seen: Counter[tuple[str, str, str]] = Counter()
         answered = 0
+        reloads = 0
+
+        def enough() -> bool:
+            both = all(seen[("toggle.load.test", "127.0.0.5", outcome)] for outcome in ("gated", "answered"))
+            return (reloads >= 3 and answered >= 200 and both) or loop.time() >= deadline
 
         async def worker(n: int, tcp: bool) -> None:
             nonlocal answered
             i = n
-            while loop.time() < deadline:
+            while not enough():
                 name, client, allowed = cases[i % len(cases)]
                 if i % 7 == 0:
                     name, client, allowed = f"u{n}-{i}.miss.test", "127.0.0.5", {"answered"}
@@ -195,11 +200,9 @@ async def test_a_reload_under_continuous_load_loses_no_query(upstream: StubUpstr
                     seen[(name, client, outcome)] += 1
                 answered += 1
 
-        reloads = 0
-
         async def reloader() -> None:
             nonlocal reloads
-            while loop.time() < deadline:
+            while not enough():
                 conf.write_text(BASE + list_section(list_b if reloads % 2 == 0 else list_a))
                 status, report = await g.http("POST", "/v1/reload", admin=True)
                 assert status == 200, report

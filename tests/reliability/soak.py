@@ -164,17 +164,18 @@ async def flaky_upstream(stub: StubUpstream, until: float, f: Figures, seed: int
 
 async def sample_rss(served: Served, until: float, f: Figures) -> None:
     while time.monotonic() < until:
-        f.rss_kb.append(rss_kb(served.process.pid))
+        f.rss_kb.append(tree_rss_kb(served.process.pid))
         await asyncio.sleep(max(0.5, min(5.0, (until - time.monotonic()) / 20)))
 
 
-async def run(seconds: float, concurrency: int, data_dir: Path, seed: int = 1) -> Figures:
+async def run(seconds: float, concurrency: int, data_dir: Path, seed: int = 1, workers: int = 1) -> Figures:
     stub = zone_for_tests(StubUpstream(default_a="192.0.2.99"))
     await stub.start()
     config = data_dir.parent / "soak.toml"
     # A cache small enough to reach its bound during warm-up: expired entries of names never asked
     # again stay until evicted, so a larger cache only shows up as growth until it is full.
-    config.write_text("[upstream]\ntimeout = 1.5\nattempt_timeout = 0.5\n[cache]\nmax_entries = 5000\n")
+    config.write_text("[upstream]\ntimeout = 1.5\nattempt_timeout = 0.5\n[cache]\nmax_entries = 5000\n"
+                      f"[dns]\nworkers = {workers}\n")
     served = await serve(stub.address, data_dir, config=config)
     f = Figures()
     started = time.monotonic()
@@ -184,7 +185,7 @@ async def run(seconds: float, concurrency: int, data_dir: Path, seed: int = 1) -
         await asyncio.gather(load(served, until, concurrency, f, seed), churn(served, until, f, seed),
                              flaky_upstream(stub, until, f, seed), sample_rss(served, until, f))
         after = await settle(served)
-        f.rss_kb.append(rss_kb(served.process.pid))
+        f.rss_kb.append(tree_rss_kb(served.process.pid))
         f.tasks = (before["tasks"], after["tasks"])
     finally:
         log = await served.stop()
@@ -192,6 +193,20 @@ async def run(seconds: float, concurrency: int, data_dir: Path, seed: int = 1) -
     f.seconds = time.monotonic() - started
     f.error_lines = [line for line in log if " ERROR " in line or "Traceback" in line or "CRITICAL" in line]
     return f
+
+
+def tree_rss_kb(pid: int) -> int:
+    """RSS of dnsgate and its worker processes (dns.workers), if any."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += rss_kb(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it exited meanwhile
+    return total
 
 
 def report(f: Figures) -> str:
@@ -222,7 +237,7 @@ def problems(f: Figures) -> list[str]:
 
 async def main_async(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        f = await run(args.seconds, args.concurrency, Path(tmp) / "data", args.seed)
+        f = await run(args.seconds, args.concurrency, Path(tmp) / "data", args.seed, args.workers)
     print(report(f))
     print("RSS samples (MB):", " ".join(f"{kb / 1024:.1f}" for kb in f.rss_kb))
     for p in problems(f):
@@ -235,6 +250,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="dns.workers (RSS is then the processes' sum)")
     raise SystemExit(asyncio.run(main_async(parser.parse_args())))
 
 
