@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY = re.compile(r"^dnsgate ready: dns \(udp\+tcp\) 127\.0\.0\.1:(\d+); api http://127\.0\.0\.1:(\d+);")
+READY = re.compile(r"^dnsgate ready: dns \(udp\+tcp(?:, \d+ processes)?\) 127\.0\.0\.1:(\d+); api http://127\.0\.0\.1:(\d+);")
 
 
 @dataclass
