@@ -6,8 +6,10 @@ journal to every worker, which `apply`s it to its replica and acknowledges; an A
 only once every worker has acknowledged it, so a grant or withdrawal holds for the client's next
 query whichever process the kernel hands it to.
 
-Kiosk activity goes both ways (`merge_seen`): each process notes the last query of the kiosk clients
-it serves, and the primary, whose sweeper ends idle sessions, keeps the latest any process saw.
+Kiosk clocks: the consent service's own word on a session (started by a choice, ended by a reset)
+is journaled like any change; the queries' activity goes both ways (`merge_seen`): each process
+notes the last query of the kiosk clients it serves, and the primary, whose sweeper ends idle
+sessions, keeps the latest any process saw.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Start:
     bound: tuple[HostPort, ...]  # the primary's DNS addresses, with the ports it got
     table: TableCopy
     log_all: bool  # the query log keeps every query, not only gated ones
-    worker: int  # 1..workers-1, for its log lines
+    worker: int  # 1..workers-1: its log lines and `id.server` answer say which
 
 
 class JournaledTable(ConsentTable):
