@@ -27,8 +27,9 @@ import dns.rdataclass
 import dns.rdatatype
 
 from dnsgate.config import ListsConfig, ListSource
-from tests.conftest import Gate, make_config, running_gate
+from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import consent_config, eventually
+from tests.redis_server import RedisServer
 from tests.stub_upstream import StubUpstream
 from tests.test_e2e_lists import zone_with_listed_names
 
@@ -291,3 +292,20 @@ async def test_a_pairing_name_asked_through_a_worker_binds_on_the_primary(
         assert status == 200
         assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
         assert upstream.count(body["pairing"]["name"]) == 0
+
+
+async def test_with_redis_a_change_through_another_instance_reaches_every_worker(
+        upstream: StubUpstream, tmp_path: Path, redis_server: RedisServer) -> None:
+    me = "127.0.0.57"
+    with_workers_cfg = with_store(with_workers(upstream, tmp_path / "a", 3), redis_server.url)
+    other_cfg = with_store(consent_config(make_config(upstream, tmp_path / "b")), redis_server.url)
+    async with running_gate(with_workers_cfg) as a, running_gate(other_cfg) as b, sockets(me) as socks:
+        assert await rcodes(a, socks) == {"NXDOMAIN": SOCKETS}
+        assert (await a.http("PUT", "/v1/consent", source=me, json=GRANT))[0] == 200  # through a: at once
+        assert await rcodes(a, socks) == {"NOERROR": SOCKETS}
+        assert (await b.http("DELETE", "/v1/consent", source=me))[0] == 200  # through the other instance
+
+        async def withdrawn_everywhere() -> bool:
+            return await rcodes(a, socks) == {"NXDOMAIN": SOCKETS}
+
+        await eventually(withdrawn_everywhere, 1.0)  # the shared store's bound: within a second
