@@ -785,8 +785,7 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
         log_format = _checked(LogConfig, "format", o.log_format.lower(), "log.format")
         cfg = replace(cfg, log=replace(cfg.log, format=log_format))
     if o.workers is not None:
-        cfg = replace(cfg, dns=replace(cfg.dns, workers=_checked(DnsConfig, "workers", _whole(o.workers, "dns.workers"),
-                                                                  "dns.workers")))
+        cfg = replace(cfg, dns=replace(cfg.dns, workers=_whole(o.workers, "dns.workers")))  # validate: the range
     return validate(cfg)
 
 
