@@ -184,7 +184,7 @@ async def report(request: web.Request) -> web.Response:
     now = o.wall()
     q = request.query
     since = parse_time(q["since"], now, "since") if "since" in q else 0.0
-    until = parse_time(q["until"], now, "until") if "until" in q else now + 1.0
+    until = parse_time(q["until"], now, "until") if "until" in q else now
     if until <= since:
         raise ApiError(400, "invalid_field", "until must be after since", "until")
     fmt = q.get("format", "json")

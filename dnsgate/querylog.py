@@ -88,6 +88,7 @@ class Batch:
     entries: list[LogEntry]
     wall_offset: float  # wall-clock time minus monotonic time when the batch was taken
     dropped: int
+    dropped_at: float = 0.0  # wall-clock time of the first query dropped: when the evidence has a gap
 
 
 class QueryLog:
@@ -160,12 +161,14 @@ class QueryLog:
             return
         room = max(0, self.cfg.queue_size - self.queued)
         dropped = max(0, len(entries) - room)
+        dropped_at = 0.0
         if dropped:
+            dropped_at = entries[room][0] + offset
             entries = entries[:room]
             self.dropped += dropped
             log.warning("query log writer behind: dropped %d entries (querylog.queue_size=%d)", dropped,
                         self.cfg.queue_size)
-        self._queue.append(Batch(entries, offset, dropped))
+        self._queue.append(Batch(entries, offset, dropped, dropped_at))
         self.queued += len(entries)
 
     def gated_clients_since(self, mono: float) -> list[str]:
@@ -245,7 +248,7 @@ class QueryLog:
         written = 0
         for batch in batches:
             rows = [self._row(entry, batch.wall_offset) for entry in batch.entries]
-            self.db.insert(rows, batch.dropped, now)
+            self.db.insert(rows, batch.dropped, batch.dropped_at)
             written += len(rows)
         if prune:
             self.db.prune(now - self.cfg.max_age_days * DAY, self.cfg.max_rows)

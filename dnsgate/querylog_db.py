@@ -64,7 +64,8 @@ class QueryLogDb:
     def insert(self, rows: Sequence[Sequence[Any]], dropped: int, at: float) -> None:
         """Rows are tuples of the COLUMNS after "id". One prepared statement for the whole batch:
         sqlite-utils' insert_all inspects and converts every row, about 20 µs of CPU per entry,
-        which a flood of blocked queries pays on the core that answers them."""
+        which a flood of blocked queries pays on the core that answers them. `at`: when the first
+        of the `dropped` queries came, so a report whose window holds it says its evidence is incomplete."""
         try:
             with self.db.atomic():
                 if rows:

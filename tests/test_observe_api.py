@@ -140,6 +140,11 @@ async def test_report_window_and_format_errors(gate: Gate) -> None:
     assert status == 200 and body.startswith("<?xml") and 'failures="0"' in body
 
 
+async def test_the_report_runs_until_now_by_default(gate: Gate) -> None:
+    status, body = await gate.http("GET", "/v1/report?since=1h", admin=True)
+    assert status == 200 and body["until"] == body["generated_at"]  # not a second into the future
+
+
 async def read_events(response: aiohttp.ClientResponse, n: int) -> list[tuple[str, dict[str, Any]]]:
     events: list[tuple[str, dict[str, Any]]] = []
     kind = ""
