@@ -13,6 +13,7 @@ moment). The verdict fails when
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def build_report(*, since: float, until: float, generated_at: float, mode: str, 
             p["allowed_queries_truncated"] = True
         problem = _consent_problem(row)
         if problem is not None:
-            violations.append(_violation(row, row["vendor"], problem))
+            violations.append(_violation(row, row["vendor"], problem, gated=True))
 
     for row in ungated:
         match = next((w for w in watched if w.matches(row["name"])), None)
@@ -104,16 +105,20 @@ def build_report(*, since: float, until: float, generated_at: float, mode: str, 
             p["allowed_queries"].append({"at": iso(row["at"]), "name": row["name"], "type": row["type"],
                                          "outcome": row["outcome"], "consent": None})
         violations.append(_violation(row, match.vendor, f"resolved without consent: {match.pattern!r} is not "
-                                                         "gated in this deployment (gate.disabled_domains)"))
+                                                         "gated in this deployment (gate.disabled_domains)",
+                                     gated=False))
 
     problems: list[str] = []
     if mode == "off":
         problems.append("the query log is off (querylog.mode): there is no evidence")
     if dropped:
         problems.append(f"{dropped} query-log entries were dropped in this window: the evidence is incomplete")
-    if violations:
-        problems.append(f"{len(violations)} gated quer{'y' if len(violations) == 1 else 'ies'} resolved without "
-                        "consent")
+    gated_count = sum(1 for v in violations if v["gated"])
+    if gated_count:
+        problems.append(f"{_queries(gated_count)} for gated names resolved without consent")
+    if len(violations) > gated_count:
+        problems.append(f"{_queries(len(violations) - gated_count)} for catalog names that this deployment does "
+                        "not gate (gate.disabled_domains) resolved without consent")
     for vendors in clients.values():
         for p in vendors.values():
             p["first_seen"], p["last_seen"] = iso(p["first_seen"]), iso(p["last_seen"])
@@ -142,9 +147,19 @@ def _consent_problem(row: Row) -> str | None:
     return None
 
 
-def _violation(row: Row, vendor: str, reason: str) -> dict[str, Any]:
+def _queries(n: int) -> str:
+    return f"{n} quer{'y' if n == 1 else 'ies'}"
+
+
+def _violation(row: Row, vendor: str, reason: str, *, gated: bool) -> dict[str, Any]:
     return {"at": iso(row["at"]), "client": row["client"], "name": row["name"], "type": row["type"],
-            "vendor": vendor, "reason": reason}
+            "vendor": vendor, "gated": gated, "reason": reason}
+
+
+def _class_name(client: str) -> str:
+    """A JUnit class name part for a client: CI tools split class names at dots into packages, so an
+    address's dots and colons become underscores (the test case's name keeps the address as it is)."""
+    return "client_" + re.sub(r"[^A-Za-z0-9_-]", "_", client)
 
 
 def junit(report: Mapping[str, Any]) -> str:
@@ -163,7 +178,8 @@ def junit(report: Mapping[str, Any]) -> str:
         for v in c["vendors"]:
             summary = (f"queries={v['queries']} sinkholed={v['sinkholed']} allowed={v['allowed']} "
                        f"first_seen={v['first_seen']} last_seen={v['last_seen']}")
-            cases.append((f"dnsgate.evidence.{c['client']}", f"{v['vendor']}: nothing resolved without consent",
+            cases.append((f"dnsgate.evidence.{_class_name(c['client'])}",
+                          f"{c['client']} {v['vendor']}: nothing resolved without consent",
                           by_pair.get((c["client"], v["vendor"]), []), summary))
     incomplete = [p for p in report["problems"] if "dropped" in p or "log is off" in p]
     cases.append(("dnsgate.evidence", "query log complete", incomplete, f"mode={report['querylog']['mode']}"))

@@ -158,5 +158,5 @@ async def test_a_tracker_resolved_without_consent_fails_the_verdict(upstream: St
         assert "verdict fail" in err
         suite = ET.parse(out_file).getroot().find("testsuite")
         assert suite is not None and suite.get("failures") == "1"
-        failure = suite.find(f"testcase[@classname='dnsgate.evidence.{APP}']/failure")
+        failure = suite.find(f"testcase[@classname='dnsgate.evidence.client_{APP.replace('.', '_')}']/failure")
         assert failure is not None and "acct.api-us1.com" in (failure.text or "")

@@ -77,6 +77,19 @@ def test_ungated_catalog_names_fail_but_lookalikes_do_not() -> None:
                     row(11, "forwarded", name="api-us1.com", vendor=None),
                     row(12, "forwarded", name="nottrackcmp.net", vendor=None)], mode="full")
     assert [v["name"] for v in r["violations"]] == ["acct.api-us1.com"]
+    assert r["violations"][0]["gated"] is False
+    # the name was not gated: the verdict does not call it a gated query
+    assert r["problems"] == ["1 query for catalog names that this deployment does not gate "
+                             "(gate.disabled_domains) resolved without consent"]
+
+
+def test_the_problems_count_gated_and_ungated_names_apart() -> None:
+    r = report([row(200, "forwarded"), row(201, "cached")], [row(10, "forwarded", name="acct.api-us1.com",
+                                                                  vendor=None)], mode="full")
+    assert r["problems"] == ["2 queries for gated names resolved without consent",
+                             "1 query for catalog names that this deployment does not gate "
+                             "(gate.disabled_domains) resolved without consent"]
+    assert [v["gated"] for v in r["violations"]] == [True, True, False]
 
 
 def test_dropped_entries_or_no_log_make_the_evidence_incomplete() -> None:
@@ -89,8 +102,20 @@ def test_junit_has_a_case_per_client_and_vendor() -> None:
     r = report([row(100, "sinkholed", client="10.0.0.1"), row(200, "forwarded", client="10.0.0.2")])
     suite = ET.fromstring(junit(r)).find("testsuite")
     assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("3", "1")
-    failed = suite.find("testcase[@classname='dnsgate.evidence.10.0.0.2']/failure")
+    failed = suite.find("testcase[@classname='dnsgate.evidence.client_10_0_0_2']/failure")
     assert failed is not None and "without a grant" in (failed.get("message") or "")
+    names = {(c.get("classname"), c.get("name")) for c in suite.iter("testcase")}
+    assert ("dnsgate.evidence.client_10_0_0_1", "10.0.0.1 activecampaign: nothing resolved without consent") in names
+
+
+@pytest.mark.parametrize(("client", "classname"), [
+    ("192.168.1.20", "dnsgate.evidence.client_192_168_1_20"), ("2001:db8::1", "dnsgate.evidence.client_2001_db8__1"),
+    ("anon-3f2a", "dnsgate.evidence.client_anon-3f2a")])
+def test_junit_class_names_have_no_dots_from_addresses(client: str, classname: str) -> None:
+    suite = ET.fromstring(junit(report([row(100, "sinkholed", client=client)]))).find("testsuite")
+    assert suite is not None
+    classes = [c.get("classname") for c in suite.iter("testcase")]
+    assert classes == [classname, "dnsgate.evidence"]  # CI tools split at dots: exactly one package
 
 
 @pytest.mark.parametrize(("text", "expected"), [
