@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .config import Config
+from .config import Config, ConfigError, HostPort, parse_api_listen
 
 TIMEOUT = 10.0
 CHUNK = 64 * 1024
@@ -26,16 +26,40 @@ class AdminError(Exception):
     """The API cannot be reached or refused the request; the message is one line for the user."""
 
 
+def api_base_url(text: str, key: str = "--api") -> str:
+    """The URL to call for `--api` / DNSGATE_API, one form for every command: `HOST:PORT`
+    (`[V6]:PORT`) or a URL `http(s)://HOST[:PORT][/PATH]` (a TLS proxy, a path prefix). Raises
+    ConfigError."""
+    text = text.strip()
+    if "://" not in text:
+        return local_url(parse_api_listen(text, key))
+    parts = urllib.parse.urlsplit(text)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {text!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.username is not None \
+            or parts.query or parts.fragment:
+        raise ConfigError(f"{key}: expected HOST:PORT or http(s)://HOST[:PORT][/PATH], got {text!r}")
+    return text.rstrip("/")
+
+
+def local_url(address: HostPort) -> str:
+    """The URL of an API listening on `address` from this host (0.0.0.0 and :: are every local address)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+
+
 @dataclass(frozen=True, slots=True)
 class AdminClient:
     base_url: str
     token: str
 
     @classmethod
-    def for_config(cls, cfg: Config, token: str | None = None) -> AdminClient:
-        address = cfg.admin_listen or cfg.api_listen
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
-        base = f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
+    def for_config(cls, cfg: Config, token: str | None = None, base_url: str | None = None) -> AdminClient:
+        """The client of the server `cfg` describes (its admin listener, else its API), or of
+        `base_url` when the command names one (--api)."""
+        base = base_url or local_url(cfg.admin_listen or cfg.api_listen)
         if not token:
             token = cfg.api.admin_token
         if not token:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__, observe_cli
-from .admin_client import AdminClient, AdminError, lines_of_view
+from .admin_client import AdminClient, AdminError, api_base_url, lines_of_view
 from .config import (
     Config,
     ConfigError,
@@ -23,6 +23,7 @@ from .config import (
     load_config,
     merge_overrides,
     overrides_from_env,
+    parse_api_listen,
     parse_host_port,
     parse_upstream,
 )
@@ -47,6 +48,21 @@ def _address(default_port: int | None) -> Callable[[str], str]:
     return check
 
 
+def _api_listen(text: str) -> str:
+    try:
+        parse_api_listen(text, key="--api")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+    return text
+
+
+def _api_url(text: str) -> str:
+    try:
+        return api_base_url(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
 def _upstream(text: str) -> str:
     try:
         parse_upstream(text)
@@ -64,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "env DNSGATE_CONFIG)")
     serve.add_argument("--dns", metavar="HOST:PORT", action="append", type=_address(None),
                        help="DNS listen address, UDP and TCP; repeatable; IPv6 as [::1]:5353 (env DNSGATE_DNS)")
-    serve.add_argument("--api", metavar="HOST:PORT", type=_address(None),
-                       help="HTTP API listen address (env DNSGATE_API)")
+    serve.add_argument("--api", metavar="HOST:PORT", type=_api_listen,
+                       help="HTTP API listen address, also as http://HOST:PORT (env DNSGATE_API)")
     serve.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_upstream,
                        help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
                             "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
@@ -122,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--mac", help="the client's MAC address, if it reaches dnsgate through a forwarder")
 
     for p in (listing, show, grant, withdraw, reset, export, explain):
-        p.add_argument("--api", metavar="HOST:PORT", type=_address(None),
-                       help="the server's API address (default: api.listen of the config; env DNSGATE_API)")
+        p.add_argument("--api", metavar="URL", type=_api_url,
+                       help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (default: api.admin_listen, "
+                            "else api.listen, of the config; env DNSGATE_API)")
         p.add_argument("--token", help="admin token (default: DNSGATE_ADMIN_TOKEN, api.admin_token, or "
                        "<data dir>/admin-token)")
         p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
@@ -142,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("consent", "explain"):
         return observe_cli.run(args)
     try:
-        client = AdminClient.for_config(_client_config(args), args.token)
+        client = AdminClient.for_config(_client_config(args), args.token, args.api)
         return _admin_command(args, client)
     except ConfigError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
@@ -154,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client_config(args: argparse.Namespace) -> Config:
     env_config, env_overrides = overrides_from_env(os.environ)
-    flags = Overrides(api=args.api, data_dir=args.data_dir)
+    flags = Overrides(data_dir=args.data_dir)  # --api names the URL to call (AdminClient), not a listener
     return load_config(args.config or env_config, merge_overrides(env_overrides, flags))
 
 

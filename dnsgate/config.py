@@ -39,6 +39,21 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def parse_api_listen(text: str, key: str = "api.listen") -> HostPort:
+    """Where the API listens: `HOST:PORT` (`[V6]:PORT`), which may also be written as a URL,
+    `http://HOST:PORT/`: DNSGATE_API and --api take one form everywhere, the server's and the
+    commands' that call it."""
+    rest = text.strip()
+    if rest.lower().startswith("https://"):
+        raise ConfigError(f"{key}: the API is served over plain HTTP (put a TLS proxy in front of it), "
+                          f"got {text!r}")
+    if rest.lower().startswith("http://"):
+        rest = rest[len("http://"):].removesuffix("/")
+        if "/" in rest:
+            raise ConfigError(f"{key}: a listen address has no path, got {text!r}")
+    return parse_host_port(rest, key=key)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamAddress:
     """One upstream resolver: plain DNS over UDP (TCP when a reply is truncated), TCP only, or DNS
@@ -404,11 +419,11 @@ class Config:
 
     @property
     def api_listen(self) -> HostPort:
-        return parse_host_port(self.api.listen, key="api.listen")
+        return parse_api_listen(self.api.listen, key="api.listen")
 
     @property
     def admin_listen(self) -> HostPort | None:
-        return parse_host_port(self.api.admin_listen, key="api.admin_listen") if self.api.admin_listen else None
+        return parse_api_listen(self.api.admin_listen, key="api.admin_listen") if self.api.admin_listen else None
 
     @property
     def upstream_servers(self) -> tuple[UpstreamAddress, ...]:

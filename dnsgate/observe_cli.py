@@ -20,7 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_API_PORT
+from .admin_client import api_base_url
+from .config import DEFAULT_API_PORT, ConfigError
 
 FOLLOW_INTERVAL = 1.0
 
@@ -46,9 +47,18 @@ def add_commands(commands: Any) -> None:
     report.add_argument("--output", "-o", metavar="FILE", help="write the report here instead of stdout")
 
 
+def _api_url(text: str) -> str:
+    try:
+        return api_base_url(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api", metavar="URL", default=os.environ.get("DNSGATE_API", f"127.0.0.1:{DEFAULT_API_PORT}"),
-                        help="dnsgate's API, HOST:PORT or http://... (env DNSGATE_API; default 127.0.0.1:8053)")
+    parser.add_argument("--api", metavar="URL", type=_api_url,
+                        default=os.environ.get("DNSGATE_API", f"127.0.0.1:{DEFAULT_API_PORT}"),
+                        help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; "
+                             "default 127.0.0.1:8053)")
     parser.add_argument("--token", help="admin token (default: env DNSGATE_ADMIN_TOKEN, else <data dir>/admin-token)")
     parser.add_argument("--data-dir", metavar="DIR", default=os.environ.get("DNSGATE_DATA_DIR", "data"),
                         help="where to find admin-token (env DNSGATE_DATA_DIR; default ./data)")
@@ -77,10 +87,6 @@ def run(args: argparse.Namespace) -> int:
     return 2  # pragma: no cover - argparse enforces the command
 
 
-def _base_url(api: str) -> str:
-    return api.rstrip("/") if api.startswith(("http://", "https://")) else f"http://{api}"
-
-
 def _token(args: argparse.Namespace) -> str:
     token = args.token or os.environ.get("DNSGATE_ADMIN_TOKEN")
     if token:
@@ -94,7 +100,7 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def _get(args: argparse.Namespace, path: str, params: dict[str, str]) -> tuple[str, bytes]:
-    url = f"{_base_url(args.api)}{path}?{urllib.parse.urlencode(params)}"
+    url = f"{args.api}{path}?{urllib.parse.urlencode(params)}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {_token(args)}"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -107,7 +113,7 @@ def _get(args: argparse.Namespace, path: str, params: dict[str, str]) -> tuple[s
         raise CliError(f"{exc.code} from {url}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach dnsgate at {_base_url(args.api)}: {reason}") from None
+        raise CliError(f"cannot reach dnsgate at {args.api}: {reason}") from None
 
 
 def _params(args: argparse.Namespace, *names: str) -> dict[str, str]:

@@ -111,6 +111,19 @@ async def test_environment_configures_docker_style(upstream: StubUpstream, tmp_p
         assert not (tmp_path / "admin-token").exists()
 
 
+async def test_serve_takes_the_api_address_as_a_url_too(upstream: StubUpstream, tmp_path: Path) -> None:
+    # One form of --api and DNSGATE_API for every command: the server's listen address may be written
+    # as the URL the other commands call.
+    args = _args(upstream, tmp_path)
+    args[3] = "http://127.0.0.1:0/"
+    async with serving(*args) as proc:
+        assert await proc.http("GET", "/healthz") == 200
+    env = _env(DNSGATE_DNS="127.0.0.1:0", DNSGATE_API="http://127.0.0.1:0", DNSGATE_UPSTREAM=upstream.address,
+               DNSGATE_DATA_DIR=str(tmp_path))
+    async with serving(env=env) as proc:
+        assert await proc.http("GET", "/healthz") == 200
+
+
 async def test_ack_survives_kill_9(upstream: StubUpstream, tmp_path: Path) -> None:
     async with serving(*_args(upstream, tmp_path)) as proc:
         assert await proc.http("PUT", "/v1/consent", source="127.0.0.6", json={"categories": ["marketing"]}) == 200
@@ -129,6 +142,8 @@ async def test_ack_survives_kill_9(upstream: StubUpstream, tmp_path: Path) -> No
         (["serve", "--upstream", "1.1.1.1:99999"], "--upstream"),
         (["serve", "--bogus"], "--bogus"),
         (["serve", "--log-level", "loud"], "--log-level"),
+        (["serve", "--api", "https://127.0.0.1:8053"], "--api"),  # the API is plain HTTP
+        (["serve", "--api", "http://127.0.0.1:8053/consent"], "--api"),
         (["frobnicate"], "frobnicate"),
     ],
 )

@@ -122,3 +122,40 @@ async def test_no_server_and_no_token_are_one_line(tmp_path: Path) -> None:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
     _, err = await asyncio.wait_for(process.communicate(), 20)
     assert process.returncode == 1 and "cannot reach the dnsgate API at http://127.0.0.1:9" in err.decode()
+
+
+async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**clean, **(env or {})})
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_every_command_takes_api_as_a_url_or_host_port(gate: Gate) -> None:
+    await cli(gate, "consent", "grant", "127.0.0.66", "marketing")
+    data = ("--data-dir", gate.cfg.storage.data_dir)
+    address = str(gate.running.api)
+    for api in (address, f"http://{address}", f"http://{address}/"):
+        code, out, err = await run("consent", "export", "--client", "127.0.0.66", "--api", api, *data)
+        assert code == 0, err
+        assert [json.loads(line)["action"] for line in out.splitlines()] == ["grant"]
+        code, out, err = await run("report", "--since", "1h", "--api", api, *data)
+        assert code == 0 and json.loads(out)["verdict"] == "pass", err
+        code, out, err = await run("explain", "trackcmp.net", "--client", "127.0.0.66", "--api", api, *data)
+        assert code == 0 and "RESOLVED" in out, err
+    # DNSGATE_API, the server's own variable, in the URL form too
+    code, out, err = await run("consent", "list", *data, env={"DNSGATE_API": f"http://{address}"})
+    assert code == 0 and "client 127.0.0.66" in out, err
+    code, out, err = await run("log", "--client", "127.0.0.66", *data, env={"DNSGATE_API": f"http://{address}/"})
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("command", [["consent", "list"], ["explain", "x.test", "--client", "127.0.0.1"],
+                                     ["report", "--since", "1h"], ["log"]])
+@pytest.mark.parametrize("api", ["ftp://127.0.0.1:8053", "127.0.0.1", "http://127.0.0.1:99999", "http://:80"])
+async def test_a_bad_api_is_one_line_and_exit_2(command: list[str], api: str) -> None:
+    code, out, err = await run(*command, "--api", api, "--token", "x")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--api" in err, err
