@@ -143,6 +143,10 @@ class Choice:
     def grants_anything(self) -> bool:
         return any(self.categories.values()) or any(self.vendors.values())
 
+    def gpc_opt_out(self, vendor: Vendor) -> bool:
+        """Whether this choice's refusal of `vendor` is an opt-out of sale/sharing signalled by GPC."""
+        return self.sec_gpc == "1" and vendor.ccpa_sale_or_share and self.vendors.get(vendor.id) is False
+
 
 @dataclass(frozen=True, slots=True)
 class Grant:
@@ -165,11 +169,24 @@ PROFILE_GRANT_EXPIRY: Final = 253_402_300_799.0  # 9999-12-31: a profile's permi
 # Deciding
 
 
+# Why a gated name is blocked, as its Extended DNS Error says (sinkhole.py): nothing decides it
+# yet, a grant under an older notice, a refusal, an opt-out of sale/sharing by Global Privacy
+# Control, the network's fixed policy. Only the first two are for a consent to lift.
+BlockCause = Literal["undecided", "stale", "refused", "gpc", "policy"]
+BLOCK_CAUSES: Final[tuple[BlockCause, ...]] = ("undecided", "stale", "refused", "gpc", "policy")
+Verdict = Literal["", "undecided", "stale", "refused", "gpc", "policy"]  # "": allowed, else why blocked
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     reason: str
     by_choice: bool = False  # decided by a choice's grant or refusal (else by the profile)
+    cause: BlockCause = "undecided"  # why it is blocked (for an allowed one: meaningless)
+
+    @property
+    def verdict(self) -> Verdict:
+        return "" if self.allowed else self.cause
 
 
 def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
@@ -180,24 +197,27 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
     notice is skipped as if it did not exist; refusals always count.
     """
     if profile == "deny":
-        return Decision(False, "profile deny: trackers never resolve on this network")
+        return Decision(False, "profile deny: trackers never resolve on this network", cause="policy")
     if profile == "allow":
         return Decision(True, "profile allow: trackers always resolve on this network")
+    stale: list[str] = []
     if choice is None:
         prefix = "no choice recorded; "
     else:
         current = notice is not None and notice.covers(choice.notice)
-        stale: list[str] = []
         said = choice.vendors.get(vendor.id)
         if said is False:
-            return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True)
+            if choice.gpc_opt_out(vendor):
+                return Decision(False, f"vendor {vendor.id}: opted out of sale/sharing by Global Privacy Control "
+                                f"(Sec-GPC) in choice #{choice.id}", True, "gpc")
+            return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True, "refused")
         if said is True:
             if current:
                 return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}", True)
             stale.append(f"vendor {vendor.id}")
         said = choice.categories.get(vendor.category)
         if said is False:
-            return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True)
+            return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True, "refused")
         if said is True:
             if current:
                 return Decision(True, f"category {vendor.category} granted in choice #{choice.id}", True)
@@ -209,7 +229,8 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
             prefix = f"choice #{choice.id} does not decide vendor {vendor.id} or category {vendor.category}; "
     if profile == "opt-out":
         return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
-    return Decision(False, prefix + f"profile {profile}: blocked until granted")
+    return Decision(False, prefix + f"profile {profile}: blocked until granted",
+                    cause="stale" if stale else "undecided")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,13 +280,13 @@ class ProfileMap:
 
 
 class ClientState:
-    """What the resolver keeps per client key: every decision made so far (vendor -> allowed), the
-    profile and choice they come from, and until when all of that holds."""
+    """What the resolver keeps per client key: every decision made so far (vendor -> "" if allowed,
+    else why it is blocked), the profile and choice they come from, and until when all of that holds."""
 
-    __slots__ = ("allowed", "choice", "grants", "profile", "until")
+    __slots__ = ("choice", "grants", "profile", "until", "verdicts")
 
-    def __init__(self, allowed: dict[Vendor, bool], until: float, profile: Profile, choice: Choice | None) -> None:
-        self.allowed = allowed
+    def __init__(self, verdicts: dict[Vendor, Verdict], until: float, profile: Profile, choice: Choice | None) -> None:
+        self.verdicts = verdicts
         self.until = until
         self.profile = profile
         self.choice = choice
@@ -358,15 +379,19 @@ class ConsentTable:
         self.kiosk_seen: dict[str, float] = {}
 
     # -- the hot path --------------------------------------------------------------------------
-    def allows(self, client: str, vendor: Vendor, now: float) -> bool:
-        """Whether `client` (an address, or "address|mac") may resolve `vendor`'s names now."""
+    def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
+        """Whether `client` (an address, or "address|mac") may resolve `vendor`'s names now: "" if it
+        may, else why not (the sinkhole's EDE says it, so the answer costs no second lookup)."""
         state = self._memo.get(client)
         if state is None or now >= state.until:
             state = self._state(client, now)
-        allowed = state.allowed.get(vendor)
-        if allowed is None:  # a vendor first met (a block list's, or one a reload brought)
-            allowed = state.allowed[vendor] = decide(vendor, state.profile, state.choice, self.notice).allowed
-        return allowed
+        verdict = state.verdicts.get(vendor)
+        if verdict is None:  # a vendor first met (a block list's, or one a reload brought)
+            verdict = state.verdicts[vendor] = decide(vendor, state.profile, state.choice, self.notice).verdict
+        return verdict
+
+    def allows(self, client: str, vendor: Vendor, now: float) -> bool:
+        return not self.blocked(client, vendor, now)
 
     def touch(self, client: str, now: float) -> None:
         """A DNS query from a kiosk client with a choice: its session is still in use.
@@ -382,7 +407,7 @@ class ConsentTable:
         memo = self._memo
         if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
             self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
-        state = memo[client] = ClientState({v: d.allowed for v, d in r.decisions}, r.until, r.profile, r.choice)
+        state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.choice)
         for by, key in ((self._memo_by_address, address), (self._memo_by_mac, r.mac)):
             if key is not None:
                 keys = by.get(key, ())

@@ -239,7 +239,7 @@ class Pipeline:
             if entry.expires <= now:
                 return self._answer_general(data, client, tcp)  # drops it, or keeps it for serve-stale
             rule = entry.rule
-            if rule is None or self.consent.allows(client, rule.vendor, wall := self.wall()):
+            if rule is None or not (cause := self.consent.blocked(client, rule.vendor, wall := self.wall())):
                 # a cache hit
                 self.entries.move_to_end(key)
                 self.counts[entry.count_slot + tcp] += 1
@@ -264,7 +264,7 @@ class Pipeline:
                 return ID_FLAGS.pack(qid, fl) + entry.head_edns + question + body + self.opt_tail[edns]
         else:
             rule = self.gated.get(key)  # gated questions seen before; None: not gated, or unseen
-            if rule is None or self.consent.allows(client, rule.vendor, self.wall()):
+            if rule is None or not (cause := self.consent.blocked(client, rule.vendor, self.wall())):
                 # not in memory: the general steps, without parsing the packet a second time
                 if scan_name(question, 0) != len(question) - 5:
                     return self._answer_general(data, client, tcp)  # a malformed name: FORMERR
@@ -274,7 +274,7 @@ class Pipeline:
                 return self._decide(q, data, client, tcp, now)
         # the sinkhole: a gated name, and this client has not consented to its vendor
         qtype = (question[-4] << 8) | question[-3]
-        reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns)
+        reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns, cause)
         if len(reply) > MIN_UDP and not tcp:
             return self._answer_general(data, client, tcp)  # it truncates
         self.counts[self.sinkhole_slot[qtype] + tcp if qtype < 256 else _SINKHOLED_OTHER + tcp] += 1
@@ -324,9 +324,9 @@ class Pipeline:
                 if len(gated) >= GATED_MEMO_LIMIT:
                     gated.clear()
                 gated[q.key] = rule
-        if rule is not None and not self.consent.allows(client, rule.vendor, self.wall()):
+        if rule is not None and (cause := self.consent.blocked(client, rule.vendor, self.wall())):
             self._gated(SINKHOLED, now, client, q.question, q.qtype, tcp, -1, rule, 0.0)
-            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), tcp)
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause), tcp)
         if entry is not None:
             if entry.refresh_at <= now:
                 self._refresh(q.key, entry)
@@ -373,9 +373,10 @@ class Pipeline:
         now = self.mono()
         elapsed = now - fwd.started
         self.durations.observe(elapsed)
-        if rule is not None and not self.consent.allows(fwd.client, rule.vendor, self.wall()):
+        if rule is not None and (cause := self.consent.blocked(fwd.client, rule.vendor, self.wall())):
             self._gated(SINKHOLED, now, fwd.client, q.question, q.qtype, fwd.tcp, -1, rule, elapsed)
-            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), fwd.tcp)
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause),
+                               fwd.tcp)
         reply = self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, fwd.tcp))
         if rule is not None:
             self._gated(FORWARDED, now, fwd.client, q.question, q.qtype, fwd.tcp, entry.flags & 0xF, rule, elapsed)
@@ -432,9 +433,10 @@ class Pipeline:
         self.durations.observe(elapsed)
         edns = -1 if q.edns is None else int(q.edns.do)
         rule = entry.rule
-        if rule is not None and not self.consent.allows(fwd.client, rule.vendor, self.wall()):
+        if rule is not None and (cause := self.consent.blocked(fwd.client, rule.vendor, self.wall())):
             self._gated(SINKHOLED, now, fwd.client, q.question, q.qtype, fwd.tcp, -1, rule, elapsed)
-            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns), fwd.tcp)
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause),
+                               fwd.tcp)
         if rule is not None:
             self._gated(STALE, now, fwd.client, q.question, q.qtype, fwd.tcp, entry.flags & 0xF, rule, elapsed)
         else:
