@@ -1,6 +1,7 @@
 """The consent log as records a person or a spreadsheet can read: JSON objects, JSON Lines, CSV.
 
-Pure formatting of `store.Event`s; the API and the CLI both export through it.
+Pure formatting of `store.Event`s; the API and the CLI both export through it. The exports defuse
+every text field against formula injection (`defused`); `event_json` keeps the values as recorded.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ FIELDS: Final = (
     "notice_catalog", "notice_version", "notice_sha256", "language", "channel", "user_agent", "sec_gpc",
     "supersedes", "reason",
 )
+# A cell starting with one of these runs as a formula in a spreadsheet (OWASP "CSV injection").
 FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -65,8 +67,20 @@ def event_json(e: Event) -> dict[str, Any]:
     }
 
 
+def defused(text: str) -> str:
+    """`text` as an export cell no spreadsheet runs: a leading formula character gets a `'` before it."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def export_record(e: Event) -> dict[str, Any]:
+    """The event as the exports show it: every text field defused. The user agent, the Sec-GPC value
+    and the reasons come from clients, and a JSON Lines file is as likely to end up in a spreadsheet
+    (through jq, a SIEM's CSV view) as a CSV one."""
+    return {k: defused(v) if isinstance(v, str) else v for k, v in event_json(e).items()}
+
+
 def jsonl_line(e: Event) -> str:
-    return json.dumps(event_json(e), ensure_ascii=False, separators=(",", ":")) + "\n"
+    return json.dumps(export_record(e), ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 def _decisions(d: Mapping[str, bool]) -> str:
@@ -78,15 +92,15 @@ def csv_header() -> str:
 
 
 def csv_line(e: Event) -> str:
-    record = event_json(e)
-    record["categories"] = _decisions(e.categories)
-    record["vendors"] = _decisions(e.vendors)
-    if e.user_agent.startswith(FORMULA_START):
-        record["user_agent"] = "'" + e.user_agent  # a client-supplied string must not run as a spreadsheet formula
+    record = export_record(e)
+    record["categories"] = defused(_decisions(e.categories))
+    record["vendors"] = defused(_decisions(e.vendors))
     return _csv_row(["" if record[f] is None else str(record[f]) for f in FIELDS])
 
 
 def _csv_row(values: list[str]) -> str:
+    """One RFC 4180 row: CRLF ends it, so a field holding a CR or LF is quoted (a bare CR would start
+    a new row in a spreadsheet)."""
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(values)
+    csv.writer(out, lineterminator="\r\n").writerow(values)
     return out.getvalue()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .consent_backend import ConsentBackend, SqliteBackend
-from .consent_log import jsonl_line
+from .consent_log import event_json
 from .store import EventFilter, StoreError
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -75,7 +75,7 @@ async def _verify(source: ConsentBackend, target: ConsentBackend) -> None:
     async for event in source.export(EventFilter()):
         n += 1
         copy = await anext(theirs, None)
-        if copy is None or jsonl_line(copy) != jsonl_line(event):
+        if copy is None or event_json(copy) != event_json(event):
             raise MigrationError(f"{target.name}: event #{event.id} was not copied exactly "
                                  f"(export line {n} differs from {source.name}'s)")
     if await anext(theirs, None) is not None:
