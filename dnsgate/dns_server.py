@@ -14,7 +14,7 @@ import asyncio
 import logging
 import socket
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -62,12 +62,14 @@ def _client_of(host: str, v6: bool) -> str:
 
 
 class UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, v6: bool) -> None:
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, v6: bool,
+                 may_answer: Callable[[], bool] | None = None) -> None:
         self.pipeline = pipeline
         self.answer = pipeline.answer  # bound once: this runs for every datagram
         self.resolver = resolver
         self.tasks = tasks
         self.v6 = v6
+        self.may_answer = may_answer  # (see DnsListeners)
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,6 +77,8 @@ class UdpListener(asyncio.DatagramProtocol):
         self.sendto = self.transport.sendto
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.may_answer is not None and not self.may_answer():
+            return
         try:
             result = self.answer(data, _client_of(addr[0], True) if self.v6 else addr[0], False)
         except Exception:
@@ -148,11 +152,13 @@ class TcpConnection(asyncio.Protocol):
     the TcpLimits: a query must arrive whole within `query_timeout` of its first byte, replies must
     be taken as fast, and at most `max_pipelined` queries wait upstream at a time."""
 
-    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, table: TcpTable) -> None:
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, table: TcpTable,
+                 may_answer: Callable[[], bool] | None = None) -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
         self.table = table
+        self.may_answer = may_answer  # (see DnsListeners)
         self.limits = table.limits
         self.transport: asyncio.Transport | None = None
         self.client = ""
@@ -177,6 +183,9 @@ class TcpConnection(asyncio.Protocol):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self.may_answer is not None and not self.may_answer():
+            self.abort()
+            return
         if self.queries >= self.limits.max_queries:
             return  # the cap is reached: replies still go out, then the connection closes
         self.buffer += data
@@ -312,7 +321,7 @@ class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
     def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None) -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
@@ -323,6 +332,9 @@ class DnsListeners:
         # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
         # and the kernel spreads clients over them by their address and port.
         self.reuse_port = reuse_port
+        # A worker process's check of its line to the primary, asked before each batch of queries
+        # is answered (False: the query is dropped, a TCP connection cut).
+        self.may_answer = may_answer
 
     async def start(self, address: HostPort) -> HostPort:
         """Listen on UDP and TCP at `address`; with port 0, both get the same free port."""
@@ -331,13 +343,13 @@ class DnsListeners:
         family = socket.AF_INET6 if v6 else socket.AF_INET
         for _attempt in range(20 if address.port == 0 else 1):
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6),
+                lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
                 local_addr=(address.host, address.port), family=family, reuse_port=self.reuse_port or None)
             port = transport.get_extra_info("sockname")[1]
             _large_receive_buffer(transport)
             try:
                 server = await loop.create_server(
-                    lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp),
+                    lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, self.may_answer),
                     address.host, port, family=family, reuse_address=True, reuse_port=self.reuse_port or None)
             except OSError:
                 transport.close()

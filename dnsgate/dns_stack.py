@@ -49,8 +49,10 @@ class DnsStack:
 
 
 def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
-          on_pair: Callable[[str, str], bool] | None, wall: Callable[[], float]) -> DnsStack:
-    """Everything but the listening sockets (`listen` opens them)."""
+          on_pair: Callable[[str, str], bool] | None, wall: Callable[[], float],
+          may_answer: Callable[[], bool] | None = None) -> DnsStack:
+    """Everything but the listening sockets (`listen` opens them). `may_answer` (a worker's check of
+    its line to the primary) is asked before each batch of queries is answered."""
     cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
                         stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
     pipeline = Pipeline(
@@ -70,7 +72,7 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
     d = cfg.dns
     listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
         d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
-        d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1)
+        d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer)
     return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners)
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 HEADER: Final = struct.Struct("!I")
@@ -60,3 +62,39 @@ class Link:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class LinkGuard:
+    """Is the line to the primary still open? A worker asks before each batch of queries it answers
+    (once per turn of its event loop), so that it never answers from a table nobody updates: when it
+    wakes from a stop, the queries that waited in its socket may come before the line's end is read.
+
+    Calling it costs one attribute read, or one poll(2) without reading (the line's pending messages
+    stay for the reader) on the first call of a turn. `on_lost` is called once the line is found
+    closed; the guard then answers False for good."""
+
+    __slots__ = ("_checked", "_loop", "_on_lost", "_open", "_poll")
+
+    def __init__(self, sock: socket.socket, on_lost: Callable[[], None]) -> None:
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLRDHUP)  # (hang-ups and errors are always reported)
+        self._loop = asyncio.get_running_loop()
+        self._on_lost = on_lost
+        self._checked = False
+        self._open = True
+
+    def __call__(self) -> bool:
+        if self._checked:
+            return self._open
+        if self._poll.poll(0):
+            self._open = False
+            self._checked = True  # for good
+            self._on_lost()
+            return False
+        self._checked = True
+        self._loop.call_soon(self._expire)  # runs before the loop's next wait for I/O
+        return True
+
+    def _expire(self) -> None:
+        if self._open:
+            self._checked = False

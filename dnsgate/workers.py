@@ -6,16 +6,23 @@ the same addresses with SO_REUSEPORT; the kernel spreads clients over the proces
 port. Each worker has its own cache and upstream sockets, and a replica of the consent table
 (replica.py) that receives every change of the primary's, in order:
 
+- a worker starts from a copy of the table, builds its DNS side, and binds only when told "listen",
+  which follows every change sent before it: so it answers nothing it has not applied;
 - a consent change made through the API (or the sweeper, or a pairing) answers only once every
-  worker has acknowledged it (`sync`), so it holds for the client's next query on every process; a
-  worker that has not applied it within SYNC_TIMEOUT is killed (it is started again from a fresh
-  copy) rather than left answering from an outdated table;
+  worker that may answer has acknowledged it (`sync`), so it holds for the client's next query on
+  every process; one that has not applied it within SYNC_TIMEOUT is killed (and started again from a
+  fresh copy) rather than left answering from an outdated table. A worker still starting is not
+  waited for: it applies the change before it listens;
 - reloads travel the same way, in order with consent changes;
+- the primary pings every listening worker each HEARTBEAT; one that leaves a ping unanswered at
+  the next is not counted as listening (/healthz, /metrics), and one that misses HUNG_BEATS in a row
+  is killed and started again at once, whether or not consent changes;
 - workers send back their query-log entries (every 0.1 s), their counts and kiosk activity (every
   second) and the pairing names they were asked; /metrics and the dashboard show the sum.
 
 A worker that exits is started again after RESTART_DELAY (doubling while it keeps failing at
-once); one that cannot start at all stops dnsgate's start with the reason.
+once); one that cannot start at all stops dnsgate's start with the reason. Workers die with the
+primary (worker.py).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import sys
 import time
@@ -39,9 +47,11 @@ from .worker_link import Link, LinkClosed
 
 log = logging.getLogger(__name__)
 
-SYNC_TIMEOUT: Final = 2.0  # for a running worker to apply a change
+SYNC_TIMEOUT: Final = 2.0  # for a worker that may answer to apply a change
 START_TIMEOUT: Final = 30.0  # for a worker to start and listen (imports, the ruleset, its sockets)
 STOP_TIMEOUT: Final = 3.0
+HEARTBEAT: Final = 1.0  # seconds between the primary's pings
+HUNG_BEATS: Final = 2  # pings missed in a row before a worker is replaced
 RESTART_DELAY: Final = 1.0
 RESTART_DELAY_MAX: Final = 30.0
 STEADY: Final = 10.0  # a worker that ran this long before exiting is restarted after RESTART_DELAY again
@@ -57,9 +67,21 @@ class Worker:
     process: asyncio.subprocess.Process
     link: Link
     acked: int  # the last journal batch it applied
-    ready: bool = False
+    listen_from: int | None = None  # told to listen after this batch (it may answer from then on)
+    ready: bool = False  # it said it listens
+    pinged: bool = False  # a ping is unanswered
+    missed: int = 0  # heartbeats missed in a row
+    replaced: bool = False  # killed by the primary for being late: started again at once
     counts: DnsCounts | None = None
     started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def lags(self, seq: int) -> bool:
+        """May it answer before it applies batch `seq`? (Batches up to `listen_from` it applies first.)"""
+        return self.listen_from is not None and self.listen_from < seq and self.acked < seq
+
+    @property
+    def listening(self) -> bool:
+        return self.ready and not self.missed
 
 
 class Workers:
@@ -79,6 +101,7 @@ class Workers:
         self._stopping = asyncio.Event()  # set with _closing: cuts a restart's wait short
         self._flush_due = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         self._last: dict[int, Worker] = {}  # each number's latest process, live or not
         table.on_write = self._flush_soon
 
@@ -91,6 +114,7 @@ class Workers:
             ready = loop.create_future()
             first.append(ready)
             self._tasks.append(loop.create_task(self._keep(number, ready)))
+        self._heartbeat = loop.create_task(self._beat())
         try:
             await asyncio.wait_for(asyncio.gather(*first), START_TIMEOUT)
         except (TimeoutError, WorkerError) as exc:
@@ -101,6 +125,9 @@ class Workers:
         """Ask every worker to stop (they send their last entries and counts), kill the slow ones."""
         self._closing = True
         self._stopping.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         self.flush()
         for worker in self._live.values():
             worker.link.send("stop")
@@ -136,31 +163,31 @@ class Workers:
             asyncio.get_running_loop().call_soon(self.flush)
 
     async def sync(self) -> None:
-        """Return once every worker has applied every change made so far, or was killed for not
-        doing so in time (SYNC_TIMEOUT; START_TIMEOUT while it is still starting)."""
+        """Return once every worker that may answer has applied every change made so far, or is gone:
+        one that has not within SYNC_TIMEOUT is killed. A worker still starting is not waited for (it
+        applies them before it listens), so none holds a change longer than SYNC_TIMEOUT."""
         self.flush()
         seq = self._seq
-
-        def behind() -> list[Worker]:
-            return [w for w in self._live.values() if w.acked < seq]
-
-        lagging = behind()
-        if not lagging:
-            return
         loop = asyncio.get_running_loop()
-        timeout = SYNC_TIMEOUT if all(w.ready for w in lagging) else START_TIMEOUT
-        deadline = loop.time() + timeout
-        while behind() and loop.time() < deadline:
-            self._changed.clear()  # (no await since behind() was read: no acknowledgement missed)
+        deadline = loop.time() + SYNC_TIMEOUT
+        waited: set[Worker] = set()
+        while True:
+            lagging = [w for w in self._live.values() if w.lags(seq)]
+            waited.update(lagging)
+            if not lagging or loop.time() >= deadline:
+                break
+            self._changed.clear()  # (no await since lags() was read: no acknowledgement missed)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
-        late = behind()
-        for worker in late:
+        for worker in lagging:
             log.error("worker %d did not apply a consent change within %g s: killed (it starts again from a fresh "
-                      "copy)", worker.number, timeout)
-            self._drop(worker)
-        if late:  # gone before the change is reported done: it answers nothing more
-            await asyncio.wait([loop.create_task(w.process.wait()) for w in late], timeout=STOP_TIMEOUT)
+                      "copy)", worker.number, SYNC_TIMEOUT)
+            self._replace(worker)
+        # Gone before the change is reported done (killed here or by the heartbeat): it answers nothing more.
+        exiting = [loop.create_task(w.process.wait()) for w in waited
+                   if w.process.returncode is None and self._live.get(w.number) is not w]
+        if exiting:
+            await asyncio.wait(exiting, timeout=STOP_TIMEOUT)
 
     # -- what the metrics and health show ---------------------------------------------------------
     def counts(self) -> DnsCounts | None:
@@ -172,15 +199,43 @@ class Workers:
         return total
 
     def running(self) -> int:
-        return sum(1 for w in self._live.values() if w.ready)
+        """Workers listening and answering the heartbeat."""
+        return sum(1 for w in self._live.values() if w.listening)
 
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._live.values() if w.ready]
+        return [w.process.pid for w in self._live.values() if w.listening]
+
+    # -- the heartbeat ----------------------------------------------------------------------------
+    async def _beat(self) -> None:
+        """Ping every listening worker each HEARTBEAT; a ping still unanswered at the next is a missed
+        beat, and HUNG_BEATS in a row get the worker replaced (a stopped or hung process answers no
+        query either: the clients the kernel hands it would go unanswered)."""
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while True:
+            due += HEARTBEAT
+            await asyncio.sleep(due - loop.time())
+            if loop.time() - due > HEARTBEAT / 2:  # this process did not run meanwhile: pongs may wait unread
+                due = loop.time()
+                continue
+            for worker in list(self._live.values()):
+                if not worker.ready:
+                    continue  # still starting: START_TIMEOUT bounds it
+                if worker.pinged:
+                    worker.missed += 1
+                    if worker.missed >= HUNG_BEATS:
+                        log.error("worker %d (pid %d) missed %d heartbeats: killed (it starts again from a fresh "
+                                  "copy)", worker.number, worker.process.pid, worker.missed)
+                        self._replace(worker)
+                    continue
+                worker.pinged = True
+                worker.link.send("ping")
 
     # -- one worker's life ------------------------------------------------------------------------
     async def _keep(self, number: int, first_ready: asyncio.Future[None]) -> None:
         delay = RESTART_DELAY
         while not self._closing:
+            wait = delay
             try:
                 worker = await self._spawn(number)
             except OSError as exc:
@@ -200,22 +255,26 @@ class Workers:
                     return
                 if self._closing:
                     return
-                if time.monotonic() - worker.started >= STEADY:
-                    delay = RESTART_DELAY
-                log.error("worker %d exited (code %s); starting it again in %g s", number, code, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                if worker.replaced:
+                    wait = 0.0  # (its backoff stays as it was)
+                else:
+                    if time.monotonic() - worker.started >= STEADY:
+                        delay = wait = RESTART_DELAY
+                    log.error("worker %d exited (code %s); starting it again in %g s", number, code, delay)
+            if wait:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
+                delay = min(delay * 2, RESTART_DELAY_MAX)
             if self._closing:
                 return
-            delay = min(delay * 2, RESTART_DELAY_MAX)
             self.restarts += 1
 
     async def _spawn(self, number: int) -> Worker:
         parent, child = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dnsgate.worker", str(child.fileno()), pass_fds=(child.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL)
+                sys.executable, "-m", "dnsgate.worker", str(child.fileno()), str(os.getpid()),
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)
         except OSError:
             parent.close()
             raise
@@ -229,30 +288,52 @@ class Workers:
         return worker
 
     async def _serve(self, worker: Worker, first_ready: asyncio.Future[None]) -> None:
-        """Read what the worker sends until its line closes."""
-        with contextlib.suppress(LinkClosed):
-            while True:
-                message = await worker.link.receive()
-                kind = message[0]
-                if kind == "ack":
-                    worker.acked = message[1]
-                    self._changed.set()
-                elif kind == "log":
-                    self.on_log(message[1])
-                elif kind == "counts":
-                    worker.counts = message[1]
-                    merge_seen(self.table.kiosk_seen, message[2])
-                    worker.link.send("seen", self.table.kiosk_seen)
-                elif kind == "pair":
-                    self.on_pair(message[1], message[2])
-                elif kind == "ready":
-                    worker.ready = True
-                    log.info("worker %d (pid %d) listening", worker.number, worker.process.pid)
-                    if not first_ready.done():
-                        first_ready.set_result(None)
-                else:
-                    log.error("worker %d sent an unknown message %r: killed", worker.number, kind)
-                    return
+        """Read what the worker sends until its line closes; kill it if it does not listen in time."""
+        too_slow = asyncio.get_running_loop().call_later(START_TIMEOUT, self._not_started, worker)
+        try:
+            with contextlib.suppress(LinkClosed):
+                while True:
+                    message = await worker.link.receive()
+                    kind = message[0]
+                    if kind == "ack":
+                        worker.acked = message[1]
+                        self._changed.set()
+                    elif kind == "pong":
+                        worker.pinged = False
+                        worker.missed = 0
+                    elif kind == "log":
+                        self.on_log(message[1])
+                    elif kind == "counts":
+                        worker.counts = message[1]
+                        merge_seen(self.table.kiosk_seen, message[2])
+                        worker.link.send("seen", self.table.kiosk_seen)
+                    elif kind == "pair":
+                        self.on_pair(message[1], message[2])
+                    elif kind == "built":
+                        # Every change so far goes before "listen": in force before its first answer.
+                        self.flush()
+                        worker.link.send("listen")
+                        worker.listen_from = self._seq
+                    elif kind == "ready":
+                        worker.ready = True
+                        too_slow.cancel()
+                        log.info("worker %d (pid %d) listening", worker.number, worker.process.pid)
+                        if not first_ready.done():
+                            first_ready.set_result(None)
+                    else:
+                        log.error("worker %d sent an unknown message %r: killed", worker.number, kind)
+                        return
+        finally:
+            too_slow.cancel()
+
+    def _not_started(self, worker: Worker) -> None:
+        if not worker.ready and self._live.get(worker.number) is worker:
+            log.error("worker %d did not listen within %g s: killed", worker.number, START_TIMEOUT)
+            self._drop(worker)
+
+    def _replace(self, worker: Worker) -> None:
+        worker.replaced = True
+        self._drop(worker)
 
     def _drop(self, worker: Worker) -> None:
         """No longer counted on: killed if still running (it must not answer from a table nobody updates)."""

@@ -47,10 +47,10 @@ async def _read_log(stream: asyncio.StreamReader, into: list[str]) -> None:
 
 
 async def serve(upstream: str, data_dir: Path, *extra: str, token: str = "reliability",
-                config: Path | None = None) -> Served:
+                config: Path | None = None, dns: str = "127.0.0.1:0") -> Served:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
     env["DNSGATE_ADMIN_TOKEN"] = token
-    args = ["--dns", "127.0.0.1:0", "--api", "127.0.0.1:0", "--upstream", upstream, "--data-dir", str(data_dir)]
+    args = ["--dns", dns, "--api", "127.0.0.1:0", "--upstream", upstream, "--data-dir", str(data_dir)]
     if config is not None:
         args += ["--config", str(config)]
     process = await asyncio.create_subprocess_exec(
