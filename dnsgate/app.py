@@ -54,6 +54,7 @@ from .replica import JournaledTable, Start
 from .report import Watched
 from .ruleset import Ruleset, read_catalog
 from .store import ConsentStore, StoreError, UnavailableStore
+from .worker_record import RECORD as WORKER_RECORD
 from .workers import WorkerError, Workers
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                              table.copy(), pipeline.log_all is not None, number)
 
             workers = Workers(cfg.dns.workers - 1, table, start_state, on_log=querylog.pending.extend,
-                              on_pair=consents.on_pair)
+                              on_pair=consents.on_pair, record=data_dir / WORKER_RECORD)
             consents.replicated = workers.sync
             reloader.settle = workers.sync
             try:

@@ -22,7 +22,8 @@ port. Each worker has its own cache and upstream sockets, and a replica of the c
 
 A worker that exits is started again after RESTART_DELAY (doubling while it keeps failing at
 once); one that cannot start at all stops dnsgate's start with the reason. Workers die with the
-primary (worker.py).
+primary (worker.py); the data dir's record of them (worker_record.py) lets the next start end any
+that did not.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
+from . import worker_record
 from .config import Config
 from .dns_counts import DnsCounts
 from .replica import INSTALL, JournaledTable, Start, merge_seen
@@ -86,12 +89,14 @@ class Worker:
 
 class Workers:
     def __init__(self, count: int, table: JournaledTable, start_state: Callable[[int], Start], *,
-                 on_log: Callable[[list[LogEntry]], None], on_pair: Callable[[str, str], bool]) -> None:
+                 on_log: Callable[[list[LogEntry]], None], on_pair: Callable[[str, str], bool],
+                 record: Path | None = None) -> None:
         self.count = count  # processes besides the primary
         self.table = table
         self.start_state = start_state
         self.on_log = on_log
         self.on_pair = on_pair
+        self.record = record  # (worker_record.py) None: none kept
         self.restarts = 0
         self._live: dict[int, Worker] = {}
         self._seq = 0  # journal batches sent
@@ -103,11 +108,17 @@ class Workers:
         self._tasks: list[asyncio.Task[None]] = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._last: dict[int, Worker] = {}  # each number's latest process, live or not
+        self._record_failed = False
         table.on_write = self._flush_soon
 
     # -- start and stop ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Start every worker; returns once each listens. Raises WorkerError if one cannot."""
+        if self.record is not None:
+            ended = await asyncio.to_thread(worker_record.end_leftovers, self.record)
+            if ended:
+                log.warning("ended %d worker process(es) an earlier dnsgate on this data dir left running "
+                            "(pids %s)", len(ended), ", ".join(map(str, ended)))
         loop = asyncio.get_running_loop()
         first: list[asyncio.Future[None]] = []
         for number in range(1, self.count + 1):
@@ -139,6 +150,9 @@ class Workers:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.record is not None:
+            with contextlib.suppress(OSError):
+                self.record.unlink(missing_ok=True)
 
     # -- the journal ------------------------------------------------------------------------------
     def install(self, rules: Ruleset, live: Config) -> None:
@@ -249,6 +263,7 @@ class Workers:
                 finally:
                     self._drop(worker)
                 code = await worker.process.wait()
+                self._write_record()
                 if not first_ready.done():
                     first_ready.set_exception(WorkerError(f"worker {number} exited (code {code}) before it listened; "
                                                           "its reason is in the log above"))
@@ -285,6 +300,7 @@ class Workers:
         self.flush()
         link.send("start", self.start_state(number))
         worker = self._live[number] = self._last[number] = Worker(number, process, link, acked=self._seq)
+        self._write_record()
         return worker
 
     async def _serve(self, worker: Worker, first_ready: asyncio.Future[None]) -> None:
@@ -347,6 +363,22 @@ class Workers:
             gone = dataclasses.replace(worker.counts, cache_entries=0, cache_bytes=0, in_flight=0, tcp_open=0)
             self._retired = gone if self._retired is None else self._retired.plus(gone)
         self._changed.set()
+
+    def _write_record(self) -> None:
+        """The data dir's record of the worker processes alive (worker_record.py)."""
+        if self.record is None:
+            return
+        processes = [worker_record.started(w.process.pid) for w in self._last.values() if w.process.returncode is None]
+        primary = worker_record.started(os.getpid())
+        if primary is None:
+            return  # (no /proc: nothing to record a process by)
+        try:
+            worker_record.write(self.record, primary, [p for p in processes if p is not None])
+        except OSError as exc:
+            if not self._record_failed:
+                self._record_failed = True
+                log.warning("cannot record the worker processes in %s (%s): a later start cannot end any that "
+                            "outlive this dnsgate", self.record, exc.strerror or exc)
 
 
 def _kill(worker: Worker) -> None:

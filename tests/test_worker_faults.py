@@ -16,6 +16,7 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
+from dnsgate import worker_record
 from dnsgate.config import HostPort
 from dnsgate.consent import ConsentTable, ProfileMap
 from dnsgate.list_sources import ListStore
@@ -49,7 +51,7 @@ class Workers:
             fd = os.pidfd_open(pid)
         except OSError:
             return False
-        if _ppid(pid) != self.parent or not _is_worker(pid):  # (checked with the pidfd held)
+        if _ppid(pid) != self.parent or not worker_record.is_worker(pid):  # (checked with the pidfd held)
             os.close(fd)
             return False
         self.fds[pid] = fd
@@ -82,13 +84,6 @@ def workers_of(parent: int, pids: list[int]) -> Iterator[Workers]:
         handles.close()
 
 
-def _is_worker(pid: int) -> bool:
-    try:
-        return b"\0-m\0dnsgate.worker\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def _ppid(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -99,7 +94,7 @@ def _ppid(pid: int) -> int | None:
 def worker_children(parent: int) -> set[int]:
     found = set()
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and _ppid(int(entry.name)) == parent and _is_worker(int(entry.name)):
+        if entry.name.isdigit() and _ppid(int(entry.name)) == parent and worker_record.is_worker(int(entry.name)):
             found.add(int(entry.name))
     return found
 
@@ -157,6 +152,9 @@ async def test_a_worker_stopped_when_its_primary_dies_answers_nothing_after_the_
         assert (await http(first.api, "PUT", "/v1/consent", me, GRANT))[0] == 200
         pids = (await http(first.api, "GET", "/healthz"))[1]["workers"]["pids"]
         assert len(pids) == 2
+        record = worker_record.read(data / worker_record.RECORD)  # what a later start would end
+        assert record is not None and record[0] == worker_record.started(first.process.pid)
+        assert sorted(w.pid for w in record[1]) == sorted(pids)
         async with sockets(me) as socks:
             assert await answers(first.dns_port, socks) == {"NOERROR": SOCKETS}
         with workers_of(first.process.pid, pids) as old:
@@ -322,3 +320,60 @@ async def test_a_worker_answers_nothing_once_its_line_to_the_primary_is_closed(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_workers_an_earlier_primary_left_running_are_ended_at_start(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    """A leftover is ended only if the record names it by PID and start time and it runs
+    dnsgate.worker, and its primary is gone; any other process is left alone."""
+    await asyncio.to_thread(data_dir.mkdir, parents=True)
+    record = data_dir / worker_record.RECORD
+    loop = asyncio.get_running_loop()
+
+    async def child(*argv: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(sys.executable, *argv, stdin=asyncio.subprocess.PIPE)
+
+    async def idle_worker() -> tuple[asyncio.subprocess.Process, socket.socket]:
+        """A real worker process waiting for its start (this test's child: it plays the orphan)."""
+        parent, line = socket.socketpair()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dnsgate.worker", str(line.fileno()), str(os.getpid()), pass_fds=(line.fileno(),),
+            stdin=asyncio.subprocess.DEVNULL)
+        line.close()
+        return process, parent
+
+    gone_primary = await child("-c", "import sys; sys.stdin.read()")
+    was = worker_record.started(gone_primary.pid)
+    assert was is not None and gone_primary.stdin is not None
+    gone_primary.stdin.close()
+    await gone_primary.wait()
+    stranger = await child("-c", "import sys; sys.stdin.read()")  # not a worker
+    (leftover, line1), (reused, line2) = await idle_worker(), await idle_worker()
+    try:
+        deadline = loop.time() + 10.0
+        while not (worker_record.is_worker(leftover.pid) and worker_record.is_worker(reused.pid)):
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        listed = [worker_record.started(p.pid) for p in (leftover, reused, stranger)]
+        assert None not in listed
+        left, other, strange = [p for p in listed if p is not None]
+        # `reused` with another start time: a process that got the recorded PID later.
+        worker_record.write(record, was, [left, replace(other, start=other.start + 1), strange])
+        async with running_gate(with_workers(upstream, data_dir, 2)) as g:
+            assert await asyncio.wait_for(leftover.wait(), 5.0) == -signal.SIGKILL
+            (pid,) = (await health(g))["workers"]["pids"]
+            # The record is this dnsgate's now; while its primary runs, its workers are not leftovers.
+            mine = worker_record.read(record)
+            assert mine is not None and mine[0] == worker_record.started(os.getpid())
+            assert [w.pid for w in mine[1]] == [pid]
+            assert await asyncio.to_thread(worker_record.end_leftovers, record) == []
+            assert (await health(g))["workers"]["pids"] == [pid]
+        assert not await asyncio.to_thread(record.exists)  # stopped cleanly: nothing left to end
+        assert reused.returncode is None and stranger.returncode is None
+    finally:
+        for process in (leftover, reused, stranger):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        line1.close()
+        line2.close()
