@@ -34,7 +34,7 @@ from .catalog import Catalog
 from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
 from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
 from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Paired
-from .notice import Notice
+from .notice import Item, Notice, NoticeInForce
 from .pairing import Offer
 from .store import Event, EventFilter, StoreError
 
@@ -47,6 +47,7 @@ STATE_CHANGING = frozenset({"PUT", "POST", "DELETE", "PATCH"})
 class ConsentControl(Protocol):
     catalog: Catalog
     notice: Notice
+    shown: NoticeInForce  # the whole notice in force: text, operator, categories, items
 
     def mac_of(self, address: str) -> str | None: ...
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView: ...
@@ -208,23 +209,26 @@ def origin_allowed(origin: str, settings: ApiSettings) -> bool:
 
 def view_json(view: ClientView) -> dict[str, Any]:
     choice = view.choice
-    in_force = choice is not None and choice.active(view.now) and view.notice_current
     granted = {}
-    if choice is not None and in_force:
+    if choice is not None and choice.active(view.now):
         granted = {c: {"granted": True, "granted_at": iso(choice.made_at), "expires_at": iso(choice.expires_at),
-                       "source": choice.source} for c, said in choice.categories.items() if said}
+                       "source": choice.source} for c, d in view.by_category if d.allowed and d.by_choice}
     return {
         "client": view.client,
         "identity": {"address": view.address, "mac": view.mac, "mac_source": view.mac_source},
         "profile": {"name": view.profile, "network": str(view.network) if view.network else None,
                     "why": view.why_profile},
-        # issue 2's field: the categories granted and in force
+        # the categories granted and in force
         "categories": granted,
         "choice": choice_json(choice, view) if choice is not None else None,
         "vendors": [{"id": v.id, "name": v.name, "category": v.category, **decision_json(d, view)}
                     for v, d in view.decisions],
-        # what a vendor-less gate on each category (an imported block list) gets
+        "lists": [{"id": v.id, "name": v.name, "category": v.category, **decision_json(d, view)}
+                  for v, d in view.lists],
+        # what the choice says of each category as a whole
         "by_category": {c: decision_json(d, view) for c, d in view.by_category},
+        # items in force that the choice in force does not cover (added or changed since): no choice yet
+        "new": [item_json(i) for i in view.new],
         "notes": list(view.notes),
         "ask_again_after": iso(view.ask_again_after),
         "kiosk": None if view.kiosk_idle_minutes is None else {
@@ -239,6 +243,10 @@ def decision_json(d: Decision, view: ClientView) -> dict[str, Any]:
             "since": iso(c.made_at) if c else None, "until": iso(c.expires_at) if c else None}
 
 
+def item_json(i: Item) -> dict[str, Any]:
+    return i.as_json()
+
+
 def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
     n = c.notice
     return {
@@ -247,8 +255,14 @@ def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
         "categories": dict(c.categories), "vendors": dict(c.vendors),
         "made_at": iso(c.made_at), "expires_at": iso(c.expires_at), "active": c.active(view.now),
         "channel": c.channel, "source": c.source, "profile": c.profile, "sec_gpc": c.sec_gpc,
+        "language": c.language or None,
+        # the notice the client presented; null: none was shown (a device that named no notice, GPC)
         "notice": None if n is None else {"catalog": n.catalog, "version": n.version, "sha256": n.sha256,
                                           "language": n.language, "current": view.notice_current},
+        # exactly what the choice covers: each vendor and list, with the fingerprint of what was listed
+        "covers": [{"kind": key.partition(":")[0], "id": key.partition(":")[2], "fingerprint": fp}
+                   for key, fp in sorted((c.items or {}).items())],
+        "terms_sha256": c.terms or None,
     }
 
 
@@ -274,9 +288,10 @@ def explanation_json(x: Explanation) -> dict[str, Any]:
     reasons.extend(x.view.notes)
     c = x.view.choice
     if c is not None:
-        notice = "current notice" if x.view.notice_current else "an older notice"
+        notice = ("no notice shown" if c.notice is None else
+                  "the notice in force" if x.view.notice_current else f"notice {c.notice.version}")
         reasons.append(f"choice #{c.id} by {c.subject.describe()} via {c.channel}, made {iso(c.made_at)}, "
-                       f"expires {iso(c.expires_at)}, under {notice}")
+                       f"expires {iso(c.expires_at)}, {notice}, covering {len(c.items or {})} items")
     elif rule is not None and x.view.profile not in ("deny", "allow"):
         reasons.append("no choice applies to this client")
     if decision is not None:
@@ -474,7 +489,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def vendors(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]()
-    lists = [s for s in _rules(request).status() if s["kind"] == "block"] if request.app[RULES] else []
+    statuses = _rules(request).status() if request.app[RULES] else []
+    entries = {s["id"]: s["entries"] for s in statuses if s["kind"] == "block"}
     return web.json_response({
         "version": catalog.version,
         "categories": [{"id": c.id, "name": c.name, "description": c.description} for c in catalog.categories],
@@ -492,17 +508,23 @@ async def vendors(request: web.Request) -> web.Response:
             }
             for v in catalog.vendors
         ],
-        "lists": [{"id": s["id"], "name": s["name"], "category": s["category"], "entries": s["entries"]}
-                  for s in lists if s["loaded"]],
+        "lists": [{"id": v.id, "name": v.name, "category": v.category, "description": v.summary,
+                   "source": v.sources[0] if v.sources else "", "entries": entries.get(v.id, 0)}
+                  for v in catalog.listed],
     })
 
 
 async def notice(request: web.Request) -> web.Response:
-    control = request.app[CONSENT]
-    n = control.notice
+    """Everything a person is told before choosing, as hashed: a device that shows it sends back
+    `version` and its language's `sha256` with the choice (else the choice records "not shown")."""
+    shown = request.app[CONSENT].shown
     return web.json_response({
-        "catalog": control.catalog.version, "version": n.version, "default_language": n.default_language,
-        "languages": {lang: {"sha256": n.hashes[lang], "text": text} for lang, text in n.texts.items()},
+        "catalog": shown.catalog_version, "version": shown.version, "default_language": shown.default_language,
+        "operator": shown.operator.as_json() if shown.operator.named else None,
+        "languages": {lang: {"sha256": shown.hashes[lang], "terms_sha256": shown.terms[lang], "text": text}
+                      for lang, text in shown.text.texts.items()},
+        "categories": [{"id": c.id, "name": c.name, "description": c.description} for c in shown.categories],
+        "items": [item_json(i) for i in shown.items],
     })
 
 

@@ -42,7 +42,7 @@ from .gc_policy import refreeze
 from .list_sources import ListError, ListStore
 from .metrics import Sources, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
-from .notice import Notice, NoticeError, builtin_notice_text, parse_notice_text
+from .notice import Notice, NoticeError, Operator, builtin_notice_text, parse_notice_text
 from .observe_api import Observability, add_routes
 from .pairing import Pairings
 from .portal import PortalSettings, portal_url
@@ -60,6 +60,8 @@ from .workers import WorkerError, Workers
 log = logging.getLogger(__name__)
 
 RESOLV_CONF = Path("/etc/resolv.conf")
+NO_OPERATOR_WARNING = ("no operator named (portal.operator): the consent portal says that whoever runs this "
+                       "network has not given its name or a contact")
 
 
 class StartupError(Exception):
@@ -78,14 +80,18 @@ class Running:
     store: str = ""  # where consent is kept, if not in the data dir (a Redis URL without password)
     admin: HostPort | None = None  # the admin listener, if separate
     workers: int = 1  # processes answering DNS (dns.workers)
+    operator: str = ""  # who runs the network ([portal] operator); empty: the ready line warns
+
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
         processes = f", {self.workers} processes" if self.workers > 1 else ""
         store = f"; consent store {self.store}" if self.store else ""
         portal = f"; consent portal {self.portal}" if self.portal else ""
+        operator = "" if self.operator else f"; warning: {NO_OPERATOR_WARNING}"
         return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}; api http://{self.api}; "
-                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}")
+                f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}"
+                f"{operator}")
 
 
 def load_notice(cfg: Config) -> Notice:
@@ -214,9 +220,10 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         table = (JournaledTable if cfg.dns.workers > 1 else ConsentTable)(
             catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
             kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
+        operator = Operator(cfg.portal.operator, cfg.portal.contact, cfg.portal.privacy_url)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
                                   Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
-                                  (normalize_client(a) for a in cfg.identity.trusted_forwarders))
+                                  (normalize_client(a) for a in cfg.identity.trusted_forwarders), operator)
         stack.push_async_callback(consents.close)
         clients = await load_consent(consents, store, problem)
         if store.shared:
@@ -343,13 +350,16 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                                if r.method != "HEAD" and r.resource is not None}))
         running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url,
-                          store=store.name if store.shared else "", admin=admin_bound, workers=cfg.dns.workers)
+                          store=store.name if store.shared else "", admin=admin_bound, workers=cfg.dns.workers,
+                          operator=operator.name)
         log.info(config_line(cfg))
         log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
                  clients, catalog.version, len(catalog.vendors), len(catalog.rules),
                  len(catalog.lists) if catalog.lists is not None else 0)
         log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
                  ",".join(map(str, servers)), data_dir)
+        if not operator.named:
+            log.warning(NO_OPERATOR_WARNING)
         if on_ready is not None:
             on_ready(running)
         await stop.wait()

@@ -107,8 +107,8 @@ class NameMatcher(Protocol):
 class Catalog:
     """Categories, vendors, domain rules and lists; immutable once built (a reload builds a new one)."""
 
-    __slots__ = ("_by_apex", "_cloaked", "_v4", "_v6", "categories", "ip_rules", "lists", "memo", "rules",
-                 "vendors", "version")
+    __slots__ = ("_by_apex", "_cloaked", "_v4", "_v6", "categories", "ip_rules", "listed", "lists", "memo",
+                 "proven", "rules", "vendors", "version")
 
     def __init__(
         self,
@@ -117,12 +117,19 @@ class Catalog:
         vendors: tuple[Vendor, ...],
         rules: tuple[DomainRule, ...],
         lists: NameMatcher | None = None,
+        listed: tuple[Vendor, ...] = (),
+        proven: frozenset[str] = frozenset(),
     ) -> None:
         self.version = version
         self.categories = categories
         self.vendors = vendors
         self.rules = rules
         self.lists = lists
+        # The block lists in force (kind "list"): each one is an item of the notice, as a vendor is.
+        self.listed = listed
+        # Vendors defined in files whose version is part of `version`: what a choice recorded under
+        # this version can be proven to have been shown (an unversioned drop-in changes no version).
+        self.proven = proven
         self._by_apex = {r.apex: r for r in rules}
         self._cloaked: dict[DomainRule, DomainRule] = {}
         self.ip_rules = tuple(
@@ -193,7 +200,7 @@ class Catalog:
                 f"(known: {', '.join(r.pattern for r in self.rules)})"
             )
         return Catalog(self.version, self.categories, self.vendors,
-                       tuple(r for r in self.rules if r.pattern not in off), self.lists)
+                       tuple(r for r in self.rules if r.pattern not in off), self.lists, self.listed, self.proven)
 
     def without_vendors(self, vendor_ids: Iterable[str]) -> Catalog:
         """This catalog with whole vendors switched off (their domains and IP ranges resolve freely)."""
@@ -205,10 +212,11 @@ class Catalog:
                 f"(known: {', '.join(v.id for v in self.vendors)})"
             )
         return Catalog(self.version, self.categories, tuple(v for v in self.vendors if v.id not in off),
-                       tuple(r for r in self.rules if r.vendor.id not in off), self.lists)
+                       tuple(r for r in self.rules if r.vendor.id not in off), self.lists, self.listed, self.proven)
 
-    def with_lists(self, lists: NameMatcher | None) -> Catalog:
-        return Catalog(self.version, self.categories, self.vendors, self.rules, lists)
+    def with_lists(self, lists: NameMatcher | None, listed: tuple[Vendor, ...] = ()) -> Catalog:
+        """This catalog gating the names of `lists` too; `listed` are the block lists (kind "list") in it."""
+        return Catalog(self.version, self.categories, self.vendors, self.rules, lists, listed, self.proven)
 
 
 class _AddressRanges:
@@ -304,6 +312,7 @@ class _Builder:
         self.vendors: list[Vendor] = []
         self.rules: dict[bytes, DomainRule] = {}
         self.origin: dict[object, str] = {}  # category id / vendor id / rule apex -> source file
+        self.versioned: set[str] = set()  # files that carry a version (named in the catalog's version)
         self.pending: list[tuple[Vendor, str]] = []  # vendor categories are checked once all files are in
 
     def add(self, data: Mapping[str, Any], source: str, base: bool) -> None:
@@ -313,6 +322,8 @@ class _Builder:
             self.version = version
         elif version:
             self.version += f"+{source.rsplit('/', 1)[-1]}:{version}"
+        if version:
+            self.versioned.add(source)
         for i, c in enumerate(_get(data, "category", list, source, ... if base else [])):
             where = f"{source}: category[{i}]"
             c = _known_keys(c, _CATEGORY_KEYS, where)
@@ -385,7 +396,9 @@ class _Builder:
                 raise CatalogError(f"{where}.category: {vendor.category!r} is not a defined category "
                                    f"(known: {', '.join(sorted(known))})")
         _check_overlaps(self.vendors, self.origin)
-        return Catalog(self.version, tuple(self.categories), tuple(self.vendors), tuple(self.rules.values()))
+        proven = frozenset(v.id for v in self.vendors if self.origin[("vendor", v.id)] in self.versioned)
+        return Catalog(self.version, tuple(self.categories), tuple(self.vendors), tuple(self.rules.values()),
+                       proven=proven)
 
 
 def _check_overlaps(vendors: Sequence[Vendor], origin: Mapping[object, str]) -> None:

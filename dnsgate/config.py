@@ -247,6 +247,8 @@ class ListSource:
     id: str = ""
     # Shown to people (EDE text, /v1/vendors). Empty: the id.
     name: str = ""
+    # What the list blocks and why, shown on the consent portal; part of the notice (its entries are not).
+    description: str = ""
     # "block": the list's names are gated on `category`; "allow": its names are never list-gated.
     kind: Literal["block", "allow"] = "block"
     # Consent category that opens the list's names (block lists only; defined in the catalog).
@@ -346,6 +348,14 @@ class PortalConfig:
     # Web origins (scheme://host[:port], exact) whose pages may read GET /v1/consent/status
     # cross-origin (CORS, no credentials; Chrome asks the visitor for local-network permission).
     cors_origins: tuple[str, ...] = ()
+    # Who runs this network and answers for the consent recorded here (GDPR Art. 13(1)(a)): shown at
+    # the top of the portal, in GET /v1/notice and in every consent record. Empty: the portal says the
+    # operator has not given its name (and dnsgate warns at start).
+    operator: str = ""
+    # How to reach the operator: an e-mail address or a URL.
+    contact: str = ""
+    # The operator's privacy notice (http:// or https:// URL).
+    privacy_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,6 +680,12 @@ def _validate_portal(portal: PortalConfig) -> None:
     _check(portal.url == "" or (portal.url.startswith(("http://", "https://")) and portal.url.count("/") >= 2
                                 and portal.url.split("/")[2] != ""),
            f"portal.url: expected an http:// or https:// URL, got {portal.url!r}")
+    _check(portal.privacy_url == "" or portal.privacy_url.startswith(("http://", "https://")),
+           f"portal.privacy_url: expected an http:// or https:// URL, got {portal.privacy_url!r}")
+    for key, value in (("operator", portal.operator), ("contact", portal.contact),
+                       ("privacy_url", portal.privacy_url)):
+        _check(len(value) <= 300 and value.isprintable(),
+               f"portal.{key}: expected one printable line of at most 300 characters")
     for origin in portal.cors_origins:
         _check(origin.startswith(("http://", "https://")) and origin.count("/") == 2 and origin.split("/")[2] != "",
                f"portal.cors_origins: expected scheme://host[:port], got {origin!r}")

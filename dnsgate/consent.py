@@ -103,16 +103,30 @@ class NoticeRef:
     language: str
 
 
+def item_key(vendor: Vendor) -> str:
+    """How a choice names an item it covers: "vendor:<id>" or "list:<id>" (ids of the two may coincide)."""
+    return f"{vendor.kind}:{vendor.id}"
+
+
 @dataclass(frozen=True, slots=True)
 class CurrentNotice:
-    """What counts as "the notice" now: grants made under anything else stop counting."""
+    """What counts as "the notice" now (notice.NoticeInForce): a grant counts for an item only while
+    the terms it was made under (text and operator) and the item's fingerprint are unchanged."""
 
     catalog: str
     version: str
-    hashes: Mapping[str, str]  # language -> SHA-256 of the text
+    hashes: Mapping[str, str]  # language -> SHA-256 of the whole notice
+    terms: frozenset[str] = frozenset()  # SHA-256 of text + operator, one per language
+    items: Mapping[str, str] = field(default_factory=dict)  # item key -> fingerprint
 
     def covers(self, ref: NoticeRef | None) -> bool:
-        return ref is not None and ref.catalog == self.catalog and ref.sha256 in self.hashes.values()
+        """The choice was made under exactly this notice (what `notice.current` says)."""
+        return ref is not None and ref.version == self.version and ref.sha256 in self.hashes.values()
+
+    def holds(self, choice: Choice, key: str) -> bool:
+        """A grant of the item `key` by `choice` still counts: same terms, same item as shown."""
+        shown = choice.items.get(key) if choice.items is not None else None
+        return shown is not None and choice.terms in self.terms and self.items.get(key) == shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,11 +140,18 @@ class Choice:
     vendors: Mapping[str, bool]
     made_at: float
     expires_at: float
-    notice: NoticeRef | None  # None: recorded before dnsgate kept notices (migrated)
+    notice: NoticeRef | None  # the notice the client presented; None: not shown (or a choice migrated)
     channel: str
     profile: str
     sec_gpc: str | None = None
     language: str = ""
+    # item key -> fingerprint of every vendor and list the choice covers; None: recorded before
+    # choices named their items (the service migrates it at start)
+    items: Mapping[str, str] | None = None
+    terms: str = ""  # SHA-256 of the consent text and operator in force when it was made ("" : none proven)
+
+    def covers(self, vendor: Vendor) -> bool:
+        return self.items is not None and item_key(vendor) in self.items
 
     def active(self, now: float) -> bool:
         return self.expires_at > now
@@ -190,47 +211,64 @@ class Decision:
 
 
 def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
-    """Allowed or blocked, and why, for one vendor under `profile` and the choice that applies.
+    """Allowed or blocked, and why, for one vendor (or block list) under `profile` and the choice that applies.
 
-    Order: fixed profiles; a vendor-level decision (a refusal beats a category grant; a grant opens
-    only that vendor); the category decision; the profile's default. A grant made under an older
-    notice is skipped as if it did not exist; refusals always count.
+    Order: fixed profiles; an item the choice does not cover (it appeared later) is "no choice yet";
+    a vendor-level decision (a refusal beats a category grant; a grant opens only that vendor); the
+    category decision; the profile's default. A grant made under other terms, or of an item whose
+    description changed since, is skipped as if it did not exist; refusals of covered items count.
     """
     if profile == "deny":
         return Decision(False, "profile deny: trackers never resolve on this network", cause="policy")
     if profile == "allow":
         return Decision(True, "profile allow: trackers always resolve on this network")
     stale: list[str] = []
+    what = f"{'list' if vendor.kind == 'list' else 'vendor'} {vendor.id}"
     if choice is None:
         prefix = "no choice recorded; "
+    elif not choice.covers(vendor):
+        prefix = f"no choice yet for {what}: choice #{choice.id} does not cover it (it was not listed then); "
     else:
-        current = notice is not None and notice.covers(choice.notice)
-        said = choice.vendors.get(vendor.id)
+        holds = notice is not None and notice.holds(choice, item_key(vendor))
+        said = choice.vendors.get(vendor.id) if vendor.kind == "vendor" else None
         if said is False:
             if choice.gpc_opt_out(vendor):
                 return Decision(False, f"vendor {vendor.id}: opted out of sale/sharing by Global Privacy Control "
                                 f"(Sec-GPC) in choice #{choice.id}", True, "gpc")
             return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True, "refused")
         if said is True:
-            if current:
+            if holds:
                 return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}", True)
             stale.append(f"vendor {vendor.id}")
         said = choice.categories.get(vendor.category)
         if said is False:
             return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True, "refused")
         if said is True:
-            if current:
+            if holds:
                 return Decision(True, f"category {vendor.category} granted in choice #{choice.id}", True)
             stale.append(f"category {vendor.category}")
         if stale:
-            prefix = (f"the grant of {' and '.join(stale)} in choice #{choice.id} was made under an older "
-                      "notice and no longer counts; ")
+            prefix = (f"the grant of {' and '.join(stale)} in choice #{choice.id} was made under terms or a "
+                      f"description of {what} that changed since, and no longer counts; ")
         else:
             prefix = f"choice #{choice.id} does not decide vendor {vendor.id} or category {vendor.category}; "
     if profile == "opt-out":
         return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
     return Decision(False, prefix + f"profile {profile}: blocked until granted",
                     cause="stale" if stale else "undecided")
+
+
+def decide_category(category: str, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
+    """What the choice says of a category as a whole: granted (under the terms in force), refused, or
+    the profile's default. Items of the category may still differ (one added later, one changed)."""
+    if profile in ("deny", "allow"):
+        return Decision(profile == "allow", f"profile {profile}: fixed for this network", cause="policy")
+    said = choice.categories.get(category) if choice is not None else None
+    if choice is not None and said is False:
+        return Decision(False, f"category {category} refused in choice #{choice.id}", True, "refused")
+    if choice is not None and said is True and notice is not None and choice.terms in notice.terms:
+        return Decision(True, f"category {category} granted in choice #{choice.id}", True)
+    return Decision(profile == "opt-out", f"no choice in force for category {category}; profile {profile}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,7 +589,7 @@ class ConsentTable:
         return self._index.by_id.pop(choice_id, None)
 
     def _granted_categories(self, choice: Choice) -> tuple[str, ...]:
-        if self.notice is None or not self.notice.covers(choice.notice):
+        if self.notice is None or choice.items is None or choice.terms not in self.notice.terms:
             return ()
         return tuple(c for c, said in choice.categories.items() if said)
 
@@ -576,7 +614,7 @@ class ConsentTable:
         return [c for c, personal in self._candidates(address, mac, []) if personal]
 
     def grants(self, client: str) -> dict[str, Grant]:
-        """The categories granted (notice current) by the choice that applies to `client`, expired or
+        """The categories granted (terms in force) by the choice that applies to `client`, expired or
         not (readers such as the dashboard compare the expiry themselves)."""
         address, _, mac = client.partition(KEY_SEPARATOR)
         for choice, _personal in self._candidates(address, mac or self.neighbours.get(address), []):

@@ -20,7 +20,8 @@ from .store import Event
 FIELDS: Final = (
     "id", "time", "action", "address", "mac", "network", "profile", "categories", "vendors", "expires_at",
     "notice_catalog", "notice_version", "notice_sha256", "language", "channel", "user_agent", "sec_gpc",
-    "supersedes", "reason",
+    "supersedes", "reason", "notice_shown", "covers", "terms_sha256", "operator", "operator_contact",
+    "operator_privacy_url",
 )
 # A cell starting with one of these runs as a formula in a spreadsheet (OWASP "CSV injection").
 FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
@@ -56,14 +57,22 @@ def parse_time(text: str) -> float:
 
 def event_json(e: Event) -> dict[str, Any]:
     n = e.notice
+    operator = e.operator or {}
     return {
         "id": e.id, "time": iso(e.at), "action": e.action,
         "address": e.subject.address, "mac": e.subject.mac, "network": e.subject.network, "profile": e.profile,
         "categories": dict(e.categories), "vendors": dict(e.vendors), "expires_at": iso(e.expires_at),
         "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
-        "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": e.language or (n.language if n else None),
         "channel": e.channel, "user_agent": e.user_agent, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes,
         "reason": e.reason,
+        # false: the client presented no notice with the choice (the notice fields above are empty)
+        "notice_shown": n is not None,
+        # exactly what the choice covers: item ("vendor:<id>", "list:<id>") -> fingerprint of what was listed
+        "covers": None if e.items is None else dict(sorted(e.items.items())),
+        "terms_sha256": e.terms or None,
+        "operator": operator.get("name") or None, "operator_contact": operator.get("contact") or None,
+        "operator_privacy_url": operator.get("privacy_url") or None,
     }
 
 
@@ -95,6 +104,8 @@ def csv_line(e: Event) -> str:
     record = export_record(e)
     record["categories"] = defused(_decisions(e.categories))
     record["vendors"] = defused(_decisions(e.vendors))
+    record["covers"] = ";".join(f"{k}={v}" for k, v in sorted((e.items or {}).items()))
+    record["notice_shown"] = "yes" if e.notice is not None else "no"
     return _csv_row(["" if record[f] is None else str(record[f]) for f in FIELDS])
 
 

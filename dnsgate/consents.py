@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import ipaddress
 import logging
 import time
@@ -49,10 +48,11 @@ from .consent import (
     Resolution,
     Subject,
     decide,
+    decide_category,
 )
 from .consent_backend import Conflict, ConsentBackend, Snapshot, stop_if_cancelled
 from .consent_log import iso
-from .notice import Notice
+from .notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from .pairing import Offer, Pairings
 from .store import Event, EventFilter, Step, StoreError
 from .wire import name_to_wire
@@ -62,6 +62,7 @@ T = TypeVar("T")
 DAY: Final = 86_400.0
 REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after an opt-out
 RETENTION_EVERY: Final = 3600.0
+NO_OPERATOR: Final = Operator()
 PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
 
 
@@ -95,6 +96,22 @@ class ChoiceRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Basis:
+    """What a choice rests on: the notice the client presented (None: not shown), the items it
+    covers (key -> fingerprint), the terms in force (SHA-256 of text and operator), the language."""
+
+    notice: NoticeRef | None
+    items: Mapping[str, str] | None
+    terms: str
+    language: str
+
+    @classmethod
+    def of(cls, c: Choice | Event) -> Basis:
+        language = c.language if c.language else (c.notice.language if c.notice else "")
+        return cls(c.notice, None if c.items is None else dict(c.items), c.terms, language)
+
+
+@dataclass(frozen=True, slots=True)
 class ClientView:
     """A client's (or a subject's) consent as the API shows it."""
 
@@ -114,8 +131,10 @@ class ClientView:
     kiosk_idle_minutes: float | None
     kiosk_last_seen: float | None
     now: float
-    # category -> the decision for a vendor-less gate on it (what an imported block list gets)
+    # category -> what the choice says of it as a whole (granted, refused, or the profile's default)
     by_category: tuple[tuple[str, Decision], ...] = ()
+    lists: tuple[tuple[Vendor, Decision], ...] = ()  # each block list in force and its decision
+    new: tuple[Item, ...] = ()  # items in force the choice does not cover, or whose description changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +154,13 @@ class Paired:
 class ConsentService:
     def __init__(self, store: ConsentBackend, table: ConsentTable, catalog: Catalog, notice: Notice,
                  cfg: ConsentConfig, pairings: Pairings, wall: Callable[[], float] = time.time,
-                 trusted_forwarders: Iterable[str] = ()) -> None:
+                 trusted_forwarders: Iterable[str] = (), operator: Operator = NO_OPERATOR) -> None:
         self.store = store
         self.table = table
         self.catalog = catalog
         self.notice = notice
+        self.operator = operator
+        self.shown: NoticeInForce = notice_in_force(notice, operator, catalog)
         self.cfg = cfg
         self.pairings = pairings
         self.wall = wall
@@ -162,7 +183,7 @@ class ConsentService:
         # dns.workers > 1: awaited once a change is in force here, returns once every worker has it
         # too (workers.py), so that a change the API reports done holds on every process.
         self.replicated: Callable[[], Awaitable[None]] | None = None
-        table.set_notice(notice.current(catalog.version))
+        table.set_notice(self.shown.current())
 
     # -- start -----------------------------------------------------------------------------------
     async def load(self) -> int:
@@ -182,8 +203,10 @@ class ConsentService:
                 if choice.profile != profile:
                     event = Event("profile_change", now, choice.subject, profile, choice.categories,
                                   choice.vendors, choice.expires_at, choice.notice, "system", supersedes=choice.id,
-                                  reason=f"profile changed from {choice.profile} to {profile}: {why}")
+                                  reason=f"profile changed from {choice.profile} to {profile}: {why}",
+                                  items=choice.items, terms=choice.terms, language=choice.language)
                     steps.append(Step(event, sets_profile_of=choice.id))
+            steps += [self._migration_step(c, now) for c in self.table.choices() if c.items is None]
             return steps
 
         kiosks = [c.subject.address for c in self.table.choices()
@@ -243,11 +266,12 @@ class ConsentService:
         await self.store.follow(self)
 
     def use_catalog(self, catalog: Catalog) -> None:
-        """A reload swapped the catalog: its vendors are decided from now on, and its version is part
-        of the notice (a new version makes earlier grants stop counting)."""
+        """A reload swapped the catalog (or its lists): its vendors are decided from now on, and the
+        notice is built anew (a new or changed item is "no choice yet" for every earlier choice)."""
         self.catalog = catalog
+        self.shown = notice_in_force(self.notice, self.operator, catalog)
         self.table.set_vendors(catalog.vendors)
-        self.table.set_notice(self.notice.current(catalog.version))
+        self.table.set_notice(self.shown.current())
 
     # -- reading ---------------------------------------------------------------------------------
     def mac_of(self, address: str) -> str | None:
@@ -297,11 +321,16 @@ class ConsentService:
         last_seen = self.table.kiosk_seen.get(r.address) if kiosk else None
         current = notice is not None and choice is not None and notice.covers(choice.notice)
         applies = choice if choice is not None and choice.active(now) else None
-        by_category = tuple((c.id, decide(_list_gate(c.id), r.profile, applies, notice))
+        by_category = tuple((c.id, decide_category(c.id, r.profile, applies, notice))
                             for c in self.catalog.categories)
+        lists = tuple((v, decide(v, r.profile, applies, notice)) for v in self.catalog.listed)
+        new: tuple[Item, ...] = ()
+        if applies is not None and notice is not None:  # neither a grant that counts nor a refusal
+            new = tuple(i for i in self.shown.items if not notice.holds(applies, i.key)
+                        and not _refused(decide(i.vendor, "opt-in", applies, notice)))
         return ClientView(client, subject, r.address or None, r.mac, r.mac_source, r.profile, r.network,
                           r.why_profile, choice, current, r.decisions, r.notes, ask_again,
-                          self.cfg.kiosk_idle_minutes if kiosk else None, last_seen, now, by_category)
+                          self.cfg.kiosk_idle_minutes if kiosk else None, last_seen, now, by_category, lists, new)
 
     def views(self) -> list[ClientView]:
         return [self.view_subject(c.subject) for c in self.table.choices()]
@@ -345,9 +374,9 @@ class ConsentService:
             profile, why = self.profile_of(subject)
             if profile in ("deny", "allow"):
                 raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
-            notice = self._notice_ref(request)
+            basis, categories, vendors = self._covered(request)
             days = min(request.days or self._days(profile), self.cfg.max_days)
-            action = "grant" if any(request.categories.values()) or any(request.vendors.values()) else None
+            action = "grant" if any(categories.values()) or any(vendors.values()) else None
             if action is None and self.store.shared:
                 # A withdrawal reaches DNS sources paired through any instance.
                 links = await self._in_store(self.store.pairings_of(subject.key))
@@ -355,8 +384,8 @@ class ConsentService:
 
             def plan() -> list[Step]:
                 steps = self._kiosk_idle_resets(subject, caller, now)
-                main = self._choice_step(subject, action, request.categories, request.vendors, now,
-                                         now + days * DAY, notice, caller, profile, reason="")
+                main = self._choice_step(subject, action, categories, vendors, now, now + days * DAY, basis,
+                                         caller, profile, reason="")
                 steps.append(main)
                 if main.event.action == "withdrawal":
                     steps += self._withdrawals_for_paired(subject, main.event, caller)
@@ -400,8 +429,12 @@ class ConsentService:
                     return []  # an explicit grant made while sending GPC: the later, specific choice wins
                 categories = dict(own.categories) if own else {}
                 vendors = {**(own.vendors if own else {}), **{v.id: False for v in selling}}
+                # No notice was shown: the signal covers the vendors it opts out of (and keeps the rest).
+                items = {**(own.items or {} if own else {}), **{i.key: i.fingerprint for i in self.shown.items
+                                                               if i.vendor in selling}}
+                basis = Basis(None, items, own.terms if own else "", own.language if own else "")
                 return [self._choice_step(subject, "refusal", categories, vendors, now,
-                                          now + self._days("opt-out") * DAY, self._notice_ref(ChoiceRequest({})),
+                                          now + self._days("opt-out") * DAY, basis,
                                           dataclasses.replace(caller, sec_gpc="1"), "opt-out",
                                           reason="opt-out of sale/sharing signalled by Sec-GPC: 1")]
 
@@ -460,7 +493,7 @@ class ConsentService:
                                 sec_gpc=source.sec_gpc)
                 step = self._choice_step(
                     dns, "grant" if source.grants_anything else None, source.categories, source.vendors, now,
-                    source.expires_at, source.notice, caller, profile,
+                    source.expires_at, Basis.of(source), caller, profile,
                     reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}")
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
@@ -487,7 +520,7 @@ class ConsentService:
             if profile in ("deny", "allow"):
                 continue
             steps.append(self._choice_step(
-                dns, None, event.categories, event.vendors, event.at, event.expires_at or event.at, event.notice,
+                dns, None, event.categories, event.vendors, event.at, event.expires_at or event.at, Basis.of(event),
                 caller, profile, reason=f"withdrawal by paired HTTP client {subject.describe()}"))
         return steps
 
@@ -508,7 +541,8 @@ class ConsentService:
                         steps.append(Step(
                             Event("expiry", now, choice.subject, profile, choice.categories, choice.vendors,
                                   choice.expires_at, choice.notice, "system", supersedes=choice.id,
-                                  reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}"),
+                                  reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}",
+                                  items=choice.items, terms=choice.terms, language=choice.language),
                             ends=(choice.id,), only_if_current=choice.id))
                 ending = {s.event.supersedes for s in steps}
                 for key in idle_keys:
@@ -552,23 +586,81 @@ class ConsentService:
         days = {"opt-out": self.cfg.opt_out_days, "kiosk": self.cfg.kiosk_days}.get(profile, self.cfg.default_days)
         return min(days, self.cfg.max_days)
 
-    def _notice_ref(self, request: ChoiceRequest) -> NoticeRef:
-        notice = self.notice
-        language = request.language or notice.default_language
-        if language not in notice.texts:
-            raise ConsentError(400, "invalid_field", f"no notice text in language {language!r} "
-                               f"(have: {', '.join(notice.texts)})", "language")
-        sha = notice.hashes[language]
-        if request.notice_version is not None and request.notice_version != notice.version:
-            raise ConsentError(409, "notice_changed", f"the notice is now version {notice.version}, not "
+    def _notice_ref(self, request: ChoiceRequest) -> NoticeRef | None:
+        """The notice the client says it showed, checked against the one in force; None if it names none."""
+        shown = self.shown
+        language = self._language(request)
+        if request.notice_version is None and request.notice_sha256 is None:
+            return None
+        sha = shown.hashes[language]
+        if request.notice_version is not None and request.notice_version != shown.version:
+            raise ConsentError(409, "notice_changed", f"the notice is now version {shown.version}, not "
                                f"{request.notice_version!r}: show it again (GET /v1/notice)", "notice.version")
         if request.notice_sha256 is not None and request.notice_sha256.lower() != sha:
-            raise ConsentError(409, "notice_changed", f"the {language} notice text now has SHA-256 {sha}: "
+            raise ConsentError(409, "notice_changed", f"the {language} notice now has SHA-256 {sha}: "
                                "show it again (GET /v1/notice)", "notice.sha256")
-        return NoticeRef(self.catalog.version, notice.version, sha, language)
+        return NoticeRef(self.catalog.version, shown.version, sha, language)
+
+    def _language(self, request: ChoiceRequest) -> str:
+        language = request.language or self.notice.default_language
+        if language not in self.notice.texts:
+            raise ConsentError(400, "invalid_field", f"no notice text in language {language!r} "
+                               f"(have: {', '.join(self.notice.texts)})", "language")
+        return language
+
+    def _covered(self, request: ChoiceRequest) -> tuple[Basis, dict[str, bool], dict[str, bool]]:
+        """What a choice covers: the items in force of the categories it decides and the vendors it
+        names, by fingerprint. A category with nothing in it is left out: a choice decides only what
+        exists (the page listed nothing there)."""
+        notice = self._notice_ref(request)
+        language = self._language(request)
+        shown = self.shown
+        items: dict[str, str] = {}
+        categories: dict[str, bool] = {}
+        for category, said in request.categories.items():
+            found = shown.in_categories([category])
+            if found:
+                categories[category] = said
+                items.update((i.key, i.fingerprint) for i in found)
+        for vendor_id in request.vendors:
+            item = shown.item(f"vendor:{vendor_id}")
+            if item is not None:
+                items[item.key] = item.fingerprint
+        vendors = {v: said for v, said in request.vendors.items() if f"vendor:{v}" in items}
+        if not categories and not vendors and (any(request.categories.values()) or any(request.vendors.values())):
+            raise ConsentError(400, "nothing_listed", "nothing is listed in what this choice grants "
+                               f"({', '.join(c for c, said in request.categories.items() if said)}): there is "
+                               "nothing to consent to", "categories")
+        return Basis(notice, items, shown.terms[language], language), categories, vendors
+
+    def _migration_step(self, choice: Choice, now: float) -> Step:
+        """A choice recorded before choices named their items: it covers what the catalog of its notice
+        proves (the vendors of the files named in that catalog version, if that is still the version in
+        force; block lists were never part of it), under the terms it was made under (if the consent
+        text is unchanged and no operator is named, as none could be then). Anything else: nothing."""
+        n = choice.notice
+        catalog_same = n is not None and n.catalog == self.catalog.version
+        items = {} if not catalog_same else {
+            i.key: i.fingerprint for i in self.shown.items
+            if i.kind == "vendor" and i.vendor.id in self.catalog.proven
+            and (choice.categories.get(i.vendor.category) is not None or i.vendor.id in choice.vendors)}
+        language = n.language if n is not None else ""
+        text_same = (n is not None and language in self.notice.texts
+                     and n.sha256 == sha256_text(self.notice.texts[language]))
+        terms = self.shown.terms[language] if text_same and not self.operator.named else ""
+        why = (f"catalog {n.catalog} is still in force: it proves {', '.join(sorted(items)) or 'no item'}"
+               if catalog_same and n is not None else
+               f"catalog {n.catalog if n else '(none recorded)'} is not the one in force ({self.catalog.version}): "
+               "no item can be proven")
+        event = Event("migration", now, choice.subject, choice.profile, choice.categories, choice.vendors,
+                      choice.expires_at, choice.notice, "system", supersedes=choice.id, items=items, terms=terms,
+                      language=choice.language,
+                      reason=f"choice #{choice.id} recorded before choices named their items: {why}; terms "
+                             f"{'unchanged' if terms else 'not proven (text or operator changed)'}")
+        return Step(event, sets_items_of=choice.id)
 
     def _choice_step(self, subject: Subject, action: str | None, categories: Mapping[str, bool],
-                     vendors: Mapping[str, bool], now: float, expires_at: float, notice: NoticeRef | None,
+                     vendors: Mapping[str, bool], now: float, expires_at: float, basis: Basis,
                      caller: Caller, profile: Profile, reason: str) -> Step:
         """A step making a new choice for `subject`, superseding what it replaces. Without an
         action: "withdrawal" if a grant was in force, else "refusal"."""
@@ -577,15 +669,16 @@ class ConsentService:
             previous = self.table.choice_of(subject) or next(iter(superseded), None)
             granted = previous is not None and previous.active(now) and previous.grants_anything
             action = "withdrawal" if granted else "refusal"
-        event = Event(action, now, subject, profile, dict(categories), dict(vendors), expires_at, notice,
+        event = Event(action, now, subject, profile, dict(categories), dict(vendors), expires_at, basis.notice,
                       caller.channel, caller.user_agent, caller.sec_gpc,
-                      supersedes=superseded[0].id if superseded else None, reason=reason)
+                      supersedes=superseded[0].id if superseded else None, reason=reason,
+                      items=basis.items, terms=basis.terms, language=basis.language)
         return Step(event, makes_choice=True, ends=tuple(c.id for c in superseded))
 
     def _reset_step(self, choice: Choice, now: float, profile: Profile, caller: Caller, reason: str) -> Step:
         event = Event("reset", now, choice.subject, profile, choice.categories, choice.vendors, choice.expires_at,
                       choice.notice, caller.channel, caller.user_agent, caller.sec_gpc, supersedes=choice.id,
-                      reason=reason)
+                      reason=reason, items=choice.items, terms=choice.terms, language=choice.language)
         return Step(event, ends=(choice.id,), only_if_current=choice.id)
 
     def _kiosk_idle_resets(self, subject: Subject, caller: Caller, now: float) -> list[Step]:
@@ -614,9 +707,11 @@ class ConsentService:
 
         A shared store refuses a plan made before another instance's change (`Conflict`): catch up
         with that change and plan again, so that what a change supersedes is always what is in force."""
+        operator = self.operator.as_json()
         for _ in range(PLAN_ATTEMPTS):
             based_on = self.store.position
-            steps = plan()
+            # Every record names who ran the network when it was made.
+            steps = [dataclasses.replace(s, event=dataclasses.replace(s.event, operator=operator)) for s in plan()]
             if not steps:
                 return 0
             try:
@@ -673,6 +768,11 @@ class ConsentService:
             changed = self.table.find(step.sets_profile_of)
             if changed is not None:
                 self.table.put(dataclasses.replace(changed, profile=step.event.profile))
+        if step.sets_items_of is not None:
+            changed = self.table.find(step.sets_items_of)
+            if changed is not None:
+                items = None if step.event.items is None else dict(step.event.items)
+                self.table.put(dataclasses.replace(changed, items=items, terms=step.event.terms))
         if step.pairing is not None:
             http, dns = step.pairing
             self.paired.setdefault(http, {})[dns] = step.event.at
@@ -712,12 +812,8 @@ class ConsentService:
         await self.store.close()
 
 
-@functools.cache
-def _list_gate(category: str) -> Vendor:
-    """A stand-in for any imported list gated on `category` (lists are decided by category alone)."""
-    return Vendor(id=f"list:{category}", name=category, category=category, tcf_purposes=(), summary="",
-                  recipients="", privacy_policy="", data_collected=(), cookies=(), sources=(),
-                  ccpa_sale_or_share=False, kind="list")
+def _refused(d: Decision) -> bool:
+    return d.by_choice and not d.allowed
 
 
 def _in_network(subject: Subject, network: IPNetwork) -> bool:
@@ -732,7 +828,7 @@ def _in_network(subject: Subject, network: IPNetwork) -> bool:
 
 
 PAST: Final = {"grant": "granted", "refusal": "refused", "withdrawal": "withdrawn", "expiry": "expired",
-               "reset": "reset", "profile_change": "profile changed"}
+               "reset": "reset", "profile_change": "profile changed", "migration": "migrated"}
 
 
 def log_event(e: Event) -> None:

@@ -1,19 +1,28 @@
-"""The consent notice: the text a person is shown before choosing, its version and its SHA-256.
+"""The consent notice: everything a person is told before choosing, its version and its SHA-256.
 
-Proof of consent (GDPR Art. 7(1)) needs to show what the person saw; each choice records the
-catalog version, this notice's version and the hash of the text in the language shown. Pure:
-parsing takes text, never files.
+Proof of consent (GDPR Art. 7(1)) needs to show what the person saw. The notice in force
+(`NoticeInForce`) is the consent text (notice.toml, per language), the operator who runs the network
+(Art. 13(1)(a)), the categories, and every item a choice can cover: each catalog vendor and each
+block list, by id and a fingerprint of what the page shows about it (its description, not a list's
+entries). Any change to any of these gives a new version and new hashes. A choice records the
+items it covered with their fingerprints, and the "terms" (text and operator) it was made under;
+a grant counts for an item only while both are unchanged. Pure: parsing takes text, never files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
-from .consent import CurrentNotice
+from .catalog import Catalog, Category, Vendor
+from .consent import CurrentNotice, item_key
+
+FINGERPRINT_DIGITS = 16  # of the SHA-256: plenty to tell two descriptions apart, short in every record
 
 
 class NoticeError(ValueError):
@@ -22,20 +31,139 @@ class NoticeError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Notice:
+    """The consent text (notice.toml): its own version and the text per language."""
+
     version: str
     default_language: str
     texts: Mapping[str, str]  # language -> text
-    hashes: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the text, hashed once
+    hashes: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the text alone, hashed once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hashes", {lang: sha256_text(text) for lang, text in self.texts.items()})
 
-    def current(self, catalog_version: str) -> CurrentNotice:
-        return CurrentNotice(catalog_version, self.version, self.hashes)
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """Who runs the network and answers for the consent recorded ([portal] operator, contact, privacy_url)."""
+
+    name: str = ""
+    contact: str = ""
+    privacy_url: str = ""
+
+    @property
+    def named(self) -> bool:
+        return bool(self.name)
+
+    def as_json(self) -> dict[str, str]:
+        return {"name": self.name, "contact": self.contact, "privacy_url": self.privacy_url}
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One thing a choice can cover: a catalog vendor or a block list."""
+
+    key: str  # "vendor:<id>" or "list:<id>"
+    vendor: Vendor
+    fingerprint: str
+
+    @property
+    def kind(self) -> str:
+        return self.vendor.kind
+
+    def as_json(self) -> dict[str, Any]:
+        v = self.vendor
+        return {"kind": v.kind, "id": v.id, "name": v.name, "category": v.category, "fingerprint": self.fingerprint}
+
+
+def fingerprint(vendor: Vendor, category: Category | None) -> str:
+    """What the page shows about an item, hashed: who it is, its category, what it does and collects,
+    who receives the data. Not its domain names or a list's entries (a refresh of the same list for
+    the same purpose is the same item), but a list's source (another URL may be another list)."""
+    shown: dict[str, Any] = {
+        "kind": vendor.kind, "id": vendor.id, "name": vendor.name, "category": vendor.category,
+        "category_name": category.name if category else "",
+        "category_description": category.description if category else "",
+        "summary": vendor.summary, "purposes": list(vendor.tcf_purposes), "data": list(vendor.data_collected),
+        "cookies": [[c.name, c.duration, c.purpose] for c in vendor.cookies], "recipients": vendor.recipients,
+        "privacy_policy": vendor.privacy_policy, "sale_or_share": vendor.ccpa_sale_or_share,
+    }
+    if vendor.kind == "list":
+        shown["source"] = list(vendor.sources)
+    return _sha256(shown)[:FINGERPRINT_DIGITS]
+
+
+def items_of(catalog: Catalog) -> tuple[Item, ...]:
+    """Every item of the catalog in force: its vendors, then its block lists."""
+    categories = {c.id: c for c in catalog.categories}
+    return tuple(Item(item_key(v), v, fingerprint(v, categories.get(v.category)))
+                 for v in (*catalog.vendors, *catalog.listed))
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeInForce:
+    """The whole notice as shown now: text, operator, categories and items, with its version and hashes."""
+
+    text: Notice
+    operator: Operator
+    catalog_version: str
+    categories: tuple[Category, ...]
+    items: tuple[Item, ...]
+    version: str = field(init=False)  # the text's version + a digest of everything
+    hashes: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the notice in that language
+    terms: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the text and the operator
+
+    def __post_init__(self) -> None:
+        everything = {"text_version": self.text.version, "texts": dict(self.text.texts),
+                      **self._common()}
+        version = f"{self.text.version}+{_sha256(everything)[:12]}"
+        object.__setattr__(self, "version", version)
+        object.__setattr__(self, "terms", {lang: terms_sha256(text, self.operator)
+                                           for lang, text in self.text.texts.items()})
+        object.__setattr__(self, "hashes", {
+            lang: _sha256({"version": version, "language": lang, "text": text, **self._common()})
+            for lang, text in self.text.texts.items()})
+
+    def _common(self) -> dict[str, Any]:
+        return {"operator": self.operator.as_json(), "catalog": self.catalog_version,
+                "categories": [[c.id, c.name, c.description] for c in self.categories],
+                "items": [[i.key, i.fingerprint] for i in self.items]}
+
+    @property
+    def default_language(self) -> str:
+        return self.text.default_language
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.text.texts)
+
+    def current(self) -> CurrentNotice:
+        return CurrentNotice(self.catalog_version, self.version, dict(self.hashes), frozenset(self.terms.values()),
+                             {i.key: i.fingerprint for i in self.items})
+
+    def in_categories(self, categories: Iterable[str]) -> list[Item]:
+        wanted = set(categories)
+        return [i for i in self.items if i.vendor.category in wanted]
+
+    def item(self, key: str) -> Item | None:
+        return next((i for i in self.items if i.key == key), None)
+
+
+def notice_in_force(text: Notice, operator: Operator, catalog: Catalog) -> NoticeInForce:
+    return NoticeInForce(text, operator, catalog.version, catalog.categories, items_of(catalog))
+
+
+def terms_sha256(text: str, operator: Operator) -> str:
+    """The terms a grant rests on: the consent text shown and the operator named."""
+    return _sha256({"text": text, "operator": operator.as_json()})
 
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sha256(value: Any) -> str:
+    """SHA-256 of canonical JSON (sorted keys, no spaces, UTF-8): the same value always hashes the same."""
+    return sha256_text(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
 
 
 def parse_notice_text(text: str, source: str = "notice") -> Notice:

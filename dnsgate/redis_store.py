@@ -3,7 +3,7 @@
 Keys, under `storage.redis_prefix` ("dnsgate:"):
 - `log`: the consent log, an append-only Stream. Entry id `<event id>-0`; fields: the event's
   columns exactly as SQLite keeps them (`store.EVENT_COLUMNS`), plus `x`: what the event did to
-  the choices in force (JSON: `ends`, `choice`, `profile_of`, `pairing`, `origin`), so that
+  the choices in force (JSON: `ends`, `choice`, `profile_of`, `items_of`, `pairing`, `origin`), so that
   other instances can apply it. Entries are never changed; retention trims the oldest ones only.
 - `seq`: the last event id.
 - `choice:<id>`: a choice in force, a hash of its columns, expiring natively at the choice's expiry.
@@ -96,6 +96,10 @@ for i, s in ipairs(cjson.decode(ARGV[3])) do
     if s.profile_of then
       local key = prefix .. 'choice:' .. s.profile_of
       if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'profile', s.profile) end
+    end
+    if s.items_of then
+      local key = prefix .. 'choice:' .. s.items_of
+      if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'items', s.items, 'terms', s.terms) end
     end
     if s.pairing then redis.call('HSET', KEYS[4], s.pairing, s.at) end
     redis.call('XADD', KEYS[2], id .. '-0', unpack(s.fields))
@@ -270,6 +274,10 @@ class RedisBackend:
         if s.sets_profile_of is not None:
             args.update(profile_of=str(s.sets_profile_of), profile=e.profile)
             effects["profile_of"] = s.sets_profile_of
+        if s.sets_items_of is not None:
+            row = event_row(e)
+            args.update(items_of=str(s.sets_items_of), items=row["items"] or "{}", terms=row["terms"] or "")
+            effects["items_of"] = s.sets_items_of
         if s.pairing is not None:
             args.update(pairing=json.dumps(list(s.pairing)), at=repr(e.at))
             effects["pairing"] = list(s.pairing)
@@ -346,7 +354,7 @@ class RedisBackend:
             pairing = effects.get("pairing")
             step = Step(event, makes_choice=bool(effects.get("choice")), ends=tuple(effects.get("ends", ())),
                         pairing=(pairing[0], pairing[1]) if pairing else None,
-                        sets_profile_of=effects.get("profile_of"))
+                        sets_profile_of=effects.get("profile_of"), sets_items_of=effects.get("items_of"))
             self._position = event_id
             sink.apply_recorded(step, event_id, effects.get("origin") == self.origin)
 

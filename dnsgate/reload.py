@@ -254,7 +254,9 @@ class Reloader:
         lists = build_lists(cfg, catalog, paths, self._cache, statuses)
         for src in cfg.lists.sources:
             statuses[src.id].loaded = src.id in paths and statuses[src.id].entries > 0
-        return catalog.with_lists(lists)
+        # The block lists in force, in configured order: each is an item of the notice.
+        listed = tuple(self._cache.rules[s].vendor for s in cfg.lists.sources if s in self._cache.rules)
+        return catalog.with_lists(lists, listed)
 
     async def _commit(self, fetched: Sequence[Fetched]) -> None:
         for f in fetched:

@@ -78,7 +78,7 @@ def _read_text(path: str, key: str) -> str:
 
 def list_rule(src: ListSource) -> DomainRule:
     """The one rule every name of a block list is gated on: a vendor-less gate on its category."""
-    vendor = Vendor(id=src.id, name=src.name or src.id, category=src.category, tcf_purposes=(), summary="",
+    vendor = Vendor(id=src.id, name=src.name or src.id, category=src.category, tcf_purposes=(), summary=src.description,
                     recipients="", privacy_policy="", data_collected=(), cookies=(),
                     sources=(src.url or src.file,), ccpa_sale_or_share=False, kind="list")
     return DomainRule(pattern=f"list {src.id}", vendor=vendor, apex=b"", subdomains_only=False, serves="",

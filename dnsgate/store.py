@@ -27,7 +27,7 @@ import sqlite_utils
 
 from .consent import Choice, NoticeRef, Subject
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
 
 EVENT_COLUMNS: Final[dict[str, type]] = {
@@ -38,13 +38,18 @@ EVENT_COLUMNS: Final[dict[str, type]] = {
     "mac": str, "network": str, "profile": str, "decisions": str, "notice_catalog": str,
     "notice_version": str, "notice_sha256": str, "language": str, "channel": str, "sec_gpc": str,
     "supersedes": int, "reason": str,
+    # version 3: the items covered (JSON: item key -> fingerprint), the terms' SHA-256, the operator (JSON)
+    "items": str, "terms": str, "operator": str,
 }
 NEW_EVENT_COLUMNS: Final = tuple(list(EVENT_COLUMNS)[8:])
 CHOICE_COLUMNS: Final[dict[str, type]] = {
     "id": int, "address": str, "mac": str, "network": str, "categories": str, "vendors": str,
     "made_at": float, "expires_at": float, "notice_catalog": str, "notice_version": str,
     "notice_sha256": str, "language": str, "channel": str, "profile": str, "sec_gpc": str,
+    # version 3
+    "items": str, "terms": str,
 }
+NEW_CHOICE_COLUMNS: Final = ("items", "terms")
 NO_UPDATE: Final = ("CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events "
                     "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only'); END")
 NO_DELETE: Final = (
@@ -63,7 +68,8 @@ class StoreError(Exception):
 class Event:
     """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""
 
-    action: str  # grant | refusal | withdrawal | expiry | reset | profile_change (issue 2: withdraw)
+    # grant | refusal | withdrawal | expiry | reset | profile_change | migration (issue 2: withdraw)
+    action: str
     at: float
     subject: Subject
     profile: str
@@ -77,6 +83,10 @@ class Event:
     supersedes: int | None = None
     reason: str = ""
     id: int | None = None
+    items: Mapping[str, str] | None = None  # the items the choice covers (key -> fingerprint)
+    terms: str = ""  # SHA-256 of the consent text and operator in force
+    language: str = ""  # of the page or notice (a notice not shown still has a page language)
+    operator: Mapping[str, str] | None = None  # who ran the network: name, contact, privacy_url
 
     @property
     def source(self) -> str:
@@ -86,7 +96,8 @@ class Event:
         assert self.expires_at is not None
         return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
                       self.notice, self.channel, self.profile, self.sec_gpc,
-                      self.notice.language if self.notice else "")
+                      self.language or (self.notice.language if self.notice else ""),
+                      None if self.items is None else dict(self.items), self.terms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,7 @@ class Step:
     only_if_current: int | None = None  # skip the step if this choice is no longer in force
     pairing: tuple[str, str] | None = None  # (HTTP subject key, DNS client key) to remember
     sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile changes
+    sets_items_of: int | None = None  # migration: the choice that now names the items it covered
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +152,13 @@ class ConsentStore:
                         events.add_column(column, EVENT_COLUMNS[column])
             self.db.execute("CREATE INDEX IF NOT EXISTS events_client ON events(client, at)")
             self.db.execute("CREATE INDEX IF NOT EXISTS events_at ON events(at)")
-            self.db.table("choices").create(CHOICE_COLUMNS, pk="id", if_not_exists=True)
+            choices = self.db.table("choices")
+            if not choices.exists():
+                choices.create(CHOICE_COLUMNS, pk="id")
+            else:  # a version 2 file: its choices name no items until the service migrates them
+                for column in NEW_CHOICE_COLUMNS:
+                    if column not in choices.columns_dict:
+                        choices.add_column(column, CHOICE_COLUMNS[column])
             self.db.table("pairings").create({"http": str, "dns": str, "at": float}, pk=("http", "dns"),
                                              if_not_exists=True)
             self.db.table("retention_runs").create(
@@ -247,6 +265,9 @@ class ConsentStore:
                                              replace=True)
         if step.sets_profile_of is not None:
             self.db.execute("UPDATE choices SET profile = ? WHERE id = ?", [e.profile, step.sets_profile_of])
+        if step.sets_items_of is not None:
+            self.db.execute("UPDATE choices SET items = ?, terms = ? WHERE id = ?",
+                            [_json_or_none(e.items), e.terms, step.sets_items_of])
         return event_id
 
     def _insert(self, table: str, row: dict[str, Any]) -> int:
@@ -365,7 +386,7 @@ class UnavailableStore(ConsentStore):
 def _event_row(e: Event) -> dict[str, Any]:
     s = e.subject
     n = e.notice
-    return {
+    row = {
         "at": e.at, "client": s.address or s.network or s.mac or "", "action": e.action,
         # issue 2 readers: the categories granted
         "categories": json.dumps([c for c, granted in e.categories.items() if granted]),
@@ -375,7 +396,20 @@ def _event_row(e: Event) -> dict[str, Any]:
         "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
         "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
         "channel": e.channel, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes, "reason": e.reason,
+        "items": _json_or_none(e.items), "terms": e.terms or None,
+        "operator": _json_or_none(e.operator),
     }
+    if e.language:
+        row["language"] = e.language
+    return row
+
+
+def _json_or_none(value: Mapping[str, str] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+
+
+def _json_map(raw: str | None) -> dict[str, str] | None:
+    return None if not raw else json.loads(raw)
 
 
 def _event(r: Mapping[str, Any]) -> Event:
@@ -395,7 +429,8 @@ def _event(r: Mapping[str, Any]) -> Event:
         categories=categories, vendors=vendors, expires_at=r["expires_at"], notice=_notice(r),
         channel=r.get("channel") or ("admin" if r["source"] == "admin" else "device"),
         user_agent=r["user_agent"] or "", sec_gpc=r.get("sec_gpc"), supersedes=r.get("supersedes"),
-        reason=r.get("reason") or "", id=r["id"],
+        reason=r.get("reason") or "", id=r["id"], items=_json_map(r.get("items")), terms=r.get("terms") or "",
+        language=r.get("language") or "", operator=_json_map(r.get("operator")),
     )
 
 
@@ -414,6 +449,7 @@ def _choice_row(c: Choice) -> dict[str, Any]:
         "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
         "notice_sha256": n.sha256 if n else None, "language": c.language or None,
         "channel": c.channel, "profile": c.profile, "sec_gpc": c.sec_gpc,
+        "items": _json_or_none(c.items), "terms": c.terms or None,
     }
 
 
@@ -423,6 +459,7 @@ def _choice(r: Mapping[str, Any]) -> Choice:
         categories=json.loads(r["categories"]), vendors=json.loads(r["vendors"] or "{}"),
         made_at=r["made_at"], expires_at=r["expires_at"], notice=_notice(r), channel=r["channel"],
         profile=r["profile"], sec_gpc=r["sec_gpc"], language=r["language"] or "",
+        items=_json_map(r.get("items")), terms=r.get("terms") or "",
     )
 
 

@@ -16,9 +16,12 @@ import dns.edns
 from dnsgate.catalog import Vendor, builtin_catalog_text, parse_catalog_text
 from dnsgate.config import Config, ConsentConfig, IdentityConfig, ProfilesConfig
 from dnsgate.consent import Choice, ConsentTable, CurrentNotice, NoticeRef, Profile, ProfileMap, Subject
+from dnsgate.notice import items_of
 
 CATALOG = parse_catalog_text(builtin_catalog_text())
-NOTICE = CurrentNotice(CATALOG.version, "test-1", {"en": "a" * 64})
+ITEMS = {i.key: i.fingerprint for i in items_of(CATALOG)}  # every item of the built-in catalog
+TERMS = "d" * 64  # the consent text and operator in force
+NOTICE = CurrentNotice(CATALOG.version, "test-1", {"en": "a" * 64}, frozenset({TERMS}), ITEMS)
 SHOWN = NoticeRef(CATALOG.version, "test-1", "a" * 64, "en")
 _ids = itertools.count(1)
 
@@ -31,10 +34,13 @@ def table(vendors: Iterable[Vendor] = CATALOG.vendors, default: Profile = "opt-i
 def choice(address: str | None = None, *, mac: str | None = None, network: str | None = None,
            categories: Mapping[str, bool] | None = None, vendors: Mapping[str, bool] | None = None,
            made_at: float = 0.0, expires_at: float = 2_000_000_000.0, notice: NoticeRef | None = SHOWN,
-           sec_gpc: str | None = None, profile: str = "opt-in") -> Choice:
+           sec_gpc: str | None = None, profile: str = "opt-in", items: Mapping[str, str] | None = ITEMS,
+           terms: str = TERMS) -> Choice:
+    """A choice covering every item of the built-in catalog under the terms in force, unless told otherwise."""
     return Choice(next(_ids), Subject(address, mac, network),
                   {"marketing": True} if categories is None else dict(categories), dict(vendors or {}),
-                  made_at, expires_at, notice, "device", profile, sec_gpc, "en")
+                  made_at, expires_at, notice, "device", profile, sec_gpc, "en",
+                  None if items is None else dict(items), terms)
 
 
 class FakeClock:

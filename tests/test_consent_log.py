@@ -48,8 +48,13 @@ async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock, neighbo
                consent_store: str) -> AsyncIterator[Gate]:
     """dnsgate with SQLite, and again with Redis: the log records and exports the same for both."""
     cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
+    cfg = replace(cfg, portal=replace(cfg.portal, **OPERATOR))
     async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
         yield g
+
+
+OPERATOR = {"operator": "Example Café GmbH", "contact": "privacy@example.test",
+            "privacy_url": "https://example.test/privacy"}
 
 
 async def export(g: Gate, query: str = "", fmt: str = "jsonl") -> str:
@@ -69,17 +74,28 @@ async def test_each_event_carries_what_a_proof_of_consent_needs(gate: Gate, cloc
     clock.advance(60)
     await gate.http("DELETE", "/v1/consent", source="127.0.0.41", headers={"User-Agent": "Firefox/140"})
     grant, withdrawal = parse_jsonl(await export(gate))
+    fingerprint = next(i["fingerprint"] for i in notice["items"] if i["id"] == "activecampaign")
     assert grant == {
         "id": grant["id"], "time": "2027-01-15T08:00:00Z", "action": "grant",
         "address": "127.0.0.41", "mac": MAC, "network": None, "profile": "opt-in",
-        "categories": {"marketing": True, "analytics": False}, "vendors": {"activecampaign": True},
+        # Analytics lists nothing here: the choice records nothing for it
+        "categories": {"marketing": True}, "vendors": {"activecampaign": True},
         "expires_at": "2027-07-14T08:00:00Z", "notice_catalog": notice["catalog"],
         "notice_version": notice["version"], "notice_sha256": sha, "language": "en", "channel": "portal",
         "user_agent": "Firefox/140", "sec_gpc": "0", "supersedes": None, "reason": "",
+        "notice_shown": True, "covers": {"vendor:activecampaign": fingerprint},
+        "terms_sha256": notice["languages"]["en"]["terms_sha256"], "operator": "Example Café GmbH",
+        "operator_contact": "privacy@example.test", "operator_privacy_url": "https://example.test/privacy",
     }
+    assert notice["operator"] == {"name": "Example Café GmbH", "contact": "privacy@example.test",
+                                  "privacy_url": "https://example.test/privacy"}
     assert withdrawal["action"] == "withdrawal" and withdrawal["supersedes"] == grant["id"]
-    assert withdrawal["categories"] == {"marketing": False, "analytics": False}
+    assert withdrawal["categories"] == {"marketing": False}
     assert withdrawal["vendors"] == {"activecampaign": False} and withdrawal["time"] == "2027-01-15T08:01:00Z"
+    # The withdrawal named no notice (a device's DELETE): the record says so rather than claim one.
+    assert withdrawal["notice_shown"] is False and withdrawal["notice_version"] is None
+    assert withdrawal["covers"] == {"vendor:activecampaign": fingerprint}
+    assert withdrawal["operator"] == "Example Café GmbH"
 
 
 async def test_export_filters_by_time_and_client_as_jsonl_and_csv(gate: Gate, clock: FakeClock) -> None:
@@ -100,7 +116,9 @@ async def test_export_filters_by_time_and_client_as_jsonl_and_csv(gate: Gate, cl
                                                            "127.0.9.0/24"}
     assert parse_jsonl(await export(gate, "&client=127.0.0.40/31")) == [everything[2]]
     rows = list(csv.DictReader(io.StringIO(await export(gate, fmt="csv"))))
-    assert len(rows) == 4 and rows[0]["categories"] == "marketing=granted;analytics=refused"
+    assert len(rows) == 4 and rows[0]["categories"] == "marketing=granted"
+    assert rows[0]["covers"].startswith("vendor:activecampaign=") and rows[0]["notice_shown"] == "no"
+    assert rows[0]["operator"] == "Example Café GmbH"
     assert rows[0]["time"] == everything[0]["time"] and rows[0]["expires_at"]
     for query, field in (("&format=xml", "format"), ("&since=yesterday", "since"), ("&client=nobody", "client")):
         status, body = await gate.http("GET", f"/v1/audit/export?{query}", admin=True)
@@ -212,7 +230,9 @@ async def test_issue2_database_is_migrated_in_place(upstream: StubUpstream, data
         log = parse_jsonl(await export(g))
         assert [(e["id"], e["action"], e["address"], e["channel"]) for e in log] == [
             (1, "grant", "127.0.0.50", "device"), (2, "withdrawal", "127.0.0.50", "device"),
-            (3, "grant", "127.0.0.51", "admin")]
+            (3, "grant", "127.0.0.51", "admin"), (4, "migration", "127.0.0.51", "system")]
+        # The choice in force names what it can be proven to cover: nothing, as it recorded no notice.
+        assert log[3]["supersedes"] == 3 and log[3]["covers"] == {} and log[3]["terms_sha256"] is None
         assert log[0]["categories"] == {"marketing": True} and log[0]["user_agent"] == "old-browser/1"
         _status, view = await g.http("GET", "/v1/clients/127.0.0.51/consent", admin=True)
         choice = view["choice"]
@@ -220,11 +240,11 @@ async def test_issue2_database_is_migrated_in_place(upstream: StubUpstream, data
         # No record of the notice it was given under: it cannot prove consent, so it does not count
         # until the person (or admin) chooses again.
         assert (await g.query("trackcmp.net", source="127.0.0.51")).rcode() == dns.rcode.NXDOMAIN
-        assert "older notice" in view["vendors"][0]["reason"]
+        assert "does not cover it" in view["vendors"][0]["reason"]
         assert (await g.http("PUT", "/v1/clients/127.0.0.51/consent", json=GRANT, admin=True))[0] == 200
         assert (await g.query("trackcmp.net", source="127.0.0.51")).rcode() == dns.rcode.NOERROR
     with sqlite3.connect(data_dir / "consent.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
         assert db.execute("SELECT name FROM sqlite_master WHERE name = 'grants'").fetchone() is None
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             db.execute("DELETE FROM events WHERE id = 1")

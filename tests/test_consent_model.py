@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+from dataclasses import replace
 
 import dns.edns
 import dns.message
@@ -46,14 +47,30 @@ def test_refusal_is_a_choice_and_blocks_on_opt_out_networks_too() -> None:
     assert decide(AC, "opt-out", None, NOTICE).allowed  # opt-out: allowed until the client opts out
 
 
-def test_grant_under_an_older_notice_no_longer_counts_but_refusals_do() -> None:
-    stale = choice("10.0.0.1", notice=OLD_NOTICE)
+def test_grant_under_other_terms_no_longer_counts_but_refusals_do() -> None:
+    stale = choice("10.0.0.1", notice=OLD_NOTICE, terms="e" * 64)
     d = decide(AC, "opt-in", stale, NOTICE)
-    assert not d.allowed and "older notice" in d.reason
-    migrated = choice("10.0.0.1", notice=None)  # issue 2's grants recorded no notice
-    assert not decide(AC, "opt-in", migrated, NOTICE).allowed
-    refused = choice("10.0.0.1", categories={"marketing": False}, notice=OLD_NOTICE)
+    assert not d.allowed and "changed since" in d.reason
+    unmigrated = choice("10.0.0.1", notice=None, items=None)  # recorded before choices named their items
+    assert not decide(AC, "opt-in", unmigrated, NOTICE).allowed
+    refused = choice("10.0.0.1", categories={"marketing": False}, notice=OLD_NOTICE, terms="e" * 64)
     assert not decide(AC, "opt-out", refused, NOTICE).allowed
+
+
+def test_a_choice_covers_exactly_its_items() -> None:
+    """A grant counts for the items it named, as they were described; anything else is no choice yet."""
+    granted = choice("10.0.0.1", categories={"marketing": True})
+    assert decide(AC, "opt-in", granted, NOTICE).allowed
+    changed = replace(NOTICE, items={**NOTICE.items, "vendor:activecampaign": "0" * 16})
+    d = decide(AC, "opt-in", granted, changed)
+    assert not d.allowed and not d.by_choice and "changed since" in d.reason
+    later = replace(AC, id="newco")  # a marketing vendor the choice never listed
+    for profile, allowed in (("opt-in", False), ("opt-out", True), ("kiosk", False)):
+        d = decide(later, profile, granted, replace(NOTICE, items={**NOTICE.items, "vendor:newco": "1" * 16}))
+        assert d.allowed is allowed and not d.by_choice and "no choice yet for vendor newco" in d.reason
+    refused = choice("10.0.0.1", categories={"marketing": False})
+    d = decide(later, "opt-out", refused, NOTICE)  # a refusal is no more general than a grant
+    assert d.allowed and not d.by_choice
 
 
 @pytest.mark.parametrize(("profile", "allowed"), [("deny", False), ("allow", True)])
@@ -142,7 +159,8 @@ def test_superseding_keeps_another_devices_choice_made_at_the_same_address() -> 
 # model holds.
 ADDRESSES = ("10.0.0.1", "10.0.0.2", "10.0.1.1")
 MACS = ("aa:aa:aa:aa:aa:01", "aa:aa:aa:aa:aa:02")
-OTHER_NOTICE = CurrentNotice(CATALOG.version, "test-2", {"en": "c" * 64})  # grants under NOTICE stop counting
+OTHER_NOTICE = CurrentNotice(CATALOG.version, "test-2", {"en": "c" * 64}, frozenset({"c" * 64}),
+                             NOTICE.items)  # other terms: grants under NOTICE stop counting
 CLIENTS = ADDRESSES + tuple(f"{a}|{m}" for a in ADDRESSES for m in MACS)
 SUBJECTS = st.one_of(
     st.builds(Subject, st.sampled_from(ADDRESSES)),

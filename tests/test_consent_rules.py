@@ -139,6 +139,7 @@ async def test_no_choice_outlives_thirteen_months(gate: Gate) -> None:
 
 async def test_a_new_notice_stops_earlier_grants_until_chosen_again(
         upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock) -> None:
+    upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
     catalog = two_vendor_catalog(tmp_path)
     base = make_config(upstream, data_dir)
     granted, refused = "127.0.0.37", OPT_OUT + "37"
@@ -159,7 +160,7 @@ async def test_a_new_notice_stops_earlier_grants_until_chosen_again(
         assert await rcode(g, refused) == dns.rcode.NXDOMAIN  # a refusal keeps counting
         status, body = await g.http("GET", "/v1/consent", source=granted)
         assert body["choice"]["notice"]["current"] is False and body["categories"] == {}
-        assert "older notice" in body["vendors"][0]["reason"]
+        assert "changed since" in body["vendors"][0]["reason"]
         status, body = await g.http("PUT", "/v1/consent", source=granted, json={**GRANT, "notice": {"sha256": old_sha}})
         assert status == 409 and body["error"]["code"] == "notice_changed" and body["error"]["field"] == "notice.sha256"
         assert await rcode(g, granted) == dns.rcode.NXDOMAIN  # the refused request changed nothing
@@ -167,8 +168,10 @@ async def test_a_new_notice_stops_earlier_grants_until_chosen_again(
         assert await rcode(g, granted) == dns.rcode.NOERROR
 
     bumped = two_vendor_catalog(tmp_path, version="2099-01-01")
+    bumped.write_text(bumped.read_text().replace('name = "ActiveCampaign"', 'name = "ActiveCampaign Inc."', 1))
     async with running_gate(consent_config(base, catalog=bumped, notice=str(reworded)), wall=clock) as g:
-        assert await rcode(g, granted) == dns.rcode.NXDOMAIN  # the catalog (the vendor facts) changed
+        assert await rcode(g, granted) == dns.rcode.NXDOMAIN  # the vendor's facts changed
+        assert await rcode(g, granted, PIXEL) == dns.rcode.NOERROR  # PixelCo's did not
 
 
 # -- withdrawal --------------------------------------------------------------------------------
@@ -283,7 +286,7 @@ async def test_deny_and_allow_networks_are_fixed(gate: Gate, source: str, allowe
     assert body["profile"]["name"] == ("allow" if allowed else "deny")
 
 
-async def test_a_reloaded_catalog_with_a_new_version_is_a_new_notice(
+async def test_a_reloaded_catalog_is_a_new_notice_and_changed_facts_ask_again(
         upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock) -> None:
     upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
     catalog = two_vendor_catalog(tmp_path)
@@ -292,13 +295,19 @@ async def test_a_reloaded_catalog_with_a_new_version_is_a_new_notice(
     async with running_gate(cfg, lambda: cfg, wall=clock) as g:
         await g.http("PUT", "/v1/consent", source=me, json=GRANT)
         assert await rcode(g, me) == dns.rcode.NOERROR
+        _, before = await g.http("GET", "/v1/notice")
         catalog.write_text(catalog.read_text().replace(
             'version = "2026-11-28"', 'version = "2026-12-24"', 1), encoding="utf-8")
         status, report = await g.http("POST", "/v1/reload", admin=True)
         assert status == 200 and report["catalog"]["version"] == "2026-12-24"
-        assert await rcode(g, me) == dns.rcode.NXDOMAIN  # the facts shown changed: choose again
         status, body = await g.http("GET", "/v1/notice")
-        assert body["catalog"] == "2026-12-24"
+        assert body["catalog"] == "2026-12-24" and body["version"] != before["version"]
+        assert await rcode(g, me) == dns.rcode.NOERROR  # a new version, but what was shown is the same
+        catalog.write_text(catalog.read_text().replace(
+            "ActiveCampaign is a CRM", "ActiveCampaign is a CRM, ad network", 1), encoding="utf-8")
+        assert (await g.http("POST", "/v1/reload", admin=True))[0] == 200
+        assert await rcode(g, me) == dns.rcode.NXDOMAIN  # the facts shown changed: choose again
+        assert await rcode(g, me, PIXEL) == dns.rcode.NOERROR  # PixelCo's did not
         assert (await g.http("PUT", "/v1/consent", source=me, json=GRANT))[0] == 200
         assert await rcode(g, me) == dns.rcode.NOERROR
         assert await rcode(g, me, PIXEL) == dns.rcode.NOERROR  # the second vendor, a new object after the reload
