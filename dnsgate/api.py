@@ -51,7 +51,7 @@ class ConsentControl(Protocol):
 
     def mac_of(self, address: str) -> str | None: ...
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView: ...
-    async def withdraw(self, subject: Subject, caller: Caller) -> ClientView: ...
+    async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView: ...
     async def honour_gpc(self, caller: Caller) -> bool: ...
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView: ...
     def offer_pairing(self, caller: Caller) -> Offer: ...
@@ -550,9 +550,14 @@ async def put_own(request: web.Request) -> web.Response:
 
 
 async def delete_own(request: web.Request) -> web.Response:
+    """Withdraw everything; an optional body names the notice the page showed (as for PUT)."""
     control = request.app[CONSENT]
+    body = await json_body(request, optional=True)
+    shown = None
+    if body:
+        shown, _ = parse_choice({**body, "categories": []}, control.catalog, request.app[SETTINGS].max_days)
     c = the_caller(request, "portal" if request.headers.get("Origin") else "device")
-    view = await control.withdraw(Subject(c.address, c.mac), c)
+    view = await control.withdraw(Subject(c.address, c.mac), c, shown)
     return _own_state(control, view, c)
 
 

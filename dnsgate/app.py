@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -331,8 +332,11 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         sampler = Sampler(sources)
         background(stack, sampler.run())
         app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
+        # The page's form token is signed with a key derived from the admin token: instances that share
+        # consent and a token accept each other's pages; the token itself cannot be learnt from it.
+        form_key = hashlib.sha256(b"dnsgate portal form\0" + token.encode()).digest()
         portal = PortalSettings(cfg.portal.host.lower(), portal_url(cfg.portal.host.lower(), cfg.portal.url, api_bound),
-                                cfg.portal.captive, frozenset(cfg.portal.cors_origins))
+                                cfg.portal.captive, frozenset(cfg.portal.cors_origins), form_key, wall)
         add_portal_routes(app, portal)
         add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
                                       watched))

@@ -400,12 +400,14 @@ class ConsentService:
                         await self._share_activity()
         return self._after(subject)
 
-    async def withdraw(self, subject: Subject, caller: Caller) -> ClientView:
-        """Withdraw everything granted, in one action: every category (and vendor) becomes refused."""
+    async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView:
+        """Withdraw everything granted, in one action: every category (and vendor) becomes refused.
+        `shown`: the notice (and language) the page showed, if it says."""
         categories = {c.id: False for c in self.catalog.categories}
         previous = self.table.choice_of(subject)
         vendors = {v: False for v in previous.vendors} if previous is not None else {}
-        return await self.choose(subject, ChoiceRequest(categories, vendors), caller)
+        base = shown if shown is not None else ChoiceRequest({})
+        return await self.choose(subject, dataclasses.replace(base, categories=categories, vendors=vendors), caller)
 
     async def honour_gpc(self, caller: Caller) -> bool:
         """`Sec-GPC: 1` from a client on an opt-out network: record an opt-out of sale/sharing,

@@ -10,15 +10,26 @@ the Private Network Access preflight. With `portal.captive`, `/captive-portal/ap
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
+from urllib.parse import urlencode
 
+import jinja2
 from aiohttp import web
 
-from .api import CATALOG, CONSENT, SETTINGS, ApiError, caller_address, decision_json
+from . import portal_page
+from .api import CATALOG, CONSENT, RULES, SETTINGS, ApiError, caller_address, decision_json, the_caller
 from .config import HostPort
+from .consent import Subject
+from .consents import ChoiceRequest, ConsentError
 from .openapi import openapi_document
+from .store import StoreError
 
 PORTAL_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "strings.json": "application/json",
                        "icon.svg": "image/svg+xml"}
@@ -32,6 +43,8 @@ class PortalSettings:
     url: str  # as people open it
     captive: bool
     cors_origins: frozenset[str]
+    form_key: bytes = b""  # signs the per-page token of the page's forms
+    wall: Callable[[], float] = time.time
 
     @property
     def csp(self) -> str:
@@ -39,7 +52,7 @@ class PortalSettings:
         # DNS source with its HTTP address; nothing else leaves the origin.
         pair = f"*.pair.{self.host}"
         return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                f"connect-src 'self' http://{pair} https://{pair}; base-uri 'none'; form-action 'none'; "
+                f"connect-src 'self' http://{pair} https://{pair}; base-uri 'none'; form-action 'self'; "
                 "frame-ancestors 'none'")
 
 
@@ -56,6 +69,7 @@ PORTAL: web.AppKey[PortalSettings] = web.AppKey("portal", PortalSettings)
 def add_routes(app: web.Application, settings: PortalSettings) -> None:
     app[PORTAL] = settings
     app.router.add_get("/", page)
+    app.router.add_post("/portal/choice", choose_by_form)
     app.router.add_get("/portal/{file}", asset)
     app.router.add_get("/v1/consent/status", status)
     app.router.add_route("OPTIONS", "/v1/consent/status", preflight)
@@ -64,17 +78,101 @@ def add_routes(app: web.Application, settings: PortalSettings) -> None:
 
 
 def _file(name: str) -> bytes:
+    if name == "strings.json":
+        return json.dumps(portal_page.strings(), ensure_ascii=False).encode()
     return resources.files("dnsgate").joinpath(f"data/portal/{name}").read_bytes()
 
 
+@functools.cache
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True)
+    return env.from_string(_file("index.html").decode("utf-8"))
+
+
 def _page_headers(settings: PortalSettings) -> dict[str, str]:
+    # same-origin: the forms' posts carry the page's Origin (no-referrer would send "null"); other
+    # sites still learn nothing of the page's address.
     return {"Content-Security-Policy": settings.csp, "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 
 
 async def page(request: web.Request) -> web.Response:
-    return web.Response(body=_file("index.html"), content_type="text/html", charset="utf-8",
-                        headers=_page_headers(request.app[PORTAL]))
+    """The portal with this device's state, in the browser's language (it works without JavaScript)."""
+    return _render(request, request.query.get("done", ""), "", 200)
+
+
+def _render(request: web.Request, done: str, error: str, status: int) -> web.Response:
+    control = request.app[CONSENT]
+    settings = request.app[PORTAL]
+    caller = the_caller(request, "portal")
+    assert caller.address is not None
+    shown = control.shown
+    language = pick(request, control)
+    rules = request.app[RULES]
+    entries = {s["id"]: s["entries"] for s in rules.status()} if rules is not None else {}
+    req = portal_page.Request(language, portal_page.form_token(settings.form_key, caller.address, settings.wall()),
+                              caller.sec_gpc, request.query.get("return_to"), request.query.get("layout", ""),
+                              done if done in portal_page.DONE else "", error, entries)
+    context = portal_page.page_context(control.view(caller.address), shown, control.catalog, req)
+    return web.Response(text=_template().render(context), status=status, content_type="text/html",
+                        charset="utf-8", headers=_page_headers(settings))
+
+
+def pick(request: web.Request, control: Any) -> str:
+    """The page's language: the browser's (Accept-Language) among those the whole page exists in."""
+    shown = control.shown
+    return portal_page.pick_language(request.headers.get("Accept-Language", ""),
+                                     portal_page.offered(shown.languages), shown.default_language)
+
+
+async def choose_by_form(request: web.Request) -> web.StreamResponse:
+    """The page's forms, for browsers without JavaScript: Accept all, Reject all, per category,
+    Withdraw, End session. The API guard's Origin check has run; the per-page token proves the post
+    comes from a page dnsgate gave this address. The choice records what the page showed."""
+    control = request.app[CONSENT]
+    settings = request.app[PORTAL]
+    form = await request.post()
+    caller = the_caller(request, "portal")
+    assert caller.address is not None
+    back = {k: str(form[k]) for k in ("return_to", "layout") if form.get(k)}
+    token = str(form.get("token", ""))
+    if not portal_page.token_valid(settings.form_key, token, caller.address, settings.wall()):
+        raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "expired"}))
+    shown = ChoiceRequest({}, notice_sha256=str(form.get("notice_sha256", "")) or None,
+                          notice_version=str(form.get("notice_version", "")) or None,
+                          language=str(form.get("language", "")) or None)
+    subject = Subject(caller.address, caller.mac)
+    action = str(form.get("action", ""))
+    before = control.view(caller.address)
+    had_grant = any(d.allowed and d.by_choice for _, d in (*before.decisions, *before.lists))
+    try:
+        if action in ("accept_all", "reject_all", "save"):
+            granted = set(map(str, form.getall("grant", [])))
+            categories = {c.id: action == "accept_all" or (action == "save" and c.id in granted)
+                          for c in control.catalog.categories}
+            view = await control.choose(subject, dataclasses.replace(shown, categories=categories), caller)
+            done = ("granted" if view.choice is not None and view.choice.grants_anything else
+                    "withdrawn" if had_grant else "refused")
+        elif action == "withdraw":
+            await control.withdraw(subject, caller, shown)
+            done = "withdrawn" if had_grant else "refused"
+        elif action == "end_session":
+            await control.end_session(subject, caller, "session ended on the portal page")
+            done = "session_ended"
+        else:
+            raise ApiError(400, "invalid_field", f"unknown action {action!r}", "action")
+    except ConsentError as exc:
+        if exc.code == "notice_changed":
+            raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None
+        return _render_after_post(request, back, exc.message, exc.status)
+    except StoreError as exc:
+        return _render_after_post(request, back, f"the consent store is unavailable ({exc}); nothing was changed", 503)
+    raise web.HTTPSeeOther("/?" + urlencode({**back, "done": done}))
+
+
+def _render_after_post(request: web.Request, back: dict[str, str], error: str, status: int) -> web.Response:
+    clone = request.clone(rel_url=request.rel_url.with_query(back))
+    return _render(clone, "", error, status)
 
 
 async def asset(request: web.Request) -> web.Response:

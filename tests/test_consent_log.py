@@ -48,7 +48,8 @@ async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock, neighbo
                consent_store: str) -> AsyncIterator[Gate]:
     """dnsgate with SQLite, and again with Redis: the log records and exports the same for both."""
     cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
-    cfg = replace(cfg, portal=replace(cfg.portal, **OPERATOR))
+    cfg = replace(cfg, portal=replace(cfg.portal, operator=OPERATOR["operator"], contact=OPERATOR["contact"],
+                                      privacy_url=OPERATOR["privacy_url"]))
     async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
         yield g
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnsgate import consent_log, events
-from dnsgate.consent import Choice, CurrentNotice, ProfileMap, Subject, decide, normalize_mac
+from dnsgate.consent import Choice, CurrentNotice, Profile, ProfileMap, Subject, decide, normalize_mac
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line, parse_time
 from dnsgate.identity import edns_identity
 from dnsgate.neighbours import parse_ip_neigh, parse_proc_arp
@@ -65,7 +65,8 @@ def test_a_choice_covers_exactly_its_items() -> None:
     d = decide(AC, "opt-in", granted, changed)
     assert not d.allowed and not d.by_choice and "changed since" in d.reason
     later = replace(AC, id="newco")  # a marketing vendor the choice never listed
-    for profile, allowed in (("opt-in", False), ("opt-out", True), ("kiosk", False)):
+    profiles: tuple[tuple[Profile, bool], ...] = (("opt-in", False), ("opt-out", True), ("kiosk", False))
+    for profile, allowed in profiles:
         d = decide(later, profile, granted, replace(NOTICE, items={**NOTICE.items, "vendor:newco": "1" * 16}))
         assert d.allowed is allowed and not d.by_choice and "no choice yet for vendor newco" in d.reason
     refused = choice("10.0.0.1", categories={"marketing": False})

@@ -184,6 +184,7 @@ def old_release_store(path: Path, rows: list[dict[str, Any]]) -> None:
        [sec_gpc] TEXT);
     PRAGMA user_version=2;
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path) as db:
         db.executescript(schema)
         for r in rows:
@@ -206,7 +207,6 @@ async def test_choices_of_the_release_before_are_migrated_to_what_their_catalog_
     hosts.write_text(f"0.0.0.0 {LISTED}\n", encoding="utf-8")
     upstream.add(LISTED, f"{LISTED}. 300 IN A {LISTED_ADDRESS}")
     cfg = with_list(consent_config(make_config(upstream, data_dir)), hosts)
-    data_dir.mkdir(parents=True, exist_ok=True)
     shown = {"version": text.version, "sha256": sha256_text(text.texts["en"])}
     old_release_store(data_dir / "consent.sqlite3", [
         # made under the catalog still in force: it proves ActiveCampaign (lists were never in it)
@@ -220,7 +220,7 @@ async def test_choices_of_the_release_before_are_migrated_to_what_their_catalog_
         assert await rcode(g, TRACKER) == dns.rcode.NOERROR
         assert await rcode(g, LISTED) == dns.rcode.NXDOMAIN
         assert await rcode(g, TRACKER, "127.0.0.92") == dns.rcode.NXDOMAIN
-        status, text_ = await g.http("GET", "/v1/audit/export?format=jsonl", admin=True)
+        _, text_ = await g.http("GET", "/v1/audit/export?format=jsonl", admin=True)
         migrations = [e for e in parse_jsonl(text_) if e["action"] == "migration"]
         assert [(e["supersedes"], list(e["covers"])) for e in migrations] == [
             (1, ["vendor:activecampaign"]), (2, [])]
@@ -230,5 +230,5 @@ async def test_choices_of_the_release_before_are_migrated_to_what_their_catalog_
         assert state["vendors"][0]["since"] == state["choice"]["made_at"]  # the original choice's time
     async with running_gate(cfg, wall=clock) as g:  # migrated once, kept: no second migration
         assert await rcode(g, TRACKER) == dns.rcode.NOERROR
-        status, text_ = await g.http("GET", "/v1/audit/export?format=jsonl", admin=True)
+        _, text_ = await g.http("GET", "/v1/audit/export?format=jsonl", admin=True)
         assert len([e for e in parse_jsonl(text_) if e["action"] == "migration"]) == 2
