@@ -555,6 +555,10 @@ async def delete_own(request: web.Request) -> web.Response:
     body = await json_body(request, optional=True)
     shown = None
     if body:
+        unknown = set(body) - {"notice", "language", "channel"}
+        if unknown:
+            field = sorted(unknown)[0]
+            raise ApiError(400, "invalid_field", f"unknown field {field!r} (a withdrawal refuses everything)", field)
         shown, _ = parse_choice({**body, "categories": []}, control.catalog, request.app[SETTINGS].max_days)
     c = the_caller(request, "portal" if request.headers.get("Origin") else "device")
     view = await control.withdraw(Subject(c.address, c.mac), c, shown)

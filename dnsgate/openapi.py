@@ -96,6 +96,9 @@ def choice_request_schema(categories: tuple[str, ...], vendors: tuple[str, ...],
             "vendors": by_vendor,
             "days": {"type": ["integer", "null"], "minimum": 1, "maximum": max_days},
             "notice": {"type": "object", "additionalProperties": False,
+                       "description": "The notice the device showed the person (GET /v1/notice: version, and "
+                                      "the sha256 of the language shown). Without it the choice is recorded "
+                                      "as made without a notice shown (notice_shown: false).",
                        "properties": {"version": {"type": "string"},
                                       "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}},
             "language": {"enum": [*languages, None]},
@@ -190,7 +193,20 @@ def paths() -> dict[str, Any]:
     client_state = ok(ref("ConsentState"), "That client's consent state")
     html = ok({"type": "string"}, "The page", "text/html")
     return {
-        "/": {"get": {"tags": ["portal"], "summary": "The consent portal page", "responses": {"200": html}}},
+        "/": {"get": {"tags": ["portal"], "summary": "The consent portal page, with the caller's state",
+                      "responses": {"200": html}},
+              "post": {
+            "tags": ["portal"], "summary": "The portal page's forms (without JavaScript)",
+            "description": "Accept all, Reject all, per category, Withdraw or End session, with the page's "
+                           "token and the notice it showed; answers 303 to the page with the outcome.",
+            "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                "type": "object", "required": ["action", "token"], "properties": {
+                    "action": {"enum": ["accept_all", "reject_all", "save", "withdraw", "end_session"]},
+                    "token": {"type": "string"}, "grant": {"type": "string"},
+                    "notice_version": {"type": "string"}, "notice_sha256": {"type": "string"},
+                    "language": {"type": "string"}, "return_to": {"type": "string"}, "layout": {"type": "string"}}}}}},
+            "responses": {"303": {"description": "Back to the page, which says what happened"},
+                          "400": BAD, "403": FORBIDDEN, "409": html, "415": UNSUPPORTED, "503": html}}},
         "/portal/{file}": {"get": {
             "tags": ["portal"], "summary": "The portal's script, style sheet, strings and icon",
             "parameters": [{"name": "file", "in": "path", "required": True,
@@ -249,7 +265,13 @@ def paths() -> dict[str, Any]:
                     "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT,
                                   "413": TOO_LARGE, "415": UNSUPPORTED}},
             "delete": {"tags": ["consent"], "summary": "Withdraw everything the caller granted",
-                       "responses": {"200": own_state, "403": FORBIDDEN, "409": CONFLICT}},
+                       "requestBody": {"required": False, **json_body({
+                           "type": "object", "additionalProperties": False,
+                           "description": "Optional: the notice the page showed, as for PUT",
+                           "properties": {k: v for k, v in choice_request_schema((), (), (), 1)["properties"].items()
+                                          if k in ("notice", "language", "channel")}})},
+                       "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT,
+                                     "415": UNSUPPORTED}},
         },
         "/v1/session/end": {"post": {
             "tags": ["consent"], "summary": "A kiosk ends its session: its choice resets",

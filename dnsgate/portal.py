@@ -35,6 +35,7 @@ PORTAL_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "stri
                        "icon.svg": "image/svg+xml"}
 CAPTIVE_JSON: Final = "application/captive+json"
 PREFLIGHT_MAX_AGE: Final = "600"
+FORM_ACTIONS: Final = ("accept_all", "reject_all", "save", "withdraw", "end_session")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ PORTAL: web.AppKey[PortalSettings] = web.AppKey("portal", PortalSettings)
 def add_routes(app: web.Application, settings: PortalSettings) -> None:
     app[PORTAL] = settings
     app.router.add_get("/", page)
-    app.router.add_post("/portal/choice", choose_by_form)
+    app.router.add_post("/", choose_by_form)
     app.router.add_get("/portal/{file}", asset)
     app.router.add_get("/v1/consent/status", status)
     app.router.add_route("OPTIONS", "/v1/consent/status", preflight)
@@ -131,7 +132,13 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
     comes from a page dnsgate gave this address. The choice records what the page showed."""
     control = request.app[CONSENT]
     settings = request.app[PORTAL]
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise ApiError(415, "unsupported_media_type", "the page's forms send application/x-www-form-urlencoded")
     form = await request.post()
+    action = str(form.get("action", ""))
+    if action not in FORM_ACTIONS or "token" not in form:
+        raise ApiError(400, "invalid_field", f"a form of the portal page: token and action (one of "
+                       f"{', '.join(FORM_ACTIONS)}) are required", "action")
     caller = the_caller(request, "portal")
     assert caller.address is not None
     back = {k: str(form[k]) for k in ("return_to", "layout") if form.get(k)}
@@ -142,7 +149,6 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
                           notice_version=str(form.get("notice_version", "")) or None,
                           language=str(form.get("language", "")) or None)
     subject = Subject(caller.address, caller.mac)
-    action = str(form.get("action", ""))
     before = control.view(caller.address)
     had_grant = any(d.allowed and d.by_choice for _, d in (*before.decisions, *before.lists))
     try:
@@ -156,11 +162,9 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
         elif action == "withdraw":
             await control.withdraw(subject, caller, shown)
             done = "withdrawn" if had_grant else "refused"
-        elif action == "end_session":
+        else:
             await control.end_session(subject, caller, "session ended on the portal page")
             done = "session_ended"
-        else:
-            raise ApiError(400, "invalid_field", f"unknown action {action!r}", "action")
     except ConsentError as exc:
         if exc.code == "notice_changed":
             raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None

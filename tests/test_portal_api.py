@@ -57,14 +57,17 @@ async def test_page_is_small_same_origin_and_has_no_inline_code(gate: Gate) -> N
     assert "unsafe" not in csp
     parser = Tags()
     parser.feed(body.decode())
-    assert ("html", {"lang": "en"}) in parser.tags
+    assert parser.tags[0][0] == "html" and parser.tags[0][1]["lang"] == "en"
     for tag, attrs in parser.tags:
         assert not any(name.startswith("on") or name == "style" for name in attrs), (tag, attrs)
         if tag == "script":
             assert attrs.get("src", "").startswith("/portal/")  # type: ignore[union-attr]
-        for name in ("src", "href"):
-            value = attrs.get(name)
-            assert value is None or value.startswith(("/", "#")), (tag, attrs)  # nothing from elsewhere
+        value = attrs.get("src")
+        assert value is None or value.startswith("/"), (tag, attrs)  # nothing loaded from elsewhere
+        value = attrs.get("href")  # links elsewhere (a vendor's privacy policy) give away nothing
+        assert value is None or value.startswith(("/", "#")) or attrs.get("rel") == "noopener noreferrer", attrs
+        if tag == "form":
+            assert attrs.get("method") == "post" and attrs.get("action") == "/"
     total = len(body)
     for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css"),
                        ("strings.json", "application/json"), ("icon.svg", "image/svg+xml")):
@@ -79,7 +82,8 @@ async def test_page_is_small_same_origin_and_has_no_inline_code(gate: Gate) -> N
 
 
 def test_every_string_the_page_uses_is_in_the_strings_file() -> None:
-    strings = json.loads((PORTAL / "strings.json").read_text())
+    strings = {p.stem: json.loads(p.read_text()) for p in (PORTAL / "lang").glob("*.json")}
+    assert {"en", "de"} <= set(strings)
     english = strings["en"]
     html = (PORTAL / "index.html").read_text()
     script = (PORTAL / "app.js").read_text()
@@ -88,6 +92,9 @@ def test_every_string_the_page_uses_is_in_the_strings_file() -> None:
     used |= {f"profile_{p}" for p in ("opt-in", "opt-out", "kiosk", "deny", "allow")}
     used |= {f"gpc_{p}" for p in ("opt-in", "opt-out", "kiosk", "deny", "allow")}
     used |= set(re.findall(r'"(summary_[a-z_]+|state_[a-z_]+|result_[a-z_]+|cookie_[a-z]+)"', script))
+    server = (PORTAL.parent.parent / "portal_page.py").read_text()  # the page as the server renders it
+    used |= set(re.findall(r'\bt\("([a-z0-9_-]+)"', html + server))
+    used |= set(re.findall(r'"((?:summary|state|result|in_force)_[a-z_]+)"', server)) - {"result_kind"}
     missing = sorted(k for k in used if k not in english)
     assert not missing, missing
     for language, table in strings.items():  # a translation names the same keys
@@ -229,3 +236,51 @@ async def test_portal_host_is_configurable(upstream: StubUpstream, data_dir: Pat
         assert status == 200 and state["pairing"]["name"].endswith(".pair.consent.home.arpa")
         _, status_body = await g.http("GET", "/v1/consent/status")
         assert status_body["portal_url"] == "https://consent.example.net/"
+
+
+async def test_the_form_needs_its_page_and_its_origin(gate: Gate) -> None:
+    """The page's forms: a post from another site is refused by the Origin check; a post without an
+    Origin (an old or text browser) needs the token of a page dnsgate gave this address."""
+    status, _, body = await fetch(gate.api_url + "/")
+    page = body.decode()
+    token = re.search(r'name="token" value="([^"]+)"', page)
+    version = re.search(r'name="notice_version" value="([^"]+)"', page)
+    sha = re.search(r'name="notice_sha256" value="([^"]+)"', page)
+    assert token and version and sha
+    form = {"action": "accept_all", "notice_version": version[1], "notice_sha256": sha[1], "language": "en"}
+
+    async def post(fields: dict[str, str], **headers: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session, session.post(
+                gate.api_url + "/", data=fields, headers=headers, allow_redirects=False) as r:
+            return r.status, r.headers.get("Location", "")
+
+    assert (await post({**form, "token": token[1]}, Origin="https://evil.example"))[0] == 403
+    for forged in ("", "1.2", token[1][:-1] + ("0" if token[1][-1] != "0" else "1")):
+        assert await post({**form, "token": forged}) == (303, "/?done=expired")
+    assert (await post(form))[0] == 400  # no token at all
+    _, state = await gate.http("GET", "/v1/consent")
+    assert state["choice"] is None  # nothing was recorded
+    status, location = await post({**form, "token": token[1], "return_to": "https://shop.example/"})
+    assert status == 303 and location == "/?return_to=https://shop.example/&done=granted"
+    _, state = await gate.http("GET", "/v1/consent")
+    assert state["choice"]["channel"] == "portal" and state["choice"]["notice"]["version"] == version[1]
+    # A page shown before the notice changed: nothing recorded, the page asks again.
+    assert (await post({**form, "token": token[1], "notice_version": "old"}))[1] == "/?done=notice_changed"
+
+
+async def test_the_operator_is_named_at_the_top(upstream: StubUpstream, data_dir: Path) -> None:
+    cfg = replace(make_config(upstream, data_dir), portal=PortalConfig(
+        operator="Café <b>Ørsted</b> & Co", contact="privacy@cafe.test", privacy_url="https://cafe.test/privacy"))
+    async with running_gate(cfg) as g:
+        _, _, body = await fetch(g.api_url + "/")
+        page = body.decode()
+        assert "Café &lt;b&gt;Ørsted&lt;/b&gt; &amp; Co" in page and "<b>Ørsted" not in page  # escaped
+        assert "privacy@cafe.test" in page and 'href="https://cafe.test/privacy"' in page
+        assert "has not given" not in page
+        assert "warning" not in g.running.ready_line()
+    async with running_gate(make_config(upstream, data_dir / "unnamed")) as g:
+        _, _, body = await fetch(g.api_url + "/")
+        assert "has not given their name or a contact" in body.decode()
+        assert "warning: no operator named (portal.operator)" in g.running.ready_line()
+        _, notice = await g.http("GET", "/v1/notice")
+        assert notice["operator"] is None

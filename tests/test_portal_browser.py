@@ -168,7 +168,7 @@ async def test_reject_all_and_choosing_per_category(browser: Browser, upstream: 
         await expect(page.get_by_label("Allow Analytics trackers on this device")).not_to_be_checked()
         assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
         _, state = await g.http("GET", "/v1/consent")
-        assert state["choice"]["categories"] == {"marketing": True, "analytics": False}
+        assert state["choice"]["categories"] == {"marketing": True}  # Analytics lists nothing: not recorded
 
         # What a person is shown about the vendor, before choosing.
         details = page.locator("article[data-vendor='activecampaign'] details")
@@ -286,3 +286,86 @@ async def test_accessibility_and_layout(browser: Browser, upstream: StubUpstream
             overflow = await page.evaluate(f"{root}.scrollWidth - {root}.clientWidth")
             assert overflow <= 0, (viewport, overflow)
             watch.check()
+
+
+async def test_without_javascript_choose_withdraw_and_see_the_state(browser: Browser, upstream: StubUpstream,
+                                                                     data_dir: Path) -> None:
+    """The page dnsgate renders, with scripts off: plain forms choose, withdraw and show the state, and
+    the device's DNS answers follow each step; the evidence is the same as the script's."""
+    async with portal(upstream, data_dir) as g:
+        context = await browser.new_context(java_script_enabled=False, viewport=DESKTOP)
+        page = await context.new_page()
+        watch = Watch(g.api_url)
+        watch.attach(page)
+        response = await page.goto(g.api_url + "/?return_to=https://shop.example/cart")
+        assert response is not None and response.ok
+        assert await page.locator("body").get_attribute("data-ready") is None  # no script ran
+        client = await seen_address(page)
+        await expect(page.locator("#operator")).to_contain_text("has not given their name")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        await expect(page.locator("#in-force")).to_have_text("No choice of yours is in force on this device yet.")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        await page.get_by_role("button", name="Accept all").click()
+        await expect(page.locator("#result")).to_contain_text("Saved")
+        await expect(page.locator("#result")).to_contain_text("ActiveCampaign")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        await expect(vendor_row(page)).to_contain_text("allowed since")
+        await expect(page.locator("#in-force")).to_contain_text("In force: your choice of")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+        await expect(page.get_by_role("link", name="Back to shop.example")).to_have_attribute(
+            "href", "https://shop.example/cart")
+
+        await page.get_by_label("Allow Marketing trackers on this device").uncheck()
+        await page.get_by_role("button", name="Save my choices").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        await expect(page.locator("#result")).to_contain_text("Withdrawn")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        await page.get_by_role("button", name="Accept all").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+        await page.get_by_role("button", name="Withdraw all consent").click()
+        await expect(page.locator("#result")).to_contain_text("Withdrawn")
+        await expect(page.locator("#result")).to_contain_text("a minute or two")
+        await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        await page.get_by_role("button", name="Reject all").click()  # nothing was allowed: no cache warning
+        await expect(page.locator("#result")).to_have_text("Saved. The trackers stay blocked on this device.")
+        await expect(page.locator("fieldset[data-category='marketing'] > p.state")).to_contain_text("blocked since")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+
+        _, notice = await g.http("GET", "/v1/notice")
+        _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1", admin=True)
+        latest = audit["events"][:5]
+        assert [e["action"] for e in latest] == ["refusal", "withdrawal", "grant", "withdrawal", "grant"]
+        assert {e["channel"] for e in latest} == {"portal"}
+        assert {(e["notice_version"], e["notice_sha256"], e["language"]) for e in latest} == {
+            (notice["version"], notice["languages"]["en"]["sha256"], "en")}
+        watch.check()
+
+
+async def test_german_end_to_end(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
+    """A browser asking for German gets the page and the notice in German, with and without scripts,
+    and the choice records the German notice it showed."""
+    async with portal(upstream, data_dir) as g:
+        _, notice = await g.http("GET", "/v1/notice")
+        for scripts in (False, True):
+            context = await browser.new_context(java_script_enabled=scripts, locale="de-DE", viewport=DESKTOP)
+            page = await context.new_page()
+            await page.goto(g.api_url + "/")
+            if scripts:
+                await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+            await expect(page.locator("html")).to_have_attribute("lang", "de")
+            await expect(page.locator("h1")).to_have_text("Tracking in diesem Netz")
+            await expect(page.locator("#notice-text")).to_contain_text("solange Sie nicht zustimmen")
+            await page.get_by_role("button", name="Alle akzeptieren").click()
+            await expect(page.locator("#result")).to_contain_text("Gespeichert")
+            await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+            _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1&limit=1", admin=True)
+            (event,) = audit["events"]
+            assert (event["language"], event["notice_sha256"]) == ("de", notice["languages"]["de"]["sha256"])
+            await page.get_by_role("button", name="Alle Zustimmungen widerrufen").click()
+            await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
+            await context.close()

@@ -1,6 +1,8 @@
-// The consent portal: a same-origin client of dnsgate's consent API (see /openapi.json).
-// Strings come from strings.json; nothing is loaded from elsewhere, and nothing from the API or the
-// URL is ever parsed as HTML (textContent only).
+// The consent portal: a same-origin client of dnsgate's consent API (see /openapi.json). The server
+// renders the same page with the device's state (it works without JavaScript); this script takes it
+// over: it re-renders from the API, submits the page's forms as JSON, and pairs DNS with HTTP.
+// Strings come from strings.json (lang/<language>.json on the server); nothing is loaded from
+// elsewhere, and nothing from the API or the URL is ever parsed as HTML (textContent only).
 "use strict";
 
 (() => {
@@ -96,10 +98,18 @@
     $("gpc").hidden = !gpc;
     if (gpc) $("gpc").textContent = `${t("gpc_sent")} ${t("gpc_" + state.profile.name)}`;
 
-    const choice = state.choice;
-    const stale = choice && choice.notice && !choice.notice.current && Object.values(choice.categories).some(Boolean);
+    const choice = state.choice && state.choice.active ? state.choice : null;
+    const terms = Object.values(notice.languages).map((l) => l.terms_sha256);
+    const grants = choice && (Object.values(choice.categories).some(Boolean) || Object.values(choice.vendors).some(Boolean));
+    const stale = grants && !terms.includes(choice.terms_sha256);
     $("stale").hidden = !stale;
     if (stale) $("stale").textContent = t("stale", { when: when(choice.made_at) });
+    const fresh = stale ? [] : state.new;
+    $("new").hidden = !fresh.length;
+    if (fresh.length) $("new").textContent = t("new_items", { what: fresh.map((i) => i.name).join(t("list_separator")) });
+    $("in-force").textContent = !choice ? t("in_force_none")
+      : t(choice.subject.network ? "in_force_network" : choice.channel === "admin" ? "in_force_admin" : "in_force",
+        { when: when(choice.made_at), until: when(choice.expires_at) });
 
     $("ask-again").hidden = !state.ask_again_after;
     if (state.ask_again_after) {
@@ -158,7 +168,7 @@
     list.replaceChildren();
     for (const category of catalog.categories) {
       const decision = state.by_category[category.id] || { allowed: false, by_choice: false };
-      const box = el("input", { type: "checkbox", id: `cat-${category.id}`, name: category.id });
+      const box = el("input", { type: "checkbox", id: `cat-${category.id}`, name: "grant", value: category.id });
       box.checked = decision.allowed;
       const vendors = catalog.vendors.filter((v) => v.category === category.id);
       const lists = catalog.lists.filter((l) => l.category === category.id);
@@ -173,13 +183,15 @@
         if (vendorDecision) fieldset.append(vendorCard(facts, vendorDecision));
       }
       if (lists.length) {
+        const listState = (l) => state.lists.find((d) => d.id === l.id) || decision;
         fieldset.append(el("h3", { text: t("lists_heading") }), el("ul", {}, ...lists.map((l) => el("li", { "data-list": l.id,
-          text: t("list_item", { name: l.name, entries: l.entries.toLocaleString(lang), state: describe(decision) }) }))));
+          "data-state": listState(l).allowed ? "allowed" : "blocked",
+          text: t("list_item", { name: l.name, entries: l.entries.toLocaleString(lang), state: describe(listState(l)) }) }))));
       }
       if (!vendors.length && !lists.length) fieldset.append(el("p", { class: "muted", text: t("no_vendors") }));
       list.append(fieldset);
     }
-    const granted = state.vendors.some((v) => v.allowed && v.by_choice)
+    const granted = [...state.vendors, ...state.lists].some((v) => v.allowed && v.by_choice)
       || Object.values(state.by_category).some((d) => d.allowed && d.by_choice);
     $("withdraw").hidden = !granted;
   }
@@ -231,6 +243,7 @@
 
   async function act(method, path, body, outcome) {
     if (busy) return;
+    const before = state;
     busy = true;
     const buttons = document.querySelectorAll("button");
     buttons.forEach((b) => b.setAttribute("aria-disabled", "true"));
@@ -238,7 +251,7 @@
     try {
       state = await api(method, path, body);
       render();
-      say(outcome(state));
+      say(outcome(state, before));
       pair(state.pairing);
     } catch (e) {
       if (e.code === "notice_changed") {
@@ -255,19 +268,26 @@
 
   function grantedOutcome(s) {
     const open = s.vendors.filter((v) => v.allowed).map((v) => v.name);
-    const lists = catalog.lists.filter((l) => (s.by_category[l.category] || {}).allowed).map((l) => l.name);
+    const lists = s.lists.filter((l) => l.allowed).map((l) => l.name);
     const what = [...open, ...lists];
     if (!what.length) return [t("result_refused")];
     return [t("result_granted", { what: what.join(t("list_separator")) }), t("result_cache")];
   }
 
-  const refusedOutcome = (s) => (s.vendors.some((v) => v.allowed) ? grantedOutcome(s) : [t("result_refused"), t("result_cache")]);
+  // Something was allowed by a choice: only then may an open page still hold a tracker's answer.
+  const hadGrant = (s) => !!s && [...s.vendors, ...s.lists].some((v) => v.allowed && v.by_choice);
 
-  function accept() {
+  const refusedOutcome = (s, before) => ([...s.vendors, ...s.lists].some((v) => v.allowed) ? grantedOutcome(s)
+    : hadGrant(before) ? [t("result_refused"), t("result_cache")] : [t("result_refused")]);
+
+  // The page's forms post to POST / without JavaScript; here they go to the JSON API.
+  function accept(event) {
+    event.preventDefault();
     act("PUT", "/v1/consent", { categories: catalog.categories.map((c) => c.id), ...shown() }, grantedOutcome);
   }
 
-  function reject() {
+  function reject(event) {
+    event.preventDefault();
     act("PUT", "/v1/consent", { categories: [], ...shown() }, refusedOutcome);
   }
 
@@ -277,11 +297,14 @@
     act("PUT", "/v1/consent", { choices, ...shown() }, grantedOutcome);
   }
 
-  function withdraw() {
-    act("DELETE", "/v1/consent", undefined, () => [t("result_withdrawn"), t("result_cache")]);
+  function withdraw(event) {
+    event.preventDefault();
+    act("DELETE", "/v1/consent", shown(), (s, before) => (hadGrant(before)
+      ? [t("result_withdrawn"), t("result_cache")] : [t("result_refused")]));
   }
 
-  function endSession() {
+  function endSession(event) {
+    event.preventDefault();
     act("POST", "/v1/session/end", undefined, () => [t("result_session_ended")]);
   }
 
@@ -295,7 +318,8 @@
 
   async function start() {
     const strings = await fetch("/portal/strings.json", { cache: "no-cache" }).then((r) => r.json());
-    const wanted = [...(navigator.languages || []), navigator.language || "", "en"].map((l) => l.toLowerCase());
+    // The server picked the page's language from Accept-Language: keep it.
+    const wanted = [document.documentElement.lang, ...(navigator.languages || []), "en"].map((l) => l.toLowerCase());
     lang = wanted.map((l) => (strings[l] ? l : l.split("-")[0])).find((l) => strings[l]) || "en";
     S = strings[lang];
     applyStrings();
