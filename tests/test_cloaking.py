@@ -125,7 +125,7 @@ def test_answers_inside_a_vendors_ip_ranges(clock: Clock, rdtype: str, record: s
 def test_a_cname_into_an_imported_list(clock: Clock) -> None:
     rule = list_rule(ListSource(id="easyprivacy", name="EasyPrivacy", category="analytics", file="/x"))
     index = build_index([(rule, parse_list([b"||stats.example.net^\n"]))], [])
-    p = with_catalog(build(clock), build(clock).catalog.with_lists(index))
+    p = with_catalog(build(clock), build(clock).catalog.with_lists(index, (rule.vendor,)))
     assert_sinkholed(answer(p, query("a.stats.example.net")), "a.stats.example.net")  # listed itself
     r = forward(p, query("stats.shop.example", use_edns=0), "stats.shop.example. 300 IN CNAME s.stats.example.net.")
     assert_sinkholed(r, "stats.shop.example")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import dns.edns
 import dns.flags
 import dns.message
@@ -14,6 +16,7 @@ from dnsgate.cache import AnswerCache, TtlPolicy
 from dnsgate.config import LocalConfig
 from dnsgate.identity import QueryIdentity
 from dnsgate.local_answers import default_table
+from dnsgate.notice import items_of
 from dnsgate.pipeline import Forward, Pipeline
 from dnsgate.sinkhole import Sinkhole
 from dnsgate.tally import LOCAL, REFUSED, STALE
@@ -83,7 +86,13 @@ def forward(p: Pipeline, q: dns.message.Message, *records: str, client: str = "1
 
 
 def grant(p: Pipeline, client: str, category: str = "marketing", expires: float = 2_000_000_000.0) -> None:
-    p.consent.put(consent_fixtures.choice(client, categories={category: True}, expires_at=expires))
+    """A choice granting `category` that covers every item of the pipeline's catalog (its vendors and
+    lists), as a page listing them would have; the table's notice lists them too."""
+    items = {i.key: i.fingerprint for i in items_of(p.catalog)}
+    notice = p.consent.notice
+    if notice is not None and any(notice.items.get(k) != v for k, v in items.items()):
+        p.consent.set_notice(dataclasses.replace(notice, items={**notice.items, **items}))
+    p.consent.put(consent_fixtures.choice(client, categories={category: True}, expires_at=expires, items=items))
 
 
 @pytest.mark.parametrize("rdtype", ["A", "AAAA", "HTTPS", "MX", "TXT", "CNAME", "ANY", "TYPE65280"])
