@@ -65,7 +65,10 @@ async def blocked_because(g: Gate, source: str, name: str = TRACKER) -> str:
 
 
 def new_catalog_version(path: Path) -> None:
-    path.write_text(path.read_text().replace('version = "', 'version = "9', 1), encoding="utf-8")
+    """A new catalog version that describes ActiveCampaign differently: its grants stop counting."""
+    text = path.read_text().replace('version = "', 'version = "9', 1)
+    path.write_text(text.replace("ActiveCampaign is a CRM", "ActiveCampaign is an ad network and a CRM", 1),
+                    encoding="utf-8")
 
 
 # -- why a name is blocked ---------------------------------------------------------------------
