@@ -145,6 +145,10 @@ def lines_of_view(view: Mapping[str, Any]) -> Iterator[str]:
             f"notice {notice['version']} (catalog {notice['catalog']}), {currency}")
         yield (f"choice #{choice['id']} by {who} via {choice['channel']}, made {choice['made_at']}, "
                f"expires {choice['expires_at']} ({state}); {notice_text}")
+        if choice.get("refusals_stand"):
+            yield "  its refusals are opt-outs: they stand until changed"
+        if choice.get("gpc_seen_at"):
+            yield f"  Global Privacy Control applies since {choice['gpc_seen_at']}"
         for scope in ("categories", "vendors"):
             if choice[scope]:
                 yield f"  {scope}: " + ", ".join(f"{k}={'granted' if v else 'refused'}"
@@ -152,7 +156,7 @@ def lines_of_view(view: Mapping[str, Any]) -> Iterator[str]:
     for note in view.get("notes", []):
         yield f"note: {note}"
     if view.get("ask_again_after"):
-        yield f"opted out: do not ask again before {view['ask_again_after']}"
+        yield f"refused: do not ask again before {view['ask_again_after']}"
     if view.get("kiosk"):
         kiosk = view["kiosk"]
         yield f"kiosk: resets after {kiosk['idle_minutes']:g} idle minutes; last seen {kiosk['last_seen']}"

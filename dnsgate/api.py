@@ -10,6 +10,7 @@ responses also carry a one-time pairing token. The app depends on the `ConsentCo
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -109,7 +110,8 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
                health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
     limiter = ChangeLimiter(settings.consent_changes_per_minute)
     app = web.Application(client_max_size=settings.max_body, middlewares=[
-        errors_as_json, store_unavailable, consent_rate_limit(limiter, is_admin), origin_guard])
+        errors_as_json, store_unavailable, consent_rate_limit(limiter, is_admin), origin_guard,
+        global_privacy_control])
     app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
     app[CATALOG] = catalog
@@ -176,6 +178,29 @@ async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+@web.middleware
+async def global_privacy_control(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`Sec-GPC: 1` on any request from a device (the portal's page and files, the status sites read,
+    whoami, the API) is its opt-out of sale/sharing on opt-out networks. A read honours it before it
+    is answered, so the answer shows it; any other request once it succeeded (a refused request
+    changes nothing); a change of the caller's own choice applies it within that choice."""
+    if sec_gpc(request) != "1" or request.remote is None:
+        return await handler(request)
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        await _honour_gpc(request)
+        return await handler(request)
+    response = await handler(request)  # raises for a refused request
+    if response.status < 400 and not (request.method in ("PUT", "DELETE") and request.path == "/v1/consent"):
+        await _honour_gpc(request)
+    return response
+
+
+async def _honour_gpc(request: web.Request) -> None:
+    # A store that fails: the opt-out holds in memory (ConsentService), the request is answered all the same.
+    with contextlib.suppress(StoreError):
+        await request.app[CONSENT].honour_gpc(the_caller(request))
+
+
 def origin_allowed(origin: str, settings: ApiSettings) -> bool:
     """dnsgate's own pages and allow-listed sites may change consent; other web pages may not.
 
@@ -210,7 +235,7 @@ def origin_allowed(origin: str, settings: ApiSettings) -> bool:
 def view_json(view: ClientView) -> dict[str, Any]:
     choice = view.choice
     granted = {}
-    if choice is not None and choice.active(view.now):
+    if choice is not None and choice.expires_at > view.now:  # its grants are in force
         granted = {c: {"granted": True, "granted_at": iso(choice.made_at), "expires_at": iso(choice.expires_at),
                        "source": choice.source} for c, d in view.by_category if d.allowed and d.by_choice}
     return {
@@ -239,8 +264,10 @@ def view_json(view: ClientView) -> dict[str, Any]:
 def decision_json(d: Decision, view: ClientView) -> dict[str, Any]:
     """Allowed or not, why, and (when a choice decided it) since and until when that holds."""
     c = view.choice if d.by_choice else None
+    # until: null for what has no end, a standing opt-out as much as a profile's default
+    until = None if c is None or (c.standing and not d.allowed) else c.expires_at
     return {"allowed": d.allowed, "reason": d.reason, "by_choice": d.by_choice,
-            "since": iso(c.made_at) if c else None, "until": iso(c.expires_at) if c else None}
+            "since": iso(c.made_at) if c else None, "until": iso(until)}
 
 
 def item_json(i: Item) -> dict[str, Any]:
@@ -254,8 +281,8 @@ def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
         "subject": {"address": c.subject.address, "mac": c.subject.mac, "network": c.subject.network},
         "categories": dict(c.categories), "vendors": dict(c.vendors),
         "made_at": iso(c.made_at), "expires_at": iso(c.expires_at), "active": c.active(view.now),
-        "channel": c.channel, "source": c.source, "profile": c.profile, "sec_gpc": c.sec_gpc,
-        "language": c.language or None,
+        "refusals_stand": c.standing, "channel": c.channel, "source": c.source, "profile": c.profile,
+        "sec_gpc": c.sec_gpc, "gpc_seen_at": iso(c.gpc_seen_at), "language": c.language or None,
         # the notice the client presented; null: none was shown (a device that named no notice, GPC)
         "notice": None if n is None else {"catalog": n.catalog, "version": n.version, "sha256": n.sha256,
                                           "language": n.language, "current": view.notice_current},
@@ -443,9 +470,9 @@ def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tu
     if not isinstance(notice, dict) or set(notice) - {"version", "sha256"}:
         raise ApiError(400, "invalid_field", 'notice must be {"version": ..., "sha256": ...}', "notice")
     version, sha = notice.get("version"), notice.get("sha256")
-    if version is not None and not isinstance(version, str):
+    if "version" in notice and not isinstance(version, str):  # (null is not a version: leave the key out)
         raise ApiError(400, "invalid_field", "notice.version must be a string", "notice.version")
-    if sha is not None and (not isinstance(sha, str) or not SHA256.fullmatch(sha)):
+    if "sha256" in notice and (not isinstance(sha, str) or not SHA256.fullmatch(sha)):
         raise ApiError(400, "invalid_field", "notice.sha256 must be 64 hex digits", "notice.sha256")
     language = body.get("language")
     if language is not None and not isinstance(language, str):
@@ -535,8 +562,6 @@ async def notice(request: web.Request) -> web.Response:
 async def get_own(request: web.Request) -> web.Response:
     control = request.app[CONSENT]
     c = the_caller(request)
-    if c.sec_gpc == "1":
-        await control.honour_gpc(c)
     assert c.address is not None
     return web.json_response({**view_json(control.view(c.address)), "sec_gpc": c.sec_gpc})
 
@@ -576,8 +601,6 @@ async def end_own_session(request: web.Request) -> web.Response:
 async def whoami(request: web.Request) -> web.Response:
     control = request.app[CONSENT]
     c = the_caller(request)
-    if c.sec_gpc == "1":
-        await control.honour_gpc(c)
     view, paired = control.whoami(c)
     dns = None
     if paired is not None:

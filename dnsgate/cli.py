@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--refuse", action="append", default=[], metavar="CATEGORY", help="a category to refuse")
     grant.add_argument("--vendor", action="append", default=[], metavar="VENDOR", help="a vendor to grant")
     grant.add_argument("--refuse-vendor", action="append", default=[], metavar="VENDOR", help="a vendor to refuse")
-    grant.add_argument("--days", type=int, help="lifetime in days (default: the profile's)")
+    grant.add_argument("--days", type=int, help="lifetime in days (default and most: the profile's)")
     withdraw = actions.add_parser("withdraw", help="withdraw a client's consent (every category refused)")
     withdraw.add_argument("client", help="IP address, MAC address or network (CIDR)")
     reset = actions.add_parser("reset", help="forget a client's choice (ends a kiosk session)")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 from .catalog import Vendor
@@ -129,10 +129,25 @@ class CurrentNotice:
         return shown is not None and choice.terms in self.terms and self.items.get(key) == shown
 
 
+UNTIL_CHANGED: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the expiry of what stands until changed
+
+
+def grants_vendor(categories: Mapping[str, bool], vendors: Mapping[str, bool], vendor: Vendor) -> bool:
+    """Whether these decisions grant `vendor`: by name, or by its category unless it is refused by name."""
+    said = vendors.get(vendor.id)
+    return said is True or (said is None and categories.get(vendor.category) is True)
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """One recorded choice; `id` is the event that recorded it. Categories and vendors map to
-    True (granted) or False (refused); anything not named is undecided."""
+    True (granted) or False (refused); anything not named is undecided.
+
+    `expires_at` ends its grants. On an opt-out network its refusals are opt-outs, which stand until
+    the person changes them (`standing`): a choice that only refuses expires UNTIL_CHANGED, and one
+    that also grants keeps its refusals in force after its grants expired (`in_force`).
+    `gpc_seen_at`: since when Global Privacy Control has applied to the subject's choices on an
+    opt-out network (its Sec-GPC: 1 opts out of sale/sharing until it grants such a vendor)."""
 
     id: int
     subject: Subject
@@ -149,12 +164,32 @@ class Choice:
     # choices named their items (the service migrates it at start)
     items: Mapping[str, str] | None = None
     terms: str = ""  # SHA-256 of the consent text and operator in force when it was made ("" : none proven)
+    gpc_seen_at: float | None = None
 
     def covers(self, vendor: Vendor) -> bool:
         return self.items is not None and item_key(vendor) in self.items
 
     def active(self, now: float) -> bool:
-        return self.expires_at > now
+        """Whether any of it is in force: its grants have not expired, or its refusals stand."""
+        return self.expires_at > now or self.standing
+
+    @property
+    def refuses_anything(self) -> bool:
+        return False in self.categories.values() or False in self.vendors.values()
+
+    @property
+    def standing(self) -> bool:
+        """Its refusals are opt-outs (made on an opt-out network): they stand until changed."""
+        return self.profile == "opt-out" and self.refuses_anything
+
+    def in_force(self, now: float) -> Choice | None:
+        """What of it applies now: all of it, its standing refusals alone once its grants expired, or nothing."""
+        if self.expires_at > now:
+            return self
+        if not self.standing:
+            return None
+        return replace(self, categories={k: v for k, v in self.categories.items() if not v},
+                       vendors={k: v for k, v in self.vendors.items() if not v}, expires_at=UNTIL_CHANGED)
 
     @property
     def source(self) -> Source:
@@ -165,8 +200,13 @@ class Choice:
         return any(self.categories.values()) or any(self.vendors.values())
 
     def gpc_opt_out(self, vendor: Vendor) -> bool:
-        """Whether this choice's refusal of `vendor` is an opt-out of sale/sharing signalled by GPC."""
-        return self.sec_gpc == "1" and vendor.ccpa_sale_or_share and self.vendors.get(vendor.id) is False
+        """Whether this choice's refusal of `vendor` is an opt-out of sale/sharing under GPC."""
+        return self.gpc_seen_at is not None and vendor.ccpa_sale_or_share and self.vendors.get(vendor.id) is False
+
+    def granted_despite_gpc(self, vendor: Vendor) -> bool:
+        """Whether it grants `vendor`, a seller, although GPC was seen before: the person's later, specific word."""
+        return (self.gpc_seen_at is not None and vendor.ccpa_sale_or_share
+                and grants_vendor(self.categories, self.vendors, vendor))
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,16 +276,18 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
                 return Decision(False, f"vendor {vendor.id}: opted out of sale/sharing by Global Privacy Control "
                                 f"(Sec-GPC) in choice #{choice.id}", True, "gpc")
             return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True, "refused")
+        despite = " after Global Privacy Control was seen (this later grant wins over it)" \
+            if choice.granted_despite_gpc(vendor) else ""
         if said is True:
             if holds:
-                return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}", True)
+                return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}{despite}", True)
             stale.append(f"vendor {vendor.id}")
         said = choice.categories.get(vendor.category)
         if said is False:
             return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True, "refused")
         if said is True:
             if holds:
-                return Decision(True, f"category {vendor.category} granted in choice #{choice.id}", True)
+                return Decision(True, f"category {vendor.category} granted in choice #{choice.id}{despite}", True)
             stale.append(f"category {vendor.category}")
         if stale:
             prefix = (f"the grant of {' and '.join(stale)} in choice #{choice.id} was made under terms or a "
@@ -341,10 +383,11 @@ class Resolution:
     profile: Profile
     network: IPNetwork | None
     why_profile: str
-    choice: Choice | None
+    choice: Choice | None  # as recorded
     notes: tuple[str, ...]
     decisions: tuple[tuple[Vendor, Decision], ...]
     until: float
+    applied: Choice | None = None  # what of `choice` is in force (Choice.in_force): the decisions' basis
 
     @property
     def allowed(self) -> frozenset[Vendor]:
@@ -445,7 +488,7 @@ class ConsentTable:
         memo = self._memo
         if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
             self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
-        state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.choice)
+        state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.applied)
         for by, key in ((self._memo_by_address, address), (self._memo_by_mac, r.mac)):
             if key is not None:
                 keys = by.get(key, ())
@@ -487,6 +530,7 @@ class ConsentTable:
             mac_source = "neighbour table" if mac else None
         notes: list[str] = []
         choice: Choice | None = None
+        applied: Choice | None = None
         until = FOREVER
         # deny/allow networks ignore choices (decide says so), but a view still shows the choice.
         for candidate, personal in self._candidates(address, mac, notes):
@@ -502,11 +546,16 @@ class ConsentTable:
                     continue
                 until = min(until, last + self.kiosk_idle)
             choice = candidate
-            until = min(until, candidate.expires_at)
+            applied = candidate.in_force(now)
+            if candidate.expires_at > now:
+                until = min(until, candidate.expires_at)  # then its grants end (and its opt-outs may stand)
+            else:
+                notes.append(f"the grants of choice #{candidate.id} expired; its refusals are opt-outs, which "
+                             "stand until changed")
             break
-        decisions = tuple((v, decide(v, profile, choice, self.notice)) for v in self.vendors)
+        decisions = tuple((v, decide(v, profile, applied, self.notice)) for v in self.vendors)
         return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
-                          tuple(notes), decisions, until)
+                          tuple(notes), decisions, until, applied)
 
     def _candidates(self, address: str, mac: str | None, notes: list[str]) -> Iterator[tuple[Choice, bool]]:
         """Choices that may apply, most specific first: the device's, the address's, the networks'."""

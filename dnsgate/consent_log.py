@@ -20,7 +20,7 @@ from .store import Event
 FIELDS: Final = (
     "id", "time", "action", "address", "mac", "network", "profile", "categories", "vendors", "expires_at",
     "notice_catalog", "notice_version", "notice_sha256", "language", "channel", "user_agent", "sec_gpc",
-    "supersedes", "reason", "notice_shown", "covers", "terms_sha256", "operator", "operator_contact",
+    "gpc_seen_at", "supersedes", "reason", "notice_shown", "covers", "terms_sha256", "operator", "operator_contact",
     "operator_privacy_url",
 )
 # A cell starting with one of these runs as a formula in a spreadsheet (OWASP "CSV injection").
@@ -64,8 +64,8 @@ def event_json(e: Event) -> dict[str, Any]:
         "categories": dict(e.categories), "vendors": dict(e.vendors), "expires_at": iso(e.expires_at),
         "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
         "notice_sha256": n.sha256 if n else None, "language": e.language or (n.language if n else None),
-        "channel": e.channel, "user_agent": e.user_agent, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes,
-        "reason": e.reason,
+        "channel": e.channel, "user_agent": e.user_agent, "sec_gpc": e.sec_gpc, "gpc_seen_at": iso(e.gpc_seen_at),
+        "supersedes": e.supersedes, "reason": e.reason,
         # false: the client presented no notice with the choice (the notice fields above are empty)
         "notice_shown": n is not None,
         # exactly what the choice covers: item ("vendor:<id>", "list:<id>") -> fingerprint of what was listed

@@ -6,9 +6,11 @@ it. One lock serializes changes: what a new choice supersedes is read and replac
 
 Rules that need time or context live here, not in the table:
 - profiles: `deny`/`allow` networks take no choices; choice lifetimes differ per profile;
+- lifetimes: a request may shorten the profile's, never lengthen it; opt-outs (refusals on an
+  `opt-out` network) stand until the person changes them;
 - GPC: on an `opt-out` network, a request with `Sec-GPC: 1` records an opt-out of every vendor that
-  sells or shares data, unless the client's current choice is an explicit grant made while
-  sending GPC (the person consented despite the signal);
+  sells or shares data, carried into the subject's later choices until one grants that vendor
+  (after the signal was seen: the later, specific word wins);
 - kiosk: a session ends by an API call or after `kiosk_idle_minutes` without DNS queries; each
   reset is recorded;
 - pairing: a DNS source resolving a token is bound to the HTTP caller's choice; a later
@@ -37,6 +39,7 @@ from .catalog import Catalog, DomainRule, Vendor
 from .config import ConsentConfig
 from .consent import (
     KEY_SEPARATOR,
+    UNTIL_CHANGED,
     Channel,
     Choice,
     ConsentTable,
@@ -49,6 +52,7 @@ from .consent import (
     Subject,
     decide,
     decide_category,
+    grants_vendor,
 )
 from .consent_backend import Conflict, ConsentBackend, Snapshot, stop_if_cancelled
 from .consent_log import iso
@@ -304,23 +308,24 @@ class ConsentService:
         now = self.wall()
         profile, why = self.profile_of(subject)
         own = self.table.choice_of(subject)
-        applies = own if own is not None and own.active(now) else None
+        applies = own.in_force(now) if own is not None else None
         decisions = tuple((v, decide(v, profile, applies, self.table.notice)) for v in self.catalog.vendors)
         network = ipaddress.ip_network(subject.network) if subject.network else None
-        r = Resolution(subject.address or "", subject.mac, None, profile, network, why, own, (), decisions, 0.0)
+        r = Resolution(subject.address or "", subject.mac, None, profile, network, why, own, (), decisions, 0.0,
+                       applies)
         return self._view(subject.key, subject, r, now)
 
     def _view(self, client: str, subject: Subject, r: Resolution, now: float) -> ClientView:
         choice = r.choice
         notice = self.table.notice
         ask_again = None
-        if (r.profile == "opt-out" and choice is not None and choice.subject.network is None
-                and any(choice.vendors.get(v.id) is False for v in self.catalog.vendors if v.ccpa_sale_or_share)):
-            ask_again = choice.made_at + REASK_AFTER
+        if choice is not None and choice.subject.network is None and choice.refuses_anything:
+            # After an opt-out, 12 months (CCPA); after a refusal elsewhere, until it expires.
+            ask_again = choice.made_at + REASK_AFTER if choice.standing else choice.expires_at
         kiosk = r.profile == "kiosk"
         last_seen = self.table.kiosk_seen.get(r.address) if kiosk else None
         current = notice is not None and choice is not None and notice.covers(choice.notice)
-        applies = choice if choice is not None and choice.active(now) else None
+        applies = choice.in_force(now) if choice is not None else None
         by_category = tuple((c.id, decide_category(c.id, r.profile, applies, notice))
                             for c in self.catalog.categories)
         lists = tuple((v, decide(v, r.profile, applies, notice)) for v in self.catalog.listed)
@@ -375,7 +380,6 @@ class ConsentService:
             if profile in ("deny", "allow"):
                 raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
             basis, categories, vendors = self._covered(request)
-            days = min(request.days or self._days(profile), self.cfg.max_days)
             action = "grant" if any(categories.values()) or any(vendors.values()) else None
             if action is None and self.store.shared:
                 # A withdrawal reaches DNS sources paired through any instance.
@@ -384,8 +388,12 @@ class ConsentService:
 
             def plan() -> list[Step]:
                 steps = self._kiosk_idle_resets(subject, caller, now)
-                main = self._choice_step(subject, action, categories, vendors, now, now + days * DAY, basis,
-                                         caller, profile, reason="")
+                opted, gpc_seen_at, gpc_note = self._under_gpc(subject, categories, vendors, caller, profile, now)
+                expires_at, days_note = self._expiry(profile, categories, opted, now, request.days)
+                reason = "; ".join(note for note in (gpc_note, days_note) if note)
+                main = self._choice_step(subject, action, categories, opted, now, expires_at,
+                                         self._covering(basis, opted), caller, profile, reason=reason,
+                                         gpc_seen_at=gpc_seen_at)
                 steps.append(main)
                 if main.event.action == "withdrawal":
                     steps += self._withdrawals_for_paired(subject, main.event, caller)
@@ -410,36 +418,43 @@ class ConsentService:
         return await self.choose(subject, dataclasses.replace(base, categories=categories, vendors=vendors), caller)
 
     async def honour_gpc(self, caller: Caller) -> bool:
-        """`Sec-GPC: 1` from a client on an opt-out network: record an opt-out of sale/sharing,
-        unless nothing is left to opt out of or the person consented explicitly despite GPC."""
+        """`Sec-GPC: 1` on a request from a client on an opt-out network: record an opt-out of
+        sale/sharing for every vendor that sells or shares data and may resolve for it, whatever else
+        its choice grants, unless the person granted that very vendor after GPC was seen (the later,
+        specific word wins). The client's other decisions stay as they were. Returns whether it recorded."""
         if caller.address is None:
             return False
         address = caller.address
-        async with self._lock:
+        subject = Subject(address, caller.mac)
+
+        def plan() -> list[Step]:
             now = self.wall()
-            subject = Subject(address, caller.mac)
+            r = self.table.resolve(address, None, now)  # the MAC, if any, from the neighbour table
+            if r.profile != "opt-out":
+                return []
+            own = r.applied if r.choice is not None and r.choice.subject.network is None else None
+            opting_out = [v for v, d in r.decisions if v.ccpa_sale_or_share and d.allowed
+                          and not (own is not None and d.by_choice and own.granted_despite_gpc(v))]
+            if not opting_out:
+                return []
+            categories = dict(own.categories) if own else {}
+            vendors = {**(own.vendors if own else {}), **{v.id: False for v in opting_out}}
+            expires_at, _ = self._expiry("opt-out", categories, vendors, now)
+            if own is not None and own.grants_anything:
+                expires_at = min(expires_at, own.expires_at)  # its grants keep their own expiry
+            gpc_seen_at = own.gpc_seen_at if own is not None and own.gpc_seen_at is not None else now
+            # No notice was shown: the signal covers the vendors it opts out of (and keeps the rest).
+            basis = self._covering(Basis(None, own.items if own else {}, own.terms if own else "",
+                                         own.language if own else ""), vendors)
+            names = ", ".join(v.id for v in opting_out)
+            return [self._choice_step(subject, "refusal", categories, vendors, now, expires_at, basis,
+                                      dataclasses.replace(caller, sec_gpc="1"), "opt-out",
+                                      reason=f"opt-out of sale/sharing ({names}) signalled by Sec-GPC: 1",
+                                      gpc_seen_at=gpc_seen_at)]
 
-            def plan() -> list[Step]:
-                r = self.table.resolve(address, None, now)  # the MAC, if any, from the neighbour table
-                if r.profile != "opt-out":
-                    return []
-                selling = [v for v in self.catalog.vendors if v.ccpa_sale_or_share]
-                if not any(d.allowed for v, d in r.decisions if v in selling):
-                    return []
-                own = r.choice if r.choice is not None and r.choice.subject.network is None else None
-                if own is not None and own.sec_gpc == "1" and own.grants_anything:
-                    return []  # an explicit grant made while sending GPC: the later, specific choice wins
-                categories = dict(own.categories) if own else {}
-                vendors = {**(own.vendors if own else {}), **{v.id: False for v in selling}}
-                # No notice was shown: the signal covers the vendors it opts out of (and keeps the rest).
-                items = {**(own.items or {} if own else {}), **{i.key: i.fingerprint for i in self.shown.items
-                                                               if i.vendor in selling}}
-                basis = Basis(None, items, own.terms if own else "", own.language if own else "")
-                return [self._choice_step(subject, "refusal", categories, vendors, now,
-                                          now + self._days("opt-out") * DAY, basis,
-                                          dataclasses.replace(caller, sec_gpc="1"), "opt-out",
-                                          reason="opt-out of sale/sharing signalled by Sec-GPC: 1")]
-
+        if not plan():  # (most requests carrying GPC have nothing left to opt out of: no lock for them)
+            return False
+        async with self._lock:
             return await self._change(plan) > 0
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
@@ -487,16 +502,19 @@ class ConsentService:
                 return
 
             def plan() -> list[Step]:
-                source = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
+                recorded = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
+                source = recorded.in_force(now) if recorded is not None else None
                 profile, _ = self.profile_of(dns)
-                if source is None or not source.active(now) or profile in ("deny", "allow"):
+                if source is None or profile in ("deny", "allow"):
                     return []
                 caller = Caller(dns.address, dns.mac, "portal" if source.channel == "portal" else "device",
                                 sec_gpc=source.sec_gpc)
+                lifetime, _ = self._expiry(profile, source.categories, source.vendors, now)
                 step = self._choice_step(
                     dns, "grant" if source.grants_anything else None, source.categories, source.vendors, now,
-                    source.expires_at, Basis.of(source), caller, profile,
-                    reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}")
+                    min(source.expires_at, lifetime), Basis.of(source), caller, profile,
+                    reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}",
+                    gpc_seen_at=source.gpc_seen_at if profile == "opt-out" else None)
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
             if not await self._change(plan):
@@ -521,9 +539,11 @@ class ConsentService:
             profile, _ = self.profile_of(dns)
             if profile in ("deny", "allow"):
                 continue
+            lifetime, _ = self._expiry(profile, event.categories, event.vendors, event.at)
             steps.append(self._choice_step(
-                dns, None, event.categories, event.vendors, event.at, event.expires_at or event.at, Basis.of(event),
-                caller, profile, reason=f"withdrawal by paired HTTP client {subject.describe()}"))
+                dns, None, event.categories, event.vendors, event.at, min(event.expires_at or event.at, lifetime),
+                Basis.of(event), caller, profile, reason=f"withdrawal by paired HTTP client {subject.describe()}",
+                gpc_seen_at=event.gpc_seen_at if profile == "opt-out" else None))
         return steps
 
     # -- sweeping --------------------------------------------------------------------------------
@@ -587,6 +607,68 @@ class ConsentService:
     def _days(self, profile: Profile) -> int:
         days = {"opt-out": self.cfg.opt_out_days, "kiosk": self.cfg.kiosk_days}.get(profile, self.cfg.default_days)
         return min(days, self.cfg.max_days)
+
+    def _expiry(self, profile: Profile, categories: Mapping[str, bool], vendors: Mapping[str, bool], now: float,
+                days: int | None = None) -> tuple[float, str]:
+        """When a choice made now on a `profile` network ends, and a note if the request asked for longer.
+
+        A request may shorten the profile's lifetime, never lengthen it. On an opt-out network a
+        choice that only refuses is an opt-out: it stands until the person changes it (one that
+        also grants keeps its refusals after its grants expire: Choice.in_force)."""
+        limit = self._days(profile)
+        grants = True in categories.values() or True in vendors.values()
+        if profile == "opt-out" and not grants and (False in categories.values() or False in vendors.values()):
+            note = "an opt-out stands until the person changes it: days does not apply" if days else ""
+            return UNTIL_CHANGED, note
+        note = ""
+        if days is not None and days > limit:
+            note = f"{days} days asked for; a choice on a {profile} network lasts at most {limit}"
+        return now + min(days or limit, limit) * DAY, note
+
+    def _under_gpc(self, subject: Subject, categories: Mapping[str, bool], vendors: Mapping[str, bool],
+                   caller: Caller, profile: Profile, now: float) -> tuple[dict[str, bool], float | None, str]:
+        """A new choice's vendor decisions under Global Privacy Control, since when GPC applies to the
+        subject, and what that did. On an opt-out network GPC applies once a request of the person
+        carried Sec-GPC: 1, this one or an earlier one whose choice this replaces; then every vendor
+        that sells or shares data and that this choice does not grant stays opted out."""
+        decided = dict(vendors)
+        if profile != "opt-out":
+            return decided, None, ""
+        previous = next(iter(self.table.superseded_by(subject)), None)
+        seen = previous.gpc_seen_at if previous is not None and previous.active(now) else None
+        if seen is None and caller.sec_gpc == "1" and caller.channel != "admin":
+            seen = now
+        if seen is None:
+            return decided, None, ""
+        opted_out: list[str] = []
+        granted: list[str] = []
+        for item in self.shown.items:
+            v = item.vendor
+            if item.kind != "vendor" or not v.ccpa_sale_or_share:
+                continue
+            if grants_vendor(categories, decided, v):
+                granted.append(v.id)
+            elif v.id not in decided:
+                decided[v.id] = False
+                opted_out.append(v.id)
+        notes = []
+        if opted_out:
+            notes.append(f"{', '.join(opted_out)} stay opted out of sale/sharing: Global Privacy Control applies "
+                         f"since {iso(seen)}")
+        if granted:
+            notes.append(f"grants {', '.join(granted)} after Global Privacy Control was seen ({iso(seen)}): "
+                         "this later, specific grant wins over the signal")
+        return decided, seen, "; ".join(notes)
+
+    def _covering(self, basis: Basis, vendors: Mapping[str, bool]) -> Basis:
+        """`basis` covering the vendors named in `vendors` too (an opt-out by GPC covers the sellers
+        it names, though no notice listed them with the choice)."""
+        items = dict(basis.items or {})
+        for vendor_id in vendors:
+            item = self.shown.item(f"vendor:{vendor_id}")
+            if item is not None:
+                items.setdefault(item.key, item.fingerprint)
+        return dataclasses.replace(basis, items=items)
 
     def _notice_ref(self, request: ChoiceRequest) -> NoticeRef | None:
         """The notice the client says it showed, checked against the one in force; None if it names none."""
@@ -663,18 +745,18 @@ class ConsentService:
 
     def _choice_step(self, subject: Subject, action: str | None, categories: Mapping[str, bool],
                      vendors: Mapping[str, bool], now: float, expires_at: float, basis: Basis,
-                     caller: Caller, profile: Profile, reason: str) -> Step:
+                     caller: Caller, profile: Profile, reason: str, gpc_seen_at: float | None = None) -> Step:
         """A step making a new choice for `subject`, superseding what it replaces. Without an
         action: "withdrawal" if a grant was in force, else "refusal"."""
         superseded = self.table.superseded_by(subject)
         if action is None:
             previous = self.table.choice_of(subject) or next(iter(superseded), None)
-            granted = previous is not None and previous.active(now) and previous.grants_anything
+            granted = previous is not None and previous.expires_at > now and previous.grants_anything
             action = "withdrawal" if granted else "refusal"
         event = Event(action, now, subject, profile, dict(categories), dict(vendors), expires_at, basis.notice,
                       caller.channel, caller.user_agent, caller.sec_gpc,
                       supersedes=superseded[0].id if superseded else None, reason=reason,
-                      items=basis.items, terms=basis.terms, language=basis.language)
+                      items=basis.items, terms=basis.terms, language=basis.language, gpc_seen_at=gpc_seen_at)
         return Step(event, makes_choice=True, ends=tuple(c.id for c in superseded))
 
     def _reset_step(self, choice: Choice, now: float, profile: Profile, caller: Caller, reason: str) -> Step:

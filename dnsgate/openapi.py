@@ -119,9 +119,9 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
         "id": {"type": "integer"},
         "subject": obj({"address": NULLABLE_STRING, "mac": NULLABLE_STRING, "network": NULLABLE_STRING}),
         "categories": mapping({"type": "boolean"}), "vendors": mapping({"type": "boolean"}),
-        "made_at": TIME, "expires_at": TIME, "active": {"type": "boolean"},
+        "made_at": TIME, "expires_at": TIME, "active": {"type": "boolean"}, "refusals_stand": {"type": "boolean"},
         "channel": {"type": "string"}, "source": {"type": "string", "enum": ["self", "admin"]},
-        "profile": {"type": "string"}, "sec_gpc": NULLABLE_STRING,
+        "profile": {"type": "string"}, "sec_gpc": NULLABLE_STRING, "gpc_seen_at": TIME,
         "notice": {"oneOf": [{"type": "null"}, obj({
             "catalog": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"},
             "language": {"type": "string"}, "current": {"type": "boolean"}})]},
@@ -146,7 +146,7 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
     event = obj({"id": {"type": ["integer", "null"]}, "time": TIME, "action": {"type": "string"},
                  "address": NULLABLE_STRING, "mac": NULLABLE_STRING, "network": NULLABLE_STRING,
                  "profile": {"type": "string"}, "vendors": mapping({"type": "boolean"}), "expires_at": TIME,
-                 "channel": {"type": "string"}, "sec_gpc": NULLABLE_STRING,
+                 "channel": {"type": "string"}, "sec_gpc": NULLABLE_STRING, "gpc_seen_at": TIME,
                  "supersedes": {"type": ["integer", "null"]}, "reason": {"type": "string"},
                  # issue 2's fields: the categories granted (a grant) or decided (anything else)
                  "client": NULLABLE_STRING, "categories": array({"type": "string"}),

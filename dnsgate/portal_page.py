@@ -133,7 +133,8 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
 
     def describe(d: Decision) -> str:
         if d.by_choice and choice is not None:
-            key = "state_allowed_choice" if d.allowed else "state_blocked_choice"
+            key = ("state_allowed_choice" if d.allowed else
+                   "state_blocked_standing" if choice.standing else "state_blocked_choice")
             return t(key, since=when(choice.made_at), until=when(choice.expires_at))
         if fixed:
             return t("state_allowed_default" if d.allowed else "state_blocked_network")
@@ -171,7 +172,8 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
     if choice is not None:
         key = ("in_force_network" if choice.subject.network else
                "in_force_admin" if choice.channel == "admin" else "in_force")
-        in_force = t(key, when=when(choice.made_at), until=when(choice.expires_at))
+        until = t("until_changed") if choice.standing else when(choice.expires_at)  # an opt-out has no end
+        in_force = t(key, when=when(choice.made_at), until=until)
     stale = ""
     if choice is not None and choice.grants_anything and choice.terms not in shown.terms.values():
         stale = t("stale", when=when(choice.made_at))

@@ -6,7 +6,8 @@ Keys, under `storage.redis_prefix` ("dnsgate:"):
   the choices in force (JSON: `ends`, `choice`, `profile_of`, `items_of`, `pairing`, `origin`), so that
   other instances can apply it. Entries are never changed; retention trims the oldest ones only.
 - `seq`: the last event id.
-- `choice:<id>`: a choice in force, a hash of its columns, expiring natively at the choice's expiry.
+- `choice:<id>`: a choice in force, a hash of its columns, expiring natively at the choice's expiry
+  (never, for opt-outs that stand until changed).
 - `choices`: a sorted set of the ids of choices in force, scored by expiry. An id leaves it only
   when an event ends its choice (expiry recorded, reset, superseded), so it outlives the hash of an
   expired choice: the expiry is recorded exactly once, by whichever instance's sweeper is first.
@@ -48,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from .consent import Choice
+from .consent import UNTIL_CHANGED, Choice
 from .consent_backend import ChangeSink, Conflict, Recorded, Snapshot, choices_in_order, stop_if_cancelled
 from .store import (
     CHOICE_COLUMNS,
@@ -267,10 +268,11 @@ class RedisBackend:
             args["only_if_current"] = str(s.only_if_current)
         if s.makes_choice:
             assert e.expires_at is not None
-            row = choice_row(e.as_choice(0))
+            choice = e.as_choice(0)
+            row = choice_row(choice)
             del row["id"]
-            args.update(choice=flat(encode(row)), expires=repr(e.expires_at),
-                        expires_ms=str(math.ceil(e.expires_at * 1000)))
+            kept = UNTIL_CHANGED if choice.standing else e.expires_at  # standing refusals outlive the grants
+            args.update(choice=flat(encode(row)), expires=repr(e.expires_at), expires_ms=str(math.ceil(kept * 1000)))
         if s.sets_profile_of is not None:
             args.update(profile_of=str(s.sets_profile_of), profile=e.profile)
             effects["profile_of"] = s.sets_profile_of

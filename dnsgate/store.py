@@ -38,8 +38,9 @@ EVENT_COLUMNS: Final[dict[str, type]] = {
     "mac": str, "network": str, "profile": str, "decisions": str, "notice_catalog": str,
     "notice_version": str, "notice_sha256": str, "language": str, "channel": str, "sec_gpc": str,
     "supersedes": int, "reason": str,
-    # version 3: the items covered (JSON: item key -> fingerprint), the terms' SHA-256, the operator (JSON)
-    "items": str, "terms": str, "operator": str,
+    # version 3: the items covered (JSON: item key -> fingerprint), the terms' SHA-256, the operator (JSON),
+    # since when Global Privacy Control applies (a column added where a file lacks it)
+    "items": str, "terms": str, "operator": str, "gpc_seen_at": float,
 }
 NEW_EVENT_COLUMNS: Final = tuple(list(EVENT_COLUMNS)[8:])
 CHOICE_COLUMNS: Final[dict[str, type]] = {
@@ -47,9 +48,9 @@ CHOICE_COLUMNS: Final[dict[str, type]] = {
     "made_at": float, "expires_at": float, "notice_catalog": str, "notice_version": str,
     "notice_sha256": str, "language": str, "channel": str, "profile": str, "sec_gpc": str,
     # version 3
-    "items": str, "terms": str,
+    "items": str, "terms": str, "gpc_seen_at": float,
 }
-NEW_CHOICE_COLUMNS: Final = ("items", "terms")
+NEW_CHOICE_COLUMNS: Final = ("items", "terms", "gpc_seen_at")
 NO_UPDATE: Final = ("CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events "
                     "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only'); END")
 NO_DELETE: Final = (
@@ -87,6 +88,7 @@ class Event:
     terms: str = ""  # SHA-256 of the consent text and operator in force
     language: str = ""  # of the page or notice (a notice not shown still has a page language)
     operator: Mapping[str, str] | None = None  # who ran the network: name, contact, privacy_url
+    gpc_seen_at: float | None = None  # a choice's: since when GPC has applied (consent.Choice)
 
     @property
     def source(self) -> str:
@@ -97,7 +99,7 @@ class Event:
         return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
                       self.notice, self.channel, self.profile, self.sec_gpc,
                       self.language or (self.notice.language if self.notice else ""),
-                      None if self.items is None else dict(self.items), self.terms)
+                      None if self.items is None else dict(self.items), self.terms, self.gpc_seen_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,22 +145,11 @@ class ConsentStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"schema version {version} is newer than this dnsgate ({SCHEMA_VERSION}); upgrade dnsgate")
         with self.db.atomic():
-            events = self.db.table("events")
-            if not events.exists():
-                events.create(EVENT_COLUMNS, pk="id")
-            else:
-                for column in NEW_EVENT_COLUMNS:
-                    if column not in events.columns_dict:
-                        events.add_column(column, EVENT_COLUMNS[column])
+            self._table("events", EVENT_COLUMNS, NEW_EVENT_COLUMNS)
             self.db.execute("CREATE INDEX IF NOT EXISTS events_client ON events(client, at)")
             self.db.execute("CREATE INDEX IF NOT EXISTS events_at ON events(at)")
-            choices = self.db.table("choices")
-            if not choices.exists():
-                choices.create(CHOICE_COLUMNS, pk="id")
-            else:  # a version 2 file: its choices name no items until the service migrates them
-                for column in NEW_CHOICE_COLUMNS:
-                    if column not in choices.columns_dict:
-                        choices.add_column(column, CHOICE_COLUMNS[column])
+            # (a version 2 file: its choices name no items until the service migrates them)
+            self._table("choices", CHOICE_COLUMNS, NEW_CHOICE_COLUMNS)
             self.db.table("pairings").create({"http": str, "dns": str, "at": float}, pk=("http", "dns"),
                                              if_not_exists=True)
             self.db.table("retention_runs").create(
@@ -169,6 +160,16 @@ class ConsentStore:
             self.db.execute("DROP TRIGGER IF EXISTS events_no_delete")
             self.db.execute(NO_DELETE)
             self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _table(self, name: str, columns: Mapping[str, type], added_later: Iterable[str]) -> None:
+        """Create the table, or add the columns a file from an earlier dnsgate lacks (its rows keep NULL)."""
+        table = self.db.table(name)
+        if not table.exists():
+            table.create(dict(columns), pk="id")
+            return
+        for column in added_later:
+            if column not in table.columns_dict:
+                table.add_column(column, columns[column])
 
     def _grants_to_choices(self) -> None:
         """Issue 2's grants become choices (granted categories, no notice recorded), then go."""
@@ -397,7 +398,7 @@ def _event_row(e: Event) -> dict[str, Any]:
         "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
         "channel": e.channel, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes, "reason": e.reason,
         "items": _json_or_none(e.items), "terms": e.terms or None,
-        "operator": _json_or_none(e.operator),
+        "operator": _json_or_none(e.operator), "gpc_seen_at": e.gpc_seen_at,
     }
     if e.language:
         row["language"] = e.language
@@ -430,7 +431,7 @@ def _event(r: Mapping[str, Any]) -> Event:
         channel=r.get("channel") or ("admin" if r["source"] == "admin" else "device"),
         user_agent=r["user_agent"] or "", sec_gpc=r.get("sec_gpc"), supersedes=r.get("supersedes"),
         reason=r.get("reason") or "", id=r["id"], items=_json_map(r.get("items")), terms=r.get("terms") or "",
-        language=r.get("language") or "", operator=_json_map(r.get("operator")),
+        language=r.get("language") or "", operator=_json_map(r.get("operator")), gpc_seen_at=r.get("gpc_seen_at"),
     )
 
 
@@ -449,7 +450,7 @@ def _choice_row(c: Choice) -> dict[str, Any]:
         "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
         "notice_sha256": n.sha256 if n else None, "language": c.language or None,
         "channel": c.channel, "profile": c.profile, "sec_gpc": c.sec_gpc,
-        "items": _json_or_none(c.items), "terms": c.terms or None,
+        "items": _json_or_none(c.items), "terms": c.terms or None, "gpc_seen_at": c.gpc_seen_at,
     }
 
 
@@ -459,7 +460,7 @@ def _choice(r: Mapping[str, Any]) -> Choice:
         categories=json.loads(r["categories"]), vendors=json.loads(r["vendors"] or "{}"),
         made_at=r["made_at"], expires_at=r["expires_at"], notice=_notice(r), channel=r["channel"],
         profile=r["profile"], sec_gpc=r["sec_gpc"], language=r["language"] or "",
-        items=_json_map(r.get("items")), terms=r.get("terms") or "",
+        items=_json_map(r.get("items")), terms=r.get("terms") or "", gpc_seen_at=r.get("gpc_seen_at"),
     )
 
 

@@ -160,3 +160,14 @@ async def test_every_command_takes_api_as_a_url_or_host_port(gate: Gate) -> None
 async def test_a_bad_api_is_one_line_and_exit_2(command: list[str], api: str) -> None:
     code, out, err = await run(*command, "--api", api, "--token", "x")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--api" in err, err
+
+
+async def test_show_says_an_opt_out_stands_and_since_when_gpc_applies(gate: Gate) -> None:
+    client = "127.0.1.70"  # an opt-out network
+    await gate.http("GET", "/v1/consent/status", source=client, headers={"Sec-GPC": "1"})
+    code, out, err = await cli(gate, "consent", "show", client)
+    assert code == 0, err
+    assert "expires 9999-12-31T23:59:59Z (in force)" in out
+    assert "its refusals are opt-outs: they stand until changed" in out
+    assert "Global Privacy Control applies since " in out
+    assert "refused: do not ask again before " in out

@@ -83,7 +83,7 @@ async def test_each_event_carries_what_a_proof_of_consent_needs(gate: Gate, cloc
         "categories": {"marketing": True}, "vendors": {"activecampaign": True},
         "expires_at": "2027-07-14T08:00:00Z", "notice_catalog": notice["catalog"],
         "notice_version": notice["version"], "notice_sha256": sha, "language": "en", "channel": "portal",
-        "user_agent": "Firefox/140", "sec_gpc": "0", "supersedes": None, "reason": "",
+        "user_agent": "Firefox/140", "sec_gpc": "0", "gpc_seen_at": None, "supersedes": None, "reason": "",
         "notice_shown": True, "covers": {"vendor:activecampaign": fingerprint},
         "terms_sha256": notice["languages"]["en"]["terms_sha256"], "operator": "Example Café GmbH",
         "operator_contact": "privacy@example.test", "operator_privacy_url": "https://example.test/privacy",

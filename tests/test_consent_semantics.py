@@ -10,22 +10,36 @@ tests/consent_fixtures.py (127.0.1.0/24 opt-out, 127.0.2.0/24 kiosk, 127.0.3.0/2
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import datetime as dt
 import io
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import dns.edns
 import dns.message
 import dns.rcode
 import pytest
 
+from dnsgate.config import Config
 from dnsgate.consent import Subject
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line
 from dnsgate.store import Event
-from tests.conftest import Gate, make_config, running_gate
-from tests.consent_fixtures import DENY, OPT_OUT, PIXEL, FakeClock, consent_config, two_vendor_catalog
+from tests.conftest import Gate, make_config, running_gate, with_store
+from tests.consent_fixtures import (
+    DENY,
+    KIOSK,
+    OPT_OUT,
+    PIXEL,
+    FakeClock,
+    consent_config,
+    eventually,
+    two_vendor_catalog,
+)
 from tests.stub_upstream import StubUpstream
 
 DAY = 86_400.0
@@ -172,3 +186,252 @@ def test_every_text_field_of_an_export_is_defused() -> None:
         (row,) = csv.DictReader(io.StringIO(csv_header() + csv_line(e)))
         for exported in (record, row):
             assert exported["user_agent"] == exported["sec_gpc"] == exported["reason"] == "'" + value
+
+
+# -- Global Privacy Control ------------------------------------------------------------------------
+
+
+async def rcode(g: Gate, source: str, name: str = TRACKER) -> int:
+    return (await g.query(name, source=source)).rcode()
+
+
+async def events_of(g: Gate, client: str) -> list[dict[str, Any]]:
+    status, text = await g.http("GET", f"/v1/audit/export?client={client}", admin=True)
+    assert status == 200
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# Every kind of request a device makes: the portal's page and files, the status other sites read,
+# whoami, the API's reads and the caller's own changes.
+GPC_REQUESTS: list[tuple[str, str, Any]] = [
+    ("GET", "/", None), ("GET", "/portal/app.js", None), ("GET", "/v1/consent/status", None),
+    ("GET", "/v1/consent", None), ("GET", "/v1/whoami", None), ("GET", "/v1/vendors", None),
+    ("GET", "/v1/notice", None), ("GET", "/healthz", None), ("GET", "/openapi.json", None),
+    ("PUT", "/v1/consent", {"vendors": {"pixelco": True}}), ("DELETE", "/v1/consent", None),
+    ("POST", "/v1/reload", None),  # (as admin, from a device on the opt-out network: honoured once it succeeded)
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), GPC_REQUESTS, ids=[f"{m} {p}" for m, p, _ in GPC_REQUESTS])
+async def test_gpc_on_any_request_opts_out_of_sale_and_sharing(gate: Gate, method: str, path: str,
+                                                               body: Any) -> None:
+    me = OPT_OUT + "100"
+    assert await rcode(gate, me) == dns.rcode.NOERROR  # an opt-out network: allowed until the client opts out
+    status, answer = await gate.http(method, path, source=me, json=body, headers=GPC, admin=method == "POST")
+    assert status == 200
+    if path == "/v1/consent/status":  # the answer already shows the opt-out
+        assert answer["vendors"]["activecampaign"]["allowed"] is False
+        assert answer["vendors"]["pixelco"]["allowed"] is (method != "DELETE")
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN
+    if method != "DELETE":
+        assert await rcode(gate, me, PIXEL) == dns.rcode.NOERROR  # pixelco does not sell or share data
+    (event,) = await events_of(gate, me)
+    assert event["sec_gpc"] == "1" and event["gpc_seen_at"] == event["time"]
+    assert event["vendors"]["activecampaign"] is False
+    if method != "PUT":
+        assert "Sec-GPC" in event["reason"] or method == "DELETE"
+    # the opt-out is recorded once; later requests carrying the signal find nothing left to opt out of
+    await gate.http("GET", "/v1/consent/status", source=me, headers=GPC)
+    assert len(await events_of(gate, me)) == 1
+    status, state = await gate.http("GET", "/v1/consent", source=me)
+    (decision,) = [v for v in state["vendors"] if v["id"] == "activecampaign"]
+    assert "Global Privacy Control" in decision["reason"] and decision["until"] is None  # until changed
+
+
+async def test_gpc_is_not_honoured_by_a_refused_request_nor_elsewhere_than_opt_out(gate: Gate) -> None:
+    me = OPT_OUT + "120"
+    status, _ = await gate.http("POST", "/v1/session/end", source=me, headers=GPC)  # not a kiosk: refused
+    assert status == 409
+    status, _ = await gate.http("PUT", "/v1/consent", source=me, json={"categories": ["spying"]}, headers=GPC)
+    assert status == 400
+    assert await events_of(gate, me) == [] and await rcode(gate, me) == dns.rcode.NOERROR
+    for other in ("127.0.0.120", "127.0.2.120", DENY + "120"):  # opt-in, kiosk, deny: GPC never grants nor records
+        assert (await gate.http("GET", "/v1/consent/status", source=other, headers=GPC))[0] == 200
+        assert await events_of(gate, other) == []
+
+
+async def test_an_unrelated_grant_does_not_cancel_gpc(gate: Gate) -> None:
+    me = OPT_OUT + "121"
+    unrelated = {"vendors": {"pixelco": True}}  # a marketing vendor that neither sells nor shares data
+    # granted pixelco while sending GPC: the sale/share vendor stays opted out
+    status, body = await gate.http("PUT", "/v1/consent", source=me, json=unrelated, headers=GPC)
+    assert status == 200 and body["choice"]["vendors"] == {"pixelco": True, "activecampaign": False}
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN and await rcode(gate, me, PIXEL) == dns.rcode.NOERROR
+    await gate.http("GET", "/v1/consent/status", source=me, headers=GPC)
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN
+    # a later choice without the header (another program on the device) does not lift it either
+    status, body = await gate.http("PUT", "/v1/consent", source=me, json=unrelated)
+    assert status == 200 and body["choice"]["vendors"] == {"pixelco": True, "activecampaign": False}
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN
+    first, second = await events_of(gate, me)
+    assert second["sec_gpc"] is None and second["gpc_seen_at"] == first["gpc_seen_at"] == first["time"]
+    assert "activecampaign stay opted out of sale/sharing: Global Privacy Control applies since" in second["reason"]
+
+    # granted pixelco first, then the signal: the opt-out is added, the grant stays as it was
+    other = OPT_OUT + "124"
+    await choose(gate, other, unrelated)
+    assert await rcode(gate, other) == dns.rcode.NOERROR
+    await gate.http("GET", "/v1/whoami", source=other, headers=GPC)
+    assert await rcode(gate, other) == dns.rcode.NXDOMAIN and await rcode(gate, other, PIXEL) == dns.rcode.NOERROR
+    opt_out = (await events_of(gate, other))[-1]
+    assert opt_out["vendors"] == {"pixelco": True, "activecampaign": False}
+
+
+async def test_a_grant_of_that_vendor_after_gpc_was_seen_wins_and_says_so(gate: Gate, clock: FakeClock) -> None:
+    me, before = OPT_OUT + "122", OPT_OUT + "123"
+    await gate.http("GET", "/", source=me, headers=GPC)  # the portal's page: opted out
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN
+    clock.advance(60)
+    status, body = await gate.http("PUT", "/v1/consent", source=me, json={"vendors": {"activecampaign": True}})
+    assert status == 200 and await rcode(gate, me) == dns.rcode.NOERROR
+    (decision,) = [v for v in body["vendors"] if v["id"] == "activecampaign"]
+    assert "after Global Privacy Control was seen (this later grant wins over it)" in decision["reason"]
+    await gate.http("GET", "/v1/consent", source=me, headers=GPC)  # the signal again: the grant stands
+    assert await rcode(gate, me) == dns.rcode.NOERROR
+    opt_out, grant = await events_of(gate, me)
+    assert grant["action"] == "grant" and grant["gpc_seen_at"] == opt_out["time"]
+    assert "grants activecampaign after Global Privacy Control was seen" in grant["reason"]
+    assert "this later, specific grant wins over the signal" in grant["reason"]
+
+    # a grant of its category after the signal covers it too
+    by_category = OPT_OUT + "125"
+    await gate.http("GET", "/v1/consent/status", source=by_category, headers=GPC)
+    assert await rcode(gate, by_category) == dns.rcode.NXDOMAIN
+    await choose(gate, by_category, {"choices": {"marketing": True}})
+    assert await rcode(gate, by_category) == dns.rcode.NOERROR
+    await gate.http("GET", "/v1/consent/status", source=by_category, headers=GPC)
+    assert await rcode(gate, by_category) == dns.rcode.NOERROR
+
+    # a grant made before GPC was ever seen does not: the signal is the person's later word
+    await gate.http("PUT", "/v1/consent", source=before, json={"vendors": {"activecampaign": True}})
+    await gate.http("GET", "/v1/consent/status", source=before, headers=GPC)
+    assert await rcode(gate, before) == dns.rcode.NXDOMAIN
+    assert [e["action"] for e in await events_of(gate, before)] == ["grant", "refusal"]
+
+
+# -- lifetimes follow the profile ----------------------------------------------------------------
+
+
+def seconds(iso_text: str) -> float:
+    return dt.datetime.fromisoformat(iso_text.replace("Z", "+00:00")).timestamp()
+
+
+async def choose(g: Gate, source: str, body: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    status, state = await g.http("PUT", "/v1/consent", source=source, json=body, **kw)
+    assert status == 200, state
+    return dict(state)
+
+
+@pytest.mark.parametrize(("source", "lifetime"), [("127.0.0.130", 180), (KIOSK + "130", 1), (OPT_OUT + "130", 395)],
+                         ids=["opt-in", "kiosk", "opt-out"])
+async def test_a_request_may_shorten_a_grant_never_lengthen_it(gate: Gate, clock: FakeClock, source: str,
+                                                               lifetime: int) -> None:
+    grant = {"choices": {"marketing": True}}  # grants only (the "categories" form refuses the others)
+    start = clock.now
+    assert seconds((await choose(gate, source, {**grant, "days": 1}))["choice"]["expires_at"]) == start + DAY
+    state = await choose(gate, source, {**grant, "days": 395})
+    assert seconds(state["choice"]["expires_at"]) == start + lifetime * DAY  # the profile's, not the request's
+    assert state["choice"]["refusals_stand"] is False and state["ask_again_after"] is None
+    last = (await events_of(gate, source))[-1]
+    if lifetime < 395:
+        assert f"395 days asked for; a choice on a {state['profile']['name']} network lasts at most {lifetime}" \
+            in last["reason"]
+    assert seconds((await choose(gate, source, grant))["choice"]["expires_at"]) == start + lifetime * DAY
+    # the grant holds to its last second (a kiosk kept in use by its DNS queries) and not after it
+    while source.startswith(KIOSK) and clock.now + 600 < start + lifetime * DAY:
+        clock.advance(600)
+        assert (await gate.query("host.example.test", source=source)).rcode() == dns.rcode.NOERROR
+    clock.now = start + lifetime * DAY - 1
+    assert await rcode(gate, source) == dns.rcode.NOERROR
+    clock.now = start + lifetime * DAY
+    if source.startswith(OPT_OUT):
+        assert await rcode(gate, source) == dns.rcode.NOERROR  # an opt-out network allows without a grant
+    else:
+        assert await rcode(gate, source) == dns.rcode.NXDOMAIN
+
+    async def ended() -> bool:
+        return (await events_of(gate, source))[-1]["action"] in ("expiry", "reset")
+
+    await eventually(ended)
+
+
+async def test_refusals_elsewhere_expire_and_say_when_to_ask_again(gate: Gate, clock: FakeClock) -> None:
+    start = clock.now
+    for source, lifetime in (("127.0.0.131", 180), (KIOSK + "131", 1)):
+        state = await choose(gate, source, {"categories": [], "days": 395})  # "Reject all"
+        expires = state["choice"]["expires_at"]
+        assert seconds(expires) == start + lifetime * DAY and state["choice"]["refusals_stand"] is False
+        assert state["ask_again_after"] == expires  # a refusal keeps the person from being asked until it expires
+
+
+def serving(cfg: Config, clock: FakeClock) -> contextlib.AbstractAsyncContextManager[Gate]:
+    return running_gate(cfg, lambda: cfg, wall=clock)
+
+
+async def test_opt_outs_stand_until_the_person_changes_them(upstream: StubUpstream, data_dir: Path, catalog: Path,
+                                                           clock: FakeClock, consent_store: str) -> None:
+    upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store), catalog=catalog)
+    reject, gpc, mixed, grant = (OPT_OUT + str(n) for n in (140, 141, 142, 143))
+    start = clock.now
+    async with serving(cfg, clock) as g:
+        state = await choose(g, reject, {"categories": [], "days": 30})  # "Reject all"
+        assert state["choice"]["expires_at"] == "9999-12-31T23:59:59Z" and state["choice"]["refusals_stand"]
+        assert seconds(state["ask_again_after"]) == start + 365 * DAY  # asked again after 12 months, not before
+        assert "an opt-out stands until the person changes it: days does not apply" in \
+            (await events_of(g, reject))[-1]["reason"]
+        await g.http("GET", "/v1/consent/status", source=gpc, headers=GPC)
+        _status, state = await g.http("GET", "/v1/consent", source=gpc)
+        assert state["choice"]["expires_at"] == "9999-12-31T23:59:59Z"
+        assert seconds(state["ask_again_after"]) == start + 365 * DAY
+        # refuses marketing but grants pixelco for 30 days: the grant lapses, the refusal stands
+        state = await choose(g, mixed, {"choices": {"marketing": False}, "vendors": {"pixelco": True}, "days": 30})
+        assert seconds(state["choice"]["expires_at"]) == start + 30 * DAY and state["choice"]["refusals_stand"]
+        assert seconds(state["ask_again_after"]) == start + 365 * DAY
+        assert await rcode(g, mixed, PIXEL) == dns.rcode.NOERROR and await rcode(g, mixed) == dns.rcode.NXDOMAIN
+        await choose(g, grant, {"choices": {"marketing": True}, "days": 10})  # grants only: it expires
+
+        clock.advance(400 * DAY)  # past every grant's and the 395-day maximum
+
+        async def grant_expired() -> bool:
+            return [e["action"] for e in await events_of(g, grant)] == ["grant", "expiry"]
+
+        await eventually(grant_expired)  # the sweeper has run after the clock moved
+        for source in (reject, gpc, mixed):
+            assert await rcode(g, source) == dns.rcode.NXDOMAIN, source
+            assert "expiry" not in [e["action"] for e in await events_of(g, source)]
+        assert await rcode(g, mixed, PIXEL) == dns.rcode.NXDOMAIN  # its grant of pixelco lapsed after 30 days
+        _status, state = await g.http("GET", "/v1/consent", source=mixed)
+        assert state["categories"] == {} and state["choice"]["active"] is True
+        assert any("expired; its refusals are opt-outs, which stand until changed" in n for n in state["notes"])
+        until = {v["id"]: v["until"] for v in state["vendors"]}
+        assert until == {"activecampaign": None, "pixelco": None}  # no end: until the person changes it
+
+    async with serving(cfg, clock) as g:  # a restart under the same clock: still opted out
+        for source in (reject, gpc, mixed):
+            assert await rcode(g, source) == dns.rcode.NXDOMAIN, source
+        assert await rcode(g, mixed, PIXEL) == dns.rcode.NXDOMAIN
+        await choose(g, reject, {"categories": ["marketing"]})  # the person changes it
+        assert await rcode(g, reject) == dns.rcode.NOERROR
+
+
+async def test_a_consent_file_without_the_gpc_column_gains_it(upstream: StubUpstream, data_dir: Path,
+                                                              catalog: Path, clock: FakeClock) -> None:
+    cfg = consent_config(make_config(upstream, data_dir), catalog=catalog)
+    me = OPT_OUT + "150"
+    async with serving(cfg, clock) as g:
+        await choose(g, me, {"vendors": {"pixelco": True}})
+    drop_gpc_columns(data_dir / "consent.sqlite3")  # as an earlier dnsgate left the file
+    async with serving(cfg, clock) as g:
+        assert await rcode(g, me) == dns.rcode.NOERROR  # the choice is still in force
+        await g.http("GET", "/v1/consent/status", source=me, headers=GPC)
+        assert await rcode(g, me) == dns.rcode.NXDOMAIN
+        grant, opt_out = await events_of(g, me)
+        assert grant["gpc_seen_at"] is None and opt_out["gpc_seen_at"] == opt_out["time"]
+
+
+def drop_gpc_columns(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        for table in ("events", "choices"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN gpc_seen_at")
+        assert "gpc_seen_at" not in {row[1] for row in db.execute("PRAGMA table_info(choices)")}

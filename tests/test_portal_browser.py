@@ -247,6 +247,7 @@ async def test_gpc_is_shown_with_what_it_means_here(browser: Browser, upstream: 
         await expect(gpc).to_contain_text("counts as your opt-out")
         await expect(page.locator("#summary")).to_contain_text("opt-out")
         await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")  # the signal was honoured
+        await expect(vendor_row(page)).to_contain_text("until you change it")  # an opt-out has no end date
         assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
         await expect(page.locator("#ask-again")).to_contain_text("not be asked")
         watch.check()

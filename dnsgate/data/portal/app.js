@@ -61,8 +61,8 @@
 
   function describe(decision) {
     if (decision.by_choice) {
-      return t(decision.allowed ? "state_allowed_choice" : "state_blocked_choice",
-        { since: when(decision.since), until: when(decision.until) });
+      const key = decision.allowed ? "state_allowed_choice" : decision.until ? "state_blocked_choice" : "state_blocked_standing";
+      return t(key, { since: when(decision.since), until: when(decision.until) });
     }
     if (fixedProfile()) return t(decision.allowed ? "state_allowed_default" : "state_blocked_network");
     return t(decision.allowed ? "state_allowed_default" : "state_blocked_default");
@@ -109,7 +109,7 @@
     if (fresh.length) $("new").textContent = t("new_items", { what: fresh.map((i) => i.name).join(t("list_separator")) });
     $("in-force").textContent = !choice ? t("in_force_none")
       : t(choice.subject.network ? "in_force_network" : choice.channel === "admin" ? "in_force_admin" : "in_force",
-        { when: when(choice.made_at), until: when(choice.expires_at) });
+        { when: when(choice.made_at), until: choice.refusals_stand ? t("until_changed") : when(choice.expires_at) });
 
     $("ask-again").hidden = !state.ask_again_after;
     if (state.ask_again_after) {
