@@ -110,8 +110,8 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
                health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
     limiter = ChangeLimiter(settings.consent_changes_per_minute)
     app = web.Application(client_max_size=settings.max_body, middlewares=[
-        errors_as_json, store_unavailable, consent_rate_limit(limiter, is_admin), origin_guard,
-        global_privacy_control])
+        errors_as_json, store_unavailable, global_privacy_control, consent_rate_limit(limiter, is_admin),
+        origin_guard])
     app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
     app[CATALOG] = catalog
@@ -181,16 +181,20 @@ async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResp
 @web.middleware
 async def global_privacy_control(request: web.Request, handler: Handler) -> web.StreamResponse:
     """`Sec-GPC: 1` on any request from a device (the portal's page and files, the status sites read,
-    whoami, the API) is its opt-out of sale/sharing on opt-out networks. A read honours it before it
-    is answered, so the answer shows it; any other request once it succeeded (a refused request
-    changes nothing); a change of the caller's own choice applies it within that choice."""
+    whoami, the API) is its opt-out of sale/sharing on opt-out networks, whatever becomes of the
+    request: it is honoured before the request is handled, so the answer shows it. A change of the
+    caller's own choice applies it within that choice, or, if the change is refused, right after."""
     if sec_gpc(request) != "1" or request.remote is None:
         return await handler(request)
-    if request.method in ("GET", "HEAD", "OPTIONS"):
+    if not (request.method in ("PUT", "DELETE") and request.path == "/v1/consent"):
         await _honour_gpc(request)
         return await handler(request)
-    response = await handler(request)  # raises for a refused request
-    if response.status < 400 and not (request.method in ("PUT", "DELETE") and request.path == "/v1/consent"):
+    try:
+        response = await handler(request)
+    except Exception:
+        await _honour_gpc(request)
+        raise
+    if response.status >= 400:
         await _honour_gpc(request)
     return response
 

@@ -6,8 +6,8 @@ choice that applies into allowed/blocked and the reason why; `ConsentTable.resol
 profile and which choice apply to a client. Both are pure and explain themselves (`dnsgate
 explain`, `GET /v1/consent`).
 
-The resolver asks `ConsentTable.allows` on every gated query. It must stay a couple of dict
-lookups: each client key's effective state (the set of vendors it may resolve, and until when that
+The resolver asks `ConsentTable.blocked` on every gated query. It must stay a couple of dict
+lookups: each client key's effective state (per vendor: allowed, or why not; and until when that
 holds) is computed once and memoized. A choice's change forgets only the memo of the clients it
 can apply to (its address's, its device's; a network's choice, the notice, profiles and the catalog
 clear it all), so a change costs the same on a network with thousands of clients as with one.

@@ -208,7 +208,7 @@ GPC_REQUESTS: list[tuple[str, str, Any]] = [
     ("GET", "/v1/consent", None), ("GET", "/v1/whoami", None), ("GET", "/v1/vendors", None),
     ("GET", "/v1/notice", None), ("GET", "/healthz", None), ("GET", "/openapi.json", None),
     ("PUT", "/v1/consent", {"vendors": {"pixelco": True}}), ("DELETE", "/v1/consent", None),
-    ("POST", "/v1/reload", None),  # (as admin, from a device on the opt-out network: honoured once it succeeded)
+    ("POST", "/v1/reload", None),  # (as admin, from a device on the opt-out network)
 ]
 
 
@@ -238,16 +238,29 @@ async def test_gpc_on_any_request_opts_out_of_sale_and_sharing(gate: Gate, metho
     assert "Global Privacy Control" in decision["reason"] and decision["until"] is None  # until changed
 
 
-async def test_gpc_is_not_honoured_by_a_refused_request_nor_elsewhere_than_opt_out(gate: Gate) -> None:
+@pytest.mark.parametrize(("method", "path", "body", "refused"), [
+    ("POST", "/v1/session/end", None, 409),  # not a kiosk
+    ("PUT", "/v1/consent", {"categories": ["spying"]}, 400),  # a change that fails changes nothing else
+    ("GET", "/v1/clients", None, 401),  # an admin's endpoint, without the token
+    ("PUT", "/v1/consent", {"vendors": {"pixelco": True}}, 403),  # from another site's page (Origin)
+])
+async def test_gpc_counts_on_a_request_that_is_refused(gate: Gate, method: str, path: str, body: Any,
+                                                      refused: int) -> None:
     me = OPT_OUT + "120"
-    status, _ = await gate.http("POST", "/v1/session/end", source=me, headers=GPC)  # not a kiosk: refused
-    assert status == 409
-    status, _ = await gate.http("PUT", "/v1/consent", source=me, json={"categories": ["spying"]}, headers=GPC)
-    assert status == 400
-    assert await events_of(gate, me) == [] and await rcode(gate, me) == dns.rcode.NOERROR
-    for other in ("127.0.0.120", "127.0.2.120", DENY + "120"):  # opt-in, kiosk, deny: GPC never grants nor records
+    headers = {**GPC, "Origin": "https://evil.example"} if refused == 403 else GPC
+    status, _ = await gate.http(method, path, source=me, json=body, headers=headers)
+    assert status == refused
+    assert await rcode(gate, me) == dns.rcode.NXDOMAIN
+    (event,) = await events_of(gate, me)
+    assert event["action"] == "refusal" and event["vendors"] == {"activecampaign": False}
+
+
+async def test_gpc_records_nothing_elsewhere_than_on_opt_out_networks(gate: Gate) -> None:
+    for other in ("127.0.0.120", "127.0.2.120", DENY + "120"):  # opt-in, kiosk, deny: GPC never grants
         assert (await gate.http("GET", "/v1/consent/status", source=other, headers=GPC))[0] == 200
-        assert await events_of(gate, other) == []
+        assert (await gate.http("PUT", "/v1/consent", source=other, headers=GPC,
+                                json={"vendors": {"pixelco": True}}))[0] in (200, 409)
+        assert [e["gpc_seen_at"] for e in await events_of(gate, other)] in ([], [None])
 
 
 async def test_an_unrelated_grant_does_not_cancel_gpc(gate: Gate) -> None:
