@@ -24,6 +24,7 @@ import dns.edns
 import dns.message
 import dns.rcode
 import pytest
+import redis.asyncio as aioredis
 
 from dnsgate.config import Config
 from dnsgate.consent import Subject
@@ -402,6 +403,13 @@ async def test_opt_outs_stand_until_the_person_changes_them(upstream: StubUpstre
         assert seconds(state["choice"]["expires_at"]) == start + 30 * DAY and state["choice"]["refusals_stand"]
         assert seconds(state["ask_again_after"]) == start + 365 * DAY
         assert await rcode(g, mixed, PIXEL) == dns.rcode.NOERROR and await rcode(g, mixed) == dns.rcode.NXDOMAIN
+        if consent_store != "sqlite":  # Redis keeps the opt-out's hash past its grants' expiry: never expires it
+            r = aioredis.from_url(consent_store)
+            try:
+                kept = await r.pexpiretime(f"dnsgate:choice:{state['choice']['id']}")
+            finally:
+                await r.aclose()
+            assert kept == 253_402_300_799_000
         await choose(g, grant, {"choices": {"marketing": True}, "days": 10})  # grants only: it expires
 
         clock.advance(400 * DAY)  # past every grant's and the 395-day maximum
