@@ -317,6 +317,24 @@ def _large_receive_buffer(transport: asyncio.BaseTransport) -> None:
         log.debug("cannot enlarge the UDP receive buffer")
 
 
+def _tcp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+    """A bound TCP socket for `create_server`. asyncio would make an IPv6 listener IPv6-only, while the
+    UDP socket on the same address takes IPv4-mapped clients too: on `[::]` an IPv4 client would get
+    UDP answers but no TCP, so a truncated answer could not be retried. Both take both here."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
@@ -350,7 +368,7 @@ class DnsListeners:
             try:
                 server = await loop.create_server(
                     lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, self.may_answer),
-                    address.host, port, family=family, reuse_address=True, reuse_port=self.reuse_port or None)
+                    sock=_tcp_socket(address.host, port, family, self.reuse_port))
             except OSError:
                 transport.close()
                 if address.port == 0:
