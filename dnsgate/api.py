@@ -18,15 +18,18 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from .api_guard import (
+    WILDCARDS,
+    Boundaries,
     ChangeLimiter,
     bearer,
     consent_rate_limit,
     error_response,
+    host_guard,
+    local_address,
     security_headers,
     store_unavailable,
     token_matches,
@@ -84,13 +87,13 @@ class RulesControl(Protocol):
 @dataclass(frozen=True, slots=True)
 class ApiSettings:
     admin_token: str
-    allowed_origins: frozenset[str]
-    api_port: int
-    own_hosts: frozenset[str]  # host names that are dnsgate itself (localhost, the portal host)
+    boundaries: Boundaries  # the Host names and Origins that are dnsgate's own
     max_days: int
     max_body: int = MAX_BODY
     consent_changes_per_minute: int = 0  # per client address; 0: no limit
-    admin_port: int = 0  # admin endpoints answer only on this local port (api.admin_listen); 0: any
+    # (address, port) of the admin listener (api.admin_listen): admin endpoints answer only on the
+    # socket bound there. None: on every listener, behind the token.
+    admin: tuple[str, int] | None = None
 
 
 class ApiError(Exception):
@@ -110,7 +113,8 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
                health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
     limiter = ChangeLimiter(settings.consent_changes_per_minute)
     app = web.Application(client_max_size=settings.max_body, middlewares=[
-        errors_as_json, store_unavailable, global_privacy_control, consent_rate_limit(limiter, is_admin),
+        host_guard(settings.boundaries), errors_as_json, store_unavailable, global_privacy_control,
+        consent_rate_limit(limiter, is_admin),
         origin_guard])
     app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
@@ -172,7 +176,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in STATE_CHANGING:
         origin = request.headers.get("Origin")
-        if origin is not None and not origin_allowed(origin, request.app[SETTINGS]):
+        if origin is not None and not request.app[SETTINGS].boundaries.origin_allowed(origin):
             raise ApiError(403, "origin_refused",
                            f"Origin {origin!r} may not change consent; add it to api.allowed_origins")
     return await handler(request)
@@ -203,29 +207,6 @@ async def _honour_gpc(request: web.Request) -> None:
     # A store that fails: the opt-out holds in memory (ConsentService), the request is answered all the same.
     with contextlib.suppress(StoreError):
         await request.app[CONSENT].honour_gpc(the_caller(request))
-
-
-def origin_allowed(origin: str, settings: ApiSettings) -> bool:
-    """dnsgate's own pages and allow-listed sites may change consent; other web pages may not.
-
-    Own: an IP literal on the API port (a page can only have that origin if dnsgate served it),
-    or localhost / the portal host. A DNS-rebound name is neither, so it is refused.
-    """
-    if origin in settings.allowed_origins:
-        return True
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    host = parts.hostname
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        return False
-    try:
-        ipaddress.ip_address(host)
-        return port == settings.api_port
-    except ValueError:
-        return host in settings.own_hosts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +344,7 @@ def sec_gpc(request: web.Request) -> str | None:
 
 def require_admin(request: web.Request) -> None:
     settings = request.app[SETTINGS]
-    if settings.admin_port and local_port(request) != settings.admin_port:
+    if settings.admin is not None and not on_listener(request, settings.admin):
         raise ApiError(404, "not_found", "admin endpoints are served on the admin listener (api.admin_listen)")
     if not is_admin(request):
         raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'")
@@ -374,9 +355,12 @@ def is_admin(request: web.Request) -> bool:
     return token is not None and token_matches(token, request.app[SETTINGS].admin_token)
 
 
-def local_port(request: web.Request) -> int:
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
-    return int(sockname[1]) if sockname else 0
+def on_listener(request: web.Request, listener: tuple[str, int]) -> bool:
+    """Whether the socket that took `request` is `listener`'s: its port, and its address unless that
+    is a wildcard (another address with the same port is another listener)."""
+    local = local_address(request)
+    host, port = listener
+    return local is not None and local[1] == port and (host in WILDCARDS or local[0] == normalize_client(host))
 
 
 def parse_subject(raw: str, field: str) -> Subject:

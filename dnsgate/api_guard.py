@@ -1,21 +1,27 @@
-"""The API's outer defences, kept apart from the routes: security headers on every response, a
-per-client rate limit on consent changes, the admin token check (constant time, never logged),
+"""The API's outer defences, kept apart from the routes: the Host a request may name and the Origin
+that may change consent (`Boundaries`: dnsgate's own, exactly), security headers on every response,
+a per-client rate limit on consent changes, the admin token check (constant time, never logged),
 admin endpoints confined to their own listener, and 503 while the consent store is unavailable.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .consent import normalize_client
 from .store import StoreError
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,7 @@ SECURITY_HEADERS: Final = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 LIMITER_SIZE: Final = 10_000  # addresses tracked; beyond, those with a full bucket are forgotten
+WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}  # a listener on every address (of one family; "::" takes both)
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
@@ -118,3 +125,113 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
         return error_response(503, "consent_store_unavailable",
                               f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
                               "trackers stay blocked for clients without a recorded grant")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host and Origin: dnsgate's own, exactly
+
+
+@functools.lru_cache(maxsize=256)
+def is_local_address(ip: str) -> bool:
+    """Whether `ip` is an address of this host: binding to it succeeds only then (nothing is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _ip(text: str) -> str | None:
+    """The canonical text of an IP literal, or None for a name."""
+    try:
+        return normalize_client(text)
+    except ValueError:
+        return None
+
+
+class Boundaries:
+    """Which `Host` a request may name, and which `Origin` may change consent.
+
+    A page whose name an attacker re-points at dnsgate (DNS rebinding) sends its own name as Host:
+    only dnsgate's names (the portal host, localhost, `api.hosts`) and the IP literal of the socket
+    that took the connection (or a configured address) are served. Origins are dnsgate's own pages
+    as served: http, one of those names or an address dnsgate listens on, and the port of one of its
+    listeners; plus the portal's configured URL and `api.allowed_origins`. Nothing else, so no IP
+    literal, other port or scheme stands in for dnsgate.
+    """
+
+    def __init__(self, names: Iterable[str], addresses: Iterable[str], listeners: Iterable[tuple[str, int]],
+                 allowed_origins: Iterable[str] = (), extra_origins: Iterable[str] = (),
+                 is_local: Callable[[str], bool] = is_local_address) -> None:
+        self.names = frozenset(n.lower().rstrip(".") for n in names)
+        self.addresses = frozenset(a for a in map(_ip, addresses) if a is not None)
+        self.listeners = tuple((h, p) for h, p in listeners)
+        self.ports = frozenset(p for _, p in self.listeners)
+        self.allowed_origins = frozenset(allowed_origins)
+        self.extra_origins = frozenset(o.rstrip("/").lower() for o in extra_origins)
+        self.is_local = is_local
+
+    def host_allowed(self, header: str | None, local_address: str | None) -> bool:
+        """`header`: the request's Host (None: absent, as from HTTP/1.0 probes; a browser always sends
+        one); `local_address`: the address of the socket that took the connection."""
+        if header is None:
+            return True
+        try:
+            host = urlsplit("//" + header.strip()).hostname
+        except ValueError:
+            return False
+        if not host:
+            return False
+        host = host.rstrip(".")
+        if host in self.names:
+            return True
+        ip = _ip(host)
+        return ip is not None and (ip in self.addresses or ip == local_address)
+
+    def origin_allowed(self, origin: str) -> bool:
+        if origin in self.allowed_origins or origin.lower() in self.extra_origins:
+            return True
+        try:
+            parts = urlsplit(origin)
+            port = parts.port or 80
+        except ValueError:
+            return False
+        host = (parts.hostname or "").rstrip(".")
+        if parts.scheme != "http" or not host or port not in self.ports or parts.path or parts.query:
+            return False
+        if host in self.names:
+            return True
+        ip = _ip(host)
+        if ip is None:
+            return False
+        return ip in self.addresses or any(port == p and self._listens_on(h, ip) for h, p in self.listeners)
+
+    def _listens_on(self, listener: str, ip: str) -> bool:
+        family = WILDCARDS.get(listener)
+        if family is None:
+            return _ip(listener) == ip
+        return (family == 6 or ipaddress.ip_address(ip).version == 4) and self.is_local(ip)
+
+
+def local_address(request: web.Request) -> tuple[str, int] | None:
+    """(address, port) of the socket that took the request's connection."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sockname:
+        return None
+    return normalize_client(str(sockname[0])), int(sockname[1])
+
+
+def host_guard(boundaries: Boundaries) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        local = local_address(request)
+        header = request.headers.get("Host")
+        if not boundaries.host_allowed(header, local[0] if local else None):
+            return error_response(421, "misdirected_request",
+                                  f"Host {header!r} is not this dnsgate: open it by the portal's name, localhost or "
+                                  "its address, or list the name in api.hosts")
+        return await handler(request)
+
+    return middleware

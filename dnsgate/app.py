@@ -24,11 +24,13 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from . import dns_stack
 from .api import ApiSettings, create_app
+from .api_guard import Boundaries
 from .catalog import CatalogError
 from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
@@ -314,13 +316,11 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             if admin_address is not None and admin_socket is not None else None
         settings = ApiSettings(
             admin_token=token,
-            allowed_origins=frozenset(cfg.api.allowed_origins),
-            api_port=api_bound.port,
-            own_hosts=frozenset({"localhost", cfg.portal.host.lower()}),
+            boundaries=api_boundaries(cfg, api_bound, admin_bound),
             max_days=cfg.consent.max_days,
             max_body=cfg.api.max_body_bytes,
             consent_changes_per_minute=cfg.api.consent_changes_per_minute,
-            admin_port=admin_bound.port if admin_bound is not None else 0,
+            admin=(admin_bound.host, admin_bound.port) if admin_bound is not None else None,
         )
         running_workers = workers
         sources = Sources(dns=dns_counts, current_catalog=lambda: pipeline.catalog, consent=table,
@@ -369,6 +369,29 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         await stop.wait()
         log.info("stopping")
     log.info("stopped")
+
+
+def api_boundaries(cfg: Config, api: HostPort, admin: HostPort | None) -> Boundaries:
+    """The Host names and Origins that are dnsgate's own: the portal host, localhost, api.hosts and
+    portal.addresses, every listener's address and port, and the configured portal URL."""
+    names = {"localhost", cfg.portal.host}
+    addresses = set(cfg.portal.addresses)
+    for host in cfg.api.hosts:
+        (addresses if _is_ip(host) else names).add(host)
+    portal = urlsplit(cfg.portal.url) if cfg.portal.url else None
+    if portal is not None and portal.hostname:
+        names.add(portal.hostname)
+    listeners = [(api.host, api.port)] + ([(admin.host, admin.port)] if admin is not None else [])
+    extra = [f"{portal.scheme}://{portal.netloc}"] if portal is not None else []
+    return Boundaries(names, addresses, listeners, cfg.api.allowed_origins, extra)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        normalize_client(text)
+    except ValueError:
+        return False
+    return True
 
 
 def open_backend(cfg: Config, data_dir: Path) -> tuple[ConsentBackend, str]:

@@ -173,6 +173,10 @@ class ApiConfig:
     admin_token: str = ""
     # Origins (scheme://host[:port]) besides dnsgate's own that may change consent from a browser.
     allowed_origins: tuple[str, ...] = ()
+    # Names and addresses dnsgate is also reached by, besides the portal host, localhost and the
+    # address a request arrives on (a proxy's name, the host's address behind a port mapping).
+    # A request naming any other Host gets 421, so a DNS-rebound page reads nothing.
+    hosts: tuple[str, ...] = ()
     # A separate listener for the admin endpoints (e.g. "127.0.0.1:8054"); they then answer only there.
     # Empty: on `listen`, behind the token.
     admin_listen: str = ""
@@ -574,6 +578,9 @@ def validate(cfg: Config) -> Config:
             origin.startswith(("http://", "https://")) and origin.count("/") == 2,
             f"api.allowed_origins: expected scheme://host[:port], got {origin!r}",
         )
+    for host in cfg.api.hosts:
+        _check(bool(HOST_LABELS.fullmatch(host)) or _is_ip(host),
+               f"api.hosts: expected a host name or an IP address, got {host!r}")
     for server in cfg.upstream_servers:
         _check(not points_at(server, cfg.dns_listen),
                f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
@@ -662,6 +669,18 @@ def validate(cfg: Config) -> Config:
            f"events.webhook_url: expected an http:// or https:// URL, got {cfg.events.webhook_url!r}")
     _check(cfg.events.webhook_timeout > 0, f"events.webhook_timeout: must be > 0, got {cfg.events.webhook_timeout}")
     return cfg
+
+
+HOST_LABELS: Final = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                                r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 HOST_NAME: Final = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"

@@ -120,8 +120,9 @@ async def test_admin_bad_ip_is_400(gate: Gate, ip: str) -> None:
 
 @pytest.mark.parametrize("origin_of", ["api", "localhost", "portal"])
 async def test_dnsgate_own_origins_may_change_consent(gate: Gate, origin_of: str) -> None:
-    origin = {"api": gate.api_url, "localhost": "http://localhost:8053",
-              "portal": "http://consent.dnsgate.internal"}[origin_of]
+    port = gate.running.api.port  # exactly as served: the API's port (tests/security: anything else is refused)
+    origin = {"api": gate.api_url, "localhost": f"http://localhost:{port}",
+              "portal": f"http://consent.dnsgate.internal:{port}"}[origin_of]
     status, _ = await gate.http("PUT", "/v1/consent", json=GRANT, headers={"Origin": origin})
     assert status == 200
 

@@ -231,9 +231,14 @@ async def test_portal_host_is_configurable(upstream: StubUpstream, data_dir: Pat
     async with running_gate(cfg) as g:
         status, headers, _ = await fetch(g.api_url + "/")
         assert "http://*.pair.consent.home.arpa" in headers["Content-Security-Policy"]
+        port = g.running.api.port
         status, state = await g.http("PUT", "/v1/consent", json={"categories": []},
-                                     headers={"Origin": "http://consent.home.arpa"})
+                                     headers={"Origin": f"http://consent.home.arpa:{port}"})
         assert status == 200 and state["pairing"]["name"].endswith(".pair.consent.home.arpa")
+        # the configured URL is an origin of the portal as served (behind its proxy); other ports are not
+        for origin, expected in (("https://consent.example.net", 200), ("http://consent.home.arpa", 403)):
+            status, _ = await g.http("PUT", "/v1/consent", json={"categories": []}, headers={"Origin": origin})
+            assert status == expected, origin
         _, status_body = await g.http("GET", "/v1/consent/status")
         assert status_body["portal_url"] == "https://consent.example.net/"
 
