@@ -58,7 +58,7 @@ class ConsentControl(Protocol):
     async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView: ...
     async def honour_gpc(self, caller: Caller) -> bool: ...
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView: ...
-    def offer_pairing(self, caller: Caller) -> Offer: ...
+    def offer_pairing(self, caller: Caller) -> Offer | None: ...
     def view(self, address: str, mac: str | None = None) -> ClientView: ...
     def view_subject(self, subject: Subject) -> ClientView: ...
     def views(self) -> list[ClientView]: ...
@@ -595,14 +595,16 @@ async def whoami(request: web.Request) -> web.Response:
         address, _, mac = paired.dns_key.partition(KEY_SEPARATOR)
         dns = {"address": address, "mac": mac or control.mac_of(address), "paired_at": iso(paired.at)}
     return web.json_response({
-        "http": {"address": c.address, "mac": c.mac}, "dns": dns,
-        "profile": view_json(view)["profile"], "pairing": offer_json(control.offer_pairing(c)),
+        "http": {"address": c.address, "mac": c.mac}, "dns": dns, "profile": view_json(view)["profile"],
     })
 
 
 def _own_state(control: ConsentControl, view: ClientView, c: Caller) -> web.Response:
+    """A consent change's answer: the new state, and a pairing token for the page (tokens are minted
+    here only, where a page needs one; None when this client had its share)."""
+    offer = control.offer_pairing(c)
     return web.json_response({**view_json(view), "sec_gpc": c.sec_gpc,
-                              "pairing": offer_json(control.offer_pairing(c))})
+                              "pairing": offer_json(offer) if offer is not None else None})
 
 
 # ------------------------------------------------------------------------------------------------

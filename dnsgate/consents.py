@@ -480,7 +480,7 @@ class ConsentService:
         return self._after(subject)
 
     # -- pairing ---------------------------------------------------------------------------------
-    def offer_pairing(self, caller: Caller) -> Offer:
+    def offer_pairing(self, caller: Caller) -> Offer | None:
         assert caller.address is not None
         return self.pairings.offer(caller.address, caller.mac, self.wall())
 

@@ -141,7 +141,8 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
         "kiosk": {"oneOf": [{"type": "null"}, obj({"idle_minutes": {"type": "number"}, "last_seen": TIME})]},
     })
     pairing = obj({"token": {"type": "string"}, "name": {"type": "string"}, "expires_at": TIME})
-    own = {"allOf": [ref("ConsentState"), obj({"sec_gpc": NULLABLE_STRING}, {"pairing": ref("Pairing")})]}
+    own = {"allOf": [ref("ConsentState"), obj({"sec_gpc": NULLABLE_STRING},
+                                              {"pairing": {"oneOf": [{"type": "null"}, ref("Pairing")]}})]}
     choice_request = choice_request_schema(categories, vendors, languages, max_days)
     event = obj({"id": {"type": ["integer", "null"]}, "time": TIME, "action": {"type": "string"},
                  "address": NULLABLE_STRING, "mac": NULLABLE_STRING, "network": NULLABLE_STRING,
@@ -285,7 +286,7 @@ def paths() -> dict[str, Any]:
                                    "dns": {"oneOf": [{"type": "null"}, obj({"address": {"type": "string"},
                                                                            "mac": NULLABLE_STRING,
                                                                            "paired_at": TIME})]},
-                                   "profile": obj({"name": PROFILE}), "pairing": ref("Pairing")}))}}},
+                                   "profile": obj({"name": PROFILE})}))}}},
         "/v1/clients": {"get": {"tags": ["admin"], "summary": "Every device, address and network with a choice",
                                 "security": ADMIN,
                                 "responses": {"200": ok(obj({"clients": array(ref("ConsentState"))})),
