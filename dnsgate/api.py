@@ -399,8 +399,9 @@ async def json_body(request: web.Request, *, optional: bool = False) -> dict[str
     return body
 
 
-CHOICE_FIELDS = frozenset({"categories", "choices", "vendors", "days", "notice", "language", "channel"})
+CHOICE_FIELDS = frozenset({"categories", "choices", "vendors", "days", "notice", "language", "channel", "pairing"})
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+TOKEN = re.compile(r"[0-9a-fA-F]{1,64}")
 
 
 def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tuple[ChoiceRequest, str]:
@@ -468,7 +469,11 @@ def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tu
     channel = body.get("channel", "device")
     if channel not in ("portal", "device"):
         raise ApiError(400, "invalid_field", "channel must be 'portal' or 'device'", "channel")
-    return ChoiceRequest(categories, dict(vendors), days, sha, version, language), channel
+    pairing = body.get("pairing")
+    if pairing is not None and (not isinstance(pairing, str) or not TOKEN.fullmatch(pairing)):
+        raise ApiError(400, "invalid_field", "pairing must be the token another address of this device was given",
+                       "pairing")
+    return ChoiceRequest(categories, dict(vendors), days, sha, version, language, pairing), channel
 
 
 def user_agent(request: web.Request) -> str:

@@ -27,9 +27,18 @@ from .catalog import Vendor
 
 Profile = Literal["opt-in", "opt-out", "kiosk", "deny", "allow"]
 PROFILES: Final[tuple[Profile, ...]] = ("opt-in", "opt-out", "kiosk", "deny", "allow")
-Channel = Literal["portal", "device", "admin", "system"]
-CHANNELS: Final = ("portal", "device", "admin", "system")
-Source = Literal["self", "admin"]
+# "pairing": carried from the HTTP client a link reached this subject from (refusals, withdrawals and
+# session ends only; the event's reason names that client).
+Channel = Literal["portal", "device", "admin", "system", "pairing"]
+CHANNELS: Final = ("portal", "device", "admin", "system", "pairing")
+Source = Literal["self", "admin", "paired"]
+
+
+def source_of(channel: str) -> Source:
+    """Who made a choice: the subject itself, an admin, or another client through pairing."""
+    return "admin" if channel == "admin" else "paired" if channel == "pairing" else "self"
+
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MEMO_LIMIT: Final = 65_536
@@ -193,7 +202,7 @@ class Choice:
 
     @property
     def source(self) -> Source:
-        return "admin" if self.channel == "admin" else "self"
+        return source_of(self.channel)
 
     @property
     def grants_anything(self) -> bool:

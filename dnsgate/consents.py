@@ -13,8 +13,14 @@ Rules that need time or context live here, not in the table:
   (after the signal was seen: the later, specific word wins);
 - kiosk: a session ends by an API call or after `kiosk_idle_minutes` without DNS queries; each
   reset is recorded;
-- pairing: a DNS source resolving a token is bound to the HTTP caller's choice; a later
-  withdrawal by that caller reaches every DNS source paired with it;
+- pairing: a grant applies only to the identity that made it (the HTTP caller, with its MAC). A
+  link (a DNS source that looked up a caller's pairing name, or another address of the device
+  that made the same choice naming the caller's token) carries refusals, withdrawals and session
+  ends from the caller, never a grant, and never into a choice the target made itself after the
+  link; a trusted forwarder's own address is never reached (it speaks for every device behind it);
+- kiosk sessions reach every identity linked to the kiosk: a session end resets each with an event,
+  queries from any of them keep the session in use, and a choice linked to a kiosk lasts no longer
+  than a kiosk choice;
 - the sweeper records expiries and idle kiosk resets, and applies the retention period.
 
 Where consent is kept is the `consent_backend.ConsentBackend` the service is given: SQLite, or Redis
@@ -67,6 +73,7 @@ DAY: Final = 86_400.0
 REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after an opt-out
 RETENTION_EVERY: Final = 3600.0
 NO_OPERATOR: Final = Operator()
+PAIRED_GRANT: Final = "paired with HTTP client"  # the reason of grants pairing once copied (migrated away)
 PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
 
 
@@ -97,6 +104,18 @@ class ChoiceRequest:
     notice_sha256: str | None = None
     notice_version: str | None = None
     language: str | None = None
+    # The pairing token another address of the same device was given: the portal page records the
+    # choice through each address family, and this links the two (see `Link`).
+    pairing: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A choice made naming another client's pairing token: that client (`owner`) reaches this one."""
+
+    owner: Subject
+    key: str  # this client's key in the owner's links
+    kiosk: bool  # the owner is a kiosk: this choice belongs to its session
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +319,7 @@ class ConsentService:
     def view(self, address: str, mac: str | None = None) -> ClientView:
         """A live client's consent, exactly as its DNS queries are decided."""
         now = self.wall()
+        self._session_activity(now, (address,))
         r = self.table.resolve(address, mac, now)
         return self._view(address, Subject(address, r.mac), r, now)
 
@@ -381,27 +401,38 @@ class ConsentService:
                 raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
             basis, categories, vendors = self._covered(request)
             action = "grant" if any(categories.values()) or any(vendors.values()) else None
-            if action is None and self.store.shared:
-                # A withdrawal reaches DNS sources paired through any instance.
-                links = await self._in_store(self.store.pairings_of(subject.key))
-                self.paired[subject.key] = {**links, **self.paired.get(subject.key, {})}
+            if action == "grant" and caller.channel != "admin" and subject.address in self.trusted_forwarders:
+                raise ConsentError(409, "forwarder_address",
+                                   f"{subject.address} is a forwarder (identity.trusted_forwarders): it speaks for "
+                                   "every device behind it, so a grant made from it would apply to all of them; "
+                                   "choose on the device itself")
+            link = self._link(request.pairing, subject, caller, now)
+            link_note = "" if link is None else (
+                f"made through this address by the portal of {link.owner.describe()}, which it is linked to"
+                + (" (a kiosk session: it lasts no longer than a kiosk choice)" if link.kiosk else ""))
+            if self.store.shared:
+                await self._load_links(subject)
 
             def plan() -> list[Step]:
                 steps = self._kiosk_idle_resets(subject, caller, now)
                 opted, gpc_seen_at, gpc_note = self._under_gpc(subject, categories, vendors, caller, profile, now)
                 expires_at, days_note = self._expiry(profile, categories, opted, now, request.days)
-                reason = "; ".join(note for note in (gpc_note, days_note) if note)
+                if link is not None and link.kiosk:  # it belongs to the kiosk's session
+                    expires_at = min(expires_at, now + self._days("kiosk") * DAY)
+                reason = "; ".join(note for note in (link_note, gpc_note, days_note) if note)
                 main = self._choice_step(subject, action, categories, opted, now, expires_at,
                                          self._covering(basis, opted), caller, profile, reason=reason,
                                          gpc_seen_at=gpc_seen_at)
+                if link is not None:
+                    main = dataclasses.replace(main, pairing=(link.owner.key, link.key))
                 steps.append(main)
-                if main.event.action == "withdrawal":
-                    steps += self._withdrawals_for_paired(subject, main.event, caller)
+                steps += self._carried(subject, main.event)
                 return steps
 
             await self._change(plan)
-            if profile == "kiosk" and subject.address is not None:
-                self.table.set_seen(subject.address, now)  # a new session: its idle clock starts now
+            if subject.address is not None and (profile == "kiosk" or (link is not None and link.kiosk)):
+                # a new session (or an identity joining one): its idle clock starts now
+                self.table.set_seen(subject.address, now)
                 await self._replicate()  # (a worker's clock of the session before must not end this one)
                 if self.store.shared:
                     with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
@@ -458,25 +489,34 @@ class ConsentService:
             return await self._change(plan) > 0
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
-        """Reset the choices that apply personally to `subject` (a kiosk session ended)."""
+        """End a session: reset the choices that apply personally to `subject` and, for the device
+        itself (a kiosk, or a page in kiosk layout), those of every identity linked to it."""
         async with self._lock:
             now = self.wall()
             profile, why = self.profile_of(subject)
-            if caller.channel != "admin" and profile != "kiosk":
-                raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
+            if caller.channel != "admin" and profile in ("deny", "allow"):
+                raise ConsentError(409, "profile_fixed", f"{why}: there is no session to end on a {profile} network")
+            own_device = caller.channel != "admin" and subject.network is None
+            if own_device and self.store.shared:
+                await self._load_links(subject)
+            reached = list(self.paired.get(subject.key, {})) if own_device else []
 
             def plan() -> list[Step]:
-                if subject.network is not None or caller.channel == "admin":
+                if not own_device:
                     own = self.table.choice_of(subject)
                     ended = [own] if own is not None else []
                 else:
                     ended = self.table.personal_choices(subject.address or "", subject.mac)
-                return [self._reset_step(c, now, profile, caller, reason) for c in ended]
+                steps = [self._reset_step(c, now, profile, caller, reason) for c in ended]
+                if own_device:
+                    steps += self._session_resets(subject, {c.id for c in ended}, now, reason)
+                return steps
 
             await self._change(plan)
-            if subject.address is not None:
-                self.table.set_seen(subject.address, None)
-                await self._replicate()
+            for key in [subject.address, *reached]:
+                if key is not None:
+                    self.table.set_seen(key, None)
+            await self._replicate()
         return self._after(subject)
 
     # -- pairing ---------------------------------------------------------------------------------
@@ -493,6 +533,8 @@ class ConsentService:
         return True
 
     async def _bind(self, offer: Offer, dns_client: str) -> None:
+        """Link the DNS source that looked up `offer`'s name to the HTTP caller it was given to. What
+        the link carries now: the caller's refusals, into a target that has no choice of its own."""
         async with self._lock:
             now = self.wall()
             http = Subject(offer.address, offer.mac)
@@ -504,23 +546,46 @@ class ConsentService:
             def plan() -> list[Step]:
                 recorded = next(iter(self.table.personal_choices(offer.address, offer.mac)), None)
                 source = recorded.in_force(now) if recorded is not None else None
-                profile, _ = self.profile_of(dns)
-                if source is None or profile in ("deny", "allow"):
+                target = self._link_target(http, dns_client)
+                if source is None or target is None:
                     return []
-                caller = Caller(dns.address, dns.mac, "portal" if source.channel == "portal" else "device",
-                                sec_gpc=source.sec_gpc)
-                lifetime, _ = self._expiry(profile, source.categories, source.vendors, now)
+                current = self.table.choice_of(target)
+                if current is not None and current.channel != "pairing":
+                    return []  # the target's own choice: the link carries nothing into it now
+                narrowed = _narrowed(current, source.categories, source.vendors)
+                if narrowed is None:
+                    return []
+                categories, vendors = narrowed
+                profile = self.profile_of(target)[0]
+                lifetime, _ = self._expiry(profile, categories, vendors, now)
                 step = self._choice_step(
-                    dns, "grant" if source.grants_anything else None, source.categories, source.vendors, now,
-                    min(source.expires_at, lifetime), Basis.of(source), caller, profile,
-                    reason=f"paired with HTTP client {http.describe()}: copy of choice #{source.id}",
-                    gpc_seen_at=source.gpc_seen_at if profile == "opt-out" else None)
+                    target, "refusal", categories, vendors, now, min(source.expires_at, lifetime), Basis.of(source),
+                    Caller(http.address, http.mac, "pairing"), profile,
+                    reason=f"refusals of choice #{source.id} by {http.describe()}, carried by pairing: "
+                           f"{target.describe()} looked up its pairing name (pairing carries refusals, "
+                           "withdrawals and session ends, never a grant)")
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
             if not await self._change(plan):
                 await self._in_store(self.store.remember_pairing(http.key, dns_client, now))
             self.paired.setdefault(http.key, {})[dns_client] = now
+            if self.profile_of(http)[0] == "kiosk":  # the kiosk's DNS source: its queries keep the session
+                self.table.set_seen(dns_client, now)
+                await self._replicate()
             log.info("consent paired: http=%s dns=%s", http.key, dns_client)
+
+    def _link(self, token: str | None, subject: Subject, caller: Caller, now: float) -> Link | None:
+        """The link a choice names (`ChoiceRequest.pairing`): the token's owner reaches `subject`."""
+        if token is None:
+            return None
+        offer = self.pairings.lookup(token, now)
+        if offer is None:
+            raise ConsentError(400, "invalid_field", "pairing: no such token, or it expired (a token lives "
+                               f"{self.pairings.ttl:g} s): choose again", "pairing")
+        owner = Subject(offer.address, offer.mac)
+        if owner.key == subject.key or subject.address is None or caller.channel == "admin":
+            return None
+        return Link(owner, subject.address, self.profile_of(owner)[0] == "kiosk")
 
     def _dns_subject(self, dns_client: str) -> Subject:
         """The subject a DNS client key names. A MAC sent by a trusted forwarder without a Client
@@ -530,21 +595,86 @@ class ConsentService:
             return Subject(None, mac)
         return Subject(address, mac or self.table.mac_of(address))
 
-    def _withdrawals_for_paired(self, subject: Subject, event: Event, caller: Caller) -> list[Step]:
+    def _link_target(self, http: Subject, key: str) -> Subject | None:
+        """The subject a link from `http` reaches, if anything may be carried to it: not `http`
+        itself, not a trusted forwarder's own address (it speaks for every device behind it), and
+        not one on a fixed network."""
+        address, _, mac = key.partition(KEY_SEPARATOR)
+        if not mac and address in self.trusted_forwarders:
+            return None
+        target = self._dns_subject(key)
+        if target.key == http.key or self.profile_of(target)[0] in ("deny", "allow"):
+            return None
+        return target
+
+    def _carried(self, http: Subject, event: Event) -> list[Step]:
+        """What a new choice by `http` carries to the identities linked to it: its refusals into a
+        target without a choice of its own, and, for a withdrawal, a withdrawal of the target's own
+        choice made before the link. Never a grant; never into a choice the target made later."""
         steps: list[Step] = []
-        for dns_client in self.paired.get(subject.key, {}):
-            dns = self._dns_subject(dns_client)
-            if dns.key == subject.key:
+        for key, linked_at in self.paired.get(http.key, {}).items():
+            target = self._link_target(http, key)
+            if target is None:
                 continue
-            profile, _ = self.profile_of(dns)
-            if profile in ("deny", "allow"):
+            current = self.table.choice_of(target)
+            if current is None or current.channel == "pairing":
+                narrowed = _narrowed(current, event.categories, event.vendors)
+                if narrowed is None:
+                    continue
+                categories, vendors = narrowed
+            elif event.action == "withdrawal" and current.made_at <= linked_at:
+                categories = {c.id: False for c in self.catalog.categories}
+                vendors = {**{v: False for v in current.vendors}, **{v: False for v, said in event.vendors.items()
+                                                                     if said is False}}
+            else:
                 continue
-            lifetime, _ = self._expiry(profile, event.categories, event.vendors, event.at)
+            profile = self.profile_of(target)[0]
+            lifetime, _ = self._expiry(profile, categories, vendors, event.at)
             steps.append(self._choice_step(
-                dns, None, event.categories, event.vendors, event.at, min(event.expires_at or event.at, lifetime),
-                Basis.of(event), caller, profile, reason=f"withdrawal by paired HTTP client {subject.describe()}",
-                gpc_seen_at=event.gpc_seen_at if profile == "opt-out" else None))
+                target, None, categories, vendors, event.at, min(event.expires_at or event.at, lifetime),
+                Basis.of(event), Caller(http.address, http.mac, "pairing"), profile,
+                reason=f"{'withdrawal' if event.action == 'withdrawal' else 'refusals'} by {http.describe()} "
+                       f"carried by pairing to {target.describe()}, linked {iso(linked_at)} (pairing carries "
+                       "refusals, withdrawals and session ends, never a grant)"))
         return steps
+
+    def _session_resets(self, http: Subject, ending: set[int], now: float, reason: str) -> list[Step]:
+        """A session of `http` ended: reset the choices of every identity it reached, except those a
+        target made itself after the link."""
+        steps: list[Step] = []
+        for key, linked_at in self.paired.get(http.key, {}).items():
+            target = self._link_target(http, key)
+            if target is None:
+                continue
+            choices = (self.table.personal_choices(target.address, target.mac) if target.address is not None
+                       else [c for c in [self.table.choice_of(target)] if c is not None])
+            for c in choices:
+                if c.id in ending or (c.channel != "pairing" and c.made_at > linked_at):
+                    continue
+                ending.add(c.id)
+                steps.append(self._reset_step(
+                    c, now, self.profile_of(c.subject)[0], Caller(http.address, http.mac, "pairing"),
+                    f"{reason}: the kiosk session of {http.describe()} reached {c.subject.describe()} "
+                    f"(linked {iso(linked_at)})"))
+        return steps
+
+    async def _load_links(self, subject: Subject) -> None:
+        """Links recorded through any instance (a shared store): what a change by `subject` reaches."""
+        links = await self._in_store(self.store.pairings_of(subject.key))
+        self.paired[subject.key] = {**links, **self.paired.get(subject.key, {})}
+
+    def _session_activity(self, now: float, keys: Iterable[str] | None = None) -> None:
+        """A kiosk session is in use while any identity it reached asks: each kiosk's last query is
+        the latest of its linked identities' (the sweeper notes it for all, a view for its client)."""
+        seen = self.table.kiosk_seen
+        for key in list(seen) if keys is None else [k for k in keys if k in seen]:
+            address, _, mac = key.partition(KEY_SEPARATOR)
+            if self.table.profiles.of(address)[0] != "kiosk":
+                continue
+            links = self.paired.get(Subject(address, mac or self.table.mac_of(address)).key, {})
+            latest = max((seen.get(k, 0.0) for k in links), default=0.0)
+            if seen[key] < latest <= now:
+                self.table.set_seen(key, latest)
 
     # -- sweeping --------------------------------------------------------------------------------
     async def sweep(self) -> int:
@@ -553,6 +683,7 @@ class ConsentService:
             now = self.wall()
             if self.store.shared and self.table.kiosk_seen:
                 await self._share_activity()
+            self._session_activity(now)
             idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
 
             def plan() -> list[Step]:
@@ -566,16 +697,20 @@ class ConsentService:
                                   reason=f"choice #{choice.id} expired at {iso(choice.expires_at)}",
                                   items=choice.items, terms=choice.terms, language=choice.language),
                             ends=(choice.id,), only_if_current=choice.id))
-                ending = {s.event.supersedes for s in steps}
+                ending = {s.event.supersedes for s in steps if s.event.supersedes is not None}
+                idle = f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes"
                 for key in idle_keys:
                     address, _, mac = key.partition(KEY_SEPARATOR)
                     profile, _ = self.table.profiles.of(address)
-                    for choice in self.table.personal_choices(address, mac or self.table.mac_of(address)):
-                        if choice.id not in ending and profile == "kiosk":
+                    if profile != "kiosk":
+                        continue
+                    device = mac or self.table.mac_of(address)
+                    for choice in self.table.personal_choices(address, device):
+                        if choice.id not in ending:
                             ending.add(choice.id)
-                            steps.append(self._reset_step(
-                                choice, now, profile, Caller(address, mac or None, "system"),
-                                f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes"))
+                            steps.append(self._reset_step(choice, now, profile, Caller(address, mac or None, "system"),
+                                                          idle))
+                    steps += self._session_resets(Subject(address, device), ending, now, idle)
                 return steps
 
             recorded = await self._change(plan)
@@ -768,6 +903,8 @@ class ConsentService:
     def _kiosk_idle_resets(self, subject: Subject, caller: Caller, now: float) -> list[Step]:
         """A new kiosk choice after an idle gap the sweeper has not yet seen: record the reset first."""
         address = subject.address
+        if address is not None:
+            self._session_activity(now, (address,))
         last = self.table.kiosk_seen.get(address or "")
         if address is None or last is None or now - last <= self.table.kiosk_idle:
             return []
@@ -898,6 +1035,19 @@ class ConsentService:
 
 def _refused(d: Decision) -> bool:
     return d.by_choice and not d.allowed
+
+
+def _narrowed(current: Choice | None, categories: Mapping[str, bool],
+              vendors: Mapping[str, bool]) -> tuple[dict[str, bool], dict[str, bool]] | None:
+    """`current` (a choice pairing carried, or none) with the refusals among `categories` and
+    `vendors` added; None if that refuses nothing new."""
+    base_c = dict(current.categories) if current is not None else {}
+    base_v = dict(current.vendors) if current is not None else {}
+    new_c = {**base_c, **{c: False for c, said in categories.items() if said is False}}
+    new_v = {**base_v, **{v: False for v, said in vendors.items() if said is False}}
+    if (new_c, new_v) == (base_c, base_v):
+        return None
+    return new_c, new_v
 
 
 def _in_network(subject: Subject, network: IPNetwork) -> bool:

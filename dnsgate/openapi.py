@@ -70,7 +70,7 @@ BAD: Final = error("Invalid input: the `field` names the culprit; nothing change
 NO_ROUTE: Final = error("No such route (the path holds characters no client name has)")
 UNAUTHORIZED: Final = error("Admin endpoint without the right `Authorization: Bearer` token")
 FORBIDDEN: Final = error("A browser Origin that may not change consent")
-CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `not_kiosk`)")
+CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `forwarder_address`)")
 UNSUPPORTED: Final = error("The body must be application/json")
 TOO_LARGE: Final = error("The body is over 16 KiB")
 TIME_PARAMS: Final = [query("since", "ISO 8601 time"), query("until", "ISO 8601 time")]
@@ -103,6 +103,9 @@ def choice_request_schema(categories: tuple[str, ...], vendors: tuple[str, ...],
                                       "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}},
             "language": {"enum": [*languages, None]},
             "channel": {"type": "string", "enum": ["portal", "device"]},
+            "pairing": {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{1,64}$",
+                        "description": "the pairing token another address of this device was given: the portal "
+                                       "records a choice through each address family, and this links them"},
         },
         "not": {"required": ["categories", "choices"]},
         "anyOf": [{"required": ["categories"]},
@@ -120,7 +123,7 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
         "subject": obj({"address": NULLABLE_STRING, "mac": NULLABLE_STRING, "network": NULLABLE_STRING}),
         "categories": mapping({"type": "boolean"}), "vendors": mapping({"type": "boolean"}),
         "made_at": TIME, "expires_at": TIME, "active": {"type": "boolean"}, "refusals_stand": {"type": "boolean"},
-        "channel": {"type": "string"}, "source": {"type": "string", "enum": ["self", "admin"]},
+        "channel": {"type": "string"}, "source": {"type": "string", "enum": ["self", "admin", "paired"]},
         "profile": {"type": "string"}, "sec_gpc": NULLABLE_STRING, "gpc_seen_at": TIME,
         "notice": {"oneOf": [{"type": "null"}, obj({
             "catalog": {"type": "string"}, "version": {"type": "string"}, "sha256": {"type": "string"},

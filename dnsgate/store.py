@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import sqlite_utils
 
-from .consent import Choice, NoticeRef, Subject
+from .consent import Choice, NoticeRef, Subject, source_of
 
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
@@ -92,7 +92,7 @@ class Event:
 
     @property
     def source(self) -> str:
-        return "admin" if self.channel == "admin" else "self"
+        return source_of(self.channel)
 
     def as_choice(self, event_id: int) -> Choice:
         assert self.expires_at is not None

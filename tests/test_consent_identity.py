@@ -15,6 +15,7 @@ import pytest
 from dnsgate.config import ApiConfig
 from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import FakeClock, FakeNeighbours, consent_config, edns_option, eventually, parse_jsonl
+from tests.security.helpers import request
 from tests.stub_upstream import StubUpstream
 
 GRANT = {"categories": ["marketing"]}
@@ -120,55 +121,69 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not configured on this machine")
-async def test_pairing_binds_the_dns_source_to_the_http_callers_choice(upstream: StubUpstream,
-                                                                         data_dir: Path) -> None:
-    """The browser talks HTTP over IPv6 (::1); the device's DNS queries come from 127.0.8.1."""
-    base = make_config(upstream, data_dir, api=ApiConfig(listen="[::1]:0", admin_token=TOKEN))
+async def test_pairing_links_the_dns_source_and_each_address_chooses_for_itself(upstream: StubUpstream,
+                                                                                 data_dir: Path) -> None:
+    """The browser talks HTTP over IPv6 (::1); the device's DNS queries come from 127.0.8.1. Pairing
+    finds that source; the grant reaches it only when the page records the choice through it too."""
+    base = make_config(upstream, data_dir, api=ApiConfig(listen="[::]:0", admin_token=TOKEN))  # both families
     device = "127.0.8.1"
     async with running_gate(consent_config(base), wall=FakeClock()) as g:
-        status, body = await g.http("PUT", "/v1/consent", source="::1", json=GRANT)
+        status, body = await call(g, "PUT", "/v1/consent", source="::1", json=GRANT)
         assert status == 200 and body["client"] == "::1"
         name = body["pairing"]["name"]
         assert name.endswith(".pair.consent.dnsgate.internal")
         assert await rcode(g, device) == dns.rcode.NXDOMAIN
-        status, who = await g.http("GET", "/v1/whoami", source="::1")
+        status, who = await call(g, "GET", "/v1/whoami", source="::1")
         assert who["http"]["address"] == "::1" and who["dns"] is None
 
         paired = await g.query(name, source=device)
         assert paired.rcode() == dns.rcode.NOERROR and not paired.answer and not paired.authority
 
         async def bound() -> bool:
-            return (await g.http("GET", "/v1/whoami", source="::1"))[1]["dns"] is not None
+            return (await call(g, "GET", "/v1/whoami", source="::1"))[1]["dns"] is not None
 
         await eventually(bound)
-        who = (await g.http("GET", "/v1/whoami", source="::1"))[1]
+        who = (await call(g, "GET", "/v1/whoami", source="::1"))[1]
         assert who["dns"]["address"] == device
-        assert await rcode(g, device) == dns.rcode.NOERROR
+        assert await rcode(g, device) == dns.rcode.NXDOMAIN  # a grant is never carried
         assert (await g.query(name, source=device)).rcode() == dns.rcode.NXDOMAIN  # used once
         assert (await g.query("0" * 20 + ".pair.consent.dnsgate.internal", source=device)).rcode() == \
             dns.rcode.NXDOMAIN
         assert upstream.count(name) == 0  # pairing names never leave dnsgate
-        copy = (await log_of(g, f"&client={device}", source="::1"))[-1]
-        assert copy["action"] == "grant" and "paired with HTTP client address ::1" in copy["reason"]
+        carried = (await events_of(g, device))[-1]
+        assert carried["action"] == "refusal" and carried["channel"] == "pairing"
+        assert "by address ::1, carried by pairing" in carried["reason"]
 
-        # a withdrawal over HTTP reaches the paired DNS source too, in the same action
-        status, _ = await g.http("DELETE", "/v1/consent", source="::1")
+        # the page records the same choice through the device's IPv4 address, naming its token
+        status, own = await call(g, "PUT", "/v1/consent", source=device,
+                                   json={**GRANT, "pairing": body["pairing"]["token"]})
+        assert status == 200 and own["choice"]["subject"]["address"] == device
+        assert await rcode(g, device) == dns.rcode.NOERROR
+        assert "made through this address by the portal of address ::1" in \
+            (await events_of(g, device))[-1]["reason"]
+        status, answer = await call(g, "PUT", "/v1/consent", source=device, json={**GRANT, "pairing": "0" * 20})
+        assert status == 400 and answer["error"]["field"] == "pairing"
+
+        # a withdrawal over HTTP reaches the linked address too, in the same action
+        status, _ = await call(g, "DELETE", "/v1/consent", source="::1")
         assert status == 200
         assert await rcode(g, device) == dns.rcode.NXDOMAIN
-    # the pairing outlives a restart
+    # the link outlives a restart
     async with running_gate(consent_config(base), wall=FakeClock()) as g:
-        who = (await g.http("GET", "/v1/whoami", source="::1"))[1]
+        who = (await call(g, "GET", "/v1/whoami", source="::1"))[1]
         assert who["dns"]["address"] == device
 
 
-async def test_a_forwarded_device_pairs_by_its_mac(gate: Gate) -> None:
-    """Pairing through a trusted forwarder binds the device's MAC, not the forwarder's address."""
-    _status, body = await gate.http("PUT", "/v1/consent", source="127.0.7.10", json=GRANT)
-    mac = [edns_option(65001, bytes.fromhex(MAC_B.replace(":", "")))]
-    assert (await gate.query(body["pairing"]["name"], source=FORWARDER, options=mac)).rcode() == dns.rcode.NOERROR
+async def call(g: Gate, method: str, path: str, *, source: str, json: Any = None,
+               admin: bool = False) -> tuple[int, Any]:
+    """A request to the dual-stack API at the loopback address of `source`'s family."""
+    host = "[::1]" if ":" in source else "127.0.0.1"
+    headers = {"Authorization": f"Bearer {TOKEN}"} if admin else {}
+    return await request(f"http://{host}:{g.running.api.port}{path}", method, source=source, json=json,
+                         headers=headers)
 
-    async def bound() -> bool:
-        return (await rcode(gate, FORWARDER, options=mac)) == dns.rcode.NOERROR
 
-    await eventually(bound)
-    assert await rcode(gate, FORWARDER) == dns.rcode.NXDOMAIN  # other devices behind the forwarder: not
+async def events_of(g: Gate, client: str) -> list[dict[str, Any]]:
+    status, text = await call(g, "GET", f"/v1/audit/export?format=jsonl&client={client}", source="::1", admin=True)
+    assert status == 200
+    return parse_jsonl(text)

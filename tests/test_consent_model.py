@@ -288,11 +288,14 @@ def test_bad_macs(text: str) -> None:
 def test_pairing_tokens_are_one_time_and_expire() -> None:
     p = Pairings("consent.dnsgate.internal", ttl=60)
     offer = p.offer("::1", None, NOW)
+    assert offer is not None
     assert offer.name == f"{offer.token}.pair.consent.dnsgate.internal" and offer.token.isalnum()
     assert p.claim(offer.token.upper(), NOW + 1) == offer  # resolvers may change the case
     assert p.claim(offer.token, NOW + 2) is None
+    assert p.lookup(offer.token, NOW + 2) == offer  # the page may still name it through another address
     late = p.offer("::1", None, NOW)
-    assert p.claim(late.token, NOW + 61) is None
+    assert late is not None
+    assert p.claim(late.token, NOW + 61) is None and p.lookup(late.token, NOW + 61) is None
 
 
 # -- notice and log formats ---------------------------------------------------------------------

@@ -55,19 +55,20 @@ async def test_sqlite_to_redis_and_back_keeps_every_choice_and_exports_the_same_
         await g.http("GET", "/v1/consent", source=OPT_OUT + "51", headers={"Sec-GPC": "1"})
         await g.http("PUT", "/v1/consent", source=KIOSK + "51", json=GRANT)
         _, body = await g.http("PUT", "/v1/consent", source="127.0.0.55", json=GRANT)
-        await g.query(body["pairing"]["name"], source="127.0.0.54")  # 127.0.0.54 gets a copy, paired
+        await g.query(body["pairing"]["name"], source="127.0.0.54")  # 127.0.0.54 is paired: refusals carried
         clock.advance(2 * 86_400)  # 127.0.0.52 and the kiosk: their choices expire and are recorded
 
         async def swept() -> bool:
             return "expiry" in (await g.http("GET", "/v1/audit/export", admin=True))[1]
 
         async def paired() -> bool:
-            return (await g.query("trackcmp.net", source="127.0.0.54")).rcode() == 0
+            choice = (await g.http("GET", "/v1/consent", source="127.0.0.54"))[1]["choice"]
+            return choice is not None and choice["channel"] == "pairing"
 
         await eventually(swept)
         await eventually(paired)
         original = await state(g)
-    assert original[3] == [True, False, False, True, True, False, False]
+    assert original[3] == [True, False, False, False, True, False, False]
 
     sqlite_file = tmp_path / "sqlite" / "consent.sqlite3"
     assert await cli("--from", f"sqlite:{sqlite_file}", "--to", redis_server.url) == 0

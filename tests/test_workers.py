@@ -287,7 +287,12 @@ async def test_a_pairing_name_asked_through_a_worker_binds_on_the_primary(
 
         await eventually(bound)
         assert (await g.http("GET", "/v1/whoami", source=browser))[1]["dns"]["address"] == device
-        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}  # the copy of the choice, on every process
+        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}  # pairing carries no grant
+        # the page records the choice through the device's other address itself, naming the token
+        status, _ = await g.http("PUT", "/v1/consent", source=device,
+                                 json={**GRANT, "pairing": body["pairing"]["token"]})
+        assert status == 200
+        assert await rcodes(g, socks) == {"NOERROR": SOCKETS}  # on every process
         status, _ = await g.http("DELETE", "/v1/consent", source=browser)  # and a withdrawal reaches it
         assert status == 200
         assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}

@@ -1,0 +1,132 @@
+"""A kiosk session that really ends: every identity the session's choices reached (the kiosk's own
+address and MAC, the address it also chose through, every DNS source a choice was carried to) is
+reset when the session ends, by the button or for idleness, with an event each; and nothing a kiosk
+chose outlives the kiosk lifetime. Two visitors in a row, on one fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import dns.rcode
+import pytest
+
+from dnsgate.consent_log import parse_time
+from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import KIOSK, FakeClock, FakeNeighbours, consent_config, eventually, parse_jsonl
+from tests.stub_upstream import StubUpstream
+
+GRANT = {"categories": ["marketing"], "channel": "portal"}
+REFUSE = {"categories": [], "channel": "portal"}
+TRACKER = "trackcmp.net"
+KIOSK_HTTP = KIOSK + "70"  # the kiosk's browser, over one address family (the kiosk network)
+KIOSK_OTHER = "127.0.9.71"  # the kiosk's address of the other family, outside the kiosk network
+KIOSK_DNS = "127.0.9.72"  # where the kiosk's DNS queries come from (a forwarder, another family)
+KIOSK_MAC = "02:00:00:00:00:70"
+MINUTE = 60.0
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock) -> AsyncIterator[Gate]:
+    neighbours = FakeNeighbours({KIOSK_HTTP: KIOSK_MAC})
+    async with running_gate(consent_config(make_config(upstream, data_dir)), wall=clock, neighbours=neighbours) as g:
+        yield g
+
+
+async def rcode(g: Gate, source: str, name: str = TRACKER) -> int:
+    return (await g.query(name, source=source)).rcode()
+
+
+async def events_of(g: Gate, client: str) -> list[dict[str, Any]]:
+    status, text = await g.http("GET", f"/v1/audit/export?format=jsonl&client={client}", admin=True)
+    assert status == 200
+    return parse_jsonl(text)
+
+
+async def choose(g: Gate, clock: FakeClock, body: dict[str, Any]) -> dict[str, Any]:
+    """What the portal page does on the kiosk: the choice through its own address, then through the
+    kiosk's other address with the token the first answer carried, then the pairing lookup."""
+    status, first = await g.http("PUT", "/v1/consent", source=KIOSK_HTTP, json=body)
+    assert status == 200
+    status, second = await g.http("PUT", "/v1/consent", source=KIOSK_OTHER,
+                                  json={**body, "pairing": first["pairing"]["token"]})
+    assert status == 200, second
+    clock.advance(1)
+    assert (await g.query(first["pairing"]["name"], source=KIOSK_DNS)).rcode() == dns.rcode.NOERROR
+
+    async def linked() -> bool:
+        who = (await g.http("GET", "/v1/whoami", source=KIOSK_HTTP))[1]
+        return who["dns"] is not None and who["dns"]["address"] == KIOSK_DNS
+
+    await eventually(linked)
+    return {"first": first, "second": second}
+
+
+async def no_choice_anywhere(g: Gate) -> None:
+    for source in (KIOSK_HTTP, KIOSK_OTHER, KIOSK_DNS):
+        state = (await g.http("GET", "/v1/consent", source=source))[1]
+        assert state["choice"] is None, (source, state["choice"])
+        assert await rcode(g, source) == dns.rcode.NXDOMAIN, source
+
+
+async def test_a_kiosk_with_a_paired_dns_source_through_two_visitors(gate: Gate, clock: FakeClock) -> None:
+    # Visitor 1 accepts.
+    made = await choose(gate, clock, GRANT)
+    first, second = made["first"], made["second"]
+    assert first["choice"]["subject"] == {"address": KIOSK_HTTP, "mac": KIOSK_MAC, "network": None}
+    assert await rcode(gate, KIOSK_HTTP) == dns.rcode.NOERROR
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR  # its own grant, made through the page
+    assert await rcode(gate, KIOSK_DNS) == dns.rcode.NXDOMAIN  # pairing never carries a grant
+    # the other address is opt-in (180 days), but this choice belongs to a kiosk session: 1 day at most
+    assert parse_time(second["choice"]["expires_at"]) <= parse_time(first["choice"]["expires_at"])
+    carried = (await events_of(gate, KIOSK_DNS))[-1]
+    assert carried["channel"] == "pairing" and carried["categories"] == {"analytics": False}
+
+    clock.advance(MINUTE)
+    status, ended = await gate.http("POST", "/v1/session/end", source=KIOSK_HTTP, json={})
+    assert status == 200 and ended["choice"] is None
+    await no_choice_anywhere(gate)  # visitor 2 starts with no choice, on every identity of the kiosk
+    for client in (KIOSK_MAC, KIOSK_OTHER, KIOSK_DNS):
+        reset = (await events_of(gate, client))[-1]
+        assert reset["action"] == "reset" and "session ended" in reset["reason"], reset
+        if client != KIOSK_MAC:
+            assert f"kiosk session of device {KIOSK_MAC} (at {KIOSK_HTTP})" in reset["reason"], reset
+
+    # Visitor 2 refuses, then accepts after all, then walks away.
+    await choose(gate, clock, REFUSE)
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
+    clock.advance(MINUTE)
+    await choose(gate, clock, GRANT)
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR
+    # the kiosk is in use as long as any of its identities asks: here only its DNS source does
+    for _ in range(3):
+        clock.advance(10 * MINUTE)
+        assert await rcode(gate, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR
+    assert (await gate.http("GET", "/v1/consent", source=KIOSK_HTTP))[1]["choice"] is not None
+
+    clock.advance(16 * MINUTE)  # nobody asks for more than the idle time: the session ends
+
+    async def idle_reset() -> bool:
+        return all([(await events_of(gate, c))[-1]["action"] == "reset" for c in (KIOSK_MAC, KIOSK_OTHER, KIOSK_DNS)])
+
+    await eventually(idle_reset)
+    for client in (KIOSK_MAC, KIOSK_OTHER, KIOSK_DNS):
+        assert "kiosk session idle" in (await events_of(gate, client))[-1]["reason"]
+    await no_choice_anywhere(gate)
+
+
+async def test_a_kiosk_choice_never_outlives_the_kiosk_lifetime(gate: Gate, clock: FakeClock) -> None:
+    await choose(gate, clock, GRANT)
+    # queries keep the session in use for longer than the kiosk lifetime (consent.kiosk_days = 1)
+    for _ in range(6 * 24 + 1):
+        clock.advance(10 * MINUTE)
+        assert await rcode(gate, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
+    assert await rcode(gate, KIOSK_HTTP) == dns.rcode.NXDOMAIN
