@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .config import Config, ConfigError, HostPort, parse_api_listen
+from .consent_log import PAIRED_GRANT
 
 TIMEOUT = 10.0
 CHUNK = 64 * 1024
@@ -83,6 +84,13 @@ class AdminClient:
     def post(self, path: str) -> Any:
         return self._json("POST", path)
 
+    def lines(self, path: str, query: Mapping[str, str | None]) -> Iterator[str]:
+        """A streamed answer (JSON Lines), line by line."""
+        with self._open("GET", path, query) as response:
+            for line in response:
+                if line.strip():
+                    yield line.decode("utf-8")
+
     def stream(self, path: str, query: Mapping[str, str | None], out: BinaryIO) -> None:
         with self._open("GET", path, query) as response:
             for chunk in iter(lambda: response.read(CHUNK), b""):
@@ -122,6 +130,26 @@ def _api_message(exc: urllib.error.HTTPError) -> str:
         return f"the API answered HTTP {exc.code} {exc.reason}"
     field = f" (field {error['field']})" if error.get("field") else ""
     return f"{error.get('message', exc.reason)}{field} [HTTP {exc.code} {error.get('code', '')}]"
+
+
+def lines_of_copied_grants(events: list[Mapping[str, Any]], in_force: set[int]) -> Iterator[str]:
+    """The grants an older dnsgate's pairing copied to another identity (`consent paired`): who got
+    one and from whom, and what became of it. Events: the whole log, oldest first."""
+    ended = {e["supersedes"]: e for e in events if e.get("supersedes") is not None}
+    copies = [e for e in events if e["action"] == "grant" and (e.get("reason") or "").startswith(PAIRED_GRANT)]
+    for e in copies:
+        who = e["address"] or e["mac"]
+        granted = [k for k, v in {**e["categories"], **e["vendors"]}.items() if v]
+        yield f"#{e['id']} {e['time']} {who}: granted {', '.join(granted) or 'nothing'} ({e['reason']})"
+        later = ended.get(e["id"])
+        if e["id"] in in_force:
+            yield "  IN FORCE"
+        elif later is not None:
+            yield f"  ended by #{later['id']} ({later['action']}, {later['time']}): {later['reason']}"
+        else:
+            yield "  no longer in force"
+    if not copies:
+        yield "no grant was ever copied by pairing"
 
 
 def lines_of_view(view: Mapping[str, Any]) -> Iterator[str]:

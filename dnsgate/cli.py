@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__, observe_cli
-from .admin_client import AdminClient, AdminError, api_base_url, lines_of_view
+from .admin_client import AdminClient, AdminError, api_base_url, lines_of_copied_grants, lines_of_view
 from .config import (
     Config,
     ConfigError,
@@ -27,6 +27,7 @@ from .config import (
     parse_host_port,
     parse_upstream,
 )
+from .consent_log import PAIRED_GRANT
 from .logs import setup_logging
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     withdraw.add_argument("client", help="IP address, MAC address or network (CIDR)")
     reset = actions.add_parser("reset", help="forget a client's choice (ends a kiosk session)")
     reset.add_argument("client", help="IP address, MAC address or network (CIDR)")
+    paired = actions.add_parser("paired", help="grants an older dnsgate's pairing copied to another device, and "
+                                "what became of them (they stop counting at the first start of this version)")
     export = actions.add_parser("export", help="the consent log as JSON Lines or CSV")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     export.add_argument("--since", metavar="TIME", help="ISO 8601 date or time (UTC unless it says otherwise)")
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--client", required=True, metavar="ADDR", help="the client's IP address")
     explain.add_argument("--mac", help="the client's MAC address, if it reaches dnsgate through a forwarder")
 
-    for p in (listing, show, grant, withdraw, reset, export, explain):
+    for p in (listing, show, grant, withdraw, reset, paired, export, explain):
         p.add_argument("--api", metavar="URL", type=_api_url,
                        help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (default: api.admin_listen, "
                             "else api.listen, of the config; env DNSGATE_API)")
@@ -195,6 +198,17 @@ def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:
         else:
             client.stream("/v1/audit/export", query, sys.stdout.buffer)
             sys.stdout.flush()
+        return 0
+    if action == "paired":
+        events = [json.loads(line) for line in client.lines("/v1/audit/export", {"format": "jsonl"})]
+        in_force = {v["choice"]["id"] for v in client.get("/v1/clients")["clients"] if v.get("choice")}
+        if args.json:
+            print(json.dumps([{**e, "in_force": e["id"] in in_force} for e in events
+                              if e["action"] == "grant" and (e.get("reason") or "").startswith(PAIRED_GRANT)],
+                             indent=2))
+        else:
+            for line in lines_of_copied_grants(events, in_force):
+                print(line)
         return 0
     if action == "list":
         views = client.get("/v1/clients")["clients"]

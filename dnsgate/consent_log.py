@@ -25,6 +25,9 @@ FIELDS: Final = (
 )
 # A cell starting with one of these runs as a formula in a spreadsheet (OWASP "CSV injection").
 FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+# How an older dnsgate's reason began for a grant that pairing copied to another identity: such
+# grants stop counting at the first start of this version, and `dnsgate consent paired` lists them.
+PAIRED_GRANT: Final = "paired with HTTP client"
 
 
 def iso(ts: float | None) -> str | None:

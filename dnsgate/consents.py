@@ -61,7 +61,7 @@ from .consent import (
     grants_vendor,
 )
 from .consent_backend import Conflict, ConsentBackend, Snapshot, stop_if_cancelled
-from .consent_log import iso
+from .consent_log import PAIRED_GRANT, iso
 from .notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from .pairing import Offer, Pairings
 from .store import Event, EventFilter, Step, StoreError
@@ -73,7 +73,6 @@ DAY: Final = 86_400.0
 REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after an opt-out
 RETENTION_EVERY: Final = 3600.0
 NO_OPERATOR: Final = Operator()
-PAIRED_GRANT: Final = "paired with HTTP client"  # the reason of grants pairing once copied (migrated away)
 PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
 
 
@@ -212,13 +211,29 @@ class ConsentService:
     async def load(self) -> int:
         """Fill the table from the store (at start, before DNS listens); returns the choice count.
 
-        Records a profile_change for every choice whose network now has another profile."""
+        Records a profile_change for every choice whose network now has another profile, and ends
+        every grant that pairing once copied to another identity (see `_copied_grants`)."""
         now = self.wall()
         snapshot = await self._in_store(self.store.load())
         self.replace_all(snapshot)
+        try:
+            copied = await self._copied_grants()
+        except StoreError:  # unconfirmed: none of them applies until a start that can tell (fail closed)
+            for choice in self._copy_candidates():
+                self.table.remove(choice.id)
+            copied = []
+        if copied:
+            log.warning("consent: %d grants that pairing copied from another client no longer count: a grant "
+                        "applies only to the device that made it ('dnsgate consent paired' lists them)", len(copied))
 
         def plan() -> list[Step]:
             steps: list[Step] = []
+            for choice in copied:
+                if self.table.find(choice.id) is choice:
+                    steps.append(self._reset_step(
+                        choice, now, self.profile_of(choice.subject)[0], Caller(None, None, "system"),
+                        f"choice #{choice.id} was a grant copied by pairing from another client; a grant "
+                        "applies only to the device that made it, so it no longer counts"))
             for choice in self.table.choices():
                 if choice.subject.address is None and choice.subject.network is None:
                     continue  # a device's profile follows wherever it is; nothing to compare at start
@@ -243,8 +258,34 @@ class ConsentService:
             if self.store.shared:
                 await self._share_activity(adopt=kiosks)  # the last query any instance saw from each kiosk
         except StoreError:
-            pass  # the choices are in force; the profile changes are recorded at the next start
+            # The choices are in force; the profile changes are recorded at the next start. The
+            # copied grants are not: out of memory now, their end recorded at the next start.
+            for choice in copied:
+                self.table.remove(choice.id)
         return len(snapshot.choices)
+
+    def _copy_candidates(self) -> list[Choice]:
+        """Grants in force at an identity a pairing link reached, not an admin's (an older dnsgate
+        copied the HTTP client's grant there: its event's reason starts with PAIRED_GRANT)."""
+        found: dict[int, Choice] = {}
+        for http, links in self.paired.items():
+            for key in links:
+                target = self._dns_subject(key)
+                c = self.table.choice_of(target)
+                if (c is not None and target.key != http and c.grants_anything
+                        and c.channel not in ("admin", "system", "pairing")):
+                    found[c.id] = c
+        return list(found.values())
+
+    async def _copied_grants(self) -> list[Choice]:
+        """The candidates whose recording event says pairing copied them."""
+        copied: list[Choice] = []
+        for c in self._copy_candidates():
+            events = await self._in_store(self.store.events(c.subject.address or c.subject.mac, 100))
+            event = next((e for e in events if e.id == c.id), None)
+            if event is not None and event.action == "grant" and event.reason.startswith(PAIRED_GRANT):
+                copied.append(c)
+        return copied
 
     def hold_closed(self, problem: str) -> None:
         """Start without the store: no choice is known, and no profile opens a gated name, until the
