@@ -70,7 +70,7 @@ async def check(g: Gate) -> None:
     assert reset["action"] == "reset" and reset["supersedes"] == 2 and reset["channel"] == "system"
     assert "copied by pairing" in reset["reason"]
     _, out = await cli(g, "consent", "paired")
-    assert out.splitlines()[0].startswith(f"#2 ") and f"{COPY}: granted marketing" in out
+    assert out.splitlines()[0].startswith("#2 ") and f"{COPY}: granted marketing" in out
     assert f"paired with HTTP client address {HTTP}" in out and f"ended by #{reset['id']} (reset" in out
     assert out.count("\n#") == 0  # one copy listed
 
