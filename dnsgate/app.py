@@ -37,6 +37,7 @@ from .consent import ConsentTable, ProfileMap, normalize_client
 from .consent_backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from .consents import ConsentService
 from .dashboard import Sampler
+from .data_files import Access, AccessError
 from .dns_counts import DnsCounts
 from .dns_server import TaskSet
 from .dns_stack import os_reason
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 RESOLV_CONF = Path("/etc/resolv.conf")
 NO_OPERATOR_WARNING = ("no operator named (portal.operator): the consent portal says that whoever runs this "
                        "network has not given its name or a contact")
+QUERYLOG_FILE = "querylog.sqlite3"
+QUERYLOG_KEY = "querylog.key"
 
 
 class StartupError(Exception):
@@ -147,10 +150,22 @@ def admin_token(cfg: Config, data_dir: Path) -> tuple[str, Path | None]:
 
 
 def prepare_data_dir(cfg: Config) -> tuple[Path, str, Path | None]:
-    """Create the data dir; return it with the admin token and the file that holds it (if any)."""
+    """Create the data dir (private to dnsgate's user, or its storage.group: data_files.py) and
+    bring its databases to the same; return it with the admin token and the file that holds it."""
     data_dir = Path(cfg.storage.data_dir).resolve()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        access = Access.for_group(cfg.storage.group)
+    except AccessError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        access.directory(data_dir)
+        used = {SQLITE_FILE: cfg.storage.store == "sqlite", QUERYLOG_FILE: cfg.querylog.mode != "off"}
+        for name, wanted in used.items():
+            if wanted or (data_dir / name).exists():
+                access.database(data_dir / name)
+        for secret in ("admin-token", QUERYLOG_KEY):
+            if (data_dir / secret).exists():
+                os.chmod(data_dir / secret, 0o600)
         token, token_file = admin_token(cfg, data_dir)
     except OSError as exc:
         raise StartupError(f"storage.data_dir: {data_dir}: {exc.strerror}") from None
@@ -170,8 +185,12 @@ def watched_patterns(cfg: Config) -> tuple[Watched, ...]:
 def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> QueryLog:
     mode = cfg.querylog.mode
     try:
-        db = QueryLogDb(data_dir / "querylog.sqlite3") if mode != "off" else None
-        key = load_key(data_dir / "querylog.key") if mode == "anonymous" else b""
+        db = QueryLogDb(data_dir / QUERYLOG_FILE) if mode != "off" else None
+        key = load_key(data_dir / QUERYLOG_KEY) if mode == "anonymous" else b""
+        if db is not None and mode == "anonymous":
+            blanked = db.forget_grant_times()  # rows written before the log was anonymous
+            if blanked:
+                log.info("query log: grant times blanked in %d rows (anonymous mode keeps none)", blanked)
     except (QueryLogError, OSError) as exc:
         raise StartupError(f"storage.data_dir: query log: {exc}") from None
     return QueryLog(cfg.querylog, db, hub, key=key, sinkhole_rcode=sinkhole_rcode(cfg.gate.mode))

@@ -365,7 +365,10 @@ class PortalConfig:
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     # Directory for the SQLite store and the generated admin token (relative to the working dir).
+    # It and its databases are private to dnsgate's user (0700/0600) ...
     data_dir: str = "data"
+    # ... or readable by this group too (0750/0640; a name or a number), e.g. for a backup job.
+    group: str = ""
     # SQLite's synchronous mode for consent: "full" syncs every change to disk before it is
     # acknowledged (survives power loss); "normal" survives kill -9 but may lose the last changes
     # in a power cut, and costs about half the CPU per consent change.

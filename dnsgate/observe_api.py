@@ -144,7 +144,7 @@ def filters_from(request: web.Request, now: float) -> Filters:
 
 def entry_json(row: dict[str, Any]) -> dict[str, Any]:
     consent = None
-    if row["granted_at"] is not None:
+    if row["grant_source"] is not None:  # (an anonymous log keeps no grant times: null)
         consent = {"category": row["category"], "granted_at": iso(row["granted_at"]),
                    "expires_at": iso(row["grant_expires_at"]), "source": row["grant_source"]}
     return {"id": row["id"], "at": iso(row["at"]), "client": row["client"], "name": row["name"],

@@ -398,7 +398,8 @@ def openapi_document(categories: tuple[str, ...], vendors: tuple[str, ...], lang
     """The document for the catalog in force (a reload may change its categories and vendors)."""
     components = schemas(categories, vendors, languages, max_days)
     components["BriefDecision"] = obj({"allowed": {"type": "boolean"}, "by_choice": {"type": "boolean"},
-                                       "until": TIME})
+                                       "until": {"type": ["string", "null"], "format": "date",
+                                                 "description": "the day (UTC) the choice deciding it ends"}})
     return {
         "openapi": "3.1.0",
         "info": {"title": "dnsgate", "version": __version__,

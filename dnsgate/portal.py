@@ -215,7 +215,11 @@ async def status(request: web.Request) -> web.Response:
 
 
 def _brief(decision: dict[str, Any]) -> dict[str, Any]:
-    return {"allowed": decision["allowed"], "by_choice": decision["by_choice"], "until": decision["until"]}
+    """Allowed, and until which day (UTC): to the second, `until` would tell every site that reads
+    the status the same rare value for months, an identifier of the visitor across sites."""
+    until = decision["until"]
+    return {"allowed": decision["allowed"], "by_choice": decision["by_choice"],
+            "until": until[:10] if until else None}
 
 
 async def preflight(request: web.Request) -> web.Response:

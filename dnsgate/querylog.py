@@ -10,7 +10,9 @@ in the file so a report over that time says its evidence is incomplete.
 
 Privacy modes: `full` keeps every query; `anonymous` every query with the client replaced by a
 keyed hash (the key lives in the data dir, so the same client keeps one pseudonym and an admin
-can still filter by address); `gated-only` only queries for gated names; `off` writes nothing
+can still filter by address), and of the consent behind an answer only that there was one (its
+source), never the grant's times: those equal the consent log's, which names the address, so one
+join would undo the pseudonym; `gated-only` only queries for gated names; `off` writes nothing
 (gated decisions still reach the event stream).
 """
 
@@ -182,7 +184,8 @@ class QueryLog:
         return {"type": "decision", "at": iso(at + offset), "client": self.client_label(client),
                 "name": name_of(question), "qtype": type_name((question[-4] << 8) | question[-3]),
                 "protocol": "tcp" if tcp else "udp", "vendor": vendor[0], "category": vendor[1],
-                "decision": decision, "grant_expires_at": iso(grant.expires_at) if grant else None}
+                "decision": decision,
+                "grant_expires_at": iso(grant.expires_at) if grant and self.mode != "anonymous" else None}
 
     async def flush(self) -> None:
         """Write everything recorded so far; returns once it is in the file (reads see it)."""
@@ -273,9 +276,10 @@ class QueryLog:
             if len(labels) >= TEXT_MEMO:
                 labels.clear()
             label = labels[client] = self.client_label(client)
+        timed = grant is not None and self.mode != "anonymous"  # (see the module's docstring)
         return (at + offset, label, name_type[0], name_type[1], "tcp" if tcp else "udp", OUTCOMES[outcome], rcode,
                 vendor[0] if vendor is not None else None, vendor[1] if vendor is not None else None,
-                grant.granted_at if grant is not None else None, grant.expires_at if grant is not None else None,
+                grant.granted_at if timed and grant else None, grant.expires_at if timed and grant else None,
                 grant.source if grant is not None else None, round(elapsed * 1000, 3) if elapsed else None)
 
 

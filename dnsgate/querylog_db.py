@@ -61,6 +61,16 @@ class QueryLogDb:
         except (sqlite3.Error, OSError) as exc:
             raise QueryLogError(f"{path}: {exc}") from exc
 
+    def forget_grant_times(self) -> int:
+        """Blank the grant times of every row (a log that becomes anonymous keeps none); returns how
+        many rows had them."""
+        try:
+            with self.db.atomic():
+                return self.db.execute("UPDATE queries SET granted_at = NULL, grant_expires_at = NULL "
+                                       "WHERE granted_at IS NOT NULL OR grant_expires_at IS NOT NULL").rowcount
+        except sqlite3.Error as exc:
+            raise QueryLogError(f"{self.path}: {exc}") from exc
+
     def insert(self, rows: Sequence[Sequence[Any]], dropped: int, at: float) -> None:
         """Rows are tuples of the COLUMNS after "id". One prepared statement for the whole batch:
         sqlite-utils' insert_all inspects and converts every row, about 20 µs of CPU per entry,

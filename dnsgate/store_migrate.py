@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .consent_backend import ConsentBackend, SqliteBackend
 from .consent_log import event_json
+from .data_files import Access
 from .store import EventFilter, StoreError
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -43,7 +44,12 @@ def open_store(spec: str, flag: str, *, prefix: str, timeout: float, must_exist:
         if must_exist and not path.is_file():
             raise MigrationError(f"{flag}: {path} does not exist")
         try:
+            if not must_exist:  # a new store is as private as dnsgate's own (data_files.py)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Access().database(path)
             return SqliteBackend.open(path)
+        except OSError as exc:
+            raise MigrationError(f"{flag}: {path}: {exc.strerror}") from None
         except StoreError as exc:
             raise MigrationError(f"{flag}: {exc}") from None
     if spec.startswith(REDIS_SCHEMES):
