@@ -16,8 +16,10 @@ Rules that need time or context live here, not in the table:
 - pairing: a grant applies only to the identity that made it (the HTTP caller, with its MAC). A
   link (a DNS source that looked up a caller's pairing name, or another address of the device
   that made the same choice naming the caller's token) carries refusals, withdrawals and session
-  ends from the caller, never a grant, and never into a choice the target made itself after the
-  link; a trusted forwarder's own address is never reached (it speaks for every device behind it);
+  ends from the caller, never a grant: refusals into a target without a choice of its own, the rest
+  into what pairing carried there and into the choice the target made naming the token, never into
+  any other choice the target made itself; a trusted forwarder's own address is never reached (it
+  speaks for every device behind it);
 - kiosk sessions reach every identity linked to the kiosk: a session end resets each with an event,
   queries from any of them keep the session in use, and a choice linked to a kiosk lasts no longer
   than a kiosk choice;
@@ -607,13 +609,22 @@ class ConsentService:
                            "withdrawals and session ends, never a grant)")
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
-            if not await self._change(plan):
+            links = self.paired.setdefault(http.key, {})
+            if await self._change(plan):
+                links[dns_client] = now
+            elif not self._made_here(http, dns_client):  # (that link keeps the time of the choice it made)
                 await self._in_store(self.store.remember_pairing(http.key, dns_client, now))
-            self.paired.setdefault(http.key, {})[dns_client] = now
+                links[dns_client] = now
             if self.profile_of(http)[0] == "kiosk":  # the kiosk's DNS source: its queries keep the session
                 self.table.set_seen(dns_client, now)
                 await self._replicate()
             log.info("consent paired: http=%s dns=%s", http.key, dns_client)
+
+    def _made_here(self, http: Subject, key: str) -> bool:
+        """Whether the identity `key` made its current choice naming `http`'s token."""
+        linked_at = self.paired.get(http.key, {}).get(key)
+        current = self.table.choice_of(self._dns_subject(key))
+        return linked_at is not None and current is not None and _made_with_link(current, linked_at)
 
     def _link(self, token: str | None, subject: Subject, caller: Caller, now: float) -> Link | None:
         """The link a choice names (`ChoiceRequest.pairing`): the token's owner reaches `subject`."""
@@ -650,8 +661,8 @@ class ConsentService:
 
     def _carried(self, http: Subject, event: Event) -> list[Step]:
         """What a new choice by `http` carries to the identities linked to it: its refusals into a
-        target without a choice of its own, and, for a withdrawal, a withdrawal of the target's own
-        choice made before the link. Never a grant; never into a choice the target made later."""
+        target without a choice of its own (or with one pairing carried), and a withdrawal into the
+        choice the target made naming `http`'s token. Never a grant, nor into another own choice."""
         steps: list[Step] = []
         for key, linked_at in self.paired.get(http.key, {}).items():
             target = self._link_target(http, key)
@@ -663,7 +674,7 @@ class ConsentService:
                 if narrowed is None:
                     continue
                 categories, vendors = narrowed
-            elif event.action == "withdrawal" and current.made_at <= linked_at:
+            elif event.action == "withdrawal" and _made_with_link(current, linked_at):
                 categories = {c.id: False for c in self.catalog.categories}
                 vendors = {**{v: False for v in current.vendors}, **{v: False for v, said in event.vendors.items()
                                                                      if said is False}}
@@ -680,8 +691,8 @@ class ConsentService:
         return steps
 
     def _session_resets(self, http: Subject, ending: set[int], now: float, reason: str) -> list[Step]:
-        """A session of `http` ended: reset the choices of every identity it reached, except those a
-        target made itself after the link."""
+        """A session of `http` ended: reset what it carried to every identity linked to it, and the
+        choice each made naming its token; any other choice a target made itself stays."""
         steps: list[Step] = []
         for key, linked_at in self.paired.get(http.key, {}).items():
             target = self._link_target(http, key)
@@ -690,7 +701,7 @@ class ConsentService:
             choices = (self.table.personal_choices(target.address, target.mac) if target.address is not None
                        else [c for c in [self.table.choice_of(target)] if c is not None])
             for c in choices:
-                if c.id in ending or (c.channel != "pairing" and c.made_at > linked_at):
+                if c.id in ending or not (c.channel == "pairing" or _made_with_link(c, linked_at)):
                     continue
                 ending.add(c.id)
                 steps.append(self._reset_step(
@@ -1076,6 +1087,13 @@ class ConsentService:
 
 def _refused(d: Decision) -> bool:
     return d.by_choice and not d.allowed
+
+
+def _made_with_link(choice: Choice, linked_at: float) -> bool:
+    """Whether the target made `choice` itself through the portal, naming the token of the client
+    the link is from (the link and the choice were recorded in one step, at one time). Any other
+    choice of its own, earlier or later, is out of a link's reach."""
+    return choice.made_at == linked_at
 
 
 def _narrowed(current: Choice | None, categories: Mapping[str, bool],

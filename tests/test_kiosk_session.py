@@ -13,7 +13,7 @@ import dns.rcode
 import pytest
 
 from dnsgate.consent_log import parse_time
-from tests.conftest import Gate, make_config, running_gate
+from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import KIOSK, FakeClock, FakeNeighbours, consent_config, eventually, parse_jsonl
 from tests.stub_upstream import StubUpstream
 
@@ -33,9 +33,10 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock) -> AsyncIterator[Gate]:
+async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock, consent_store: str) -> AsyncIterator[Gate]:
     neighbours = FakeNeighbours({KIOSK_HTTP: KIOSK_MAC})
-    async with running_gate(consent_config(make_config(upstream, data_dir)), wall=clock, neighbours=neighbours) as g:
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
+    async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
         yield g
 
 
@@ -49,20 +50,21 @@ async def events_of(g: Gate, client: str) -> list[dict[str, Any]]:
     return parse_jsonl(text)
 
 
-async def choose(g: Gate, clock: FakeClock, body: dict[str, Any]) -> dict[str, Any]:
+async def choose(g: Gate, clock: FakeClock, body: dict[str, Any], dns_source: str = KIOSK_DNS) -> dict[str, Any]:
     """What the portal page does on the kiosk: the choice through its own address, then through the
-    kiosk's other address with the token the first answer carried, then the pairing lookup."""
+    kiosk's other address with the token the first answer carried, then the pairing lookup (which
+    comes from `dns_source`)."""
     status, first = await g.http("PUT", "/v1/consent", source=KIOSK_HTTP, json=body)
     assert status == 200
     status, second = await g.http("PUT", "/v1/consent", source=KIOSK_OTHER,
                                   json={**body, "pairing": first["pairing"]["token"]})
     assert status == 200, second
     clock.advance(1)
-    assert (await g.query(first["pairing"]["name"], source=KIOSK_DNS)).rcode() == dns.rcode.NOERROR
+    assert (await g.query(first["pairing"]["name"], source=dns_source)).rcode() == dns.rcode.NOERROR
 
     async def linked() -> bool:
         who = (await g.http("GET", "/v1/whoami", source=KIOSK_HTTP))[1]
-        return who["dns"] is not None and who["dns"]["address"] == KIOSK_DNS
+        return who["dns"] is not None and who["dns"]["address"] == dns_source
 
     await eventually(linked)
     return {"first": first, "second": second}
@@ -130,3 +132,14 @@ async def test_a_kiosk_choice_never_outlives_the_kiosk_lifetime(gate: Gate, cloc
         assert await rcode(gate, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
     assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
     assert await rcode(gate, KIOSK_HTTP) == dns.rcode.NXDOMAIN
+
+
+async def test_the_kiosks_other_address_is_also_its_dns_source(gate: Gate, clock: FakeClock) -> None:
+    """The common case: HTTP over one family, DNS and the page's second submission over the other."""
+    await choose(gate, clock, GRANT, dns_source=KIOSK_OTHER)
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR
+    clock.advance(MINUTE)
+    assert (await gate.http("POST", "/v1/session/end", source=KIOSK_HTTP, json={}))[0] == 200
+    assert (await gate.http("GET", "/v1/consent", source=KIOSK_OTHER))[1]["choice"] is None
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
+    assert (await events_of(gate, KIOSK_OTHER))[-1]["action"] == "reset"

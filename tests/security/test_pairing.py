@@ -97,6 +97,17 @@ async def test_a_paired_withdrawal_never_overrides_the_targets_own_later_choice(
     assert (await log_of(gate, VICTIM))[-1]["action"] == "grant"
 
 
+async def test_a_paired_withdrawal_never_reaches_the_targets_own_earlier_choice(gate: Gate,
+                                                                                 clock: FakeClock) -> None:
+    assert (await gate.http("PUT", "/v1/consent", source=VICTIM, json=GRANT))[0] == 200
+    clock.advance(1)
+    _, body = await gate.http("PUT", "/v1/consent", source=ATTACKER, json=GRANT)
+    await pair(gate, ATTACKER, VICTIM, body["pairing"]["name"])
+    assert (await gate.http("DELETE", "/v1/consent", source=ATTACKER))[0] == 200
+    assert await rcode(gate, VICTIM) == dns.rcode.NOERROR
+    assert [e["action"] for e in await log_of(gate, VICTIM)] == ["grant"]
+
+
 async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
     """What pairing may carry: the HTTP client's refusals (it can only narrow), recorded as the HTTP
     client's doing for the DNS source, on channel `pairing`."""
