@@ -155,8 +155,9 @@ class Boundaries:
     """Which `Host` a request may name, and which `Origin` may change consent.
 
     A page whose name an attacker re-points at dnsgate (DNS rebinding) sends its own name as Host:
-    only dnsgate's names (the portal host, localhost, `api.hosts`) and the IP literal of the socket
-    that took the connection (or a configured address) are served. Origins are dnsgate's own pages
+    only dnsgate's names (the portal host, localhost, `api.hosts`) are served, and IP literals, which
+    no DNS answer can re-point (behind a port mapping the address a browser used is not the one the
+    socket has, so any address is taken). Origins are dnsgate's own pages
     as served: http, one of those names or an address dnsgate listens on, and the port of one of its
     listeners; plus the portal's configured URL and `api.allowed_origins`. Nothing else, so no IP
     literal, other port or scheme stands in for dnsgate.
@@ -173,9 +174,9 @@ class Boundaries:
         self.extra_origins = frozenset(o.rstrip("/").lower() for o in extra_origins)
         self.is_local = is_local
 
-    def host_allowed(self, header: str | None, local_address: str | None) -> bool:
+    def host_allowed(self, header: str | None) -> bool:
         """`header`: the request's Host (None: absent, as from HTTP/1.0 probes; a browser always sends
-        one); `local_address`: the address of the socket that took the connection."""
+        one)."""
         if header is None:
             return True
         try:
@@ -185,10 +186,7 @@ class Boundaries:
         if not host:
             return False
         host = host.rstrip(".")
-        if host in self.names:
-            return True
-        ip = _ip(host)
-        return ip is not None and (ip in self.addresses or ip == local_address)
+        return host in self.names or _ip(host) is not None
 
     def origin_allowed(self, origin: str) -> bool:
         if origin in self.allowed_origins or origin.lower() in self.extra_origins:
@@ -226,9 +224,8 @@ def local_address(request: web.Request) -> tuple[str, int] | None:
 def host_guard(boundaries: Boundaries) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        local = local_address(request)
         header = request.headers.get("Host")
-        if not boundaries.host_allowed(header, local[0] if local else None):
+        if not boundaries.host_allowed(header):
             return error_response(421, "misdirected_request",
                                   f"Host {header!r} is not this dnsgate: open it by the portal's name, localhost or "
                                   "its address, or list the name in api.hosts")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dnsgate.config import PortalConfig
 from tests.conftest import TOKEN, Gate, make_config, running_gate
 from tests.consent_fixtures import KIOSK, FakeClock, consent_config
 from tests.security.helpers import GRANT, request
@@ -47,17 +48,31 @@ async def test_a_rebound_host_is_refused_before_routing(gate: Gate, path: str) -
     assert status == 421 and body["error"]["code"] == "misdirected_request"
 
 
-@pytest.mark.parametrize("host", ["attacker.example", "127.0.0.2", "[::1]", "consent.dnsgate.internal.evil.example",
-                                  "localhost.evil.example", "198.51.100.7"])
+@pytest.mark.parametrize("host", ["attacker.example", "consent.dnsgate.internal.evil.example",
+                                  "localhost.evil.example", "dnsgate", "1.2.3.4.nip.io", "127.0.0.1.attacker.example"])
 async def test_hosts_that_are_not_dnsgate(gate: Gate, host: str) -> None:
     status, _ = await request(gate.api_url + "/v1/whoami", headers={"Host": f"{host}:{gate.running.api.port}"})
     assert status == 421
 
 
-@pytest.mark.parametrize("host", ["consent.dnsgate.internal", "CONSENT.dnsgate.internal.", "localhost", "127.0.0.1"])
+# An IP literal cannot be re-pointed by DNS, and behind a port mapping the address a browser used
+# is not the socket's: any address is taken as Host (Origins are another matter: below).
+@pytest.mark.parametrize("host", ["consent.dnsgate.internal", "CONSENT.dnsgate.internal.", "localhost", "127.0.0.1",
+                                  "198.51.100.7", "[::1]"])
 async def test_hosts_that_are_dnsgate(gate: Gate, host: str) -> None:
     status, _ = await request(gate.api_url + "/v1/whoami", headers={"Host": f"{host}:{gate.running.api.port}"})
     assert status == 200
+
+
+async def test_behind_a_port_mapping_the_configured_address_is_an_origin(upstream: StubUpstream,
+                                                                        data_dir: Path) -> None:
+    """Docker with -p: people open the host's address, which is not the container's."""
+    base = make_config(upstream, data_dir)
+    async with running_gate(replace(base, portal=PortalConfig(addresses=("192.0.2.80",)))) as g:
+        port = g.running.api.port
+        for origin, expected in ((f"http://192.0.2.80:{port}", 200), (f"http://192.0.2.81:{port}", 403)):
+            status, _ = await g.http("PUT", "/v1/consent", json=GRANT, headers={"Origin": origin})
+            assert status == expected, origin
 
 
 async def test_configured_host_names(named_gate: Gate) -> None:
