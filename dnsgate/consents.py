@@ -246,7 +246,9 @@ class ConsentService:
                                   reason=f"profile changed from {choice.profile} to {profile}: {why}",
                                   items=choice.items, terms=choice.terms, language=choice.language)
                     steps.append(Step(event, sets_profile_of=choice.id))
-            steps += [self._migration_step(c, now) for c in self.table.choices() if c.items is None]
+            ended = {c.id for c in copied}
+            steps += [self._migration_step(c, now) for c in self.table.choices()
+                      if c.items is None and c.id not in ended]
             return steps
 
         kiosks = [c.subject.address for c in self.table.choices()

@@ -181,10 +181,10 @@ async def test_a_restart_keeps_every_choice_and_the_event_log_intact(
         await g.http("PUT", "/v1/clients/02:00:00:00:00:99/consent", json=GRANT, admin=True)
         await g.http("GET", "/v1/consent", source=OPT_OUT + "46", headers={"Sec-GPC": "1"})
         await g.http("PUT", "/v1/consent", source=KIOSK + "46", json=GRANT)
-        _status, body = await g.http("PUT", "/v1/consent", source="127.0.0.49", json=GRANT)
+        _status, body = await g.http("PUT", "/v1/consent", source="127.0.0.49", json={"categories": []})
         await g.query(body["pairing"]["name"], source="127.0.0.48")
 
-        async def paired() -> bool:  # pairing carries the refusals of 127.0.0.49's choice (never its grant)
+        async def paired() -> bool:  # pairing carries 127.0.0.49's refusal (never a grant)
             choice = (await g.http("GET", "/v1/consent", source="127.0.0.48"))[1]["choice"]
             return choice is not None and choice["channel"] == "pairing"
 

@@ -14,10 +14,20 @@ import pytest
 
 from dnsgate.consent_log import parse_time
 from tests.conftest import Gate, make_config, running_gate, with_store
-from tests.consent_fixtures import KIOSK, FakeClock, FakeNeighbours, consent_config, eventually, parse_jsonl
+from tests.consent_fixtures import (
+    KIOSK,
+    FakeClock,
+    FakeNeighbours,
+    consent_config,
+    eventually,
+    parse_jsonl,
+    two_vendor_catalog,
+)
 from tests.stub_upstream import StubUpstream
 
 GRANT = {"categories": ["marketing"], "channel": "portal"}
+# marketing allowed but for one of its vendors: what pairing may carry to the DNS source is the refusal
+MOSTLY = {"choices": {"marketing": True}, "vendors": {"pixelco": False}, "channel": "portal"}
 REFUSE = {"categories": [], "channel": "portal"}
 TRACKER = "trackcmp.net"
 KIOSK_HTTP = KIOSK + "70"  # the kiosk's browser, over one address family (the kiosk network)
@@ -33,9 +43,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def gate(upstream: StubUpstream, data_dir: Path, clock: FakeClock, consent_store: str) -> AsyncIterator[Gate]:
+async def gate(upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock,
+               consent_store: str) -> AsyncIterator[Gate]:
     neighbours = FakeNeighbours({KIOSK_HTTP: KIOSK_MAC})
-    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store))
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store),
+                         catalog=two_vendor_catalog(tmp_path))
     async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
         yield g
 
@@ -78,8 +90,8 @@ async def no_choice_anywhere(g: Gate) -> None:
 
 
 async def test_a_kiosk_with_a_paired_dns_source_through_two_visitors(gate: Gate, clock: FakeClock) -> None:
-    # Visitor 1 accepts.
-    made = await choose(gate, clock, GRANT)
+    # Visitor 1 accepts, all but one vendor.
+    made = await choose(gate, clock, MOSTLY)
     first, second = made["first"], made["second"]
     assert first["choice"]["subject"] == {"address": KIOSK_HTTP, "mac": KIOSK_MAC, "network": None}
     assert await rcode(gate, KIOSK_HTTP) == dns.rcode.NOERROR
@@ -88,7 +100,7 @@ async def test_a_kiosk_with_a_paired_dns_source_through_two_visitors(gate: Gate,
     # the other address is opt-in (180 days), but this choice belongs to a kiosk session: 1 day at most
     assert parse_time(second["choice"]["expires_at"]) <= parse_time(first["choice"]["expires_at"])
     carried = (await events_of(gate, KIOSK_DNS))[-1]
-    assert carried["channel"] == "pairing" and carried["categories"] == {"analytics": False}
+    assert carried["channel"] == "pairing" and carried["vendors"] == {"pixelco": False} and not carried["categories"]
 
     clock.advance(MINUTE)
     status, ended = await gate.http("POST", "/v1/session/end", source=KIOSK_HTTP, json={})

@@ -54,7 +54,7 @@ async def test_sqlite_to_redis_and_back_keeps_every_choice_and_exports_the_same_
         await g.http("PUT", "/v1/clients/127.0.9.0/24/consent", json=GRANT, admin=True)
         await g.http("GET", "/v1/consent", source=OPT_OUT + "51", headers={"Sec-GPC": "1"})
         await g.http("PUT", "/v1/consent", source=KIOSK + "51", json=GRANT)
-        _, body = await g.http("PUT", "/v1/consent", source="127.0.0.55", json=GRANT)
+        _, body = await g.http("PUT", "/v1/consent", source="127.0.0.55", json={"categories": []})
         await g.query(body["pairing"]["name"], source="127.0.0.54")  # 127.0.0.54 is paired: refusals carried
         clock.advance(2 * 86_400)  # 127.0.0.52 and the kiosk: their choices expire and are recorded
 

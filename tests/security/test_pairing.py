@@ -112,8 +112,9 @@ async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
     """What pairing may carry: the HTTP client's refusals (it can only narrow), recorded as the HTTP
     client's doing for the DNS source, on channel `pairing`."""
     device = "127.0.0.7"
+    # marketing granted, one of its vendors refused: the refusal is carried, the grant is not
     _, body = await gate.http("PUT", "/v1/consent", source=ATTACKER,
-                              json={"choices": {"marketing": True, "analytics": False}})
+                              json={"choices": {"marketing": True}, "vendors": {"activecampaign": False}})
     await pair(gate, ATTACKER, device, body["pairing"]["name"])
 
     async def carried() -> bool:
@@ -122,7 +123,7 @@ async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
     await eventually(carried)
     (event,) = await log_of(gate, device)
     assert event["action"] == "refusal" and event["channel"] == "pairing"
-    assert event["categories"] == {"analytics": False} and event["vendors"] == {}
+    assert event["categories"] == {} and event["vendors"] == {"activecampaign": False}
     assert event["address"] == device
     assert f"address {ATTACKER}" in event["reason"] and f"#{body['choice']['id']}" in event["reason"]
     assert await rcode(gate, device) == dns.rcode.NXDOMAIN
@@ -130,7 +131,7 @@ async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
     assert (await gate.http("DELETE", "/v1/consent", source=ATTACKER))[0] == 200
     last = (await log_of(gate, device))[-1]
     assert last["action"] == "refusal" and last["channel"] == "pairing" and ATTACKER in last["reason"]
-    assert last["categories"] == {"marketing": False, "analytics": False}
+    assert last["categories"] == {"marketing": False} and last["vendors"] == {"activecampaign": False}
 
 
 async def test_a_forwarders_address_never_receives_a_grant(gate: Gate) -> None:
