@@ -534,13 +534,14 @@ class ConsentService:
             return await self._change(plan) > 0
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
-        """End a session: reset the choices that apply personally to `subject` and, for the device
-        itself (a kiosk, or a page in kiosk layout), those of every identity linked to it."""
+        """End a session: reset the choices that apply personally to `subject` and, for a kiosk
+        itself, those of every identity linked to it. Elsewhere only an admin resets (the portal's
+        kiosk layout on another network withdraws instead: a reset there would forget an opt-out)."""
         async with self._lock:
             now = self.wall()
             profile, why = self.profile_of(subject)
-            if caller.channel != "admin" and profile in ("deny", "allow"):
-                raise ConsentError(409, "profile_fixed", f"{why}: there is no session to end on a {profile} network")
+            if caller.channel != "admin" and profile != "kiosk":
+                raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
             own_device = caller.channel != "admin" and subject.network is None
             if own_device and self.store.shared:
                 await self._load_links(subject)

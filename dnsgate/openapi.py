@@ -70,7 +70,8 @@ BAD: Final = error("Invalid input: the `field` names the culprit; nothing change
 NO_ROUTE: Final = error("No such route (the path holds characters no client name has)")
 UNAUTHORIZED: Final = error("Admin endpoint without the right `Authorization: Bearer` token")
 FORBIDDEN: Final = error("A browser Origin that may not change consent")
-CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `forwarder_address`)")
+CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `not_kiosk`, "
+                         "`forwarder_address`)")
 UNSUPPORTED: Final = error("The body must be application/json")
 TOO_LARGE: Final = error("The body is over 16 KiB")
 TIME_PARAMS: Final = [query("since", "ISO 8601 time"), query("until", "ISO 8601 time")]
