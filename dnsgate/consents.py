@@ -438,7 +438,8 @@ class ConsentService:
 
     # -- changing --------------------------------------------------------------------------------
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView:
-        """Record a choice by `subject`: it replaces the subject's previous one whole."""
+        """Record a choice by `subject`: it replaces the subject's previous one whole, but for an
+        opt-out by GPC, which carries over (`_under_gpc`)."""
         async with self._lock:
             now = self.wall()
             profile, why = self.profile_of(subject)
