@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
 STATE_CHANGING = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+# The state changes dnsgate's own page may make through another of dnsgate's origins (CORS).
+OWN_CORS = {"/v1/consent": "PUT, DELETE", "/v1/session/end": "POST"}
 
 
 class ConsentControl(Protocol):
@@ -129,6 +131,8 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
     app.router.add_put("/v1/consent", put_own)
     app.router.add_delete("/v1/consent", delete_own)
     app.router.add_post("/v1/session/end", end_own_session)
+    for path in OWN_CORS:
+        app.router.add_route("OPTIONS", path, own_preflight)
     app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/clients", list_clients)
     app.router.add_get("/v1/clients/{client:.+}/consent", get_client)
@@ -174,12 +178,33 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 @web.middleware
 async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method in STATE_CHANGING:
-        origin = request.headers.get("Origin")
-        if origin is not None and not request.app[SETTINGS].boundaries.origin_allowed(origin):
-            raise ApiError(403, "origin_refused",
-                           f"Origin {origin!r} may not change consent; add it to api.allowed_origins")
-    return await handler(request)
+    if request.method not in STATE_CHANGING:
+        return await handler(request)
+    origin = request.headers.get("Origin")
+    boundaries = request.app[SETTINGS].boundaries
+    if origin is not None and not boundaries.origin_allowed(origin):
+        raise ApiError(403, "origin_refused",
+                       f"Origin {origin!r} may not change consent; add it to api.allowed_origins")
+    response = await handler(request)
+    if origin is not None and boundaries.own_origin(origin):
+        # The portal records a choice through the device's address of the other family too (the
+        # page's origin is another of dnsgate's): it may read the answer, as its own.
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers.add("Vary", "Origin")
+    return response
+
+
+async def own_preflight(request: web.Request) -> web.Response:
+    """The CORS preflight of a state change from dnsgate's own page on another of its addresses
+    (`v4.`/`v6.<portal host>`); every other origin is refused, as its change would be."""
+    origin = request.headers.get("Origin", "")
+    if not request.app[SETTINGS].boundaries.own_origin(origin):
+        raise ApiError(403, "origin_refused", f"Origin {origin!r} is not a page of dnsgate's")
+    headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Methods": OWN_CORS[request.path],
+               "Access-Control-Allow-Headers": "Content-Type", "Access-Control-Max-Age": "600", "Vary": "Origin"}
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"
+    return web.Response(status=204, headers=headers)
 
 
 @web.middleware

@@ -189,7 +189,11 @@ class Boundaries:
         return host in self.names or _ip(host) is not None
 
     def origin_allowed(self, origin: str) -> bool:
-        if origin in self.allowed_origins or origin.lower() in self.extra_origins:
+        return origin in self.allowed_origins or self.own_origin(origin)
+
+    def own_origin(self, origin: str) -> bool:
+        """A page dnsgate itself served (allow-listed sites are not: they get no CORS)."""
+        if origin.lower() in self.extra_origins:
             return True
         try:
             parts = urlsplit(origin)

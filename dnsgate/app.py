@@ -51,6 +51,7 @@ from .observe_api import Observability, add_routes
 from .pairing import Pairings
 from .portal import PortalSettings, portal_url
 from .portal import add_routes as add_portal_routes
+from .portal_dns import FAMILY_NAMES
 from .querylog import QueryLog, load_key, sinkhole_rcode
 from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
@@ -355,7 +356,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         # consent and a token accept each other's pages; the token itself cannot be learnt from it.
         form_key = hashlib.sha256(b"dnsgate portal form\0" + token.encode()).digest()
         portal = PortalSettings(cfg.portal.host.lower(), portal_url(cfg.portal.host.lower(), cfg.portal.url, api_bound),
-                                cfg.portal.captive, frozenset(cfg.portal.cors_origins), form_key, wall)
+                                cfg.portal.captive, frozenset(cfg.portal.cors_origins), form_key, wall,
+                                api_bound.port)
         add_portal_routes(app, portal)
         add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
                                       watched))
@@ -393,7 +395,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
 def api_boundaries(cfg: Config, api: HostPort, admin: HostPort | None) -> Boundaries:
     """The Host names and Origins that are dnsgate's own: the portal host, localhost, api.hosts and
     portal.addresses, every listener's address and port, and the configured portal URL."""
-    names = {"localhost", cfg.portal.host}
+    names = {"localhost", cfg.portal.host, *(f"{family}.{cfg.portal.host}" for family in FAMILY_NAMES)}
     addresses = set(cfg.portal.addresses)
     for host in cfg.api.hosts:
         (addresses if _is_ip(host) else names).add(host)

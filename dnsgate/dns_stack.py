@@ -19,7 +19,7 @@ from .dns_server import DnsListeners, TaskSet, TcpLimits
 from .identity import QueryIdentity
 from .local_answers import LocalTable, default_table
 from .pipeline import Pipeline
-from .portal_dns import PortalAddresses, portal_zone
+from .portal_dns import PortalAddresses, family_zones, portal_zone
 from .resolver import Resolver
 from .ruleset import Ruleset
 from .upstream import Upstreams
@@ -89,7 +89,9 @@ def install(stack: DnsStack, new: Ruleset, live: Config) -> None:
 def local_names(cfg: Config, live: Config) -> LocalTable:
     """dnsgate's own names: `live`'s local section, the forwarded domains and the portal's zone."""
     table = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
-    table.add(portal_zone(cfg.portal.host, PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)))
+    portal = PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)
+    for zone in (portal_zone(cfg.portal.host, portal), *family_zones(cfg.portal.host, portal)):
+        table.add(zone)
     return table
 
 

@@ -74,6 +74,12 @@ CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profil
                          "`forwarder_address`)")
 UNSUPPORTED: Final = error("The body must be application/json")
 TOO_LARGE: Final = error("The body is over 16 KiB")
+OWN_PREFLIGHT: Final = {
+    "tags": ["portal"], "summary": "CORS preflight for dnsgate's own page on another of its addresses "
+    "(v4./v6.<portal host>); any other origin is refused",
+    "parameters": [{"name": "Origin", "in": "header", "required": True, "schema": {"type": "string"}},
+                   {"name": "Access-Control-Request-Method", "in": "header", "schema": {"type": "string"}}],
+    "responses": {"204": {"description": "Allowed"}, "403": error("Not a page of dnsgate's")}}
 TIME_PARAMS: Final = [query("since", "ISO 8601 time"), query("until", "ISO 8601 time")]
 AGE_PARAMS: Final = [query("since", "ISO 8601, UNIX seconds, or an age such as 15m"),
                      query("until", "ISO 8601, UNIX seconds, or an age such as 15m")]
@@ -277,12 +283,14 @@ def paths() -> dict[str, Any]:
                                           if k in ("notice", "language", "channel")}})},
                        "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT,
                                      "415": UNSUPPORTED}},
+            "options": OWN_PREFLIGHT,
         },
         "/v1/session/end": {"post": {
             "tags": ["consent"], "summary": "A kiosk ends its session: its choice resets",
             "requestBody": {"required": False, **json_body({"type": "object"})},
             "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT, "413": TOO_LARGE,
-                          "415": UNSUPPORTED}}},
+                          "415": UNSUPPORTED}},
+            "options": OWN_PREFLIGHT},
         "/v1/whoami": {"get": {"tags": ["consent"], "summary": "The caller as dnsgate sees it on HTTP and DNS",
                                "parameters": [SEC_GPC],
                                "responses": {"200": ok(obj({

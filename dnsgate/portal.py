@@ -29,6 +29,7 @@ from .config import HostPort
 from .consent import Subject
 from .consents import ChoiceRequest, ConsentError
 from .openapi import openapi_document
+from .portal_dns import FAMILY_NAMES
 from .store import StoreError
 
 PORTAL_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "strings.json": "application/json",
@@ -46,14 +47,18 @@ class PortalSettings:
     cors_origins: frozenset[str]
     form_key: bytes = b""  # signs the per-page token of the page's forms
     wall: Callable[[], float] = time.time
+    api_port: int = 0  # where v4./v6.<host> reach the API (0: not used)
 
     @property
     def csp(self) -> str:
         # The page resolves <token>.pair.<host> (a fetch that is meant to fail) to pair the device's
-        # DNS source with its HTTP address; nothing else leaves the origin.
+        # DNS source with its HTTP address, and records each choice through the API's address of the
+        # other family too (v4./v6.<host>); nothing else leaves the origin.
         pair = f"*.pair.{self.host}"
+        port = "" if self.api_port in (0, 80) else f":{self.api_port}"
+        families = "".join(f" http://{family}.{self.host}{port}" for family in FAMILY_NAMES) if self.api_port else ""
         return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                f"connect-src 'self' http://{pair} https://{pair}; base-uri 'none'; form-action 'self'; "
+                f"connect-src 'self' http://{pair} https://{pair}{families}; base-uri 'none'; form-action 'self'; "
                 "frame-ancestors 'none'")
 
 
@@ -162,9 +167,12 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
         elif action == "withdraw":
             await control.withdraw(subject, caller, shown)
             done = "withdrawn" if had_grant else "refused"
-        else:
+        elif before.profile == "kiosk":
             await control.end_session(subject, caller, "session ended on the portal page")
             done = "session_ended"
+        else:  # the kiosk layout on another network: the next person starts with nothing allowed
+            await control.withdraw(subject, caller, shown)
+            done = "session_withdrawn"
     except ConsentError as exc:
         if exc.code == "notice_changed":
             raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None

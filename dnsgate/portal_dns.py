@@ -9,6 +9,11 @@ The answer must be an address where the client can reach the API:
   minute, so a flood of portal queries costs a dict lookup each.
 Families follow the API: an IPv4-only API gives no AAAA record, and an IPv6 client of a `0.0.0.0`
 API gets none either (NODATA, not a wrong address).
+
+`v4.<host>` and `v6.<host>` carry the portal's address in one family only. dnsgate grants only the
+address that asks, so when a device's HTTP and DNS use different families (HTTP over IPv4, DNS over
+IPv6), the page also records the choice through the other family's name: the device's DNS, asking
+in that family, gets the address its requests in that family should go to.
 """
 
 from __future__ import annotations
@@ -104,3 +109,19 @@ def portal_zone(host: str, addresses: PortalAddresses) -> LocalZone:
     NODATA. Names below it are not covered here (pairing names are answered before local zones)."""
     return LocalZone(name_to_wire(host), NOERROR, addresses.fixed, "none", PORTAL_TTL,
                      "the consent portal", per_client=None if addresses.is_fixed else addresses.records)
+
+
+FAMILY_NAMES: Final = {"v4": A_TYPE, "v6": AAAA_TYPE}
+
+
+def family_zones(host: str, addresses: PortalAddresses) -> list[LocalZone]:
+    """`v4.<host>` and `v6.<host>`: the portal host's records of one family only."""
+    zones: list[LocalZone] = []
+    for label, rtype in FAMILY_NAMES.items():
+        def only(records: Records, rtype: int = rtype) -> Records:
+            return {rtype: records[rtype]} if rtype in records else {}
+
+        per_client = None if addresses.is_fixed else (lambda client, only=only: only(addresses.records(client)))
+        zones.append(LocalZone(name_to_wire(f"{label}.{host}"), NOERROR, only(addresses.fixed), "none", PORTAL_TTL,
+                               f"the consent portal over IPv{label[1]}", per_client=per_client))
+    return zones

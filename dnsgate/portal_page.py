@@ -29,7 +29,7 @@ from .consents import ClientView
 from .notice import NoticeInForce
 
 FORM_TTL: Final = 3600.0  # seconds a page's form may be posted
-DONE: Final = ("granted", "refused", "withdrawn", "session_ended", "notice_changed", "expired")
+DONE: Final = ("granted", "refused", "withdrawn", "session_ended", "session_withdrawn", "notice_changed", "expired")
 
 
 @functools.cache
@@ -196,6 +196,8 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
         result, kind = [t("result_withdrawn"), t("result_cache")], "ok"
     elif req.done == "session_ended":
         result, kind = [t("result_session_ended")], "ok"
+    elif req.done == "session_withdrawn":
+        result, kind = [t("result_session_withdrawn")], "ok"
     elif req.done in ("notice_changed", "expired"):
         result, kind = [t(f"result_{req.done}")], "warn"
 
@@ -220,7 +222,9 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
                        until=when(view.ask_again_after)) if view.ask_again_after else "",
         "result": result, "result_kind": kind,
         "return_to": {"href": back["href"], "text": t("return_link", host=back["host"])} if back else None,
-        "kiosk_text": t("kiosk_text", minutes=f"{view.kiosk_idle_minutes:g}") if view.kiosk_idle_minutes else "",
+        # the kiosk layout elsewhere: End session withdraws (no idle reset there)
+        "kiosk_text": (t("kiosk_text", minutes=f"{view.kiosk_idle_minutes:g}") if view.kiosk_idle_minutes else
+                       t("kiosk_layout_text") if req.layout == "kiosk" else ""),
         "notice_paragraphs": [" ".join(line.strip() for line in p.splitlines())
                               for p in re.split(r"\n\s*\n", text) if p.strip()],
         "categories": categories, "can_withdraw": can_withdraw,

@@ -68,10 +68,10 @@ class Gate:
 
     async def query(self, name: str, rdtype: str = "A", *, source: str = "127.0.0.1", tcp: bool = False,
                     use_edns: int | bool = False, want_dnssec: bool = False, options: list[Any] | None = None,
-                    timeout: float = 3.0) -> dns.message.Message:
+                    timeout: float = 3.0, server: str | None = None) -> dns.message.Message:
         q = dns.message.make_query(name, dns.rdatatype.from_text(rdtype), use_edns=0 if options else use_edns,
                                    want_dnssec=want_dnssec, options=options)
-        host = self.running.dns[0].host
+        host = server or self.running.dns[0].host  # (`server`: an address of a wildcard listener)
         if tcp:
             return await dns.asyncquery.tcp(q, host, port=self.dns_port, source=source, timeout=timeout)
         return await dns.asyncquery.udp(q, host, port=self.dns_port, source=source, timeout=timeout)

@@ -289,3 +289,27 @@ async def test_the_operator_is_named_at_the_top(upstream: StubUpstream, data_dir
         assert "warning: no operator named (portal.operator)" in g.running.ready_line()
         _, notice = await g.http("GET", "/v1/notice")
         assert notice["operator"] is None
+
+
+async def test_without_javascript_the_kiosk_layout_ends_a_session_everywhere(portal_gate: Gate) -> None:
+    """?layout=kiosk shows End session on any network; on a kiosk's it resets the session, elsewhere
+    it withdraws (the next person starts with nothing allowed; an opt-out is never forgotten)."""
+    for source, done, action in ((KIOSK + "77", "session_ended", "reset"), ("127.0.0.77", "session_withdrawn",
+                                                                             "withdrawal")):
+        await portal_gate.http("PUT", "/v1/consent", source=source, json={"categories": ["marketing"]})
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(portal_gate.api_url + "/?layout=kiosk") as r:
+                page = await r.text()
+            bar = re.search(r'<div id="kiosk" class="kiosk-bar"( hidden)?>', page)
+            assert bar is not None and bar[1] is None, source  # shown
+            token = re.search(r'name="token" value="([^"]+)"', page)
+            assert token
+            async with session.post(portal_gate.api_url + "/", allow_redirects=False, data={
+                    "action": "end_session", "token": token[1], "layout": "kiosk"}) as r:
+                assert r.status == 303 and r.headers["Location"] == f"/?layout=kiosk&done={done}", source
+            async with session.get(portal_gate.api_url + f"/?layout=kiosk&done={done}") as r:
+                assert "Session ended" in await r.text() and "a minute or two" in await r.text()
+        _, log = await portal_gate.http("GET", f"/v1/audit?client={source}", admin=True)
+        assert log["events"][0]["action"] == action, source
+        assert (await portal_gate.query("trackcmp.net", source=source)).rcode() == 3  # NXDOMAIN

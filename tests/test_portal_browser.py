@@ -9,28 +9,33 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import dns.rcode
 import pytest
 from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, ViewportSize, expect
 
-from dnsgate.config import PortalConfig, ProfilesConfig
+from dnsgate.config import ApiConfig, DnsConfig, PortalConfig, ProfilesConfig
 from tests.browser import CHROMIUM_ARGS, launched
-from tests.conftest import Gate, make_config, running_gate
-from tests.consent_fixtures import consent_config
+from tests.conftest import TOKEN, Gate, make_config, running_gate
+from tests.consent_fixtures import consent_config, eventually
 from tests.stub_upstream import StubUpstream
 
 TRACKER, TRACKER_ADDRESS = "trackcmp.net", "198.51.100.1"
 PHONE, DESKTOP = ViewportSize(width=390, height=844), ViewportSize(width=1280, height=900)
 KIOSK_SCREEN = ViewportSize(width=1920, height=1080)
-# The page resolves <token>.pair.<portal host> through the system resolver to pair HTTP with DNS.
-# Here both are 127.0.0.1 already, and the host's resolver is not dnsgate: keep those names local.
-ARGS = [*CHROMIUM_ARGS, "--host-resolver-rules=MAP *.pair.consent.dnsgate.internal ~NOTFOUND"]
+# The page resolves <token>.pair.<portal host> through the system resolver to pair HTTP with DNS, and
+# records each choice through v4./v6.<portal host> too (the API's address of the other family).
+# Here HTTP and DNS are both 127.0.0.1, and the host's resolver is not dnsgate: keep those names local.
+OWN_NAMES = (".pair.consent.dnsgate.internal", "//v4.consent.dnsgate.internal", "//v6.consent.dnsgate.internal")
+RULES = "MAP *.pair.consent.dnsgate.internal ~NOTFOUND, MAP v4.consent.dnsgate.internal ~NOTFOUND"
+ARGS = [*CHROMIUM_ARGS, f"--host-resolver-rules={RULES}, MAP v6.consent.dnsgate.internal ~NOTFOUND"]
 
 
 @pytest.fixture
@@ -62,8 +67,9 @@ class Watch:
             self.requests.append(request.url)
 
         def on_console(message: ConsoleMessage) -> None:
-            pairing = ".pair." in message.text or ".pair." in (message.location or {}).get("url", "")
-            if message.type in ("error", "warning") and not pairing:  # the pairing fetch is meant to fail
+            where = message.text + " " + (message.location or {}).get("url", "")
+            pairing = any(name in where for name in OWN_NAMES)
+            if message.type in ("error", "warning") and not pairing:  # these fetches may fail here
                 self.problems.append(message.text)
 
         page.on("request", on_request)
@@ -72,7 +78,8 @@ class Watch:
 
     def check(self) -> None:
         assert self.problems == []
-        elsewhere = [u for u in self.requests if not u.startswith(self.origin + "/") and ".pair." not in u]
+        elsewhere = [u for u in self.requests if not u.startswith(self.origin + "/")
+                     and not any(name in u for name in OWN_NAMES)]
         assert elsewhere == []
 
 
@@ -228,12 +235,97 @@ async def test_kiosk_large_type_and_end_session(browser: Browser, upstream: Stub
         await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
         assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
         await end.click()
-        await expect(page.locator("#result")).to_contain_text("Session ended")
+        # what ends now, and what lives on in the browser's cache
+        await expect(page.locator("#result")).to_contain_text("Session ended: the choice made here is reset on this "
+                                                              "kiosk and on every address it reached")
+        await expect(page.locator("#result")).to_contain_text("may still use a tracker for a minute or two")
         await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
         assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
         _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1", admin=True)
         assert audit["events"][0]["action"] == "reset"
         watch.check()
+
+
+async def test_kiosk_layout_elsewhere_has_end_session_too(browser: Browser, upstream: StubUpstream,
+                                                          data_dir: Path) -> None:
+    """?layout=kiosk on a network that is not a kiosk's: the button is there, and ends the session by
+    withdrawing every grant (a reset there would forget an opt-out)."""
+    async with portal(upstream, data_dir) as g:
+        page, watch = await open_portal(browser, g, "?layout=kiosk", viewport=KIOSK_SCREEN)
+        client = await seen_address(page)
+        await expect(page.locator("body")).to_have_class(re.compile(r"\bkiosk\b"))
+        end = page.get_by_role("button", name="End session")
+        await expect(end).to_be_visible()
+        await expect(page.locator("#kiosk-text")).to_contain_text("withdrawn for the next person")
+        await page.get_by_role("button", name="Accept all").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+        assert await tracker(g, client) == (dns.rcode.NOERROR, [TRACKER_ADDRESS])
+        await end.click()
+        await expect(page.locator("#result")).to_contain_text("Session ended: every grant made on this device is "
+                                                              "withdrawn")
+        await expect(page.locator("#result")).to_contain_text("a minute or two")
+        assert await tracker(g, client) == (dns.rcode.NXDOMAIN, [])
+        _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1", admin=True)
+        assert audit["events"][0]["action"] == "withdrawal"
+        watch.check()
+
+
+def _ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6(), reason="::1 is not configured on this machine")
+async def test_the_page_records_the_choice_over_the_other_family_too(upstream: StubUpstream, data_dir: Path) -> None:
+    """HTTP over IPv4, DNS over IPv6 from one device: dnsgate grants only the address that asks, so the
+    page also records the choice through v6.<portal host> (here mapped to ::1, as the device's DNS
+    would answer it), naming its pairing token. Each address chooses for itself."""
+    rules = (f"{RULES}, MAP v6.consent.dnsgate.internal [::1]")
+    cfg = make_config(upstream, data_dir, api=ApiConfig(listen="[::]:0", admin_token=TOKEN),
+                      dns=DnsConfig(listen=("[::]:0",)))
+    async with launched([*CHROMIUM_ARGS, f"--host-resolver-rules={rules}"]) as chromium, \
+            running_gate(consent_config(cfg)) as g:
+        origin = f"http://127.0.0.1:{g.running.api.port}"
+        page = await (await chromium.new_context(viewport=DESKTOP)).new_page()
+        watch = Watch(origin)
+        watch.attach(page)
+        response = await page.goto(origin + "/")
+        assert response is not None and response.ok
+        await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+
+        async def over(family: str) -> int:
+            server = "::1" if family == "v6" else "127.0.0.1"
+            return (await g.query(TRACKER, source=server, server=server)).rcode()
+
+        assert (await over("v4"), await over("v6")) == (dns.rcode.NXDOMAIN, dns.rcode.NXDOMAIN)
+        await page.get_by_role("button", name="Accept all").click()
+        await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
+
+        async def both() -> bool:
+            return (await over("v4"), await over("v6")) == (dns.rcode.NOERROR, dns.rcode.NOERROR)
+
+        await eventually(both)
+        (event,) = [e for e in (await _audit(g, "::1")) if e["action"] == "grant"]
+        assert event["channel"] == "portal" and "made through this address by the portal of address 127.0.0.1" \
+            in event["reason"]
+        await page.get_by_role("button", name="Withdraw all consent").click()
+
+        async def neither() -> bool:
+            return (await over("v4"), await over("v6")) == (dns.rcode.NXDOMAIN, dns.rcode.NXDOMAIN)
+
+        await eventually(neither)
+        watch.check()
+
+
+async def _audit(g: Gate, client: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{g.running.api.port}/v1/audit?client={client}"
+    async with aiohttp.ClientSession() as session, session.get(
+            url, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        return list((await response.json())["events"])
 
 
 async def test_gpc_is_shown_with_what_it_means_here(browser: Browser, upstream: StubUpstream,

@@ -11,7 +11,7 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from dnsgate.config import ApiConfig, PortalConfig
+from dnsgate.config import ApiConfig, DnsConfig, PortalConfig
 from dnsgate.portal_dns import A_TYPE, AAAA_TYPE, MEMO_LIMIT, PORTAL_TTL, PortalAddresses, facing_address
 from tests.conftest import TOKEN, Gate, make_config, running_gate
 from tests.stub_upstream import StubUpstream
@@ -115,3 +115,32 @@ async def test_configured_portal_addresses_and_host(upstream: StubUpstream, data
         assert await answers(g, "A", name="consent.home.arpa") == ("NOERROR", ["192.0.2.80"])
         assert await answers(g, "AAAA", name="CONSENT.home.arpa.") == ("NOERROR", ["2001:db8::80"])
         assert (await answers(g, "A"))[0] == "NXDOMAIN"  # the default name is not the portal any more
+
+
+async def test_a_family_name_carries_that_familys_address_only(upstream: StubUpstream, data_dir: Path) -> None:
+    """v4.<host> and v6.<host>, for the page's submission through the device's other address family."""
+    cfg = replace(make_config(upstream, data_dir),
+                  portal=PortalConfig(host="consent.home.arpa", addresses=("192.0.2.80", "2001:db8::80")))
+    async with running_gate(cfg) as g:
+        assert await answers(g, "A", name="v4.consent.home.arpa") == ("NOERROR", ["192.0.2.80"])
+        assert await answers(g, "AAAA", name="v4.consent.home.arpa") == ("NOERROR", [])
+        assert await answers(g, "AAAA", name="v6.consent.home.arpa") == ("NOERROR", ["2001:db8::80"])
+        assert await answers(g, "A", name="v6.consent.home.arpa") == ("NOERROR", [])
+        await answers(g, "A", name="v5.consent.home.arpa")
+        assert upstream.count("v5.consent.home.arpa") == 1  # not one of them: forwarded like any name
+        assert upstream.count("v4.consent.home.arpa") == 0 and upstream.count("v6.consent.home.arpa") == 0
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+async def test_on_a_dual_stack_api_each_family_name_answers_in_the_askers_family(upstream: StubUpstream,
+                                                                                data_dir: Path) -> None:
+    """HTTP over IPv4, DNS over IPv6: the DNS client asks in the family the page needs."""
+    cfg = make_config(upstream, data_dir, api=ApiConfig(listen="[::]:0", admin_token=TOKEN),
+                      dns=DnsConfig(listen=("[::]:0",)))
+    async with running_gate(cfg) as g:
+        v6 = await g.query("v6." + PORTAL, "AAAA", source="::1", server="::1")
+        assert [rr.to_text() for rrset in v6.answer for rr in rrset] == ["::1"]
+        v6_from_v4 = await g.query("v6." + PORTAL, "AAAA", source="127.0.0.1", server="127.0.0.1")
+        assert v6_from_v4.rcode() == dns.rcode.NOERROR and not v6_from_v4.answer  # no IPv6 address known to use
+        v4 = await g.query("v4." + PORTAL, "A", source="127.0.0.1", server="127.0.0.1")
+        assert [rr.to_text() for rrset in v4.answer for rr in rrset] == ["127.0.0.1"]

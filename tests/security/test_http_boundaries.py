@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from dnsgate.config import PortalConfig
@@ -148,3 +149,29 @@ async def test_admin_endpoints_answer_only_on_the_admin_address(upstream: StubUp
             assert status == 404 and body["error"]["code"] == "not_found", path
             assert (await request(f"http://127.0.0.2:{port}{path}", headers=auth))[0] == 200, path
         assert g.running.admin is not None and g.running.admin.host == "127.0.0.2"
+
+
+async def test_only_dnsgates_own_page_gets_cors_for_a_change(gate: Gate) -> None:
+    """The portal records a choice through the device's other address family too: the page's origin
+    is then another of dnsgate's. That, and nothing wider, may make the change cross-origin."""
+    port = gate.running.api.port
+    own = f"http://consent.dnsgate.internal:{port}"
+    for path, method in (("/v1/consent", "PUT"), ("/v1/session/end", "POST")):
+        status, _ = await request(gate.api_url + path, "OPTIONS", headers={
+            "Origin": own, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": "content-type"})
+        assert status == 204, path
+        for origin in [SITE, *refused_origins(port)]:  # allow-listed sites included: they get no CORS
+            status, _ = await request(gate.api_url + path, "OPTIONS", headers={
+                "Origin": origin, "Access-Control-Request-Method": method})
+            assert status == 403, (path, origin)
+    headers = await _headers(gate, "PUT", {"Origin": own})
+    assert headers["Access-Control-Allow-Origin"] == own and "Origin" in headers["Vary"]
+    assert "Access-Control-Allow-Origin" not in await _headers(gate, "PUT", {"Origin": SITE})
+    assert "Access-Control-Allow-Origin" not in await _headers(gate, "PUT", {})
+
+
+async def _headers(g: Gate, method: str, headers: dict[str, str]) -> dict[str, str]:
+    async with aiohttp.ClientSession() as session, session.request(
+            method, g.api_url + "/v1/consent", json=GRANT, headers=headers) as response:
+        assert response.status == 200
+        return dict(response.headers)

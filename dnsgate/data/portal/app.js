@@ -120,9 +120,13 @@
     $("decide").hidden = fixed;
     $("choose").hidden = fixed;
     const kiosk = state.profile.name === "kiosk";
-    document.body.classList.toggle("kiosk", kiosk || new URLSearchParams(location.search).get("layout") === "kiosk");
-    $("kiosk").hidden = !kiosk;
-    if (kiosk) $("kiosk-text").textContent = t("kiosk_text", { minutes: state.kiosk ? state.kiosk.idle_minutes : "" });
+    const layout = kiosk || new URLSearchParams(location.search).get("layout") === "kiosk";
+    document.body.classList.toggle("kiosk", layout);
+    $("kiosk").hidden = !layout || fixed;
+    if (layout) {
+      $("kiosk-text").textContent = kiosk ? t("kiosk_text", { minutes: state.kiosk ? state.kiosk.idle_minutes : "" })
+        : t("kiosk_layout_text");
+    }
 
     const back = returnTo();
     $("return").hidden = !back;
@@ -226,6 +230,22 @@
       .finally(() => setTimeout(refreshWho, 1500));
   }
 
+  // dnsgate grants only the address that asks. When this device's HTTP and DNS use different
+  // families (HTTP over IPv4, DNS over IPv6), the same change goes through the API's address of the
+  // other family too (v4./v6.<portal host>, which the device's DNS answers in that family), naming
+  // this answer's pairing token: each address records its own choice. Where that family does not
+  // reach dnsgate, nothing happens there.
+  async function elsewhere(method, path, body, pairing) {
+    const host = pairing && pairing.name ? pairing.name.split(".pair.")[1] : "";
+    if (!host || !who || location.protocol !== "http:") return;
+    const family = who.http.address.includes(":") ? "v4" : "v6";
+    const init = { method, mode: "cors", cache: "no-store", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(method === "PUT" ? { ...body, pairing: pairing.token } : (body || {})) };
+    try {
+      await fetch(`http://${family}.${host}${location.port ? ":" + location.port : ""}${path}`, init);
+    } catch { /* not reachable over that family */ }
+  }
+
   async function refreshWho() {
     try { who = await api("GET", "/v1/whoami"); renderDevice(); } catch { /* shown on the next load */ }
   }
@@ -252,6 +272,7 @@
       state = await api(method, path, body);
       render();
       say(outcome(state, before));
+      if (method !== "POST") await elsewhere(method, path, body, state.pairing);  // (a session end reaches it)
       pair(state.pairing);
     } catch (e) {
       if (e.code === "notice_changed") {
@@ -303,9 +324,12 @@
       ? [t("result_withdrawn"), t("result_cache")] : [t("result_refused")]));
   }
 
+  // On a kiosk network the session's choices reset; the kiosk layout elsewhere withdraws every grant
+  // (a reset there would also forget an opt-out).
   function endSession(event) {
     event.preventDefault();
-    act("POST", "/v1/session/end", undefined, () => [t("result_session_ended")]);
+    if (state.profile.name === "kiosk") act("POST", "/v1/session/end", undefined, () => [t("result_session_ended")]);
+    else act("DELETE", "/v1/consent", shown(), () => [t("result_session_withdrawn")]);
   }
 
   // -- start -------------------------------------------------------------------------------------
