@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -51,6 +52,16 @@ def make_config(stub: StubUpstream, data_dir: Path, **sections: Any) -> Config:
         storage=StorageConfig(data_dir=str(data_dir)),
     )
     return replace(cfg, **sections) if sections else cfg
+
+
+def ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (tests over IPv6 are skipped where it cannot)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 @dataclass

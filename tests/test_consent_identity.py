@@ -3,7 +3,6 @@ table, EDNS options from a trusted forwarder, and pairing HTTP with DNS."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import dns.rcode
 import pytest
 
 from dnsgate.config import ApiConfig
-from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
+from tests.conftest import TOKEN, Gate, ipv6_loopback, make_config, running_gate, with_store
 from tests.consent_fixtures import FakeClock, FakeNeighbours, consent_config, edns_option, eventually, parse_jsonl
 from tests.security.helpers import request
 from tests.stub_upstream import StubUpstream
@@ -109,18 +108,7 @@ async def test_trusted_forwarder_client_subnet(gate: Gate) -> None:
     assert await rcode(gate, FORWARDER, options=[dns.edns.ECSOption("127.0.7.0", 24)]) == dns.rcode.NXDOMAIN
 
 
-def _ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not configured on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="::1 is not configured on this machine")
 async def test_pairing_links_the_dns_source_and_each_address_chooses_for_itself(upstream: StubUpstream,
                                                                                  data_dir: Path) -> None:
     """The browser talks HTTP over IPv6 (::1); the device's DNS queries come from 127.0.8.1. Pairing

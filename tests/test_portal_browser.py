@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, Request, Viewpor
 
 from dnsgate.config import ApiConfig, DnsConfig, PortalConfig, ProfilesConfig
 from tests.browser import CHROMIUM_ARGS, launched
-from tests.conftest import TOKEN, Gate, make_config, running_gate
+from tests.conftest import TOKEN, Gate, ipv6_loopback, make_config, running_gate
 from tests.consent_fixtures import consent_config, eventually
 from tests.stub_upstream import StubUpstream
 
@@ -270,16 +269,7 @@ async def test_kiosk_layout_elsewhere_has_end_session_too(browser: Browser, upst
         watch.check()
 
 
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6(), reason="::1 is not configured on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="::1 is not configured on this machine")
 async def test_the_page_records_the_choice_over_the_other_family_too(upstream: StubUpstream, data_dir: Path) -> None:
     """HTTP over IPv4, DNS over IPv6 from one device: dnsgate grants only the address that asks, so the
     page also records the choice through v6.<portal host> (here mapped to ::1, as the device's DNS

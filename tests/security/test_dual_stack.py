@@ -3,7 +3,6 @@ truncated UDP answer can be retried."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import dns.asyncquery
@@ -12,22 +11,11 @@ import dns.rcode
 import pytest
 
 from dnsgate.config import DnsConfig
-from tests.conftest import make_config, running_gate
+from tests.conftest import ipv6_loopback, make_config, running_gate
 from tests.stub_upstream import StubUpstream
 
 
-def _dual_stack() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _dual_stack(), reason="IPv6 is not configured on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="IPv6 is not configured on this machine")
 async def test_ipv4_clients_of_a_dual_stack_listener_get_tcp_answers(upstream: StubUpstream, data_dir: Path) -> None:
     cfg = make_config(upstream, data_dir, dns=DnsConfig(listen=("[::]:0",)))
     async with running_gate(cfg) as g:
