@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from . import dns_stack
+from . import descriptors, dns_stack
 from .api import ApiSettings, create_app
 from .api_guard import Boundaries
 from .catalog import CatalogError
@@ -270,7 +270,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         except dns_stack.UpstreamError as exc:
             raise StartupError(str(exc)) from None
         pipeline, upstreams, tasks, listeners = dns.pipeline, dns.upstreams, dns.tasks, dns.listeners
-        background(stack, dns_stack.tick_every_second(pipeline.admission))
+        background(stack, dns.every_second())
+        _shortage_on_accept(dns.shortage, stack)
         workers: Workers | None = None
 
         def install(new: Ruleset) -> None:
@@ -312,6 +313,11 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             theirs = workers.counts() if workers is not None else None
             return own if theirs is None else own.plus(theirs)
 
+        def shortage(counts: DnsCounts) -> str:
+            if dns.shortage.short or not counts.short_now:
+                return dns.shortage.describe()
+            return f"{counts.short_now} worker processes out of file descriptors or socket buffers"
+
         def health() -> Mapping[str, Any]:
             lists_in_force = pipeline.catalog.lists
             counts = dns_counts()
@@ -323,6 +329,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                                     "restarts": workers.restarts, "pids": workers.pids()}}
                        if workers is not None else {}),
                     "consent_store": consents.store_problem or "ok",
+                    "file_descriptors": {"open": descriptors.open_count(), "limit": descriptors.soft_limit(),
+                                         "shortage": shortage(counts)},
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
                     "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
@@ -480,6 +488,26 @@ def _reload_on_sighup(reloader: Reloader, tasks: TaskSet, stack: AsyncExitStack)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload()))
     stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+
+
+def _shortage_on_accept(shortage: descriptors.Shortage, stack: AsyncExitStack) -> None:
+    """asyncio's own loop reports an accept that fails for lack of a descriptor to the loop's
+    exception handler, with a traceback every second while it lasts: it is an episode of the
+    shortage instead, logged once. (uvloop sheds such connections itself, without a report.)"""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and descriptors.is_shortage(exc):
+            shortage.hit(exc, "accepting a connection")
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    stack.callback(loop.set_exception_handler, previous)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -30,6 +30,10 @@ class DnsCounts:
     rate_slipped: int = 0
     tcp_open: int = 0
     tcp_closed: Counter[str] = field(default_factory=Counter)
+    short_servfail: int = 0  # clients answered SERVFAIL because no upstream socket could be opened
+    reaped: int = 0  # waiting forwards answered by the last-resort sweep (each one a bug)
+    short_now: int = 0  # processes out of file descriptors right now
+    short_episodes: int = 0
 
     def plus(self, other: DnsCounts) -> DnsCounts:
         """A new DnsCounts with both; neither is changed."""
@@ -43,7 +47,9 @@ class DnsCounts:
             self.cache_evictions + other.cache_evictions, self.coalesced + other.coalesced,
             self.in_flight + other.in_flight, upstreams, self.acl_refused + other.acl_refused,
             self.rate_dropped + other.rate_dropped, self.rate_slipped + other.rate_slipped,
-            self.tcp_open + other.tcp_open, self.tcp_closed + other.tcp_closed)
+            self.tcp_open + other.tcp_open, self.tcp_closed + other.tcp_closed,
+            self.short_servfail + other.short_servfail, self.reaped + other.reaped, self.short_now + other.short_now,
+            self.short_episodes + other.short_episodes)
 
 
 def _tally_sum(a: Tally, b: Tally) -> Tally:

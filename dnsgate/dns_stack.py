@@ -14,6 +14,7 @@ from .admission import Admission
 from .cache import AnswerCache
 from .config import Config, ConfigError, UpstreamAddress
 from .consent import ConsentTable
+from .descriptors import Shortage
 from .dns_counts import DnsCounts
 from .dns_server import DnsListeners, TaskSet, TcpLimits
 from .identity import QueryIdentity
@@ -38,14 +39,25 @@ class DnsStack:
     resolver: Resolver
     tasks: TaskSet
     listeners: DnsListeners
+    shortage: Shortage  # this process running out of file descriptors (descriptors.py)
 
     def counts(self) -> DnsCounts:
         """What this process has counted so far (the live objects, not copies)."""
-        a, tcp = self.pipeline.admission, self.listeners.tcp
+        a, tcp, r = self.pipeline.admission, self.listeners.tcp, self.resolver
         return DnsCounts(self.pipeline.counters, self.pipeline.durations, len(self.cache), self.cache.bytes,
-                         self.cache.evictions, self.resolver.coalesced, len(self.tasks),
+                         self.cache.evictions, r.coalesced, len(self.tasks),
                          dict(self.upstreams.per_server), a.refused, a.dropped, a.slipped, len(tcp),
-                         Counter(tcp.closed))
+                         Counter(tcp.closed), r.short, r.reaped, int(self.shortage.short),
+                         self.shortage.episodes)
+
+    async def every_second(self) -> None:
+        """Refill the rate limit's buckets (a second's worth of replies per prefix), answer waiting
+        entries a bug stranded, and see whether descriptors ran out or came back."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.pipeline.admission.tick()
+            self.resolver.reap()
+            self.shortage.check()
 
 
 def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
@@ -66,14 +78,15 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
         stale_ttl=cfg.cache.stale_ttl,
         admission=admission(cfg),
     )
-    upstreams = build_upstreams(cfg, servers)
+    shortage = Shortage()
+    upstreams = build_upstreams(cfg, servers, shortage)
     tasks = TaskSet()
     resolver = Resolver(pipeline, upstreams, tasks.spawn)
     d = cfg.dns
     listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
         d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
         d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer)
-    return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners)
+    return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners, shortage)
 
 
 def install(stack: DnsStack, new: Ruleset, live: Config) -> None:
@@ -101,22 +114,15 @@ def admission(cfg: Config) -> Admission:
                      v6_prefix=d.rate_limit_ipv6_prefix, exempt=d.rate_limit_exempt)
 
 
-def build_upstreams(cfg: Config, servers: Iterable[UpstreamAddress]) -> Upstreams:
+def build_upstreams(cfg: Config, servers: Iterable[UpstreamAddress], shortage: Shortage | None = None) -> Upstreams:
     try:
         return Upstreams(tuple(servers), timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
                          udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
                          domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
-                         tls_ca_file=cfg.upstream.tls_ca_file)
+                         tls_ca_file=cfg.upstream.tls_ca_file, shortage=shortage)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise UpstreamError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
                             f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
-
-
-async def tick_every_second(admission: Admission) -> None:
-    """Refill the rate limit's buckets (a second's worth of replies per prefix)."""
-    while True:
-        await asyncio.sleep(1.0)
-        admission.tick()
 
 
 def os_reason(exc: OSError) -> str:

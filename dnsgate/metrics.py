@@ -160,6 +160,7 @@ class DnsgateCollector(Collector):
                                       "instances sharing the store, applied here", value=remote)
 
         yield from _exposure(dns)
+        yield from _descriptors(dns)
         if s.workers is not None:
             running, restarts = s.workers()
             yield GaugeMetricFamily("dnsgate_workers", "Worker processes answering DNS besides this one (dns.workers "
@@ -197,6 +198,19 @@ def _exposure(dns: DnsCounts) -> Iterator[CounterMetricFamily | GaugeMetricFamil
     for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
         closed.add_metric([reason], dns.tcp_closed[reason])
     yield closed
+
+
+def _descriptors(dns: DnsCounts) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    """Running out of file descriptors (process_open_fds and process_max_fds give the levels)."""
+    yield GaugeMetricFamily("dnsgate_descriptor_shortage", "Processes out of file descriptors (or socket "
+                            "buffers) right now: queries that need a new upstream socket get SERVFAIL",
+                            value=dns.short_now)
+    yield CounterMetricFamily("dnsgate_descriptor_shortages", "Times a process ran out of file descriptors "
+                              "(or socket buffers)", value=dns.short_episodes)
+    yield CounterMetricFamily("dnsgate_descriptor_shortage_servfail", "Queries answered SERVFAIL (EDE Not "
+                              "Ready) because no upstream socket could be opened", value=dns.short_servfail)
+    yield CounterMetricFamily("dnsgate_forwards_reaped", "Queries answered by the last-resort sweep, left "
+                              "waiting past the upstream deadline (each one a bug)", value=dns.reaped)
 
 
 def build_registry(sources: Sources) -> CollectorRegistry:

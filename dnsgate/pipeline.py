@@ -451,7 +451,8 @@ class Pipeline:
             return self._truncated(q.id, flags, q.question, edns)
         return reply
 
-    def servfail(self, fwd: Forward) -> bytes:
+    def servfail(self, fwd: Forward, options: bytes = b"") -> bytes:
+        """SERVFAIL for a forward nothing could answer; `options` (an EDE saying why) go in its OPT."""
         q = fwd.query
         now = self.mono()
         elapsed = now - fwd.started
@@ -460,7 +461,7 @@ class Pipeline:
             self._gated(SERVFAIL, now, fwd.client, q.question, q.qtype, fwd.tcp, SERVFAIL_RCODE, fwd.rule, elapsed)
         else:
             self._plain(SERVFAIL, now, fwd.client, q, fwd.tcp, SERVFAIL_RCODE, elapsed)
-        return error_reply(q, SERVFAIL_RCODE, self.udp_max)
+        return error_reply(q, SERVFAIL_RCODE, self.udp_max, options)
 
     # ----------------------------------------------------------------------------------------
     # Counting and logging off the fast path

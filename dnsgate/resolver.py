@@ -9,6 +9,13 @@ in a task with `Upstreams.exchange`. The reply becomes a cache entry; the pipeli
 it for each waiting client. Upstream failure or an unusable reply -> a stale answer if serve-stale
 has one (RFC 8767), else SERVFAIL; anything unexpected -> SERVFAIL and a logged traceback.
 Prefetches the pipeline asks for go the same way, with nobody to deliver to.
+
+A waiting entry is registered in one place, `start`, and nothing may strand it: every path that
+registers one goes through `start`, whose clients are answered on every error (no socket to be
+had: SERVFAIL with EDE "Not Ready" at once; a send that fails, an upstream pool closed under it, a
+task cancelled, anything raised), and only by the exchange that owns the entry. As a last resort
+`reap` answers entries older than the upstream deadline and counts them: a bug there shows in
+/metrics and the log instead of leaving a name unanswerable for good.
 """
 
 from __future__ import annotations
@@ -16,18 +23,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from . import message
 from .cache import Entry, OptNotLast, UnusableReply
 from .pipeline import Forward, Pipeline
-from .upstream import After, UpstreamError, Upstreams
+from .upstream import After, LocalShortage, UpstreamError, Upstreams
+from .wire import EDE_NOT_READY, ede_option
 
 log = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 Deliver = Callable[[bytes], None]
-Waiters = list[tuple[Forward, Deliver | None]]
+Waiters = list[tuple[Forward, Deliver | None]]  # the first is the forward whose exchange answers them all
+REAP_AFTER: Final = 2.0  # seconds past the upstream deadline before a waiting entry counts as stranded
 
 
 class Resolver:
@@ -36,6 +45,8 @@ class Resolver:
         self.upstreams = upstreams
         self._waiting: dict[bytes, Waiters] = {}
         self.coalesced = 0
+        self.reaped = 0  # waiting entries answered by `reap`: each one a bug
+        self.short = 0  # clients answered SERVFAIL because no upstream socket could be opened
         self._spawn = spawn  # runs the exchanges that outlive the first attempt, as owned tasks
         pipeline.on_refresh = self._refresh
 
@@ -48,9 +59,14 @@ class Resolver:
             waiters.append((fwd, deliver))
             return
         self._waiting[key] = [(fwd, deliver)]
-        deadline = self.upstreams.begin(fwd.query, self._attempted, fwd)
-        if deadline is None:
-            self._spawn(self._exchange(fwd, None, None))
+        try:
+            deadline = self.upstreams.begin(fwd.query, self._attempted, fwd)
+            if deadline is None:
+                self._spawn(self._exchange(fwd, None, None))
+        except Exception as exc:  # no exchange owns the entry: its clients are answered on the next turn
+            if not isinstance(exc, LocalShortage):  # a shortage is logged once per episode, by its record
+                log.exception("SERVFAIL for %s: cannot start the upstream query", fwd.query.text)
+            asyncio.get_running_loop().call_soon(self._finish, fwd, None, exc)
 
     async def forward(self, fwd: Forward) -> bytes:
         """`start`, awaited."""
@@ -70,7 +86,11 @@ class Resolver:
     def _attempted(self, fwd: Forward, reply: bytes | None, after: After | None) -> None:
         """The first (callback-driven) attempt is over."""
         if reply is None:
-            self._spawn(self._exchange(fwd, fwd.started + self.upstreams.timeout, after))
+            try:
+                self._spawn(self._exchange(fwd, fwd.started + self.upstreams.timeout, after))
+            except Exception as exc:
+                log.exception("SERVFAIL for %s: cannot go on with the upstream query", fwd.query.text)
+                self._finish(fwd, None, exc)
             return
         try:
             entry = self._admit(fwd, reply)
@@ -83,23 +103,35 @@ class Resolver:
             self._finish(fwd, entry, None)
 
     async def _exchange(self, fwd: Forward, deadline: float | None, after: After | None) -> None:
+        entry: Entry | None = None
+        problem: BaseException | None = None
         try:
             # the pipeline's clock and the loop's are both monotonic; the loop's is what exchange uses
             if deadline is not None:
                 deadline += asyncio.get_running_loop().time() - self.pipeline.mono()
             entry = self._admit(fwd, await self.upstreams.exchange(fwd.query, deadline, after))
         except (UpstreamError, UnusableReply) as exc:
-            self._finish(fwd, None, exc)
+            problem = exc
         except Exception as exc:
             log.exception("SERVFAIL for %s: unexpected error", fwd.query.text)
-            self._finish(fwd, None, exc)
-        else:
-            self._finish(fwd, entry, None)
+            problem = exc
+        except BaseException as exc:  # cancelled (shutdown): the clients are answered all the same
+            problem = exc
+            raise
+        finally:
+            self._finish(fwd, entry, problem)
 
-    def _finish(self, first: Forward, entry: Entry | None, problem: Exception | None) -> None:
-        """Answer every client waiting for this key: each is gated on its own consent."""
+    def _finish(self, first: Forward, entry: Entry | None, problem: BaseException | None) -> None:
+        """Answer every client waiting for this key: each is gated on its own consent. Only the
+        exchange of the entry's first forward may: one that `reap` answered already is over."""
+        key = first.query.key
+        waiting = self._waiting.get(key)
+        if waiting is None or waiting[0][0] is not first:
+            return
+        del self._waiting[key]
         pipeline = self.pipeline
-        for fwd, deliver in self._waiting.pop(first.query.key, ()):
+        ede = ede_option(EDE_NOT_READY, str(problem)) if isinstance(problem, LocalShortage) else b""
+        for fwd, deliver in waiting:
             if deliver is None:
                 continue  # a prefetch: the cache entry was the point
             try:
@@ -108,10 +140,30 @@ class Resolver:
                 else:
                     stale = pipeline.stale(fwd)
                     log.debug("%s for %s: %s", "stale answer" if stale else "SERVFAIL", fwd.query.text, problem)
-                    reply = stale if stale is not None else pipeline.servfail(fwd)
+                    if stale is None and ede:
+                        self.short += 1
+                    reply = stale if stale is not None else pipeline.servfail(fwd, ede)
                 deliver(reply)
             except Exception:
                 log.exception("cannot answer %s", fwd.query.text)
+
+    def reap(self) -> int:
+        """The last resort, every second: answer (stale or SERVFAIL) every waiting entry older than the
+        upstream deadline and REAP_AFTER, which its exchange should have answered; returns how many."""
+        oldest = self.pipeline.mono() - self.upstreams.timeout - REAP_AFTER
+        stranded = [waiters[0][0] for waiters in self._waiting.values() if waiters[0][0].started < oldest]
+        for fwd in stranded:
+            self._finish(fwd, None, UpstreamError("no answer within the upstream deadline"))
+        if stranded:
+            self.reaped += len(stranded)
+            log.error("answered %d queries left waiting past the upstream deadline (%s, ...): a bug, "
+                      "counted in dnsgate_forwards_reaped", len(stranded), stranded[0].query.text)
+        return len(stranded)
+
+    @property
+    def waiting(self) -> int:
+        """Questions waiting for an upstream answer (identical ones count once)."""
+        return len(self._waiting)
 
     def _admit(self, fwd: Forward, reply: bytes) -> Entry:
         # The upstream transports accept only replies whose question is ours, byte for byte

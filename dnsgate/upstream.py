@@ -19,6 +19,11 @@ When: one overall deadline per client query; each attempt at one server gets `at
 it; servers that time out are tried again from the top while time remains. SERVFAIL, REFUSED,
 FORMERR and NOTIMP, or a refused connection, move on to the next server and take that server out of
 this query. When every attempt fails the caller answers SERVFAIL (or stale), never NXDOMAIN.
+
+Out of file descriptors (or socket buffers), a socket that cannot be opened is our shortage, not
+the server's failure: the pool keeps serving from the sockets it has (retiring each as usual, so
+ports still change), and a query that finds none raises LocalShortage at once instead of waiting
+for a deadline; the shortage is reported to the process's `Shortage` (descriptors.py).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from .config import UpstreamAddress
+from .descriptors import Shortage, is_shortage, reason
 from .histogram import UPSTREAM_BUCKETS, Histogram
 from .wire import (
     AD,
@@ -73,6 +79,11 @@ Strategy = Literal["failover", "fastest"]
 
 class UpstreamError(Exception):
     """No upstream gave a usable answer before the deadline."""
+
+
+class LocalShortage(UpstreamError):
+    """No socket could be opened to ask an upstream: this process is out of file descriptors (or
+    the kernel of socket buffers). Nothing was sent; no server is to blame."""
 
 
 class _BadReply(Exception):
@@ -266,6 +277,9 @@ class _Waiter:
     def deliver(self, data: bytes) -> None:
         raise NotImplementedError
 
+    def abandon(self) -> None:
+        """The socket closes (shutdown): no reply will come."""
+
 
 class _FutureWaiter(_Waiter):
     """A waiter for the coroutine path (`Upstreams.exchange`)."""
@@ -280,6 +294,10 @@ class _FutureWaiter(_Waiter):
     def deliver(self, data: bytes) -> None:
         if not self.future.done():
             self.future.set_result(data)
+
+    def abandon(self) -> None:
+        if not self.future.done():
+            self.future.set_exception(UpstreamError("shutting down"))
 
 
 # What the first attempt leaves for the rest of the query: a server to leave out (it answered
@@ -353,21 +371,41 @@ class _UdpPool:
         self.slots: list[_UdpSocket] = []
 
     def take(self) -> _UdpSocket:
-        if len(self.slots) < self.size:
-            sock = self._open()
-            self.slots.append(sock)
-            index = len(self.slots) - 1
+        """A socket for one query. Short of descriptors, the pool serves from the sockets it has,
+        one fewer as each is used up (none serves more than `uses` queries), and tries again to fill
+        its slots with every query; LocalShortage once it has none."""
+        slots = self.slots
+        if len(slots) < self.size:
+            try:
+                sock = self._open()
+            except LocalShortage:
+                if not slots:
+                    raise
+                index = self.owner.random.below(len(slots))
+                sock = slots[index]
+            else:
+                slots.append(sock)
+                index = len(slots) - 1
         else:
             index = self.owner.random.below(self.size)
-            sock = self.slots[index]
+            sock = slots[index]
         sock.uses_left -= 1
         if sock.uses_left <= 0:  # retire it once its queries are answered; a new port takes its place
             sock.retired = True
-            self.slots[index] = self._open()
+            try:
+                slots[index] = self._open()
+            except LocalShortage:
+                slots[index] = slots[-1]  # the slot stays empty until a socket can be opened again
+                slots.pop()
         return sock
 
     def _open(self) -> _UdpSocket:
-        sock = _UdpSocket(self.owner, self.family, self.uses)
+        try:
+            sock = _UdpSocket(self.owner, self.family, self.uses)
+        except OSError as exc:
+            if not is_shortage(exc):
+                raise
+            raise self.owner.shortage_of(exc, "opening an upstream socket") from exc
         self.owner.live_sockets.add(sock)
         self.owner.sockets_opened += 1
         return sock
@@ -468,7 +506,7 @@ class Upstreams:
                  udp_size: int, strategy: Strategy = "failover",
                  domains: Sequence[tuple[str, Sequence[UpstreamAddress]]] = (), ask_ad: bool = False,
                  tls_ca_file: str = "", sockets_per_family: int = SOCKETS_PER_FAMILY,
-                 queries_per_socket: int = QUERIES_PER_SOCKET) -> None:
+                 queries_per_socket: int = QUERIES_PER_SOCKET, shortage: Shortage | None = None) -> None:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.udp_size = udp_size
@@ -502,6 +540,14 @@ class Upstreams:
         self.queries = 0
         self.errors = 0
         self.ignored = 0
+        # The process's record of running out of descriptors (descriptors.py): told of every socket
+        # we could not open, it logs the episode once and shows it in /healthz and /metrics.
+        self.shortage = shortage if shortage is not None else Shortage()
+
+    def shortage_of(self, exc: OSError, doing: str) -> LocalShortage:
+        """Record that `doing` failed for lack of a descriptor; the error to answer with."""
+        self.shortage.hit(exc, doing)
+        return LocalShortage(f"{reason(exc)} {doing}")
 
     @property
     def servers(self) -> tuple[UpstreamAddress, ...]:
@@ -535,7 +581,8 @@ class Upstreams:
     def begin(self, query: Query, done: AttemptDone, context: Any) -> float | None:
         """Send the first attempt of `query` over UDP and return the query's deadline (loop time);
         `done(context, reply, after)` is called once, from the event loop. Returns None (and
-        sends nothing) when the first server is not a UDP one: use `exchange`."""
+        sends nothing) when the first server is not a UDP one, or the send failed: use `exchange`.
+        Raises LocalShortage (nothing sent, `done` never called) when no socket can be had."""
         if self.closed:
             return None
         loop = self.loop
@@ -565,15 +612,22 @@ class Upstreams:
 
     def _sweep(self) -> None:
         """Expire first attempts whose time is up (all share one timeout, so the deque is in
-        expiry order); then sleep until the next one is due, at most SWEEP_EVERY late."""
+        expiry order); then sleep until the next one is due, at most SWEEP_EVERY late. Whatever
+        one attempt's caller raises, the others still expire and the sweep is scheduled again:
+        without it no first attempt would ever time out."""
         now = self.loop.time()
         attempts = self._attempts
-        while attempts and (attempts[0].settled or attempts[0].expires <= now):
-            attempt = attempts.popleft()
-            if not attempt.settled:
-                attempt.expire()
-        self._sweeper = (self.loop.call_at(max(attempts[0].expires, now + SWEEP_EVERY), self._sweep)
-                         if attempts else None)
+        try:
+            while attempts and (attempts[0].settled or attempts[0].expires <= now):
+                attempt = attempts.popleft()
+                if not attempt.settled:
+                    try:
+                        attempt.expire()
+                    except Exception:
+                        log.exception("expiring the first attempt of a query")
+        finally:
+            self._sweeper = (self.loop.call_at(max(attempts[0].expires, now + SWEEP_EVERY), self._sweep)
+                             if attempts and not self.closed else None)
 
     async def exchange(self, query: Query, deadline: float | None = None, after: After | None = None) -> bytes:
         """The first good reply to `query` from its upstreams, or UpstreamError. `deadline` and
@@ -595,6 +649,8 @@ class Upstreams:
             for server in group.order(loop.time()):
                 if server in done:
                     continue
+                if self.closed:  # closed while this query waited: its sockets are gone
+                    raise UpstreamError(f"{query.text}: shutting down")
                 started = loop.time()
                 remaining = deadline - started
                 if remaining <= 0.001:
@@ -610,6 +666,8 @@ class Upstreams:
                     else:
                         reply = await self._attempt(server, question, flags, do, budget)
                 except (TimeoutError, OSError, asyncio.IncompleteReadError, _BadReply) as exc:
+                    if isinstance(exc, OSError) and is_shortage(exc):  # ours, not the server's
+                        raise self.shortage_of(exc, f"asking {server.address}") from exc
                     server.stats.errors += 1
                     last_problem = f"{server.address}: {type(exc).__name__} {exc}".strip()
                     group.failed(server, loop.time(), self.attempt_timeout, last_problem)
@@ -692,6 +750,8 @@ class Upstreams:
             if not attempt.settled:
                 attempt.expire()
         for sock in list(self.live_sockets):
+            for waiter in list(sock.pending.values()):  # queries of `exchange` waiting on it end now
+                waiter.abandon()
             sock.close()
         self._pools.clear()
         for group in self.groups:

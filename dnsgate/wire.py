@@ -58,6 +58,7 @@ EDNS_DO: Final = 0x8000
 EDE_OPTION: Final = 15  # RFC 8914 option code
 EDE_BLOCKED: Final = 15  # RFC 8914 info code "Blocked"
 EDE_STALE: Final = 3  # RFC 8914 info code "Stale Answer"
+EDE_NOT_READY: Final = 14  # RFC 8914 info code "Not Ready" (we cannot ask upstream right now)
 
 MAX_NAME: Final = 255
 MIN_UDP: Final = 512

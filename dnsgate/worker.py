@@ -130,7 +130,7 @@ async def serve(sock: socket.socket) -> int:
                     await stack.listeners.start(address)
                 except OSError as exc:
                     raise CannotListen(f"worker {start.worker}: dns.listen {address}: {os_reason(exc)}") from None
-            ticks = asyncio.create_task(dns_stack.tick_every_second(stack.pipeline.admission))
+            ticks = asyncio.create_task(stack.every_second())
             reports = asyncio.create_task(_report(link, stack, table, pending))
             exits.push_async_callback(_cancel, ticks, reports)
             link.send("ready")

@@ -360,7 +360,8 @@ class Workers:
             _kill(worker)
         worker.link.close()
         if worker.counts is not None:  # its counters stay in the totals; its gauges go
-            gone = dataclasses.replace(worker.counts, cache_entries=0, cache_bytes=0, in_flight=0, tcp_open=0)
+            gone = dataclasses.replace(worker.counts, cache_entries=0, cache_bytes=0, in_flight=0, tcp_open=0,
+                                       short_now=0)
             self._retired = gone if self._retired is None else self._retired.plus(gone)
         self._changed.set()
 
