@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .api_guard import (
     WILDCARDS,
@@ -112,12 +113,14 @@ HEALTH: web.AppKey[Callable[[], Mapping[str, Any]]] = web.AppKey("health")
 
 
 def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings: ApiSettings,
-               health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None) -> web.Application:
+               health: Callable[[], Mapping[str, Any]], rules: RulesControl | None = None,
+               deadlines: Middleware | None = None) -> web.Application:
+    """`deadlines`: the listeners' middleware that marks a connection busy and reads the body within
+    its deadline (api_listener.py); inside errors_as_json, so a body too large is its JSON 413."""
     limiter = ChangeLimiter(settings.consent_changes_per_minute)
     app = web.Application(client_max_size=settings.max_body, middlewares=[
-        host_guard(settings.boundaries), errors_as_json, store_unavailable, global_privacy_control,
-        consent_rate_limit(limiter, is_admin),
-        origin_guard])
+        host_guard(settings.boundaries), errors_as_json, *([deadlines] if deadlines is not None else []),
+        store_unavailable, global_privacy_control, consent_rate_limit(limiter, is_admin), origin_guard])
     app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
     app[CATALOG] = catalog

@@ -31,6 +31,7 @@ from aiohttp import web
 from . import descriptors, dns_stack
 from .api import ApiSettings, create_app
 from .api_guard import Boundaries
+from .api_listener import ApiLimits, ApiListeners
 from .catalog import CatalogError
 from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
@@ -331,10 +332,14 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                     "consent_store": consents.store_problem or "ok",
                     "file_descriptors": {"open": descriptors.open_count(), "limit": descriptors.soft_limit(),
                                          "shortage": shortage(counts)},
+                    "api_connections": len(api.table),
                     "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
                     "reloads": reloader.reloads,
                     "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
 
+        a = cfg.api
+        api = ApiListeners(ApiLimits(a.max_connections, a.max_connections_per_client, a.idle_timeout,
+                                     a.header_timeout, a.body_timeout))
         api_address = cfg.api_listen
         api_socket = _listen_tcp(api_address)
         api_bound = HostPort(api_address.host, api_socket.getsockname()[1])
@@ -356,10 +361,10 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                           consent_store=lambda: (consents.store_errors, not consents.store_problem),
                           consent_remote=lambda: consents.remote_changes if store.shared else None,
                           workers=(lambda: (running_workers.running(), running_workers.restarts))
-                          if running_workers is not None else None)
+                          if running_workers is not None else None, api=api.counts)
         sampler = Sampler(sources)
         background(stack, sampler.run())
-        app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader)
+        app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader, deadlines=api.middleware())
         # The page's form token is signed with a key derived from the admin token: instances that share
         # consent and a token accept each other's pages; the token itself cannot be learnt from it.
         form_key = hashlib.sha256(b"dnsgate portal form\0" + token.encode()).digest()
@@ -369,12 +374,15 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         add_portal_routes(app, portal)
         add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
                                       watched))
-        runner = web.AppRunner(app, access_log=None)
+        # aiohttp's keep-alive timeout is the idle timeout (a connection with no request is closed)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=api.limits.idle_timeout)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.SockSite(runner, api_socket).start()
+        assert runner.server is not None
+        stack.callback(api.close)  # listening stops before the runner closes the connections
+        await api.start(runner.server, api_socket)
         if admin_socket is not None:
-            await web.SockSite(runner, admin_socket).start()
+            await api.start(runner.server, admin_socket)
 
         _reload_on_sighup(reloader, tasks, stack)
         schedule = asyncio.create_task(reloader.run_schedule())

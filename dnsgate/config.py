@@ -184,6 +184,16 @@ class ApiConfig:
     max_body_bytes: int = 16 * 1024
     # Consent changes one client address may make per minute (a burst of as many); 0: no limit.
     consent_changes_per_minute: int = 30
+    # Open connections (both listeners together), in total and per client address; beyond the total,
+    # the connection idle longest is closed to make room. With dns.tcp_max_connections they keep the
+    # process well inside a 1 024-descriptor limit.
+    max_connections: int = 128
+    max_connections_per_client: int = 16
+    # Seconds a connection may stay open without a request: before the first, and between requests.
+    idle_timeout: float = 30.0
+    # Seconds to send the request line and headers once begun (slow-loris), and then the body.
+    header_timeout: float = 10.0
+    body_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +586,7 @@ def validate(cfg: Config) -> Config:
            f"api.max_body_bytes: must be 1024..16777216, got {cfg.api.max_body_bytes}")
     _check(cfg.api.consent_changes_per_minute >= 0,
            f"api.consent_changes_per_minute: must be >= 0 (0: no limit), got {cfg.api.consent_changes_per_minute}")
+    _validate_api_limits(cfg.api)
     for origin in cfg.api.allowed_origins:
         _check(
             origin.startswith(("http://", "https://")) and origin.count("/") == 2,
@@ -739,6 +750,15 @@ def _validate_exposure(d: DnsConfig) -> None:
            f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
     _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
     _check(1 <= d.workers <= MAX_WORKERS, f"dns.workers: must be 1..{MAX_WORKERS}, got {d.workers}")
+
+
+def _validate_api_limits(a: ApiConfig) -> None:
+    _check(a.max_connections >= 1, f"api.max_connections: must be >= 1, got {a.max_connections}")
+    _check(1 <= a.max_connections_per_client <= a.max_connections,
+           f"api.max_connections_per_client: must be 1..api.max_connections, got {a.max_connections_per_client}")
+    for name in ("idle_timeout", "header_timeout", "body_timeout"):
+        value = getattr(a, name)
+        _check(0 < value <= 3600, f"api.{name}: must be > 0 and <= 3600 seconds, got {value}")
 
 
 def _validate_lists(lists: ListsConfig) -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
 from .config import HostPort
+from .connections import ConnectionTable
 from .consent import normalize_client
 from .pipeline import Forward, Pipeline
 from .resolver import Resolver
@@ -110,41 +110,12 @@ class TcpLimits:
     max_pipelined: int = 100  # queries outstanding upstream per connection; beyond, reading pauses
 
 
-class TcpTable:
+class TcpTable(ConnectionTable["TcpConnection"]):
     """The open connections: admission against the limits, and who makes room when it is full."""
 
     def __init__(self, limits: TcpLimits) -> None:
+        super().__init__(limits.max_connections, limits.max_per_client)
         self.limits = limits
-        self.open: dict[TcpConnection, None] = {}
-        self.per_client: Counter[str] = Counter()
-        self.closed: Counter[str] = Counter()  # why connections were closed early (metrics, tests)
-
-    def admit(self, conn: TcpConnection) -> bool:
-        if self.per_client[conn.client] >= self.limits.max_per_client:
-            self.closed["per_client_limit"] += 1
-            return False
-        if len(self.open) >= self.limits.max_connections:
-            # Make room: the connection that has been idle longest goes (slow or idle clients,
-            # even many of them, cannot lock a new client out while any of them is idle).
-            idle = [c for c in self.open if not c.outstanding]
-            if not idle:
-                self.closed["total_limit"] += 1
-                return False
-            victim = min(idle, key=lambda c: c.last_active)
-            self.closed["evicted"] += 1
-            victim.abort()
-        self.open[conn] = None
-        self.per_client[conn.client] += 1
-        return True
-
-    def discard(self, conn: TcpConnection) -> None:
-        if self.open.pop(conn, 0) is None:
-            self.per_client[conn.client] -= 1
-            if not self.per_client[conn.client]:
-                del self.per_client[conn.client]
-
-    def __len__(self) -> int:
-        return len(self.open)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -170,6 +141,10 @@ class TcpConnection(asyncio.Protocol):
         self.write_paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.slow_timer: asyncio.TimerHandle | None = None  # a partial query, or replies not taken
+
+    @property
+    def busy(self) -> bool:
+        return self.outstanding > 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)

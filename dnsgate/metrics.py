@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
@@ -53,6 +53,8 @@ class Sources:
     consent_remote: Callable[[], int | None] | None = None
     # dns.workers > 1: (workers listening, restarts so far)
     workers: Callable[[], tuple[int, int]] | None = None
+    # (open API connections, how many were refused or closed early, by reason)
+    api: Callable[[], tuple[int, Mapping[str, int]]] | None = None
     wall: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
@@ -160,6 +162,8 @@ class DnsgateCollector(Collector):
                                       "instances sharing the store, applied here", value=remote)
 
         yield from _exposure(dns)
+        if s.api is not None:
+            yield from _api_connections(*s.api())
         yield from _descriptors(dns)
         if s.workers is not None:
             running, restarts = s.workers()
@@ -197,6 +201,16 @@ def _exposure(dns: DnsCounts) -> Iterator[CounterMetricFamily | GaugeMetricFamil
                                  labels=["reason"])
     for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
         closed.add_metric([reason], dns.tcp_closed[reason])
+    yield closed
+
+
+def _api_connections(open_now: int, closed_early: Mapping[str, int]) -> Iterator[CounterMetricFamily
+                                                                               | GaugeMetricFamily]:
+    yield GaugeMetricFamily("dnsgate_api_connections", "Open API connections (both listeners)", value=open_now)
+    closed = CounterMetricFamily("dnsgate_api_closed_early", "API connections refused or closed by a limit "
+                                 "(api.max_connections*, header_timeout, body_timeout)", labels=["reason"])
+    for reason in ("per_client_limit", "total_limit", "evicted", "slow_headers", "slow_body"):
+        closed.add_metric([reason], closed_early.get(reason, 0))
     yield closed
 
 

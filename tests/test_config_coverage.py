@@ -47,6 +47,8 @@ RANGES = [
     ("dns", "allow_clients", ["10.0.0.0/33"]), ("dns", "allow_clients", ["10.0.0.1/8"]),
     ("dns", "rate_limit_exempt", ["nope"]), ("dns", "listen", []), ("api", "max_body_bytes", 100),
     ("api", "consent_changes_per_minute", -1), ("api", "allowed_origins", ["example.com"]),
+    ("api", "max_connections", 0), ("api", "max_connections_per_client", 0), ("api", "idle_timeout", 0),
+    ("api", "header_timeout", 3601), ("api", "body_timeout", 0),
     ("api", "admin_listen", "localhost:1"), ("api", "listen", "1.2.3.4"), ("api", "hosts", ["evil example"]),
     ("api", "hosts", ["http://dnsgate.lan"]),
     ("upstream", "timeout", 0), ("upstream", "timeout", 61), ("upstream", "attempt_timeout", 0),
