@@ -60,6 +60,7 @@ from .replica import JournaledTable, Start
 from .report import Watched
 from .ruleset import Ruleset, read_catalog
 from .store import ConsentStore, StoreError, UnavailableStore
+from .upstream import SOCKETS_PER_FAMILY
 from .worker_record import RECORD as WORKER_RECORD
 from .workers import WorkerError, Workers
 
@@ -230,6 +231,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         watched = watched_patterns(cfg)
         notice = load_notice(cfg)
         servers = upstream_servers(cfg)
+        descriptors.check_limit(cfg, len(servers) + sum(len(group) for _, group in cfg.upstream.domains),
+                                SOCKETS_PER_FAMILY)
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
         # `install` is defined below, once the pipeline exists; the reloader calls it only after start.

@@ -1,5 +1,9 @@
 """File descriptors: the process's limit, what the configuration may hold open at once, and running out.
 
+At start dnsgate raises its soft RLIMIT_NOFILE to the hard limit (`raise_limit`) and warns when the
+configured limits could need more than that (`budget`): every DNS TCP and API connection holds one
+descriptor, and so does every upstream socket.
+
 Running out (EMFILE: this process's limit; ENFILE: the system's; ENOBUFS/ENOMEM: kernel memory for
 a socket) must degrade, not poison: `Shortage` records an episode, logs its start once and its end
 once, and is shown in /healthz and /metrics. An episode starts when an operation fails for lack of a
@@ -16,11 +20,20 @@ import resource
 import socket
 import time
 from collections.abc import Callable
-from typing import Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
 SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# What the budget counts besides connections and upstream sockets: standard streams, the event
+# loop's own descriptors, the SQLite files (consent, query log, each with its WAL), list and webhook
+# fetches, the Redis client, the listening sockets.
+OTHER_DESCRIPTORS: Final = 64
+PER_WORKER: Final = 4  # the primary's side of each worker: its line and the child's pipes
 
 
 def is_shortage(exc: BaseException) -> bool:
@@ -96,7 +109,7 @@ class Shortage:
 
 
 # --------------------------------------------------------------------------------------------
-# The limit
+# The limit and the budget
 
 
 def soft_limit() -> int:
@@ -113,3 +126,62 @@ def _open_count() -> int | str:
 def open_count() -> int | None:
     count = _open_count()
     return count if isinstance(count, int) else None
+
+
+def raise_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; returns (soft before, soft now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # a hard limit above the system's nr_open: keep what we have
+        return soft, soft
+    return soft, target
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The descriptors the configured limits can hold at once, in the busiest process (the primary)."""
+
+    dns_tcp: int
+    api: int
+    upstream: int
+    workers: int
+    other: int = OTHER_DESCRIPTORS
+
+    @property
+    def total(self) -> int:
+        return self.dns_tcp + self.api + self.upstream + self.workers + self.other
+
+    def __str__(self) -> str:
+        return (f"{self.total} (dns tcp {self.dns_tcp}, api {self.api}, upstream sockets {self.upstream}, "
+                f"workers {self.workers}, other {self.other})")
+
+
+def budget(cfg: Config, servers: int, sockets_per_family: int) -> Budget:
+    """Each process answering DNS holds its own DNS TCP connections and upstream sockets (a worker
+    has its own descriptor table, with the limit it inherits); the primary adds the API and its
+    side of every worker, so it is the one that can need most. `servers`: the upstream servers,
+    conditional-forwarding ones included."""
+    dns_tcp = cfg.dns.tcp_max_connections + 2 * len(cfg.dns.listen)  # + a UDP and a TCP socket per address
+    api = cfg.api.max_connections + 1 + bool(cfg.api.admin_listen)  # + the listening sockets
+    # A UDP pool per address family, where a socket that has served its queries stays open until its
+    # last reply while its replacement serves; and a TCP (or TLS) connection per server.
+    upstream = 2 * sockets_per_family * 2 + servers
+    return Budget(dns_tcp, api, upstream, PER_WORKER * (cfg.dns.workers - 1))
+
+
+def check_limit(cfg: Config, servers: int, sockets_per_family: int) -> Budget:
+    """Raise the soft limit and log it; warn if the configured limits could need more."""
+    before, now = raise_limit()
+    need = budget(cfg, servers, sockets_per_family)
+    raised = f" (raised from {before})" if now != before else ""
+    if need.total > now:
+        log.warning("file descriptor limit %d%s is below what the configured limits can hold at once: %s; "
+                    "lower dns.tcp_max_connections or api.max_connections, or raise the limit "
+                    "(LimitNOFILE=, docker run --ulimit nofile=)", now, raised, need)
+    else:
+        log.info("file descriptors: limit %d%s; the configured limits can hold %s", now, raised, need)
+    return need

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -47,15 +48,22 @@ async def _read_log(stream: asyncio.StreamReader, into: list[str]) -> None:
 
 
 async def serve(upstream: str, data_dir: Path, *extra: str, token: str = "reliability",
-                config: Path | None = None, dns: str = "127.0.0.1:0") -> Served:
+                config: Path | None = None, dns: str = "127.0.0.1:0",
+                nofile: int | tuple[int, int] | None = None) -> Served:
+    """`nofile`: the limit on open files, soft and hard (`prlimit --nofile=N` sets both), or (soft, hard)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
     env["DNSGATE_ADMIN_TOKEN"] = token
     args = ["--dns", dns, "--api", "127.0.0.1:0", "--upstream", upstream, "--data-dir", str(data_dir)]
     if config is not None:
         args += ["--config", str(config)]
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile) if isinstance(nofile, int) else nofile)
+
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dnsgate", "serve", *args, *extra, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env)
+        stderr=asyncio.subprocess.PIPE, env=env, preexec_fn=limit if nofile is not None else None)
     assert process.stdout is not None and process.stderr is not None
     log: list[str] = []
     reader = asyncio.get_running_loop().create_task(_read_log(process.stderr, log))
