@@ -8,10 +8,10 @@ Two runs:
   answers itself still answer. Once the connections close, every name asked during the exhaustion
   must resolve again, over UDP and TCP (nothing was stranded); the shortage is logged once, its end
   once, and /healthz and /metrics say so.
-- flood: the limits fit the descriptor limit (no warning); far more API connections than
-  api.max_connections, from many addresses, are opened and held. The API keeps at most its cap, so
-  DNS keeps its descriptors: fresh names resolve over UDP, DNS over TCP answers, and the API itself
-  still answers (the idlest connection makes room).
+- flood: the limits fit the descriptor limit (no warning); far more API and DNS TCP connections
+  than their caps allow, from many addresses, are opened and held, a tenth of them slow-loris (a
+  request begun, never finished). Each keeps at most its cap, so DNS keeps its descriptors: fresh
+  names resolve over UDP and TCP (the idlest connection makes room), and so does the API.
 
     .venv/bin/python -m tests.reliability.exhaustion [--nofile 1024] [--connections 1100] [--names 100]
 """
@@ -62,6 +62,8 @@ class Figures:
     metrics: dict[str, float] = field(default_factory=dict)
     flood_api_cap: int = 0
     flood_api_held: float = 0.0
+    flood_tcp_cap: int = 0
+    flood_tcp_held: float = 0.0
     flood_fds_max: int = 0
     flood_slowest_dns: float = 0.0
     flood_budget: str = ""
@@ -90,14 +92,18 @@ def not_ready(reply: dns.message.Message) -> bool:
     return reply.rcode() == dns.rcode.SERVFAIL and any(e.code == EDE_NOT_READY for e in reply.extended_errors())
 
 
-async def hold(port: int, count: int, sources: list[str], into: list[asyncio.StreamWriter]) -> None:
-    """Open `count` connections to `port` (spread over `sources`) and keep them."""
+async def hold(port: int, count: int, sources: list[str], into: list[asyncio.StreamWriter],
+               begun: bytes = b"") -> None:
+    """Open `count` connections to `port` (spread over `sources`) and keep them; every tenth sends
+    `begun`, the start of a request it never finishes."""
     for i in range(count):
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(
                 "127.0.0.1", port, local_addr=(sources[i % len(sources)], 0)), 3)
         except (OSError, TimeoutError):
             continue
+        if begun and i % 10 == 0:
+            writer.write(begun)
         into.append(writer)
 
 
@@ -241,7 +247,7 @@ def fitting_limits(nofile: int) -> tuple[int, int]:
 
 async def flood(f: Figures, stub: StubUpstream, tmp: Path) -> None:
     tcp, api = fitting_limits(f.nofile)
-    f.flood_api_cap = api
+    f.flood_api_cap, f.flood_tcp_cap = api, tcp
     cfg = config_file(tmp / "flood.toml", tcp=tcp, tcp_per_client=32, api=api, api_per_client=16, hold=HOLD)
     served = await serve(stub.address, tmp / "flood", config=cfg, nofile=f.nofile)
     pid = served.process.pid
@@ -252,7 +258,8 @@ async def flood(f: Figures, stub: StubUpstream, tmp: Path) -> None:
         if any("is below what the configured limits can hold" in line for line in served.log):
             f.problems.append("flood: the limits chosen to fit warned at start")
         sources = [f"127.0.1.{i}" for i in range(1, f.connections // 16 + 2)]  # 16 per address: the per-client cap
-        await hold(served.api_port, f.connections, sources, held)
+        await hold(served.api_port, f.connections, sources, held, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await hold(served.dns_port, f.connections, sources, held, b"\x00\x30\x12")
         f.flood_fds_max = fd_count(pid)
         for i in range(f.names):
             reply, took = await ask(served.dns_port, f"flood{i}.exhaust.example.test", tcp=i % 10 == 0)
@@ -261,9 +268,12 @@ async def flood(f: Figures, stub: StubUpstream, tmp: Path) -> None:
             if reply is None or not reply.answer:
                 got = "no reply" if reply is None else dns.rcode.to_text(reply.rcode())
                 f.problems.append(f"flood: flood{i}: {got}")
-        f.flood_api_held = (await metric_values(served, f)).get("dnsgate_api_connections", -1.0)
-        if f.flood_api_held > api:
-            f.problems.append(f"flood: {f.flood_api_held} API connections held, over the cap of {api}")
+        m = await metric_values(served, f)
+        f.flood_api_held = m.get("dnsgate_api_connections", -1.0)
+        f.flood_tcp_held = m.get("dnsgate_tcp_connections", -1.0)
+        if not 0 < f.flood_api_held <= api or not 0 < f.flood_tcp_held <= tcp:
+            f.problems.append(f"flood: {f.flood_api_held} API and {f.flood_tcp_held} DNS TCP connections held "
+                              f"(caps {api} and {tcp})")
         if f.flood_fds_max >= f.nofile:
             f.problems.append(f"flood: {f.flood_fds_max} descriptors open: the API took what DNS needs")
     finally:
@@ -285,6 +295,10 @@ async def run(nofile: int, connections: int, names: int, work: Path) -> Figures:
     return f
 
 
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
 def report(f: Figures) -> str:
     m = f.metrics
     return "\n".join([
@@ -292,13 +306,14 @@ def report(f: Figures) -> str:
         f"descriptors; warned at start: {f.warned_at_start}",
         f"  {f.servfail_not_ready} of {f.names + f.names // 4} fresh-name queries SERVFAIL + EDE Not Ready, slowest "
         f"{f.slowest_during * 1000:.1f} ms; {LOCAL_NAME} answered: {f.local_answered}",
-        f"  after closing them: every name resolved again in {f.recovered_in} s (UDP and TCP); /healthz ok in "
-        f"{f.healthz_ok_in} s; log: shortage {f.shortage_logged}x, end {f.recovery_logged}x",
+        f"  after closing them: every name resolved again in {seconds(f.recovered_in)} (UDP and TCP); /healthz ok "
+        f"in {seconds(f.healthz_ok_in)}; log: shortage {f.shortage_logged}x, end {f.recovery_logged}x",
         f"  /metrics: shortages {m.get('dnsgate_descriptor_shortages_total')}, servfail "
         f"{m.get('dnsgate_descriptor_shortage_servfail_total')}, reaped {m.get('dnsgate_forwards_reaped_total')}",
-        f"flood: {f.connections} API connections against a cap of {f.flood_api_cap}: {f.flood_api_held:.0f} held, "
-        f"dnsgate at most {f.flood_fds_max} of {f.nofile} descriptors (budget {f.flood_budget}); {f.names} fresh "
-        f"names answered, slowest {f.flood_slowest_dns * 1000:.1f} ms",
+        f"flood: {f.connections} API and {f.connections} DNS TCP connections against caps of {f.flood_api_cap} and "
+        f"{f.flood_tcp_cap}: {f.flood_api_held:.0f} and {f.flood_tcp_held:.0f} held, dnsgate at most "
+        f"{f.flood_fds_max} of {f.nofile} descriptors (budget {f.flood_budget}); {f.names} fresh names answered, "
+        f"slowest {f.flood_slowest_dns * 1000:.1f} ms",
         f"problems: {len(f.problems)}",
     ])
 
