@@ -18,6 +18,7 @@ import resource
 import socket
 import struct
 import types
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +32,7 @@ import pytest
 from dnsgate import dns_stack, upstream
 from dnsgate.dns_stack import DnsStack
 from dnsgate.resolver import REAP_AFTER
-from dnsgate.upstream import Upstreams
+from dnsgate.upstream import QUERIES_PER_SOCKET, Upstreams
 from dnsgate.wire import EDE_NOT_READY
 from tests.conftest import Gate, make_config, running_gate
 from tests.stub_upstream import StubUpstream
@@ -335,5 +336,35 @@ async def test_an_entry_a_bug_left_behind_is_reaped_and_counted(stub: StubUpstre
             assert "dnsgate_forwards_reaped_total 1.0" in metrics
             lost[0] = False
             assert (await client.ask("lost.example.test"))[0].answer
+        finally:
+            client.close()
+
+
+async def test_out_of_descriptors_the_pool_serves_from_the_sockets_it_has(stub: StubUpstream, data_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Descriptors run out after the pool has a socket: answers from memory go on, and fresh names
+    are asked on the sockets it has, each still retired after its share of queries (so ports keep
+    changing); a query that finds none gets SERVFAIL + EDE at once. Nothing times out."""
+    stub.add("cached.example.test", "cached.example.test. 300 IN A 192.0.2.6")
+    async with gate_and_stack(config(stub, data_dir), monkeypatch) as (g, stack):
+        client = await Client(g.dns_port).open()
+        try:
+            assert (await client.ask("cached.example.test"))[0].answer  # the pool opens its first socket
+            outcomes: Counter[str] = Counter()
+            with out_of_descriptors():
+                assert (await client.ask("cached.example.test"))[0].answer
+                for i in range(2 * QUERIES_PER_SOCKET):
+                    reply, took = await client.ask(f"fresh{i}.example.test")
+                    assert took < QUICK
+                    if reply.answer:
+                        outcomes["answered"] += 1
+                    else:
+                        not_ready(reply)
+                        outcomes["not ready"] += 1
+            assert outcomes["answered"] >= QUERIES_PER_SOCKET - 1
+            # 65 queries, none on a port more than its share: the used-up socket closed, and its
+            # descriptor went to its replacement
+            assert max(Counter(stub.sources).values()) <= QUERIES_PER_SOCKET
+            assert stack.resolver.waiting == 0
         finally:
             client.close()
