@@ -1,7 +1,10 @@
 # dnsgate as a container: DNS on port 53 (UDP and TCP), the consent API on 8053, consent in /data.
 #   docker build -t dnsgate .
 #   docker run -d --name dnsgate -p 53:53/udp -p 53:53/tcp -p 8053:8053 -v dnsgate-data:/data \
-#     -e DNSGATE_UPSTREAM=9.9.9.9,149.112.112.112 dnsgate
+#     --ulimit nofile=4096:4096 -e DNSGATE_UPSTREAM=9.9.9.9,149.112.112.112 dnsgate
+# --ulimit: the file descriptors dnsgate may hold (an image cannot set it). The default limits need
+# about 740; at start dnsgate raises its soft limit to the hard one, logs what its configured limits
+# can hold at once, and warns if that is more than the limit.
 FROM python:3.11-slim
 
 # iproute2: `ip -6 neigh` gives IPv6 clients' MAC addresses (with --network host).

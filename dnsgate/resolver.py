@@ -156,8 +156,8 @@ class Resolver:
             self._finish(fwd, None, UpstreamError("no answer within the upstream deadline"))
         if stranded:
             self.reaped += len(stranded)
-            log.error("answered %d queries left waiting past the upstream deadline (%s, ...): a bug, "
-                      "counted in dnsgate_forwards_reaped", len(stranded), stranded[0].query.text)
+            log.error("queries left waiting past the upstream deadline, answered by the sweep: %d (%s, ...); "
+                      "a bug, counted in dnsgate_forwards_reaped", len(stranded), stranded[0].query.text)
         return len(stranded)
 
     @property

@@ -168,3 +168,15 @@ async def test_when_every_connection_is_busy_a_new_one_is_refused(limited: Gate)
     text = await metrics(limited)
     assert 'dnsgate_api_closed_early_total{reason="total_limit"} 1.0' in text
     assert "dnsgate_api_connections 1.0" in text  # the scrape's own
+
+
+@pytest.mark.parametrize("limited", [{"max_connections": 2, "max_connections_per_client": 2,
+                                      "admin_listen": "127.0.0.1:0"}], indirect=True)
+async def test_the_admin_listener_counts_in_the_same_table(limited: Gate) -> None:
+    assert limited.running.admin is not None
+    api = await connect(limited)
+    admin = await asyncio.open_connection(limited.running.admin.host, limited.running.admin.port)
+    assert (await get(api))[0] == 200 and (await get(admin))[0] == 200
+    third = await connect(limited)  # the per-client cap counts both listeners' connections
+    assert await closed_within(third[0], 3.0) is not None
+    close_all(api, admin, third)

@@ -188,7 +188,7 @@ async def test_out_of_descriptors_servfail_at_once_and_every_name_resolves_after
             with out_of_descriptors():
                 for name in names + names:  # each name twice: the second must not join a dead entry
                     reply, took = await client.ask(name, tcp=tcp)
-                    assert "EMFILE" in not_ready(reply)
+                    assert not_ready(reply) == "Too many open files (EMFILE) opening an upstream socket"
                     assert took < QUICK
                 assert stack.shortage.short and stack.resolver.waiting == 0
             for name in names:
@@ -210,6 +210,10 @@ async def test_a_socket_that_cannot_be_created(stub: StubUpstream, data_dir: Pat
                 reply, took = await client.ask("fresh.example.test")
                 assert errno.errorcode[code] in not_ready(reply) and took < QUICK
             assert stack.resolver.waiting == 0
+            _, health = await g.http("GET", "/healthz")
+            fds = health["file_descriptors"]
+            assert fds["shortage"].startswith("out of file descriptors or socket buffers for ")
+            assert errno.errorcode[code] in fds["shortage"] and 0 < fds["open"] < fds["limit"]
             failing[0] = False
             reply, _ = await client.ask("fresh.example.test")
             assert reply.answer
@@ -308,7 +312,8 @@ async def test_a_prefetch_that_cannot_start_leaves_nothing_behind(stub: StubUpst
 
 
 async def test_an_entry_a_bug_left_behind_is_reaped_and_counted(stub: StubUpstream, data_dir: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """A first attempt that never reports back (the bug): the sweep answers its clients soon after
     the deadline, counts it in /metrics and logs it; the name is not poisoned."""
     begin = Upstreams.begin
@@ -334,6 +339,9 @@ async def test_an_entry_a_bug_left_behind_is_reaped_and_counted(stub: StubUpstre
             assert stack.resolver.reaped == 1 and stack.resolver.waiting == 0
             _, metrics = await g.http("GET", "/metrics")
             assert "dnsgate_forwards_reaped_total 1.0" in metrics
+            assert [r.getMessage() for r in caplog.records if r.name == "dnsgate.resolver"] == [
+                "queries left waiting past the upstream deadline, answered by the sweep: 1 (lost.example.test., "
+                "...); a bug, counted in dnsgate_forwards_reaped"]
             lost[0] = False
             assert (await client.ask("lost.example.test"))[0].answer
         finally:
