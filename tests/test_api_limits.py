@@ -91,7 +91,7 @@ async def test_slow_loris_headers_are_closed_after_the_header_timeout(limited: G
     loop = asyncio.get_running_loop()
     started = loop.time()
     for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:  # a byte every 50 ms
-        if reader.at_eof():
+        if reader.at_eof() or writer.transport.is_closing():  # closed: with a FIN, or a reset
             break
         writer.write(bytes([byte]))
         await asyncio.sleep(0.05)
@@ -110,7 +110,7 @@ async def test_a_slow_body_is_closed_after_the_body_timeout(limited: Gate) -> No
     loop = asyncio.get_running_loop()
     started = loop.time()
     for byte in body[5:]:
-        if reader.at_eof():
+        if reader.at_eof() or writer.transport.is_closing():  # closed: with a FIN, or a reset
             break
         writer.write(bytes([byte]))
         await asyncio.sleep(0.1)
