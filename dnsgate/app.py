@@ -231,8 +231,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         watched = watched_patterns(cfg)
         notice = load_notice(cfg)
         servers = upstream_servers(cfg)
-        descriptors.check_limit(cfg, len(servers) + sum(len(group) for _, group in cfg.upstream.domains),
-                                SOCKETS_PER_FAMILY)
+        limit = descriptors.raise_limit()  # before anything opens; workers inherit it
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
         # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
@@ -402,6 +401,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                  len(catalog.lists) if catalog.lists is not None else 0)
         log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
                  ",".join(map(str, servers)), data_dir)
+        descriptors.log_budget(cfg, len(servers) + sum(len(group) for _, group in cfg.upstream.domains),
+                               SOCKETS_PER_FAMILY, *limit)
         if not operator.named:
             log.warning(NO_OPERATOR_WARNING)
         if on_ready is not None:

@@ -1,8 +1,8 @@
 """File descriptors: the process's limit, what the configuration may hold open at once, and running out.
 
-At start dnsgate raises its soft RLIMIT_NOFILE to the hard limit (`raise_limit`) and warns when the
-configured limits could need more than that (`budget`): every DNS TCP and API connection holds one
-descriptor, and so does every upstream socket.
+At start dnsgate raises its soft RLIMIT_NOFILE to the hard limit (`raise_limit`), and once started
+logs what the configured limits can hold at once (`budget`), with a warning if that is more than the
+limit: every DNS TCP and API connection holds one descriptor, and so does every upstream socket.
 
 Running out (EMFILE: this process's limit; ENFILE: the system's; ENOBUFS/ENOMEM: kernel memory for
 a socket) must degrade, not poison: `Shortage` records an episode, logs its start once and its end
@@ -173,9 +173,9 @@ def budget(cfg: Config, servers: int, sockets_per_family: int) -> Budget:
     return Budget(dns_tcp, api, upstream, PER_WORKER * (cfg.dns.workers - 1))
 
 
-def check_limit(cfg: Config, servers: int, sockets_per_family: int) -> Budget:
-    """Raise the soft limit and log it; warn if the configured limits could need more."""
-    before, now = raise_limit()
+def log_budget(cfg: Config, servers: int, sockets_per_family: int, before: int, now: int) -> Budget:
+    """Log the limit (`raise_limit` took it from `before` to `now`) and what the configured limits can
+    hold at once; a warning if that is more than the limit."""
     need = budget(cfg, servers, sockets_per_family)
     raised = f" (raised from {before})" if now != before else ""
     if need.total > now:

@@ -10,7 +10,7 @@ import asyncio
 import re
 from pathlib import Path
 
-from tests.reliability.exhaustion import QUICK, report, run
+from tests.reliability.exhaustion import BUDGET_FITS, BUDGET_OVER, QUICK, log_line, report, run
 from tests.reliability.process import serve
 from tests.stub_upstream import StubUpstream
 
@@ -32,8 +32,8 @@ async def test_the_soft_limit_is_raised_to_the_hard_limit_at_start(tmp_path: Pat
     try:
         limits = await asyncio.to_thread(Path(f"/proc/{served.process.pid}/limits").read_text)
         assert re.search(r"^Max open files\s+2048\s+2048\s", limits, re.M)
-        started = [line for line in served.log if "file descriptors: limit" in line]
-        assert len(started) == 1 and "limit 2048 (raised from 256)" in started[0]  # and the defaults fit: info
+        started = await log_line(served, BUDGET_FITS, BUDGET_OVER)
+        assert "file descriptors: limit 2048 (raised from 256); the configured limits can hold 740" in started
     finally:
         await served.stop()
         await stub.stop()
