@@ -689,7 +689,8 @@ class ConsentService:
             steps.append(self._choice_step(
                 target, None, categories, vendors, event.at, min(event.expires_at or event.at, lifetime),
                 Basis.of(event), Caller(http.address, http.mac, "pairing"), profile,
-                reason=f"{'withdrawal' if event.action == 'withdrawal' else 'refusals'} by {http.describe()} "
+                reason=f"{'withdrawal' if event.action == 'withdrawal' else 'refusals'} "
+                       f"{'recorded by an admin for' if event.channel == 'admin' else 'by'} {http.describe()} "
                        f"carried by pairing to {target.describe()}, linked {iso(linked_at)} (pairing carries "
                        "refusals, withdrawals and session ends, never a grant)"))
         return steps

@@ -108,7 +108,7 @@ async def test_a_paired_withdrawal_never_reaches_the_targets_own_earlier_choice(
     assert [e["action"] for e in await log_of(gate, VICTIM)] == ["grant"]
 
 
-async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
+async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate, clock: FakeClock) -> None:
     """What pairing may carry: the HTTP client's refusals (it can only narrow), recorded as the HTTP
     client's doing for the DNS source, on channel `pairing`."""
     device = "127.0.0.7"
@@ -132,6 +132,17 @@ async def test_pairing_carries_refusals_and_says_who_acted(gate: Gate) -> None:
     last = (await log_of(gate, device))[-1]
     assert last["action"] == "refusal" and last["channel"] == "pairing" and ATTACKER in last["reason"]
     assert last["categories"] == {"marketing": False} and last["vendors"] == {"activecampaign": False}
+    # an admin's refusal for that client is carried too, and the evidence says who acted
+    other = "127.0.0.8"
+    _, body = await gate.http("PUT", "/v1/consent", source=ATTACKER, json=GRANT)
+    clock.advance(1)  # (the page shows the latest link)
+    await pair(gate, ATTACKER, other, body["pairing"]["name"])
+    assert await log_of(gate, other) == []  # a grant: nothing to carry
+    assert (await gate.http("PUT", f"/v1/clients/{ATTACKER}/consent", admin=True,
+                            json={"choices": {"marketing": True}, "vendors": {"activecampaign": False}}))[0] == 200
+    (carried_too,) = await log_of(gate, other)
+    assert carried_too["channel"] == "pairing" and carried_too["vendors"] == {"activecampaign": False}
+    assert f"refusals recorded by an admin for address {ATTACKER} carried by pairing" in carried_too["reason"]
 
 
 async def test_a_forwarders_address_never_receives_a_grant(gate: Gate) -> None:
