@@ -7,15 +7,18 @@ names get NXDOMAIN with an SOA.
 
 Behaviours for fault tests: `silent` (never answers), `delay`, `truncate_udp` (UDP replies carry
 TC=1 and no records; TCP gets the full answer), `rcode` (answer every query with this RCODE),
-`set_ad` (AD in every reply), `reply_options` (EDNS options added to every reply). Spoofing, each
-sent before the genuine reply: `wrong_id_first` (a wrong ID), `spoof_first` (the right ID and
-question, but from another address: a different port), `wrong_question_first` (the right ID and
-source, another question); forged replies answer BOGUS_ADDRESS; `forge_only` sends the forgeries
-but never the genuine reply. `tls` (an ssl.SSLContext) adds a
-DNS-over-TLS listener on `tls_port`. Hostile upstreams: `rewrite(query, reply)` replaces each reply
-with what it returns (garbage, a compression loop, bad RDATA; None sends nothing); `reset_tcp`
-resets every TCP connection (RST) as soon as a query arrives. `max_in_flight` is the most UDP
-queries the stub held at once (with `delay`).
+`set_ad` (AD in every reply), `reply_options` (EDNS options added to every reply), `rcode_for(name,
+qtype, qclass)` (this RCODE for the questions it returns one for, e.g. REFUSED for class CH or
+FORMERR for a meta-type), `cname_alone` (names whose CNAME comes alone, without its target's
+records: a chain that stops short, as authoritative servers and some forwarders send it when the
+target lies elsewhere). Spoofing, each sent before the genuine reply: `wrong_id_first` (a wrong
+ID), `spoof_first` (the right ID and question, but from another address: a different port),
+`wrong_question_first` (the right ID and source, another question); forged replies answer
+BOGUS_ADDRESS; `forge_only` sends the forgeries but never the genuine reply. `tls` (an
+ssl.SSLContext) adds a DNS-over-TLS listener on `tls_port`. Hostile upstreams: `rewrite(query,
+reply)` replaces each reply with what it returns (garbage, a compression loop, bad RDATA; None
+sends nothing); `reset_tcp` resets every TCP connection (RST) as soon as a query arrives.
+`max_in_flight` is the most UDP queries the stub held at once (with `delay`).
 
 `queries` records (name, type, transport) of every query received, `received` the raw queries
 and `sources` the (host, port) they came from
@@ -49,6 +52,8 @@ class StubUpstream:
     wrong_question_first: bool = False
     forge_only: bool = False
     rcode: int | None = None
+    rcode_for: Callable[[str, int, int], int | None] | None = None
+    cname_alone: set[str] = field(default_factory=set)
     set_ad: bool = False
     reply_options: list[EDNSOption] = field(default_factory=list)
     tls: ssl.SSLContext | None = None
@@ -145,8 +150,10 @@ class StubUpstream:
         reply.header.aa = 1  # as an authority would: dnsgate must clear it
         do = any(rr.rtype == QTYPE.OPT and rr.ttl & 0x8000 for rr in request.ar)
         reply.header.ad = int(self.set_ad)  # dnslib would echo the query's AD
-        if self.rcode is not None:
-            reply.header.rcode = self.rcode
+        rcode = None if self.rcode_for is None else self.rcode_for(name, qtype, request.q.qclass)
+        rcode = self.rcode if rcode is None else rcode
+        if rcode is not None:
+            reply.header.rcode = rcode
             return self._finish(reply, request, transport)
         records = self._records(name)
         if not records and self.default_a and qtype == QTYPE.A:
@@ -164,7 +171,7 @@ class StubUpstream:
                           and str(rr.rdata).split()[0] in (QTYPE.get(qtype), "CNAME")]
             matching += found + signatures
             cname = next((rr for rr in found if rr.rtype == QTYPE.CNAME and qtype != QTYPE.CNAME), None)
-            if cname is None:
+            if cname is None or owner in self.cname_alone:
                 break
             owner = str(cname.rdata.label).lower().rstrip(".")
         if records:
@@ -172,7 +179,7 @@ class StubUpstream:
                 reply.add_answer(rr)
         else:
             reply.header.rcode = RCODE.NXDOMAIN
-        if not any(rr.rtype == qtype for rr in matching):
+        if not any(rr.rtype == qtype for rr in matching) and (cname is None or owner not in self.cname_alone):
             zone = ".".join(owner.split(".")[-2:]) or "."
             reply.add_auth(*RR.fromZone(f"{zone}. 300 IN SOA ns.{zone}. host.{zone}. 1 3600 600 86400 60"))
         if transport == "udp" and self.truncate_udp:
