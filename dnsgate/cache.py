@@ -141,8 +141,9 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     records its answer section holds (ALIASES | ADDRESSES: what an answer check must look at).
 
     The OPT record is dropped (EDNS is hop by hop; we add our own). Positive answers live for their
-    smallest TTL; negative ones for min(SOA TTL, SOA MINIMUM) per RFC 2308; anything else, or a
-    negative answer without SOA, is served once and not cached. The AD bit is kept only with
+    smallest TTL; negative ones for min(SOA TTL, SOA MINIMUM) per RFC 2308, or less if a record
+    leading to them (a CNAME) expires first; anything else, or a negative answer without SOA, is
+    served once and not cached. The AD bit is kept only with
     `keep_ad` (an upstream trusted to validate). One pass over the records with the names skipped
     inline: this runs for every cache miss.
     """
@@ -220,8 +221,10 @@ def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy
     rcode = flags & 0xF
     if rcode == NOERROR and ancount:
         cache_for = max(lifetime, 0)
+        if soa_ttl >= 0:  # a CNAME chain ending in no data: the negative part expires too (RFC 2308 §5)
+            cache_for = min(cache_for, soa_ttl)
     elif rcode in (NOERROR, NXDOMAIN) and soa_ttl >= 0:
-        cache_for = soa_ttl
+        cache_for = soa_ttl if lifetime < 0 else min(soa_ttl, lifetime)  # and the CNAMEs leading to it
     else:
         cache_for = 0
     counts = (ancount, nscount, arcount - (opt_at >= 0))

@@ -30,6 +30,7 @@ from typing import Final, Literal
 from .admission import Admission
 from .cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, UnusableReply, entry_from_reply
 from .catalog import Catalog, DomainRule
+from .chains import ChainLoop, chain_target, joined_reply
 from .cloaking import answer_rule
 from .consent import ConsentTable
 from .histogram import QUERY_BUCKETS, Histogram
@@ -61,6 +62,8 @@ from .wire import (
     AXFR,
     BADVERS,
     CD,
+    CNAME,
+    COUNTS,
     EDE_STALE,
     HEADER,
     HINFO,
@@ -113,6 +116,20 @@ class Forward:
     tcp: bool
     started: float = 0.0
     catalog: Catalog | None = None  # the catalog `rule` comes from
+    hop: int = 0  # names asked before this one to complete a CNAME chain (0: the client's own question)
+    awaits: bytes | None = None  # the cache key of the chain target this answer waits for, if any
+
+
+@dataclass(slots=True)
+class Chase:
+    """An upstream answer whose CNAME chain stops short of the records asked for (chains.py):
+    `target` is the name to ask next (lower-case wire), `key` its cache key, `entry` the answer as it
+    stands (gated on what it reveals; not cached)."""
+
+    reply: bytes
+    target: bytes
+    key: bytes
+    entry: Entry
 
 
 class Pipeline:
@@ -384,16 +401,62 @@ class Pipeline:
             self._plain(FORWARDED, now, fwd.client, q, fwd.tcp, entry.flags & 0xF, elapsed)
         return reply
 
-    def admit(self, fwd: Forward, reply: bytes) -> Entry:
-        """Build the entry for a verified upstream reply and cache it if it may be cached.
+    def admit(self, fwd: Forward, reply: bytes) -> Entry | Chase:
+        """Build the entry for a verified upstream reply and cache it if it may be cached; or, for
+        an answer whose CNAME chain stops short (chains.py), say which name to ask next.
 
         The entry is gated on the name's own rule, else on the vendor its answer leads into (CNAME
         cloaking: cloaking.py), so hits are gated like this miss. Raises cache.UnusableReply for
-        replies whose records cannot be walked."""
+        replies whose records cannot be walked, and for a chain that loops within the answer."""
         q = fwd.query
         if not records_well_formed(reply, 12 + len(q.question)):  # hostile data never reaches the cache
             raise UnusableReply("a record a client could not read (a name that does not decompress, a bad size)")
+        entry, cacheable, kinds = self._entry(fwd, reply)
+        if kinds & ALIASES and not entry.flags & 0xF and q.qtype != CNAME:
+            try:
+                target = chain_target(reply, 12 + len(q.question), q.name, q.qtype)
+            except ChainLoop as exc:
+                raise UnusableReply(str(exc)) from None
+            if target is not None:
+                return Chase(reply, target, target + q.key[-5:], entry)  # the same type, class, DO and CD
+        self._keep(fwd, entry, cacheable)
+        return entry
+
+    def chained(self, fwd: Forward, chase: Chase, target: Entry, keep: bool = True) -> Entry:
+        """The entry for `chase`'s whole answer: its chain, then `target`'s answer for the name the
+        chain stopped at, each record's TTL as it stands now (never above the upstream's). Gated on
+        every name and address of the whole chain, and cached (unless not `keep`) for as long as
+        its shortest-lived part. Raises cache.UnusableReply if the parts cannot be joined."""
+        q = fwd.query
+        now = self.mono()
+        flags = QR | (chase.entry.flags & target.flags & AD) | (target.flags & 0xF)
+        try:
+            reply = joined_reply(q.key[:-1], chase.reply, int(now - chase.entry.filled), chase.key[:-1],
+                                 target.body_at(now), COUNTS.unpack(target.head)[1:], flags)
+        except ValueError as exc:
+            raise UnusableReply(f"a CNAME chain that cannot be joined: {exc}") from None
+        entry, cacheable, _ = self._entry(fwd, reply)
+        self._keep(fwd, entry, cacheable and keep)
+        return entry
+
+    def target_forward(self, fwd: Forward, chase: Chase, hop: int) -> Forward:
+        """The upstream question for the name `fwd`'s chain stopped at: the same type, class, DO and
+        CD, within the client query's deadline (`started`)."""
+        question = chase.key[:-1]
+        qtype, qclass = struct.unpack_from(">HH", question, len(question) - 4)
+        bits = chase.key[-1]
+        target = Query(0, RD | (CD if bits & 1 else 0), question, chase.target, qtype, qclass,
+                       Edns(MIN_UDP, 0, True) if bits & 2 else None, chase.key)
         catalog = self.catalog
+        return Forward(target, catalog.match(chase.target), "", False, fwd.started, catalog, hop)
+
+    def allows(self, client: str, rule: DomainRule) -> bool:
+        """Whether `client` may see an answer gated on `rule` now."""
+        return self.consent.allows(client, rule.vendor, self.wall())
+
+    def _entry(self, fwd: Forward, reply: bytes) -> tuple[Entry, bool, int]:
+        catalog = self.catalog
+        q = fwd.query
         qlen = len(q.question)
         # The rule found when the query came in, unless a reload has swapped the catalog since.
         rule = fwd.rule if fwd.catalog is catalog else catalog.match(q.name)
@@ -405,11 +468,13 @@ class Pipeline:
             if cloaked is not None:  # gated after all, and its TTLs capped like a gated name's
                 entry, cacheable, _ = entry_from_reply(reply, qlen, now, self.gated_ttl, cloaked, self.trust_ad)
         entry.count_slot = self.cached_slot[q.qtype] if q.qtype < 256 else _CACHED_OTHER
+        return entry, cacheable, kinds
+
+    def _keep(self, fwd: Forward, entry: Entry, cacheable: bool) -> None:
         if cacheable:
             if self.prefetch and entry.lifetime >= PREFETCH_MIN_TTL:
                 entry.refresh_at = entry.filled + PREFETCH_AT * entry.lifetime
-            self.cache.put(q.key, entry)
-        return entry
+            self.cache.put(fwd.query.key, entry)
 
     def install(self, catalog: Catalog, sinkhole: Sinkhole, plain_ttl: TtlPolicy, gated_ttl: TtlPolicy) -> None:
         """Swap in reloaded rules, all in one step on the event loop (no query sees half of them),

@@ -210,6 +210,12 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
 
     Pointers must point strictly backwards, which also rules out loops.
     """
+    found = expand_name(data, offset)
+    return None if found is None else (found[0].lower(), found[1])
+
+
+def expand_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
+    """`read_name` keeping the letter case as sent."""
     labels: list[bytes] = []
     total = 1
     end = -1
@@ -240,7 +246,7 @@ def read_name(data: bytes, offset: int) -> tuple[bytes, int] | None:
             return None
         labels.append(data[offset : offset + 1 + length])
         offset += length + 1
-    return b"".join(labels).lower() + b"\x00", end
+    return b"".join(labels) + b"\x00", end
 
 
 # Types whose RDATA holds a domain name a client will decompress: (offset of the name, whether it

@@ -11,7 +11,7 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from dnsgate.cache import UnusableReply
+from dnsgate.cache import Entry, UnusableReply
 from dnsgate.pipeline import Forward
 from dnsgate.wire import records_well_formed
 from tests.fuzz import checks
@@ -71,7 +71,9 @@ def test_well_formed_replies_pass_and_are_cached(reply: bytes) -> None:
     p = checks.pipeline()
     fwd = p.answer(Q.to_wire(), "127.0.0.1", False)
     assert isinstance(fwd, Forward)
-    out = p.complete(fwd, p.admit(fwd, reply))
+    entry = p.admit(fwd, reply)
+    assert isinstance(entry, Entry)
+    out = p.complete(fwd, entry)
     checks.check_reply(out, Q.to_wire(), False)
 
 
@@ -87,5 +89,7 @@ def test_hostile_replies_are_unusable_and_never_cached(reply: bytes) -> None:
     again = p.answer(Q.to_wire(), "127.0.0.1", False)
     assert isinstance(again, Forward)  # nothing was cached: the next query asks upstream again
     good = reply_with("host.example.test. 60 IN A 192.0.2.1")
-    answer = dns.message.from_wire(p.complete(again, p.admit(again, good)))
+    entry = p.admit(again, good)
+    assert isinstance(entry, Entry)
+    answer = dns.message.from_wire(p.complete(again, entry))
     assert [str(r) for rrset in answer.answer for r in rrset] == ["192.0.2.1"]

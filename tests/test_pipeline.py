@@ -12,7 +12,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from dnsgate.cache import AnswerCache, TtlPolicy
+from dnsgate.cache import AnswerCache, Entry, TtlPolicy
 from dnsgate.config import LocalConfig
 from dnsgate.identity import QueryIdentity
 from dnsgate.local_answers import default_table
@@ -82,6 +82,7 @@ def forward(p: Pipeline, q: dns.message.Message, *records: str, client: str = "1
     out = p.answer(q.to_wire(), client, False)
     assert isinstance(out, Forward), out
     entry = p.admit(out, upstream_reply(q, *records, **kw))  # type: ignore[arg-type]
+    assert isinstance(entry, Entry), "a chain that stops short: the resolver completes it (chains.py)"
     return dns.message.from_wire(p.complete(out, entry))
 
 
@@ -205,7 +206,9 @@ def test_udp_truncation_and_tcp_full(clock: Clock) -> None:
     q = query("big.example.test", "TXT", use_edns=0, payload=4096)
     out = p.answer(q.to_wire(), "127.0.0.1", True)
     assert isinstance(out, Forward)
-    r = dns.message.from_wire(p.complete(out, p.admit(out, upstream_reply(q, *records))))
+    entry = p.admit(out, upstream_reply(q, *records))
+    assert isinstance(entry, Entry)
+    r = dns.message.from_wire(p.complete(out, entry))
     assert len(r.answer[0]) == 8
     udp = answer(p, query("big.example.test", "TXT"))  # 512 without EDNS
     assert udp.flags & dns.flags.TC and not udp.answer

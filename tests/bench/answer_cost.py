@@ -18,7 +18,7 @@ from collections.abc import Callable
 import dns.message
 import dns.rdatatype
 
-from dnsgate.cache import AnswerCache, TtlPolicy
+from dnsgate.cache import AnswerCache, Entry, TtlPolicy
 from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
 from dnsgate.consent import Choice, ConsentTable, CurrentNotice, NoticeRef, Subject
 from dnsgate.pipeline import Forward, Pipeline
@@ -47,7 +47,9 @@ def fill(p: Pipeline, name: str, address: str, client: str = "127.0.0.1", rdtype
     assert isinstance(out, Forward), out
     r = dns.message.make_response(q)
     r.answer.append(dns.rrset.from_text(name + ".", 300, "IN", rdtype, address))
-    p.complete(out, p.admit(out, r.to_wire()))
+    entry = p.admit(out, r.to_wire())
+    assert isinstance(entry, Entry)
+    p.complete(out, entry)
 
 
 def per_call_ns(p: Pipeline, wire: bytes, client: str, n: int, rounds: int, drain: Callable[[], None]) -> float:

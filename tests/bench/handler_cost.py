@@ -14,7 +14,7 @@ import time
 import dns.message
 import dns.rrset
 
-from dnsgate.cache import AnswerCache, TtlPolicy
+from dnsgate.cache import AnswerCache, Entry, TtlPolicy
 from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
 from dnsgate.consent import ConsentTable
 from dnsgate.pipeline import Forward, Pipeline
@@ -40,7 +40,9 @@ def fill(p: Pipeline, name: str, *records: str) -> bytes:
     for text in records:
         owner, ttl, _, rdtype, rdata = text.split(None, 4)
         r.answer.append(dns.rrset.from_text(owner, int(ttl), "IN", rdtype, rdata))
-    p.complete(out, p.admit(out, r.to_wire()))
+    entry = p.admit(out, r.to_wire())
+    assert isinstance(entry, Entry)
+    p.complete(out, entry)
     return q.to_wire()
 
 

@@ -47,6 +47,8 @@ async def main(data_dir: Path) -> None:
     stub = await zone_for_tests(StubUpstream()).start()
     stub.add("page.example.test", "page.example.test. 300 IN A 127.0.0.1")
     stub.zone["trackcmp.net"] = ["trackcmp.net. 300 IN A 127.0.0.1"]  # the tracker, served locally here
+    stub.add("cdn.example.test", "cdn.example.test. 300 IN CNAME host.example.test.")
+    stub.cname_alone = {"cdn.example.test"}  # its CNAME comes alone, as from an authoritative server
     cfg = make_config(stub, data_dir, dns=replace(DnsConfig(), listen=("127.0.0.1:53",)))
     site = await web_site()
     loop = asyncio.get_running_loop()

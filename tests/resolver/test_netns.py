@@ -94,6 +94,17 @@ def test_getent_resolves_through_dnsgate(netns: Namespace) -> None:
     assert canary.returncode == 2  # "not found": Firefox keeps DNS over HTTPS off
 
 
+def test_getent_resolves_a_name_whose_upstream_answer_stops_short(netns: Namespace) -> None:
+    # The upstream answers cdn.example.test with its CNAME alone; glibc finds no address in that, so
+    # dnsgate asks for the target itself and hands back the whole chain.
+    result = netns.run("getent", "hosts", "cdn.example.test")
+    assert result.returncode == 0, result
+    assert "cdn.example.test" in result.stdout and ("2001:db8::10" in result.stdout or "192.0.2.10" in result.stdout)
+    both = netns.run("getent", "ahosts", "cdn.example.test")
+    assert both.returncode == 0 and "192.0.2.10" in both.stdout and "2001:db8::10" in both.stdout
+    assert netns.ask("count host.example.test") == "2"  # the target: once for A, once for AAAA
+
+
 def test_getent_sees_the_gate(netns: Namespace) -> None:
     assert netns.run("getent", "hosts", "trackcmp.net").returncode == 2  # blocked: not found
     assert netns.ask("count trackcmp.net") == "0"
