@@ -83,7 +83,7 @@ class UdpListener(asyncio.DatagramProtocol):
             result = self.answer(data, _client_of(addr[0], True) if self.v6 else addr[0], False)
         except Exception:
             log.exception("internal error answering a UDP query from %s", addr[0])
-            result = rejection_reply(data, INTERNAL_ERROR)
+            result = rejection_reply(data, INTERNAL_ERROR, self.pipeline.udp_max)
         if result.__class__ is bytes:
             self.sendto(result, addr)
         elif result is not None:
@@ -198,7 +198,7 @@ class TcpConnection(asyncio.Protocol):
             result = self.pipeline.answer(message, self.client, True)
         except Exception:
             log.exception("internal error answering a TCP query from %s", self.client)
-            result = rejection_reply(message, INTERNAL_ERROR)
+            result = rejection_reply(message, INTERNAL_ERROR, self.pipeline.udp_max)
         if result is None:
             return
         if result.__class__ is bytes:

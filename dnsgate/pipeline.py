@@ -303,7 +303,7 @@ class Pipeline:
         q = parse_query(data)
         if isinstance(q, Rejection):
             self._rejected(q, data, client, tcp)
-            return rejection_reply(data, q)
+            return rejection_reply(data, q, self.udp_max)
         now = self.mono()
         if q.edns is not None and q.edns.version != 0:
             self._plain(FORMERR, now, client, q, tcp, BADVERS, 0.0)

@@ -145,8 +145,27 @@ def parse_query(data: bytes) -> Query | Rejection:
         return Rejection(FORMERR, "question name or type/class malformed")
     question = data[12 : end + 5]
     qtype, qclass = struct.unpack_from(">HH", data, end + 1)
+    edns = _edns_of(data, end + 5, arcount)
+    if isinstance(edns, Rejection):
+        return edns
+    lower = question.lower()
+    if qtype > 64 or qclass > 64:  # a type or class byte may be a letter (HTTPS is 65, b"A"): fold the name only
+        lower = lower[:-4] + question[-4:]
+    return Query(
+        id=qid,
+        flags=flags,
+        question=question,
+        name=lower[:-4],
+        qtype=qtype,
+        qclass=qclass,
+        edns=edns,
+        key=cache_key(lower, edns is not None and edns.do, bool(flags & CD)),
+    )
+
+
+def _edns_of(data: bytes, offset: int, arcount: int) -> Edns | Rejection | None:
+    """The EDNS of the additional section at `offset` (None without an OPT record), or why it is malformed."""
     edns: Edns | None = None
-    offset = end + 5
     for _ in range(arcount):
         rr = read_rr_header(data, offset)
         if rr is None:
@@ -161,19 +180,7 @@ def parse_query(data: bytes) -> Query | Rejection:
                 return Rejection(FORMERR, "OPT options malformed")
             edns = Edns(udp_size=rclass, version=(ttl >> 16) & 0xFF, do=bool(ttl & EDNS_DO))
         offset = owner_end + 10 + rdlen
-    lower = question.lower()
-    if qtype > 64 or qclass > 64:  # a type or class byte may be a letter (HTTPS is 65, b"A"): fold the name only
-        lower = lower[:-4] + question[-4:]
-    return Query(
-        id=qid,
-        flags=flags,
-        question=question,
-        name=lower[:-4],
-        qtype=qtype,
-        qclass=qclass,
-        edns=edns,
-        key=cache_key(lower, edns is not None and edns.do, bool(flags & CD)),
-    )
+    return edns
 
 
 def scan_name(data: bytes, offset: int) -> int:
@@ -430,9 +437,30 @@ def error_reply(query: Query, rcode: int, our_udp: int, options: bytes = b"") ->
     return HEADER.pack(query.id, reply_flags(query.flags, rcode), 1, 0, 0, 1) + query.question + opt
 
 
-def rejection_reply(data: bytes, rejection: Rejection) -> bytes | None:
-    """The reply to a rejected packet: header only (ID, opcode and RD echoed), or None to drop."""
+def rejection_reply(data: bytes, rejection: Rejection, our_udp: int) -> bytes | None:
+    """The reply to a rejected packet (None to drop it): ID, opcode and RD echoed; its question
+    section if it can be read and fits 512 bytes; an OPT record if it had exactly one well-formed OPT
+    (RFC 6891 §6.1.1: a query with OPT gets one back, even QDCOUNT 0 as in RFC 7873 §5.4's cookie
+    probe). Header only when the question section cannot be read."""
     if rejection.rcode is None or len(data) < 12:
         return None
-    qid, flags = struct.unpack_from(">HH", data)
-    return HEADER.pack(qid, QR | (flags & (OPCODE_MASK | RD)) | rejection.rcode, 0, 0, 0, 0)
+    qid, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    flags = QR | (flags & (OPCODE_MASK | RD)) | rejection.rcode
+    offset = 12
+    for _ in range(qdcount):
+        end = scan_name(data, offset)
+        if end < 0 or end + 5 > len(data):
+            return HEADER.pack(qid, flags, 0, 0, 0, 0)
+        offset = end + 5
+    questions = data[12:offset]
+    for _ in range(ancount + nscount):  # an UPDATE's prerequisites and updates come before its OPT
+        rr = read_rr_header(data, offset)
+        if rr is None:
+            arcount = 0
+            break
+        offset = rr[0] + 10 + rr[4]
+    edns = _edns_of(data, offset, arcount)
+    opt = opt_record(our_udp, edns.do) if isinstance(edns, Edns) else b""
+    if 12 + len(questions) + len(opt) > MIN_UDP:
+        questions, qdcount = b"", 0
+    return HEADER.pack(qid, flags, qdcount, 0, 0, 1 if opt else 0) + questions + opt

@@ -46,41 +46,64 @@ def test_parses_edns() -> None:
     assert q.key == QUESTION + b"\x02"  # DO changes what upstream sends: part of the key
 
 
+OPT = wire.opt_record(1232, False)
+OPT_DO = wire.opt_record(1232, True)
+COOKIE = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x0c" + b"\x00\x0a\x00\x08" + b"12345678"  # client cookie only
+
+
+# (packet, RCODE, questions echoed, OPT in the reply (None: none; else its DO bit))
 @pytest.mark.parametrize(
-    ("packet", "rcode"),
+    ("packet", "rcode", "questions", "opt"),
     [
-        (b"", None),
-        (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00", None),  # 11 bytes: shorter than a header
-        (header(flags=0x8000) + QUESTION, None),  # a response: never answered
-        (header(flags=0x2800) + QUESTION, wire.NOTIMP),  # opcode UPDATE
-        (header(flags=0x1000) + QUESTION, wire.NOTIMP),  # opcode STATUS
-        (header(qd=0), wire.FORMERR),
-        (header(qd=2) + QUESTION + QUESTION, wire.FORMERR),
-        (header(), wire.FORMERR),  # question missing
-        (header() + b"\x07example\x03com\x00\x00\x01", wire.FORMERR),  # class missing
-        (header() + b"\x07example\x03co", wire.FORMERR),  # name runs off the end
-        (header() + b"\xc0\x0c\x00\x01\x00\x01", wire.FORMERR),  # compression pointer in the question
-        (header() + b"\x50" + b"a" * 80 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # label > 63
-        (header() + b"\x3fa" * 0 + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01", wire.FORMERR),  # > 255
-        (header(an=1) + QUESTION, wire.FORMERR),
-        (header(ar=1) + QUESTION, wire.FORMERR),  # OPT promised, missing
-        (header(ar=2) + QUESTION + wire.opt_record(1232, False) * 2, wire.FORMERR),  # two OPTs
-        (header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x05\x00\x0a\x00", wire.FORMERR),
-        (header(ar=1) + QUESTION + b"\x01a\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00", wire.FORMERR),
+        (b"", None, 0, None),
+        (b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00", None, 0, None),  # 11 bytes: shorter than a header
+        (header(flags=0x8000) + QUESTION, None, 0, None),  # a response: never answered
+        (header(flags=0x2800) + QUESTION, wire.NOTIMP, 1, None),  # opcode UPDATE
+        (header(flags=0x1000) + QUESTION, wire.NOTIMP, 1, None),  # opcode STATUS
+        (header(flags=0x1000, ar=1) + QUESTION + OPT_DO, wire.NOTIMP, 1, True),  # dig +opcode=status
+        (header(flags=0x2000, ar=1) + QUESTION + OPT, wire.NOTIMP, 1, False),  # NOTIFY with EDNS
+        (header(flags=0x2800, an=1, ns=1, ar=1) + QUESTION + b"\xc0\x0c\x00\x01\x00\xfe\x00\x00\x00\x00\x00\x00" * 2
+         + OPT, wire.NOTIMP, 1, False),  # UPDATE with a prerequisite and an update before its OPT
+        (header(qd=0), wire.FORMERR, 0, None),
+        (header(qd=0, ar=1) + OPT, wire.FORMERR, 0, False),
+        (header(qd=0, ar=1) + COOKIE, wire.FORMERR, 0, False),  # RFC 7873 §5.4: no server cookie here
+        (header(qd=2) + QUESTION + QUESTION, wire.FORMERR, 2, None),
+        (header(qd=2, ar=1) + QUESTION + QUESTION + OPT_DO, wire.FORMERR, 2, True),
+        (header(qd=40) + QUESTION * 40, wire.FORMERR, 0, None),  # more than 512 bytes to echo: none
+        (header(), wire.FORMERR, 0, None),  # question missing
+        (header() + b"\x07example\x03com\x00\x00\x01", wire.FORMERR, 0, None),  # class missing
+        (header() + b"\x07example\x03co", wire.FORMERR, 0, None),  # name runs off the end
+        (header(ar=1) + b"\xc0\x0c\x00\x01\x00\x01" + OPT, wire.FORMERR, 0, None),  # a pointer in the question
+        (header() + b"\x50" + b"a" * 80 + b"\x00\x00\x01\x00\x01", wire.FORMERR, 0, None),  # label > 63
+        (header() + (b"\x3f" + b"a" * 63) * 4 + b"\x00\x00\x01\x00\x01", wire.FORMERR, 0, None),  # > 255
+        (header(an=1) + QUESTION, wire.FORMERR, 1, None),
+        (header(an=1, ar=1) + QUESTION + b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x00\x00\x00" + OPT, wire.FORMERR, 1,
+         False),
+        (header(ar=1) + QUESTION, wire.FORMERR, 1, None),  # OPT promised, missing
+        (header(ar=2) + QUESTION + OPT * 2, wire.FORMERR, 1, None),  # two OPTs: no one EDNS to answer
+        (header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x05\x00\x0a\x00", wire.FORMERR, 1,
+         None),  # options malformed
+        (header(ar=1) + QUESTION + b"\x01a\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00", wire.FORMERR, 1, None),
     ],
 )
-def test_rejections(packet: bytes, rcode: int | None) -> None:
+def test_rejections(packet: bytes, rcode: int | None, questions: int, opt: bool | None) -> None:
     result = wire.parse_query(packet)
     assert isinstance(result, wire.Rejection)
     assert result.rcode == rcode
-    reply = wire.rejection_reply(packet, result)
+    reply = wire.rejection_reply(packet, result, 1232)
     if rcode is None:
         assert reply is None
-    else:
-        assert reply is not None and len(reply) == 12  # header only
-        qid, flags, *counts = struct.unpack(">HHHHHH", reply)
-        assert qid == 0x1234 and flags & wire.QR and flags & 0xF == rcode and counts == [0, 0, 0, 0]
-        assert flags & wire.OPCODE_MASK == struct.unpack_from(">H", packet, 2)[0] & wire.OPCODE_MASK
+        return
+    assert reply is not None
+    qid, flags, qd, an, ns, ar = struct.unpack_from(">HHHHHH", reply)
+    assert qid == 0x1234 and flags & wire.QR and flags & 0xF == rcode and (qd, an, ns) == (questions, 0, 0)
+    assert flags & wire.OPCODE_MASK == struct.unpack_from(">H", packet, 2)[0] & wire.OPCODE_MASK
+    assert not flags & wire.RA
+    assert reply[12 : 12 + len(QUESTION) * questions] == QUESTION * questions  # as the client wrote it
+    if opt is None:
+        assert ar == 0 and len(reply) == 12 + len(QUESTION) * questions
+    else:  # RFC 6891 §6.1.1: ours, DO echoed, and nothing else of the query's (no cookie)
+        assert ar == 1 and reply[12 + len(QUESTION) * questions :] == (OPT_DO if opt else OPT)
 
 
 def test_name_helpers() -> None:

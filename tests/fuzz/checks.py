@@ -49,8 +49,11 @@ def check_reply(reply: bytes, query: bytes, tcp: bool) -> None:
     assert reply[2] & 0x80, "the reply has QR=0"
     if not tcp:
         assert len(reply) <= 65535
+    wire = _opaque(reply)
+    if len(wire) > 2 and wire[2] & 0x78:  # an UPDATE's zone section (NOTIMP) is the query's own, echoed:
+        wire = wire[:2] + bytes([wire[2] & 0x87]) + wire[3:]  # judged as a question section, not as RFC 2136's
     try:
-        dns.message.from_wire(_opaque(reply))
+        dns.message.from_wire(wire)
     except dns.message.ShortHeader:
         raise AssertionError("a reply shorter than a header") from None
     except dns.exception.DNSException as exc:

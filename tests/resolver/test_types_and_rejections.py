@@ -27,25 +27,47 @@ def header(flags: int = 0x0100, qd: int = 1, an: int = 0, ns: int = 0, ar: int =
     return struct.pack(">HHHHHH", 0xBEEF, flags, qd, an, ns, ar)
 
 
-@pytest.mark.parametrize(("packet", "rcode"), [
-    (header(qd=0), dns.rcode.FORMERR),
-    (header(qd=2) + QUESTION + QUESTION, dns.rcode.FORMERR),  # RFC 9619
-    (header() + QUESTION[:-3], dns.rcode.FORMERR),  # type/class cut short
-    (header() + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),  # pointer in the question
-    (header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x05", dns.rcode.FORMERR),  # OPT rdata missing
-    (header(flags=0x2900) + QUESTION, dns.rcode.NOTIMP),  # opcode 5 (UPDATE)
-    (header(flags=0x1100) + QUESTION, dns.rcode.NOTIMP),  # opcode 2 (STATUS)
-    (header(flags=0x7900) + QUESTION, dns.rcode.NOTIMP),  # opcode 15 (unassigned)
+OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"  # EDNS 0, 1232 bytes, DO clear
+OPT_DO = b"\x00\x00\x29\x04\xd0\x00\x00\x80\x00\x00\x00"
+COOKIE_PROBE = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x0c\x00\x0a\x00\x08" + b"12345678"  # RFC 7873 §5.4
+SOA_QUESTION = QUESTION[:-4] + b"\x00\x06\x00\x01"
+
+
+# (packet, RCODE, question section echoed, OPT in the reply: None, or the DO bit it echoes)
+@pytest.mark.parametrize(("packet", "rcode", "questions", "opt"), [
+    (header(qd=0), dns.rcode.FORMERR, b"", None),
+    (header(qd=0, ar=1) + OPT, dns.rcode.FORMERR, b"", False),
+    (header(qd=0, ar=1) + COOKIE_PROBE, dns.rcode.FORMERR, b"", False),  # no server cookies here: FORMERR
+    (header(qd=2) + QUESTION + QUESTION, dns.rcode.FORMERR, QUESTION * 2, None),  # RFC 9619
+    (header(qd=2, ar=1) + QUESTION + QUESTION + OPT_DO, dns.rcode.FORMERR, QUESTION * 2, True),
+    (header() + QUESTION[:-3], dns.rcode.FORMERR, b"", None),  # type/class cut short
+    (header(ar=1) + b"\xc0\x0c\x00\x01\x00\x01" + OPT, dns.rcode.FORMERR, b"", None),  # pointer in the question
+    (header(ar=1) + QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x05", dns.rcode.FORMERR, QUESTION,
+     None),  # OPT rdata missing: no EDNS to answer with
+    (header(flags=0x2900) + QUESTION, dns.rcode.NOTIMP, QUESTION, None),  # opcode 5 (UPDATE)
+    (header(flags=0x2800, ar=1) + SOA_QUESTION + OPT, dns.rcode.NOTIMP, SOA_QUESTION, False),  # UPDATE with EDNS
+    (header(flags=0x2000, ar=1) + SOA_QUESTION + OPT, dns.rcode.NOTIMP, SOA_QUESTION, False),  # NOTIFY with EDNS
+    (header(flags=0x1100) + QUESTION, dns.rcode.NOTIMP, QUESTION, None),  # opcode 2 (STATUS)
+    (header(flags=0x1100, ar=1) + QUESTION + OPT_DO, dns.rcode.NOTIMP, QUESTION, True),  # dig +opcode=status
+    (header(flags=0x7900) + QUESTION, dns.rcode.NOTIMP, QUESTION, None),  # opcode 15 (unassigned)
 ])
-async def test_error_replies_are_header_only(gate: Gate, upstream: StubUpstream, path: str, packet: bytes,
-                                             rcode: int) -> None:
+async def test_error_replies(gate: Gate, upstream: StubUpstream, path: str, packet: bytes, rcode: int,
+                             questions: bytes, opt: bool | None) -> None:
+    """The question section echoed when it can be read; an OPT whenever the query's OPT could be
+    read (RFC 6891 §6.1.1); the header alone only for a question that cannot be read."""
     if path == "hit":
         await ask(gate, query_wire("host.example.test"))
-    reply = await udp_raw(gate.dns_port, packet)
-    assert reply is not None and len(reply) == 12
-    qid, flags, *counts = struct.unpack(">HHHHHH", reply)
-    assert qid == 0xBEEF and flags & 0x8000 and flags & 0xF == rcode and counts == [0, 0, 0, 0]
-    assert flags & 0x7800 == struct.unpack_from(">H", packet, 2)[0] & 0x7800  # opcode echoed
+    for tcp in (False, True):
+        reply = await ask(gate, packet, tcp=tcp)
+        qid, flags, qd, an, ns, ar = struct.unpack_from(">HHHHHH", reply)
+        assert qid == 0xBEEF and flags & 0x8000 and flags & 0xF == rcode and (an, ns) == (0, 0)
+        assert flags & 0x7800 == struct.unpack_from(">H", packet, 2)[0] & 0x7800  # opcode echoed
+        assert qd == len(questions) // len(QUESTION) and reply[12 : 12 + len(questions)] == questions
+        rest = reply[12 + len(questions):]
+        if opt is None:
+            assert ar == 0 and rest == b""
+        else:  # dnsgate's own OPT: its size, DO as asked, no option of the query's (no cookie)
+            assert ar == 1 and rest == (OPT_DO if opt else OPT)
     assert upstream.count("host.example.test") == (1 if path == "hit" else 0)
 
 
