@@ -64,6 +64,7 @@ from .wire import (
     CD,
     CNAME,
     COUNTS,
+    EDE_NOT_SUPPORTED,
     EDE_STALE,
     HEADER,
     HINFO,
@@ -86,6 +87,7 @@ from .wire import (
     rejection_reply,
     scan_name,
 )
+from .wire import FORMERR as FORMERR_RCODE
 from .wire import NOTIMP as NOTIMP_RCODE
 from .wire import REFUSED as REFUSED_RCODE
 from .wire import SERVFAIL as SERVFAIL_RCODE
@@ -98,6 +100,16 @@ _OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
 _SINKHOLED: Final = slot(SINKHOLED, 0)
 _SINKHOLED_OTHER: Final = slot(SINKHOLED, OTHER)
 _CACHED_OTHER: Final = slot(CACHED, OTHER)
+CLASS_ANY: Final = 255
+# Meta-types and the OPT pseudo-type (RFC 6895 §3.1): never questions a resolver answers; FORMERR,
+# the reason in an Extended DNS Error "Not Supported"
+META_TYPES: Final = {
+    41: "OPT is a pseudo-record of EDNS, not a type to ask for (RFC 6891)",
+    249: "TKEY is a meta-type for key agreement between servers (RFC 2930), not a question",
+    250: "TSIG is a meta-type that signs messages (RFC 8945), not a question",
+    253: "MAILB is an obsolete meta-type (RFC 883), not supported",
+    254: "MAILA is an obsolete meta-type (RFC 883), not supported",
+}
 # RFC 8482 §4.2: one HINFO record, CPU "RFC8482", OS empty, owned by the question's name
 ANY_HINFO: Final = b"\xc0\x0c" + RR_FIXED.pack(HINFO, IN, 3600, 9) + b"\x07RFC8482\x00"
 GATED_MEMO_LIMIT: Final = 65_536
@@ -315,17 +327,24 @@ class Pipeline:
         identity = self.identity
         if identity is not None and client in identity.trusted:
             client = identity.client_of(data, q, client)  # the device behind a trusted forwarder
+        why = META_TYPES.get(q.qtype)
+        if why is not None:  # never a question: not forwarded, whatever the name (as unbound and dnsmasq)
+            self._plain(FORMERR, now, client, q, tcp, FORMERR_RCODE, 0.0)
+            return error_reply(q, FORMERR_RCODE, self.udp_max, ede_option(EDE_NOT_SUPPORTED, why), ra=False)
+        if q.qclass != IN:
+            if q.qclass == CLASS_ANY:  # QCLASS * (RFC 1035): IN is the one class there is; cached and asked as IN
+                q.key = q.key[:-3] + b"\x00\x01" + q.key[-1:]
+            elif q.qclass == CH and q.name in SERVER_ID_NAMES:
+                self._plain(LOCAL, now, client, q, tcp, 0, 0.0)
+                return self._limit(q, server_id_reply(q, self.server_id, self.udp_max), tcp)
+            else:  # CH, HS, NONE, numbered classes: no upstream serves them (unbound refuses them too)
+                self._plain(REFUSED, now, client, q, tcp, REFUSED_RCODE, 0.0)
+                return error_reply(q, REFUSED_RCODE, self.udp_max)
         if identity is not None and q.name.endswith(identity.pair_suffix):  # in dnsgate's zone: before it
             paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
             if paired is not None:
                 return paired
-        if q.qclass == IN:
-            local = self.local.match(q.name)
-        elif q.qclass == CH and q.name in SERVER_ID_NAMES:
-            self._plain(LOCAL, now, client, q, tcp, 0, 0.0)
-            return self._limit(q, server_id_reply(q, self.server_id, self.udp_max), tcp)
-        else:
-            local = None
+        local = self.local.match(q.name)
         if local is not None:
             reply = self._limit(q, local_reply(local, q, self.udp_max, client), tcp)
             self._plain(LOCAL, now, client, q, tcp, reply[3] & 0xF, 0.0)
@@ -357,9 +376,9 @@ class Pipeline:
             refused = self.any_query == "refused"
             self._plain(REFUSED if refused else LOCAL, now, client, q, tcp, REFUSED_RCODE if refused else 0, 0.0)
             return self._answer_any(q)
-        if q.qtype in (AXFR, IXFR):
+        if q.qtype in (AXFR, IXFR):  # a forwarder does not relay zone transfers, nor recurse for them
             self._plain(REFUSED, now, client, q, tcp, REFUSED_RCODE, 0.0)
-            return error_reply(q, REFUSED_RCODE, self.udp_max)  # a forwarder does not relay zone transfers
+            return error_reply(q, REFUSED_RCODE, self.udp_max, ra=False)
         self.counters.cache_misses += 1
         return Forward(q, rule, client, tcp, now, self.catalog)
 

@@ -592,7 +592,7 @@ class Upstreams:
         if server.address.transport != "udp":
             return None
         sock, qid = self._socket_and_id(server.family)
-        question = query.name + query.question[-4:]
+        question = query.key[:-1]  # the name in lower case, type and class (class ANY is asked as IN)
         attempt = UdpAttempt(self, group, server, sock, qid, question, done, context, now)
         sock.pending[qid] = attempt
         self.queries += 1
@@ -638,7 +638,7 @@ class Upstreams:
         if deadline is None:
             deadline = loop.time() + self.timeout
         group = self.route(query.name) if self._routes else self.default
-        question = query.name + query.question[-4:]  # the name in lower case; type and class as sent
+        question = query.key[:-1]  # the name in lower case, type and class (class ANY is asked as IN)
         do = query.edns is not None and query.edns.do
         flags = RD | (query.flags & CD) | (AD if self.ask_ad else 0)
         last_problem = "no attempt made" if after is None else f"{after[0].address}: {after[1]}"

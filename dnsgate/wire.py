@@ -59,6 +59,7 @@ EDE_OPTION: Final = 15  # RFC 8914 option code
 EDE_BLOCKED: Final = 15  # RFC 8914 info code "Blocked"
 EDE_STALE: Final = 3  # RFC 8914 info code "Stale Answer"
 EDE_NOT_READY: Final = 14  # RFC 8914 info code "Not Ready" (we cannot ask upstream right now)
+EDE_NOT_SUPPORTED: Final = 21  # RFC 8914 info code "Not Supported"
 
 MAX_NAME: Final = 255
 MIN_UDP: Final = 512
@@ -429,12 +430,14 @@ def reply_flags(query_flags: int, rcode: int, extra: int = 0) -> int:
     return QR | RA | (query_flags & (RD | CD)) | extra | (rcode & 0xF)
 
 
-def error_reply(query: Query, rcode: int, our_udp: int, options: bytes = b"") -> bytes:
-    """A reply with no records: the question echoed, an OPT if the query had one."""
+def error_reply(query: Query, rcode: int, our_udp: int, options: bytes = b"", ra: bool = True) -> bytes:
+    """A reply with no records: the question echoed, an OPT if the query had one. Without `ra` for
+    what no resolver would answer however it was asked (a zone transfer, a meta-type), as unbound."""
+    flags = reply_flags(query.flags, rcode) & (0xFFFF if ra else ~RA)
     if query.edns is None:
-        return HEADER.pack(query.id, reply_flags(query.flags, rcode), 1, 0, 0, 0) + query.question
+        return HEADER.pack(query.id, flags, 1, 0, 0, 0) + query.question
     opt = opt_record(our_udp, query.edns.do, options, ext_rcode=rcode)
-    return HEADER.pack(query.id, reply_flags(query.flags, rcode), 1, 0, 0, 1) + query.question + opt
+    return HEADER.pack(query.id, flags, 1, 0, 0, 1) + query.question + opt
 
 
 def rejection_reply(data: bytes, rejection: Rejection, our_udp: int) -> bytes | None:

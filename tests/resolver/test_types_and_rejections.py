@@ -9,9 +9,11 @@ import struct
 from dataclasses import replace
 from pathlib import Path
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import pytest
 
@@ -125,8 +127,64 @@ async def test_any_can_be_refused(upstream: StubUpstream, data_dir: Path) -> Non
 
 
 async def test_zone_transfers_refused(gate: Gate, upstream: StubUpstream) -> None:
-    reply = dns.message.from_wire(await ask(gate, query_wire("example.test", "AXFR"), tcp=True))
-    assert reply.rcode() == dns.rcode.REFUSED and not upstream.queries
+    for rdtype, tcp in (("AXFR", True), ("IXFR", False), ("IXFR", True)):
+        reply = dns.message.from_wire(await ask(gate, query_wire("example.test", rdtype, use_edns=0), tcp=tcp))
+        assert reply.rcode() == dns.rcode.REFUSED and reply.question[0].rdtype == dns.rdatatype.from_text(rdtype)
+        assert not reply.flags & dns.flags.RA  # no recursion for a transfer, as unbound says it
+        assert reply.edns == 0
+    assert not upstream.queries
+
+
+META_TYPES = {"OPT": 41, "TKEY": 249, "TSIG": 250, "MAILB": 253, "MAILA": 254}
+
+
+@pytest.mark.parametrize("rdtype", list(META_TYPES))
+async def test_meta_types_get_formerr_and_are_never_forwarded(gate: Gate, upstream: StubUpstream,
+                                                              rdtype: str) -> None:
+    # what a real upstream says to them (its FORMERR used to become SERVFAIL, each upstream asked)
+    upstream.rcode_for = lambda _name, qtype, _class: dns.rcode.FORMERR if qtype in META_TYPES.values() else None
+    for name in ("Host.example.test", "trackcmp.net"):  # whatever the name, gated or not
+        for edns, tcp in ((False, False), (0, False), (0, True)):
+            reply = dns.message.from_wire(await ask(gate, query_wire(name, rdtype, use_edns=edns), tcp=tcp))
+            assert reply.rcode() == dns.rcode.FORMERR and not reply.answer and not reply.authority
+            assert reply.question[0].to_text() == f"{name}. IN {rdtype}" and not reply.flags & dns.flags.RA
+            if edns is not False:  # the reason, as an Extended DNS Error "Not Supported"
+                (ede,) = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
+                assert ede.code == dns.edns.EDECode.NOT_SUPPORTED and (ede.text or "").startswith(rdtype)
+            else:
+                assert reply.edns == -1
+    assert not upstream.queries
+
+
+@pytest.mark.parametrize("rdclass", ["CH", "HS", "NONE", "CLASS77"])
+async def test_classes_other_than_in_are_refused_and_never_forwarded(gate: Gate, upstream: StubUpstream,
+                                                                     rdclass: str) -> None:
+    upstream.rcode_for = lambda _name, _type, qclass: dns.rcode.REFUSED if qclass != 1 else None  # as unbound does
+    for edns, tcp in ((False, False), (0, False), (0, True)):
+        reply = dns.message.from_wire(await ask(gate, query_wire("host.example.test", "TXT", rdclass=rdclass,
+                                                                 use_edns=edns), tcp=tcp))
+        assert reply.rcode() == dns.rcode.REFUSED and not reply.answer
+        assert reply.question[0].to_text() == f"host.example.test. {rdclass} TXT"
+        assert reply.edns == (-1 if edns is False else 0)
+    assert not upstream.queries
+    server_id = dns.message.from_wire(await ask(gate, query_wire("id.server", "TXT", rdclass="CH")))
+    assert server_id.rcode() == dns.rcode.NOERROR and server_id.answer  # the CH names dnsgate answers itself
+
+
+async def test_qclass_any_is_answered_as_in(gate: Gate, upstream: StubUpstream, path: str) -> None:
+    # an upstream that fails QCLASS * (its SERVFAIL used to be relayed); CH and the rest it refuses
+    upstream.rcode_for = lambda _name, _type, qclass: (dns.rcode.SERVFAIL if qclass == 255
+                                                       else dns.rcode.REFUSED if qclass != 1 else None)
+    reply = await on_path(gate, upstream, path, lambda: query_wire("Host.example.test", rdclass="ANY"))
+    assert reply.rcode() == dns.rcode.NOERROR and reply.question[0].to_text() == "Host.example.test. ANY A"
+    (rrset,) = reply.answer
+    assert rrset.name.to_text().lower() == "host.example.test." and rrset.rdclass == dns.rdataclass.IN
+    assert [r.to_text() for r in rrset] == ["192.0.2.10"]
+    plain = await gate.query("host.example.test")  # the same entry as class IN
+    assert plain.answer and upstream.count("host.example.test") == 1
+    assert all(struct.unpack_from(">H", q, len(q) - 13)[0] == 1 for q in upstream.received)  # asked as IN
+    gated = dns.message.from_wire(await ask(gate, query_wire("trackcmp.net", rdclass="ANY")))
+    assert gated.rcode() == dns.rcode.NXDOMAIN and upstream.count("trackcmp.net") == 0  # gated as ever
 
 
 def _signed(upstream: StubUpstream) -> None:
