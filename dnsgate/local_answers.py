@@ -59,7 +59,9 @@ class LocalZone:
     At the apex: `rcode` NXDOMAIN, or NOERROR with `records` (rdata by type; other types get
     NODATA). Below it: "nxdomain", "same" (the apex's records, SOA and NS aside: a redirect, as for
     localhost), or "none" (not covered: the next zone up decides). Negative answers carry an SOA
-    whose TTL and MINIMUM are `ttl`.
+    whose TTL and MINIMUM are `ttl`. `authoritative` zones (the special-use names every resolver
+    serves itself: RFC 6761, RFC 6303) answer with AA set, as RFC 6303 §3 has it; policy answers
+    (canaries, dnsgate's own names) do not claim it.
     """
 
     apex: bytes
@@ -71,15 +73,16 @@ class LocalZone:
     # Records that depend on the client asking (the consent portal's address facing it): used
     # instead of `records` when set.
     per_client: Callable[[str], Mapping[int, tuple[bytes, ...]]] | None = None
+    authoritative: bool = False
     soa: bytes = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "soa", _SOA_TAIL.pack(1, 3600, 1200, 604800, self.ttl))
 
 
-def nxdomain(name: str, why: str, ttl: int = POLICY_TTL) -> LocalZone:
+def nxdomain(name: str, why: str, ttl: int = POLICY_TTL, authoritative: bool = False) -> LocalZone:
     """The name and everything below it does not exist."""
-    return LocalZone(name_to_wire(name), NXDOMAIN, {}, "nxdomain", ttl, why)
+    return LocalZone(name_to_wire(name), NXDOMAIN, {}, "nxdomain", ttl, why, authoritative=authoritative)
 
 
 def nodata(name: str, why: str, ttl: int = POLICY_TTL) -> LocalZone:
@@ -88,20 +91,22 @@ def nodata(name: str, why: str, ttl: int = POLICY_TTL) -> LocalZone:
 
 
 def addresses(name: str, *ips: str, why: str = "", ttl: int = 0, below: Below = "none",
-              extra: Mapping[int, tuple[bytes, ...]] | None = None) -> LocalZone:
+              extra: Mapping[int, tuple[bytes, ...]] | None = None, authoritative: bool = False) -> LocalZone:
     """A and AAAA records for `name` (plus any `extra` rdata by type); other types get NODATA."""
     records: dict[int, tuple[bytes, ...]] = dict(extra or {})
     for ip in map(ipaddress.ip_address, ips):
         rtype = A if ip.version == 4 else AAAA
         records[rtype] = (*records.get(rtype, ()), ip.packed)
-    return LocalZone(name_to_wire(name), NOERROR, records, below, ttl, why or f"{name} is answered locally")
+    return LocalZone(name_to_wire(name), NOERROR, records, below, ttl, why or f"{name} is answered locally",
+                     authoritative=authoritative)
 
 
 def empty_zone(name: str, why: str, extra: Mapping[int, tuple[bytes, ...]] | None = None) -> LocalZone:
     """An RFC 6303 locally served zone: SOA and NS at the apex, NXDOMAIN below."""
     apex = name_to_wire(name)
     soa = apex + NOBODY + _SOA_TAIL.pack(1, 3600, 1200, 604800, ZONE_TTL)
-    return LocalZone(apex, NOERROR, {SOA: (soa,), NS: (apex,), **(extra or {})}, "nxdomain", ZONE_TTL, why)
+    return LocalZone(apex, NOERROR, {SOA: (soa,), NS: (apex,), **(extra or {})}, "nxdomain", ZONE_TTL, why,
+                     authoritative=True)
 
 
 class LocalTable:
@@ -184,7 +189,7 @@ def local_reply(zone: LocalZone, q: Query, udp_max: int, client: str = "") -> by
         rdata = apex_pointer + NOBODY + zone.soa
         body = apex_pointer + RR_FIXED.pack(SOA, IN, zone.ttl, len(rdata)) + rdata
         counts = (0, 1)
-    flags = reply_flags(q.flags, rcode)
+    flags = reply_flags(q.flags, rcode, AA if zone.authoritative else 0)
     if q.edns is None:
         return struct.pack(">HHHHHH", q.id, flags, 1, *counts, 0) + q.question + body
     return (struct.pack(">HHHHHH", q.id, flags, 1, *counts, 1) + q.question + body
@@ -223,15 +228,15 @@ def default_table(cfg: LocalConfig, forwarded_domains: Iterable[str] = ()) -> Lo
         table.add(nodata("_dns.resolver.arpa", "no designated encrypted resolver (RFC 9462)"))
     if cfg.special_use:
         table.add(addresses("localhost", "127.0.0.1", "::1", why="RFC 6761 localhost", ttl=ZONE_TTL, below="same",
-                            extra=empty_zone("localhost", "").records))
-        table.add(nxdomain("invalid", "RFC 6761 invalid", ttl=ZONE_TTL))
-        table.add(nxdomain("onion", "RFC 7686 onion", ttl=ZONE_TTL))
+                            extra=empty_zone("localhost", "").records, authoritative=True))
+        table.add(nxdomain("invalid", "RFC 6761 invalid", ttl=ZONE_TTL, authoritative=True))
+        table.add(nxdomain("onion", "RFC 7686 onion", ttl=ZONE_TTL, authoritative=True))
     if cfg.private_reverse:
         for zone in (*(f"{z}.in-addr.arpa" for z in PRIVATE_REVERSE_V4), *PRIVATE_REVERSE_V6):
             extra = {PTR: (LOCALHOST,)} if zone == LOOPBACK_V6 else None
             table.add(empty_zone(zone, "RFC 6303 locally served zone", extra))
         table.add(LocalZone(name_to_wire("1.0.0.127.in-addr.arpa"), NOERROR, {PTR: (LOCALHOST,)}, "nxdomain",
-                            ZONE_TTL, "loopback address"))
+                            ZONE_TTL, "loopback address", authoritative=True))
     for domain in forwarded_domains:
         table.exempt(domain)
     return table
