@@ -174,7 +174,15 @@ class Resolver:
             self._joined(fwd, chase, cached, None, True)
             return
         fwd.awaits = chase.key
+        in_flight = self._waiting.get(chase.key)
+        if in_flight is not None and in_flight[0][0].started > fwd.started:
+            # the lookup this joins keeps its own, later deadline: this query ends by its own
+            loop = asyncio.get_running_loop()
+            loop.call_at(fwd.started + self.upstreams.timeout + loop.time() - pipeline.mono(), self._overdue, fwd)
         self.start(pipeline.target_forward(fwd, chase, fwd.hop + 1), ChainWaiter(fwd, chase))
+
+    def _overdue(self, fwd: Forward) -> None:
+        self._finish(fwd, None, UpstreamError(f"{fwd.query.text}: the rest of its CNAME chain came too late"))
 
     def _chain_problem(self, fwd: Forward, target: bytes) -> str | None:
         """Why `fwd` may not wait for `target`: the wait would close a loop (through chains waiting on
@@ -226,9 +234,9 @@ class Resolver:
     def _finish(self, first: Forward, entry: Entry | None, problem: BaseException | None,
                 whole: bool = True) -> None:
         """Answer every client waiting for this key: each is gated on its own consent. Only the
-        exchange of the entry's first forward may: one that `reap` answered already is over.
-        `whole` is False for an answer whose chain was left short (nobody waiting may see where it
-        leads)."""
+        exchange of the entry's first forward may: one that `reap`, or a chain's own deadline,
+        answered already is over. `whole` is False for an answer whose chain was left short
+        (nobody waiting may see where it leads)."""
         key = first.query.key
         waiting = self._waiting.get(key)
         if waiting is None or waiting[0][0] is not first:

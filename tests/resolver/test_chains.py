@@ -19,6 +19,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from dnsgate.config import UpstreamConfig
 from dnsgate.resolver import MAX_CHAIN
 from tests.conftest import Gate, make_config, running_gate, zone_for_tests
 from tests.resolver.conftest import ask, on_path, query_wire
@@ -203,3 +204,25 @@ async def test_a_silent_target_ends_within_the_querys_deadline(upstream: StubUps
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert cfg.upstream.timeout - 0.1 <= elapsed < cfg.upstream.timeout + 0.4
     assert upstream.count("c1.example.test") == 1 and upstream.count("c2.example.test") == 1
+
+
+async def test_a_chain_that_joins_a_later_lookup_still_ends_by_its_own_deadline(upstream: StubUpstream,
+                                                                                data_dir: Path) -> None:
+    upstream.delay = 0.8
+    upstream.rewrite = lambda query, reply: None if b"\x04host" in query else reply
+    cfg = make_config(upstream, data_dir, upstream=UpstreamConfig(servers=(upstream.address,), timeout=2.0,
+                                                                  attempt_timeout=1.5))
+    async with running_gate(cfg) as g:
+        async def timed(name: str, after: float) -> tuple[int, float, float]:
+            await asyncio.sleep(after)
+            started = time.monotonic()
+            reply = await g.query(name, timeout=5.0)
+            return reply.rcode(), started, time.monotonic()
+
+        # c1's answer (at 0.8 s) stops at c2, which another client asked for at 0.6 s: c1's query
+        # waits on that lookup, whose deadline is 0.6 s later than its own
+        (first, started, ended), (second, _, second_ended) = await asyncio.gather(
+            timed("c1.example.test", 0.0), timed("c2.example.test", 0.6))
+    assert first == second == dns.rcode.SERVFAIL
+    assert ended - started < cfg.upstream.timeout + 0.3 and second_ended - ended > 0.3
+    assert upstream.count("c1.example.test") == 1 and upstream.count("c2.example.test") == 1  # one lookup of c2
