@@ -155,9 +155,9 @@ def not_ready(reply: dns.message.Message) -> str:
     return codes[EDE_NOT_READY]
 
 
-def failing_sockets(monkeypatch: pytest.MonkeyPatch, code: int, *, on: str) -> list[bool]:
-    """upstream.py's socket calls fail with `code` (at creation: on="create"; at sendto: on="send")
-    while the returned flag's [0] is True."""
+def failing_sockets(monkeypatch: pytest.MonkeyPatch, code: int, *, on: str, only: bytes = b"") -> list[bool]:
+    """upstream.py's socket calls fail with `code` (at creation: on="create"; at sendto: on="send",
+    for messages that hold `only`) while the returned flag's [0] is True."""
     failing = [True]
 
     class Socket(socket.socket):
@@ -167,7 +167,7 @@ def failing_sockets(monkeypatch: pytest.MonkeyPatch, code: int, *, on: str) -> l
             super().__init__(*args, **kwargs)
 
         def sendto(self, *args: Any) -> int:
-            if failing[0] and on == "send":
+            if failing[0] and on == "send" and only in args[0]:
                 raise OSError(code, os.strerror(code))
             return super().sendto(*args)
 
@@ -374,5 +374,81 @@ async def test_out_of_descriptors_the_pool_serves_from_the_sockets_it_has(stub: 
             # descriptor went to its replacement
             assert max(Counter(stub.sources).values()) <= QUERIES_PER_SOCKET
             assert stack.resolver.waiting == 0
+        finally:
+            client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# CNAME completion (test_chains.py): the name a chain stops at is asked through `start` too, and
+# every way that lookup can fail answers the query waiting on it and leaves nothing registered.
+
+
+def chained(stub: StubUpstream) -> StubUpstream:
+    stub.add("alias.example.test", "alias.example.test. 300 IN CNAME target.example.test.")
+    stub.add("target.example.test", "target.example.test. 300 IN A 192.0.2.7")
+    stub.cname_alone = {"alias.example.test"}  # the chain stops short: dnsgate asks for target itself
+    return stub
+
+
+async def test_a_chains_target_that_cannot_be_sent(stub: StubUpstream, data_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    async with gate_and_stack(config(chained(stub), data_dir), monkeypatch) as (g, stack):
+        client = await Client(g.dns_port).open(tcp=True)
+        try:
+            failing = failing_sockets(monkeypatch, errno.ENOBUFS, on="send", only=b"\x06target")
+            for tcp in (False, True, False):
+                reply, took = await client.ask("alias.example.test", tcp=tcp)
+                assert "ENOBUFS" in not_ready(reply) and took < QUICK
+                assert stack.resolver.waiting == 0
+            failing[0] = False
+            reply, _ = await client.ask("alias.example.test")
+            assert [str(r) for rrset in reply.answer for r in rrset] == ["target.example.test.", "192.0.2.7"]
+        finally:
+            client.close()
+
+
+async def test_a_chains_target_whose_start_raises(stub: StubUpstream, data_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    async with gate_and_stack(config(chained(stub), data_dir), monkeypatch) as (g, stack):
+        client = await Client(g.dns_port).open()
+        try:
+            begin = Upstreams.begin
+
+            def broken(self: Upstreams, *args: Any) -> float | None:
+                if args[0].name.startswith(b"\x06target"):
+                    raise RuntimeError("a bug on the way upstream")
+                return begin(self, *args)
+
+            monkeypatch.setattr(Upstreams, "begin", broken)
+            for _ in range(2):
+                reply, took = await client.ask("alias.example.test")
+                assert reply.rcode() == dns.rcode.SERVFAIL and took < QUICK
+                assert stack.resolver.waiting == 0
+            monkeypatch.setattr(Upstreams, "begin", begin)
+            assert len((await client.ask("alias.example.test"))[0].answer) == 2
+        finally:
+            client.close()
+
+
+async def test_a_chains_target_a_bug_left_behind_is_reaped_with_it(stub: StubUpstream, data_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    begin = Upstreams.begin
+
+    def forgetful(self: Upstreams, *args: Any) -> float | None:
+        if args[0].name.startswith(b"\x06target"):
+            return self.loop.time() + self.timeout  # "sent", and then nothing ever comes back
+        return begin(self, *args)
+
+    monkeypatch.setattr(Upstreams, "begin", forgetful)
+    cfg = config(chained(stub), data_dir)  # time left for a first attempt at the target: `begin`, the bug
+    cfg = replace(cfg, upstream=replace(cfg.upstream, timeout=0.8, attempt_timeout=0.5))
+    async with gate_and_stack(cfg, monkeypatch) as (g, stack):
+        client = await Client(g.dns_port).open()
+        try:
+            reply, took = await client.ask("alias.example.test", timeout=6)
+            assert reply.rcode() == dns.rcode.SERVFAIL and 0.8 + REAP_AFTER - 0.1 <= took < 0.8 + REAP_AFTER + 1.5
+            assert stack.resolver.reaped >= 1 and stack.resolver.waiting == 0
+            monkeypatch.setattr(Upstreams, "begin", begin)
+            assert len((await client.ask("alias.example.test"))[0].answer) == 2
         finally:
             client.close()
