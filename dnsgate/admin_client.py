@@ -181,6 +181,8 @@ def lines_of_view(view: Mapping[str, Any]) -> Iterator[str]:
             if choice[scope]:
                 yield f"  {scope}: " + ", ".join(f"{k}={'granted' if v else 'refused'}"
                                                  for k, v in choice[scope].items())
+    if view.get("held"):
+        yield f"held: {view['held']}"
     for note in view.get("notes", []):
         yield f"note: {note}"
     if view.get("ask_again_after"):

@@ -38,7 +38,7 @@ from .api_guard import (
 from .catalog import Catalog
 from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
 from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
-from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Paired
+from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired
 from .notice import Item, Notice, NoticeInForce
 from .pairing import Offer
 from .store import Event, EventFilter, StoreError
@@ -69,6 +69,7 @@ class ConsentControl(Protocol):
     def explain(self, name: str, address: str, mac: str | None) -> Explanation: ...
     async def events(self, address: str | None, limit: int) -> list[Event]: ...
     def export(self, f: EventFilter) -> AsyncIterator[Event]: ...
+    def acknowledge_loss(self) -> Loss | None: ...
 
 
 class RulesReport(Protocol):
@@ -148,6 +149,7 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
     app.router.add_post("/v1/reload", reload_rules)
     app.router.add_get("/v1/lists", list_status)
     app.router.add_post("/v1/lists/refresh", refresh_lists)
+    app.router.add_post("/v1/store/acknowledge", acknowledge_loss)
     return app
 
 
@@ -164,7 +166,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except (ApiError, ConsentError) as exc:
         return error_response(exc.status, exc.code, exc.message, exc.field)
     except StoreError as exc:  # the store cannot be reached: nothing changed, trackers stay blocked
-        log.error("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
+        # (the outage itself is logged once, as an error, by the consent service)
+        log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
         return error_response(503, "consent_store_unavailable",
                               f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
                               "trackers stay blocked for clients without a recorded grant")
@@ -636,8 +639,16 @@ def _own_state(control: ConsentControl, view: ClientView, c: Caller) -> web.Resp
     """A consent change's answer: the new state, and a pairing token for the page (tokens are minted
     here only, where a page needs one; None when this client had its share)."""
     offer = control.offer_pairing(c)
-    return web.json_response({**view_json(view), "sec_gpc": c.sec_gpc,
-                              "pairing": offer_json(offer) if offer is not None else None})
+    return state_response({**view_json(view), "sec_gpc": c.sec_gpc,
+                           "pairing": offer_json(offer) if offer is not None else None}, view)
+
+
+def state_response(body: dict[str, Any], view: ClientView) -> web.Response:
+    """The new state after a change: 200 once recorded, 202 for a refusal in force here that the
+    store has not recorded yet (`held` says why and what happens next)."""
+    if view.held:
+        return web.json_response({**body, "held": view.held}, status=202)
+    return web.json_response(body)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -665,14 +676,15 @@ async def put_client(request: web.Request) -> web.Response:
     subject = path_subject(request)
     control = request.app[CONSENT]
     choice, _ = parse_choice(await json_body(request), control.catalog, request.app[SETTINGS].max_days)
-    return web.json_response(view_json(await control.choose(subject, choice, admin_caller(request))))
+    view = await control.choose(subject, choice, admin_caller(request))
+    return state_response(view_json(view), view)
 
 
 async def delete_client(request: web.Request) -> web.Response:
     require_admin(request)
     subject = path_subject(request)
     view = await request.app[CONSENT].withdraw(subject, admin_caller(request))
-    return web.json_response(view_json(view))
+    return state_response(view_json(view), view)
 
 
 async def end_client_session(request: web.Request) -> web.Response:
@@ -791,6 +803,14 @@ async def refresh_lists(request: web.Request) -> web.Response:
     """Re-download every URL list now (conditional requests); new content is swapped in."""
     require_admin(request)
     return _rules_response(await _rules(request).refresh(force=True, reason="POST /v1/lists/refresh"))
+
+
+async def acknowledge_loss(request: web.Request) -> web.Response:
+    """An admin has seen that the shared store lost its history: /healthz stops reporting it."""
+    require_admin(request)
+    await json_body(request, optional=True)
+    loss = request.app[CONSENT].acknowledge_loss()
+    return web.json_response({"acknowledged": None if loss is None else {"at": iso(loss.at), "what": loss.what}})
 
 
 async def list_status(request: web.Request) -> web.Response:

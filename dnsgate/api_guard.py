@@ -121,7 +121,8 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except StoreError as exc:
-        log.error("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
+        # (the outage itself is logged once, as an error, by the consent service)
+        log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
         return error_response(503, "consent_store_unavailable",
                               f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
                               "trackers stay blocked for clients without a recorded grant")

@@ -36,7 +36,8 @@ from .catalog import CatalogError
 from .config import Config, ConfigError, HostPort, UpstreamAddress, parse_upstream, points_at, resolv_conf_servers
 from .consent import ConsentTable, ProfileMap, normalize_client
 from .consent_backend import SQLITE_FILE, ConsentBackend, SqliteBackend
-from .consents import ConsentService
+from .consent_log import iso
+from .consents import ConsentService, Loss
 from .dashboard import Sampler
 from .data_files import Access, AccessError
 from .dns_counts import DnsCounts
@@ -45,7 +46,7 @@ from .dns_stack import os_reason
 from .events import ConsentWatch, EventHub
 from .gc_policy import refreeze
 from .list_sources import ListError, ListStore
-from .metrics import Sources, build_registry
+from .metrics import Sources, StoreFaults, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
 from .notice import Notice, NoticeError, Operator, builtin_notice_text, parse_notice_text
 from .observe_api import Observability, add_routes
@@ -185,7 +186,9 @@ def watched_patterns(cfg: Config) -> tuple[Watched, ...]:
                  if r.apex and r.vendor.kind == "vendor")
 
 
-def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> QueryLog:
+def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> tuple[QueryLog, str]:
+    """The query log, and why it is off if it cannot be opened (damaged, read-only, no space): DNS
+    and consent do not depend on it, so dnsgate runs on without it and says so."""
     mode = cfg.querylog.mode
     try:
         db = QueryLogDb(data_dir / QUERYLOG_FILE) if mode != "off" else None
@@ -195,8 +198,11 @@ def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> QueryLog:
             if blanked:
                 log.info("query log: grant times blanked in %d rows (anonymous mode keeps none)", blanked)
     except (QueryLogError, OSError) as exc:
-        raise StartupError(f"storage.data_dir: query log: {exc}") from None
-    return QueryLog(cfg.querylog, db, hub, key=key, sinkhole_rcode=sinkhole_rcode(cfg.gate.mode))
+        problem = f"disabled: {exc}"
+        log.warning("query log %s; DNS and consent run on without it (fix the data dir and restart)", problem)
+        return QueryLog(replace(cfg.querylog, mode="off"), None, hub, key=b"",
+                        sinkhole_rcode=sinkhole_rcode(cfg.gate.mode)), problem
+    return QueryLog(cfg.querylog, db, hub, key=key, sinkhole_rcode=sinkhole_rcode(cfg.gate.mode)), ""
 
 
 def background(stack: AsyncExitStack, coro: Coroutine[object, object, None]) -> None:
@@ -254,6 +260,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         clients = await load_consent(consents, store, problem)
         if store.shared:
             background(stack, consents.run_follower())
+        background(stack, consents.run_reconciler())
         if neighbours is None and cfg.identity.neighbours:
             neighbours = KernelNeighbours()
         if neighbours is not None:
@@ -263,7 +270,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         background(stack, consents.run_sweeper(cfg.consent.sweep_interval))
 
         hub = EventHub(cfg.events.webhook_url, cfg.events.webhook_timeout)
-        querylog = open_querylog(cfg, data_dir, hub)
+        querylog, querylog_problem = open_querylog(cfg, data_dir, hub)
         stack.push_async_callback(querylog.close)  # after the listeners close: the last entries are kept
         watch = ConsentWatch(hub, querylog.client_label)
         consents.listeners.append(watch.changed)
@@ -331,7 +338,12 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                     **({"workers": {"configured": cfg.dns.workers - 1, "listening": workers.running(),
                                     "restarts": workers.restarts, "pids": workers.pids()}}
                        if workers is not None else {}),
-                    "consent_store": consents.store_problem or "ok",
+                    "consent_store": consents.store_problem or _loss_line(consents.history_lost) or "ok",
+                    **({"consent_store_history_lost": {"at": iso(consents.history_lost.at),
+                                                       "what": consents.history_lost.what}}
+                       if consents.history_lost is not None else {}),
+                    "consent_withdrawals_held": consents.withdrawals_held,
+                    "query_log": querylog_problem or querylog.mode,
                     "file_descriptors": {"open": descriptors.open_count(), "limit": descriptors.soft_limit(),
                                          "shortage": shortage(counts)},
                     "api_connections": len(api.table),
@@ -361,6 +373,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         sources = Sources(dns=dns_counts, current_catalog=lambda: pipeline.catalog, consent=table,
                           consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
                           consent_store=lambda: (consents.store_errors, not consents.store_problem),
+                          consent_faults=lambda: StoreFaults(consents.history_losses, consents.withdrawals_held,
+                                                             consents.undone),
                           consent_remote=lambda: consents.remote_changes if store.shared else None,
                           workers=(lambda: (running_workers.running(), running_workers.restarts))
                           if running_workers is not None else None, api=api.counts)
@@ -443,7 +457,8 @@ def open_backend(cfg: Config, data_dir: Path) -> tuple[ConsentBackend, str]:
     from .redis_store import RedisBackend  # only a shared deployment needs the Redis client
 
     try:
-        return RedisBackend(cfg.storage.store, cfg.storage.redis_prefix, cfg.storage.redis_timeout), ""
+        return RedisBackend(cfg.storage.store, cfg.storage.redis_prefix, cfg.storage.redis_timeout,
+                            memory=data_dir / "redis-history.json"), ""
     except ValueError as exc:
         raise StartupError(f"storage.store: {exc}") from None
 
@@ -477,6 +492,12 @@ async def load_consent(consents: ConsentService, store: ConsentBackend, problem:
             if warning:
                 log.warning("consent store %s: %s", store.name, warning)
     return clients
+
+
+def _loss_line(loss: Loss | None) -> str:
+    if loss is None:
+        return ""
+    return f"history lost at {iso(loss.at)}: {loss.what} (POST /v1/store/acknowledge once handled)"
 
 
 async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interval: float) -> None:

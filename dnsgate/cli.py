@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "machines with spare cores (env DNSGATE_WORKERS; config dns.workers; default 1)")
     observe_cli.add_commands(commands)
 
-    store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis")
+    store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis, or acknowledge "
+                                "that Redis lost its history")
     store_actions = store.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
     migrate = store_actions.add_parser(
         "migrate", help="copy every choice, pairing and logged event into an empty store (stop dnsgate first)")
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="key prefix in Redis (storage.redis_prefix; default dnsgate:)")
     migrate.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                          help="how long to wait for Redis per operation (default 10)")
+    acknowledge = store_actions.add_parser(
+        "acknowledge", help="the running server's /healthz stops reporting a lost consent history (talks to its "
+                            "admin API)")
 
     consent = commands.add_parser("consent", help="list, show, grant, withdraw or export consent "
                                   "(talks to the running server's admin API)")
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--client", required=True, metavar="ADDR", help="the client's IP address")
     explain.add_argument("--mac", help="the client's MAC address, if it reaches dnsgate through a forwarder")
 
-    for p in (listing, show, grant, withdraw, reset, paired, export, explain):
+    for p in (listing, show, grant, withdraw, reset, paired, export, explain, acknowledge):
         p.add_argument("--api", metavar="URL", type=_api_url,
                        help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (default: api.admin_listen, "
                             "else api.listen, of the config; env DNSGATE_API)")
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "<data dir>/admin-token)")
         p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
         p.add_argument("--data-dir", metavar="DIR", help="the server's data dir, for its admin token")
-        if p is not export:
+        if p not in (export, acknowledge):
             p.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
 
@@ -157,9 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    if args.command == "store":
+    if args.command == "store" and args.action == "migrate":
         return store_command(args)
-    if args.command not in ("consent", "explain"):
+    if args.command not in ("consent", "explain", "store"):
         return observe_cli.run(args)
     try:
         client = AdminClient.for_config(_client_config(args), args.token, args.api)
@@ -190,6 +194,11 @@ def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:
                 print(f"  - {reason}")
         return 0
     action = args.action
+    if args.command == "store":  # acknowledge
+        loss = client.post("/v1/store/acknowledge")["acknowledged"]
+        print(f"acknowledged: the history loss of {loss['at']}: {loss['what']}" if loss
+              else "nothing to acknowledge: no loss of the consent history is reported")
+        return 0
     if action == "export":
         query = {"format": args.format, "since": args.since, "until": args.until, "client": args.client}
         if args.output:
@@ -268,6 +277,11 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import StartupError, run  # the server's imports; `consent` and `explain` do not need them
     from .gc_policy import frozen_startup
+
+    if hasattr(signal, "SIGXFSZ"):
+        # A file size limit (ulimit -f) reached by a write fails that write (EFBIG: the consent store
+        # answers 503, as on a full disk) instead of killing the process that answers DNS.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     async def main_task() -> None:
         stop = asyncio.Event()

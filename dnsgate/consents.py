@@ -4,6 +4,19 @@ Every change is a list of `store.Step`s committed in one transaction on one work
 applied to the in-memory `ConsentTable` on the event loop, so a client's very next DNS query sees
 it. One lock serializes changes: what a new choice supersedes is read and replaced atomically.
 
+What an answer promises, whatever the store does:
+- a change answered (200) is recorded and in force; one refused for the store's sake (503) changed
+  nothing. Each change has a deadline (the store's `timeout`, waiting for the lock included), and
+  the store settles a change that got no answer before the deadline passes: recorded, or never to be.
+  When even that cannot be known (the store stayed unreachable), the change is `InDoubt`: answered
+  503 and, if it turns out to have been recorded, undone by a recorded event once the store answers;
+- a refusal (a withdrawal, a "no", a GPC opt-out) is in force here at once, before the store is
+  asked anything: it is `Held` in the table until the store has recorded it (answered 202 while
+  held), and `run_reconciler` writes it as soon as the store answers again. A choice the same
+  subject makes later (here or through another instance) replaces it;
+- a shared store that lost its history (`Snapshot.lost`) is reported until an admin acknowledges
+  it; the grants it no longer holds are dropped, the refusals held here are recorded again.
+
 Rules that need time or context live here, not in the table:
 - profiles: `deny`/`allow` networks take no choices; choice lifetimes differ per profile;
 - lifetimes: a request may shorten the profile's, never lengthen it; opt-outs (refusals on an
@@ -38,6 +51,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +76,7 @@ from .consent import (
     decide_category,
     grants_vendor,
 )
-from .consent_backend import Conflict, ConsentBackend, Snapshot, stop_if_cancelled
+from .consent_backend import Conflict, ConsentBackend, InDoubt, Snapshot, stop_if_cancelled
 from .consent_log import PAIRED_GRANT, iso
 from .notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from .pairing import Offer, Pairings
@@ -76,6 +90,8 @@ REASK_AFTER: Final = 365 * DAY  # CCPA: wait 12 months before asking again after
 RETENTION_EVERY: Final = 3600.0
 NO_OPERATOR: Final = Operator()
 PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
+HELD_BATCH: Final = 100  # held refusals recorded per change when the store answers again
+RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts to record what is held
 
 
 class ConsentError(Exception):
@@ -159,6 +175,7 @@ class ClientView:
     by_category: tuple[tuple[str, Decision], ...] = ()
     lists: tuple[tuple[Vendor, Decision], ...] = ()  # each block list in force and its decision
     new: tuple[Item, ...] = ()  # items in force the choice does not cover, or whose description changed
+    held: str = ""  # a refusal in force here that the store has not recorded yet: why (API: 202)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +190,58 @@ class Explanation:
 class Paired:
     dns_key: str
     at: float
+
+
+class Busy(StoreError):
+    """Other changes kept the store busy until this one's deadline: it was not attempted."""
+
+
+@dataclass(slots=True)
+class Held:
+    """A refusal in force here that the store has not recorded yet."""
+
+    event: Event  # as it is to be recorded; what it supersedes and ends comes from `shadow` then
+    choice: Choice  # in the table meanwhile, with a provisional (negative) id
+    shadow: list[Choice]  # the recorded choices it replaces, as far as this instance knows, newest first
+    derived_action: bool  # "withdrawal" or "refusal" follows from what it replaces
+    prelude: list[Step] = dataclasses.field(default_factory=list)  # kiosk resets recorded before it
+    pairing: tuple[str, str] | None = None  # the link it was made through, recorded with it
+    attempt: tuple[str, int, list[Step]] | None = None  # a write in doubt: (change, based_on, its steps)
+    # Answered (202) without being recorded. Until then its request is still writing it, and a choice
+    # recorded meanwhile comes before it in the log, like any concurrent change.
+    answered: bool = False
+
+    def records(self, c: Choice) -> bool:
+        """Whether recorded choice `c` is this refusal, recorded (here, or by a write in doubt)."""
+        e = self.event
+        return c.made_at == e.at and c.categories == e.categories and c.vendors == e.vendors
+
+    def steps(self) -> list[Step]:
+        action = self.event.action
+        if self.derived_action:
+            at = self.event.at
+            action = "withdrawal" if any(c.active(at) and c.grants_anything for c in self.shadow) else "refusal"
+        event = dataclasses.replace(self.event, action=action, supersedes=self.shadow[0].id if self.shadow else None)
+        return [*self.prelude, Step(event, makes_choice=True, ends=tuple(c.id for c in self.shadow),
+                                    pairing=self.pairing)]
+
+
+@dataclass(frozen=True, slots=True)
+class Doubt:
+    """A change answered 503 that the store may have recorded all the same."""
+
+    change: str
+    based_on: int
+    steps: Sequence[Step]
+    ended: Mapping[int, Choice]  # the choices its steps ended, as they were: what undoing it restores
+
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """The shared store lost the history this instance had followed."""
+
+    at: float
+    what: str
 
 
 class ConsentService:
@@ -200,7 +269,14 @@ class ConsentService:
         self.store_problem = ""
         self._feed_problem = ""
         self.remote_changes = 0
-        self._provisional = 0  # ids (negative) of refusals held in memory while the store failed
+        self.timeout = store.timeout  # a change's deadline, from the moment it is asked for
+        self._provisional = 0  # ids (negative) of refusals held in memory until the store records them
+        self._held: dict[str, Held] = {}  # subject key -> its refusal not recorded yet
+        self._doubts: list[Doubt] = []
+        self._work = asyncio.Event()  # something held or in doubt to settle (run_reconciler)
+        self.history_lost: Loss | None = None  # until an admin acknowledges it
+        self.history_losses = 0
+        self.undone = 0  # changes answered 503 that the store had recorded after all, undone since
         # Called with each recorded event once it is stored and in force (metrics, events: events.py),
         # on every instance that shares the store.
         self.listeners: list[Callable[[Event], None]] = []
@@ -237,7 +313,7 @@ class ConsentService:
                         f"choice #{choice.id} was a grant copied by pairing from another client; a grant "
                         "applies only to the device that made it, so it no longer counts"))
             for choice in self.table.choices():
-                if choice.subject.address is None and choice.subject.network is None:
+                if choice.id < 0 or (choice.subject.address is None and choice.subject.network is None):
                     continue  # a device's profile follows wherever it is; nothing to compare at start
                 profile, why = self.profile_of(choice.subject)
                 if choice.profile != profile:
@@ -257,10 +333,11 @@ class ConsentService:
             for address in kiosks:
                 self.table.set_seen(address, now)  # a restart starts the idle clock
         try:
-            async with self._lock:
-                await self._change(plan)
-            if self.store.shared:
-                await self._share_activity(adopt=kiosks)  # the last query any instance saw from each kiosk
+            deadline = self._deadline(2)
+            async with self._locked(deadline):
+                await self._change(plan, deadline)
+            if self.store.shared:  # the last query any instance saw from each kiosk
+                await self._share_activity(self._deadline(), adopt=kiosks)
         except StoreError:
             # The choices are in force; the profile changes are recorded at the next start. The
             # copied grants are not: out of memory now, their end recorded at the next start.
@@ -300,17 +377,24 @@ class ConsentService:
 
     # -- what a shared store tells this instance (consent_backend.ChangeSink) ----------------------
     def replace_all(self, snapshot: Snapshot) -> None:
+        if snapshot.lost:
+            self._lose_history(snapshot.lost)
         self.table.reset(snapshot.choices)
         if self.table.profiles is not self._profiles:
             self.table.set_profiles(self._profiles)
         self.paired = {}
         for http, dns, at in snapshot.pairings:
             self.paired.setdefault(http, {})[dns] = at
+        if self._held:
+            for held in self._held.values():
+                held.shadow = []
+            self._settle_held()
+            self._work.set()
 
     def apply_recorded(self, step: Step, event_id: int, own: bool) -> None:
         self._put_in_force(step, event_id)
-        if own:
-            return  # _commit logs and announces it
+        if own or step.event.action == "history_lost":
+            return  # _commit logs and announces it (a lost history is reported by each instance itself)
         self.remote_changes += 1
         event = dataclasses.replace(step.event, id=event_id)
         log.debug("consent change #%d recorded through another instance applied", event_id)
@@ -320,6 +404,57 @@ class ConsentService:
         """The follower's word on a shared store: unreachable (why), or back and caught up ("")."""
         self._feed_problem = problem
         self._report(problem)
+        if not problem:
+            self._work.set()  # record what is held, settle what is in doubt
+
+    def cut_off(self, problem: str) -> None:
+        """Nothing heard from the shared store for its lease: another instance may have recorded
+        withdrawals this one has not seen. Hold closed (refusals stay, grants and open profiles do
+        not) until the follower has loaded the whole state again (`replace_all`)."""
+        log.warning("consent store %s: %s; gated names are blocked for every client until it answers again",
+                    self.store.name, problem)
+        self.table.reset([c for c in self.table.choices() if not c.grants_anything])
+        self.table.set_profiles(ProfileMap("opt-in", ()))
+        self._feed_problem = problem
+        self._report(problem)
+
+    def _lose_history(self, lost: str) -> None:
+        """The store lost what this instance had followed: what it held is gone for every instance.
+        A grant that the store no longer holds cannot be proven, so it goes; a refusal needs no proof
+        and a person's "no" must hold, so each one in force here is held and recorded again."""
+        now = self.wall()
+        recorded = [c for c in self.table.choices() if c.id > 0]
+        kept = 0
+        for c in recorded:
+            if c.grants_anything or not c.active(now) or c.subject.key in self._held:
+                continue
+            event = Event("refusal", c.made_at, c.subject, c.profile, dict(c.categories), dict(c.vendors),
+                          c.expires_at, c.notice, "system", sec_gpc=c.sec_gpc,
+                          reason=f"recorded again: the consent store lost its history (choice #{c.id}, made "
+                                 f"{iso(c.made_at)} via {c.channel})",
+                          items=c.items, terms=c.terms, language=c.language, gpc_seen_at=c.gpc_seen_at)
+            self._provisional -= 1
+            self._held[c.subject.key] = Held(event, event.as_choice(self._provisional), [], derived_action=False,
+                                             answered=True)
+            kept += 1
+        grants = sum(1 for c in recorded if c.grants_anything)
+        what = (f"{lost}. {len(recorded)} choices in force here were dropped with it ({grants} grants, which cannot "
+                f"be proven any more); {kept} refusals are being recorded again")
+        self.history_lost = Loss(now, what)
+        self.history_losses += 1
+        log.error("consent store %s lost its history: %s; acknowledge with POST /v1/store/acknowledge or "
+                  "'dnsgate store acknowledge' once handled", self.store.name, what)
+
+    def acknowledge_loss(self) -> Loss | None:
+        """An admin has seen the loss (and kept the exports from before it): /healthz is ok again."""
+        loss, self.history_lost = self.history_lost, None
+        if loss is not None:
+            log.info("consent store history loss of %s acknowledged", iso(loss.at))
+        return loss
+
+    @property
+    def withdrawals_held(self) -> int:
+        return len(self._held)
 
     def _report(self, problem: str) -> None:
         if problem and not self.store_problem:
@@ -439,51 +574,190 @@ class ConsentService:
     # -- changing --------------------------------------------------------------------------------
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView:
         """Record a choice by `subject`: it replaces the subject's previous one whole, but for an
-        opt-out by GPC, which carries over (`_under_gpc`)."""
-        async with self._lock:
-            now = self.wall()
-            profile, why = self.profile_of(subject)
-            if profile in ("deny", "allow"):
-                raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
-            basis, categories, vendors = self._covered(request)
-            action = "grant" if any(categories.values()) or any(vendors.values()) else None
-            if action == "grant" and caller.channel != "admin" and subject.address in self.trusted_forwarders:
-                raise ConsentError(409, "forwarder_address",
-                                   f"{subject.address} is a forwarder (identity.trusted_forwarders): it speaks for "
-                                   "every device behind it, so a grant made from it would apply to all of them; "
-                                   "choose on the device itself")
-            link = self._link(request.pairing, subject, caller, now)
-            link_note = "" if link is None else (
-                f"made through this address by the portal of {link.owner.describe()}, which it is linked to"
-                + (" (a kiosk session: it lasts no longer than a kiosk choice)" if link.kiosk else ""))
-            if self.store.shared:
-                await self._load_links(subject)
+        opt-out by GPC, which carries over (`_under_gpc`).
 
-            def plan() -> list[Step]:
-                steps = self._kiosk_idle_resets(subject, caller, now)
-                opted, gpc_seen_at, gpc_note = self._under_gpc(subject, categories, vendors, caller, profile, now)
-                expires_at, days_note = self._expiry(profile, categories, opted, now, request.days)
-                if link is not None and link.kiosk:  # it belongs to the kiosk's session
-                    expires_at = min(expires_at, now + self._days("kiosk") * DAY)
-                reason = "; ".join(note for note in (link_note, gpc_note, days_note) if note)
-                main = self._choice_step(subject, action, categories, opted, now, expires_at,
-                                         self._covering(basis, opted), caller, profile, reason=reason,
-                                         gpc_seen_at=gpc_seen_at)
-                if link is not None:
-                    main = dataclasses.replace(main, pairing=(link.owner.key, link.key))
-                steps.append(main)
-                steps += self._carried(subject, main.event)
-                return steps
+        A refusal (nothing granted) is in force at once, before the store is asked anything, and
+        stays held until the store has recorded it (the view says so: `held`)."""
+        deadline = self._deadline()
+        now = self.wall()
+        profile, why = self.profile_of(subject)
+        if profile in ("deny", "allow"):
+            raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
+        basis, categories, vendors = self._covered(request)
+        action = "grant" if any(categories.values()) or any(vendors.values()) else None
+        if action == "grant" and caller.channel != "admin" and subject.address in self.trusted_forwarders:
+            raise ConsentError(409, "forwarder_address",
+                               f"{subject.address} is a forwarder (identity.trusted_forwarders): it speaks for "
+                               "every device behind it, so a grant made from it would apply to all of them; "
+                               "choose on the device itself")
+        link = self._link(request.pairing, subject, caller, now)
+        link_note = "" if link is None else (
+            f"made through this address by the portal of {link.owner.describe()}, which it is linked to"
+            + (" (a kiosk session: it lasts no longer than a kiosk choice)" if link.kiosk else ""))
 
-            await self._change(plan)
-            if subject.address is not None and (profile == "kiosk" or (link is not None and link.kiosk)):
-                # a new session (or an identity joining one): its idle clock starts now
-                self.table.set_seen(subject.address, now)
-                await self._replicate()  # (a worker's clock of the session before must not end this one)
+        def plan() -> list[Step]:
+            steps = self._kiosk_idle_resets(subject, caller, now)
+            opted, gpc_seen_at, gpc_note = self._under_gpc(subject, categories, vendors, caller, profile, now)
+            expires_at, days_note = self._expiry(profile, categories, opted, now, request.days)
+            if link is not None and link.kiosk:  # it belongs to the kiosk's session
+                expires_at = min(expires_at, now + self._days("kiosk") * DAY)
+            reason = "; ".join(note for note in (link_note, gpc_note, days_note) if note)
+            main = self._choice_step(subject, action, categories, opted, now, expires_at,
+                                     self._covering(basis, opted), caller, profile, reason=reason,
+                                     gpc_seen_at=gpc_seen_at)
+            if link is not None:
+                main = dataclasses.replace(main, pairing=(link.owner.key, link.key))
+            steps.append(main)
+            steps += self._carried(subject, main.event)
+            return steps
+
+        if action is None:
+            await self._refuse(plan(), deadline, subject)
+        else:
+            async with self._locked(deadline):
                 if self.store.shared:
-                    with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
-                        await self._share_activity()
+                    await self._load_links(subject, deadline)
+                await self._change(plan, deadline)
+        if subject.address is not None and (profile == "kiosk" or (link is not None and link.kiosk)):
+            # a new session (or an identity joining one): its idle clock starts now
+            self.table.set_seen(subject.address, now)
+            await self._replicate()  # (a worker's clock of the session before must not end this one)
+            if self.store.shared and not self.store_problem:
+                with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
+                    async with self._locked(deadline):
+                        await self._share_activity(deadline)
         return self._after(subject)
+
+    async def _refuse(self, steps: Sequence[Step], deadline: float, subject: Subject | None = None,
+                      narrowing: bool = False) -> None:
+        """Put refusals in force here now, then record them if the store answers before `deadline`;
+        whatever it does, they hold (`Held`) until recorded. `subject`: whose choice `steps` make
+        (what it carries to identities linked through other instances is added once they are known)."""
+        keys = self._hold(steps, narrowing)
+        await self._replicate()
+        if not keys:
+            return
+        try:
+            async with self._locked(deadline):
+                main = next((s.event for s in steps if subject is not None and s.event.subject == subject), None)
+                if main is not None and subject is not None and self.store.shared:
+                    known = set(self.paired.get(subject.key, {}))
+                    await self._load_links(subject, deadline)
+                    if set(self.paired.get(subject.key, {})) - known:
+                        more = [s for s in self._carried(subject, main) if s.event.subject.key not in self._held]
+                        keys += self._hold(more)
+                        await self._replicate()
+                await self._write_held(keys, deadline)
+        except StoreError:
+            pass  # reported (once per outage); the refusals hold here, the reconciler records them
+        for key in keys:
+            if key in self._held:
+                self._held[key].answered = True
+                self._work.set()
+
+    def _hold(self, steps: Sequence[Step], narrowing: bool = False) -> list[str]:
+        """Each refusal in `steps` in force now as a `Held` choice; returns their subjects' keys. The
+        other steps (kiosk resets before a refusal) are recorded with it. `narrowing`: the choices
+        only take away from what they replace (an opt-out keeps the grants it does not touch), and
+        are recorded as planned; otherwise each is a withdrawal or a refusal by what it replaces."""
+        keys: list[str] = []
+        prelude: list[Step] = []
+        for step in steps:
+            e = step.event
+            if not step.makes_choice:
+                if step.only_if_current is None or step.only_if_current > 0:
+                    prelude.append(step)
+                continue
+            if e.as_choice(0).grants_anything and not narrowing:
+                continue
+            shadow: list[Choice] = []
+            for ended in step.ends:
+                c = self.table.find(ended)
+                if c is None:
+                    continue
+                earlier = self._held.pop(c.subject.key, None) if c.id < 0 else None
+                if earlier is not None:
+                    shadow += earlier.shadow  # a refusal held before: what it replaces, this one does
+                elif c.id > 0:
+                    shadow.append(c)
+            shadow.sort(key=lambda c: c.made_at, reverse=True)
+            self._provisional -= 1
+            choice = e.as_choice(self._provisional)
+            for ended in step.ends:
+                self.table.remove(ended)
+            self.table.put(choice)
+            self._held[e.subject.key] = Held(e, choice, shadow, not narrowing, prelude, step.pairing)
+            prelude = []
+            keys.append(e.subject.key)
+        return keys
+
+    async def _write_held(self, keys: Sequence[str], deadline: float) -> bool:
+        """Record the held refusals of `keys` (under the lock); whether all of them are recorded now."""
+        for _ in range(PLAN_ATTEMPTS):
+            batch = [self._held[k] for k in keys if k in self._held]
+            if not batch:
+                return True
+            if any(h.attempt is not None for h in batch):
+                await self._settle_attempts(batch, deadline)
+                continue
+            based_on = self.store.position
+            steps = [step for h in batch for step in h.steps()]
+            try:
+                await self._commit(steps, based_on, deadline, held=batch)
+            except Conflict:
+                await self._in_store(self.store.catch_up(self), deadline)
+            except InDoubt:
+                return False
+        return all(k not in self._held for k in keys)
+
+    async def _settle_attempts(self, batch: Sequence[Held], deadline: float) -> None:
+        """Held refusals whose write is in doubt: recorded after all (they are in force as recorded
+        choices now), or not (written again)."""
+        for h in batch:
+            if h.attempt is None:
+                continue
+            change, based_on, steps = h.attempt
+            found = await self._in_store(self.store.resolve(change, based_on), deadline)
+            for other in self._held.values():
+                if other.attempt is not None and other.attempt[0] == change:
+                    other.attempt = None
+            if found:
+                await self._recorded_after_all(steps, found, deadline)
+
+    async def _recorded_after_all(self, steps: Sequence[Step], found: Mapping[int, int], deadline: float) -> None:
+        """A change in doubt was recorded (`found`: step -> event id): in force here and announced."""
+        if self.store.shared:
+            await self._in_store(self.store.catch_up(self), deadline)  # in log order, with what came after it
+        else:
+            for i, step in enumerate(steps):
+                if i in found:
+                    self._put_in_force(step, found[i])
+        await self._replicate()
+        for i, step in enumerate(steps):
+            if i in found:
+                log_event(step.event)
+                self._notify(dataclasses.replace(step.event, id=found[i]))
+
+    def _settle_held(self, ended: Iterable[int] = ()) -> None:
+        """After recorded changes came into force: an answered held refusal whose subject has since
+        made a choice (recorded at or after it) gives way to it; otherwise it stays on top of
+        whatever recorded choices now occupy its slots, and will supersede them when written."""
+        gone = set(ended)
+        for key, h in list(self._held.items()):
+            if gone:
+                h.shadow = [c for c in h.shadow if c.id not in gone]
+            others = [c for c in self.table.superseded_by(h.event.subject) if c.id != h.choice.id]
+            if any(c.subject.key == key and (h.records(c) or (h.answered and c.made_at >= h.event.at))
+                   for c in others):
+                del self._held[key]
+                if self.table.find(h.choice.id) is not None:
+                    self.table.remove(h.choice.id)
+                continue
+            known = {c.id for c in h.shadow}
+            h.shadow = sorted([*h.shadow, *(c for c in others if c.id not in known)],
+                              key=lambda c: c.made_at, reverse=True)
+            if others or self.table.find(h.choice.id) is None:
+                self.table.put(h.choice)
 
     async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView:
         """Withdraw everything granted, in one action: every category (and vendor) becomes refused.
@@ -498,7 +772,8 @@ class ConsentService:
         """`Sec-GPC: 1` on a request from a client on an opt-out network: record an opt-out of
         sale/sharing for every vendor that sells or shares data and may resolve for it, whatever else
         its choice grants, unless the person granted that very vendor after GPC was seen (the later,
-        specific word wins). The client's other decisions stay as they were. Returns whether it recorded."""
+        specific word wins). The client's other decisions stay as they were. The opt-out only takes
+        away: it is in force at once and held until recorded. Returns whether it opted the client out."""
         if caller.address is None:
             return False
         address = caller.address
@@ -529,23 +804,25 @@ class ConsentService:
                                       reason=f"opt-out of sale/sharing ({names}) signalled by Sec-GPC: 1",
                                       gpc_seen_at=gpc_seen_at)]
 
-        if not plan():  # (most requests carrying GPC have nothing left to opt out of: no lock for them)
+        steps = plan()  # (most requests carrying GPC have nothing left to opt out of)
+        if not steps:
             return False
-        async with self._lock:
-            return await self._change(plan) > 0
+        await self._refuse(steps, self._deadline(), narrowing=True)
+        return True
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
         """End a session: reset the choices that apply personally to `subject` and, for a kiosk
         itself, those of every identity linked to it. Elsewhere only an admin resets (the portal's
         kiosk layout on another network withdraws instead: a reset there would forget an opt-out)."""
-        async with self._lock:
+        deadline = self._deadline()
+        async with self._locked(deadline):
             now = self.wall()
             profile, why = self.profile_of(subject)
             if caller.channel != "admin" and profile != "kiosk":
                 raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
             own_device = caller.channel != "admin" and subject.network is None
             if own_device and self.store.shared:
-                await self._load_links(subject)
+                await self._load_links(subject, deadline)
             reached = list(self.paired.get(subject.key, {})) if own_device else []
 
             def plan() -> list[Step]:
@@ -554,12 +831,12 @@ class ConsentService:
                     ended = [own] if own is not None else []
                 else:
                     ended = self.table.personal_choices(subject.address or "", subject.mac)
-                steps = [self._reset_step(c, now, profile, caller, reason) for c in ended]
+                steps = [self._reset_step(c, now, profile, caller, reason) for c in self._recorded(ended)]
                 if own_device:
                     steps += self._session_resets(subject, {c.id for c in ended}, now, reason)
                 return steps
 
-            await self._change(plan)
+            await self._change(plan, deadline)
             for key in [subject.address, *reached]:
                 if key is not None:
                     self.table.set_seen(key, None)
@@ -582,7 +859,8 @@ class ConsentService:
     async def _bind(self, offer: Offer, dns_client: str) -> None:
         """Link the DNS source that looked up `offer`'s name to the HTTP caller it was given to. What
         the link carries now: the caller's refusals, into a target that has no choice of its own."""
-        async with self._lock:
+        deadline = self._deadline(2)
+        async with self._locked(deadline):
             now = self.wall()
             http = Subject(offer.address, offer.mac)
             dns = self._dns_subject(dns_client)
@@ -614,10 +892,10 @@ class ConsentService:
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
             links = self.paired.setdefault(http.key, {})
-            if await self._change(plan):
+            if await self._change(plan, deadline):
                 links[dns_client] = now
             elif not self._made_here(http, dns_client):  # (that link keeps the time of the choice it made)
-                await self._in_store(self.store.remember_pairing(http.key, dns_client, now))
+                await self._in_store(self.store.remember_pairing(http.key, dns_client, now), deadline)
                 links[dns_client] = now
             if self.profile_of(http)[0] == "kiosk":  # the kiosk's DNS source: its queries keep the session
                 self.table.set_seen(dns_client, now)
@@ -715,9 +993,9 @@ class ConsentService:
                     f"(linked {iso(linked_at)})"))
         return steps
 
-    async def _load_links(self, subject: Subject) -> None:
+    async def _load_links(self, subject: Subject, deadline: float) -> None:
         """Links recorded through any instance (a shared store): what a change by `subject` reaches."""
-        links = await self._in_store(self.store.pairings_of(subject.key))
+        links = await self._in_store(self.store.pairings_of(subject.key), deadline)
         self.paired[subject.key] = {**links, **self.paired.get(subject.key, {})}
 
     def _session_activity(self, now: float, keys: Iterable[str] | None = None) -> None:
@@ -736,16 +1014,17 @@ class ConsentService:
     # -- sweeping --------------------------------------------------------------------------------
     async def sweep(self) -> int:
         """Record expiries and idle kiosk resets; purge events past retention. Returns events recorded."""
-        async with self._lock:
+        deadline = self._deadline(2)
+        async with self._locked(deadline):
             now = self.wall()
             if self.store.shared and self.table.kiosk_seen:
-                await self._share_activity()
+                await self._share_activity(deadline)
             self._session_activity(now)
             idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
 
             def plan() -> list[Step]:
                 steps: list[Step] = []
-                for choice in self.table.choices():
+                for choice in self._recorded(self.table.choices()):
                     if not choice.active(now):
                         profile, _ = self.profile_of(choice.subject)
                         steps.append(Step(
@@ -762,7 +1041,7 @@ class ConsentService:
                     if profile != "kiosk":
                         continue
                     device = mac or self.table.mac_of(address)
-                    for choice in self.table.personal_choices(address, device):
+                    for choice in self._recorded(self.table.personal_choices(address, device)):
                         if choice.id not in ending:
                             ending.add(choice.id)
                             steps.append(self._reset_step(choice, now, profile, Caller(address, mac or None, "system"),
@@ -770,7 +1049,7 @@ class ConsentService:
                     steps += self._session_resets(Subject(address, device), ending, now, idle)
                 return steps
 
-            recorded = await self._change(plan)
+            recorded = await self._change(plan, deadline)
             for key in idle_keys:
                 last = self.table.kiosk_seen.get(key)
                 if last is not None and self.wall() - last > self.table.kiosk_idle:
@@ -938,11 +1217,13 @@ class ConsentService:
     def _choice_step(self, subject: Subject, action: str | None, categories: Mapping[str, bool],
                      vendors: Mapping[str, bool], now: float, expires_at: float, basis: Basis,
                      caller: Caller, profile: Profile, reason: str, gpc_seen_at: float | None = None) -> Step:
-        """A step making a new choice for `subject`, superseding what it replaces. Without an
-        action: "withdrawal" if a grant was in force, else "refusal"."""
-        superseded = self.table.superseded_by(subject)
+        """A step making a new choice for `subject`, superseding what it replaces (a held refusal
+        is not recorded: what it replaces is). Without an action: "withdrawal" if a grant was in
+        force, else "refusal"."""
+        superseded = self._replaces(self.table.superseded_by(subject))
         if action is None:
-            previous = self.table.choice_of(subject) or next(iter(superseded), None)
+            own = self.table.choice_of(subject)
+            previous = (own if own is not None and own.id > 0 else None) or next(iter(superseded), None)
             granted = previous is not None and previous.expires_at > now and previous.grants_anything
             action = "withdrawal" if granted else "refusal"
         event = Event(action, now, subject, profile, dict(categories), dict(vendors), expires_at, basis.notice,
@@ -967,20 +1248,53 @@ class ConsentService:
             return []
         return [self._reset_step(c, now, "kiosk", Caller(address, subject.mac, "system"),
                                  f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes")
-                for c in self.table.personal_choices(address, subject.mac)]
+                for c in self._recorded(self.table.personal_choices(address, subject.mac))]
 
-    async def _share_activity(self, adopt: Iterable[str] = ()) -> None:
+    def _replaces(self, choices: Iterable[Choice]) -> list[Choice]:
+        """The recorded choices behind `choices`: a held refusal stands for what it replaces."""
+        found: list[Choice] = []
+        for c in choices:
+            held = self._held.get(c.subject.key) if c.id < 0 else None
+            for r in (held.shadow if held is not None else [c] if c.id > 0 else []):
+                if r not in found:
+                    found.append(r)
+        return sorted(found, key=lambda c: c.made_at, reverse=True)
+
+    @staticmethod
+    def _recorded(choices: Iterable[Choice]) -> list[Choice]:
+        """Without held refusals (the store knows nothing of them yet)."""
+        return [c for c in choices if c.id > 0]
+
+    async def _share_activity(self, deadline: float, adopt: Iterable[str] = ()) -> None:
         """Publish this instance's kiosk activity and take the latest any instance saw, so a kiosk is
         idle only when no instance has seen a query from it (`adopt`: keys to start tracking)."""
         seen = self.table.kiosk_seen  # the pipeline holds this dict: update it, never replace it
         forget = self.wall() - max(DAY, 2 * self.table.kiosk_idle)
-        merged = await self._in_store(self.store.share_activity(dict(seen), forget))
+        merged = await self._in_store(self.store.share_activity(dict(seen), forget), deadline)
         wanted = set(adopt)
         for key, last in merged.items():
             if key in seen or key in wanted:
                 seen[key] = max(last, seen.get(key, last))
 
-    async def _change(self, plan: Callable[[], list[Step]]) -> int:
+    def _deadline(self, factor: float = 1.0) -> float:
+        """When a change asked for now must be answered (time.monotonic)."""
+        return time.monotonic() + self.timeout * factor
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, deadline: float) -> AsyncIterator[None]:
+        """The change lock, if it comes before `deadline`: while the store stalls, changes fail
+        fast (Busy: nothing was attempted) instead of queueing behind each other."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise Busy(f"{self.store.name}: busy with other changes until this one's deadline "
+                       f"({self.timeout:g} s)") from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def _change(self, plan: Callable[[], list[Step]], deadline: float) -> int:
         """Plan a change on the table, store it, put it in force; returns the steps recorded.
 
         A shared store refuses a plan made before another instance's change (`Conflict`): catch up
@@ -993,18 +1307,27 @@ class ConsentService:
             if not steps:
                 return 0
             try:
-                return await self._commit(steps, based_on)
+                return await self._commit(steps, based_on, deadline)
             except Conflict:
-                await self._in_store(self.store.catch_up(self))
+                await self._in_store(self.store.catch_up(self), deadline)
         raise StoreError(f"{self.store.name}: other instances kept changing consent meanwhile; try again")
 
-    async def _commit(self, steps: Sequence[Step], based_on: int) -> int:
-        """Persist, then apply to the table; returns how many steps were recorded."""
+    async def _commit(self, steps: Sequence[Step], based_on: int, deadline: float,
+                      held: Sequence[Held] = ()) -> int:
+        """Persist, then apply to the table; returns how many steps were recorded. `held`: the held
+        refusals these steps record (a write of theirs in doubt is settled before they are written
+        again); any other change in doubt is undone if it turns out to have been recorded."""
+        change = secrets.token_hex(8)
+        ended = {i: c for s in steps for i in s.ends if (c := self.table.find(i)) is not None}
         try:
-            recorded = await self._in_store(self.store.commit(steps, based_on))
-        except StoreError:
-            self._hold_refusal(steps)
-            await self._replicate()
+            recorded = await self._in_store(self.store.commit(steps, based_on, change, deadline))
+        except InDoubt:
+            if held:
+                for h in held:
+                    h.attempt = (change, based_on, list(steps))
+            else:
+                self._doubts.append(Doubt(change, based_on, list(steps), ended))
+            self._work.set()
             raise
         pairs = list(zip(steps, recorded.ids, strict=True))
         for step, event_id in pairs:
@@ -1021,21 +1344,98 @@ class ConsentService:
         if self.replicated is not None:
             await self.replicated()
 
-    def _hold_refusal(self, steps: Sequence[Step]) -> None:
-        """The store failed (answered 503): nothing that grants is applied, fail closed. A change that
-        only refuses (a withdrawal) is applied in memory all the same, so a person's "no" holds at
-        once; it is not recorded, says so, and is lost at a restart."""
-        choices = [s.event.as_choice(0) for s in steps if s.makes_choice]
-        if not choices or any(c.grants_anything for c in choices):
-            return
-        for step in steps:
-            self._provisional -= 1
-            for ended in step.ends:
-                self.table.remove(ended)
-            if step.makes_choice:
-                self.table.put(step.event.as_choice(self._provisional))
-        log.error("consent store unavailable: a refusal by %s is applied until restart but not recorded",
-                  steps[-1].event.subject.describe())
+    # -- what the store has not settled yet -------------------------------------------------------
+    async def run_reconciler(self) -> None:
+        """Record held refusals and settle changes in doubt as soon as the store answers, for as
+        long as dnsgate runs."""
+        wait = RETRY_MIN
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            if not self._held and not self._doubts:
+                continue
+            try:
+                await self.reconcile()
+                wait = RETRY_MIN
+            except StoreError:
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RETRY_MAX)
+                self._work.set()
+            except Exception:
+                stop_if_cancelled()
+                log.exception("consent: recording held refusals failed; retrying in %.0f s", RETRY_MAX)
+                await asyncio.sleep(RETRY_MAX)
+                self._work.set()
+
+    async def reconcile(self) -> None:
+        """Settle the changes in doubt, then record what is held. StoreError if the store does not
+        let it finish (the reconciler tries again)."""
+        deadline = self._deadline(2)
+        async with self._locked(deadline):
+            for doubt in list(self._doubts):
+                found = await self._in_store(self.store.resolve(doubt.change, doubt.based_on), deadline)
+                self._doubts.remove(doubt)
+                if found:
+                    await self._recorded_after_all(doubt.steps, found, deadline)
+                    await self._undo(doubt, found, deadline)
+            written = 0
+            keys = [k for k, h in self._held.items() if h.answered]  # (the others: their request writes them)
+            for start in range(0, len(keys), HELD_BATCH):
+                batch = keys[start:start + HELD_BATCH]
+                if not await self._write_held(batch, deadline):
+                    raise StoreError(self.store_problem or f"{self.store.name}: held refusals not recorded yet")
+                written += len(batch)
+            if written:
+                log.info("consent: %d refusals held while the store was unavailable are recorded now", written)
+
+    async def _undo(self, doubt: Doubt, found: Mapping[int, int], deadline: float) -> None:
+        """A change answered 503 had been recorded all the same: record its undoing, so that what
+        was in force before it is in force again (unless a later change decided otherwise)."""
+        now = self.wall()
+        reason = "answered 503 (the store did not answer in time) but recorded all the same: undone"
+
+        def plan() -> list[Step]:
+            steps: list[Step] = []
+            for i, step in enumerate(doubt.steps):
+                event_id = found.get(i)
+                if event_id is None:
+                    continue
+                if step.makes_choice:
+                    made = self.table.find(event_id)
+                    if made is None:
+                        continue  # a later change replaced it
+                    before = [doubt.ended[e] for e in step.ends if e in doubt.ended]
+                    steps.append(self._restore(before, made, event_id, now, f"change #{event_id} {reason}"))
+                elif step.ends and step.event.action == "reset":
+                    for e in step.ends:
+                        before_reset = doubt.ended.get(e)
+                        if before_reset is not None and self.table.choice_of(before_reset.subject) is None:
+                            steps.append(self._restore([before_reset], None, event_id, now,
+                                                       f"reset #{event_id} {reason}"))
+            return steps
+
+        undone = await self._change(plan, deadline)
+        self.undone += undone
+        log.warning("consent: a change answered 503 had been recorded all the same; %d events undo it", undone)
+
+    def _restore(self, before: Sequence[Choice], made: Choice | None, event_id: int, now: float,
+                 reason: str) -> Step:
+        """A step that ends `made` (event `event_id`) and puts the newest of `before` back, or only
+        ends it if nothing was in force before."""
+        previous = next((c for c in sorted(before, key=lambda c: c.made_at, reverse=True) if c.active(now)), None)
+        if previous is None:
+            assert made is not None
+            event = Event("reset", now, made.subject, made.profile, made.categories, made.vendors, made.expires_at,
+                          made.notice, "system", supersedes=event_id, reason=reason, items=made.items,
+                          terms=made.terms, language=made.language)
+            return Step(event, ends=(event_id,), only_if_current=event_id)
+        event = Event("grant" if previous.grants_anything else "refusal", now, previous.subject, previous.profile,
+                      dict(previous.categories), dict(previous.vendors), previous.expires_at, previous.notice,
+                      "system", sec_gpc=previous.sec_gpc, supersedes=event_id,
+                      reason=f"{reason}; choice #{previous.id} is in force again", items=previous.items,
+                      terms=previous.terms, language=previous.language, gpc_seen_at=previous.gpc_seen_at)
+        ends = (event_id,) if made is not None else ()
+        return Step(event, makes_choice=True, ends=ends, only_if_current=event_id if made is not None else None)
 
     def _put_in_force(self, step: Step, event_id: int) -> None:
         for ended in step.ends:
@@ -1054,16 +1454,35 @@ class ConsentService:
         if step.pairing is not None:
             http, dns = step.pairing
             self.paired.setdefault(http, {})[dns] = step.event.at
+        if self._held:
+            self._settle_held(step.ends)
 
     def _after(self, subject: Subject) -> ClientView:
         if subject.address is not None and subject.network is None:
             known = subject.mac if subject.mac != self.table.mac_of(subject.address) else None
-            return self.view(subject.address, known)
-        return self.view_subject(subject)
+            view = self.view(subject.address, known)
+        else:
+            view = self.view_subject(subject)
+        if subject.key in self._held:
+            others = " (other dnsgate instances apply it once it is recorded)" if self.store.shared else ""
+            view = dataclasses.replace(view, held=(
+                f"in force here now but not recorded yet: the consent store is unavailable "
+                f"({self.store_problem or 'no answer in time'}); it is recorded as soon as the store answers"
+                f"{others}, and a restart of dnsgate before then forgets it"))
+        return view
 
-    async def _in_store(self, op: Awaitable[T]) -> T:
+    async def _in_store(self, op: Awaitable[T], deadline: float | None = None) -> T:
+        """Run one store operation (within `deadline`, if given: time.monotonic); its failure is
+        reported once per outage, and its success ends the outage."""
         try:
-            result = await op
+            if deadline is None:
+                result = await op
+            else:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        result = await op
+                except TimeoutError:
+                    raise StoreError(f"{self.store.name}: no answer within {self.timeout:g} s") from None
         except StoreError as exc:
             self.store_errors += 1
             self._report(str(exc))

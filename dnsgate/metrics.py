@@ -36,6 +36,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True)
+class StoreFaults:
+    history_lost: int  # times the shared store was found to have lost the history followed
+    withdrawals_held: int  # refusals in force here that the store has not recorded yet
+    undone: int  # changes answered 503 that the store had recorded after all, undone since
+
+
+@dataclass(frozen=True, slots=True)
 class Sources:
     """Everything whose counts /metrics and the dashboard show; app.py fills it in."""
 
@@ -50,6 +57,7 @@ class Sources:
     # (failed consent store operations, whether the store answers), and the changes other instances
     # recorded that this one applied (None: the store is not shared).
     consent_store: Callable[[], tuple[int, bool]] | None = None
+    consent_faults: Callable[[], StoreFaults] | None = None
     consent_remote: Callable[[], int | None] | None = None
     # dns.workers > 1: (workers listening, restarts so far)
     workers: Callable[[], tuple[int, int]] | None = None
@@ -156,6 +164,15 @@ class DnsgateCollector(Collector):
             yield CounterMetricFamily("dnsgate_consent_store_errors", "Consent store operations that failed (the "
                                       "change was refused with 503)", value=errors)
             yield GaugeMetricFamily("dnsgate_consent_store_up", "1 if the consent store answers", value=int(up))
+        if s.consent_faults is not None:
+            faults = s.consent_faults()
+            yield CounterMetricFamily("dnsgate_consent_store_history_lost", "Times the shared consent store was "
+                                      "found to have lost the history this instance followed",
+                                      value=faults.history_lost)
+            yield GaugeMetricFamily("dnsgate_consent_withdrawals_held", "Refusals in force here that the consent "
+                                    "store has not recorded yet", value=faults.withdrawals_held)
+            yield CounterMetricFamily("dnsgate_consent_changes_undone", "Changes answered 503 that the store had "
+                                      "recorded after all, undone by a recorded event", value=faults.undone)
         remote = s.consent_remote() if s.consent_remote is not None else None
         if remote is not None:
             yield CounterMetricFamily("dnsgate_consent_remote_changes", "Consent changes recorded through other "

@@ -80,6 +80,8 @@ OWN_PREFLIGHT: Final = {
     "parameters": [{"name": "Origin", "in": "header", "required": True, "schema": {"type": "string"}},
                    {"name": "Access-Control-Request-Method", "in": "header", "schema": {"type": "string"}}],
     "responses": {"204": {"description": "Allowed"}, "403": error("Not a page of dnsgate's")}}
+UNAVAILABLE: Final = error("The consent store cannot record the change now (`consent_store_unavailable`): "
+                           "nothing changed")
 TIME_PARAMS: Final = [query("since", "ISO 8601 time"), query("until", "ISO 8601 time")]
 AGE_PARAMS: Final = [query("since", "ISO 8601, UNIX seconds, or an age such as 15m"),
                      query("until", "ISO 8601, UNIX seconds, or an age such as 15m")]
@@ -149,7 +151,7 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
         "notes": array({"type": "string"}),
         "ask_again_after": TIME,
         "kiosk": {"oneOf": [{"type": "null"}, obj({"idle_minutes": {"type": "number"}, "last_seen": TIME})]},
-    })
+    }, {"held": {"type": "string", "description": "(202 only) why a refusal in force is not recorded yet"}})
     pairing = obj({"token": {"type": "string"}, "name": {"type": "string"}, "expires_at": TIME})
     own = {"allOf": [ref("ConsentState"), obj({"sec_gpc": NULLABLE_STRING},
                                               {"pairing": {"oneOf": [{"type": "null"}, ref("Pairing")]}})]}
@@ -202,6 +204,10 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
 def paths() -> dict[str, Any]:
     own_state = ok(ref("OwnConsentState"), "The caller's consent state")
     client_state = ok(ref("ConsentState"), "That client's consent state")
+    own_held = ok(ref("OwnConsentState"), "A refusal in force on this instance that the consent store has not "
+                  "recorded yet (`held`); it is recorded as soon as the store answers")
+    client_held = ok(ref("ConsentState"), "A refusal in force on this instance that the consent store has not "
+                     "recorded yet (`held`); it is recorded as soon as the store answers")
     html = ok({"type": "string"}, "The page", "text/html")
     return {
         "/": {"get": {"tags": ["portal"], "summary": "The consent portal page, with the caller's state",
@@ -273,23 +279,23 @@ def paths() -> dict[str, Any]:
                     "responses": {"200": own_state}},
             "put": {"tags": ["consent"], "summary": "Record the caller's choice (replaces the previous one)",
                     "requestBody": {"required": True, **json_body(ref("ChoiceRequest"))},
-                    "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT,
-                                  "413": TOO_LARGE, "415": UNSUPPORTED}},
+                    "responses": {"200": own_state, "202": own_held, "400": BAD, "403": FORBIDDEN,
+                                  "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED, "503": UNAVAILABLE}},
             "delete": {"tags": ["consent"], "summary": "Withdraw everything the caller granted",
                        "requestBody": {"required": False, **json_body({
                            "type": "object", "additionalProperties": False,
                            "description": "Optional: the notice the page showed, as for PUT",
                            "properties": {k: v for k, v in choice_request_schema((), (), (), 1)["properties"].items()
                                           if k in ("notice", "language", "channel")}})},
-                       "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT,
-                                     "415": UNSUPPORTED}},
+                       "responses": {"200": own_state, "202": own_held, "400": BAD, "403": FORBIDDEN,
+                                     "409": CONFLICT, "415": UNSUPPORTED}},
             "options": OWN_PREFLIGHT,
         },
         "/v1/session/end": {"post": {
             "tags": ["consent"], "summary": "A kiosk ends its session: its choice resets",
             "requestBody": {"required": False, **json_body({"type": "object"})},
             "responses": {"200": own_state, "400": BAD, "403": FORBIDDEN, "409": CONFLICT, "413": TOO_LARGE,
-                          "415": UNSUPPORTED}},
+                          "415": UNSUPPORTED, "503": UNAVAILABLE}},
             "options": OWN_PREFLIGHT},
         "/v1/whoami": {"get": {"tags": ["consent"], "summary": "The caller as dnsgate sees it on HTTP and DNS",
                                "parameters": [SEC_GPC],
@@ -309,18 +315,20 @@ def paths() -> dict[str, Any]:
                     "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "404": NO_ROUTE}},
             "put": {"tags": ["admin"], "summary": "Record a choice for a client", "security": ADMIN,
                     "requestBody": {"required": True, **json_body(ref("ChoiceRequest"))},
-                    "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                                  "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED}},
+                    "responses": {"200": client_state, "202": client_held, "400": BAD, "401": UNAUTHORIZED,
+                                  "403": FORBIDDEN, "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE,
+                                  "415": UNSUPPORTED, "503": UNAVAILABLE}},
             "delete": {"tags": ["admin"], "summary": "Withdraw a client's consent", "security": ADMIN,
-                       "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                                     "404": NO_ROUTE, "409": CONFLICT}},
+                       "responses": {"200": client_state, "202": client_held, "400": BAD, "401": UNAUTHORIZED,
+                                     "403": FORBIDDEN, "404": NO_ROUTE, "409": CONFLICT}},
         },
         "/v1/clients/{client}/session/end": {"post": {
             "tags": ["admin"], "summary": "Forget a client's choice (recorded as a reset)", "security": ADMIN,
             "parameters": [CLIENT_PATH],
             "requestBody": {"required": False, **json_body({"type": "object"})},
             "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                          "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED}}},
+                          "404": NO_ROUTE, "409": CONFLICT, "413": TOO_LARGE, "415": UNSUPPORTED,
+                          "503": UNAVAILABLE}}},
         "/v1/audit": {"get": {"tags": ["admin"], "summary": "The newest consent events", "security": ADMIN,
                               "parameters": [query("client", "an IP address, MAC or network"), LIMIT],
                               "responses": {"200": ok(obj({"events": array(ref("Event"))})), "400": BAD,
@@ -355,6 +363,13 @@ def paths() -> dict[str, Any]:
             "tags": ["admin"], "summary": "Re-check every URL list now", "security": ADMIN,
             "responses": {"200": ok(ref("RulesReport")), "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "404": error("Lists are not available"), "422": error("Rejected: nothing changed")}}},
+        "/v1/store/acknowledge": {"post": {
+            "tags": ["admin"], "summary": "Acknowledge that the shared consent store lost its history (/healthz is "
+                                          "ok again)", "security": ADMIN,
+            "requestBody": {"required": False, **json_body({"type": "object"})},
+            "responses": {"200": ok(obj({"acknowledged": {"oneOf": [{"type": "null"}, obj({
+                "at": TIME, "what": {"type": "string"}})]}})), "400": BAD, "401": UNAUTHORIZED,
+                "403": FORBIDDEN, "413": TOO_LARGE, "415": UNSUPPORTED}}},
         "/metrics": {"get": {"tags": ["observability"], "summary": "Prometheus metrics",
                              "responses": {"200": ok({"type": "string"}, media="text/plain")}}},
         "/v1/stats": {"get": {"tags": ["observability"], "summary": "The dashboard's numbers (aggregates only)",

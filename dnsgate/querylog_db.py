@@ -17,6 +17,8 @@ from typing import Any
 
 import sqlite_utils
 
+from .store import quick_check
+
 SCHEMA_VERSION = 1
 COLUMNS = ("id", "at", "client", "name", "type", "protocol", "outcome", "rcode", "vendor", "category",
            "granted_at", "grant_expires_at", "grant_source", "duration_ms")
@@ -44,6 +46,10 @@ class QueryLogDb:
         try:
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self.db = sqlite_utils.Database(conn)
+            verdict = quick_check(conn)
+            if verdict not in ("ok", ""):
+                conn.close()
+                raise QueryLogError(f"{path}: the database is damaged (quick_check: {verdict})")
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             with self.db.atomic():

@@ -3,9 +3,13 @@
 Keys, under `storage.redis_prefix` ("dnsgate:"):
 - `log`: the consent log, an append-only Stream. Entry id `<event id>-0`; fields: the event's
   columns exactly as SQLite keeps them (`store.EVENT_COLUMNS`), plus `x`: what the event did to
-  the choices in force (JSON: `ends`, `choice`, `profile_of`, `items_of`, `pairing`, `origin`), so that
-  other instances can apply it. Entries are never changed; retention trims the oldest ones only.
+  the choices in force (JSON: `ends`, `choice`, `profile_of`, `items_of`, `pairing`), and who recorded
+  it (`origin`: the instance, `change`: the change's idempotency key, `step`, `epoch`), so that other
+  instances can apply it. Entries are never changed; retention trims the oldest ones only.
 - `seq`: the last event id.
+- `epoch`: the history's identity, a random id made once. A Redis that lost its data (restarted
+  empty, replaced, restored from an older file) cannot reproduce it, so an instance that followed
+  the log tells a lost history from a new one by identity, not by comparing sequence numbers.
 - `choice:<id>`: a choice in force, a hash of its columns, expiring natively at the choice's expiry
   (never, for opt-outs that stand until changed).
 - `choices`: a sorted set of the ids of choices in force, scored by expiry. An id leaves it only
@@ -14,11 +18,20 @@ Keys, under `storage.redis_prefix` ("dnsgate:"):
 - `pairings`: a hash, JSON `[http key, dns key]` -> when.
 - `activity`: a hash, kiosk client key -> its last DNS query seen by any instance (merged at every
   sweep), so a kiosk session is idle only when no instance has seen a query from it.
+- `change:<key>`: a change that will never be recorded (see below), for a minute.
 
-A change is one Lua script, which Redis runs alone: it checks that `seq` is still the position the
-change was planned at (else `Conflict`: the service catches up and plans again), allocates event
-ids, appends to the log and updates the choices. With `appendonly yes` and `appendfsync always`
-Redis writes the change to disk before it answers, so an acknowledged change survives a crash.
+A change is one Lua script, which Redis runs alone: it checks the epoch, its deadline and that
+`seq` is still the position the change was planned at (else `Conflict`: the service catches up and
+plans again), allocates event ids, appends to the log and updates the choices. With `appendonly yes`
+and `appendfsync always` Redis writes the change to disk before it answers, so an acknowledged change
+survives a crash.
+
+A change that gets no answer is settled before the API answers, never left to land later: the
+script carries a deadline in Redis's clock and refuses to run after it (a command stuck in a paused
+Redis or a stalled network), and `RESOLVE` asks, on a fresh connection, whether the change's key is
+in the log after the position it was planned at; if not, it marks the key so the change can never
+run. Only if Redis stays unreachable until the deadline is the outcome unknown (`InDoubt`); the
+service resolves it when Redis answers again.
 
 Following: one blocking `XREAD` at a time from the last entry applied, so a change through any
 instance is in force on the others a few milliseconds later. Expiries do not need Redis's key
@@ -26,20 +39,32 @@ expiry notifications (fire-and-forget pub/sub, lost while an instance is disconn
 only when Redis gets round to deleting the key): every instance's table stops applying a choice at
 its expiry time by itself, and the sweeper's recorded `expiry` event removes it everywhere.
 
-When Redis cannot be reached every call raises `StoreError` (the API answers 503); the follower
-reports it, retries, and on reconnection reads the log from where it stopped, or reloads the whole
-state if Redis lost or trimmed entries this instance had not seen.
+When Redis cannot be reached every call raises `StoreError` (the API answers 503). An instance that
+has heard nothing from Redis for `lease` seconds may be missing withdrawals made through others, so
+it holds closed (`ChangeSink.cut_off`) until it has loaded the state again. On reconnection the
+follower reads the epoch, the sequence and the trimmed point in one script: a different epoch, a
+sequence below what this instance had already applied (a rollback: the history is forked into a new
+epoch whose ids start above every id used before), or entries trimmed past its position mean a full
+reload; otherwise it reads the log on from where it stopped. A new epoch after a loss starts with a
+`history_lost` entry saying what is missing, and its ids start above every id of the old one (at
+the loss time in milliseconds, or the last id this instance saw, whichever is higher), so no id is
+ever used twice. The epoch an instance followed is remembered in its data dir, so a loss that
+happened while it was stopped is seen at its next start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import math
+import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,9 +73,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .consent import UNTIL_CHANGED, Choice
-from .consent_backend import ChangeSink, Conflict, Recorded, Snapshot, choices_in_order, stop_if_cancelled
+from .consent import UNTIL_CHANGED, Choice, Subject
+from .consent_backend import (
+    ChangeSink,
+    Conflict,
+    InDoubt,
+    Recorded,
+    Snapshot,
+    choices_in_order,
+    stop_if_cancelled,
+)
 from .store import (
     CHOICE_COLUMNS,
     EVENT_COLUMNS,
@@ -69,14 +103,79 @@ T = TypeVar("T")
 PAGE: Final = 500
 FOLLOW_BLOCK_MS: Final = 1000
 RETRY_MIN, RETRY_MAX = 0.1, 1.0
+# A change's script must run this long before the API answers, in Redis's clock as estimated here:
+# time to ask on another connection whether it ran, and room for the estimate's error.
+RESOLVE_RESERVE: Final = 0.4
+CLOCK_MARGIN_MS: Final = 100
+CANCEL_MARK_MS: Final = 60_000
+CLOCK_EVERY: Final = 10.0  # seconds between readings of Redis's clock by the follower
+
+# The epoch, the sequence, the trimmed point and Redis's clock, read together.
+STATE: Final = """
+local trimmed = '0-0'
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[2])
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then trimmed = info[i + 1] end
+  end
+end
+local t = redis.call('TIME')
+return {redis.call('GET', KEYS[3]) or '', redis.call('GET', KEYS[1]) or '0', trimmed, t[1], t[2]}
+"""
+
+# Make the epoch: on an empty Redis (with the entry saying what was lost, if anything is known to
+# be), over a log from before epochs existed (it carries on), or in place of a rolled-back one.
+EPOCH: Final = """
+local current = redis.call('GET', KEYS[1])
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current and current ~= ARGV[1] then return {current, string.format('%d', seq)} end
+redis.call('SET', KEYS[1], ARGV[2])
+if not current and (seq > 0 or redis.call('EXISTS', KEYS[3]) == 1) then
+  return {ARGV[2], string.format('%d', seq)}
+end
+seq = math.max(seq, tonumber(ARGV[3]))
+if #ARGV > 3 then
+  seq = seq + 1
+  local fields = {}
+  for i = 4, #ARGV do fields[#fields + 1] = ARGV[i] end
+  redis.call('XADD', KEYS[3], string.format('%d', seq) .. '-0', unpack(fields))
+end
+redis.call('SET', KEYS[2], string.format('%d', seq))
+return {ARGV[2], string.format('%d', seq)}
+"""
+
+# Was a change recorded? If not, make sure it never is (its commit checks the mark).
+RESOLVE: Final = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[3] then return {'gone'} end
+local out = {'recorded'}
+local first = string.format('%d', tonumber(ARGV[2]) + 1) .. '-0'
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], first, '+', 'COUNT', 256)) do
+  local fields, x = entry[2], nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'x' then x = fields[i + 1] end
+  end
+  if not x then break end
+  local effects = cjson.decode(x)
+  if effects.change ~= ARGV[4] then break end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = tostring(effects.step)
+end
+if #out > 1 then return out end
+redis.call('SET', ARGV[1] .. 'change:' .. ARGV[4], '1', 'PX', ARGV[5])
+return {'cancelled'}
+"""
 
 COMMIT: Final = """
-local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
-if seq ~= tonumber(ARGV[2]) then return {'conflict', tostring(seq)} end
+local epoch = redis.call('GET', KEYS[5]) or ''
+if epoch ~= ARGV[4] then return {'epoch', epoch} end
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {'ok', ''}
+if now_ms > tonumber(ARGV[6]) then return {'late', string.format('%d', now_ms)} end
+if redis.call('EXISTS', prefix .. 'change:' .. ARGV[5]) == 1 then return {'cancelled', ''} end
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+if seq ~= tonumber(ARGV[2]) then return {'conflict', string.format('%d', seq)} end
+local out = {'ok', '', string.format('%d', now_ms)}
 for i, s in ipairs(cjson.decode(ARGV[3])) do
   local id = '0'
   if s.only_if_current == nil or redis.call('ZSCORE', KEYS[3], s.only_if_current) then
@@ -105,7 +204,7 @@ for i, s in ipairs(cjson.decode(ARGV[3])) do
     if s.pairing then redis.call('HSET', KEYS[4], s.pairing, s.at) end
     redis.call('XADD', KEYS[2], id .. '-0', unpack(s.fields))
   end
-  out[i + 2] = id
+  out[i + 3] = id
 end
 redis.call('SET', KEYS[1], string.format('%d', seq))
 out[2] = string.format('%d', seq)
@@ -160,24 +259,36 @@ def flat(fields: Mapping[str, str]) -> list[str]:
     return [item for pair in fields.items() for item in pair]
 
 
+class _Reload(StoreError):
+    """The log belongs to another history than the one this instance applied: load it whole again."""
+
+
 class RedisBackend:
     """The consent store in Redis (see the module docstring); one per dnsgate instance."""
 
     shared = True
 
     def __init__(self, url: str, prefix: str = "dnsgate:", timeout: float = 2.0,
-                 client: aioredis.Redis | None = None) -> None:
+                 client: aioredis.Redis | None = None, memory: Path | None = None) -> None:
         self.name = redact(url)
         self.prefix = prefix
-        self.keys = (prefix + "seq", prefix + "log", prefix + "choices", prefix + "pairings")
+        self.timeout = timeout
+        self.keys = (prefix + "seq", prefix + "log", prefix + "choices", prefix + "pairings", prefix + "epoch")
         self.redis = client or aioredis.Redis.from_url(
             url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # the follower retries; a change must fail fast (503), not hang
             client_name="dnsgate")
         self.block_ms = max(50, min(FOLLOW_BLOCK_MS, int(timeout * 500)))
+        # Heard nothing for this long: changes through other instances may be missing here.
+        self.lease = max(3.0, 2 * timeout)
         self.origin = secrets.token_hex(8)  # tells this instance's own changes apart in the log
+        self.memory = memory  # a file in the data dir: the epoch this instance followed, across restarts
         self._position = 0
-        self._loaded = False
+        self._epoch = ""
+        self._loaded = False  # the table holds this epoch's state up to `position`
+        self._fresh = 0.0  # time.monotonic() of the last read that saw the whole log
+        self._clock: tuple[float, float] | None = None  # (Redis's time in ms, time.monotonic() then)
+        self._remember()
 
     @property
     def position(self) -> int:
@@ -186,23 +297,101 @@ class RedisBackend:
     async def _call(self, what: str, op: Callable[[], Any], *, again: bool = True) -> Any:
         """Run one operation; StoreError if Redis cannot do it. A dropped connection (Redis restarted,
         a proxy closed an idle one) empties the pool, and a read (`again`) is tried once more on a fresh
-        connection. A change is not: Redis may have applied it before the connection dropped."""
+        connection."""
         for attempt in (1, 2):
             try:
                 return await op()
             except (RedisConnectionError, OSError) as exc:
-                await self.redis.connection_pool.disconnect()
+                await self._drop_connections()
                 if attempt == 2 or not again:
                     raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
             except (RedisError, TimeoutError) as exc:
+                await self._drop_connections()  # (a reply may still come on that connection)
                 raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
+
+    async def _drop_connections(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.connection_pool.disconnect()
+
+    # -- the epoch -------------------------------------------------------------------------------------
+    def _remember(self, position: int | None = None) -> None:
+        """Read (at start) or write the epoch followed, in `memory`; a file that cannot be used only
+        means a loss while this instance was stopped goes unnoticed, so it is warned about, not fatal."""
+        if self.memory is None:
+            return
+        if position is None and not self._epoch:
+            try:
+                kept = json.loads(self.memory.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return
+            except (OSError, ValueError) as exc:
+                log.warning("consent store %s: cannot read %s (%s); a loss of Redis's data while this instance "
+                            "was stopped would go unnoticed", self.name, self.memory, exc)
+                return
+            if isinstance(kept, dict) and kept.get("store") == self.name and kept.get("prefix") == self.prefix:
+                self._epoch = str(kept.get("epoch", ""))
+                self._position = int(kept.get("position", 0))
+            return
+        record = {"store": self.name, "prefix": self.prefix, "epoch": self._epoch, "position": self._position}
+        try:
+            part = self.memory.with_name(self.memory.name + ".new")
+            part.write_text(json.dumps(record) + "\n", encoding="utf-8")
+            os.replace(part, self.memory)
+        except OSError as exc:
+            log.warning("consent store %s: cannot write %s (%s)", self.name, self.memory, exc)
+
+    async def _state(self) -> tuple[str, int, int]:
+        """(epoch, seq, last trimmed id), read in one script; also sets the clock."""
+        sent = time.monotonic()
+        seq_key, log_key, epoch_key = self.keys[0], self.keys[1], self.keys[4]
+        epoch, seq, trimmed, sec, usec = await self._call(
+            "state", lambda: self.redis.eval(STATE, 3, seq_key, log_key, epoch_key))
+        self._clock = (int(sec) * 1000 + int(usec) / 1000, sent)
+        return str(epoch), int(seq), int(str(trimmed).split("-")[0])
+
+    async def _new_epoch(self, fork_from: str, base: int, gap: str) -> tuple[str, int]:
+        """Make (or adopt another instance's) epoch; a `gap` says what the new one does not hold."""
+        new = secrets.token_hex(8)
+        args: list[str] = [fork_from, new, str(base)]
+        if gap:
+            now = self._redis_now() / 1000
+            event = Event("history_lost", now, Subject(), "", channel="system", reason=gap)
+            x = json.dumps({"epoch": new, "origin": self.origin}, separators=(",", ":"))
+            args += flat({**encode(event_row(event)), "x": x})
+        epoch_key, seq_key, log_key = self.keys[4], self.keys[0], self.keys[1]
+        made, seq = await self._call("epoch", lambda: self.redis.eval(EPOCH, 3, epoch_key, seq_key, log_key, *args))
+        return str(made), int(seq)
+
+    def _redis_now(self) -> float:
+        """Redis's clock now, in ms, as last read (never ahead of it: the reading is dated when sent)."""
+        if self._clock is None:
+            return time.time() * 1000
+        redis_ms, at = self._clock
+        return redis_ms + (time.monotonic() - at) * 1000
 
     # -- reading the state ---------------------------------------------------------------------------
     async def load(self) -> Snapshot:
         """The choices in force and the pairings; this instance follows the log from here on."""
-        seq, _, index, pairings_key = self.keys
-        position = int(await self._call("load", lambda: self.redis.get(seq)) or 0)
+        self._loaded = False
+        known, applied = self._epoch, self._position
+        sent = time.monotonic()
+        epoch, seq, _ = await self._state()
+        if not epoch or (epoch == known and seq < applied):
+            # Empty (restarted without its files, or new), or rolled back below what this instance
+            # applied: a new epoch, whose ids start above every one used before.
+            gap = ""
+            if known and applied:
+                what = "is empty" if not epoch else f"went back from event #{applied} to #{seq}"
+                gap = (f"the consent log lost its history: Redis {what}; events up to #{applied} (history "
+                       f"{known}) are not in this log, exports made before hold them")
+            base = max(applied + 1, int(self._redis_now())) if known else 0
+            epoch, seq = await self._new_epoch(epoch if epoch else "", base, gap)
+        lost = ""
+        if known and applied and epoch != known:
+            lost = (f"Redis no longer holds the consent history this instance followed (history {known}, read up "
+                    f"to event #{applied}); it now holds history {epoch} (events from #{seq} on)")
+        index, pairings_key = self.keys[2], self.keys[3]
         members: list[tuple[str, float]] = await self._call("load", lambda: self.redis.zrange(index, 0, -1,
                                                                                               withscores=True))
         choices: list[Choice] = []
@@ -229,9 +418,12 @@ class RedisBackend:
                                 self.name, choice_id)
         raw_pairs: dict[str, str] = await self._call("load", lambda: self.redis.hgetall(pairings_key))
         pairs = [(*json.loads(k), float(v)) for k, v in raw_pairs.items()]
-        self._position = max(self._position, position) if self._loaded else position
-        self._loaded = True
-        return Snapshot(choices_in_order(choices), pairs)
+        changed = epoch != self._epoch
+        self._epoch, self._position, self._loaded = epoch, seq, True
+        self._fresh = max(self._fresh, sent)
+        if changed:
+            self._remember(seq)
+        return Snapshot(choices_in_order(choices), pairs, lost)
 
     async def _entry(self, event_id: int) -> Event | None:
         found = await self._call("read log", lambda: self.redis.xrange(self.keys[1], f"{event_id}-0",
@@ -248,21 +440,82 @@ class RedisBackend:
         return found
 
     # -- changing ------------------------------------------------------------------------------------
-    async def commit(self, steps: Sequence[Step], based_on: int) -> Recorded:
-        payload = json.dumps([self._step_args(s) for s in steps], separators=(",", ":"))
-        result = await self._call("commit", lambda: self.redis.eval(COMMIT, 4, *self.keys, self.prefix,
-                                                                    str(based_on), payload), again=False)
-        if result[0] == "conflict":
+    async def commit(self, steps: Sequence[Step], based_on: int, change: str, deadline: float) -> Recorded:
+        if not self._loaded:
+            raise StoreError(f"{self.name}: this instance has not caught up with the consent log yet")
+        payload = json.dumps([self._step_args(s, change, i) for i, s in enumerate(steps)], separators=(",", ":"))
+        ends_by = deadline - RESOLVE_RESERVE
+        script_deadline = int(self._redis_now() + (ends_by - time.monotonic()) * 1000 - CLOCK_MARGIN_MS)
+        sent = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.05, ends_by - sent)):
+                result = await self.redis.eval(COMMIT, 5, *self.keys, self.prefix, str(based_on), payload,
+                                               self._epoch, change, str(script_deadline))
+        except (RedisConnectionError, OSError, RedisError, TimeoutError) as exc:
+            if isinstance(exc, RedisError) and not isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+                raise StoreError(f"{self.name}: commit: {exc}") from exc  # Redis refused it: not run
+            await self._drop_connections()
+            by_step = await self._settle(change, based_on, deadline, exc)
+            settled = Recorded([by_step.get(i) for i in range(len(steps))], in_force_up_to=self._position)
+            self._position = max(self._position, *by_step.values())
+            return settled
+        kind = result[0]
+        if kind == "epoch":
+            self._loaded = False
+            raise _Reload(f"{self.name}: the consent log now holds another history; reloading it")
+        if kind == "late":
+            raise StoreError(f"{self.name}: Redis ran the change after its deadline, so it refused it")
+        if kind == "cancelled":
+            raise StoreError(f"{self.name}: the change was given up before Redis ran it")
+        if kind == "conflict":
             raise Conflict(f"{self.name}: the log is at {result[1]}, this change was planned at {based_on}")
-        ids = [int(i) or None for i in result[2:]]
+        self._clock = (float(result[2]), sent)
+        self._fresh = max(self._fresh, sent)
+        ids = [int(i) or None for i in result[3:]]
         # The follower may have applied these entries (in log order) while the answer was on its way.
         recorded = Recorded(ids, in_force_up_to=self._position)
         self._position = max(self._position, int(result[1]))
         return recorded
 
-    def _step_args(self, s: Step) -> dict[str, Any]:
+    async def _settle(self, change: str, based_on: int, deadline: float, cause: BaseException) -> dict[int, int]:
+        """A change got no answer: ask on fresh connections, until the deadline, whether it was
+        recorded (step -> event id) or not (StoreError; it never will be). InDoubt if Redis never
+        answers: the change's own deadline has passed by then, so it cannot run later."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                async with asyncio.timeout(left):
+                    found = await self._resolve(change, based_on)
+            except (RedisError, OSError, TimeoutError):
+                await self._drop_connections()
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                continue
+            if found is None:
+                raise StoreError(f"{self.name}: commit: {cause or type(cause).__name__}; not recorded") from None
+            return found
+        raise InDoubt(f"{self.name}: commit: no answer ({cause or type(cause).__name__}); the change may have "
+                      "been recorded just before, and is undone if so when Redis answers again")
+
+    async def _resolve(self, change: str, based_on: int) -> dict[int, int] | None:
+        log_key, epoch_key = self.keys[1], self.keys[4]
+        reply = await self.redis.eval(RESOLVE, 2, log_key, epoch_key, self.prefix, str(based_on), self._epoch,
+                                      change, str(CANCEL_MARK_MS))
+        if reply[0] == "gone":
+            self._loaded = False  # (another history: nothing of it was recorded there)
+            return None
+        if reply[0] == "cancelled":
+            return None
+        return {int(reply[i + 1]): int(str(reply[i]).split("-")[0]) for i in range(1, len(reply), 2)}
+
+    async def resolve(self, change: str, based_on: int) -> dict[int, int] | None:
+        return await self._call("resolve", lambda: self._resolve(change, based_on))  # type: ignore[no-any-return]
+
+    def _step_args(self, s: Step, change: str, index: int) -> dict[str, Any]:
         e = s.event
-        effects: dict[str, Any] = {"ends": s.ends, "choice": s.makes_choice, "origin": self.origin}
+        effects: dict[str, Any] = {"ends": s.ends, "choice": s.makes_choice, "origin": self.origin,
+                                   "change": change, "step": index, "epoch": self._epoch}
         args: dict[str, Any] = {"ends": [str(i) for i in s.ends]}
         if s.only_if_current is not None:
             args["only_if_current"] = str(s.only_if_current)
@@ -298,6 +551,8 @@ class RedisBackend:
     # -- following -----------------------------------------------------------------------------------
     async def catch_up(self, sink: ChangeSink) -> None:
         """Apply every entry after `position`, now."""
+        if not self._loaded:
+            raise StoreError(f"{self.name}: this instance has not caught up with the consent log yet")
         while True:
             entries = await self._call("catch up", lambda: self.redis.xrange(
                 self.keys[1], f"({self._position}-0", "+", count=PAGE))
@@ -306,9 +561,19 @@ class RedisBackend:
                 return
 
     async def follow(self, sink: ChangeSink) -> None:
-        """Apply other instances' changes as they are logged, for ever; reconnect after outages."""
+        """Apply other instances' changes as they are logged, for ever; reconnect after outages; hold
+        closed while nothing is heard for longer than the lease."""
+        watch = asyncio.get_running_loop().create_task(self._watch_lease(sink))
+        try:
+            await self._follow(sink)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _follow(self, sink: ChangeSink) -> None:
         problem = "" if self._loaded else "not loaded yet"
         wait = RETRY_MIN
+        clock_read = time.monotonic()
         while True:
             stop_if_cancelled()
             try:
@@ -320,10 +585,19 @@ class RedisBackend:
                     problem = ""
                     sink.store_health("")
                     wait = RETRY_MIN
-                found = await self._call("follow", lambda: self.redis.xread(
-                    {self.keys[1]: f"{self._position}-0"}, count=PAGE, block=self.block_ms))
-                for _stream, entries in found or ():
-                    self._apply(entries, sink)
+                if time.monotonic() - clock_read > CLOCK_EVERY:
+                    await self._state()
+                    clock_read = time.monotonic()
+                sent = time.monotonic()
+                epoch, found = await self._call("follow", self._read_on)
+                if epoch != self._epoch:  # (a reconnection may have reached another Redis)
+                    raise _Reload(f"{self.name}: the consent log now holds another history")
+                if self._loaded:
+                    self._fresh = max(self._fresh, sent)
+                    for _stream, entries in found or ():
+                        self._apply(entries, sink)
+            except _Reload:
+                self._loaded = False
             except StoreError as exc:
                 if str(exc) != problem:
                     problem = str(exc)
@@ -331,20 +605,34 @@ class RedisBackend:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RETRY_MAX)
 
+    async def _read_on(self) -> list[Any]:
+        """The epoch, then the entries after `position` (waiting for some up to `block_ms`), on one
+        connection in that order: entries are only applied from the history this instance follows."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys[4])
+            pipe.xread({self.keys[1]: f"{self._position}-0"}, count=PAGE, block=self.block_ms)
+            return list(await pipe.execute())
+
+    async def _watch_lease(self, sink: ChangeSink) -> None:
+        while True:
+            await asyncio.sleep(min(0.25, self.lease / 4))
+            if self._loaded and time.monotonic() - self._fresh > self.lease:
+                self._loaded = False  # (the follower loads everything again once Redis answers)
+                sink.cut_off(f"{self.name}: no answer for {self.lease:g} s; changes made through other instances "
+                             "meanwhile are unknown here")
+
     async def _resume(self, sink: ChangeSink) -> None:
-        """Back after an outage: read on from `position`, unless Redis no longer has those entries
-        (it lost data, or retention trimmed them): then take the whole state again."""
-        seq_key, log_key = self.keys[0], self.keys[1]
-        seq = int(await self._call("resume", lambda: self.redis.get(seq_key)) or 0)
-        trimmed = 0
-        if await self._call("resume", lambda: self.redis.exists(log_key)):
-            info = await self._call("resume", lambda: self.redis.xinfo_stream(log_key))
-            trimmed = int(str(info.get("max-deleted-entry-id", "0-0")).split("-")[0])
-        if seq < self._position or trimmed > self._position:
-            log.warning("consent store %s: the log no longer has the changes after #%d (Redis lost or trimmed "
-                        "them); reloading every choice", self.name, self._position)
-            self._loaded = False
+        """Back after an outage: read on from `position`, unless the log is another history, went back
+        below `position`, or lost entries after it to retention; then load the whole state again."""
+        applied = self._position  # (before the read: this instance's own commits only add to it)
+        epoch, seq, trimmed = await self._state()
+        if epoch != self._epoch or seq < applied or trimmed > applied:
+            if epoch == self._epoch and seq >= applied:
+                log.warning("consent store %s: retention trimmed the log past #%d while this instance was cut "
+                            "off; reloading every choice", self.name, applied)
             sink.replace_all(await self.load())
+        else:
+            await self.catch_up(sink)
 
     def _apply(self, entries: Sequence[tuple[str, Mapping[str, str]]], sink: ChangeSink) -> None:
         for entry_id, fields in entries:
@@ -352,12 +640,16 @@ class RedisBackend:
             if event_id <= self._position:
                 continue  # applied already (this instance's own change, or read twice)
             effects = json.loads(fields.get("x", "{}"))
+            if effects.get("epoch", self._epoch) != self._epoch:
+                self._loaded = False
+                raise _Reload(f"{self.name}: the consent log now holds another history; reloading it")
             event = _event(fields, event_id)
             pairing = effects.get("pairing")
             step = Step(event, makes_choice=bool(effects.get("choice")), ends=tuple(effects.get("ends", ())),
                         pairing=(pairing[0], pairing[1]) if pairing else None,
                         sets_profile_of=effects.get("profile_of"), sets_items_of=effects.get("items_of"))
             self._position = event_id
+            # Own: the commit announces it (or, for a change in doubt, the service once it is settled).
             sink.apply_recorded(step, event_id, effects.get("origin") == self.origin)
 
     # -- the log ---------------------------------------------------------------------------------------
@@ -416,7 +708,7 @@ class RedisBackend:
 
     # -- migration -------------------------------------------------------------------------------------
     async def restore(self, events: AsyncIterator[Event], snapshot: Snapshot) -> int:
-        seq_key, log_key, index, pairings_key = self.keys
+        seq_key, log_key, index, pairings_key, epoch_key = self.keys
         if await self._call("restore", lambda: self.redis.exists(seq_key, log_key, index)):
             raise StoreError(f"{self.name}: already holds consent (keys {self.prefix}*); "
                              "migrate only into an empty store")
@@ -453,6 +745,7 @@ class RedisBackend:
                 for http, dns, at in snapshot.pairings:
                     pipe.hset(pairings_key, json.dumps([http, dns]), repr(at))
                 pipe.set(seq_key, max([last, *(c.id for c in snapshot.choices)]))
+                pipe.set(epoch_key, secrets.token_hex(8))  # a history of its own from here on
                 await pipe.execute()
 
         await self._call("restore", state)
@@ -473,6 +766,8 @@ class RedisBackend:
         return None
 
     async def close(self) -> None:
+        if self._loaded:
+            self._remember(self._position)
         await self.redis.aclose()
 
 

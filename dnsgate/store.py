@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ from .consent import Choice, NoticeRef, Subject, source_of
 
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
+LOCK_MARGIN: Final = 0.25
+CHECK_WITHIN: Final = 10.0  # seconds PRAGMA quick_check may take at start before it is given up
 
 EVENT_COLUMNS: Final[dict[str, type]] = {
     # version 1
@@ -63,6 +67,58 @@ NO_DELETE: Final = (
 
 class StoreError(Exception):
     """The consent store cannot be read or written."""
+
+
+class Abandon:
+    """A change's deadline, shared by the thread that writes it and the caller waiting for it. The
+    caller gives up (`now`) only while the transaction has not begun to commit, and the writer checks
+    (`commit_point`) before it commits: a change given up on is rolled back, never recorded after
+    its answer."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # time.monotonic()
+        self._lock = threading.Lock()
+        self._given_up = False
+        self._committing = False
+
+    def now(self) -> bool:
+        """Give up; False if it is too late (the transaction is committing)."""
+        with self._lock:
+            if self._committing:
+                return False
+            self._given_up = True
+            return True
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def commit_point(self) -> None:
+        with self._lock:
+            if self._given_up or self.remaining() <= 0:
+                raise _GivenUp
+            self._committing = True
+
+
+class _GivenUp(Exception):
+    pass
+
+
+def quick_check(conn: sqlite3.Connection, within: float = CHECK_WITHIN) -> str:
+    """PRAGMA quick_check: "ok", what it found wrong (its first lines), or "" if it could not finish
+    within `within` seconds (a very large file: nothing is known either way)."""
+    limit = time.monotonic() + within
+    conn.set_progress_handler(lambda: int(time.monotonic() > limit), 10_000)
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.OperationalError as exc:  # (locked, unreadable: not a verdict on the pages)
+        if "interrupt" in str(exc):
+            return ""
+        raise
+    except sqlite3.DatabaseError as exc:  # so damaged that the check itself stops
+        return str(exc)
+    finally:
+        conn.set_progress_handler(None, 0)
+    return "ok" if rows == ["ok"] else "; ".join(rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +184,19 @@ class ConsentStore:
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self.path = path
         self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.checked = ""  # quick_check's verdict at open: "ok", or "" if it did not finish in time
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # A lock held elsewhere is waited for BUSY_TIMEOUT, then the change fails (503), unapplied.
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
             self.db = sqlite_utils.Database(conn)
+            # A damaged page (the evidence log's, retention's) must not pass for a store that works
+            # until the first write reaches it: the file is checked before anything is loaded.
+            verdict = quick_check(conn)
+            if verdict not in ("ok", ""):
+                conn.close()
+                raise StoreError(f"{path}: the database is damaged (quick_check: {verdict})")
+            self.checked = verdict
             self.db.enable_wal()
             self.db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'normal' else 'FULL'}")
             self._migrate()
@@ -241,15 +305,32 @@ class ConsentStore:
         return self.db.table("events").count
 
     # -- writing -----------------------------------------------------------------------------------
-    def commit(self, steps: Sequence[Step]) -> list[int | None]:
-        """Apply `steps` in one transaction; each step's event id, or None where it was skipped."""
+    def commit(self, steps: Sequence[Step], abandon: Abandon | None = None) -> list[int | None]:
+        """Apply `steps` in one transaction; each step's event id, or None where it was skipped.
+
+        With `abandon`, the wait for a lock ends at its deadline, and the transaction commits only
+        if the caller has not given up by then (else it rolls back: StoreError)."""
         ids: list[int | None] = []
+        if abandon is not None:
+            # A lock held elsewhere is waited for until shortly before the deadline, so that SQLite
+            # itself says why ("database is locked") and the caller is answered in time.
+            wait = abandon.remaining() - LOCK_MARGIN
+            if wait <= 0:
+                raise StoreError(f"{self.path}: no time left for the change")
+            self.db.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
         try:
             with self.db.atomic():
                 for step in steps:
                     ids.append(self._apply(step))
+                if abandon is not None:
+                    abandon.commit_point()
+        except _GivenUp:
+            raise StoreError(f"{self.path}: the change was not written in time; rolled back") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
+        finally:
+            if abandon is not None:
+                self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         return ids
 
     def _apply(self, step: Step) -> int | None:
@@ -358,7 +439,7 @@ class UnavailableStore(ConsentStore):
     def count_events(self) -> int:
         raise self._fail()
 
-    def commit(self, steps: Sequence[Step]) -> list[int | None]:
+    def commit(self, steps: Sequence[Step], abandon: Abandon | None = None) -> list[int | None]:
         raise self._fail()
 
     def remember_pairing(self, http: str, dns: str, at: float) -> None:

@@ -68,11 +68,29 @@ class RedisServer:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        if not kill:
+            proc.send_signal(signal.SIGCONT)  # (a paused one must run to see its SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def pause(self) -> None:
+        """SIGSTOP: Redis stalls (it neither answers nor closes its connections) until `resume`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def wipe(self) -> None:
+        """Delete its files (stopped first): the next `start` is an empty Redis on the same port."""
+        assert self.proc is None, "stop it first"
+        for path in self.directory.iterdir():
+            if path.name != "redis.log":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
     def log_tail(self) -> str:
         with contextlib.suppress(OSError):

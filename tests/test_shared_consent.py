@@ -27,6 +27,7 @@ from tests.stub_upstream import StubUpstream
 TRACKER = "trackcmp.net"
 GRANT = {"categories": ["marketing"]}
 SECOND = 1.0  # the bound: a change through any instance applies everywhere within a second
+LEASE = 4.0  # an instance cut off from Redis stops applying grants after this (2 x storage.redis_timeout)
 
 
 def shared(upstream: StubUpstream, tmp_path: Path, name: str, redis: RedisServer) -> Any:
@@ -219,11 +220,13 @@ async def test_redis_down_fails_closed_answers_503_and_catches_up_when_it_return
         status, body = await a.http("PUT", "/v1/consent", source=other, json=GRANT)
         assert status == 503 and body["error"]["code"] == "consent_store_unavailable"
         status, body = await b.http("DELETE", "/v1/consent", source=granted)
-        assert status == 503
+        assert status == 202 and "not recorded yet" in body["held"]
+        assert not await allowed(b, granted)  # the "no" holds at once where it was said
         assert (await a.http("GET", "/v1/audit/export", admin=True))[0] == 503
-        # Choices in memory keep applying; nobody else gets a tracker.
+        # A cannot know of it: once it has heard nothing from Redis for its lease, it stops applying
+        # grants, so a withdrawal made anywhere holds everywhere; nobody else gets a tracker meanwhile.
+        await within(LEASE + 1.0, lambda: not_allowed(a, granted))
         for g in (a, b):
-            assert await allowed(g, granted)
             assert not await allowed(g, other)
         assert await metric(a, "dnsgate_consent_store_errors_total") >= 2
 
@@ -231,12 +234,16 @@ async def test_redis_down_fails_closed_answers_503_and_catches_up_when_it_return
         for g in (a, b):
             await eventually(lambda g=g: store_ok(g), timeout=5.0)  # type: ignore[misc]
             assert await metric(g, "dnsgate_consent_store_up") == 1
-        # No restart needed: changes flow both ways again, and the acknowledged grant was kept.
+        # No restart needed: B records the withdrawal it held, and changes flow both ways again.
+        await eventually(lambda: withdrawals_held(b, 0), timeout=5.0)
         assert (await b.http("PUT", "/v1/consent", source=other, json=GRANT))[0] == 200
         await within(SECOND, lambda: allowed(a, other))
-        assert (await a.http("DELETE", "/v1/consent", source=granted))[0] == 200
-        await within(SECOND, lambda: not_allowed(b, granted))
-        assert [e["action"] for e in await export(b)] == ["grant", "grant", "withdrawal"]
+        assert not await allowed(a, granted)
+        assert [e["action"] for e in await export(b)] == ["grant", "withdrawal", "grant"]
+
+
+async def withdrawals_held(g: Gate, n: int) -> bool:
+    return await metric(g, "dnsgate_consent_withdrawals_held") == n
 
 
 async def problem(g: Gate) -> bool:

@@ -22,6 +22,7 @@ import pytest
 
 from dnsgate.config import ProfilesConfig
 from tests.conftest import Gate, make_config, running_gate
+from tests.consent_fixtures import eventually, parse_jsonl
 from tests.stub_upstream import StubUpstream
 
 NXDOMAIN, NOERROR = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
@@ -73,16 +74,32 @@ async def test_locked_store_refuses_grants_and_still_honours_withdrawals(upstrea
             assert status == 503 and "locked" in body["error"]["message"]
             assert await rcode(g, "trackcmp.net", "127.0.0.3") == NXDOMAIN  # no recorded grant: blocked
             assert await rcode(g, "host.example.test", "127.0.0.3") == NOERROR
-            assert (await g.http("DELETE", "/v1/consent", source="127.0.0.2"))[0] == 503
+            status, body = await g.http("DELETE", "/v1/consent", source="127.0.0.2")
+            assert status == 202 and "not recorded yet" in body["held"]  # held: in force, not yet recorded
             assert await rcode(g, "trackcmp.net", "127.0.0.2") == NXDOMAIN  # the "no" holds at once
             assert await metric(g, "dnsgate_consent_store_up") == 0
+            assert await metric(g, "dnsgate_consent_withdrawals_held") == 1
         finally:
             locker.execute("ROLLBACK")
             locker.close()
+        await eventually(lambda: held_recorded(g), timeout=10.0)  # recorded once the lock is gone
+        assert await rcode(g, "trackcmp.net", "127.0.0.2") == NXDOMAIN
         assert (await g.http("PUT", "/v1/consent", json={"categories": ["marketing"]}, source="127.0.0.3"))[0] == 200
         assert await rcode(g, "trackcmp.net", "127.0.0.3") == NOERROR
         assert await metric(g, "dnsgate_consent_store_up") == 1
         assert (await g.http("GET", "/healthz"))[1]["consent_store"] == "ok"
+        log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
+        assert [(e["address"], e["action"]) for e in log] == [("127.0.0.2", "grant"), ("127.0.0.2", "withdrawal"),
+                                                              ("127.0.0.3", "grant")]
+        assert log[1]["supersedes"] == log[0]["id"]
+    # After a restart the withdrawal still holds: it was recorded, not only applied in memory.
+    async with running_gate(make_config(upstream, data_dir)) as g:
+        assert await rcode(g, "trackcmp.net", "127.0.0.2") == NXDOMAIN
+        assert await rcode(g, "trackcmp.net", "127.0.0.3") == NOERROR
+
+
+async def held_recorded(g: Gate) -> bool:
+    return await metric(g, "dnsgate_consent_withdrawals_held") == 0
 
 
 def _limit_file_size(limit: int) -> None:

@@ -122,7 +122,7 @@ async def test_choices_whose_expiry_passed_in_redis_are_still_recorded_when_they
     lite = SqliteBackend.open(tmp_path / "consent.sqlite3")
     made = Event("grant", now - 10 * 86_400, Subject("10.0.0.9"), "opt-in", {"marketing": True}, {},
                  now - 86_400, None, "device")
-    (choice_id,) = (await lite.commit([Step(made, makes_choice=True)], 0)).ids
+    (choice_id,) = (await lite.commit([Step(made, makes_choice=True)], 0, "c1", time.monotonic() + 5)).ids
     assert choice_id == 1
     redis = RedisBackend(redis_server.url)
     try:
@@ -133,8 +133,8 @@ async def test_choices_whose_expiry_passed_in_redis_are_still_recorded_when_they
         expiry = Event("expiry", now, loaded.subject, "opt-in", loaded.categories, {}, loaded.expires_at, None,
                        "system", supersedes=1)
         step = Step(expiry, ends=(1,), only_if_current=1)
-        assert (await redis.commit([step], redis.position)).ids == [2]
-        assert (await redis.commit([step], redis.position)).ids == [None]  # recorded once
+        assert (await redis.commit([step], redis.position, "c2", time.monotonic() + 5)).ids == [2]
+        assert (await redis.commit([step], redis.position, "c3", time.monotonic() + 5)).ids == [None]  # once
         assert (await redis.load()).choices == []
         assert [e.action async for e in redis.export(EventFilter())] == ["grant", "expiry"]
     finally:

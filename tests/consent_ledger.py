@@ -1,0 +1,186 @@
+"""What clients were told, checked against what dnsgate does: the fault-injection tests' ledger.
+
+Clients change their consent through the admin API of one instance or another (alternating grants
+and withdrawals) while a fault is injected, and the ledger keeps every answer. Then:
+- `check_safe`: during a fault, no instance lets a client resolve a tracker unless the client's last
+  answered change was a grant (200): every withdrawal (200, or 202 held) holds, and a grant answered
+  503 after it opens nothing;
+- `check_exact`: once the store is back, every instance lets exactly the clients whose last answered
+  change was a grant resolve it (every 200 in force, every 503 absent, every withdrawal held);
+- `check_log`: the exported log holds every change answered 200 under the id it was answered with,
+  and no grant that was not answered 200 (a grant answered 503 is absent, or recorded and undone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import dns.asyncquery
+import dns.message
+import dns.rcode
+
+TRACKER = "trackcmp.net"
+GRANT = {"categories": ["marketing"]}
+
+
+class Instance(Protocol):
+    """A running dnsgate: in-process (tests.conftest.Gate) or a process (tests.reliability.process)."""
+
+    async def change(self, client: str, grant: bool) -> tuple[int, Any]: ...
+    async def allowed(self, client: str) -> bool: ...
+    async def export(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    client: str
+    grant: bool
+    status: int  # 0: no answer (the connection failed)
+    via: int  # which instance took it
+    took: float  # seconds from the request to its answer
+    choice_id: int | None  # the choice in force after it, as answered
+
+
+@dataclass
+class Ledger:
+    clients: Sequence[str]
+    answers: dict[str, list[Answer]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.answers = {c: [] for c in self.clients}
+
+    async def change(self, instance: Instance, via: int, client: str, grant: bool) -> Answer:
+        start = time.monotonic()
+        try:
+            status, body = await instance.change(client, grant)
+        except (aiohttp.ClientError, OSError):
+            status, body = 0, None
+        choice = body.get("choice") if isinstance(body, dict) else None
+        answer = Answer(client, grant, status, via, time.monotonic() - start,
+                        choice["id"] if status == 200 and choice else None)
+        assert status in (200, 202, 503), (status, body)
+        assert status != 202 or (not grant and "held" in body), body  # only a withdrawal is held
+        self.answers[client].append(answer)
+        return answer
+
+    def expected(self, client: str, on: int | None = None) -> bool:
+        """Whether `client` may resolve the tracker: its last answered change was a grant (200). With
+        `on`, as instance `on` must have it while the store is failing: a withdrawal held (202) binds
+        only the instance that took it until the store has recorded it."""
+        for a in reversed(self.answers[client]):
+            if a.status == 200 or (a.status == 202 and (on is None or a.via == on)):
+                return a.grant
+        return False
+
+    def statuses(self) -> Counter[int]:
+        return Counter(a.status for a in itertools.chain.from_iterable(self.answers.values()))
+
+    def slowest(self) -> float:
+        return max((a.took for a in itertools.chain.from_iterable(self.answers.values())), default=0.0)
+
+    def summary(self) -> str:
+        s = self.statuses()
+        return (f"{sum(s.values())} changes: {s[200]} x 200, {s[202]} x 202, {s[503]} x 503; "
+                f"slowest {self.slowest():.2f} s")
+
+
+async def churn(ledger: Ledger, instances: Sequence[Instance], seconds: float,
+                via: Callable[[int], int] | None = None) -> None:
+    """Every client alternates grant and withdrawal for `seconds`, one change at a time, through the
+    instance `via(n)` picks for its n-th change (round robin by default)."""
+    stop = time.monotonic() + seconds
+
+    async def client_loop(k: int, client: str) -> None:
+        n = k
+        while time.monotonic() < stop:
+            i = via(n) if via is not None else n % len(instances)
+            asked = ledger.answers[client]
+            grant = not asked[-1].grant if asked else True  # whatever the last answer was
+            await ledger.change(instances[i], i, client, grant)
+            n += 1
+            await asyncio.sleep(0.02 + (n % 5) * 0.02)
+
+    await asyncio.gather(*(client_loop(k, c) for k, c in enumerate(ledger.clients)))
+
+
+async def check_safe(ledger: Ledger, instances: Sequence[Instance], which: Sequence[int] | None = None) -> None:
+    for i in which if which is not None else range(len(instances)):
+        for client in ledger.clients:
+            if await instances[i].allowed(client):
+                assert ledger.expected(client, on=i), (f"instance {i} lets {client} resolve {TRACKER}, but its last "
+                                                 f"answered change was not a grant: {ledger.answers[client][-3:]}")
+
+
+async def check_exact(ledger: Ledger, instances: Sequence[Instance], within: float) -> None:
+    """Every instance agrees with the ledger, at the latest `within` seconds from now."""
+    deadline = time.monotonic() + within
+    for i, instance in enumerate(instances):
+        for client in ledger.clients:
+            want = ledger.expected(client)
+            while await instance.allowed(client) != want:
+                assert time.monotonic() < deadline, (
+                    f"instance {i}: {client} {'blocked' if want else 'allowed'}, but its last answered change "
+                    f"was {'a grant' if want else 'no grant'}: {ledger.answers[client][-3:]}")
+                await asyncio.sleep(0.05)
+
+
+def check_log(ledger: Ledger, log: Sequence[dict[str, Any]], history_lost: bool = False) -> None:
+    """`log`: an instance's export (JSON Lines records). With `history_lost`, the changes answered
+    before the loss are gone with it; only its marker and the later ones are checked."""
+    by_id = {e["id"]: e for e in log}
+    assert len(by_id) == len(log), "an event id is used twice"
+    first = min(by_id, default=0)
+    answered_grants = set()
+    for client, answers in ledger.answers.items():
+        for a in answers:
+            if a.status != 200 or a.choice_id is None:
+                continue
+            if a.grant:
+                answered_grants.add(a.choice_id)
+            if history_lost and a.choice_id < first:
+                continue
+            event = by_id.get(a.choice_id)
+            assert event is not None, f"change #{a.choice_id} by {client} was answered 200 but is not in the log"
+            assert event["address"] == client
+            assert event["categories"]["marketing"] is a.grant, event
+    undone = {e["supersedes"] for e in log if "answered 503" in e["reason"]}
+    for e in log:
+        if e["action"] == "grant":
+            assert e["id"] in answered_grants | undone or "in force again" in e["reason"], (
+                f"grant #{e['id']} for {e['address']} is in the log but was never answered 200: {e}")
+        if e["supersedes"] is not None:
+            assert e["supersedes"] in by_id or e["supersedes"] < first, (
+                f"#{e['id']} supersedes #{e['supersedes']}, which is not an event of this log")
+    for client in ledger.clients:
+        mine = [e for e in log if e["address"] == client]
+        if mine and not ledger.expected(client):
+            assert mine[-1]["action"] in ("withdrawal", "refusal", "reset"), mine[-1]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str = "") -> float:
+    """Poll `check` until it holds; seconds it took. Fails after `timeout`."""
+    start = time.monotonic()
+    while not await check():
+        assert time.monotonic() - start < timeout, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def resolves(dns_port: int, client: str) -> bool:
+    q = dns.message.make_query(TRACKER, "A")
+    for attempt in range(3):
+        try:
+            reply = await dns.asyncquery.udp(q, "127.0.0.1", port=dns_port, source=client, timeout=2.0)
+            break
+        except TimeoutError:
+            if attempt == 2:
+                raise
+    assert reply.rcode() in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN)
+    return reply.rcode() == dns.rcode.NOERROR
