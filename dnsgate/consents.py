@@ -378,7 +378,7 @@ class ConsentService:
     # -- what a shared store tells this instance (consent_backend.ChangeSink) ----------------------
     def replace_all(self, snapshot: Snapshot) -> None:
         if snapshot.lost:
-            self._lose_history(snapshot.lost)
+            self._lose_history(snapshot)
         self.table.reset(snapshot.choices)
         if self.table.profiles is not self._profiles:
             self.table.set_profiles(self._profiles)
@@ -418,14 +418,15 @@ class ConsentService:
         self._feed_problem = problem
         self._report(problem)
 
-    def _lose_history(self, lost: str) -> None:
-        """The store lost what this instance had followed: what it held is gone for every instance.
-        A grant that the store no longer holds cannot be proven, so it goes; a refusal needs no proof
-        and a person's "no" must hold, so each one in force here is held and recorded again."""
+    def _lose_history(self, snapshot: Snapshot) -> None:
+        """The store lost part or all of what this instance had followed, for every instance. A grant
+        it no longer holds cannot be proven, so it goes; a refusal needs no proof and a person's "no"
+        must hold, so each one in force here that the store lost is held and recorded again."""
         now = self.wall()
-        recorded = [c for c in self.table.choices() if c.id > 0]
-        kept = 0
-        for c in recorded:
+        kept = {c.id for c in snapshot.choices}
+        dropped = [c for c in self.table.choices() if c.id > 0 and c.id not in kept]
+        again = 0
+        for c in dropped:
             if c.grants_anything or not c.active(now) or c.subject.key in self._held:
                 continue
             event = Event("refusal", c.made_at, c.subject, c.profile, dict(c.categories), dict(c.vendors),
@@ -436,10 +437,10 @@ class ConsentService:
             self._provisional -= 1
             self._held[c.subject.key] = Held(event, event.as_choice(self._provisional), [], derived_action=False,
                                              answered=True)
-            kept += 1
-        grants = sum(1 for c in recorded if c.grants_anything)
-        what = (f"{lost}. {len(recorded)} choices in force here were dropped with it ({grants} grants, which cannot "
-                f"be proven any more); {kept} refusals are being recorded again")
+            again += 1
+        grants = sum(1 for c in dropped if c.grants_anything)
+        what = (f"{snapshot.lost}. {len(dropped)} choices in force here are not in it any more ({grants} grants, "
+                f"dropped: they cannot be proven; {again} refusals, recorded again)")
         self.history_lost = Loss(now, what)
         self.history_losses += 1
         log.error("consent store %s lost its history: %s; acknowledge with POST /v1/store/acknowledge or "

@@ -588,9 +588,11 @@ class RedisBackend:
                 if time.monotonic() - clock_read > CLOCK_EVERY:
                     await self._state()
                     clock_read = time.monotonic()
-                sent = time.monotonic()
-                epoch, found = await self._call("follow", self._read_on)
-                if epoch != self._epoch:  # (a reconnection may have reached another Redis)
+                sent, applied = time.monotonic(), self._position
+                epoch, seq, found = await self._call("follow", self._read_on)
+                # A reconnection may have reached a Redis that lost data: another epoch, or a log
+                # that went back (`applied` is taken first: this instance's commits only add to it).
+                if epoch != self._epoch or int(seq or 0) < applied:
                     raise _Reload(f"{self.name}: the consent log now holds another history")
                 if self._loaded:
                     self._fresh = max(self._fresh, sent)
@@ -606,10 +608,12 @@ class RedisBackend:
                 wait = min(wait * 2, RETRY_MAX)
 
     async def _read_on(self) -> list[Any]:
-        """The epoch, then the entries after `position` (waiting for some up to `block_ms`), on one
-        connection in that order: entries are only applied from the history this instance follows."""
+        """The epoch and the sequence, then the entries after `position` (waiting for some up to
+        `block_ms`), on one connection in that order: entries are only applied from the history this
+        instance follows."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys[4])
+            pipe.get(self.keys[0])
             pipe.xread({self.keys[1]: f"{self._position}-0"}, count=PAGE, block=self.block_ms)
             return list(await pipe.execute())
 

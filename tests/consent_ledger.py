@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -89,6 +91,21 @@ class Ledger:
         s = self.statuses()
         return (f"{sum(s.values())} changes: {s[200]} x 200, {s[202]} x 202, {s[503]} x 503; "
                 f"slowest {self.slowest():.2f} s")
+
+
+FIGURES = "DNSGATE_FAULT_FIGURES"  # a file: each test that passes appends its figures (tests/reliability)
+
+
+def record(test: str, ledger: Ledger, **extra: float) -> None:
+    """The figures of a run that passed, for tests/reliability/store_faults.py."""
+    path = os.environ.get(FIGURES)
+    if not path:
+        return
+    s = ledger.statuses()
+    line = {"test": test, "changes": sum(s.values()), "200": s[200], "202": s[202], "503": s[503],
+            "slowest": round(ledger.slowest(), 3), **{k: round(v, 3) for k, v in extra.items()}}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 async def churn(ledger: Ledger, instances: Sequence[Instance], seconds: float,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from tests.consent_ledger import (
     check_safe,
     churn,
     eventually,
+    record,
     resolves,
 )
 from tests.redis_server import RedisServer
@@ -128,13 +130,19 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         await asyncio.sleep(LEASE)
         await check_safe(ledger, lives)
         redis_server.start()  # the same files: every acknowledged change is still there
-        for live in lives:
-            await eventually(live.settled, 10.0, "store back and every held withdrawal recorded")
+        recovered = await settled(lives)
         await healthy_round(ledger, lives)
         log = await lives[0].export()
         assert log == await lives[1].export()
         check_log(ledger, log)
     assert outage_lines(caplog) == 2  # one per instance, not one per refused change
+    record("redis_sigkill", ledger, recovered=recovered)
+
+
+async def settled(lives: list[Live]) -> float:
+    """Seconds until every instance answers again with nothing held or in doubt."""
+    return max([await eventually(live.settled, 10.0, "store back and every held withdrawal recorded")
+                for live in lives])
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> int:
@@ -161,8 +169,7 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
             redis_server.resume()
         assert during[503] > 0 and during[202] > 0, during
         assert ledger.slowest() < ANSWER_WITHIN, ledger.summary()
-        for live in lives:
-            await eventually(live.settled, 10.0, "store back and every held withdrawal recorded")
+        recovered = await settled(lives)
         # Resumed Redis ran the commands it had queued: none of the refused grants may be in force.
         await check_exact(ledger, lives, within=SECOND)
         await healthy_round(ledger, lives)
@@ -170,6 +177,7 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
         check_log(ledger, log)
         assert log == await lives[1].export()
     assert outage_lines(caplog) == 2
+    record("redis_sigstop", ledger, recovered=recovered)
 
 
 # -- Redis restarted empty -----------------------------------------------------------------------------
@@ -191,15 +199,14 @@ async def test_redis_restarted_empty(upstream: StubUpstream, tmp_path: Path, red
             assert health["consent_store"].startswith("history lost at "), health
             lost = health["consent_store_history_lost"]
             assert abs(parse_time(lost["at"]) - time.time()) < 60, lost
-            assert "choices in force here were dropped" in lost["what"], lost
+            assert "choices in force here are not in it any more" in lost["what"], lost
             assert await live.metric("dnsgate_consent_store_history_lost_total") == 1
         # What the empty Redis cannot prove is gone everywhere; each "no" is recorded again.
         for client in CLIENTS:
             for live in lives:
                 assert not await live.allowed(client)
         ledger_after = Ledger(CLIENTS)
-        for live in lives:
-            await eventually(live.settled, 10.0, "every refusal recorded again")
+        recovered = await settled(lives)
         await healthy_round(ledger_after, lives)
         log = await lives[1].export()
         assert log[0]["action"] == "history_lost" and "lost its history" in log[0]["reason"]
@@ -219,6 +226,48 @@ async def test_redis_restarted_empty(upstream: StubUpstream, tmp_path: Path, red
         out, err = await asyncio.wait_for(process.communicate(), 20)
         assert process.returncode == 0 and out.decode().startswith("acknowledged: the history loss of "), err
         assert (await lives[1].health())["consent_store"] == "ok"
+    record("redis_empty_restart", ledger, recovered=recovered, after=len(log))
+
+
+async def test_redis_restored_from_an_older_copy(upstream: StubUpstream, tmp_path: Path,
+                                                 redis_server: RedisServer) -> None:
+    """Redis comes back from an older copy of its files (a backup): the same history id, but a log
+    that went back. The instances fork a new history above every id they saw instead of handing
+    those ids out again, and the withdrawals the copy does not have are recorded again."""
+    ledger = Ledger(CLIENTS)
+    async with two(upstream, tmp_path, redis_server.url, redis_server.url) as lives:
+        await healthy_round(ledger, lives)
+        copy = tmp_path / "redis-copy"
+        shutil.copytree(redis_server.directory, copy)  # (appendfsync always: what was answered is in it)
+        await healthy_round(ledger, lives)
+        before = await lives[0].export()
+        redis_server.stop(kill=True)
+        redis_server.wipe()
+        shutil.copytree(copy, redis_server.directory, dirs_exist_ok=True)
+        redis_server.start()
+        for live in lives:
+            await eventually(live.lost, 10.0, "the loss seen")
+        recovered = await settled(lives)
+        # No withdrawal is lost (each was recorded again), no grant the copy does not hold applies, and
+        # the grants it holds do.
+        await check_safe(ledger, lives)
+        in_copy = {e["id"] for e in await lives[0].export()}
+        for client in CLIENTS:
+            last = ledger.answers[client][-1]
+            if last.grant and last.choice_id in in_copy:
+                assert all([await live.allowed(client) for live in lives]), client
+        after = Ledger(CLIENTS)
+        await healthy_round(after, lives)
+        log = await lives[0].export()
+        assert log == await lives[1].export()
+        gap = next(e for e in log if e["action"] == "history_lost")
+        assert "went back" in gap["reason"]
+        lost_ids = {e["id"] for e in before} - {e["id"] for e in log}
+        assert lost_ids and gap["id"] > max(lost_ids)  # the lost ids are never handed out again
+        kept = {e["id"]: e for e in before if e["id"] not in lost_ids}
+        assert kept == {e["id"]: e for e in log if e["id"] < gap["id"]}
+        check_log(after, [e for e in log if e["id"] >= gap["id"]])
+    record("redis_older_copy", ledger, recovered=recovered)
 
 
 # -- one instance cut off -----------------------------------------------------------------------------
@@ -240,13 +289,13 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
         await churn(ledger, lives, 2.0, via=lambda n: 1)  # B only
         await check_safe(ledger, lives)
         proxy.heal()
-        for live in lives:
-            await eventually(live.settled, 10.0, "A caught up and recorded what it held")
+        recovered = await settled(lives)
         await check_exact(ledger, lives, within=SECOND)
         await healthy_round(ledger, lives)
         log = await lives[0].export()
         check_log(ledger, log)
         assert log == await lives[1].export()
+    record("redis_partition", ledger, recovered=recovered)
 
 
 async def test_a_partitioned_instance_misses_an_empty_restart(upstream: StubUpstream, tmp_path: Path,
@@ -280,6 +329,7 @@ async def test_a_partitioned_instance_misses_an_empty_restart(upstream: StubUpst
         log = await b.export()
         check_log(after, log, history_lost=True)
         assert log == await a.export()
+    record("redis_partition_missed_empty_restart", after)
 
 
 async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, tmp_path: Path,
@@ -303,3 +353,4 @@ async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, t
         assert [e["action"] for e in log] == ["refusal", "grant", "refusal"]
         assert log[2]["supersedes"] == log[1]["id"] and "answered 503" in log[2]["reason"]
         check_log(ledger, log)
+    record("redis_lost_reply", ledger)

@@ -29,6 +29,7 @@ from tests.consent_ledger import (
     check_safe,
     churn,
     eventually,
+    record,
     resolves,
 )
 from tests.reliability.process import Served, serve
@@ -105,7 +106,7 @@ async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
             assert health["consent_store"] != "ok" and health["consent_withdrawals_held"] > 0
             assert await resolves_normally(proc)  # DNS goes on
             disk.free()
-            await eventually(proc.settled, 15.0, "the held withdrawals written")
+            recovered = await eventually(proc.settled, 15.0, "the held withdrawals written")
             await churn(ledger, [proc], 1.0)
             await check_exact(ledger, [proc], within=1.0)
             check_log(ledger, await proc.export())
@@ -118,6 +119,7 @@ async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
             check_log(ledger, await proc.export())
         finally:
             await proc.served.stop()
+    record("sqlite_disk_full" if disk.tmpfs else "sqlite_file_size_limit", ledger, recovered=recovered)
 
 
 async def resolves_normally(proc: Proc) -> bool:
@@ -162,6 +164,7 @@ async def test_read_only_data_dir_at_start(upstream: StubUpstream, tmp_path: Pat
             await check_exact(ledger, [proc], within=0.0)
         finally:
             await proc.served.stop()
+    record("sqlite_read_only_at_start", ledger)
 
 
 def corrupt_table(db: Path, table: str) -> None:
@@ -201,6 +204,7 @@ async def test_damaged_consent_store_starts_fail_closed(upstream: StubUpstream, 
         assert await resolves_normally(proc)
     finally:
         await proc.served.stop()
+    record(f"sqlite_damaged_{table}", ledger)
 
 
 async def test_damaged_query_log_is_turned_off_not_fatal(upstream: StubUpstream, tmp_path: Path) -> None:
@@ -223,3 +227,4 @@ async def test_damaged_query_log_is_turned_off_not_fatal(upstream: StubUpstream,
     finally:
         log = await proc.served.stop()
     assert any("WARNING" in line and "query log disabled" in line for line in log), log[-10:]
+    record("sqlite_damaged_query_log", ledger)
