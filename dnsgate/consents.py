@@ -739,12 +739,20 @@ class ConsentService:
                 log_event(step.event)
                 self._notify(dataclasses.replace(step.event, id=found[i]))
 
-    def _settle_held(self, ended: Iterable[int] = ()) -> None:
+    def _settle_held(self, ended: Iterable[int] = (), near: Subject | None = None) -> None:
         """After recorded changes came into force: an answered held refusal whose subject has since
         made a choice (recorded at or after it) gives way to it; otherwise it stays on top of
-        whatever recorded choices now occupy its slots, and will supersede them when written."""
+        whatever recorded choices now occupy its slots, and will supersede them when written.
+        `near`: only the held refusals whose slots a choice of this subject can take."""
         gone = set(ended)
-        for key, h in list(self._held.items()):
+        if near is None:
+            keys = list(self._held)
+        else:
+            keys = [k for k in {near.mac, near.address, near.network} if k and k in self._held]
+            if near.address is not None:  # (a device's refusal held at that address)
+                keys += [k for k, h in self._held.items() if h.event.subject.address == near.address and k not in keys]
+        for key in keys:
+            h = self._held[key]
             if gone:
                 h.shadow = [c for c in h.shadow if c.id not in gone]
             others = [c for c in self.table.superseded_by(h.event.subject) if c.id != h.choice.id]
@@ -1456,7 +1464,7 @@ class ConsentService:
             http, dns = step.pairing
             self.paired.setdefault(http, {})[dns] = step.event.at
         if self._held:
-            self._settle_held(step.ends)
+            self._settle_held(step.ends, step.event.subject)
 
     def _after(self, subject: Subject) -> ClientView:
         if subject.address is not None and subject.network is None:

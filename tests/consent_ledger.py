@@ -96,13 +96,16 @@ class Ledger:
 FIGURES = "DNSGATE_FAULT_FIGURES"  # a file: each test that passes appends its figures (tests/reliability)
 
 
-def record(test: str, ledger: Ledger, **extra: float) -> None:
-    """The figures of a run that passed, for tests/reliability/store_faults.py."""
+def record(test: str, ledger: Ledger, during: Counter[int] | None = None, **extra: float) -> None:
+    """The figures of a run that passed, for tests/reliability/store_faults.py: every change, and
+    those answered while the fault lasted (`during`)."""
     path = os.environ.get(FIGURES)
     if not path:
         return
     s = ledger.statuses()
+    d = during or Counter()
     line = {"test": test, "changes": sum(s.values()), "200": s[200], "202": s[202], "503": s[503],
+            "during": {"200": d[200], "202": d[202], "503": d[503]},
             "slowest": round(ledger.slowest(), 3), **{k: round(v, 3) for k, v in extra.items()}}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")

@@ -136,7 +136,7 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         assert log == await lives[1].export()
         check_log(ledger, log)
     assert outage_lines(caplog) == 2  # one per instance, not one per refused change
-    record("redis_sigkill", ledger, recovered=recovered)
+    record("redis_sigkill", ledger, during, recovered=recovered)
 
 
 async def settled(lives: list[Live]) -> float:
@@ -177,7 +177,7 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
         check_log(ledger, log)
         assert log == await lives[1].export()
     assert outage_lines(caplog) == 2
-    record("redis_sigstop", ledger, recovered=recovered)
+    record("redis_sigstop", ledger, during, recovered=recovered)
 
 
 # -- Redis restarted empty -----------------------------------------------------------------------------
@@ -282,12 +282,15 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
     async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
         await healthy_round(ledger, lives)
         proxy.partition()
+        before = ledger.statuses()
         await churn(ledger, lives, 3.0)
         await check_safe(ledger, lives, which=[1])
         await asyncio.sleep(LEASE)
         await check_safe(ledger, lives)  # A holds closed: B's withdrawals hold there too
         await churn(ledger, lives, 2.0, via=lambda n: 1)  # B only
         await check_safe(ledger, lives)
+        during = ledger.statuses() - before
+        assert during[503] > 0 and during[202] > 0, during  # through A
         proxy.heal()
         recovered = await settled(lives)
         await check_exact(ledger, lives, within=SECOND)
@@ -295,7 +298,7 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
         log = await lives[0].export()
         check_log(ledger, log)
         assert log == await lives[1].export()
-    record("redis_partition", ledger, recovered=recovered)
+    record("redis_partition", ledger, during, recovered=recovered)
 
 
 async def test_a_partitioned_instance_misses_an_empty_restart(upstream: StubUpstream, tmp_path: Path,

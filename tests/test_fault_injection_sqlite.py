@@ -119,7 +119,7 @@ async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
             check_log(ledger, await proc.export())
         finally:
             await proc.served.stop()
-    record("sqlite_disk_full" if disk.tmpfs else "sqlite_file_size_limit", ledger, recovered=recovered)
+    record("sqlite_disk_full" if disk.tmpfs else "sqlite_file_size_limit", ledger, during, recovered=recovered)
 
 
 async def resolves_normally(proc: Proc) -> bool:

@@ -45,7 +45,9 @@ def run(runs: int, select: str | None) -> tuple[int, list[str], list[dict[str, A
             if done.returncode == 0:
                 passed += 1
             else:
-                failures += [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+                lines = done.stdout.splitlines()
+                failures += [line for line in lines if line.startswith("FAILED")]
+                failures += [f"  {line[:400]}" for line in lines if line.startswith("E   ")][:8]
         lines = figures.read_text().splitlines() if figures.exists() else []
     return passed, failures, [json.loads(line) for line in lines]
 
@@ -57,11 +59,14 @@ def report(runs: int, passed: int, failures: list[str], figures: list[dict[str, 
     out = [f"{passed} of {runs} runs passed every test"]
     for test, rows in sorted(by_test.items()):
         total = {k: sum(r[k] for r in rows) for k in ("changes", "200", "202", "503")}
+        during = {k: sum(r["during"][k] for r in rows) for k in ("200", "202", "503")}
         slowest = max(r["slowest"] for r in rows)
         recovered = [r["recovered"] for r in rows if "recovered" in r]
         settle = f"; settled {min(recovered):.2f}-{max(recovered):.2f} s after the store was back" if recovered else ""
-        out.append(f"{test}: passed {len(rows)} times; {total['changes']} changes ({total['200']} x 200, "
-                   f"{total['202']} x 202, {total['503']} x 503); slowest answer {slowest:.2f} s{settle}")
+        fault = (f" ({during['200']} x 200, {during['202']} x 202, {during['503']} x 503 during the fault)"
+                 if any(during.values()) else "")
+        out.append(f"{test}: passed {len(rows)} times; {total['changes']} changes{fault}; slowest answer "
+                   f"{slowest:.2f} s{settle}")
     out += failures
     return "\n".join(out)
 
