@@ -135,6 +135,7 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         log = await lives[0].export()
         assert log == await lives[1].export()
         check_log(ledger, log)
+        await nothing_lost(lives)
     assert outage_lines(caplog) == 2  # one per instance, not one per refused change
     record("redis_sigkill", ledger, during, recovered=recovered)
 
@@ -143,6 +144,13 @@ async def settled(lives: list[Live]) -> float:
     """Seconds until every instance answers again with nothing held or in doubt."""
     return max([await eventually(live.settled, 10.0, "store back and every held withdrawal recorded")
                 for live in lives])
+
+
+async def nothing_lost(lives: list[Live]) -> None:
+    """No instance took an outage (or its own commits meanwhile) for a lost history."""
+    for live in lives:
+        assert await live.metric("dnsgate_consent_store_history_lost_total") == 0
+        assert (await live.health())["consent_store"] == "ok"
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> int:
@@ -176,6 +184,7 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
         log = await lives[0].export()
         check_log(ledger, log)
         assert log == await lives[1].export()
+        await nothing_lost(lives)
     assert outage_lines(caplog) == 2
     record("redis_sigstop", ledger, during, recovered=recovered)
 
@@ -298,6 +307,7 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
         log = await lives[0].export()
         check_log(ledger, log)
         assert log == await lives[1].export()
+        await nothing_lost(lives)
     record("redis_partition", ledger, during, recovered=recovered)
 
 
