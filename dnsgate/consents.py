@@ -1308,11 +1308,9 @@ class ConsentService:
 
         A shared store refuses a plan made before another instance's change (`Conflict`): catch up
         with that change and plan again, so that what a change supersedes is always what is in force."""
-        operator = self.operator.as_json()
         for _ in range(PLAN_ATTEMPTS):
             based_on = self.store.position
-            # Every record names who ran the network when it was made.
-            steps = [dataclasses.replace(s, event=dataclasses.replace(s.event, operator=operator)) for s in plan()]
+            steps = plan()
             if not steps:
                 return 0
             try:
@@ -1327,6 +1325,8 @@ class ConsentService:
         refusals these steps record (a write of theirs in doubt is settled before they are written
         again); any other change in doubt is undone if it turns out to have been recorded."""
         change = secrets.token_hex(8)
+        operator = self.operator.as_json()  # every record names who ran the network when it was made
+        steps = [dataclasses.replace(s, event=dataclasses.replace(s.event, operator=operator)) for s in steps]
         ended = {i: c for s in steps for i in s.ends if (c := self.table.find(i)) is not None}
         try:
             recorded = await self._in_store(self.store.commit(steps, based_on, change, deadline))

@@ -163,16 +163,16 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
                           for c in control.catalog.categories}
             view = await control.choose(subject, dataclasses.replace(shown, categories=categories), caller)
             done = ("granted" if view.choice is not None and view.choice.grants_anything else
-                    "withdrawn" if had_grant else "refused")
+                    "held" if view.held else "withdrawn" if had_grant else "refused")
         elif action == "withdraw":
-            await control.withdraw(subject, caller, shown)
-            done = "withdrawn" if had_grant else "refused"
+            view = await control.withdraw(subject, caller, shown)
+            done = "held" if view.held else "withdrawn" if had_grant else "refused"
         elif before.profile == "kiosk":
             await control.end_session(subject, caller, "session ended on the portal page")
             done = "session_ended"
         else:  # the kiosk layout on another network: the next person starts with nothing allowed
-            await control.withdraw(subject, caller, shown)
-            done = "session_withdrawn"
+            view = await control.withdraw(subject, caller, shown)
+            done = "held" if view.held else "session_withdrawn"
     except ConsentError as exc:
         if exc.code == "notice_changed":
             raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None

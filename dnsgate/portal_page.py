@@ -29,7 +29,8 @@ from .consents import ClientView
 from .notice import NoticeInForce
 
 FORM_TTL: Final = 3600.0  # seconds a page's form may be posted
-DONE: Final = ("granted", "refused", "withdrawn", "session_ended", "session_withdrawn", "notice_changed", "expired")
+DONE: Final = ("granted", "refused", "withdrawn", "held", "session_ended", "session_withdrawn", "notice_changed",
+                "expired")
 
 
 @functools.cache
@@ -194,6 +195,8 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
         result, kind = [t("result_refused")], "ok"
     elif req.done == "withdrawn":
         result, kind = [t("result_withdrawn"), t("result_cache")], "ok"
+    elif req.done == "held":  # a refusal in force here that the consent store has not recorded yet
+        result, kind = [t("result_held"), t("result_cache")], "warn"
     elif req.done == "session_ended":
         result, kind = [t("result_session_ended")], "ok"
     elif req.done == "session_withdrawn":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import resource
 import signal
 import sqlite3
@@ -142,3 +143,39 @@ async def test_full_disk_in_a_real_process(upstream: StubUpstream, tmp_path: Pat
         process.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(process.communicate(), 15)
     assert "consent store unavailable" in err.decode()
+
+
+async def test_a_withdrawal_by_the_portal_form_holds_while_the_store_is_locked(upstream: StubUpstream,
+                                                                               data_dir: Path) -> None:
+    """The page's form (no JavaScript) during an outage: the withdrawal holds at once, the page says
+    that it is not recorded yet, and it is recorded once the store answers."""
+    async with running_gate(make_config(upstream, data_dir)) as g, aiohttp.ClientSession() as session:
+        async with session.get(g.api_url + "/") as r:
+            page = await r.text()
+        token = re.search(r'name="token" value="([^"]+)"', page)
+        version = re.search(r'name="notice_version" value="([^"]+)"', page)
+        sha = re.search(r'name="notice_sha256" value="([^"]+)"', page)
+        assert token and version and sha
+        form = {"token": token[1], "notice_version": version[1], "notice_sha256": sha[1], "language": "en"}
+
+        async def post(action: str) -> str:
+            async with session.post(g.api_url + "/", data={**form, "action": action},
+                                    allow_redirects=False) as r:
+                assert r.status == 303
+                return r.headers["Location"]
+
+        assert await post("accept_all") == "/?done=granted"
+        assert await rcode(g, "trackcmp.net", "127.0.0.1") == NOERROR
+        locker = sqlite3.connect(data_dir / "consent.sqlite3", isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            assert await post("withdraw") == "/?done=held"
+            assert await rcode(g, "trackcmp.net", "127.0.0.1") == NXDOMAIN
+            async with session.get(g.api_url + "/?done=held") as r:
+                assert "cannot record it right now" in await r.text()
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await eventually(lambda: held_recorded(g), timeout=10.0)
+        log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
+        assert [e["action"] for e in log] == ["grant", "withdrawal"] and log[1]["channel"] == "portal"

@@ -271,7 +271,8 @@
     try {
       state = await api(method, path, body);
       render();
-      say(outcome(state, before));
+      // 202: a refusal in force at once that the consent store records once it is back.
+      say(state.held ? [t("result_held"), t("result_cache")] : outcome(state, before), state.held ? "warn" : undefined);
       if (method !== "POST") await elsewhere(method, path, body, state.pairing);  // (a session end reaches it)
       pair(state.pairing);
     } catch (e) {
