@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -170,6 +171,14 @@ def prepare_data_dir(cfg: Config) -> tuple[Path, str, Path | None]:
         for secret in ("admin-token", QUERYLOG_KEY):
             if (data_dir / secret).exists():
                 os.chmod(data_dir / secret, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EROFS or not data_dir.is_dir():
+            raise StartupError(f"storage.data_dir: {data_dir}: {exc.strerror}") from None
+        # A read-only mount: nothing can be written (nor a mode changed), but DNS can still be
+        # answered, fail-closed, from what can be read; each part says what it cannot do.
+        log.warning("storage.data_dir: %s is on a read-only file system: consent changes cannot be recorded "
+                    "and the query log is off until it is writable again (then restart)", data_dir)
+    try:
         token, token_file = admin_token(cfg, data_dir)
     except OSError as exc:
         raise StartupError(f"storage.data_dir: {data_dir}: {exc.strerror}") from None

@@ -4,8 +4,8 @@ Where the test runs as root and may mount, the dir is a small tmpfs of its own (
 finally): `fill` writes a file until the disk is full (ENOSPC), `free` deletes it, `read_only` and
 `writable` remount it. Elsewhere it is a plain directory: `fill` lowers the process's file size
 limit (RLIMIT_FSIZE through prlimit: writes that would grow a file fail with EFBIG, as on a full
-disk) and `free` lifts it; a read-only dir is only possible before the process starts (chmod), since
-a file opened for writing stays writable whatever its mode becomes.
+disk) and `free` lifts it; a read-only dir needs the mount (dnsgate gives its own dir its modes back).
+DNSGATE_TEST_NO_MOUNT=1 takes the second way as root too (to try it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import errno
 import os
 import resource
 import shutil
-import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,32 +43,29 @@ class SmallDisk:
             return
         assert self.pid is not None
         largest = max(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (largest, largest))
+        _, hard = resource.prlimit(self.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (largest, hard))  # (the soft one: it can go back up)
 
     def free(self) -> None:
         if self.tmpfs:
             self._filler.unlink(missing_ok=True)
             return
         assert self.pid is not None
-        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        _, hard = resource.prlimit(self.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(self.pid, resource.RLIMIT_FSIZE, (hard, hard))
 
     @property
     def can_remount(self) -> bool:
         return self.tmpfs
 
     def read_only(self) -> None:
-        if self.tmpfs:
-            _run(MOUNT, "-o", "remount,ro", str(self.path))
-            return
-        for p in [self.path, *self.path.rglob("*")]:
-            p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+        """Remount read-only (a tmpfs only; refused while a file on it is open for writing)."""
+        assert self.tmpfs
+        _run(MOUNT, "-o", "remount,ro", str(self.path))
 
     def writable(self) -> None:
-        if self.tmpfs:
-            _run(MOUNT, "-o", "remount,rw", str(self.path))
-            return
-        for p in [self.path, *self.path.rglob("*")]:
-            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+        assert self.tmpfs
+        _run(MOUNT, "-o", "remount,rw", str(self.path))
 
 
 def _run(*args: str | None) -> None:
@@ -81,7 +77,7 @@ def _run(*args: str | None) -> None:
 def small_disk(path: Path, size: str = "3m") -> Iterator[SmallDisk]:
     path.mkdir(parents=True, exist_ok=True)
     mounted = False
-    if os.geteuid() == 0 and MOUNT and UMOUNT:
+    if os.geteuid() == 0 and MOUNT and UMOUNT and not os.environ.get("DNSGATE_TEST_NO_MOUNT"):
         try:
             _run(MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path))
             mounted = True
@@ -98,5 +94,3 @@ def small_disk(path: Path, size: str = "3m") -> Iterator[SmallDisk]:
                 _run(UMOUNT, str(path))
             except subprocess.CalledProcessError:
                 _run(UMOUNT, "-l", str(path))  # still busy: detach it now, the kernel frees it when unused
-        else:
-            disk.writable() if path.exists() else None

@@ -5,8 +5,8 @@ It runs in the test's event loop, between the instance and the Redis it would ot
 - `partition()`: nothing flows, but nothing is lost either: bytes sent meanwhile wait in the proxy
   and arrive when `heal()` is called, as TCP's retransmissions deliver them after a real network
   partition heals (a command that timed out can still reach Redis late);
-- `drop_replies()`: requests reach Redis, its replies are thrown away (the answer to a change is
-  lost after Redis recorded it);
+- `drop_replies(after)`: requests reach Redis, its replies are thrown away (the answer to a change
+  is lost after Redis recorded it), from the first request that contains `after` on;
 - `cut()`: every connection is closed and new ones are refused, until `heal()`.
 """
 
@@ -28,6 +28,7 @@ class TcpProxy:
         self._flowing.set()
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._arm_on = b""
 
     @property
     def url(self) -> str:
@@ -40,14 +41,16 @@ class TcpProxy:
 
     def passing(self) -> None:
         self.mode = "pass"
+        self._arm_on = b""
         self._flowing.set()
 
     def partition(self) -> None:
         self.mode = "partition"
         self._flowing.clear()
 
-    def drop_replies(self) -> None:
-        self.mode = "drop_replies"
+    def drop_replies(self, after: bytes = b"") -> None:
+        self._arm_on = after
+        self.mode = "drop_replies" if not after else "pass"
         self._flowing.set()
 
     def cut(self) -> None:
@@ -93,6 +96,8 @@ class TcpProxy:
             await self._flowing.wait()  # a partition holds the bytes until it heals
             if self.mode == "cut":
                 return
+            if not replies and self._arm_on and self._arm_on in data:
+                self._arm_on, self.mode = b"", "drop_replies"  # this request's reply is the first one lost
             if replies and self.mode == "drop_replies":
                 continue
             writer.write(data)

@@ -355,7 +355,7 @@ async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, t
     async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
         a, b = lives
         assert (await ledger.change(a, 0, client, False)).status == 200
-        proxy.drop_replies()
+        proxy.drop_replies(after=b"'late'")  # from the change's own script on (only it says 'late')
         answer = await ledger.change(a, 0, client, True)
         assert answer.status == 503 and answer.took < ANSWER_WITHIN
         proxy.heal()

@@ -303,6 +303,7 @@ async def test_no_acknowledged_choice_is_lost_when_redis_crashes_mid_stream(
                 elif status == 202:  # a withdrawal held where it was made, recorded once Redis is back
                     assert not grant and "held" in body
                     grant = not grant
+                    refused += 1
                 else:
                     assert status == 503, body
                     refused += 1
@@ -319,7 +320,7 @@ async def test_no_acknowledged_choice_is_lost_when_redis_crashes_mid_stream(
         finally:
             stop.set()
             await asyncio.gather(*writers)
-        assert refused > 0  # the crash was felt
+        assert refused > 0  # the crash was felt (a change answered 503, or a withdrawal held)
         for g in gates:
             await eventually(lambda g=g: withdrawals_held(g, 0), timeout=10.0)  # type: ignore[misc]
         log = {e["id"]: e for e in await export(gates[1])}
