@@ -9,7 +9,7 @@ BACKOFF_MAX): meanwhile it is asked only after the healthy ones, and afterwards 
 How: every upstream query has a fresh random ID (the OS CSPRNG, read in blocks) and leaves from one
 of a small pool of UDP sockets, each bound to a port the kernel picks at random and replaced after
 QUERIES_PER_SOCKET queries, so source ports keep changing without paying for a socket per query
-(measured in tests/bench/upstream_ports.py; see the README). A reply is accepted only from the
+(measured in tests/bench/upstream_ports.py; see docs/resolver.md). A reply is accepted only from the
 address asked, with our ID, QR set and our question; anything else is counted and ignored while we
 keep waiting for the real one (anti-spoofing). A truncated UDP reply is asked again over TCP.
 tcp:// and tls:// servers get one persistent connection each, shared by pipelined queries

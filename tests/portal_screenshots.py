@@ -1,4 +1,4 @@
-"""Screenshots of the consent portal for the README, taken in Debian's headless chromium:
+"""Screenshots of the consent portal for docs/consent.md, taken in Debian's headless chromium:
 
     .venv/bin/python -m tests.portal_screenshots docs
 

@@ -1,5 +1,5 @@
 """A real redis-server for tests and benchmarks: loopback only, a free port, its own directory,
-persistence as dnsgate's README asks for (appendonly, fsync on every write), stopped by its PID.
+persistence as docs/redis.md asks for (appendonly, fsync on every write), stopped by its PID.
 
 Never the system's Redis service: each test starts its own and can kill and restart it."""
 

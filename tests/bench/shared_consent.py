@@ -5,8 +5,8 @@ store costs DNS throughput against the SQLite store.
     .venv/bin/python tests/bench/shared_consent.py            # about 4 minutes
     .venv/bin/python tests/bench/shared_consent.py --quick    # about 1 minute
 
-Loopback only, free ports: a redis-server of its own (appendonly, appendfsync always, as the README
-asks), a local unbound holding tests/bench/run.py's zone as the upstream, dnsgate as real processes.
+Loopback only, free ports: a redis-server of its own (appendonly, appendfsync always, as
+docs/redis.md asks), a local unbound holding tests/bench/run.py's zone as the upstream, dnsgate as real processes.
 
 1. Propagation. Instances A and B share Redis. --changes times (1,000), a client grants or
    withdraws marketing consent through A's API; as soon as A answers 200, B is asked for
