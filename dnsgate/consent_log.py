@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -23,8 +24,11 @@ FIELDS: Final = (
     "gpc_seen_at", "supersedes", "reason", "notice_shown", "covers", "terms_sha256", "operator", "operator_contact",
     "operator_privacy_url",
 )
-# A cell starting with one of these runs as a formula in a spreadsheet (OWASP "CSV injection").
-FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
+# A cell starting with `=`, `+`, `-`, `@`, a tab or a CR runs as a formula in a spreadsheet (OWASP
+# "CSV injection"). A cell starts at a field's start and after any separator some locale or import
+# dialog splits on (German Excel on ";", others on "|" or a tab), past the spaces and opening quote
+# it may trim.
+_CELL_START: Final = re.compile(r"(^|[,;\t|\r\n])([ \"]*)(?=[=+\-@\t\r])")
 # How an older dnsgate's reason began for a grant that pairing copied to another identity: such
 # grants stop counting at the first start of this version, and `dnsgate consent paired` lists them.
 PAIRED_GRANT: Final = "paired with HTTP client"
@@ -80,8 +84,9 @@ def event_json(e: Event) -> dict[str, Any]:
 
 
 def defused(text: str) -> str:
-    """`text` as an export cell no spreadsheet runs: a leading formula character gets a `'` before it."""
-    return "'" + text if text.startswith(FORMULA_START) else text
+    """`text` as an export field no spreadsheet runs, however it splits it into cells: every part
+    that begins with a formula character, at the start or after a separator, gets a `'` before it."""
+    return _CELL_START.sub(r"\1\2'", text)
 
 
 def export_record(e: Event) -> dict[str, Any]:
@@ -107,7 +112,7 @@ def csv_line(e: Event) -> str:
     record = export_record(e)
     record["categories"] = defused(_decisions(e.categories))
     record["vendors"] = defused(_decisions(e.vendors))
-    record["covers"] = ";".join(f"{k}={v}" for k, v in sorted((e.items or {}).items()))
+    record["covers"] = defused(";".join(f"{k}={v}" for k, v in sorted((e.items or {}).items())))
     record["notice_shown"] = "yes" if e.notice is not None else "no"
     return _csv_row(["" if record[f] is None else str(record[f]) for f in FIELDS])
 

@@ -15,7 +15,10 @@ import csv
 import datetime as dt
 import io
 import json
+import os
+import re
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ from dnsgate.config import Config
 from dnsgate.consent import Subject
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line
 from dnsgate.store import Event
-from tests.conftest import Gate, make_config, running_gate, with_store
+from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import (
     DENY,
     KIOSK,
@@ -122,7 +125,31 @@ async def test_the_ede_says_no_consent_only_where_consenting_would_help(gate: Ga
 # -- exports no spreadsheet runs ------------------------------------------------------------------
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-HOSTILE_AGENTS = ["=cmd|' /C calc'!A0", "+SUM(1+1)", "-2+3*cmd|x!A1", "@SUM(A1:A9)"]
+# What a spreadsheet may split a field into cells on: the CSV separators of other locales (German
+# Excel splits on ";"), a tab, a pipe, a line break.
+CELL_SEPARATORS = re.compile(r"[,;\t|\r\n]")
+HOSTILE_AGENTS = [
+    "=cmd|' /C calc'!A0", "+SUM(1+1)", "-2+3*cmd|x!A1", "@SUM(A1:A9)",
+    # a formula further in, where a spreadsheet splitting on that separator starts a cell
+    "Mozilla/5.0;=1+2*cmd|x!A1", "Mozilla/5.0,+SUM(1+1)", "curl/8.5|-2+3*cmd|x!A1", "Mozilla/5.0\t@SUM(A1:A9)",
+    "Mozilla/5.0 (X11; -1+cmd|x!A1)", 'Mozilla/5.0;"=1+2"',
+]
+BENIGN_AGENT = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+
+
+def formula_cells(text: str) -> list[str]:
+    """The cells of `text` a spreadsheet would run, however it splits it (spaces and a quote trimmed)."""
+    cells = [text, *(part.lstrip(' "') for part in CELL_SEPARATORS.split(text)[1:])]
+    return [c for c in cells if c.startswith(FORMULA_START)]
+
+
+def check_defused(exported: str, sent: str) -> None:
+    """`exported` runs in no spreadsheet, says what was sent with only `'`s added, and is `sent` as is
+    when nothing in it could run."""
+    assert not formula_cells(exported), (exported, sent)
+    assert exported.replace("'", "") == sent.replace("'", "")
+    if not formula_cells(sent):
+        assert exported == sent
 
 
 async def raw_request(g: Gate, source: str, head: bytes, body: bytes = b"") -> int:
@@ -144,17 +171,30 @@ def put_consent(host: str, **headers: bytes) -> bytes:
     return b"\r\n".join(lines) + b"\r\n"
 
 
+async def cli_export(g: Gate, fmt: str) -> str:
+    """`dnsgate consent export` as a process against the running server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "consent", "export", "--format", fmt, "--api", str(g.running.api),
+        "--token", TOKEN, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode == 0, err
+    return out.decode()
+
+
 async def test_exports_defuse_hostile_header_values(gate: Gate) -> None:
     host, body = str(gate.running.api), json.dumps({"categories": ["marketing"]}).encode()
     sent: dict[str, tuple[str, str]] = {}  # source -> (user agent, Sec-GPC) as dnsgate should record them
-    for i, agent in enumerate(HOSTILE_AGENTS):
-        source = f"127.0.0.{90 + i}"
+    for i, agent in enumerate([*HOSTILE_AGENTS, BENIGN_AGENT]):
+        source = f"127.0.0.{140 + i}"
         assert await raw_request(gate, source, put_consent(host, User_Agent=agent.encode()), body) == 200
         sent[source] = (agent, "")
     assert await raw_request(gate, "127.0.0.95", put_consent(host, Sec_GPC=b"=1+2*cmd|x!A1"), body) == 200
     sent["127.0.0.95"] = ("", "=1+2*cmd|x!A1")
     assert await raw_request(gate, "127.0.0.96", put_consent(host, User_Agent=b"\t=1+2", Sec_GPC=b"@x"), body) == 200
     sent["127.0.0.96"] = ("=1+2", "@x")  # a header value's leading tab is whitespace HTTP drops
+    assert await raw_request(gate, "127.0.0.98", put_consent(host, Sec_GPC=b"1;=1+2*cmd|x!A1"), body) == 200
+    sent["127.0.0.98"] = ("", "1;=1+2*cmd|x!A1")
     # a carriage return inside a header is refused, and nothing is recorded
     assert await raw_request(gate, "127.0.0.97", put_consent(host, User_Agent=b"\r=1+2"), body) == 400
 
@@ -162,31 +202,38 @@ async def test_exports_defuse_hostile_header_values(gate: Gate) -> None:
     recorded = {e["address"]: (e["user_agent"], e["sec_gpc"] or "") for e in audit["events"]}
     assert recorded == sent  # the log keeps what was sent; only the exports defuse it
 
-    status, text = await gate.http("GET", "/v1/audit/export?format=csv", admin=True)
-    assert status == 200
-    rows = list(csv.DictReader(io.StringIO(text)))
-    status, text = await gate.http("GET", "/v1/audit/export?format=jsonl", admin=True)
-    records = [json.loads(line) for line in text.splitlines()]
-    assert len(rows) == len(records) == len(sent)
-    for row, record in zip(rows, records, strict=True):
-        agent, gpc = sent[row["address"]]
-        for exported in (row, record):
-            assert exported["user_agent"] == ("'" + agent if agent.startswith(FORMULA_START) else agent)
-            assert (exported["sec_gpc"] or "") == ("'" + gpc if gpc.startswith(FORMULA_START) else gpc)
-        cells = [*row.values(), *(v for v in record.values() if isinstance(v, str))]
-        assert not [c for c in cells if c.startswith(FORMULA_START)]
+    exports: dict[str, str] = {}
+    for fmt in ("csv", "jsonl"):
+        status, exports[f"api {fmt}"] = await gate.http("GET", f"/v1/audit/export?format={fmt}", admin=True)
+        assert status == 200
+        exports[f"cli {fmt}"] = await cli_export(gate, fmt)
+    for how, text in exports.items():
+        if how.endswith("csv"):
+            records: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(text)))
+        else:
+            records = [json.loads(line) for line in text.splitlines()]
+        assert sorted(r["address"] for r in records) == sorted(sent), how
+        for record in records:
+            agent, gpc = sent[record["address"]]
+            check_defused(record["user_agent"] or "", agent)
+            check_defused(record["sec_gpc"] or "", gpc)
+            for value in record.values():
+                assert not (isinstance(value, str) and formula_cells(value)), (how, value)
 
 
 def test_every_text_field_of_an_export_is_defused() -> None:
-    # Values no HTTP request delivers (a leading tab or CR), as another store or an old file may hold them.
-    hostile = ["\t=1+2", "\r=1+2", "=A1", "+A1", "-A1", "@A1"]
+    # Values no HTTP request delivers (a leading tab or CR, a line break), as another store or an
+    # old file may hold them.
+    hostile = ["\t=1+2", "\r=1+2", "=A1", "+A1", "-A1", "@A1", "ok\n=A1", "ok\r\n-A1", "ok\t\t+A1", "a, @A1",
+               "a|=A1", "a;+A1", "a,-A1"]
     for value in hostile:
         e = Event("refusal", 1_800_000_000.0, Subject("10.0.0.1"), "opt-in", {"marketing": False}, {}, 1_900_000_000.0,
                   None, "device", value, value, reason=value, id=1)
         record = json.loads(jsonl_line(e))
         (row,) = csv.DictReader(io.StringIO(csv_header() + csv_line(e)))
         for exported in (record, row):
-            assert exported["user_agent"] == exported["sec_gpc"] == exported["reason"] == "'" + value
+            for field in ("user_agent", "sec_gpc", "reason"):
+                check_defused(exported[field], value)
 
 
 # -- Global Privacy Control ------------------------------------------------------------------------
