@@ -7,7 +7,9 @@ Blocking I/O through urllib: it runs once per command, never inside the server.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -16,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .config import Config, ConfigError, HostPort, parse_api_listen
+from .config import ENV_PREFIX, Config, ConfigError, HostPort, parse_host_port
 from .consent_log import PAIRED_GRANT
 
 TIMEOUT = 10.0
 CHUNK = 64 * 1024
+# For a client command, DNSGATE_API names the API to call (for `dnsgate serve`, where to listen).
+API_VARIABLE = ENV_PREFIX + "API"
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
 
 
 class AdminError(Exception):
@@ -28,12 +33,24 @@ class AdminError(Exception):
 
 
 def api_base_url(text: str, key: str = "--api") -> str:
-    """The URL to call for `--api` / DNSGATE_API, one form for every command: `HOST:PORT`
-    (`[V6]:PORT`) or a URL `http(s)://HOST[:PORT][/PATH]` (a TLS proxy, a path prefix). Raises
-    ConfigError."""
+    """The URL to call for `--api` / DNSGATE_API, one form for every command: `HOST:PORT` (a host
+    name or an IP address, IPv6 as `[V6]:PORT`) or a URL `http(s)://HOST[:PORT][/PATH]` (a TLS
+    proxy, a path prefix). Raises ConfigError."""
     text = text.strip()
     if "://" not in text:
-        return local_url(parse_api_listen(text, key))
+        host, colon, port = text.rpartition(":")
+        if not colon or not port:
+            raise ConfigError(f"{key}: missing port in {text!r} (HOST:PORT or http(s)://HOST[:PORT][/PATH])")
+        if host.startswith("[") or ":" in host or _is_ip(host):
+            address = parse_host_port(text, key=key)
+            if address.port == 0:
+                raise ConfigError(f"{key}: bad port {port!r} in {text!r}")
+            return local_url(address)
+        if not HOST_NAME.fullmatch(host):
+            raise ConfigError(f"{key}: not a host name or IP address: {host!r} (in {text!r})")
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{key}: bad port {port!r} in {text!r}")
+        return f"http://{host}:{int(port)}"
     parts = urllib.parse.urlsplit(text)
     try:
         parts.port  # noqa: B018 -- raises ValueError for a bad port
@@ -43,6 +60,23 @@ def api_base_url(text: str, key: str = "--api") -> str:
             or parts.query or parts.fragment:
         raise ConfigError(f"{key}: expected HOST:PORT or http(s)://HOST[:PORT][/PATH], got {text!r}")
     return text.rstrip("/")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def api_to_call(flag: str | None, env: Mapping[str, str]) -> str | None:
+    """The base URL a command calls: `--api` (already checked), else DNSGATE_API; None if neither
+    names one. Raises ConfigError naming DNSGATE_API for a bad value."""
+    if flag:
+        return flag
+    text = env.get(API_VARIABLE, "").strip()
+    return api_base_url(text, key=API_VARIABLE) if text else None
 
 
 def local_url(address: HostPort) -> str:

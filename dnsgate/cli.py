@@ -12,10 +12,18 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__, observe_cli
-from .admin_client import AdminClient, AdminError, api_base_url, lines_of_copied_grants, lines_of_view
+from .admin_client import (
+    AdminClient,
+    AdminError,
+    api_base_url,
+    api_to_call,
+    lines_of_copied_grants,
+    lines_of_view,
+)
 from .config import (
     Config,
     ConfigError,
@@ -35,14 +43,32 @@ if TYPE_CHECKING:
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line that names the help of the command used (`dnsgate consent list`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The innermost command parsed sets the last value: what an unrecognized argument, which only
+        # the top parser reports, is hinted at.
+        self.set_defaults(command_path=self.prog)
+
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"dnsgate: error: {message} (see 'dnsgate {self.prog.split()[-1]} --help')\n")
+        self.usage_error(self.prog, message)
+
+    def usage_error(self, command_path: str, message: str) -> NoReturn:
+        self.exit(2, f"dnsgate: error: {message} (see '{command_path} --help')\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: None = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.usage_error(parsed.command_path, f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
-def _address(default_port: int | None) -> Callable[[str], str]:
+def _listen_address(default_port: int | None) -> Callable[[str], str]:
     def check(text: str) -> str:
         try:
-            parse_host_port(text, default_port=default_port)
+            parse_host_port(text, default_port=default_port, listen=True)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
         return text
@@ -79,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the DNS server and the consent API")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration (default: embedded defaults; "
                        "env DNSGATE_CONFIG)")
-    serve.add_argument("--dns", metavar="HOST:PORT", action="append", type=_address(None),
+    serve.add_argument("--dns", metavar="HOST:PORT", action="append", type=_listen_address(None),
                        help="DNS listen address, UDP and TCP; repeatable; IPv6 as [::1]:5353 (env DNSGATE_DNS)")
     serve.add_argument("--api", metavar="HOST:PORT", type=_api_listen,
                        help="HTTP API listen address, also as http://HOST:PORT (env DNSGATE_API)")
@@ -146,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for p in (listing, show, grant, withdraw, reset, paired, export, explain, acknowledge):
         p.add_argument("--api", metavar="URL", type=_api_url,
-                       help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (default: api.admin_listen, "
-                            "else api.listen, of the config; env DNSGATE_API)")
+                       help="the server's API to call, HOST:PORT (a host name or IP address) or "
+                            "http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; default: api.admin_listen, else "
+                            "api.listen, of the config)")
         p.add_argument("--token", help="admin token (default: DNSGATE_ADMIN_TOKEN, api.admin_token, or "
                        "<data dir>/admin-token)")
         p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
@@ -166,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("consent", "explain", "store"):
         return observe_cli.run(args)
     try:
-        client = AdminClient.for_config(_client_config(args), args.token, args.api)
+        base_url = api_to_call(args.api, os.environ)
+        client = AdminClient.for_config(_client_config(args), args.token, base_url)
         return _admin_command(args, client)
     except ConfigError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
@@ -178,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client_config(args: argparse.Namespace) -> Config:
     env_config, env_overrides = overrides_from_env(os.environ)
-    flags = Overrides(data_dir=args.data_dir)  # --api names the URL to call (AdminClient), not a listener
-    return load_config(args.config or env_config, merge_overrides(env_overrides, flags))
+    # --api and DNSGATE_API name the URL to call (api_to_call), not where a server listens
+    flags = Overrides(data_dir=args.data_dir)
+    return load_config(args.config or env_config, merge_overrides(replace(env_overrides, api=None), flags))
 
 
 def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:

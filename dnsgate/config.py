@@ -51,7 +51,7 @@ def parse_api_listen(text: str, key: str = "api.listen") -> HostPort:
         rest = rest[len("http://"):].removesuffix("/")
         if "/" in rest:
             raise ConfigError(f"{key}: a listen address has no path, got {text!r}")
-    return parse_host_port(rest, key=key)
+    return parse_host_port(rest, key=key, listen=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +98,10 @@ def parse_upstream(text: str, key: str = "upstream.servers") -> UpstreamAddress:
     return UpstreamAddress(host, hp.port, transport, tls_name.lower().rstrip("."))  # type: ignore[arg-type]
 
 
-def parse_host_port(text: str, *, default_port: int | None = None, key: str = "address") -> HostPort:
-    """Parse `HOST:PORT`, `[V6]:PORT`, or (with a default port) `HOST`, `V6`, `[V6]`."""
+def parse_host_port(text: str, *, default_port: int | None = None, key: str = "address",
+                    listen: bool = False) -> HostPort:
+    """Parse `HOST:PORT`, `[V6]:PORT`, or (with a default port) `HOST`, `V6`, `[V6]`. HOST is an IP
+    address; a `listen` address says so in terms of binding when given a name."""
     text = text.strip()
     host, port_text = text, ""
     if text.startswith("["):
@@ -118,6 +120,9 @@ def parse_host_port(text: str, *, default_port: int | None = None, key: str = "a
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        if listen:
+            raise ConfigError(f"{key}: dnsgate listens on an IP address, not a host name: {host!r} (in {text!r}; "
+                              "e.g. 127.0.0.1, [::1], or 0.0.0.0 / [::] for every address)") from None
         raise ConfigError(f"{key}: not an IP address: {host!r} (in {text!r})") from None
     if not port_text:
         if default_port is None:
@@ -442,7 +447,7 @@ class Config:
 
     @property
     def dns_listen(self) -> tuple[HostPort, ...]:
-        return tuple(parse_host_port(a, key="dns.listen") for a in self.dns.listen)
+        return tuple(parse_host_port(a, key="dns.listen", listen=True) for a in self.dns.listen)
 
     @property
     def api_listen(self) -> HostPort:

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .admin_client import api_base_url
+from .admin_client import api_base_url, api_to_call
 from .config import DEFAULT_API_PORT, ConfigError
 
 FOLLOW_INTERVAL = 1.0
@@ -56,9 +56,8 @@ def _api_url(text: str) -> str:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", metavar="URL", type=_api_url,
-                        default=os.environ.get("DNSGATE_API", f"127.0.0.1:{DEFAULT_API_PORT}"),
-                        help="the server's API, HOST:PORT or http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; "
-                             "default 127.0.0.1:8053)")
+                        help="the server's API to call, HOST:PORT (a host name or IP address) or "
+                             f"http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; default 127.0.0.1:{DEFAULT_API_PORT})")
     parser.add_argument("--token", help="admin token (default: env DNSGATE_ADMIN_TOKEN, else <data dir>/admin-token)")
     parser.add_argument("--data-dir", metavar="DIR", default=os.environ.get("DNSGATE_DATA_DIR", "data"),
                         help="where to find admin-token (env DNSGATE_DATA_DIR; default ./data)")
@@ -75,6 +74,10 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        try:
+            args.api = api_to_call(args.api, os.environ) or api_base_url(f"127.0.0.1:{DEFAULT_API_PORT}")
+        except ConfigError as exc:
+            raise CliError(str(exc)) from None
         if args.command == "log":
             return show_log(args)
         if args.command == "report":

@@ -124,6 +124,18 @@ async def test_serve_takes_the_api_address_as_a_url_too(upstream: StubUpstream, 
         assert await proc.http("GET", "/healthz") == 200
 
 
+@pytest.mark.parametrize("where", ["flag", "env"])
+@pytest.mark.parametrize("address", ["localhost:0", "http://localhost:0", "dnsgate.lan:8053"])
+async def test_serve_says_it_listens_on_an_ip_address_not_a_name(where: str, address: str, tmp_path: Path) -> None:
+    # The server binds the API where it is told; a host name it cannot bind is one clear line, exit 2,
+    # whether it came in --api or DNSGATE_API.
+    args, env = (["--api", address], _env()) if where == "flag" else ([], _env(DNSGATE_API=address))
+    code, out, err = await _run("serve", "--dns", "127.0.0.1:0", "--data-dir", str(tmp_path), *args, env=env)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--api" in err if where == "flag" else "api.listen" in err
+    assert "listens on an IP address, not a host name" in err and repr(address.split("//")[-1].split(":")[0]) in err
+
+
 async def test_ack_survives_kill_9(upstream: StubUpstream, tmp_path: Path) -> None:
     async with serving(*_args(upstream, tmp_path)) as proc:
         assert await proc.http("PUT", "/v1/consent", source="127.0.0.6", json={"categories": ["marketing"]}) == 200

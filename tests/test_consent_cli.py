@@ -138,28 +138,64 @@ async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
 async def test_every_command_takes_api_as_a_url_or_host_port(gate: Gate) -> None:
     await cli(gate, "consent", "grant", "127.0.0.66", "marketing")
     data = ("--data-dir", gate.cfg.storage.data_dir)
-    address = str(gate.running.api)
-    for api in (address, f"http://{address}", f"http://{address}/"):
-        code, out, err = await run("consent", "export", "--client", "127.0.0.66", "--api", api, *data)
-        assert code == 0, err
-        assert [json.loads(line)["action"] for line in out.splitlines()] == ["grant"]
-        code, out, err = await run("report", "--since", "1h", "--api", api, *data)
-        assert code == 0 and json.loads(out)["verdict"] == "pass", err
-        code, out, err = await run("explain", "trackcmp.net", "--client", "127.0.0.66", "--api", api, *data)
-        assert code == 0 and "RESOLVED" in out, err
-    # DNSGATE_API, the server's own variable, in the URL form too
-    code, out, err = await run("consent", "list", *data, env={"DNSGATE_API": f"http://{address}"})
+    port = gate.running.api.port
+    # (0.0.0.0:PORT, the Docker image's DNSGATE_API for its server, is called on this host's loopback)
+    forms = [f"127.0.0.1:{port}", f"localhost:{port}", f"http://127.0.0.1:{port}", f"http://localhost:{port}/",
+             f"0.0.0.0:{port}"]
+    for api in forms:
+        # the same value as --api and as DNSGATE_API, for every command that calls the API
+        for flag, env in ((["--api", api], None), ([], {"DNSGATE_API": api})):
+            code, out, err = await run("consent", "export", "--client", "127.0.0.66", *flag, *data, env=env)
+            assert code == 0, (api, err)
+            assert [json.loads(line)["action"] for line in out.splitlines()] == ["grant"]
+            code, out, err = await run("consent", "list", *flag, *data, env=env)
+            assert code == 0 and "client 127.0.0.66" in out, (api, err)
+            code, out, err = await run("report", "--since", "1h", *flag, *data, env=env)
+            assert code == 0 and json.loads(out)["verdict"] == "pass", (api, err)
+            code, out, err = await run("log", "--client", "127.0.0.66", *flag, *data, env=env)
+            assert code == 0, (api, err)
+            code, out, err = await run("explain", "trackcmp.net", "--client", "127.0.0.66", *flag, *data, env=env)
+            assert code == 0 and "RESOLVED" in out, (api, err)
+            code, out, err = await run("store", "acknowledge", *flag, *data, env=env)
+            assert code == 0 and "nothing to acknowledge" in out, (api, err)
+    # --api wins over DNSGATE_API
+    code, out, err = await run("consent", "list", "--api", f"localhost:{port}", *data,
+                               env={"DNSGATE_API": "127.0.0.1:9"})
     assert code == 0 and "client 127.0.0.66" in out, err
-    code, out, err = await run("log", "--client", "127.0.0.66", *data, env={"DNSGATE_API": f"http://{address}/"})
-    assert code == 0, err
 
 
-@pytest.mark.parametrize("command", [["consent", "list"], ["explain", "x.test", "--client", "127.0.0.1"],
-                                     ["report", "--since", "1h"], ["log"]])
-@pytest.mark.parametrize("api", ["ftp://127.0.0.1:8053", "127.0.0.1", "http://127.0.0.1:99999", "http://:80"])
+CLIENT_COMMANDS = [["consent", "list"], ["explain", "x.test", "--client", "127.0.0.1"], ["report", "--since", "1h"],
+                   ["log"], ["store", "acknowledge"]]
+BAD_APIS = ["ftp://127.0.0.1:8053", "127.0.0.1", "localhost", "http://127.0.0.1:99999", "http://:80", "::1:8053",
+            "bad host:80", "localhost:http"]
+
+
+@pytest.mark.parametrize("command", CLIENT_COMMANDS)
+@pytest.mark.parametrize("api", BAD_APIS)
 async def test_a_bad_api_is_one_line_and_exit_2(command: list[str], api: str) -> None:
     code, out, err = await run(*command, "--api", api, "--token", "x")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--api" in err, err
+    code, out, err = await run(*command, "--token", "x", env={"DNSGATE_API": api})
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "DNSGATE_API" in err, err
+    assert "api.listen" not in err  # what the command calls, not where a server listens
+
+
+@pytest.mark.parametrize(("args", "hint"), [
+    (["consent", "list", "--bogus"], "see 'dnsgate consent list --help'"),
+    (["consent", "grant"], "see 'dnsgate consent grant --help'"),
+    (["consent", "export", "--format", "xml"], "see 'dnsgate consent export --help'"),
+    (["consent", "list", "--api", "127.0.0.1"], "see 'dnsgate consent list --help'"),
+    (["store", "acknowledge", "--bogus"], "see 'dnsgate store acknowledge --help'"),
+    (["store", "migrate", "--from", "sqlite:x"], "see 'dnsgate store migrate --help'"),
+    (["explain", "x.test"], "see 'dnsgate explain --help'"),
+    (["report", "--since", "1h", "--bogus"], "see 'dnsgate report --help'"),
+    (["consent"], "see 'dnsgate consent --help'"),
+    (["--bogus"], "see 'dnsgate --help'"),
+])
+async def test_a_usage_error_names_the_help_of_its_command(args: list[str], hint: str) -> None:
+    code, out, err = await run(*args)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith(f"({hint})"), err
 
 
 async def test_show_says_an_opt_out_stands_and_since_when_gpc_applies(gate: Gate) -> None:
