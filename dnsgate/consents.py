@@ -770,12 +770,24 @@ class ConsentService:
 
     async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView:
         """Withdraw everything granted, in one action: every category (and vendor) becomes refused.
-        `shown`: the notice (and language) the page showed, if it says."""
+        `shown`: the notice (and language) the page showed, if it says. An admin naming an address
+        withdraws for the device there, as the device's own withdrawal would."""
+        subject = self._device(subject) if caller.channel == "admin" else subject
         categories = {c.id: False for c in self.catalog.categories}
-        previous = self.table.choice_of(subject)
-        vendors = {v: False for v in previous.vendors} if previous is not None else {}
+        vendors = {v: False for c in self.table.superseded_by(subject) for v in c.vendors}
         base = shown if shown is not None else ChoiceRequest({})
         return await self.choose(subject, dataclasses.replace(base, categories=categories, vendors=vendors), caller)
+
+    def _device(self, subject: Subject) -> Subject:
+        """The device an admin means by an address (with its MAC, where known) or by a MAC (at its
+        address): the identity its own requests would have, so an admin's end reaches what its own does."""
+        if subject.network is not None:
+            return subject
+        if subject.address is not None and subject.mac is None:
+            return Subject(subject.address, self.table.mac_of(subject.address))
+        if subject.address is None and subject.mac is not None:
+            return Subject(self._address_of_mac(subject.mac), subject.mac)
+        return subject
 
     async def honour_gpc(self, caller: Caller) -> bool:
         """`Sec-GPC: 1` on a request from a client on an opt-out network: record an opt-out of
@@ -820,29 +832,35 @@ class ConsentService:
         return True
 
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView:
-        """End a session: reset the choices that apply personally to `subject` and, for a kiosk
-        itself, those of every identity linked to it. Elsewhere only an admin resets (the portal's
-        kiosk layout on another network withdraws instead: a reset there would forget an opt-out)."""
+        """End a session: reset the choices that apply personally to `subject` and those of every
+        identity linked to it (what pairing carried there, and the choice each made naming its token),
+        with an event each. A device ends its own on a kiosk network only (the portal's kiosk layout
+        on another network withdraws instead: a reset there would forget an opt-out); an admin ends
+        any, reaching exactly what the device's own end would."""
         deadline = self._deadline()
         async with self._locked(deadline):
             now = self.wall()
             profile, why = self.profile_of(subject)
-            if caller.channel != "admin" and profile != "kiosk":
+            admin = caller.channel == "admin"
+            if not admin and profile != "kiosk":
                 raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
-            own_device = caller.channel != "admin" and subject.network is None
-            if own_device and self.store.shared:
+            named = subject
+            subject = self._device(subject) if admin else subject
+            personal = subject.network is None
+            if personal and self.store.shared:
                 await self._load_links(subject, deadline)
-            reached = list(self.paired.get(subject.key, {})) if own_device else []
+            reached = list(self.paired.get(subject.key, {})) if personal else []
 
             def plan() -> list[Step]:
-                if not own_device:
-                    own = self.table.choice_of(subject)
-                    ended = [own] if own is not None else []
-                else:
-                    ended = self.table.personal_choices(subject.address or "", subject.mac)
-                steps = [self._reset_step(c, now, profile, caller, reason) for c in self._recorded(ended)]
-                if own_device:
-                    steps += self._session_resets(subject, {c.id for c in ended}, now, reason)
+                ended = {c.id: c for c in ([] if subject.address is None else
+                                           self.table.personal_choices(subject.address, subject.mac))}
+                for own in (self.table.choice_of(subject), self.table.choice_of(named)):
+                    if own is not None:
+                        ended.setdefault(own.id, own)
+                steps = [self._reset_step(c, now, self.profile_of(c.subject)[0], caller, reason)
+                         for c in self._recorded(ended.values())]
+                if personal:
+                    steps += self._session_resets(subject, set(ended), now, reason)
                 return steps
 
             await self._change(plan, deadline)
@@ -966,7 +984,7 @@ class ConsentService:
                     continue
                 categories, vendors = narrowed
             elif event.action == "withdrawal" and _made_with_link(current, linked_at):
-                categories = {c.id: False for c in self.catalog.categories}
+                categories = {c: False for c in {*current.categories, *event.categories}}  # (what exists)
                 vendors = {**{v: False for v in current.vendors}, **{v: False for v, said in event.vendors.items()
                                                                      if said is False}}
             else:
@@ -986,6 +1004,7 @@ class ConsentService:
         """A session of `http` ended: reset what it carried to every identity linked to it, and the
         choice each made naming its token; any other choice a target made itself stays."""
         steps: list[Step] = []
+        whose = "the kiosk session" if self.profile_of(http)[0] == "kiosk" else "the choices"
         for key, linked_at in self.paired.get(http.key, {}).items():
             target = self._link_target(http, key)
             if target is None:
@@ -998,7 +1017,7 @@ class ConsentService:
                 ending.add(c.id)
                 steps.append(self._reset_step(
                     c, now, self.profile_of(c.subject)[0], Caller(http.address, http.mac, "pairing"),
-                    f"{reason}: the kiosk session of {http.describe()} reached {c.subject.describe()} "
+                    f"{reason}: {whose} of {http.describe()} reached {c.subject.describe()} "
                     f"(linked {iso(linked_at)})"))
         return steps
 

@@ -323,7 +323,8 @@ def paths() -> dict[str, Any]:
                                      "403": FORBIDDEN, "404": NO_ROUTE, "409": CONFLICT}},
         },
         "/v1/clients/{client}/session/end": {"post": {
-            "tags": ["admin"], "summary": "Forget a client's choice (recorded as a reset)", "security": ADMIN,
+            "tags": ["admin"], "security": ADMIN,
+            "summary": "Forget a client's choice and what it reached through pairing (each recorded as a reset)",
             "parameters": [CLIENT_PATH],
             "requestBody": {"required": False, **json_body({"type": "object"})},
             "responses": {"200": client_state, "400": BAD, "401": UNAUTHORIZED, "403": FORBIDDEN,

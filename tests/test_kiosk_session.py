@@ -5,6 +5,9 @@ chose outlives the kiosk lifetime. Two visitors in a row, on one fake clock."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ import dns.rcode
 import pytest
 
 from dnsgate.consent_log import parse_time
-from tests.conftest import Gate, make_config, running_gate, with_store
+from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import (
     KIOSK,
     FakeClock,
@@ -62,13 +65,14 @@ async def events_of(g: Gate, client: str) -> list[dict[str, Any]]:
     return parse_jsonl(text)
 
 
-async def choose(g: Gate, clock: FakeClock, body: dict[str, Any], dns_source: str = KIOSK_DNS) -> dict[str, Any]:
+async def choose(g: Gate, clock: FakeClock, body: dict[str, Any], dns_source: str = KIOSK_DNS,
+                 other: str = KIOSK_OTHER) -> dict[str, Any]:
     """What the portal page does on the kiosk: the choice through its own address, then through the
-    kiosk's other address with the token the first answer carried, then the pairing lookup (which
+    kiosk's `other` address with the token the first answer carried, then the pairing lookup (which
     comes from `dns_source`)."""
     status, first = await g.http("PUT", "/v1/consent", source=KIOSK_HTTP, json=body)
     assert status == 200
-    status, second = await g.http("PUT", "/v1/consent", source=KIOSK_OTHER,
+    status, second = await g.http("PUT", "/v1/consent", source=other,
                                   json={**body, "pairing": first["pairing"]["token"]})
     assert status == 200, second
     clock.advance(1)
@@ -82,8 +86,8 @@ async def choose(g: Gate, clock: FakeClock, body: dict[str, Any], dns_source: st
     return {"first": first, "second": second}
 
 
-async def no_choice_anywhere(g: Gate) -> None:
-    for source in (KIOSK_HTTP, KIOSK_OTHER, KIOSK_DNS):
+async def no_choice_anywhere(g: Gate, other: str = KIOSK_OTHER) -> None:
+    for source in (KIOSK_HTTP, other, KIOSK_DNS):
         state = (await g.http("GET", "/v1/consent", source=source))[1]
         assert state["choice"] is None, (source, state["choice"])
         assert await rcode(g, source) == dns.rcode.NXDOMAIN, source
@@ -155,3 +159,51 @@ async def test_the_kiosks_other_address_is_also_its_dns_source(gate: Gate, clock
     assert (await gate.http("GET", "/v1/consent", source=KIOSK_OTHER))[1]["choice"] is None
     assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
     assert (await events_of(gate, KIOSK_OTHER))[-1]["action"] == "reset"
+
+
+KIOSK_SECOND = KIOSK + "200"  # the kiosk's other address inside the kiosk network
+
+
+async def admin_cli(g: Gate, *args: str) -> tuple[int, str]:
+    """`dnsgate …` as a real process against the admin API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", *args, "--api", f"http://{g.running.api}", "--token", TOKEN,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    out, _ = await asyncio.wait_for(process.communicate(), 20)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+@pytest.mark.parametrize("other", [KIOSK_OTHER, KIOSK_SECOND])
+@pytest.mark.parametrize("how", ["cli reset", "admin session end", "admin withdrawal"])
+async def test_an_admin_ending_the_session_reaches_every_linked_address(gate: Gate, clock: FakeClock, how: str,
+                                                                        other: str) -> None:
+    """Whichever way an admin ends a kiosk's session or its choice (`dnsgate consent reset`, its
+    session end, its withdrawal), it reaches what the kiosk's own End session reaches: the address the
+    page chose through with the token, the DNS source that looked the token up, each with an event."""
+    await choose(gate, clock, MOSTLY, other=other)
+    assert await rcode(gate, other) == dns.rcode.NOERROR
+    clock.advance(MINUTE)
+    if how == "cli reset":
+        code, out = await admin_cli(gate, "consent", "reset", KIOSK_HTTP)
+        assert code == 0, out
+    elif how == "admin session end":
+        status, _ = await gate.http("POST", f"/v1/clients/{KIOSK_HTTP}/session/end", admin=True, json={})
+        assert status == 200
+    else:
+        status, _ = await gate.http("DELETE", f"/v1/clients/{KIOSK_HTTP}/consent", admin=True)
+        assert status == 200
+    for source in (KIOSK_HTTP, other, KIOSK_DNS):
+        assert await rcode(gate, source) == dns.rcode.NXDOMAIN, source
+    for client in (KIOSK_MAC, other, KIOSK_DNS):
+        last = (await events_of(gate, client))[-1]
+        if how == "admin withdrawal":
+            assert last["action"] in ("withdrawal", "refusal") and last["categories"] == {"marketing": False}, last
+        else:
+            assert last["action"] == "reset", last
+        assert "admin" in last["reason"] or last["channel"] == "admin", last
+        if client != KIOSK_MAC:
+            assert last["channel"] == "pairing" and f"device {KIOSK_MAC} (at {KIOSK_HTTP})" in last["reason"], last
+    if how != "admin withdrawal":
+        await no_choice_anywhere(gate, other)
