@@ -240,11 +240,12 @@ PROFILE_GRANT_EXPIRY: Final = 253_402_300_799.0  # 9999-12-31: a profile's permi
 
 
 # Why a gated name is blocked, as its Extended DNS Error says (sinkhole.py): nothing decides it
-# yet, a grant under an older notice, a refusal, an opt-out of sale/sharing by Global Privacy
-# Control, the network's fixed policy. Only the first two are for a consent to lift.
-BlockCause = Literal["undecided", "stale", "refused", "gpc", "policy"]
-BLOCK_CAUSES: Final[tuple[BlockCause, ...]] = ("undecided", "stale", "refused", "gpc", "policy")
-Verdict = Literal["", "undecided", "stale", "refused", "gpc", "policy"]  # "": allowed, else why blocked
+# yet, an item listed after the client's choice (which does not cover it), a grant under an older
+# notice, a refusal, an opt-out of sale/sharing by Global Privacy Control, the network's fixed
+# policy. Only the first three are for a consent to lift.
+BlockCause = Literal["undecided", "unlisted", "stale", "refused", "gpc", "policy"]
+BLOCK_CAUSES: Final[tuple[BlockCause, ...]] = ("undecided", "unlisted", "stale", "refused", "gpc", "policy")
+Verdict = Literal["", "undecided", "unlisted", "stale", "refused", "gpc", "policy"]  # "": allowed, else why blocked
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +274,10 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
         return Decision(True, "profile allow: trackers always resolve on this network")
     stale: list[str] = []
     what = f"{'list' if vendor.kind == 'list' else 'vendor'} {vendor.id}"
+    uncovered = choice is not None and not choice.covers(vendor)
     if choice is None:
         prefix = "no choice recorded; "
-    elif not choice.covers(vendor):
+    elif uncovered:
         prefix = f"no choice yet for {what}: choice #{choice.id} does not cover it (it was not listed then); "
     else:
         holds = notice is not None and notice.holds(choice, item_key(vendor))
@@ -306,7 +308,7 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
     if profile == "opt-out":
         return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
     return Decision(False, prefix + f"profile {profile}: blocked until granted",
-                    cause="stale" if stale else "undecided")
+                    cause="stale" if stale else "unlisted" if uncovered else "undecided")
 
 
 def decide_category(category: str, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:

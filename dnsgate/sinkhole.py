@@ -4,9 +4,9 @@ Default (`nxdomain`): NXDOMAIN with the vendor zone's SOA in authority, TTL and 
 sinkhole TTL (5 s), because browsers do not cache negative answers, so a fresh grant applies at
 once. `null`: A 0.0.0.0 / AAAA ::, other types NODATA with the SOA. With EDNS, an Extended DNS
 Error 15 "Blocked" names the vendor (or list), why it is blocked for this client (no consent for its
-category, a grant under an older notice, a refusal, a GPC opt-out, the network's policy), and how the
-answer met it (through a CNAME, or an address in the vendor's ranges). Pieces are built once per
-rule and cause.
+category, listed after the client's choice, a grant under an older notice, a refusal, a GPC opt-out,
+the network's policy), and how the answer met it (through a CNAME, or an address in the vendor's
+ranges). Pieces are built once per rule and cause.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def block_reason(rule: DomainRule, cause: Verdict = "undecided") -> str:
     why = {
         "": f"no consent for category '{category}'",  # (never asked: an allowed name is not sinkholed)
         "undecided": f"no consent for category '{category}'",
+        "unlisted": "not covered by this client's choice: listed after it",
         "stale": f"the consent notice changed since category '{category}' was granted; choose again",
         "refused": "refused in the consent choice that applies to this client",
         "gpc": "opted out of sale/sharing by Global Privacy Control (Sec-GPC)",

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import dns.edns
 import dns.rcode
 
 from dnsgate.config import Config, ListsConfig, ListSource
@@ -38,6 +39,14 @@ pattern = "{DROPPED_IN.split(".", 1)[1]}"
 
 async def rcode(g: Gate, name: str, source: str = ME) -> int:
     return (await g.query(name, source=source)).rcode()
+
+
+async def blocked_because(g: Gate, name: str, source: str = ME) -> str:
+    """The EDE text of a sinkholed answer."""
+    reply = await g.query(name, source=source, use_edns=0)
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+    (ede,) = [o for o in reply.options if isinstance(o, dns.edns.EDEOption)]
+    return ede.text or ""
 
 
 async def accept_all(g: Gate, source: str = ME) -> dict[str, Any]:
@@ -94,6 +103,8 @@ async def test_accept_all_then_a_list_is_added_with_a_reload(upstream: StubUpstr
         listed = state["lists"][0]
         assert listed["id"] == "localtrackers" and not listed["allowed"] and not listed["by_choice"]
         assert listed["since"] is None and "no choice yet for list localtrackers" in listed["reason"]
+        assert await blocked_because(g, LISTED) == \
+            "blocked by list 'Local trackers' (localtrackers): not covered by this client's choice: listed after it"
         assert state["choice"]["notice"]["current"] is False  # made under the notice before the list
         # The old choice's record says exactly what it covered.
         grant = next(e for e in await export(g) if e["action"] == "grant")
@@ -148,6 +159,11 @@ async def test_accept_all_then_a_vendor_drop_in_with_a_reload(upstream: StubUpst
         assert [(i["kind"], i["id"]) for i in state["new"]] == [("vendor", "newco")]
         newco = next(v for v in state["vendors"] if v["id"] == "newco")
         assert not newco["allowed"] and newco["since"] is None and "no choice yet" in newco["reason"]
+        # The sinkhole says why: the choice predates NewCo (not "no consent for category 'marketing'")
+        assert await blocked_because(g, DROPPED_IN) == \
+            "NewCo (newco) is blocked: not covered by this client's choice: listed after it"
+        assert await blocked_because(g, DROPPED_IN, "127.0.0.91") == \
+            "NewCo (newco) is blocked: no consent for category 'marketing'"  # no choice at all
         assert state["categories"]["marketing"]["granted"] is True  # the category grant itself stands
         grant = next(e for e in await export(g) if e["action"] == "grant")
         assert list(grant["covers"]) == ["vendor:activecampaign"]
