@@ -156,7 +156,8 @@ class Choice:
     the person changes them (`standing`): a choice that only refuses expires UNTIL_CHANGED, and one
     that also grants keeps its refusals in force after its grants expired (`in_force`).
     `gpc_seen_at`: since when Global Privacy Control has applied to the subject's choices on an
-    opt-out network (its Sec-GPC: 1 opts out of sale/sharing until it grants such a vendor)."""
+    opt-out network: an opt-out of sale/sharing by every vendor that sells or shares data and that
+    the choice does not grant, those added to the catalog later included; it stands like a refusal."""
 
     id: int
     subject: Subject
@@ -188,8 +189,9 @@ class Choice:
 
     @property
     def standing(self) -> bool:
-        """Its refusals are opt-outs (made on an opt-out network): they stand until changed."""
-        return self.profile == "opt-out" and self.refuses_anything
+        """Its refusals, or the GPC signal it carries, are opt-outs (made on an opt-out network): they
+        stand until changed."""
+        return self.profile == "opt-out" and (self.refuses_anything or self.gpc_seen_at is not None)
 
     def in_force(self, now: float) -> Choice | None:
         """What of it applies now: all of it, its standing refusals alone once its grants expired, or nothing."""
@@ -306,6 +308,10 @@ def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: Curr
         else:
             prefix = f"choice #{choice.id} does not decide vendor {vendor.id} or category {vendor.category}; "
     if profile == "opt-out":
+        if choice is not None and choice.gpc_seen_at is not None and vendor.kind == "vendor" \
+                and vendor.ccpa_sale_or_share:  # GPC stands for the sellers the choice does not grant
+            return Decision(False, prefix + f"vendor {vendor.id} sells or shares data: opted out of sale/sharing by "
+                            f"Global Privacy Control (Sec-GPC), which applies to choice #{choice.id}", True, "gpc")
         return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
     return Decision(False, prefix + f"profile {profile}: blocked until granted",
                     cause="stale" if stale else "unlisted" if uncovered else "undecided")

@@ -808,21 +808,27 @@ class ConsentService:
             own = r.applied if r.choice is not None and r.choice.subject.network is None else None
             opting_out = [v for v, d in r.decisions if v.ccpa_sale_or_share and d.allowed
                           and not (own is not None and d.by_choice and own.granted_despite_gpc(v))]
-            if not opting_out:
+            # The signal stands (for sellers added later too: consent.decide), so it is recorded the
+            # first time it is seen even when nothing sells or shares data for the client now.
+            if not opting_out and own is not None and own.gpc_seen_at is not None:
                 return []
             categories = dict(own.categories) if own else {}
             vendors = {**(own.vendors if own else {}), **{v.id: False for v in opting_out}}
             expires_at, _ = self._expiry("opt-out", categories, vendors, now)
             if own is not None and own.grants_anything:
                 expires_at = min(expires_at, own.expires_at)  # its grants keep their own expiry
+            elif not opting_out:
+                expires_at = UNTIL_CHANGED  # (refusing nothing new: it stands as the signal does)
             gpc_seen_at = own.gpc_seen_at if own is not None and own.gpc_seen_at is not None else now
             # No notice was shown: the signal covers the vendors it opts out of (and keeps the rest).
             basis = self._covering(Basis(None, own.items if own else {}, own.terms if own else "",
                                          own.language if own else ""), vendors)
-            names = ", ".join(v.id for v in opting_out)
+            names = ", ".join(v.id for v in opting_out) or "no vendor that does resolves for it now"
             return [self._choice_step(subject, "refusal", categories, vendors, now, expires_at, basis,
                                       dataclasses.replace(caller, sec_gpc="1"), "opt-out",
-                                      reason=f"opt-out of sale/sharing ({names}) signalled by Sec-GPC: 1",
+                                      reason=f"opt-out of sale/sharing ({names}) signalled by Sec-GPC: 1; it "
+                                             "stands for every vendor that sells or shares data, those listed "
+                                             "later too, until the person grants that vendor",
                                       gpc_seen_at=gpc_seen_at)]
 
         steps = plan()  # (most requests carrying GPC have nothing left to opt out of)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -503,3 +504,58 @@ def drop_gpc_columns(path: Path) -> None:
         for table in ("events", "choices"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN gpc_seen_at")
         assert "gpc_seen_at" not in {row[1] for row in db.execute("PRAGMA table_info(choices)")}
+
+
+SELLER = "px.adco.test"
+SELLER_DROP_IN = f'''
+version = "1"
+[[vendor]]
+id = "adco"
+name = "AdCo"
+category = "marketing"
+summary = "Sells what it learns."
+ccpa_sale_or_share = true
+[[vendor.domain]]
+pattern = "{SELLER.split(".", 1)[1]}"
+'''
+
+
+async def test_gpc_stands_for_a_seller_added_later(upstream: StubUpstream, data_dir: Path, catalog: Path,
+                                                   tmp_path: Path, clock: FakeClock, consent_store: str) -> None:
+    """GPC is a standing signal: a vendor that sells or shares data and is added after the signal was
+    seen (a drop-in and a reload) does not resolve for that client until it grants that very vendor;
+    no further request is needed."""
+    upstream.add(SELLER, f"{SELLER}. 300 IN A 198.51.100.11")
+    dropins = tmp_path / "vendors.d"
+    dropins.mkdir()
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store), catalog=catalog)
+    cfg = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, vendors_dir=str(dropins)))
+    signalled, rejected, granted, plain = (OPT_OUT + str(n) for n in (130, 131, 132, 133))
+    async with serving(cfg, clock) as g:
+        await g.http("GET", "/v1/consent/status", source=signalled, headers=GPC)
+        await choose(g, rejected, {"categories": []})  # "Reject all", then the signal: nothing left to opt out
+        await g.http("GET", "/v1/consent/status", source=rejected, headers=GPC)
+        await g.http("GET", "/v1/consent/status", source=granted, headers=GPC)
+        clock.advance(60)
+        await choose(g, granted, {"categories": ["marketing"]})  # after the signal: it wins for what it covers
+        assert await rcode(g, granted) == dns.rcode.NOERROR
+
+        (dropins / "adco.toml").write_text(SELLER_DROP_IN, encoding="utf-8")
+        assert (await g.http("POST", "/v1/reload", admin=True))[0] == 200
+        for source in (signalled, rejected, granted):
+            assert await rcode(g, source, SELLER) == dns.rcode.NXDOMAIN, source
+            assert await blocked_because(g, source, SELLER) == \
+                "AdCo (adco) is blocked: opted out of sale/sharing by Global Privacy Control (Sec-GPC)"
+            _, state = await g.http("GET", "/v1/consent", source=source)
+            (adco,) = [v for v in state["vendors"] if v["id"] == "adco"]
+            assert not adco["allowed"] and "Global Privacy Control" in adco["reason"], adco
+        assert await rcode(g, granted) == dns.rcode.NOERROR  # what it granted after the signal still holds
+        assert await rcode(g, plain, SELLER) == dns.rcode.NOERROR  # no signal: allowed until it opts out
+
+        clock.advance(60)
+        await choose(g, granted, {"vendors": {"adco": True}})  # the later, specific grant of that vendor wins
+        assert await rcode(g, granted, SELLER) == dns.rcode.NOERROR
+    async with serving(cfg, clock) as g:  # and it all holds across a restart
+        for source in (signalled, rejected):
+            assert await rcode(g, source, SELLER) == dns.rcode.NXDOMAIN, source
+        assert await rcode(g, granted, SELLER) == dns.rcode.NOERROR
