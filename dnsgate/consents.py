@@ -317,9 +317,14 @@ class ConsentService:
                     continue  # a device's profile follows wherever it is; nothing to compare at start
                 profile, why = self.profile_of(choice.subject)
                 if choice.profile != profile:
+                    expires_at, lifetime = choice.expires_at, ""
+                    if profile in ("opt-in", "kiosk"):  # (no opt-out stands there: the profile's lifetime)
+                        expires_at = min(choice.expires_at, now + self._days(profile) * DAY)
+                    if expires_at != choice.expires_at:
+                        lifetime = f"; it now lasts until {iso(expires_at)}, as one made now on a {profile} network"
                     event = Event("profile_change", now, choice.subject, profile, choice.categories,
-                                  choice.vendors, choice.expires_at, choice.notice, "system", supersedes=choice.id,
-                                  reason=f"profile changed from {choice.profile} to {profile}: {why}",
+                                  choice.vendors, expires_at, choice.notice, "system", supersedes=choice.id,
+                                  reason=f"profile changed from {choice.profile} to {profile}: {why}{lifetime}",
                                   items=choice.items, terms=choice.terms, language=choice.language)
                     steps.append(Step(event, sets_profile_of=choice.id))
             ended = {c.id for c in copied}
@@ -1479,7 +1484,8 @@ class ConsentService:
         if step.sets_profile_of is not None:
             changed = self.table.find(step.sets_profile_of)
             if changed is not None:
-                self.table.put(dataclasses.replace(changed, profile=step.event.profile))
+                expires_at = step.event.expires_at if step.event.expires_at is not None else changed.expires_at
+                self.table.put(dataclasses.replace(changed, profile=step.event.profile, expires_at=expires_at))
         if step.sets_items_of is not None:
             changed = self.table.find(step.sets_items_of)
             if changed is not None:

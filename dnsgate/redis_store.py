@@ -10,11 +10,14 @@ Keys, under `storage.redis_prefix` ("dnsgate:"):
 - `epoch`: the history's identity, a random id made once. A Redis that lost its data (restarted
   empty, replaced, restored from an older file) cannot reproduce it, so an instance that followed
   the log tells a lost history from a new one by identity, not by comparing sequence numbers.
-- `choice:<id>`: a choice in force, a hash of its columns, expiring natively at the choice's expiry
-  (never, for opt-outs that stand until changed).
+- `choice:<id>`: a choice in force, a hash of its columns, with what later events changed in it (a
+  profile change: its profile and expiry; a migration: its items and terms). It is deleted by the
+  event that ends the choice, never expired by Redis: an opt-out outlives its grants' expiry, and a
+  choice rebuilt from the event that made it would lose those changes. (A hash an older dnsgate let
+  expire is rebuilt from that event and every later one that changed it: `load`.)
 - `choices`: a sorted set of the ids of choices in force, scored by expiry. An id leaves it only
-  when an event ends its choice (expiry recorded, reset, superseded), so it outlives the hash of an
-  expired choice: the expiry is recorded exactly once, by whichever instance's sweeper is first.
+  when an event ends its choice (expiry recorded, reset, superseded): the expiry is recorded
+  exactly once, by whichever instance's sweeper is first.
 - `pairings`: a hash, JSON `[http key, dns key]` -> when.
 - `activity`: a hash, kiosk client key -> its last DNS query seen by any instance (merged at every
   sweep), so a kiosk session is idle only when no instance has seen a query from it.
@@ -56,10 +59,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import secrets
 import time
@@ -75,7 +78,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .consent import UNTIL_CHANGED, Choice, Subject
+from .consent import Choice, Subject
 from .consent_backend import (
     ChangeSink,
     Conflict,
@@ -187,19 +190,22 @@ for i, s in ipairs(cjson.decode(ARGV[3])) do
     end
     if s.choice then
       redis.call('ZADD', KEYS[3], s.expires, id)
-      if tonumber(s.expires_ms) > now_ms then
-        local key = prefix .. 'choice:' .. id
-        redis.call('HSET', key, unpack(s.choice))
-        redis.call('PEXPIREAT', key, s.expires_ms)
-      end
+      redis.call('HSET', prefix .. 'choice:' .. id, unpack(s.choice))
     end
     if s.profile_of then
       local key = prefix .. 'choice:' .. s.profile_of
-      if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'profile', s.profile) end
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('HSET', key, 'profile', s.profile, 'expires_at', s.profile_expires)
+        redis.call('PERSIST', key)
+      end
+      redis.call('ZADD', KEYS[3], 'XX', s.profile_expires, s.profile_of)
     end
     if s.items_of then
       local key = prefix .. 'choice:' .. s.items_of
-      if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'items', s.items, 'terms', s.terms) end
+      if redis.call('EXISTS', key) == 1 then
+        redis.call('HSET', key, 'items', s.items, 'terms', s.terms)
+        redis.call('PERSIST', key)
+      end
     end
     if s.pairing then redis.call('HSET', KEYS[4], s.pairing, s.at) end
     redis.call('XADD', KEYS[2], id .. '-0', unpack(s.fields))
@@ -395,6 +401,7 @@ class RedisBackend:
         members: list[tuple[str, float]] = await self._call("load", lambda: self.redis.zrange(index, 0, -1,
                                                                                               withscores=True))
         choices: list[Choice] = []
+        rebuilt: list[int] = []
         for start in range(0, len(members), PAGE):
             ids = [int(m) for m, _ in members[start:start + PAGE]]
 
@@ -408,14 +415,17 @@ class RedisBackend:
                 if fields:
                     choices.append(choice_from_row({**decode(fields, CHOICE_COLUMNS), "id": choice_id}))
                     continue
-                # Expired (Redis dropped the hash) but its expiry is not recorded yet: the event that
-                # made the choice says what it was, so the sweeper can record the expiry.
+                # An older dnsgate let Redis drop the hash at the choice's expiry, which is not recorded
+                # yet: the event that made the choice says what it was, the later ones what changed.
                 made = await self._entry(choice_id)
                 if made is not None and made.expires_at is not None:
                     choices.append(made.as_choice(choice_id))
+                    rebuilt.append(choice_id)
                 else:
                     log.warning("consent store %s: choice #%d has neither a hash nor its event; skipped",
                                 self.name, choice_id)
+        if rebuilt:
+            choices = await self._changed_since(choices, rebuilt)
         raw_pairs: dict[str, str] = await self._call("load", lambda: self.redis.hgetall(pairings_key))
         pairs = [(*json.loads(k), float(v)) for k, v in raw_pairs.items()]
         changed = epoch != self._epoch
@@ -424,6 +434,31 @@ class RedisBackend:
         if changed:
             self._remember(seq)
         return Snapshot(choices_in_order(choices), pairs, lost)
+
+    async def _changed_since(self, choices: list[Choice], rebuilt: list[int]) -> list[Choice]:
+        """`choices` with what the log's later events changed in the `rebuilt` ones (rebuilt from the
+        event that made them): profile and expiry (a profile change), items and terms (a migration)."""
+        by_id = {c.id: c for c in choices}
+        wanted = set(rebuilt)
+        bound = f"({min(rebuilt)}-0"
+        while True:
+            page = await self._call("read log", functools.partial(self.redis.xrange, self.keys[1], bound, "+",
+                                                                  count=PAGE))
+            for entry_id, fields in page:
+                effects = json.loads(fields.get("x", "{}"))
+                profile_of, items_of = effects.get("profile_of"), effects.get("items_of")
+                if profile_of not in wanted and items_of not in wanted:
+                    continue
+                e = _event(fields, int(entry_id.split("-")[0]))
+                if profile_of in wanted:
+                    c = by_id[profile_of]
+                    by_id[profile_of] = dataclasses.replace(
+                        c, profile=e.profile, expires_at=c.expires_at if e.expires_at is None else e.expires_at)
+                if items_of in wanted:
+                    by_id[items_of] = dataclasses.replace(by_id[items_of], items=e.items, terms=e.terms)
+            if len(page) < PAGE:
+                return [by_id[c.id] for c in choices]
+            bound = f"({page[-1][0]}"
 
     async def _entry(self, event_id: int) -> Event | None:
         found = await self._call("read log", lambda: self.redis.xrange(self.keys[1], f"{event_id}-0",
@@ -521,13 +556,12 @@ class RedisBackend:
             args["only_if_current"] = str(s.only_if_current)
         if s.makes_choice:
             assert e.expires_at is not None
-            choice = e.as_choice(0)
-            row = choice_row(choice)
+            row = choice_row(e.as_choice(0))
             del row["id"]
-            kept = UNTIL_CHANGED if choice.standing else e.expires_at  # standing refusals outlive the grants
-            args.update(choice=flat(encode(row)), expires=repr(e.expires_at), expires_ms=str(math.ceil(kept * 1000)))
+            args.update(choice=flat(encode(row)), expires=repr(e.expires_at))
         if s.sets_profile_of is not None:
-            args.update(profile_of=str(s.sets_profile_of), profile=e.profile)
+            assert e.expires_at is not None
+            args.update(profile_of=str(s.sets_profile_of), profile=e.profile, profile_expires=repr(e.expires_at))
             effects["profile_of"] = s.sets_profile_of
         if s.sets_items_of is not None:
             row = event_row(e)
@@ -745,7 +779,6 @@ class RedisBackend:
                     key = f"{self.prefix}choice:{c.id}"
                     pipe.zadd(index, {str(c.id): c.expires_at})
                     pipe.hset(key, mapping=encode(row))  # type: ignore[arg-type]
-                    pipe.pexpireat(key, math.ceil(c.expires_at * 1000))
                 for http, dns, at in snapshot.pairings:
                     pipe.hset(pairings_key, json.dumps([http, dns]), repr(at))
                 pipe.set(seq_key, max([last, *(c.id for c in snapshot.choices)]))

@@ -167,7 +167,7 @@ class Step:
     ends: tuple[int, ...] = ()  # choices this event replaces or ends
     only_if_current: int | None = None  # skip the step if this choice is no longer in force
     pairing: tuple[str, str] | None = None  # (HTTP subject key, DNS client key) to remember
-    sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile changes
+    sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile (and expiry) changes
     sets_items_of: int | None = None  # migration: the choice that now names the items it covered
 
 
@@ -345,8 +345,9 @@ class ConsentStore:
         if step.pairing is not None:
             self.db.table("pairings").insert({"http": step.pairing[0], "dns": step.pairing[1], "at": e.at},
                                              replace=True)
-        if step.sets_profile_of is not None:
-            self.db.execute("UPDATE choices SET profile = ? WHERE id = ?", [e.profile, step.sets_profile_of])
+        if step.sets_profile_of is not None:  # (and the lifetime under it: an opt-out may stand no more)
+            self.db.execute("UPDATE choices SET profile = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
+                            [e.profile, e.expires_at, step.sets_profile_of])
         if step.sets_items_of is not None:
             self.db.execute("UPDATE choices SET items = ?, terms = ? WHERE id = ?",
                             [_json_or_none(e.items), e.terms, step.sets_items_of])

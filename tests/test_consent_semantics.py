@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import io
 import json
+import math
 import os
 import re
 import sqlite3
@@ -30,7 +31,7 @@ import dns.rcode
 import pytest
 import redis.asyncio as aioredis
 
-from dnsgate.config import Config
+from dnsgate.config import Config, ProfilesConfig
 from dnsgate.consent import Subject
 from dnsgate.consent_log import csv_header, csv_line, jsonl_line
 from dnsgate.store import Event
@@ -40,6 +41,7 @@ from tests.consent_fixtures import (
     KIOSK,
     OPT_OUT,
     PIXEL,
+    PROFILE_NETWORKS,
     FakeClock,
     consent_config,
     eventually,
@@ -457,7 +459,7 @@ async def test_opt_outs_stand_until_the_person_changes_them(upstream: StubUpstre
                 kept = await r.pexpiretime(f"dnsgate:choice:{state['choice']['id']}")
             finally:
                 await r.aclose()
-            assert kept == 253_402_300_799_000
+            assert kept == -1  # (no expiry: the event that ends the choice deletes it)
         await choose(g, grant, {"choices": {"marketing": True}, "days": 10})  # grants only: it expires
 
         clock.advance(400 * DAY)  # past every grant's and the 395-day maximum
@@ -559,3 +561,44 @@ async def test_gpc_stands_for_a_seller_added_later(upstream: StubUpstream, data_
         for source in (signalled, rejected):
             assert await rcode(g, source, SELLER) == dns.rcode.NXDOMAIN, source
         assert await rcode(g, granted, SELLER) == dns.rcode.NOERROR
+
+
+@pytest.mark.parametrize(("profile", "lifetime"), [("opt-in", 180), ("kiosk", 1)])
+async def test_an_opt_out_on_a_network_that_is_no_longer_opt_out_gets_the_new_lifetime(
+        upstream: StubUpstream, data_dir: Path, catalog: Path, clock: FakeClock, consent_store: str,
+        profile: str, lifetime: int) -> None:
+    """The network of an opt-out becomes opt-in or kiosk: the opt-out no longer stands there, so it
+    lasts what a choice lasts under the new profile, counted from the change (never longer than it
+    had), recorded with the profile change; `ask_again_after` says that date, not 9999."""
+    cfg = consent_config(with_store(make_config(upstream, data_dir), consent_store), catalog=catalog)
+    changed = dataclasses.replace(cfg, profiles=ProfilesConfig(networks=tuple(
+        (net, profile if kind == "opt-out" else kind) for net, kind in PROFILE_NETWORKS)))
+    reject, mixed = OPT_OUT + "150", OPT_OUT + "151"
+    async with serving(cfg, clock) as g:
+        state = await choose(g, reject, {"categories": []})
+        assert state["choice"]["expires_at"] == "9999-12-31T23:59:59Z"
+        # refuses marketing, grants pixelco for 300 days
+        await choose(g, mixed, {"choices": {"marketing": False}, "vendors": {"pixelco": True}, "days": 300})
+    clock.advance(60)
+    changed_at = clock.now
+    async with serving(changed, clock) as g:
+        for source, before in ((reject, math.inf), (mixed, changed_at - 60 + 300 * DAY)):
+            _, state = await g.http("GET", "/v1/consent", source=source)
+            expected = min(before, changed_at + lifetime * DAY)
+            assert state["profile"]["name"] == profile
+            assert seconds(state["choice"]["expires_at"]) == expected, (source, state["choice"])
+            assert state["choice"]["refusals_stand"] is False
+            assert seconds(state["ask_again_after"]) == expected
+            change = (await events_of(g, source))[-1]
+            assert change["action"] == "profile_change" and seconds(change["expires_at"]) == expected
+    async with serving(changed, clock) as g:  # as recorded, after a restart (and not recorded again)
+        _, state = await g.http("GET", "/v1/consent", source=reject)
+        assert seconds(state["choice"]["expires_at"]) == changed_at + lifetime * DAY
+        assert [e["action"] for e in await events_of(g, reject)] == ["refusal", "profile_change"]
+        clock.advance(lifetime * DAY + 1)
+
+        async def expired() -> bool:
+            return bool((await events_of(g, reject))[-1]["action"] == "expiry")
+
+        await eventually(expired)
+        assert (await g.http("GET", "/v1/consent", source=reject))[1]["choice"] is None

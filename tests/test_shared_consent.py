@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from typing import Any
 import dns.rcode
 import redis.asyncio as aioredis
 
+from dnsgate.consent import Choice, Subject
+from dnsgate.redis_store import RedisBackend
+from dnsgate.store import Event, Step
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import ALLOW, FakeClock, consent_config, eventually, parse_jsonl
 from tests.redis_server import RedisServer
@@ -353,7 +357,7 @@ async def changes_at_least(acknowledged: dict[str, list[tuple[int, str]]], n: in
 # -- the data in Redis -----------------------------------------------------------------------------
 
 
-async def test_choices_expire_natively_and_the_log_is_a_stream(
+async def test_choices_are_hashes_until_an_event_ends_them_and_the_log_is_a_stream(
         upstream: StubUpstream, tmp_path: Path, redis_server: RedisServer) -> None:
     me = "127.0.0.49"
     async with running_gate(shared(upstream, tmp_path, "a", redis_server)) as a:
@@ -362,8 +366,8 @@ async def test_choices_expire_natively_and_the_log_is_a_stream(
         choice_id = body["choice"]["id"]
         client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
-            ttl_ms = await client.pttl(f"dnsgate:choice:{choice_id}")
-            assert 3 * 86_400_000 - 60_000 < ttl_ms <= 3 * 86_400_000  # Redis drops the key itself
+            # no expiry of its own: the event that ends the choice (its expiry recorded) deletes it
+            assert await client.pttl(f"dnsgate:choice:{choice_id}") == -1
             fields = await client.hgetall(f"dnsgate:choice:{choice_id}")
             assert fields["address"] == me and json.loads(fields["categories"])["marketing"] is True
             entries: Any = await client.xrange("dnsgate:log")
@@ -372,3 +376,42 @@ async def test_choices_expire_natively_and_the_log_is_a_stream(
             assert (await client.xinfo_stream("dnsgate:log"))["length"] == 1
         finally:
             await client.aclose()
+
+
+async def test_a_choice_rebuilt_after_its_hash_is_gone_keeps_its_later_updates(redis_server: RedisServer) -> None:
+    """A choice's profile change and its migration are written to its hash. Redis once dropped that
+    hash at the choice's expiry, though an opt-out outlives it, and a load then rebuilt the choice from
+    the event that made it, without them: the opt-out lapsed, the items it covered were lost. The
+    hash is kept until an event ends the choice; one an older dnsgate let expire is rebuilt with
+    every update the log holds for it."""
+    now = time.time()
+    subject = Subject("10.0.0.9")
+    # an opt-in refusal from before choices named their items, ending a second from now
+    made = Event("refusal", now - 60, subject, "opt-in", {"marketing": False}, {}, now + 1.0, None, "device")
+    store = RedisBackend(redis_server.url)
+    try:
+        await store.load()
+        (cid,) = (await store.commit([Step(made, makes_choice=True)], store.position, "c1",
+                                     time.monotonic() + 5)).ids
+        assert cid is not None
+        # the network became opt-out (the refusal now stands), and the choice was migrated to its items
+        change = Event("profile_change", now, subject, "opt-out", {"marketing": False}, {}, made.expires_at, None,
+                       "system", supersedes=cid)
+        migration = Event("migration", now, subject, "opt-out", {"marketing": False}, {}, made.expires_at, None,
+                          "system", supersedes=cid, items={"vendor:activecampaign": "f" * 16}, terms="t" * 64)
+        await store.commit([Step(change, sets_profile_of=cid), Step(migration, sets_items_of=cid)], store.position,
+                           "c2", time.monotonic() + 5)
+        await asyncio.sleep(max(0.0, now + 1.5 - time.time()))  # past the choice's expiry, in Redis's clock too
+
+        def as_updated(choice: Choice) -> None:
+            assert choice.id == cid and choice.profile == "opt-out" and choice.standing
+            assert choice.items == {"vendor:activecampaign": "f" * 16} and choice.terms == "t" * 64
+
+        (loaded,) = (await store.load()).choices
+        as_updated(loaded)
+        assert await store.redis.ttl(f"dnsgate:choice:{cid}") == -1  # kept until an event ends the choice
+        await store.redis.delete(f"dnsgate:choice:{cid}")  # as an older dnsgate's expiry left it
+        (rebuilt,) = (await store.load()).choices
+        as_updated(rebuilt)
+    finally:
+        await store.close()

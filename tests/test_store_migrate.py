@@ -115,9 +115,8 @@ async def test_migration_refuses_a_store_that_holds_consent_and_names_bad_stores
 
 async def test_choices_whose_expiry_passed_in_redis_are_still_recorded_when_they_expire(
         tmp_path: Path, redis_server: RedisServer) -> None:
-    """A choice copied (or made) with an expiry already past has no hash in Redis (its key would
-    expire at once), yet it stays in force until its expiry is recorded: loading rebuilds it from
-    the event that made it, and the expiry step ends it exactly once."""
+    """A choice copied (or made) with an expiry already past stays in force until its expiry is
+    recorded: its hash is kept until then, and the expiry step ends it exactly once."""
     now = time.time()
     lite = SqliteBackend.open(tmp_path / "consent.sqlite3")
     made = Event("grant", now - 10 * 86_400, Subject("10.0.0.9"), "opt-in", {"marketing": True}, {},
@@ -127,7 +126,7 @@ async def test_choices_whose_expiry_passed_in_redis_are_still_recorded_when_they
     redis = RedisBackend(redis_server.url)
     try:
         await migrate(lite, redis)
-        assert not await redis.redis.exists("dnsgate:choice:1")
+        assert await redis.redis.exists("dnsgate:choice:1")
         (loaded,) = (await redis.load()).choices
         assert loaded.id == 1 and loaded.subject.address == "10.0.0.9" and loaded.expires_at == made.expires_at
         expiry = Event("expiry", now, loaded.subject, "opt-in", loaded.categories, {}, loaded.expires_at, None,
