@@ -49,7 +49,7 @@ from .gc_policy import refreeze
 from .list_sources import ListError, ListStore
 from .metrics import Sources, StoreFaults, build_registry
 from .neighbours import KernelNeighbours, NeighbourReader
-from .notice import Notice, NoticeError, Operator, builtin_notice_text, parse_notice_text
+from .notice import NO_OPERATOR_WARNING, Notice, NoticeError
 from .observe_api import Observability, add_routes
 from .pairing import Pairings
 from .portal import PortalSettings, portal_url
@@ -60,7 +60,7 @@ from .querylog_db import QueryLogDb, QueryLogError
 from .reload import Reloader
 from .replica import JournaledTable, Start
 from .report import Watched
-from .ruleset import Ruleset, read_catalog
+from .ruleset import Ruleset, operator_of, read_catalog, read_notice
 from .store import ConsentStore, StoreError, UnavailableStore
 from .upstream import SOCKETS_PER_FAMILY
 from .worker_record import RECORD as WORKER_RECORD
@@ -69,8 +69,6 @@ from .workers import WorkerError, Workers
 log = logging.getLogger(__name__)
 
 RESOLV_CONF = Path("/etc/resolv.conf")
-NO_OPERATOR_WARNING = ("no operator named (portal.operator): the consent portal says that whoever runs this "
-                       "network has not given its name or a contact")
 QUERYLOG_FILE = "querylog.sqlite3"
 QUERYLOG_KEY = "querylog.key"
 
@@ -107,13 +105,7 @@ class Running:
 
 def load_notice(cfg: Config) -> Notice:
     try:
-        if cfg.consent.notice:
-            try:
-                text = Path(cfg.consent.notice).read_text(encoding="utf-8")
-            except OSError as exc:
-                raise StartupError(f"consent.notice: cannot read {cfg.consent.notice}: {exc.strerror}") from None
-            return parse_notice_text(text, f"consent.notice: {cfg.consent.notice}")
-        return parse_notice_text(builtin_notice_text(), "built-in notice")
+        return read_notice(cfg)
     except NoticeError as exc:
         raise StartupError(str(exc)) from None
 
@@ -250,7 +242,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         lists = ListStore(data_dir / "lists")
         stack.push_async_callback(lists.close)
         # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
-        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda new: install(new))
+        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda new: install(new), notice=notice)
         try:
             rules = await reloader.start()
         except (CatalogError, ListError) as exc:
@@ -261,7 +253,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         table = (JournaledTable if cfg.dns.workers > 1 else ConsentTable)(
             catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
             kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
-        operator = Operator(cfg.portal.operator, cfg.portal.contact, cfg.portal.privacy_url)
+        operator = operator_of(cfg)
         consents = ConsentService(store, table, catalog, notice, cfg.consent,
                                   Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
                                   (normalize_client(a) for a in cfg.identity.trusted_forwarders), operator)
@@ -298,7 +290,8 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
             if workers is not None:
                 workers.install(new, reloader.cfg)  # journaled before the table's changes below
             dns_stack.install(dns, new, reloader.cfg)  # the reloaded configuration's live sections
-            consents.use_catalog(new.catalog)  # a new catalog version is a new notice
+            # a new catalog, text or operator is a new notice
+            consents.use_notice(new.catalog, reloader.notice, operator_of(reloader.cfg))
             refreeze()  # the old catalog and lists out, the new ones out of the GC's full passes
 
         stack.push_async_callback(upstreams.close)

@@ -474,11 +474,12 @@ class ConsentService:
         """Apply the changes other instances record, for as long as dnsgate runs (shared stores only)."""
         await self.store.follow(self)
 
-    def use_catalog(self, catalog: Catalog) -> None:
-        """A reload swapped the catalog (or its lists): its vendors are decided from now on, and the
-        notice is built anew (a new or changed item is "no choice yet" for every earlier choice)."""
-        self.catalog = catalog
-        self.shown = notice_in_force(self.notice, self.operator, catalog)
+    def use_notice(self, catalog: Catalog, text: Notice, operator: Operator) -> None:
+        """A reload swapped the catalog (or its lists), the consent text or the operator: the catalog's
+        vendors are decided from now on, and the notice is built anew (a new or changed item is "no
+        choice yet" for every earlier choice; a new text or operator, for every earlier grant)."""
+        self.catalog, self.notice, self.operator = catalog, text, operator
+        self.shown = notice_in_force(text, operator, catalog)
         self.table.set_vendors(catalog.vendors)
         self.table.set_notice(self.shown.current())
 

@@ -23,6 +23,8 @@ from .catalog import Catalog, Category, Vendor
 from .consent import CurrentNotice, item_key
 
 FINGERPRINT_DIGITS = 16  # of the SHA-256: plenty to tell two descriptions apart, short in every record
+NO_OPERATOR_WARNING = ("no operator named (portal.operator): the consent portal says that whoever runs this "
+                       "network has not given its name or a contact")
 
 
 class NoticeError(ValueError):
@@ -150,6 +152,38 @@ class NoticeInForce:
 
 def notice_in_force(text: Notice, operator: Operator, catalog: Catalog) -> NoticeInForce:
     return NoticeInForce(text, operator, catalog.version, catalog.categories, items_of(catalog))
+
+
+def changes_between(old: NoticeInForce, new: NoticeInForce) -> list[str]:
+    """What a person is told differently in `new` (a reload's report): the text, the operator, each
+    category and each item added, removed or described differently."""
+    said: list[str] = []
+    if (old.text.version, old.text.default_language, dict(old.text.texts)) != \
+            (new.text.version, new.text.default_language, dict(new.text.texts)):
+        said.append("notice text")
+    if old.operator != new.operator:
+        said.append("operator")
+    if old.catalog_version != new.catalog_version:
+        said.append(f"catalog version {old.catalog_version} → {new.catalog_version}")
+    before = {c.id: (c.name, c.description) for c in old.categories}
+    after = {c.id: (c.name, c.description) for c in new.categories}
+    said += _added_removed_changed("category", before, after)
+    said += _added_removed_changed("", {i.key: i.fingerprint for i in old.items},
+                                   {i.key: i.fingerprint for i in new.items})
+    return said
+
+
+def _added_removed_changed(kind: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    said = []
+    for key in [*before, *(k for k in after if k not in before)]:
+        name = f"{kind} {key}" if kind else " ".join(key.split(":", 1))  # "vendor:adco" -> "vendor adco"
+        if key not in after:
+            said.append(f"{name} removed")
+        elif key not in before:
+            said.append(f"{name} added")
+        elif before[key] != after[key]:
+            said.append(f"{name} described differently")
+    return said
 
 
 def terms_sha256(text: str, operator: Operator) -> str:

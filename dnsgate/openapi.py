@@ -167,6 +167,8 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
                                    "vendors": mapping({"type": "boolean"})})})
     rules_report = obj({"status": {"type": "string"}, "reason": {"type": "string"}, "error": NULLABLE_STRING,
                         "applied": array({"type": "string"}), "restart_required": array({"type": "string"}),
+                        "changed": array({"type": "string"}),
+                        "notice": obj({"version": {"type": "string"}, "previous": {"type": "string"}}),
                         "catalog": obj({"version": {"type": "string"}, "vendors": {"type": "integer"},
                                         "domains": {"type": "integer"}}),
                         "list_entries": {"type": "integer"}, "lists": array(ref("ListStatus")),

@@ -3,12 +3,14 @@ on reload (SIGHUP, POST /v1/reload), and when a list download brings new content
 
 `Reloader` builds a complete `ruleset.Ruleset` (files read and lists parsed on a worker thread, so queries keep
 flowing), validates it, and only then hands it to `install`, which swaps it into the pipeline in one
-synchronous step on the event loop and empties the cache. Anything invalid -> nothing changes, the
-error is logged and returned. Consent is never touched.
+synchronous step on the event loop and empties the cache. The consent text and the operator are
+read again with them: they are part of the notice a person is shown. Anything invalid -> nothing
+changes, the error is logged and returned. Consent choices are never touched.
 
-Which keys apply live: [gate], [cache], [local] and [lists]. The rest ([dns], [api], [upstream], [consent],
-[storage]) are bound to sockets, threads or files at start; a reload reports them as needing a
-restart and keeps running with the old values.
+Which keys apply live: [gate], [cache], [local] and [lists], and of the notice consent.notice and
+portal.operator, contact and privacy_url. The rest are bound to sockets, threads, files or the
+tables of consent at start; a reload reports them as needing a restart and keeps running with the
+old values.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .catalog import Catalog, CatalogError
+from .catalog import Catalog, CatalogError, Vendor
 from .config import Config, ConfigError, ListSource
 from .list_sources import Fetched, ListError, ListStore
-from .ruleset import ListCache, ListStatus, Ruleset, build_lists, read_catalog, ruleset_for
+from .notice import NO_OPERATOR_WARNING, Notice, NoticeError, changes_between, notice_in_force
+from .ruleset import ListCache, ListStatus, Ruleset, build_lists, operator_of, read_catalog, read_notice, ruleset_for
 
 log = logging.getLogger(__name__)
 
 LIVE_SECTIONS: Final = ("gate", "cache", "local", "lists")
-RESTART_SECTIONS: Final = ("dns", "api", "upstream", "consent", "storage", "log", "querylog", "events")
+# Keys of other sections that apply live: the notice's text and who runs the network.
+LIVE_KEYS: Final = ("consent.notice", "portal.operator", "portal.contact", "portal.privacy_url")
 RETRY_AFTER_FAILURE: Final = 300.0
 
 
@@ -42,6 +46,9 @@ class ReloadReport:
     action: str = "reloaded"  # or "refreshed" (lists only)
     applied: tuple[str, ...] = ()  # changed keys now in force
     restart_required: tuple[str, ...] = ()  # changed keys that keep their running value until a restart
+    changed: tuple[str, ...] = ()  # what the notice and the gated names say differently now
+    notice_version: str = ""
+    previous_notice_version: str = ""
     catalog_version: str = ""
     vendors: int = 0
     domains: int = 0
@@ -53,6 +60,8 @@ class ReloadReport:
         return {
             "status": self.action if self.ok else "rejected", "reason": self.reason, "error": self.error,
             "applied": list(self.applied), "restart_required": list(self.restart_required),
+            "changed": list(self.changed),
+            "notice": {"version": self.notice_version, "previous": self.previous_notice_version},
             "catalog": {"version": self.catalog_version, "vendors": self.vendors, "domains": self.domains},
             "list_entries": self.list_entries, "lists": list(self.lists), "seconds": round(self.seconds, 3),
         }
@@ -62,13 +71,37 @@ def split_changes(running: Config, new: Config) -> tuple[Config, tuple[str, ...]
     """(the config to run with, changed live keys, changed keys that need a restart)."""
     applied: list[str] = []
     restart: list[str] = []
+    effective: dict[str, Any] = {}
     for section in fields(Config):
         old_part, new_part = getattr(running, section.name), getattr(new, section.name)
-        changed = [f"{section.name}.{f.name}" for f in fields(old_part)
-                   if getattr(old_part, f.name) != getattr(new_part, f.name)]
-        (applied if section.name in LIVE_SECTIONS else restart).extend(changed)
-    effective = replace(new, **{name: getattr(running, name) for name in RESTART_SECTIONS})
-    return effective, tuple(applied), tuple(restart)
+        kept: dict[str, Any] = {}
+        for f in fields(old_part):
+            key, value = f"{section.name}.{f.name}", getattr(new_part, f.name)
+            live = section.name in LIVE_SECTIONS or key in LIVE_KEYS
+            if value != getattr(old_part, f.name):
+                (applied if live else restart).append(key)
+            if not live:
+                kept[f.name] = getattr(old_part, f.name)
+        effective[section.name] = replace(new_part, **kept)
+    return replace(new, **effective), tuple(applied), tuple(restart)
+
+
+def catalog_changes(old: Catalog, new: Catalog, old_entries: dict[str, int], new_entries: dict[str, int]) -> list[str]:
+    """What gates differently without being described differently: a vendor's names, a list's entries."""
+    said = []
+    for vendor in old.vendors:
+        same = new.vendor(vendor.id)
+        if same is not None and _patterns(old, vendor) != _patterns(new, same):
+            said.append(f"vendor {vendor.id} names changed")
+    for list_id, entries in old_entries.items():
+        now = new_entries.get(list_id)
+        if now is not None and now != entries:
+            said.append(f"list {list_id} entries {entries} → {now}")
+    return said
+
+
+def _patterns(catalog: Catalog, vendor: Vendor) -> list[str]:
+    return sorted(r.pattern for r in catalog.domains_of(vendor))
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,8 +112,9 @@ class Reloader:
     """Builds rulesets and installs them; one build at a time (reload, refresh and start share a lock)."""
 
     def __init__(self, cfg: Config, reread: Callable[[], Config], store: ListStore,
-                 install: Callable[[Ruleset], None], wall: Callable[[], float] = time.time) -> None:
+                 install: Callable[[Ruleset], None], notice: Notice, wall: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.notice = notice  # the consent text in force (install reads it, with the operator of `cfg`)
         self.reread = reread
         self.store = store
         self.install = install
@@ -111,31 +145,37 @@ class Reloader:
         """Re-read config, catalog and lists; swap them in, or keep everything as it is."""
         started = time.monotonic()
         async with self._lock:
+            before = self._before()
             try:
                 new_cfg = self.reread()
                 effective, applied, restart = split_changes(self.cfg, new_cfg)
+                notice = await asyncio.to_thread(read_notice, effective)
                 ruleset, fetched = await self._build(effective, strict=True)
-            except (ConfigError, CatalogError, ListError, OSError) as exc:
+            except (ConfigError, CatalogError, ListError, NoticeError, OSError) as exc:
                 log.error("reload (%s) rejected, the running configuration stays: %s", reason, exc)
                 return ReloadReport(ok=False, reason=reason, error=str(exc), seconds=time.monotonic() - started)
             await self._commit(fetched)
-            self.cfg = effective
+            self.cfg, self.notice = effective, notice
             self._install(ruleset)
             await self._settle()
             self.reloads += 1
-        report = self._report(reason, applied, restart, time.monotonic() - started)
-        log.info("reload (%s): %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
+            report = self._report(reason, applied, restart, time.monotonic() - started, before)
+        log.info("reload (%s): %s; %s; catalog %s (%d vendors, %d domains), %d list entries, %.2f s",
                  reason, f"applied {', '.join(applied)}" if applied else "no config key changed",
+                 f"changed: {', '.join(report.changed)}" if report.changed else "nothing shown or gated changed",
                  report.catalog_version, report.vendors, report.domains, report.list_entries, report.seconds)
         if restart:
             log.warning("reload (%s): changed keys that need a restart were not applied: %s",
                         reason, ", ".join(restart))
+        if "portal.operator" in applied and not operator_of(self.cfg).named:
+            log.warning(NO_OPERATOR_WARNING)
         return report
 
     async def refresh(self, *, force: bool = False, reason: str = "refresh") -> ReloadReport:
         """Check URL lists that are due (all of them with `force`) and swap in any new content."""
         started = time.monotonic()
         async with self._lock:
+            before = self._before()
             now = self.wall()
             due = [(i, s) for i, s in enumerate(self.cfg.lists.sources) if s.url and (force or self._due(s, now))]
             fetched: list[Fetched] = []
@@ -164,7 +204,8 @@ class Reloader:
                 self._install(ruleset)
                 await self._settle()
                 log.info("list refresh: new content for %s", ", ".join(f.source.id for f in changed))
-        return replace(self._report(reason, (), (), time.monotonic() - started), action="refreshed")
+            report = self._report(reason, (), (), time.monotonic() - started, before)
+        return replace(report, action="refreshed")
 
     async def run_schedule(self) -> None:
         """Refresh URL lists when due, until cancelled."""
@@ -288,11 +329,24 @@ class Reloader:
         self.install(ruleset)
         self._wake.set()  # the schedule may have changed
 
-    def _report(self, reason: str, applied: tuple[str, ...], restart: tuple[str, ...], seconds: float) -> ReloadReport:
+    def _before(self) -> tuple[Catalog, Notice, Config, dict[str, int]]:
+        assert self.ruleset is not None
+        return self.ruleset.catalog, self.notice, self.cfg, self._entries()
+
+    def _entries(self) -> dict[str, int]:
+        return {list_id: status.entries for list_id, status in self.statuses.items()}
+
+    def _report(self, reason: str, applied: tuple[str, ...], restart: tuple[str, ...], seconds: float,
+                before: tuple[Catalog, Notice, Config, dict[str, int]]) -> ReloadReport:
         assert self.ruleset is not None
         catalog = self.ruleset.catalog
+        old_catalog, old_text, old_cfg, old_entries = before
+        was = notice_in_force(old_text, operator_of(old_cfg), old_catalog)
+        now = notice_in_force(self.notice, operator_of(self.cfg), catalog)
+        changed = changes_between(was, now) + catalog_changes(old_catalog, catalog, old_entries, self._entries())
         return ReloadReport(
-            ok=True, reason=reason, applied=applied, restart_required=restart,
+            ok=True, reason=reason, applied=applied, restart_required=restart, changed=tuple(changed),
+            notice_version=now.version, previous_notice_version=was.version,
             catalog_version=catalog.version, vendors=len(catalog.vendors), domains=len(catalog.rules),
             list_entries=len(catalog.lists) if catalog.lists is not None else 0,
             lists=tuple(self.status()), seconds=seconds,

@@ -1,4 +1,5 @@
 """A ruleset: everything a reload replaces, built from a Config and the files it names.
+(The consent text and the operator, which a reload replaces too, are read here: `read_notice`.)
 
 The catalog (base file, drop-ins, switched-off vendors and domains) with the imported lists
 attached, the sinkhole, the TTL policies and the cache bounds. Building reads files and parses
@@ -18,6 +19,7 @@ from .cache import TtlPolicy
 from .catalog import Catalog, CatalogError, DomainRule, Vendor, builtin_catalog_text, parse_catalog_files
 from .config import Config, ListSource
 from .list_sources import ListError, Stamp, read_chunks, stamp_of
+from .notice import Notice, NoticeError, Operator, builtin_notice_text, parse_notice_text
 from .sinkhole import Sinkhole
 
 
@@ -66,6 +68,23 @@ def read_catalog(cfg: Config) -> Catalog:
         dropins = [(str(p), _read_text(str(p), "gate.vendors_dir")) for p in sorted(directory.glob("*.toml"))]
     catalog = parse_catalog_files(base, dropins)
     return catalog.without_vendors(cfg.gate.disabled_vendors).without(cfg.gate.disabled_domains)
+
+
+def read_notice(cfg: Config) -> Notice:
+    """The consent text: the file consent.notice names, else the built-in one. Raises NoticeError."""
+    if not cfg.consent.notice:
+        return parse_notice_text(builtin_notice_text(), "built-in notice")
+    try:
+        text = Path(cfg.consent.notice).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise NoticeError(f"consent.notice: cannot read {cfg.consent.notice}: {reason}") from None
+    return parse_notice_text(text, f"consent.notice: {cfg.consent.notice}")
+
+
+def operator_of(cfg: Config) -> Operator:
+    """Who runs the network, as [portal] names them."""
+    return Operator(cfg.portal.operator, cfg.portal.contact, cfg.portal.privacy_url)
 
 
 def _read_text(path: str, key: str) -> str:

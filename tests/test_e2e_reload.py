@@ -8,6 +8,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import fields, replace
 from pathlib import Path
 
 import dns.asyncquery
@@ -16,6 +17,7 @@ import dns.message
 import dns.rcode
 
 from dnsgate.config import Config, Overrides, load_config
+from dnsgate.reload import LIVE_KEYS, LIVE_SECTIONS, split_changes
 from tests.conftest import TOKEN, Gate, running_gate
 from tests.stub_upstream import StubUpstream
 from tests.test_cli import READY, _env
@@ -144,6 +146,135 @@ async def test_reload_picks_up_dropins_and_switched_off_vendors(upstream: StubUp
                                             "category, ccpa_sale_or_share, cookie, data_collected, domain, gvl_id, "
                                             "id, ip_ranges, name, privacy_policy, recipients, sources, summary, "
                                             "tcf_purposes)")
+
+
+NOTICE = """version = "{version}"
+default_language = "en"
+[text]
+en = "{text}"
+"""
+
+
+async def granted_under_the_notice(g: Gate, source: str) -> None:
+    """A grant made as the portal makes it: with the notice shown."""
+    _, shown = await g.http("GET", "/v1/notice")
+    body = {"categories": ["marketing"], "language": "en",
+            "notice": {"version": shown["version"], "sha256": shown["languages"]["en"]["sha256"]}}
+    assert (await g.http("PUT", "/v1/consent", source=source, json=body))[0] == 200
+    assert (await g.query("trackcmp.net", source=source)).rcode() == dns.rcode.NOERROR
+
+
+async def test_reload_applies_the_operator_and_the_notice_text_live(upstream: StubUpstream, data_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    # The operator and the consent text are part of the notice: a reload shows them at once, and a
+    # grant made under the old ones stops counting. The portal's other keys wait for a restart.
+    conf = tmp_path / "dnsgate.toml"
+    conf.write_text(BASE + '[portal]\noperator = "Old Café"\ncontact = "old@cafe.test"\n')
+    text = tmp_path / "notice.toml"
+    text.write_text(NOTICE.format(version="1", text="We gate trackers."))
+    async with gate_from_file(conf, upstream, data_dir) as g:
+        await granted_under_the_notice(g, "127.0.0.20")
+        _, before = await g.http("GET", "/v1/notice")
+        assert before["operator"]["name"] == "Old Café"
+
+        conf.write_text(BASE + f'[consent]\nnotice = "{text}"\n[portal]\noperator = "New Café"\n'
+                        'contact = "new@cafe.test"\nprivacy_url = "https://cafe.test/privacy"\n'
+                        'host = "consent.cafe.test"\n')
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200, report
+        assert report["applied"] == ["consent.notice", "portal.operator", "portal.contact", "portal.privacy_url"]
+        assert report["restart_required"] == ["portal.host"]
+        assert report["notice"] == {"version": report["notice"]["version"], "previous": before["version"]}
+        assert report["notice"]["version"].startswith("1+") and "notice text" in report["changed"]
+        assert "operator" in report["changed"]
+        _, after = await g.http("GET", "/v1/notice")
+        assert after["version"] == report["notice"]["version"]
+        assert after["operator"] == {"name": "New Café", "contact": "new@cafe.test",
+                                     "privacy_url": "https://cafe.test/privacy"}
+        assert after["languages"]["en"]["text"] == "We gate trackers."
+        page = (await g.http("GET", "/", headers={"Accept": "text/html"}))[1]
+        assert "New Café" in page and "Old Café" not in page and "We gate trackers." in page
+        # the grant rested on the old text and operator: it no longer counts
+        assert (await g.query("trackcmp.net", source="127.0.0.20")).rcode() == dns.rcode.NXDOMAIN
+        assert (await g.query("consent.dnsgate.internal")).rcode() == dns.rcode.NOERROR  # the old host stays
+        await granted_under_the_notice(g, "127.0.0.20")
+
+        # the same file with new words: no key changed, the notice did
+        text.write_text(NOTICE.format(version="2", text="We gate trackers, and log each choice."))
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200 and report["applied"] == [] and report["changed"] == ["notice text"]
+        assert report["restart_required"] == ["portal.host"]  # still: the running value is the old one
+        assert report["notice"]["previous"] == after["version"] and report["notice"]["version"].startswith("2+")
+        assert (await g.query("trackcmp.net", source="127.0.0.20")).rcode() == dns.rcode.NXDOMAIN
+        await granted_under_the_notice(g, "127.0.0.20")
+
+        # a notice that does not parse changes nothing
+        text.write_text('version = "3"\n[text]\n')
+        status, body = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 422 and body["error"]["message"].startswith(f"consent.notice: {text}: text:")
+        assert (await g.http("GET", "/v1/notice"))[1]["version"] == report["notice"]["version"]
+        assert (await g.query("trackcmp.net", source="127.0.0.20")).rcode() == dns.rcode.NOERROR
+
+
+async def test_a_reload_reports_what_changed_in_the_catalog(upstream: StubUpstream, data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    # Only a drop-in's content changes: no config key did, and the report says what did.
+    dropins = tmp_path / "vendors.d"
+    dropins.mkdir()
+    conf = tmp_path / "dnsgate.toml"
+    conf.write_text(BASE + f'[gate]\nvendors_dir = "{dropins}"\n')
+    async with gate_from_file(conf, upstream, data_dir) as g:
+        _, before = await g.http("GET", "/v1/notice")
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200 and report["applied"] == [] and report["changed"] == []
+        assert report["notice"] == {"version": before["version"], "previous": before["version"]}
+
+        (dropins / "adco.toml").write_text(ADCO)
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert status == 200 and report["applied"] == []
+        assert report["changed"] == ["category ads added", "vendor adco added"]
+        assert report["notice"]["previous"] == before["version"] != report["notice"]["version"]
+
+        (dropins / "adco.toml").write_text(ADCO.replace('name = "AdCo"', 'name = "AdCo"\nsummary = "Ads."') +
+                                           '\n[[vendor.domain]]\npattern = "adco-cdn.example"\n')
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert report["changed"] == ["vendor adco described differently", "vendor adco names changed"]
+
+        hosts = hosts_list(tmp_path / "t.hosts", "a.hosts.test")
+        conf.write_text(BASE + f'[gate]\nvendors_dir = "{dropins}"\n' + list_section(hosts))
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert report["applied"] == ["lists.sources"] and report["changed"] == ["list trackers added"]
+        hosts_list(hosts, "a.hosts.test", "b.hosts.test")
+        (dropins / "adco.toml").unlink()
+        status, report = await g.http("POST", "/v1/reload", admin=True)
+        assert report["applied"] == []
+        assert report["changed"] == ["category ads removed", "vendor adco removed", "list trackers entries 1 → 2"]
+
+
+def test_a_key_that_needs_a_restart_keeps_its_running_value() -> None:
+    running = Config()
+    new = replace(running, portal=replace(running.portal, host="consent.cafe.test", operator="Café"),
+                  profiles=replace(running.profiles, default="kiosk"),
+                  identity=replace(running.identity, pairing_ttl=60.0), gate=replace(running.gate, sinkhole_ttl=9))
+    effective, applied, restart = split_changes(running, new)
+    assert applied == ("gate.sinkhole_ttl", "portal.operator")
+    assert restart == ("profiles.default", "identity.pairing_ttl", "portal.host")
+    assert effective == replace(running, portal=replace(running.portal, operator="Café"),
+                                gate=replace(running.gate, sinkhole_ttl=9))
+
+
+def test_the_manual_says_what_applies_live_as_the_reload_does() -> None:
+    text = (Path(__file__).parent.parent / "docs" / "gate.md").read_text()
+    header = "| applies live | needs a restart"
+    row = text[text.index(header):].splitlines()[2]
+    live, restart = (cell.strip() for cell in row.strip("|").split("|"))
+    for section in fields(Config):
+        if section.name in LIVE_SECTIONS:
+            assert f"`[{section.name}]`" in live and f"`[{section.name}]`" not in restart
+        else:
+            assert f"`[{section.name}]`" in restart, section.name
+    for key in LIVE_KEYS:
+        assert f"`{key}`" in live
 
 
 # ------------------------------------------------------------------------------------------------

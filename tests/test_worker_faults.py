@@ -31,6 +31,7 @@ from dnsgate.consent import ConsentTable, ProfileMap
 from dnsgate.list_sources import ListStore
 from dnsgate.reload import Reloader
 from dnsgate.replica import Start
+from dnsgate.ruleset import read_notice
 from dnsgate.worker_link import Link
 from tests.conftest import running_gate
 from tests.consent_fixtures import eventually
@@ -273,7 +274,7 @@ async def start_state(upstream: StubUpstream, data_dir: Path, port: int) -> Star
     cfg = with_workers(upstream, data_dir, 2)
     lists = ListStore(data_dir / "lists")
     try:
-        rules = await Reloader(cfg, lambda: cfg, lists, install=lambda new: None).start()
+        rules = await Reloader(cfg, lambda: cfg, lists, install=lambda new: None, notice=read_notice(cfg)).start()
     finally:
         await lists.close()
     table = ConsentTable(rules.catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks))
