@@ -120,6 +120,20 @@ class Request:
     entries: Mapping[str, int]  # list id -> its entries
 
 
+def summary_of(vendors: int, lists: int, allowed: int) -> str:
+    """The key of the sentence that counts what the page lists (app.js picks it the same way)."""
+    total = vendors + lists
+    if total == 0:
+        return "summary_nothing"
+    if total == 1 and lists:
+        return "summary_one_list_allowed" if allowed else "summary_one_list_blocked"
+    if total == 1:
+        return "summary_one_allowed" if allowed else "summary_one_blocked"
+    keys = (("summary_items_none_allowed", "summary_items_some_allowed", "summary_items_all_allowed") if lists else
+            ("summary_none_allowed", "summary_some_allowed", "summary_all_allowed"))
+    return keys[0 if allowed == 0 else 2 if allowed == total else 1]
+
+
 def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: Request) -> dict[str, Any]:
     s = strings()[req.language]
 
@@ -146,12 +160,9 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
 
     category_names = {c.id: c.name for c in catalog.categories}
     decisions = {v.id: d for v, d in view.decisions}
-    allowed = sum(1 for _, d in view.decisions if d.allowed)
-    total = len(view.decisions)
-    summary_key = ("summary_nothing" if total == 0 else
-                   ("summary_one_allowed" if allowed else "summary_one_blocked") if total == 1 else
-                   "summary_none_allowed" if allowed == 0 else
-                   "summary_all_allowed" if allowed == total else "summary_some_allowed")
+    # The summary counts what the overview lists: every vendor and every block list.
+    allowed = sum(1 for _, d in (*view.decisions, *view.lists) if d.allowed)
+    summary_key = summary_of(len(view.decisions), len(view.lists), allowed)
     by_category = dict(view.by_category)
     categories = []
     for c in catalog.categories:
@@ -214,11 +225,15 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
         "kiosk": view.profile == "kiosk" or req.layout == "kiosk",
         "layout": req.layout if req.layout == "kiosk" else "",
         "profile": view.profile, "fixed": fixed,
-        "summary": f"{t(summary_key, allowed=allowed, total=total)} {t('profile_' + view.profile)}",
+        "summary": f"{t(summary_key, allowed=allowed, total=len(view.decisions) + len(view.lists))} "
+                   f"{t('profile_' + view.profile)}",
         "in_force": in_force,
-        "overview": [{"kind": "vendor", "id": v.id, "state": state(d),
-                      "text": t("overview_item", vendor=v.name, category=category_names.get(v.category, v.category),
-                                state=describe(d))} for v, d in view.decisions],
+        "overview": [*({"kind": "vendor", "id": v.id, "state": state(d),
+                        "text": t("overview_item", vendor=v.name, category=category_names.get(v.category, v.category),
+                                  state=describe(d))} for v, d in view.decisions),
+                     *({"kind": "list", "id": v.id, "state": state(d),
+                        "text": t("overview_list", list=v.name, category=category_names.get(v.category, v.category),
+                                  state=describe(d))} for v, d in view.lists)],
         "new": new, "stale": stale,
         "gpc": f"{t('gpc_sent')} {t('gpc_' + view.profile)}" if req.sec_gpc == "1" else "",
         "ask_again": t("ask_again", when=when(view.choice.made_at if view.choice else None),

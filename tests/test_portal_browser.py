@@ -20,7 +20,7 @@ import pytest
 from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, ConsoleMessage, Page, Request, ViewportSize, expect
 
-from dnsgate.config import ApiConfig, DnsConfig, PortalConfig, ProfilesConfig
+from dnsgate.config import ApiConfig, DnsConfig, ListsConfig, ListSource, PortalConfig, ProfilesConfig
 from tests.browser import CHROMIUM_ARGS, launched
 from tests.conftest import TOKEN, Gate, ipv6_loopback, make_config, running_gate
 from tests.consent_fixtures import consent_config, eventually
@@ -185,6 +185,55 @@ async def test_reject_all_and_choosing_per_category(browser: Browser, upstream: 
         await expect(page.locator("article[data-vendor='activecampaign']")).to_contain_text(
             "Create profiles for personalised advertising")
         watch.check()
+
+
+async def test_the_summary_counts_what_the_page_lists(browser: Browser, upstream: StubUpstream, data_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """A block list is on the page as much as a vendor: the summary counts both, says so, and the
+    overview lists both, with scripts and without."""
+    hosts = tmp_path / "local.hosts"
+    hosts.write_text("0.0.0.0 beacon.localtrackers.test\n0.0.0.0 pixel.localtrackers.test\n", encoding="utf-8")
+    source = ListSource(id="localtrackers", name="Local trackers", category="analytics", file=str(hosts))
+    cfg = consent_config(make_config(upstream, data_dir))
+    cfg = replace(cfg, lists=ListsConfig(sources=(source,)),
+                  profiles=ProfilesConfig(networks=(("127.0.0.1/32", "opt-in"), *cfg.profiles.networks)))
+    summary = {
+        "en": ["All 2 entries listed here (trackers and block lists) are blocked on this device.",
+               "1 of 2 entries listed here (trackers and block lists) are allowed on this device.",
+               "All 2 entries listed here (trackers and block lists) are allowed on this device."],
+        "de": ["Alle 2 hier genannten Einträge (Tracker und Sperrlisten) sind auf diesem Gerät gesperrt.",
+               "1 von 2 hier genannten Einträgen (Trackern und Sperrlisten) sind auf diesem Gerät erlaubt.",
+               "Alle 2 hier genannten Einträge (Tracker und Sperrlisten) sind auf diesem Gerät erlaubt."],
+    }
+    rows = {"en": "Local trackers (block list, Analytics): blocked: no choice yet",
+            "de": "Local trackers (Sperrliste, Analytics): gesperrt: noch keine Wahl"}
+    buttons = {"en": ("Allow Marketing trackers on this device", "Save my choices", "Accept all", "Reject all"),
+               "de": ("Marketing-Tracker auf diesem Gerät erlauben", "Meine Wahl speichern", "Alle akzeptieren",
+                      "Alle ablehnen")}
+    async with running_gate(cfg) as g:
+        for scripts in (False, True):
+            for lang in ("en", "de"):
+                context = await browser.new_context(java_script_enabled=scripts, locale=lang, viewport=DESKTOP)
+                page = await context.new_page()
+                await page.goto(g.api_url + "/")
+                if scripts:
+                    await expect(page.locator("body")).to_have_attribute("data-ready", "true")
+                marketing, save, accept, reject = buttons[lang]
+                none, some, every = summary[lang]
+                await expect(page.locator("#summary")).to_contain_text(none)
+                listed = page.locator("#overview li[data-list='localtrackers']")
+                await expect(listed).to_have_text(rows[lang])
+                await expect(page.locator("#overview li")).to_have_count(2)
+                await page.get_by_label(marketing).check()
+                await page.get_by_role("button", name=save).click()
+                await expect(page.locator("#summary")).to_contain_text(some)
+                await page.get_by_role("button", name=accept).click()
+                await expect(page.locator("#summary")).to_contain_text(every)
+                await expect(listed).to_have_attribute("data-state", "allowed")
+                await page.get_by_role("button", name=reject).click()
+                await expect(page.locator("#summary")).to_contain_text(none)
+                await context.close()
+                assert (await g.http("POST", "/v1/clients/127.0.0.1/session/end", admin=True))[0] == 200  # a new visitor
 
 
 async def test_keyboard_only(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:

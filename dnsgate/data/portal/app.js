@@ -82,17 +82,34 @@
     for (const paragraph of entry.text.split(/\n\s*\n/)) box.append(el("p", { text: paragraph.replace(/\s*\n\s*/g, " ") }));
   }
 
+  // The summary counts what the overview lists: every vendor and every block list (as the server's page).
+  function summaryKey(vendors, lists, allowed) {
+    const total = vendors + lists;
+    if (total === 0) return "summary_nothing";
+    if (total === 1 && lists) return allowed ? "summary_one_list_allowed" : "summary_one_list_blocked";
+    if (total === 1) return allowed ? "summary_one_allowed" : "summary_one_blocked";
+    const keys = lists ? ["summary_items_none_allowed", "summary_items_some_allowed", "summary_items_all_allowed"]
+      : ["summary_none_allowed", "summary_some_allowed", "summary_all_allowed"];
+    return keys[allowed === 0 ? 0 : allowed === total ? 2 : 1];
+  }
+
+  function overviewRow(kind, item, text) {
+    return el("li", { class: item.allowed ? "allowed" : "blocked", ["data-" + kind]: item.id,
+      "data-state": item.allowed ? "allowed" : "blocked" }, el("span", { class: "dot", "aria-hidden": "true" }), text);
+  }
+
   function renderFirst() {
     const vendors = state.vendors;
-    const allowed = vendors.filter((v) => v.allowed).length;
-    const total = vendors.length;
-    const key = total === 0 ? "summary_nothing" : total === 1 ? (allowed ? "summary_one_allowed" : "summary_one_blocked")
-      : allowed === 0 ? "summary_none_allowed" : allowed === total ? "summary_all_allowed" : "summary_some_allowed";
+    const lists = state.lists;
+    const allowed = [...vendors, ...lists].filter((v) => v.allowed).length;
+    const total = vendors.length + lists.length;
+    const key = summaryKey(vendors.length, lists.length, allowed);
     $("summary").textContent = `${t(key, { allowed, total })} ${t("profile_" + state.profile.name)}`;
-    $("overview").replaceChildren(...vendors.map((v) => el("li", { class: v.allowed ? "allowed" : "blocked",
-      "data-vendor": v.id, "data-state": v.allowed ? "allowed" : "blocked" },
-      el("span", { class: "dot", "aria-hidden": "true" }),
-      t("overview_item", { vendor: v.name, category: categoryName(v.category), state: describe(v) }))));
+    $("overview").replaceChildren(
+      ...vendors.map((v) => overviewRow("vendor", v,
+        t("overview_item", { vendor: v.name, category: categoryName(v.category), state: describe(v) }))),
+      ...lists.map((l) => overviewRow("list", l,
+        t("overview_list", { list: l.name, category: categoryName(l.category), state: describe(l) }))));
 
     const gpc = state.sec_gpc === "1" || navigator.globalPrivacyControl === true;
     $("gpc").hidden = !gpc;
