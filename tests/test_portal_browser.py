@@ -233,7 +233,8 @@ async def test_the_summary_counts_what_the_page_lists(browser: Browser, upstream
                 await page.get_by_role("button", name=reject).click()
                 await expect(page.locator("#summary")).to_contain_text(none)
                 await context.close()
-                assert (await g.http("POST", "/v1/clients/127.0.0.1/session/end", admin=True))[0] == 200  # a new visitor
+                # the next round is a new visitor
+                assert (await g.http("POST", "/v1/clients/127.0.0.1/session/end", admin=True))[0] == 200
 
 
 async def test_keyboard_only(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
