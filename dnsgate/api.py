@@ -432,7 +432,7 @@ async def json_body(request: web.Request, *, optional: bool = False) -> dict[str
 
 CHOICE_FIELDS = frozenset({"categories", "choices", "vendors", "days", "notice", "language", "channel", "pairing"})
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-TOKEN = re.compile(r"[0-9a-fA-F]{1,64}")
+TOKEN = re.compile(r"[a-zA-Z2-7]{1,63}")  # base32: a DNS label (pairing.py)
 
 
 def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tuple[ChoiceRequest, str]:

@@ -32,10 +32,12 @@ Rules that need time or context live here, not in the table:
   ends from the caller, never a grant: refusals into a target without a choice of its own, the rest
   into what pairing carried there and into the choice the target made naming the token, never into
   any other choice the target made itself; a trusted forwarder's own address is never reached (it
-  speaks for every device behind it);
-- kiosk sessions reach every identity linked to the kiosk: a session end resets each with an event,
-  queries from any of them keep the session in use, and a choice linked to a kiosk lasts no longer
-  than a kiosk choice;
+  speaks for every device behind it); a token links one address besides its owner's, the first
+  that names it (its DNS name may be seen by anyone on the network);
+- kiosk sessions reach every identity linked to the kiosk: a session end (the kiosk's, idleness, an
+  admin's) resets each with an event and voids the pairing tokens given to them before it, queries
+  from any of them keep the session in use, and a choice linked to a kiosk lasts no longer than a
+  kiosk choice; an admin's end or withdrawal of an address or MAC is the device's own;
 - the sweeper records expiries and idle kiosk resets, and applies the retention period.
 
 Where consent is kept is the `consent_backend.ConsentBackend` the service is given: SQLite, or Redis
@@ -879,8 +881,17 @@ class ConsentService:
             for key in [subject.address, *reached]:
                 if key is not None:
                     self.table.set_seen(key, None)
+            self._void_tokens(subject, reached, now)
             await self._replicate()
         return self._after(subject)
+
+    def _void_tokens(self, subject: Subject, linked: Iterable[str], now: float) -> None:
+        """A session ended: no pairing token given before to its identities links anything more."""
+        identities: list[str | None] = [subject.address, subject.mac]
+        for key in linked:
+            address, _, mac = key.partition(KEY_SEPARATOR)
+            identities += [address, mac or self.table.mac_of(address)]
+        self.pairings.void(tuple(identities), now)
 
     # -- pairing ---------------------------------------------------------------------------------
     def offer_pairing(self, caller: Caller) -> Offer | None:
@@ -953,11 +964,15 @@ class ConsentService:
             return None
         offer = self.pairings.lookup(token, now)
         if offer is None:
-            raise ConsentError(400, "invalid_field", "pairing: no such token, or it expired (a token lives "
-                               f"{self.pairings.ttl:g} s): choose again", "pairing")
+            raise ConsentError(400, "invalid_field", "pairing: no such token, it expired (a token lives "
+                               f"{self.pairings.ttl:g} s), or the session it was given in ended: choose again",
+                               "pairing")
         owner = Subject(offer.address, offer.mac)
         if owner.key == subject.key or subject.address is None or caller.channel == "admin":
             return None
+        if not self.pairings.bind(offer, subject.address, now):
+            raise ConsentError(400, "invalid_field", "pairing: this token links one other address of the device, "
+                               "and another address used it already: choose again", "pairing")
         return Link(owner, subject.address, self.profile_of(owner)[0] == "kiosk")
 
     def _dns_subject(self, dns_client: str) -> Subject:
@@ -1094,6 +1109,10 @@ class ConsentService:
                 last = self.table.kiosk_seen.get(key)
                 if last is not None and self.wall() - last > self.table.kiosk_idle:
                     self.table.set_seen(key, None)
+                    address, _, mac = key.partition(KEY_SEPARATOR)
+                    if self.table.profiles.of(address)[0] == "kiosk":
+                        kiosk = Subject(address, mac or self.table.mac_of(address))
+                        self._void_tokens(kiosk, self.paired.get(kiosk.key, {}), now)
             self.pairings.expire(now)
         if self.cfg.retention_days and now - self._last_purge >= RETENTION_EVERY:
             self._last_purge = now
@@ -1286,6 +1305,7 @@ class ConsentService:
         last = self.table.kiosk_seen.get(address or "")
         if address is None or last is None or now - last <= self.table.kiosk_idle:
             return []
+        self._void_tokens(subject, self.paired.get(subject.key, {}), now)
         return [self._reset_step(c, now, "kiosk", Caller(address, subject.mac, "system"),
                                  f"kiosk session idle: no DNS queries for {self.cfg.kiosk_idle_minutes:g} minutes")
                 for c in self._recorded(self.table.personal_choices(address, subject.mac))]

@@ -112,7 +112,7 @@ def choice_request_schema(categories: tuple[str, ...], vendors: tuple[str, ...],
                                       "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}},
             "language": {"enum": [*languages, None]},
             "channel": {"type": "string", "enum": ["portal", "device"]},
-            "pairing": {"type": ["string", "null"], "pattern": "^[0-9a-fA-F]{1,64}$",
+            "pairing": {"type": ["string", "null"], "pattern": "^[a-zA-Z2-7]{1,63}$",
                         "description": "the pairing token another address of this device was given: the portal "
                                        "records a choice through each address family, and this links them"},
         },

@@ -147,7 +147,7 @@ async def test_pairing_links_the_dns_source_and_each_address_chooses_for_itself(
         assert await rcode(g, device) == dns.rcode.NOERROR
         assert "made through this address by the portal of address ::1" in \
             (await events_of(g, device))[-1]["reason"]
-        status, answer = await call(g, "PUT", "/v1/consent", source=device, json={**GRANT, "pairing": "0" * 20})
+        status, answer = await call(g, "PUT", "/v1/consent", source=device, json={**GRANT, "pairing": "a" * 20})
         assert status == 400 and answer["error"]["field"] == "pairing"
 
         # a withdrawal over HTTP reaches the linked address too, in the same action

@@ -207,3 +207,45 @@ async def test_an_admin_ending_the_session_reaches_every_linked_address(gate: Ga
             assert last["channel"] == "pairing" and f"device {KIOSK_MAC} (at {KIOSK_HTTP})" in last["reason"], last
     if how != "admin withdrawal":
         await no_choice_anywhere(gate, other)
+
+
+SNIFFER = "127.0.9.99"  # another device, which saw the kiosk's pairing name go by on the network
+
+
+async def test_a_token_links_one_other_address_and_dies_with_the_session(gate: Gate, clock: FakeClock) -> None:
+    """A pairing token travels as a plain DNS name: whoever sees it must not link itself to the kiosk
+    (its queries would keep visitor 1's session, and grant, alive for visitor 2), nor use it after
+    the session that was given it ended."""
+    status, first = await gate.http("PUT", "/v1/consent", source=KIOSK_HTTP, json=GRANT)
+    assert status == 200
+    token = first["pairing"]["token"]
+    body = {**GRANT, "pairing": token}
+    assert (await gate.http("PUT", "/v1/consent", source=KIOSK_OTHER, json=body))[0] == 200
+    assert (await gate.http("PUT", "/v1/consent", source=KIOSK_OTHER, json=body))[0] == 200  # (the page again)
+    status, refused = await gate.http("PUT", "/v1/consent", source=SNIFFER, json=body)
+    assert status == 400 and refused["error"]["field"] == "pairing", refused
+    assert "another address" in refused["error"]["message"]
+    assert (await gate.http("GET", "/v1/consent", source=SNIFFER))[1]["choice"] is None  # nothing recorded
+    # visitor 1 walks away; the sniffer asks away, but is nothing to the kiosk: the session ends idle
+    for _ in range(2):
+        clock.advance(10 * MINUTE)
+        assert await rcode(gate, SNIFFER, "host.example.test") == dns.rcode.NOERROR
+
+    async def idle_reset() -> bool:
+        return bool((await events_of(gate, KIOSK_MAC))[-1]["action"] == "reset")
+
+    await eventually(idle_reset)
+    assert await rcode(gate, KIOSK_HTTP) == dns.rcode.NXDOMAIN and await rcode(gate, KIOSK_OTHER) == dns.rcode.NXDOMAIN
+
+    # A token given before a session end counts no more after it, on HTTP and on DNS alike.
+    status, first = await gate.http("PUT", "/v1/consent", source=KIOSK_HTTP, json=GRANT)
+    assert status == 200
+    clock.advance(MINUTE)
+    assert (await gate.http("POST", "/v1/session/end", source=KIOSK_HTTP, json={}))[0] == 200
+    status, refused = await gate.http("PUT", "/v1/consent", source=KIOSK_OTHER,
+                                      json={**GRANT, "pairing": first["pairing"]["token"]})
+    assert status == 400 and refused["error"]["field"] == "pairing", refused
+    assert (await gate.query(first["pairing"]["name"], source=KIOSK_DNS)).rcode() == dns.rcode.NXDOMAIN
+    # the next visitor's page pairs with the token it is given
+    await choose(gate, clock, GRANT)
+    assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR
