@@ -7,7 +7,10 @@ pipeline's fast path reads it directly). Answers are checked too: `cloaked` and 
 give the rule for a name reached through a CNAME or an address inside a vendor's IP ranges.
 
 The catalog is one base file (config/vendors.toml) plus optional drop-in files, each validated
-with errors that name the file, the vendor and the key. Pure: parsing takes text, never files.
+with errors that name the file, the vendor and the key. A category or vendor may carry its facts in
+other languages (`[category.text.de]`, `[vendor.text.de]`): `in_language` gives what a page in that
+language shows, the catalog's own words where a translation says nothing. Pure: parsing takes text,
+never files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import itertools
+import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,6 +29,8 @@ from .gc_policy import untrack
 from .wire import label_offsets, name_to_wire
 
 MEMO_LIMIT: Final = 65_536
+# A language tag as the portal's strings and the notice name them: "de", "pt-br".
+LANGUAGE_TAG: Final = re.compile(r"[a-z]{2,3}(-[a-z0-9]{2,8})*")
 
 
 class CatalogError(ValueError):
@@ -32,10 +38,30 @@ class CatalogError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class CategoryText:
+    """A category in another language; None: the catalog's own words."""
+
+    name: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Category:
     id: str
     name: str
     description: str
+    texts: Mapping[str, CategoryText] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.texts)
+
+    def in_language(self, language: str) -> Category:
+        """The category as a page in `language` shows it (itself when it has no such translation)."""
+        text = self.texts.get(language)
+        if text is None:
+            return self
+        return replace(self, name=_or(text.name, self.name), description=_or(text.description, self.description))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +69,21 @@ class Cookie:
     name: str
     duration: str
     purpose: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class VendorText:
+    """A vendor's facts in another language; None (or no entry): the catalog's own words."""
+
+    summary: str | None = None
+    recipients: str | None = None
+    data_collected: tuple[str, ...] | None = None
+    cookies: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)  # name -> duration, purpose
+    serves: Mapping[str, str] = field(default_factory=dict)  # domain pattern -> what it serves
+
+
+def _or(translated: Any, own: Any) -> Any:
+    return own if translated is None else translated
 
 
 # Vendors and rules compare and hash by identity: they key per-query dicts, so hashing must be cheap.
@@ -64,6 +105,7 @@ class Vendor:
     gvl_id: int | None = None
     ip_ranges: tuple[str, ...] = ()
     kind: Literal["vendor", "list"] = "vendor"
+    texts: Mapping[str, VendorText] = field(default_factory=dict, repr=False)  # language -> its facts there
     # (id, category): what the query log records. An untracked tuple of strings, so that a log entry
     # holding it is one the cycle collector can untrack too (a flood queues ~10 000 a second).
     logged: tuple[str, str] = field(init=False, repr=False, compare=False)
@@ -72,6 +114,26 @@ class Vendor:
         logged = (self.id, self.category)
         untrack(logged)
         object.__setattr__(self, "logged", logged)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.texts)
+
+    def in_language(self, language: str) -> Vendor:
+        """The vendor's facts as a page in `language` shows them (itself when it has no such
+        translation). Only for showing: what is gated is this vendor, by identity."""
+        text = self.texts.get(language)
+        if text is None:
+            return self
+        cookies = tuple(Cookie(c.name, _or(text.cookies.get(c.name, (None, None))[0], c.duration),
+                               _or(text.cookies.get(c.name, (None, None))[1], c.purpose)) for c in self.cookies)
+        return replace(self, summary=_or(text.summary, self.summary), recipients=_or(text.recipients, self.recipients),
+                       data_collected=_or(text.data_collected, self.data_collected), cookies=cookies)
+
+    def serves_in(self, language: str, rule: DomainRule) -> str:
+        """What the domain of `rule` serves, in `language`."""
+        text = self.texts.get(language)
+        return rule.serves if text is None else text.serves.get(rule.pattern, rule.serves)
 
 
 Via = Literal["", "cname", "address"]
@@ -247,10 +309,13 @@ def _span(cidr: str) -> tuple[int, int]:
 # Parsing
 
 _TOP_KEYS: Final = frozenset({"version", "category", "vendor"})
-_CATEGORY_KEYS: Final = frozenset({"id", "name", "description"})
+_CATEGORY_KEYS: Final = frozenset({"id", "name", "description", "text"})
+_CATEGORY_TEXT_KEYS: Final = frozenset({"name", "description"})
 _VENDOR_KEYS: Final = frozenset({"id", "name", "category", "tcf_purposes", "summary", "recipients", "privacy_policy",
                                  "data_collected", "cookie", "sources", "ccpa_sale_or_share", "gvl_id", "ip_ranges",
-                                 "domain"})
+                                 "domain", "text"})
+_VENDOR_TEXT_KEYS: Final = frozenset({"summary", "recipients", "data_collected", "cookie", "domain"})
+_COOKIE_TEXT_KEYS: Final = frozenset({"duration", "purpose"})
 _COOKIE_KEYS: Final = frozenset({"name", "duration", "purpose"})
 _DOMAIN_KEYS: Final = frozenset({"pattern", "serves", "source"})
 
@@ -280,6 +345,51 @@ def _str_list(table: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]
     if not all(isinstance(v, str) for v in values):
         raise CatalogError(f"{where}.{key}: expected a list of strings")
     return tuple(values)
+
+
+def _languages(table: Mapping[str, Any], where: str) -> dict[str, Mapping[str, Any]]:
+    """The `text` table of a category or vendor: language tag -> its table."""
+    texts = _get(table, "text", dict, where, {})
+    for language in texts:
+        if not LANGUAGE_TAG.fullmatch(language):
+            raise CatalogError(f"{where}.text.{language}: not a language tag (lower case, as 'de' or 'pt-br')")
+    return dict(texts)
+
+
+def _category_texts(table: Mapping[str, Any], where: str) -> dict[str, CategoryText]:
+    texts = {}
+    for language, t in _languages(table, where).items():
+        twhere = f"{where}.text.{language}"
+        t = _known_keys(t, _CATEGORY_TEXT_KEYS, twhere)
+        texts[language] = CategoryText(_get(t, "name", str, twhere, None), _get(t, "description", str, twhere, None))
+    return texts
+
+
+def _vendor_texts(table: Mapping[str, Any], where: str, cookies: Sequence[str],
+                  patterns: Sequence[str]) -> dict[str, VendorText]:
+    texts = {}
+    for language, t in _languages(table, where).items():
+        twhere = f"{where}.text.{language}"
+        t = _known_keys(t, _VENDOR_TEXT_KEYS, twhere)
+        translated: dict[str, tuple[str | None, str | None]] = {}
+        for name, c in _get(t, "cookie", dict, twhere, {}).items():
+            cwhere = f"{twhere}.cookie.{name}"
+            if name not in cookies:
+                raise CatalogError(f"{cwhere}: the vendor has no cookie {name!r} (it has: {', '.join(cookies)})")
+            c = _known_keys(c, _COOKIE_TEXT_KEYS, cwhere)
+            translated[name] = (_get(c, "duration", str, cwhere, None), _get(c, "purpose", str, cwhere, None))
+        serves: dict[str, str] = {}
+        for pattern, text in _get(t, "domain", dict, twhere, {}).items():
+            dwhere = f"{twhere}.domain.{pattern}"
+            if pattern not in patterns:
+                raise CatalogError(f"{dwhere}: the vendor has no domain {pattern!r} (it has: {', '.join(patterns)})")
+            if not isinstance(text, str):
+                raise CatalogError(f"{dwhere}: expected str (what the domain serves), got {text!r}")
+            serves[pattern] = text
+        data = _str_list(t, "data_collected", twhere) if "data_collected" in t else None
+        texts[language] = VendorText(_get(t, "summary", str, twhere, None), _get(t, "recipients", str, twhere, None),
+                                     data, translated, serves)
+    return texts
 
 
 def _parse_pattern(pattern: str, where: str) -> tuple[bytes, bool]:
@@ -327,8 +437,10 @@ class _Builder:
         for i, c in enumerate(_get(data, "category", list, source, ... if base else [])):
             where = f"{source}: category[{i}]"
             c = _known_keys(c, _CATEGORY_KEYS, where)
-            category = Category(id=_get(c, "id", str, where), name=_get(c, "name", str, where),
-                                description=_get(c, "description", str, where, ""))
+            cid = _get(c, "id", str, where)
+            category = Category(id=cid, name=_get(c, "name", str, where),
+                                description=_get(c, "description", str, where, ""),
+                                texts=_category_texts(c, f"{source}: category {cid!r}"))
             if any(x.id == category.id for x in self.categories):
                 raise CatalogError(f"{source}: category {category.id!r}: already defined in "
                                    f"{self.origin[('category', category.id)]}")
@@ -350,6 +462,8 @@ class _Builder:
             c = _known_keys(c, _COOKIE_KEYS, cwhere)
             cookies.append(Cookie(name=_get(c, "name", str, cwhere), duration=_get(c, "duration", str, cwhere),
                                   purpose=_get(c, "purpose", str, cwhere, "")))
+        domains = _get(v, "domain", list, where)
+        patterns = [str(d["pattern"]) for d in domains if isinstance(d, Mapping) and isinstance(d.get("pattern"), str)]
         vendor = Vendor(
             id=vid,
             name=_get(v, "name", str, where),
@@ -364,13 +478,14 @@ class _Builder:
             ccpa_sale_or_share=_get(v, "ccpa_sale_or_share", bool, where, True),
             gvl_id=_get(v, "gvl_id", int, where, None),
             ip_ranges=_ip_ranges(v, where),
+            texts=_vendor_texts(v, where, [c.name for c in cookies], patterns),
         )
         if any(x.id == vid for x in self.vendors):
             raise CatalogError(f"{where}: duplicate vendor id (already defined in {self.origin[('vendor', vid)]})")
         self.origin[("vendor", vid)] = source
         self.vendors.append(vendor)
         self.pending.append((vendor, where))
-        for j, d in enumerate(_get(v, "domain", list, where)):
+        for j, d in enumerate(domains):
             dwhere = f"{where}.domain[{j}]"
             d = _known_keys(d, _DOMAIN_KEYS, dwhere)
             pattern = _get(d, "pattern", str, dwhere)

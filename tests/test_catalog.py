@@ -116,3 +116,89 @@ def test_catalog_errors_name_vendor_and_key(change: tuple[str, str], message: st
         parse_catalog_text(MINIMAL.replace(*change), "test.toml")
     assert message in str(caught.value)
     assert str(caught.value).startswith("test.toml")
+
+
+# -- the catalog in other languages -----------------------------------------------------------------
+
+TRANSLATED = MINIMAL.replace('name = "Marketing"\n', '''name = "Marketing"
+description = "Ads."
+[category.text.de]
+name = "Werbung"
+description = "Anzeigen."
+''').replace('category = "marketing"\n', '''category = "marketing"
+summary = "Tracks you."
+recipients = "V, Inc."
+data_collected = ["Pages", "Clicks"]
+[[vendor.cookie]]
+name = "vid"
+duration = "1 year"
+purpose = "Identifies you."
+[[vendor.cookie]]
+name = "vsession"
+duration = "session"
+[vendor.text.de]
+summary = "Verfolgt Sie."
+data_collected = ["Seiten", "Klicks"]
+[vendor.text.de.cookie.vid]
+duration = "1 Jahr"
+purpose = "Erkennt Sie wieder."
+[vendor.text.de.domain]
+"v.example" = "Das Skript."
+''')
+
+
+def test_a_translation_shows_each_fact_in_its_language_and_the_catalogs_own_where_it_has_none() -> None:
+    catalog = parse_catalog_text(TRANSLATED, "test.toml")
+    (vendor,), (category,) = catalog.vendors, catalog.categories
+    assert vendor.languages == ("de",) and category.languages == ("de",)
+    german = vendor.in_language("de")
+    assert (german.summary, german.recipients, german.data_collected) == ("Verfolgt Sie.", "V, Inc.",
+                                                                          ("Seiten", "Klicks"))
+    assert [(c.name, c.duration, c.purpose) for c in german.cookies] == [
+        ("vid", "1 Jahr", "Erkennt Sie wieder."), ("vsession", "session", "")]
+    assert vendor.serves_in("de", catalog.domains_of(vendor)[0]) == "Das Skript."
+    assert vendor.serves_in("fr", catalog.domains_of(vendor)[0]) == ""
+    assert (category.in_language("de").name, category.in_language("de").description) == ("Werbung", "Anzeigen.")
+    for other in ("en", "fr"):  # no translation: the catalog's own words
+        assert vendor.in_language(other) is vendor and category.in_language(other) is category
+    # the gate is the vendor itself, whatever language it is shown in
+    assert catalog.match(name_to_wire("v.example")).vendor is vendor  # type: ignore[union-attr]
+
+
+def test_the_builtin_catalog_speaks_german() -> None:
+    catalog = parse_catalog_text(builtin_catalog_text())
+    for category in catalog.categories:
+        assert "de" in category.languages and category.in_language("de").description != category.description
+    vendor = catalog.vendor("activecampaign")
+    assert vendor is not None and vendor.languages == ("de",)
+    german = vendor.in_language("de")
+    assert german.summary != vendor.summary and german.recipients != vendor.recipients
+    assert len(german.data_collected) == len(vendor.data_collected)
+    assert all(g.purpose != e.purpose for g, e in zip(german.cookies, vendor.cookies, strict=True))
+    assert all(vendor.serves_in("de", d) for d in catalog.domains_of(vendor))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("[vendor.text.de]", "[vendor.text.DE]"), "vendor 'v'.text.DE: not a language tag"),
+        (("[vendor.text.de]", "[vendor.text.english]"), "vendor 'v'.text.english: not a language tag"),
+        (('summary = "Verfolgt Sie."', 'summery = "Verfolgt Sie."'), "vendor 'v'.text.de.summery: unknown key"),
+        (('summary = "Verfolgt Sie."', 'summary = 1'), "vendor 'v'.text.de.summary: expected str"),
+        (('data_collected = ["Seiten", "Klicks"]', 'data_collected = "Seiten"'),
+         "vendor 'v'.text.de.data_collected: expected list"),
+        (("[vendor.text.de.cookie.vid]", "[vendor.text.de.cookie.uid]"),
+         "vendor 'v'.text.de.cookie.uid: the vendor has no cookie 'uid'"),
+        (('duration = "1 Jahr"', 'lifetime = "1 Jahr"'), "vendor 'v'.text.de.cookie.vid.lifetime: unknown key"),
+        (('"v.example" = "Das Skript."', '"w.example" = "Das Skript."'),
+         "vendor 'v'.text.de.domain.w.example: the vendor has no domain 'w.example'"),
+        (('name = "Werbung"', 'title = "Werbung"'), "category 'marketing'.text.de.title: unknown key"),
+        (("[category.text.de]", "[category.text.x]"), "category 'marketing'.text.x: not a language tag"),
+    ],
+)
+def test_translation_errors_name_the_file_the_item_and_the_key(change: tuple[str, str], message: str) -> None:
+    assert change[0] in TRANSLATED
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog_text(TRANSLATED.replace(*change), "test.toml")
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("test.toml")

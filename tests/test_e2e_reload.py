@@ -145,7 +145,7 @@ async def test_reload_picks_up_dropins_and_switched_off_vendors(upstream: StubUp
         assert body["error"]["message"] == (f"{dropins / 'broken.toml'}: vendor[0].serves: unknown key (known: "
                                             "category, ccpa_sale_or_share, cookie, data_collected, domain, gvl_id, "
                                             "id, ip_ranges, name, privacy_policy, recipients, sources, summary, "
-                                            "tcf_purposes)")
+                                            "tcf_purposes, text)")
 
 
 NOTICE = """version = "{version}"
