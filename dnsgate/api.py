@@ -35,7 +35,7 @@ from .api_guard import (
     store_unavailable,
     token_matches,
 )
-from .catalog import Catalog
+from .catalog import LANGUAGE_TAG, Catalog, Category
 from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
 from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
 from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired
@@ -290,6 +290,10 @@ def item_json(i: Item) -> dict[str, Any]:
     return i.as_json()
 
 
+def category_json(c: Category) -> dict[str, Any]:
+    return {"id": c.id, "name": c.name, "description": c.description}
+
+
 def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
     n = c.notice
     return {
@@ -539,25 +543,31 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def vendors(request: web.Request) -> web.Response:
+    """The catalog's facts, in `?lang=` (default: the notice's default language) where the catalog
+    translates them, in its own words elsewhere."""
     catalog = request.app[CATALOG]()
     statuses = _rules(request).status() if request.app[RULES] else []
     entries = {s["id"]: s["entries"] for s in statuses if s["kind"] == "block"}
+    language = request.query.get("lang", request.app[CONSENT].shown.default_language).strip().lower()
+    if not LANGUAGE_TAG.fullmatch(language):
+        raise ApiError(400, "invalid_field", f"not a language tag: {language!r} (e.g. 'de')", "lang")
     return web.json_response({
         "version": catalog.version,
-        "categories": [{"id": c.id, "name": c.name, "description": c.description} for c in catalog.categories],
+        "language": language,
+        "categories": [category_json(c.in_language(language)) for c in catalog.categories],
         "vendors": [
             {
                 "id": v.id, "name": v.name, "category": v.category, "tcf_purposes": list(v.tcf_purposes),
-                "summary": v.summary, "recipients": v.recipients, "privacy_policy": v.privacy_policy,
-                "data_collected": list(v.data_collected),
-                "cookies": [{"name": c.name, "duration": c.duration, "purpose": c.purpose} for c in v.cookies],
-                "domains": [{"pattern": d.pattern, "serves": d.serves, "source": d.source}
+                "summary": shown.summary, "recipients": shown.recipients, "privacy_policy": v.privacy_policy,
+                "data_collected": list(shown.data_collected),
+                "cookies": [{"name": c.name, "duration": c.duration, "purpose": c.purpose} for c in shown.cookies],
+                "domains": [{"pattern": d.pattern, "serves": v.serves_in(language, d), "source": d.source}
                             for d in catalog.domains_of(v)],
                 "ip_ranges": list(v.ip_ranges),
                 "sources": list(v.sources),
                 "ccpa_sale_or_share": v.ccpa_sale_or_share,
             }
-            for v in catalog.vendors
+            for v in catalog.vendors for shown in (v.in_language(language),)
         ],
         "lists": [{"id": v.id, "name": v.name, "category": v.category, "description": v.summary,
                    "source": v.sources[0] if v.sources else "", "entries": entries.get(v.id, 0)}
@@ -572,9 +582,11 @@ async def notice(request: web.Request) -> web.Response:
     return web.json_response({
         "catalog": shown.catalog_version, "version": shown.version, "default_language": shown.default_language,
         "operator": shown.operator.as_json() if shown.operator.named else None,
-        "languages": {lang: {"sha256": shown.hashes[lang], "terms_sha256": shown.terms[lang], "text": text}
+        # per language: what its hash covers besides the operator and the items' fingerprints in it
+        "languages": {lang: {"sha256": shown.hashes[lang], "terms_sha256": shown.terms[lang], "text": text,
+                             "categories": [category_json(c) for c in shown.categories_in(lang)]}
                       for lang, text in shown.text.texts.items()},
-        "categories": [{"id": c.id, "name": c.name, "description": c.description} for c in shown.categories],
+        "categories": [category_json(c) for c in shown.categories],
         "items": [item_json(i) for i in shown.items],
     })
 

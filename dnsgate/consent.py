@@ -126,16 +126,20 @@ class CurrentNotice:
     version: str
     hashes: Mapping[str, str]  # language -> SHA-256 of the whole notice
     terms: frozenset[str] = frozenset()  # SHA-256 of text + operator, one per language
-    items: Mapping[str, str] = field(default_factory=dict)  # item key -> fingerprint
+    items: Mapping[str, str] = field(default_factory=dict)  # item key -> fingerprint (the catalog's own words)
+    # item key -> its fingerprints as shown in other languages (where the catalog translates it)
+    translated: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def covers(self, ref: NoticeRef | None) -> bool:
         """The choice was made under exactly this notice (what `notice.current` says)."""
         return ref is not None and ref.version == self.version and ref.sha256 in self.hashes.values()
 
     def holds(self, choice: Choice, key: str) -> bool:
-        """A grant of the item `key` by `choice` still counts: same terms, same item as shown."""
+        """A grant of the item `key` by `choice` still counts: same terms, same item as shown (in
+        the language it was shown in)."""
         shown = choice.items.get(key) if choice.items is not None else None
-        return shown is not None and choice.terms in self.terms and self.items.get(key) == shown
+        return shown is not None and choice.terms in self.terms and (
+            self.items.get(key) == shown or shown in self.translated.get(key, ()))
 
 
 UNTIL_CHANGED: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the expiry of what stands until changed

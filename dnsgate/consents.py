@@ -1235,11 +1235,11 @@ class ConsentService:
             found = shown.in_categories([category])
             if found:
                 categories[category] = said
-                items.update((i.key, i.fingerprint) for i in found)
+                items.update((i.key, i.fingerprint_in(language)) for i in found)
         for vendor_id in request.vendors:
             item = shown.item(f"vendor:{vendor_id}")
             if item is not None:
-                items[item.key] = item.fingerprint
+                items[item.key] = item.fingerprint_in(language)
         vendors = {v: said for v, said in request.vendors.items() if f"vendor:{v}" in items}
         if not categories and not vendors and (any(request.categories.values()) or any(request.vendors.values())):
             raise ConsentError(400, "nothing_listed", "nothing is listed in what this choice grants "

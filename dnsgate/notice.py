@@ -4,7 +4,10 @@ Proof of consent (GDPR Art. 7(1)) needs to show what the person saw. The notice 
 (`NoticeInForce`) is the consent text (notice.toml, per language), the operator who runs the network
 (Art. 13(1)(a)), the categories, and every item a choice can cover: each catalog vendor and each
 block list, by id and a fingerprint of what the page shows about it (its description, not a list's
-entries). Any change to any of these gives a new version and new hashes. A choice records the
+entries), in each language of the notice (where the catalog translates an item, its fingerprint in
+that language covers the translation as well as the catalog's own words). The hash of the notice
+in a language covers what a page in that language shows. Any change to any of these gives a new
+version and new hashes. A choice records the
 items it covered with their fingerprints, and the "terms" (text and operator) it was made under;
 a grant counts for an item only while both are unchanged. Pure: parsing takes text, never files.
 """
@@ -66,7 +69,12 @@ class Item:
 
     key: str  # "vendor:<id>" or "list:<id>"
     vendor: Vendor
-    fingerprint: str
+    fingerprint: str  # of the catalog's own words
+    fingerprints: Mapping[str, str] = field(default_factory=dict, compare=False)  # language -> what it shows there
+
+    def fingerprint_in(self, language: str) -> str:
+        """The fingerprint of the item as a page in `language` shows it."""
+        return self.fingerprints.get(language, self.fingerprint)
 
     @property
     def kind(self) -> str:
@@ -74,13 +82,24 @@ class Item:
 
     def as_json(self) -> dict[str, Any]:
         v = self.vendor
-        return {"kind": v.kind, "id": v.id, "name": v.name, "category": v.category, "fingerprint": self.fingerprint}
+        return {"kind": v.kind, "id": v.id, "name": v.name, "category": v.category, "fingerprint": self.fingerprint,
+                "fingerprints": dict(self.fingerprints)}
 
 
-def fingerprint(vendor: Vendor, category: Category | None) -> str:
+def fingerprint(vendor: Vendor, category: Category | None, language: str = "") -> str:
     """What the page shows about an item, hashed: who it is, its category, what it does and collects,
     who receives the data. Not its domain names or a list's entries (a refresh of the same list for
-    the same purpose is the same item), but a list's source (another URL may be another list)."""
+    the same purpose is the same item), but a list's source (another URL may be another list).
+    In a `language` the catalog translates the item or its category to, the translation is hashed
+    with the catalog's own words: a change of either is a change for that language's readers."""
+    own = _shown(vendor, category)
+    if not language or (language not in vendor.languages and (category is None or language not in category.languages)):
+        return _sha256(own)[:FINGERPRINT_DIGITS]
+    translated = _shown(vendor.in_language(language), category.in_language(language) if category else None)
+    return _sha256({"catalog": own, "language": language, "shown": translated})[:FINGERPRINT_DIGITS]
+
+
+def _shown(vendor: Vendor, category: Category | None) -> dict[str, Any]:
     shown: dict[str, Any] = {
         "kind": vendor.kind, "id": vendor.id, "name": vendor.name, "category": vendor.category,
         "category_name": category.name if category else "",
@@ -91,14 +110,20 @@ def fingerprint(vendor: Vendor, category: Category | None) -> str:
     }
     if vendor.kind == "list":
         shown["source"] = list(vendor.sources)
-    return _sha256(shown)[:FINGERPRINT_DIGITS]
+    return shown
 
 
-def items_of(catalog: Catalog) -> tuple[Item, ...]:
-    """Every item of the catalog in force: its vendors, then its block lists."""
+def items_of(catalog: Catalog, languages: Iterable[str] = ()) -> tuple[Item, ...]:
+    """Every item of the catalog in force, its vendors then its block lists, with its fingerprint in
+    each of `languages` that shows it differently from the catalog's own words."""
     categories = {c.id: c for c in catalog.categories}
-    return tuple(Item(item_key(v), v, fingerprint(v, categories.get(v.category)))
-                 for v in (*catalog.vendors, *catalog.listed))
+    items = []
+    for v in (*catalog.vendors, *catalog.listed):
+        category = categories.get(v.category)
+        own = fingerprint(v, category)
+        shown = {language: fingerprint(v, category, language) for language in languages}
+        items.append(Item(item_key(v), v, own, {lang: fp for lang, fp in shown.items() if fp != own}))
+    return tuple(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,20 +140,27 @@ class NoticeInForce:
     terms: Mapping[str, str] = field(init=False)  # language -> SHA-256 of the text and the operator
 
     def __post_init__(self) -> None:
-        everything = {"text_version": self.text.version, "texts": dict(self.text.texts),
-                      **self._common()}
+        own = self._common("")
+        everything = {"text_version": self.text.version, "texts": dict(self.text.texts), **own}
+        translated = {lang: common for lang in self.text.texts if (common := self._common(lang)) != own}
+        if translated:  # (a notice without translations keeps the version it always had)
+            everything["translated"] = translated
         version = f"{self.text.version}+{_sha256(everything)[:12]}"
         object.__setattr__(self, "version", version)
         object.__setattr__(self, "terms", {lang: terms_sha256(text, self.operator)
                                            for lang, text in self.text.texts.items()})
         object.__setattr__(self, "hashes", {
-            lang: _sha256({"version": version, "language": lang, "text": text, **self._common()})
+            lang: _sha256({"version": version, "language": lang, "text": text, **self._common(lang)})
             for lang, text in self.text.texts.items()})
 
-    def _common(self) -> dict[str, Any]:
+    def _common(self, language: str) -> dict[str, Any]:
+        """What a page in `language` shows besides the text ("": the catalog's own words)."""
         return {"operator": self.operator.as_json(), "catalog": self.catalog_version,
-                "categories": [[c.id, c.name, c.description] for c in self.categories],
-                "items": [[i.key, i.fingerprint] for i in self.items]}
+                "categories": [[c.id, c.name, c.description] for c in self.categories_in(language)],
+                "items": [[i.key, i.fingerprint_in(language)] for i in self.items]}
+
+    def categories_in(self, language: str) -> tuple[Category, ...]:
+        return tuple(c.in_language(language) for c in self.categories)
 
     @property
     def default_language(self) -> str:
@@ -140,7 +172,8 @@ class NoticeInForce:
 
     def current(self) -> CurrentNotice:
         return CurrentNotice(self.catalog_version, self.version, dict(self.hashes), frozenset(self.terms.values()),
-                             {i.key: i.fingerprint for i in self.items})
+                             {i.key: i.fingerprint for i in self.items},
+                             {i.key: frozenset(i.fingerprints.values()) for i in self.items if i.fingerprints})
 
     def in_categories(self, categories: Iterable[str]) -> list[Item]:
         wanted = set(categories)
@@ -151,7 +184,7 @@ class NoticeInForce:
 
 
 def notice_in_force(text: Notice, operator: Operator, catalog: Catalog) -> NoticeInForce:
-    return NoticeInForce(text, operator, catalog.version, catalog.categories, items_of(catalog))
+    return NoticeInForce(text, operator, catalog.version, catalog.categories, items_of(catalog, text.texts))
 
 
 def changes_between(old: NoticeInForce, new: NoticeInForce) -> list[str]:
@@ -165,11 +198,11 @@ def changes_between(old: NoticeInForce, new: NoticeInForce) -> list[str]:
         said.append("operator")
     if old.catalog_version != new.catalog_version:
         said.append(f"catalog version {old.catalog_version} → {new.catalog_version}")
-    before = {c.id: (c.name, c.description) for c in old.categories}
-    after = {c.id: (c.name, c.description) for c in new.categories}
+    before = {c.id: [(x.name, x.description) for x in (c, *map(c.in_language, c.languages))] for c in old.categories}
+    after = {c.id: [(x.name, x.description) for x in (c, *map(c.in_language, c.languages))] for c in new.categories}
     said += _added_removed_changed("category", before, after)
-    said += _added_removed_changed("", {i.key: i.fingerprint for i in old.items},
-                                   {i.key: i.fingerprint for i in new.items})
+    said += _added_removed_changed("", {i.key: (i.fingerprint, dict(i.fingerprints)) for i in old.items},
+                                   {i.key: (i.fingerprint, dict(i.fingerprints)) for i in new.items})
     return said
 
 

@@ -262,8 +262,11 @@ def paths() -> dict[str, Any]:
         "/healthz": {"get": {"tags": ["server"], "summary": "Liveness and a few numbers",
                              "responses": {"200": ok(obj({"status": {"const": "ok"}}))}}},
         "/v1/vendors": {"get": {"tags": ["consent"], "summary": "The catalog and the imported lists",
-                                "responses": {"200": ok(obj({
-                                    "version": {"type": "string"},
+                                "parameters": [query("lang", "the language of the facts (default: the notice's "
+                                                             "default); the catalog's own words where it has no "
+                                                             "translation")],
+                                "responses": {"400": BAD, "200": ok(obj({
+                                    "version": {"type": "string"}, "language": {"type": "string"},
                                     "categories": array(obj({"id": {"type": "string"}, "name": {"type": "string"},
                                                              "description": {"type": "string"}})),
                                     "vendors": array(ref("Vendor")),
@@ -275,7 +278,11 @@ def paths() -> dict[str, Any]:
                                    "catalog": {"type": "string"}, "version": {"type": "string"},
                                    "default_language": {"type": "string"},
                                    "languages": mapping(obj({"sha256": {"type": "string"},
-                                                             "text": {"type": "string"}}))}))}}},
+                                                             "text": {"type": "string"},
+                                                             "categories": array(obj({"id": {"type": "string"},
+                                                                                      "name": {"type": "string"}}))})),
+                                   "items": array(obj({"id": {"type": "string"}, "fingerprint": {"type": "string"},
+                                                       "fingerprints": mapping({"type": "string"})}))}))}}},
         "/v1/consent": {
             "get": {"tags": ["consent"], "summary": "The caller's consent state", "parameters": [SEC_GPC],
                     "responses": {"200": own_state}},

@@ -158,7 +158,8 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
     def state(d: Decision) -> str:
         return "allowed" if d.allowed else "blocked"
 
-    category_names = {c.id: c.name for c in catalog.categories}
+    language = req.language  # the catalog's facts as translated to it, its own words where not
+    category_names = {c.id: c.in_language(language).name for c in catalog.categories}
     decisions = {v.id: d for v, d in view.decisions}
     # The summary counts what the overview lists: every vendor and every block list.
     allowed = sum(1 for _, d in (*view.decisions, *view.lists) if d.allowed)
@@ -168,12 +169,15 @@ def page_context(view: ClientView, shown: NoticeInForce, catalog: Catalog, req: 
     for c in catalog.categories:
         d = by_category.get(c.id) or Decision(False, "")
         vendors = [{
-            "id": v.id, "name": v.name, "summary": v.summary, "state": state(decisions[v.id]),
+            "id": v.id, "name": v.name, "summary": shown_v.summary, "state": state(decisions[v.id]),
             "text": describe(decisions[v.id]),
             "purposes": t("list_separator").join(t(f"tcf_{p}") for p in v.tcf_purposes),
-            "data": v.data_collected, "cookies": v.cookies, "recipients": v.recipients, "sells": v.ccpa_sale_or_share,
-            "domains": catalog.domains_of(v), "policy": v.privacy_policy,
-        } for v in catalog.vendors if v.category == c.id and v.id in decisions]
+            "data": shown_v.data_collected, "cookies": shown_v.cookies, "recipients": shown_v.recipients,
+            "sells": v.ccpa_sale_or_share, "policy": v.privacy_policy,
+            "domains": [{"pattern": r.pattern, "serves": v.serves_in(language, r)} for r in catalog.domains_of(v)],
+        } for v in catalog.vendors if v.category == c.id and v.id in decisions
+            for shown_v in (v.in_language(language),)]
+        c = c.in_language(language)
         lists = [{"id": v.id, "state": state(ld), "description": v.summary,
                   "text": t("list_item", name=v.name, entries=f"{req.entries.get(v.id, 0):,}", state=describe(ld))}
                  for v, ld in view.lists if v.category == c.id]

@@ -206,7 +206,7 @@ async def test_the_summary_counts_what_the_page_lists(browser: Browser, upstream
                "Alle 2 hier genannten Einträge (Tracker und Sperrlisten) sind auf diesem Gerät erlaubt."],
     }
     rows = {"en": "Local trackers (block list, Analytics): blocked: no choice yet",
-            "de": "Local trackers (Sperrliste, Analytics): gesperrt: noch keine Wahl"}
+            "de": "Local trackers (Sperrliste, Analyse): gesperrt: noch keine Wahl"}
     buttons = {"en": ("Allow Marketing trackers on this device", "Save my choices", "Accept all", "Reject all"),
                "de": ("Marketing-Tracker auf diesem Gerät erlauben", "Meine Wahl speichern", "Alle akzeptieren",
                       "Alle ablehnen")}
@@ -480,10 +480,11 @@ async def test_without_javascript_choose_withdraw_and_see_the_state(browser: Bro
 
 
 async def test_german_end_to_end(browser: Browser, upstream: StubUpstream, data_dir: Path) -> None:
-    """A browser asking for German gets the page and the notice in German, with and without scripts,
-    and the choice records the German notice it showed."""
+    """A browser asking for German gets the page, the notice and the catalog's facts in German, with
+    and without scripts, and the choice records the German notice and the German facts it showed."""
     async with portal(upstream, data_dir) as g:
         _, notice = await g.http("GET", "/v1/notice")
+        (item,) = notice["items"]
         for scripts in (False, True):
             context = await browser.new_context(java_script_enabled=scripts, locale="de-DE", viewport=DESKTOP)
             page = await context.new_page()
@@ -493,12 +494,29 @@ async def test_german_end_to_end(browser: Browser, upstream: StubUpstream, data_
             await expect(page.locator("html")).to_have_attribute("lang", "de")
             await expect(page.locator("h1")).to_have_text("Tracking in diesem Netz")
             await expect(page.locator("#notice-text")).to_contain_text("solange Sie nicht zustimmen")
+            # the catalog's facts: categories, the vendor's summary, data, cookies, recipients, names
+            analytics = page.locator("fieldset[data-category='analytics']")
+            await expect(analytics.locator("legend")).to_have_text("Analyse")
+            await expect(analytics).to_contain_text("Tracker, die messen, wie Websites genutzt werden")
+            await expect(page.get_by_label("Marketing-Tracker auf diesem Gerät erlauben")).to_be_visible()
+            await expect(vendor_row(page)).to_contain_text("ActiveCampaign (Marketing): gesperrt")
+            card = page.locator("article[data-vendor='activecampaign']")
+            await expect(card).to_contain_text("ActiveCampaign ist eine CRM- und Marketing-Automatisierungsplattform")
+            await card.locator("details summary").click()
+            for fact in ("Vollständige URL und Titel jeder besuchten Seite", "1 Jahr",
+                         "Merkt sich, ob das Site-Tracking für diesen Browser eingeschaltet ist.",
+                         "Die Daten werden auf Infrastruktur in den USA verarbeitet",
+                         "Das ältere Tracking-Snippet"):
+                await expect(card.locator("details")).to_contain_text(fact)
+            await expect(card).not_to_contain_text("Full URL and title")
             await page.get_by_role("button", name="Alle akzeptieren").click()
             await expect(page.locator("#result")).to_contain_text("Gespeichert")
             await expect(vendor_row(page)).to_have_attribute("data-state", "allowed")
             _, audit = await g.http("GET", "/v1/audit?client=127.0.0.1&limit=1", admin=True)
             (event,) = audit["events"]
             assert (event["language"], event["notice_sha256"]) == ("de", notice["languages"]["de"]["sha256"])
+            # what the choice covers is the vendor as the German page showed it
+            assert event["covers"] == {"vendor:activecampaign": item["fingerprints"]["de"]}
             await page.get_by_role("button", name="Alle Zustimmungen widerrufen").click()
             await expect(vendor_row(page)).to_have_attribute("data-state", "blocked")
             await context.close()

@@ -352,8 +352,12 @@
 
   // -- start -------------------------------------------------------------------------------------
   async function load() {
-    [notice, catalog, state, who] = await Promise.all([
-      api("GET", "/v1/notice"), api("GET", "/v1/vendors"), api("GET", "/v1/consent"), api("GET", "/v1/whoami")]);
+    // The facts in the language the notice is shown in: the choice records what that language showed.
+    const facts = api("GET", "/v1/notice").then((n) => {
+      notice = n;
+      return api("GET", `/v1/vendors?lang=${encodeURIComponent(shown().language)}`);
+    });
+    [catalog, state, who] = await Promise.all([facts, api("GET", "/v1/consent"), api("GET", "/v1/whoami")]);
     renderNotice();
     render();
   }
