@@ -310,11 +310,31 @@ def _tcp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: 
     return sock
 
 
+def _unheld_port(host: str, port: int, family: socket.AddressFamily) -> int:
+    """`port` (0: a free one) once no socket holds it on `host` for UDP or TCP: bound without
+    SO_REUSEPORT, which the group of another process of this user would take as a new member (it
+    raises EADDRINUSE instead). Closed at once, for the primary's own group to bind."""
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:  # as the listeners: IPv4-mapped clients too
+            for sock in (udp, tcp):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        udp.bind((host, port))
+        port = udp.getsockname()[1]
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a connection in TIME_WAIT holds nothing)
+        tcp.bind((host, port))
+        return port
+    finally:
+        udp.close()
+        tcp.close()
+
+
 class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
     def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits,
-                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None) -> None:
+                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None, join: bool = False) -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
@@ -325,6 +345,9 @@ class DnsListeners:
         # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
         # and the kernel spreads clients over them by their address and port.
         self.reuse_port = reuse_port
+        # A worker joins the primary's sockets; the primary first makes sure nobody else holds the
+        # address (SO_REUSEPORT would let another dnsgate's group take it in, splitting its clients).
+        self.join = join
         # A worker process's check of its line to the primary, asked before each batch of queries
         # is answered (False: the query is dropped, a TCP connection cut).
         self.may_answer = may_answer
@@ -335,9 +358,22 @@ class DnsListeners:
         v6 = ":" in address.host
         family = socket.AF_INET6 if v6 else socket.AF_INET
         for _attempt in range(20 if address.port == 0 else 1):
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
-                local_addr=(address.host, address.port), family=family, reuse_port=self.reuse_port or None)
+            port = address.port
+            if self.reuse_port and not self.join:
+                try:
+                    port = _unheld_port(address.host, port, family)
+                except OSError:
+                    if address.port == 0:
+                        continue  # the UDP port we got is taken for TCP: try another
+                    raise
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
+                    local_addr=(address.host, port), family=family, reuse_port=self.reuse_port or None)
+            except OSError:
+                if address.port == 0 and port != 0:
+                    continue  # taken since it was found free: try another
+                raise
             port = transport.get_extra_info("sockname")[1]
             _large_receive_buffer(transport)
             try:

@@ -62,9 +62,10 @@ class DnsStack:
 
 def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
           on_pair: Callable[[str, str], bool] | None, wall: Callable[[], float],
-          may_answer: Callable[[], bool] | None = None) -> DnsStack:
+          may_answer: Callable[[], bool] | None = None, join: bool = False) -> DnsStack:
     """Everything but the listening sockets (`listen` opens them). `may_answer` (a worker's check of
-    its line to the primary) is asked before each batch of queries is answered."""
+    its line to the primary) is asked before each batch of queries is answered; `join`: a worker's
+    listeners join the primary's sockets on the same addresses."""
     cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
                         stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
     pipeline = Pipeline(
@@ -85,7 +86,8 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
     d = cfg.dns
     listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
         d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
-        d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer)
+        d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer,
+        join=join)
     return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners, shortage)
 
 

@@ -109,7 +109,7 @@ async def serve(sock: socket.socket) -> int:
 
     try:
         stack = dns_stack.build(start.cfg, start.rules, table, start.servers, on_pair=pair, wall=time.time,
-                                may_answer=guard)
+                                may_answer=guard, join=True)
     except dns_stack.UpstreamError as exc:
         log.error("worker %d: %s", start.worker, exc)
         return 1

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -25,10 +27,13 @@ import dns.message
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import pytest
 
+from dnsgate.app import StartupError
 from dnsgate.config import ListsConfig, ListSource
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import consent_config, eventually
+from tests.netns import IP, netns_unavailable
 from tests.redis_server import RedisServer
 from tests.stub_upstream import StubUpstream
 from tests.test_e2e_lists import zone_with_listed_names
@@ -135,6 +140,47 @@ async def test_query_log_metrics_and_events_count_the_queries_every_process_answ
             return len(body["entries"]) == 2 * SOCKETS
 
         await eventually(logged, 5.0)
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_DGRAM, socket.SOCK_STREAM], ids=["udp", "tcp"])
+async def test_an_address_another_process_shares_is_in_use(upstream: StubUpstream, data_dir: Path,
+                                                           kind: socket.SocketKind) -> None:
+    """Another dnsgate of the same user listening there with workers (SO_REUSEPORT): joining its
+    group would split the clients' queries between two consent tables, so the address is in use."""
+    with socket.socket(socket.AF_INET, kind) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        if kind == socket.SOCK_STREAM:
+            other.listen()
+        port = other.getsockname()[1]
+        cfg = with_workers(upstream, data_dir, 2)
+        cfg = replace(cfg, dns=replace(cfg.dns, listen=(f"127.0.0.1:{port}",)))
+        with pytest.raises(StartupError, match=rf"^dns.listen 127.0.0.1:{port}: .*in use"):
+            async with running_gate(cfg):
+                pass
+
+
+def test_a_free_port_is_never_one_another_process_shares() -> None:
+    """With port 0, the kernel may give an SO_REUSEPORT socket a port another process's group of
+    this user holds (it counts as free for it): here the only ephemeral port there is."""
+    why = netns_unavailable(f"dnsgate-port-probe-{os.getpid()}")
+    if why:
+        pytest.skip(why)
+    name = f"dnsgate-port-{os.getpid()}"
+    subprocess.run([IP, "netns", "add", name], check=True)
+    try:
+        one_port = ["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=40000 40000"]
+        for command in ([IP, "link", "set", "lo", "up"], one_port):
+            subprocess.run([IP, "netns", "exec", name, *command], check=True)
+        result = subprocess.run([IP, "netns", "exec", name, sys.executable, "-m", "tests.shared_port_helper"],
+                                capture_output=True, text=True, timeout=30, check=False,
+                                cwd=Path(__file__).resolve().parent.parent)
+    finally:
+        subprocess.run([IP, "netns", "del", name], check=False)
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["held"] == 40000
+    assert "bound" not in outcome and "no port free" in outcome["error"]
 
 
 async def test_a_killed_worker_is_started_again_from_the_consent_in_force(
