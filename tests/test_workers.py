@@ -31,6 +31,7 @@ import pytest
 
 from dnsgate.app import StartupError
 from dnsgate.config import ListsConfig, ListSource
+from dnsgate.workers import SYNC_TIMEOUT
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.consent_fixtures import consent_config, eventually
 from tests.netns import IP, netns_unavailable
@@ -306,7 +307,13 @@ async def test_a_kiosk_seen_only_by_workers_keeps_its_session_and_loses_it_when_
             return status == 200 and body["choice"] is None
 
         await eventually(ended, 10.0)  # no queries: idle after 3 s, whatever process saw the last one
-        assert await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+
+        async def ended_everywhere() -> bool:
+            return await rcodes(g, socks) == {"NXDOMAIN": SOCKETS}
+
+        # The primary's sweeper ended it (what GET /v1/consent reads); every worker has the change
+        # within the bound on replicating one (SYNC_TIMEOUT: a worker that has not is replaced).
+        await eventually(ended_everywhere, SYNC_TIMEOUT + 1.0)
         # The next visitor's session starts afresh on the workers too.
         assert (await g.http("PUT", "/v1/consent", source=kiosk, json=GRANT))[0] == 200
         until = loop.time() + 4.5
