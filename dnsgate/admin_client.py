@@ -1,4 +1,5 @@
-"""A small client for the running server's admin API, used by `dnsgate consent` and `dnsgate explain`.
+"""A small client for the running server's admin API, used by every command that calls it
+(`dnsgate consent`, `explain`, `log`, `report`, `store acknowledge`).
 
 Finds the server the way `dnsgate serve` finds its settings (flags, DNSGATE_* variables, the
 config file, the defaults) and the admin token in `<data_dir>/admin-token` unless one is given.
@@ -117,6 +118,12 @@ class AdminClient:
 
     def post(self, path: str) -> Any:
         return self._json("POST", path)
+
+    def read(self, path: str, query: Mapping[str, str | None]) -> bytes:
+        """A whole answer as it came (a report in JSON or JUnit XML)."""
+        with self._open("GET", path, query) as response:
+            data: bytes = response.read()
+            return data
 
     def lines(self, path: str, query: Mapping[str, str | None]) -> Iterator[str]:
         """A streamed answer (JSON Lines), line by line."""

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,11 +38,12 @@ from .api_guard import (
 )
 from .catalog import LANGUAGE_TAG, Catalog, Category
 from .consent import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
-from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line, parse_time
+from .consent_log import csv_header, csv_line, event_json, iso, jsonl_line
 from .consents import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired
 from .notice import Item, Notice, NoticeInForce
 from .pairing import Offer
 from .store import Event, EventFilter, StoreError
+from .timespec import parse_when
 
 log = logging.getLogger(__name__)
 
@@ -528,10 +530,9 @@ def time_param(request: web.Request, name: str) -> float | None:
     if raw is None:
         return None
     try:
-        return parse_time(raw)
-    except ValueError:
-        raise ApiError(400, "invalid_field", f"{name} must be an ISO 8601 date or time, e.g. 2026-12-01T00:00:00Z",
-                       name) from None
+        return parse_when(raw, time.time())
+    except ValueError as exc:
+        raise ApiError(400, "invalid_field", f"{name}: {exc}", name) from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
-"""Command line: `dnsgate serve`, `dnsgate consent …`, `dnsgate explain` and `dnsgate store migrate`.
-Errors are one line naming the culprit, exit status 2 for bad input (flags, config) and 1 for a
-failure to start (a port in use, say), a refusal by the running server's API, or a failed migration."""
+"""Command line: `dnsgate serve`, the commands that call a running server's admin API (`consent …`,
+`explain`, `log`, `report`, `store acknowledge`), `store migrate` and `config …`.
+
+One convention for all of them: errors are one line naming the culprit; exit status 0 for success,
+1 for a failure at run time (a port in use, dnsgate unreachable, a refusal by its API, a failed
+migration), 2 for bad input (flags, configuration, a value), and 3 for `report` whose verdict fails.
+The commands that call the API find the server and its admin token exactly as `serve` finds its
+settings: --config / DNSGATE_CONFIG, --data-dir and the DNSGATE_* variables, the config file."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,6 +43,7 @@ from .config import (
 )
 from .consent_log import PAIRED_GRANT
 from .logs import setup_logging
+from .timespec import parse_when
 
 if TYPE_CHECKING:
     from .app import Running
@@ -90,6 +97,28 @@ def _api_url(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
 
 
+def _when(text: str) -> str:
+    """A --since/--until, checked here (a usage error, exit 2) and read by the server the same way."""
+    try:
+        parse_when(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    """The options of every command that calls the running server's admin API."""
+    p.add_argument("--api", metavar="URL", type=_api_url,
+                   help="the server's API to call, HOST:PORT (a host name or IP address) or "
+                        "http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; default: api.admin_listen, else "
+                        "api.listen, of the config)")
+    p.add_argument("--token", help="admin token (default: DNSGATE_ADMIN_TOKEN, api.admin_token, or "
+                   "<data dir>/admin-token)")
+    p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
+    p.add_argument("--data-dir", metavar="DIR", help="the server's data dir, for its admin token "
+                   "(env DNSGATE_STORAGE_DATA_DIR; default: storage.data_dir of the config, ./data)")
+
+
 def _upstream(text: str) -> str:
     try:
         parse_upstream(text)
@@ -121,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log lines as key=value text or JSON objects (env DNSGATE_LOG_FORMAT; config log.format)")
     serve.add_argument("--workers", metavar="N", help="processes answering DNS on the same addresses, for "
                        "machines with spare cores (env DNSGATE_WORKERS; config dns.workers; default 1)")
-    observe_cli.add_commands(commands)
+    observe_cli.add_commands(commands, _client_options, _when)
 
     store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis, or acknowledge "
                                 "that Redis lost its history")
@@ -160,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "what became of them (they stop counting at the first start of this version)")
     export = actions.add_parser("export", help="the consent log as JSON Lines or CSV")
     export.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    export.add_argument("--since", metavar="TIME", help="ISO 8601 date or time (UTC unless it says otherwise)")
-    export.add_argument("--until", metavar="TIME", help="ISO 8601 date or time, exclusive")
+    export.add_argument("--since", metavar="TIME", type=_when,
+                        help="ISO 8601 (UTC unless it says otherwise), UNIX seconds, or an age (15m, 2h, 7d)")
+    export.add_argument("--until", metavar="TIME", type=_when, help="the same forms, exclusive")
     export.add_argument("--client", help="only this IP address, MAC address or network")
     export.add_argument("--output", "-o", metavar="FILE", help="write here instead of standard output")
 
@@ -171,14 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--mac", help="the client's MAC address, if it reaches dnsgate through a forwarder")
 
     for p in (listing, show, grant, withdraw, reset, paired, export, explain, acknowledge):
-        p.add_argument("--api", metavar="URL", type=_api_url,
-                       help="the server's API to call, HOST:PORT (a host name or IP address) or "
-                            "http(s)://HOST[:PORT][/PATH] (env DNSGATE_API; default: api.admin_listen, else "
-                            "api.listen, of the config)")
-        p.add_argument("--token", help="admin token (default: DNSGATE_ADMIN_TOKEN, api.admin_token, or "
-                       "<data dir>/admin-token)")
-        p.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
-        p.add_argument("--data-dir", metavar="DIR", help="the server's data dir, for its admin token")
+        _client_options(p)
         if p not in (export, acknowledge):
             p.add_argument("--json", action="store_true", help="print the API's JSON")
     return parser
@@ -190,11 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "store" and args.action == "migrate":
         return store_command(args)
-    if args.command not in ("consent", "explain", "store"):
-        return observe_cli.run(args)
     try:
         base_url = api_to_call(args.api, os.environ)
         client = AdminClient.for_config(_client_config(args), args.token, base_url)
+        if args.command in ("log", "report"):
+            return observe_cli.run(args, client)
         return _admin_command(args, client)
     except ConfigError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)

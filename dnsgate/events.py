@@ -96,10 +96,11 @@ class EventHub:
                                 type(exc).__name__)
 
 
-CONSENT_ACTIONS = ("grant", "refuse", "withdraw", "expire", "reset", "profile_change")
-# The consent log's actions (store.py) under the names this event stream has always used.
-STREAM_ACTIONS = {"grant": "grant", "refusal": "refuse", "withdrawal": "withdraw", "expiry": "expire",
-                  "reset": "reset", "profile_change": "profile_change"}
+# One word per kind of event everywhere: the consent log's own (its export, this event stream, the
+# webhook and dnsgate_consent_changes_total{action}). The stream's older verbs (refuse, withdraw,
+# expire) name the same events; STREAM_ACTIONS reads them as the log's words.
+CONSENT_ACTIONS = ("grant", "refusal", "withdrawal", "expiry", "reset", "profile_change")
+STREAM_ACTIONS = {"refuse": "refusal", "withdraw": "withdrawal", "expire": "expiry"}
 
 
 class ConsentWatch:

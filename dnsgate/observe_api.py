@@ -10,9 +10,7 @@ no external resources, no inline script.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from .querylog import QueryLog
 from .querylog_db import Filters
 from .report import Watched, build_report, junit
 from .tally import OUTCOMES
+from .timespec import parse_when
 
 MAX_LIMIT = 10_000
 SSE_HEARTBEAT = 15.0
@@ -38,8 +37,6 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 DASHBOARD_FILES = {"": ("index.html", "text/html"), "app.js": ("app.js", "text/javascript"),
                    "app.css": ("app.css", "text/css"), "icon.svg": ("icon.svg", "image/svg+xml")}
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,23 +72,11 @@ async def _closing(app: web.Application) -> None:
 
 
 def parse_time(text: str, now: float, field: str) -> float:
-    """ISO 8601 ('2026-11-28T10:00:00Z'), UNIX seconds, or an age ('90s', '15m', '2h', '7d' ago)."""
-    text = text.strip()
-    relative = _RELATIVE.match(text)
-    if relative:
-        return now - float(relative[1]) * _UNITS[relative[2]]
+    """A `since`/`until`: the one reading every command and route shares (timespec)."""
     try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, "invalid_field", f"{field}: expected ISO 8601, UNIX seconds or an age like 15m, "
-                       f"got {text!r}", field) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed.timestamp()
+        return parse_when(text, now)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_field", f"{field}: {exc}", field) from None
 
 
 def _limit(request: web.Request, default: int) -> int:
@@ -183,7 +168,8 @@ async def report(request: web.Request) -> web.Response:
     o = request.app[OBSERVE]
     now = o.wall()
     q = request.query
-    since = parse_time(q["since"], now, "since") if "since" in q else 0.0
+    # Without a start: all the log keeps (querylog.max_age_days), and the report says from when.
+    since = parse_time(q["since"], now, "since") if "since" in q else now - o.querylog.cfg.max_age_days * 86400
     until = parse_time(q["until"], now, "until") if "until" in q else now
     if until <= since:
         raise ApiError(400, "invalid_field", "until must be after since", "until")

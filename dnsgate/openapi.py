@@ -82,9 +82,9 @@ OWN_PREFLIGHT: Final = {
     "responses": {"204": {"description": "Allowed"}, "403": error("Not a page of dnsgate's")}}
 UNAVAILABLE: Final = error("The consent store cannot record the change now (`consent_store_unavailable`): "
                            "nothing changed")
-TIME_PARAMS: Final = [query("since", "ISO 8601 time"), query("until", "ISO 8601 time")]
-AGE_PARAMS: Final = [query("since", "ISO 8601, UNIX seconds, or an age such as 15m"),
-                     query("until", "ISO 8601, UNIX seconds, or an age such as 15m")]
+# One reading of a time for every route (timespec).
+TIME_PARAMS: Final = [query("since", "ISO 8601, UNIX seconds, or an age such as 15m, 2h or 7d"),
+                      query("until", "ISO 8601, UNIX seconds, or an age such as 15m, 2h or 7d")]
 LIMIT: Final = query("limit", "at most this many", {"type": "integer", "minimum": 1, "maximum": 10000})
 
 
@@ -391,7 +391,7 @@ def paths() -> dict[str, Any]:
             "tags": ["observability"], "summary": "The query log", "security": ADMIN,
             "parameters": [query("client", "an IP address"), query("name", "a name, or *.name for its subdomains"),
                            query("vendor", "a vendor id"), query("outcome", "forwarded, cached, sinkholed, …"),
-                           *AGE_PARAMS, query("after", "only entries newer than this id", {"type": "integer"}),
+                           *TIME_PARAMS, query("after", "only entries newer than this id", {"type": "integer"}),
                            LIMIT, query("order", "newest (default) or oldest",
                                         {"type": "string", "enum": ["newest", "oldest"]})],
             "responses": {"200": ok(obj({"mode": {"type": "string"}, "entries": array(obj({
@@ -401,7 +401,7 @@ def paths() -> dict[str, Any]:
         "/v1/report": {"get": {
             "tags": ["observability"], "summary": "Evidence: trackers per client and vendor, and a verdict",
             "security": ADMIN,
-            "parameters": [*AGE_PARAMS, query("format", "json (default) or junit",
+            "parameters": [*TIME_PARAMS, query("format", "json (default) or junit",
                                               {"type": "string", "enum": ["json", "junit"]}),
                            query("client", "an IP address"), LIMIT],
             "responses": {"200": {"description": "The report", "content": {

@@ -241,7 +241,7 @@ async def test_log_command_shows_and_filters_the_query_log(upstream: StubUpstrea
                                   "--json", "--name", "*.trackcmp.net")
         assert code == 0 and json.loads(out)["name"] == "trackcmp.net"
         code, _, err = await _run("log", "--api", f"127.0.0.1:{proc.api_port}", "--token", "wrong")
-        assert code == 2 and "401" in err and len(err.splitlines()) == 1
+        assert code == 1 and "HTTP 401" in err and len(err.splitlines()) == 1  # a refusal by the API
 
 
 async def test_log_and_report_say_when_dnsgate_is_unreachable(tmp_path: Path) -> None:
@@ -249,6 +249,8 @@ async def test_log_and_report_say_when_dnsgate_is_unreachable(tmp_path: Path) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code, _, err = await _run("report", "--api", f"127.0.0.1:{port}", "--token", "t", "--since", "1h")
-    assert code == 2 and "cannot reach dnsgate" in err
+    assert code == 1 and "cannot reach the dnsgate API" in err  # as every command that calls the API
     code, _, err = await _run("log", "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path))
-    assert code == 2 and "no admin token" in err
+    assert code == 1 and "no admin token" in err
+    code, out, err = await _run("log", "--since", "last tuesday", "--token", "t")
+    assert code == 2 and out == "" and "--since: expected ISO 8601" in err  # a usage error

@@ -3,12 +3,16 @@ with the admin token found in the data dir."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import os
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -82,6 +86,97 @@ async def test_export_as_csv_and_jsonl_with_filters(gate: Gate, tmp_path: Path) 
     code, out, _ = await cli(gate, "consent", "export", "--since", "2000-01-01", "-o", str(target))
     assert code == 0 and out == ""
     assert len(target.read_text().splitlines()) == 3
+
+
+async def test_every_since_and_until_is_read_one_way(gate: Gate) -> None:
+    # consent export, log and report take the same forms, and refuse the same bad ones the same way.
+    await cli(gate, "consent", "grant", "127.0.0.65", "marketing")
+    await gate.query("trackcmp.net", source="127.0.0.65")
+    future = str(int(time.time()) + 3600)
+    for since, events in (("7d", 1), ("2h", 1), ("90s", 1), ("2000-01-01", 1), ("2000-01-01T00:00:00Z", 1),
+                          ("946684800", 1), (future, 0)):
+        code, out, err = await cli(gate, "consent", "export", "--client", "127.0.0.65", "--since", since)
+        assert code == 0 and len(out.splitlines()) == events, (since, err)
+        if since != future:
+            code, out, err = await cli(gate, "report", "--client", "127.0.0.65", "--since", since)
+            assert code == 0 and json.loads(out)["verdict"] == "pass", (since, err)
+        code, out, err = await cli(gate, "log", "--client", "127.0.0.65", "--since", since, "--until", future + "0")
+        assert code == 0, (since, err)
+    code, out, err = await cli(gate, "consent", "export", "--until", "1h")
+    assert code == 0 and out == ""  # everything was recorded within the last hour
+    for command in (["consent", "export"], ["log"], ["report"]):
+        for flag in ("--since", "--until"):
+            code, out, err = await cli(gate, *command, flag, "yesterday")
+            assert code == 2 and out == "", err
+            assert f"argument {flag}: expected ISO 8601 (2026-11-28 or 2026-11-28T10:00:00Z), UNIX seconds, or " \
+                   "an age such as 15m, 2h or 7d, got 'yesterday'" in err
+    # the API reads them the same way
+    token = (Path(gate.cfg.storage.data_dir) / "admin-token").read_text().strip()
+    status, _ = await gate.http("GET", "/v1/audit/export?since=7d", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200
+
+
+async def test_report_without_since_covers_the_whole_query_log(gate: Gate) -> None:
+    await gate.query("trackcmp.net", source="127.0.0.67")
+    deadline = time.monotonic() + 5  # the query log is written every second
+    while True:
+        code, out, err = await cli(gate, "report", "--client", "127.0.0.67")
+        assert code == 0, err
+        report = json.loads(out)
+        if report["totals"]["queries"] == 1 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert report["totals"]["queries"] == 1
+    since = dt.datetime.fromisoformat(report["since"].replace("Z", "+00:00")).timestamp()
+    assert abs(since - (time.time() - gate.cfg.querylog.max_age_days * 86400)) < 60  # all the log keeps
+
+
+def test_every_command_that_calls_the_api_takes_the_same_options() -> None:
+    from dnsgate.cli import build_parser
+
+    parser = build_parser()
+
+    def leaves(p: argparse.ArgumentParser, path: list[str]) -> list[tuple[list[str], argparse.ArgumentParser]]:
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [(path, p)]
+        return [leaf for name, child in subs[0].choices.items() for leaf in leaves(child, [*path, name])]
+
+    calling = [(path, p) for path, p in leaves(parser, []) if path not in (["serve"], ["store", "migrate"])
+               and path[0] != "config"]
+    assert {" ".join(path) for path, _ in calling} >= {"consent list", "explain", "log", "report", "store acknowledge"}
+    for path, p in calling:
+        options = {o for a in p._actions for o in a.option_strings}
+        assert {"--api", "--config", "--data-dir", "--token"} <= options, path
+
+
+async def test_runtime_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there
+    for command in CLIENT_COMMANDS:
+        code, out, err = await run(*command, "--api", f"127.0.0.1:{port}", "--token", "t")
+        assert code == 1 and out == "" and "cannot reach the dnsgate API" in err, (command, err)
+        code, out, err = await run(*command, "--api", f"127.0.0.1:{port}", "--data-dir", str(tmp_path))
+        assert code == 1 and "no admin token" in err and str(tmp_path / "admin-token") in err, (command, err)
+        code, out, err = await run(*command, "--config", str(tmp_path / "missing.toml"))
+        assert code == 2 and "missing.toml" in err, (command, err)
+
+
+async def test_the_token_is_found_through_the_config_from_any_directory(gate: Gate, tmp_path: Path) -> None:
+    # The server's data dir named by its config file (as `serve --config` reads it), the command run elsewhere
+    config = tmp_path / "dnsgate.toml"
+    config.write_text(f'[storage]\ndata_dir = "{gate.cfg.storage.data_dir}"\n[api]\nlisten = "{gate.running.api}"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for env in ({"DNSGATE_CONFIG": str(config)}, {}):
+        args = ["--config", str(config)] if not env else []
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "dnsgate", "consent", "list", *args, cwd=elsewhere, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**{k: v for k, v in os.environ.items()
+                                                    if not k.startswith("DNSGATE_")}, **env})
+        out, err = await asyncio.wait_for(process.communicate(), 20)
+        assert process.returncode == 0 and b"no choices recorded" in out, err
 
 
 async def test_explain_prints_the_decision_and_every_reason(gate: Gate) -> None:

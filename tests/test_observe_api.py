@@ -174,7 +174,7 @@ async def test_event_stream_carries_decisions_and_consent_changes(gate: Gate) ->
     assert [(d["client"], d["name"], d["decision"]) for d in decisions] == [
         ("127.0.0.56", "trackcmp.net", "sinkholed"), ("127.0.0.56", "trackcmp.net", "allowed")]
     assert decisions[1]["grant_expires_at"] is not None
-    assert consents == [("127.0.0.56", "grant"), ("127.0.0.56", "withdraw"), ("127.0.0.57", "refuse")]
+    assert consents == [("127.0.0.56", "grant"), ("127.0.0.56", "withdrawal"), ("127.0.0.57", "refusal")]
 
 
 @pytest.fixture

@@ -204,9 +204,9 @@ async def test_consent_watch_publishes_the_consent_logs_events_and_counts_them()
                                    supersedes=1, id=2))
         watch.changed(ConsentEvent("refusal", now, Subject("10.0.0.9"), "opt-in", {"marketing": False}, id=3))
         granted, expired, refused = [await asyncio.wait_for(events.get(), 2) for _ in range(3)]
-    assert (granted["action"], expired["action"], refused["action"]) == ("grant", "expire", "refuse")
+    assert (granted["action"], expired["action"], refused["action"]) == ("grant", "expiry", "refusal")
     assert granted["categories"] == ["marketing"] and granted["source"] == "self" and granted["client"] == "10.0.0.1"
-    assert watch.changes == {"grant": 1, "refuse": 1, "withdraw": 0, "expire": 1, "reset": 0, "profile_change": 0}
+    assert watch.changes == {"grant": 1, "refusal": 1, "withdrawal": 0, "expiry": 1, "reset": 0, "profile_change": 0}
 
 
 def test_json_logs_are_one_object_per_line() -> None:
