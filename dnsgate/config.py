@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from .admission import DEFAULT_ALLOWED, DEFAULT_EXEMPT
-from .wire import name_to_wire
+from dnsgate.dns.admission import DEFAULT_ALLOWED, DEFAULT_EXEMPT
+from dnsgate.wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
 PROFILE_NAMES: Final = ("opt-in", "opt-out", "kiosk", "deny", "allow")

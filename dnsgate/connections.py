@@ -1,7 +1,7 @@
 """Open connections held to limits: admission against a total and a per-client cap, and who makes
 room when the total is reached (the connection idle longest, so idle or slow clients, even many of
-them, cannot lock a new client out while any of them is idle). DNS over TCP (dns_server.py) and the
-API (api_listener.py) each keep a table.
+them, cannot lock a new client out while any of them is idle). DNS over TCP (dns/listeners.py) and the
+API (http/listener.py) each keep a table.
 """
 
 from __future__ import annotations

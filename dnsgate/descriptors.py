@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from .config import Config
+    from dnsgate.config import Config
 
 log = logging.getLogger(__name__)
 

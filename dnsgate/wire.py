@@ -2,7 +2,7 @@
 
 This is the hot path's vocabulary, so it builds no DNS objects: a query becomes one `Query` value,
 a reply is assembled from byte strings. Pure: no I/O, no clock. dnslib stays out of here (see
-`message.py` for the unusual packets that need it).
+`dns/message.py` for the unusual packets that need it).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ import dns.message
 import dns.rdatatype
 import pytest
 
-from dnsgate.app import Running, run
+from dnsgate.app.primary import Running, run
 from dnsgate.config import ApiConfig, Config, DnsConfig, StorageConfig, UpstreamConfig
-from tests.redis_server import REDIS_SERVER, RedisServer
-from tests.stub_upstream import StubUpstream
+from tests.support.redis_server import REDIS_SERVER, RedisServer
+from tests.support.stub_upstream import StubUpstream
 
 TOKEN = "test-admin-token"
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from dnsgate.config import Config, ConfigError, GateConfig, ListsConfig, ListSource, parse_config_text
-from dnsgate.reload import split_changes
+from dnsgate.rules.reload import split_changes
 
 SOURCE = '[[lists.sources]]\nid = "ep"\ncategory = "analytics"\nurl = "https://lists.example/ep.txt"\n'
 

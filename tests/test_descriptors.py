@@ -1,6 +1,6 @@
 """descriptors.py without a process to exhaust: what the configured limits can hold at once, and
 a shortage's episodes (logged once at the start, once at the end). The real thing, a process out
-of descriptors, is tests/reliability/test_exhaustion.py and tests/resolver/test_stranded_forwards.py."""
+of descriptors, is tests/reliability/test_exhaustion.py and tests/e2e/resolver/test_stranded_forwards.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from dnsgate.config import Config, DnsConfig
 from dnsgate.descriptors import Shortage, budget, is_shortage
-from dnsgate.upstream import SOCKETS_PER_FAMILY
+from dnsgate.dns.upstreams import SOCKETS_PER_FAMILY
 
 
 def test_the_defaults_hold_well_inside_1024_descriptors() -> None:

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from dnsgate.cli import build_parser
+from dnsgate.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import zone_for_tests
 from tests.reliability.process import READY
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 300

@@ -6,7 +6,7 @@ import gc
 import sys
 import weakref
 
-from dnsgate.cache import AnswerCache, Entry
+from dnsgate.dns.cache import AnswerCache, Entry
 from dnsgate.gc_policy import frozen_startup, refreeze, untrack
 
 

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import dns.message
 import dns.rrset
 
-from dnsgate.admission import DEFAULT_ALLOWED, Admission
-from dnsgate.cache import AnswerCache, TtlPolicy
 from dnsgate.config import DnsConfig
-from dnsgate.pipeline import Forward, Pipeline
-from dnsgate.sinkhole import Sinkhole
-from tests import consent_fixtures
+from dnsgate.dns.admission import DEFAULT_ALLOWED, Admission
+from dnsgate.dns.cache import AnswerCache, TtlPolicy
+from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.dns.sinkhole import Sinkhole
+from tests.support import consent_fixtures
 
 OUTSIDE, INSIDE = "198.51.100.7", "192.168.1.7"
 BIG = "big.example.test"

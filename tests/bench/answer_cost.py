@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/bench/answer_cost.py [--rounds 7] [--n 200000]
 
-Builds a pipeline the way tests/test_pipeline.py does, fills the cache through the real
+Builds a pipeline the way tests/dns/test_pipeline.py does, fills the cache through the real
 forward/admit/complete steps, then times tight loops of `answer` (best of several rounds, so
 scheduler noise only ever makes a round slower). Prints the best ns per call for each case; run
 it before and after a change to the per-query path, interleaved, and compare (PYTHONPATH=DIR
@@ -18,11 +18,11 @@ from collections.abc import Callable
 import dns.message
 import dns.rdatatype
 
-from dnsgate.cache import AnswerCache, Entry, TtlPolicy
-from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
-from dnsgate.consent import Choice, ConsentTable, CurrentNotice, NoticeRef, Subject
-from dnsgate.pipeline import Forward, Pipeline
-from dnsgate.sinkhole import Sinkhole
+from dnsgate.consent.model import Choice, ConsentTable, CurrentNotice, NoticeRef, Subject
+from dnsgate.dns.cache import AnswerCache, Entry, TtlPolicy
+from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.dns.sinkhole import Sinkhole
+from dnsgate.rules.catalog import builtin_catalog_text, parse_catalog_text
 
 SHOWN = NoticeRef(parse_catalog_text(builtin_catalog_text()).version, "bench", "0" * 64, "en")
 

@@ -14,11 +14,11 @@ import time
 import dns.message
 import dns.rrset
 
-from dnsgate.cache import AnswerCache, Entry, TtlPolicy
-from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
-from dnsgate.consent import ConsentTable
-from dnsgate.pipeline import Forward, Pipeline
-from dnsgate.sinkhole import Sinkhole
+from dnsgate.consent.model import ConsentTable
+from dnsgate.dns.cache import AnswerCache, Entry, TtlPolicy
+from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.dns.sinkhole import Sinkhole
+from dnsgate.rules.catalog import builtin_catalog_text, parse_catalog_text
 
 
 def build() -> Pipeline:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dnsgate.catalog import Catalog
+from dnsgate.rules.catalog import Catalog
 
 TLDS = ["com", "net", "org", "io", "de", "co.uk", "info", "xyz"]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -75,9 +75,9 @@ def measure(path: Path, fmt: str, sample: list[str]) -> dict[str, object]:
     """Runs in a fresh process, so memory numbers are this list's alone."""
     from dataclasses import replace
 
-    from dnsgate.catalog import builtin_catalog_text, parse_catalog_text
     from dnsgate.config import Config, ListsConfig, ListSource
-    from dnsgate.ruleset import ListCache, ListStatus, build_lists
+    from dnsgate.rules.catalog import builtin_catalog_text, parse_catalog_text
+    from dnsgate.rules.ruleset import ListCache, ListStatus, build_lists
     from dnsgate.wire import name_to_wire
 
     catalog = parse_catalog_text(builtin_catalog_text())

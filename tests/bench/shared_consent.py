@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tests.bench import run as base  # noqa: E402 -- dnsperf, unbound and /proc helpers of the main benchmark
-from tests.redis_server import RedisServer, free_port  # noqa: E402
+from tests.support.redis_server import RedisServer, free_port  # noqa: E402
 
 CLIENT = "127.0.0.2"
 OTHER_MAX = 10.0  # % of a core that other processes may use during a run before it is measured again

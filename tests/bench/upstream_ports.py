@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 import dns.message
 
 from dnsgate.config import UpstreamAddress
-from dnsgate.upstream import SOCKETS_PER_FAMILY, Upstreams
+from dnsgate.dns.upstreams import SOCKETS_PER_FAMILY, Upstreams
 from dnsgate.wire import Query, parse_query
 
 

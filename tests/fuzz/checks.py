@@ -16,14 +16,14 @@ import struct
 import dns.exception
 import dns.message
 
-from dnsgate import message
-from dnsgate.admission import DEFAULT_ALLOWED, Admission
-from dnsgate.cache import AnswerCache, OptNotLast, TtlPolicy, UnusableReply
-from dnsgate.identity import QueryIdentity
-from dnsgate.pipeline import Chase, Forward, Pipeline
-from dnsgate.sinkhole import Sinkhole
+from dnsgate.dns import message
+from dnsgate.dns.admission import DEFAULT_ALLOWED, Admission
+from dnsgate.dns.cache import AnswerCache, OptNotLast, TtlPolicy, UnusableReply
+from dnsgate.dns.identity import QueryIdentity
+from dnsgate.dns.pipeline import Chase, Forward, Pipeline
+from dnsgate.dns.sinkhole import Sinkhole
 from dnsgate.wire import Query, Rejection, parse_query, read_rr_header, scan_name
-from tests import consent_fixtures
+from tests.support import consent_fixtures
 
 CLIENTS = ("127.0.0.1", "192.168.1.20", "8.8.8.8")  # no consent; consent (below); outside the ACL
 QUESTIONS = (dns.message.make_query("host.example.test", "A"),
@@ -113,14 +113,14 @@ def check_upstream(p: Pipeline, reply: bytes, which: int = 0) -> None:
             assert isinstance(fwd, bytes)
             check_reply(fwd, wire, False)
             continue
-        # As upstream.py accepts it: QR set, one question, ours; the input decides flags, counts, records.
+        # As dns/upstreams.py accepts it: QR set, one question, ours; the input decides flags, counts, records.
         head = (reply + bytes(12))[:12]
         forged = (wire[:2] + bytes([head[2] | 0x80, head[3]]) + b"\x00\x01" + head[6:12]
                   + fwd.query.name + fwd.query.question[-4:] + reply[12:])
         try:
             try:
                 admitted = p.admit(fwd, forged)
-            except OptNotLast:  # resolver.py rebuilds such replies
+            except OptNotLast:  # dns/forwarding.py rebuilds such replies
                 admitted = p.admit(fwd, message.opt_last(forged))
         except UnusableReply:
             continue

@@ -5,9 +5,9 @@ of upstream replies; tests/fuzz/checks.py says what must hold and how the first 
 
 libFuzzer writes the inputs that reach new code to the first directory (keep the repository's
 corpus second, read-only; copy new inputs worth keeping into tests/fuzz/corpus) and a failing input
-to ./crash-<sha1>: copy that to tests/fuzz/crashes/. tests/test_fuzz_properties.py replays both
+to ./crash-<sha1>: copy that to tests/fuzz/crashes/. tests/dns/test_fuzz_properties.py replays both
 directories on every test run. A short run is
-part of the test suite (tests/test_fuzz_atheris.py).
+part of the test suite (tests/dns/test_fuzz_atheris.py).
 """
 
 from __future__ import annotations

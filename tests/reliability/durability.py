@@ -31,7 +31,7 @@ import dns.rcode
 
 from tests.conftest import zone_for_tests
 from tests.reliability.process import Served, serve
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 TOKEN = "reliability"
 

@@ -36,7 +36,7 @@ import dns.rcode
 from dnsgate import descriptors
 from dnsgate.wire import EDE_NOT_READY
 from tests.reliability.process import Served, serve
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 QUICK = 0.5  # "at once": half the upstream deadline
 UPSTREAM_TIMEOUT = 1.0

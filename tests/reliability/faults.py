@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from tests.reliability.process import Served, serve
-from tests.stub_upstream import BOGUS_ADDRESS, StubUpstream
+from tests.support.stub_upstream import BOGUS_ADDRESS, StubUpstream
 
 GOOD = "192.0.2.77"
 TIMEOUT, ATTEMPT = 1.0, 0.4  # upstream.timeout and attempt_timeout given to dnsgate

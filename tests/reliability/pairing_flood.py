@@ -24,7 +24,7 @@ import dns.message
 import dns.rcode
 
 from tests.reliability.process import Served, serve
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 TRACKER = "trackcmp.net"
 DEVICE, DEVICE_OTHER = "127.0.0.20", "127.0.0.200"

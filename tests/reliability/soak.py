@@ -29,7 +29,7 @@ import aiohttp
 from tests.conftest import zone_for_tests
 from tests.reliability.faults import _Client, _query, rss_kb, settle
 from tests.reliability.process import Served, serve
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 CHURNERS = [f"127.0.0.{20 + i}" for i in range(10)]
 

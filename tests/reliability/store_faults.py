@@ -3,11 +3,11 @@ figures of the ones that did.
 
     .venv/bin/python -m tests.reliability.store_faults [--runs 10] [-k EXPRESSION]
 
-Each run is one pytest session over tests/test_fault_injection_redis.py and
-tests/test_fault_injection_sqlite.py (every fault: Redis SIGKILL, SIGSTOP, restarted empty, restored
+Each run is one pytest session over tests/consent/test_redis_faults.py and
+tests/consent/test_sqlite_faults.py (every fault: Redis SIGKILL, SIGSTOP, restarted empty, restored
 from an older copy, an instance partitioned, an empty restart it missed, a lost reply; SQLite disk
 full, read-only at start, damaged pages). Every test that passes appends its ledger's figures to a
-file (tests/consent_ledger.py `record`); this sums them per fault: runs passed, changes answered 200,
+file (tests/support/consent_ledger.py `record`); this sums them per fault: runs passed, changes answered 200,
 202 and 503, the slowest answer, and how long the instances took to settle once the store was back.
 """
 
@@ -23,9 +23,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tests.consent_ledger import FIGURES
+from tests.support.consent_ledger import FIGURES
 
-SUITES = ("tests/test_fault_injection_redis.py", "tests/test_fault_injection_sqlite.py")
+SUITES = ("tests/consent/test_redis_faults.py", "tests/consent/test_sqlite_faults.py")
 
 
 def run(runs: int, select: str | None) -> tuple[int, list[str], list[dict[str, Any]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.reliability.durability import report, run
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 
 async def test_acknowledged_changes_survive_kill_9(upstream: StubUpstream, data_dir: Path) -> None:

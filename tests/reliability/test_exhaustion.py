@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.reliability.exhaustion import BUDGET_FITS, BUDGET_OVER, QUICK, log_line, report, run
 from tests.reliability.process import serve
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 
 async def test_out_of_descriptors_degrades_and_recovers(tmp_path: Path) -> None:

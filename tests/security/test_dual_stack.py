@@ -12,7 +12,7 @@ import pytest
 
 from dnsgate.config import DnsConfig
 from tests.conftest import ipv6_loopback, make_config, running_gate
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="IPv6 is not configured on this machine")

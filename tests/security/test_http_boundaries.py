@@ -14,9 +14,9 @@ import pytest
 
 from dnsgate.config import PortalConfig
 from tests.conftest import TOKEN, Gate, make_config, running_gate
-from tests.consent_fixtures import KIOSK, FakeClock, consent_config
 from tests.security.helpers import GRANT, request
-from tests.stub_upstream import StubUpstream
+from tests.support.consent_fixtures import KIOSK, FakeClock, consent_config
+from tests.support.stub_upstream import StubUpstream
 
 SITE = "https://shop.example"
 

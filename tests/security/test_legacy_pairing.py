@@ -12,15 +12,15 @@ from pathlib import Path
 
 import dns.rcode
 
-from dnsgate.cli import main
-from dnsgate.consent import NoticeRef, Subject
-from dnsgate.notice import builtin_notice_text, parse_notice_text
-from dnsgate.store import ConsentStore, Event, Step
+from dnsgate.cli.main import main
+from dnsgate.consent.model import NoticeRef, Subject
+from dnsgate.consent.notice import builtin_notice_text, parse_notice_text
+from dnsgate.consent.sqlite_store import ConsentStore, Event, Step
 from tests.conftest import Gate, make_config, running_gate, with_store
-from tests.consent_fixtures import CATALOG, FakeClock, consent_config, parse_jsonl
-from tests.redis_server import RedisServer
 from tests.security.helpers import TRACKER
-from tests.stub_upstream import StubUpstream
+from tests.support.consent_fixtures import CATALOG, FakeClock, consent_config, parse_jsonl
+from tests.support.redis_server import RedisServer
+from tests.support.stub_upstream import StubUpstream
 
 HTTP, COPY, OWN = "127.0.0.5", "127.0.0.6", "127.0.0.7"
 NOW = 1_800_000_000.0

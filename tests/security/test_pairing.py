@@ -12,9 +12,16 @@ import dns.rcode
 import pytest
 
 from tests.conftest import Gate, make_config, running_gate, with_store
-from tests.consent_fixtures import FakeClock, FakeNeighbours, consent_config, edns_option, eventually, parse_jsonl
 from tests.security.helpers import GRANT, TRACKER
-from tests.stub_upstream import StubUpstream
+from tests.support.consent_fixtures import (
+    FakeClock,
+    FakeNeighbours,
+    consent_config,
+    edns_option,
+    eventually,
+    parse_jsonl,
+)
+from tests.support.stub_upstream import StubUpstream
 
 ATTACKER, VICTIM = "127.0.0.5", "127.0.0.6"
 FORWARDER = "127.0.7.53"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 
-from dnsgate.pairing import Pairings
+from dnsgate.consent.pairing import Pairings
 from tests.conftest import Gate
 
 HOST = "consent.dnsgate.internal"

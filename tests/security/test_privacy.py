@@ -15,11 +15,11 @@ from pathlib import Path
 import dns.rcode
 import pytest
 
-from dnsgate.app import StartupError
+from dnsgate.app.primary import StartupError
 from dnsgate.config import QueryLogConfig
 from tests.conftest import Gate, make_config, running_gate
 from tests.security.helpers import GRANT, TRACKER
-from tests.stub_upstream import StubUpstream
+from tests.support.stub_upstream import StubUpstream
 
 CLIENT = "127.0.0.20"
 

@@ -1,0 +1,135 @@
+"""The DNS side of one process: cache, pipeline, upstreams, resolver and listeners, built from a
+Config, a Ruleset and a consent table. The primary (app/primary.py) and every worker (app/worker.py) build it
+the same way, and swap reloaded rules into it the same way (`install`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from dnsgate.config import Config, ConfigError, UpstreamAddress
+from dnsgate.consent.model import ConsentTable
+from dnsgate.descriptors import Shortage
+from dnsgate.dns.admission import Admission
+from dnsgate.dns.cache import AnswerCache
+from dnsgate.dns.counts import DnsCounts
+from dnsgate.dns.forwarding import Resolver
+from dnsgate.dns.identity import QueryIdentity
+from dnsgate.dns.listeners import DnsListeners, TaskSet, TcpLimits
+from dnsgate.dns.local_answers import LocalTable, default_table
+from dnsgate.dns.pipeline import Pipeline
+from dnsgate.dns.portal_address import PortalAddresses, family_zones, portal_zone
+from dnsgate.dns.upstreams import Upstreams
+from dnsgate.rules.ruleset import Ruleset
+
+
+class UpstreamError(ConfigError):
+    """The upstream settings cannot be used (a TLS CA file that cannot be read, ...)."""
+
+
+@dataclass(slots=True)
+class DnsStack:
+    cfg: Config  # as started (restart-only sections); `install` takes the live one of a reload
+    cache: AnswerCache
+    pipeline: Pipeline
+    upstreams: Upstreams
+    resolver: Resolver
+    tasks: TaskSet
+    listeners: DnsListeners
+    shortage: Shortage  # this process running out of file descriptors (descriptors.py)
+
+    def counts(self) -> DnsCounts:
+        """What this process has counted so far (the live objects, not copies)."""
+        a, tcp, r = self.pipeline.admission, self.listeners.tcp, self.resolver
+        return DnsCounts(self.pipeline.counters, self.pipeline.durations, len(self.cache), self.cache.bytes,
+                         self.cache.evictions, r.coalesced, len(self.tasks),
+                         dict(self.upstreams.per_server), a.refused, a.dropped, a.slipped, len(tcp),
+                         Counter(tcp.closed), r.short, r.reaped, int(self.shortage.short),
+                         self.shortage.episodes)
+
+    async def every_second(self) -> None:
+        """Refill the rate limit's buckets (a second's worth of replies per prefix), answer waiting
+        entries a bug stranded, and see whether descriptors ran out or came back."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.pipeline.admission.tick()
+            self.resolver.reap()
+            self.shortage.check()
+
+
+def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
+          on_pair: Callable[[str, str], bool] | None, wall: Callable[[], float],
+          may_answer: Callable[[], bool] | None = None, join: bool = False) -> DnsStack:
+    """Everything but the listening sockets (`listen` opens them). `may_answer` (a worker's check of
+    its line to the primary) is asked before each batch of queries is answered; `join`: a worker's
+    listeners join the primary's sockets on the same addresses."""
+    cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
+                        stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
+    pipeline = Pipeline(
+        rules.catalog, table, cache, rules.sinkhole, udp_max=cfg.dns.udp_max_size,
+        plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
+        identity=QueryIdentity(table, cfg.identity.trusted_forwarders, cfg.portal.host, on_pair, wall),
+        local=local_names(cfg, cfg),
+        any_query=cfg.dns.any_query,
+        trust_ad=cfg.upstream.trust_ad,
+        prefetch=cfg.cache.prefetch,
+        stale_ttl=cfg.cache.stale_ttl,
+        admission=admission(cfg),
+    )
+    shortage = Shortage()
+    upstreams = build_upstreams(cfg, servers, shortage)
+    tasks = TaskSet()
+    resolver = Resolver(pipeline, upstreams, tasks.spawn)
+    d = cfg.dns
+    listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
+        d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
+        d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer,
+        join=join)
+    return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners, shortage)
+
+
+def install(stack: DnsStack, new: Ruleset, live: Config) -> None:
+    """Swap reloaded rules in: one synchronous step on the event loop, no query runs in between."""
+    cache, pipeline = stack.cache, stack.pipeline
+    cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
+    pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
+    cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
+    pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
+    pipeline.local = local_names(stack.cfg, live)
+
+
+def local_names(cfg: Config, live: Config) -> LocalTable:
+    """dnsgate's own names: `live`'s local section, the forwarded domains and the portal's zone."""
+    table = default_table(live.local, (domain for domain, _ in cfg.upstream.domains))
+    portal = PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)
+    for zone in (portal_zone(cfg.portal.host, portal), *family_zones(cfg.portal.host, portal)):
+        table.add(zone)
+    return table
+
+
+def admission(cfg: Config) -> Admission:
+    d = cfg.dns
+    return Admission(d.allow_clients, rate=d.rate_limit, slip=d.rate_limit_slip, v4_prefix=d.rate_limit_ipv4_prefix,
+                     v6_prefix=d.rate_limit_ipv6_prefix, exempt=d.rate_limit_exempt)
+
+
+def build_upstreams(cfg: Config, servers: Iterable[UpstreamAddress], shortage: Shortage | None = None) -> Upstreams:
+    try:
+        return Upstreams(tuple(servers), timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
+                         udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
+                         domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
+                         tls_ca_file=cfg.upstream.tls_ca_file, shortage=shortage)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise UpstreamError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
+                            f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None
+
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for an OSError; uvloop keeps them on the chained cause."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    return str(exc)

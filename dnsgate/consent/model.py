@@ -1,0 +1,789 @@
+"""Consent state in memory: who chose what, which network profile applies, and the per-query answer.
+
+A `Choice` is one recorded decision (per category, optionally per vendor) by one subject: a device
+(MAC), an address, or a network (CIDR, admin only). `decide` turns a vendor, a profile and the
+choice that applies into allowed/blocked and the reason why; `ConsentTable.resolve` finds which
+profile and which choice apply to a client. Both are pure and explain themselves (`dnsgate
+explain`, `GET /v1/consent`).
+
+The resolver asks `ConsentTable.blocked` on every gated query. It must stay a couple of dict
+lookups: each client key's effective state (per vendor: allowed, or why not; and until when that
+holds) is computed once and memoized. A choice's change forgets only the memo of the clients it
+can apply to (its address's, its device's; a network's choice, the notice, profiles and the catalog
+clear it all), so a change costs the same on a network with thousands of clients as with one.
+Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice.
+The table changes only through `ConsentService` (consent/service.py), which persists first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Final, Literal
+
+from dnsgate.rules.catalog import Vendor
+
+Profile = Literal["opt-in", "opt-out", "kiosk", "deny", "allow"]
+PROFILES: Final[tuple[Profile, ...]] = ("opt-in", "opt-out", "kiosk", "deny", "allow")
+# "pairing": carried from the HTTP client a link reached this subject from (refusals, withdrawals and
+# session ends only; the event's reason names that client).
+Channel = Literal["portal", "device", "admin", "system", "pairing"]
+CHANNELS: Final = ("portal", "device", "admin", "system", "pairing")
+Source = Literal["self", "admin", "paired"]
+
+
+def source_of(channel: str) -> Source:
+    """Who made a choice: the subject itself, an admin, or another client through pairing."""
+    return "admin" if channel == "admin" else "paired" if channel == "pairing" else "self"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MEMO_LIMIT: Final = 65_536
+NEIGHBOUR_CHANGES_FORGOTTEN_ONE_BY_ONE: Final = 256  # more addresses changed MAC at once: forget the whole memo
+FOREVER: Final = math.inf
+KEY_SEPARATOR: Final = "|"  # "address|mac": a client key carrying a MAC from a trusted forwarder
+_UNKNOWN: Final = object()
+
+
+def normalize_client(address: str) -> str:
+    """The canonical text of a client address: IPv4-mapped IPv6 as IPv4, zone ids dropped.
+
+    Raises ValueError for anything that is not an IP address.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def normalize_mac(text: str) -> str:
+    """`AA-BB-CC-DD-EE-FF`, `aabb.ccdd.eeff` or `aa:bb:…` -> `aa:bb:cc:dd:ee:ff`; ValueError otherwise."""
+    digits = "".join(c for c in text.strip().lower() if c not in ":-.")
+    if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits) or len(text.strip()) > 17:
+        raise ValueError(f"not a MAC address: {text!r}")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def mac_from_bytes(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def client_key(address: str, mac: str | None) -> str:
+    return f"{address}{KEY_SEPARATOR}{mac}" if mac else address
+
+
+# ------------------------------------------------------------------------------------------------
+# What was chosen
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Whom a choice is about: a device (MAC, with the address it had), an address, or a network."""
+
+    address: str | None = None
+    mac: str | None = None
+    network: str | None = None  # CIDR text; admin consent for a whole network (a kiosk VLAN)
+
+    @property
+    def key(self) -> str:
+        """One text naming the subject: the MAC if known (it follows the device), else address/CIDR."""
+        return self.mac or self.address or self.network or "?"
+
+    def describe(self) -> str:
+        if self.network:
+            return f"network {self.network}"
+        if self.mac and self.address:
+            return f"device {self.mac} (at {self.address})"
+        if self.mac:
+            return f"device {self.mac}"
+        return f"address {self.address}"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeRef:
+    """The notice a person saw: catalog version, consent-text version and SHA-256, language."""
+
+    catalog: str
+    version: str
+    sha256: str
+    language: str
+
+
+def item_key(vendor: Vendor) -> str:
+    """How a choice names an item it covers: "vendor:<id>" or "list:<id>" (ids of the two may coincide)."""
+    return f"{vendor.kind}:{vendor.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentNotice:
+    """What counts as "the notice" now (notice.NoticeInForce): a grant counts for an item only while
+    the terms it was made under (text and operator) and the item's fingerprint are unchanged."""
+
+    catalog: str
+    version: str
+    hashes: Mapping[str, str]  # language -> SHA-256 of the whole notice
+    terms: frozenset[str] = frozenset()  # SHA-256 of text + operator, one per language
+    items: Mapping[str, str] = field(default_factory=dict)  # item key -> fingerprint (the catalog's own words)
+    # item key -> its fingerprints as shown in other languages (where the catalog translates it)
+    translated: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def covers(self, ref: NoticeRef | None) -> bool:
+        """The choice was made under exactly this notice (what `notice.current` says)."""
+        return ref is not None and ref.version == self.version and ref.sha256 in self.hashes.values()
+
+    def holds(self, choice: Choice, key: str) -> bool:
+        """A grant of the item `key` by `choice` still counts: same terms, same item as shown (in
+        the language it was shown in)."""
+        shown = choice.items.get(key) if choice.items is not None else None
+        return shown is not None and choice.terms in self.terms and (
+            self.items.get(key) == shown or shown in self.translated.get(key, ()))
+
+
+UNTIL_CHANGED: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the expiry of what stands until changed
+
+
+def grants_vendor(categories: Mapping[str, bool], vendors: Mapping[str, bool], vendor: Vendor) -> bool:
+    """Whether these decisions grant `vendor`: by name, or by its category unless it is refused by name."""
+    said = vendors.get(vendor.id)
+    return said is True or (said is None and categories.get(vendor.category) is True)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One recorded choice; `id` is the event that recorded it. Categories and vendors map to
+    True (granted) or False (refused); anything not named is undecided.
+
+    `expires_at` ends its grants. On an opt-out network its refusals are opt-outs, which stand until
+    the person changes them (`standing`): a choice that only refuses expires UNTIL_CHANGED, and one
+    that also grants keeps its refusals in force after its grants expired (`in_force`).
+    `gpc_seen_at`: since when Global Privacy Control has applied to the subject's choices on an
+    opt-out network: an opt-out of sale/sharing by every vendor that sells or shares data and that
+    the choice does not grant, those added to the catalog later included; it stands like a refusal."""
+
+    id: int
+    subject: Subject
+    categories: Mapping[str, bool]
+    vendors: Mapping[str, bool]
+    made_at: float
+    expires_at: float
+    notice: NoticeRef | None  # the notice the client presented; None: not shown (or a choice migrated)
+    channel: str
+    profile: str
+    sec_gpc: str | None = None
+    language: str = ""
+    # item key -> fingerprint of every vendor and list the choice covers; None: recorded before
+    # choices named their items (the service migrates it at start)
+    items: Mapping[str, str] | None = None
+    terms: str = ""  # SHA-256 of the consent text and operator in force when it was made ("" : none proven)
+    gpc_seen_at: float | None = None
+
+    def covers(self, vendor: Vendor) -> bool:
+        return self.items is not None and item_key(vendor) in self.items
+
+    def active(self, now: float) -> bool:
+        """Whether any of it is in force: its grants have not expired, or its refusals stand."""
+        return self.expires_at > now or self.standing
+
+    @property
+    def refuses_anything(self) -> bool:
+        return False in self.categories.values() or False in self.vendors.values()
+
+    @property
+    def standing(self) -> bool:
+        """Its refusals, or the GPC signal it carries, are opt-outs (made on an opt-out network): they
+        stand until changed."""
+        return self.profile == "opt-out" and (self.refuses_anything or self.gpc_seen_at is not None)
+
+    def in_force(self, now: float) -> Choice | None:
+        """What of it applies now: all of it, its standing refusals alone once its grants expired, or nothing."""
+        if self.expires_at > now:
+            return self
+        if not self.standing:
+            return None
+        return replace(self, categories={k: v for k, v in self.categories.items() if not v},
+                       vendors={k: v for k, v in self.vendors.items() if not v}, expires_at=UNTIL_CHANGED)
+
+    @property
+    def source(self) -> Source:
+        return source_of(self.channel)
+
+    @property
+    def grants_anything(self) -> bool:
+        return any(self.categories.values()) or any(self.vendors.values())
+
+    def gpc_opt_out(self, vendor: Vendor) -> bool:
+        """Whether this choice's refusal of `vendor` is an opt-out of sale/sharing under GPC."""
+        return self.gpc_seen_at is not None and vendor.ccpa_sale_or_share and self.vendors.get(vendor.id) is False
+
+    def granted_despite_gpc(self, vendor: Vendor) -> bool:
+        """Whether it grants `vendor`, a seller, although GPC was seen before: the person's later, specific word."""
+        return (self.gpc_seen_at is not None and vendor.ccpa_sale_or_share
+                and grants_vendor(self.categories, self.vendors, vendor))
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What allowed a client to resolve a vendor, as the query log records it (observe/querylog.py): a
+    grant of a choice, or (source "profile:opt-out", "profile:allow") the network's profile."""
+
+    category: str
+    granted_at: float
+    expires_at: float
+    source: str
+
+    def active(self, now: float) -> bool:
+        return self.expires_at > now
+
+
+PROFILE_GRANT_EXPIRY: Final = 253_402_300_799.0  # 9999-12-31: a profile's permission does not run out
+
+
+# ------------------------------------------------------------------------------------------------
+# Deciding
+
+
+# Why a gated name is blocked, as its Extended DNS Error says (dns/sinkhole.py): nothing decides it
+# yet, an item listed after the client's choice (which does not cover it), a grant under an older
+# notice, a refusal, an opt-out of sale/sharing by Global Privacy Control, the network's fixed
+# policy. Only the first three are for a consent to lift.
+BlockCause = Literal["undecided", "unlisted", "stale", "refused", "gpc", "policy"]
+BLOCK_CAUSES: Final[tuple[BlockCause, ...]] = ("undecided", "unlisted", "stale", "refused", "gpc", "policy")
+Verdict = Literal["", "undecided", "unlisted", "stale", "refused", "gpc", "policy"]  # "": allowed, else why blocked
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: str
+    by_choice: bool = False  # decided by a choice's grant or refusal (else by the profile)
+    cause: BlockCause = "undecided"  # why it is blocked (for an allowed one: meaningless)
+
+    @property
+    def verdict(self) -> Verdict:
+        return "" if self.allowed else self.cause
+
+
+def decide(vendor: Vendor, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
+    """Allowed or blocked, and why, for one vendor (or block list) under `profile` and the choice that applies.
+
+    Order: fixed profiles; an item the choice does not cover (it appeared later) is "no choice yet";
+    a vendor-level decision (a refusal beats a category grant; a grant opens only that vendor); the
+    category decision; the profile's default. A grant made under other terms, or of an item whose
+    description changed since, is skipped as if it did not exist; refusals of covered items count.
+    """
+    if profile == "deny":
+        return Decision(False, "profile deny: trackers never resolve on this network", cause="policy")
+    if profile == "allow":
+        return Decision(True, "profile allow: trackers always resolve on this network")
+    stale: list[str] = []
+    what = f"{'list' if vendor.kind == 'list' else 'vendor'} {vendor.id}"
+    uncovered = choice is not None and not choice.covers(vendor)
+    if choice is None:
+        prefix = "no choice recorded; "
+    elif uncovered:
+        prefix = f"no choice yet for {what}: choice #{choice.id} does not cover it (it was not listed then); "
+    else:
+        holds = notice is not None and notice.holds(choice, item_key(vendor))
+        said = choice.vendors.get(vendor.id) if vendor.kind == "vendor" else None
+        if said is False:
+            if choice.gpc_opt_out(vendor):
+                return Decision(False, f"vendor {vendor.id}: opted out of sale/sharing by Global Privacy Control "
+                                f"(Sec-GPC) in choice #{choice.id}", True, "gpc")
+            return Decision(False, f"vendor {vendor.id} refused in choice #{choice.id}", True, "refused")
+        despite = " after Global Privacy Control was seen (this later grant wins over it)" \
+            if choice.granted_despite_gpc(vendor) else ""
+        if said is True:
+            if holds:
+                return Decision(True, f"vendor {vendor.id} granted in choice #{choice.id}{despite}", True)
+            stale.append(f"vendor {vendor.id}")
+        said = choice.categories.get(vendor.category)
+        if said is False:
+            return Decision(False, f"category {vendor.category} refused in choice #{choice.id}", True, "refused")
+        if said is True:
+            if holds:
+                return Decision(True, f"category {vendor.category} granted in choice #{choice.id}{despite}", True)
+            stale.append(f"category {vendor.category}")
+        if stale:
+            prefix = (f"the grant of {' and '.join(stale)} in choice #{choice.id} was made under terms or a "
+                      f"description of {what} that changed since, and no longer counts; ")
+        else:
+            prefix = f"choice #{choice.id} does not decide vendor {vendor.id} or category {vendor.category}; "
+    if profile == "opt-out":
+        if choice is not None and choice.gpc_seen_at is not None and vendor.kind == "vendor" \
+                and vendor.ccpa_sale_or_share:  # GPC stands for the sellers the choice does not grant
+            return Decision(False, prefix + f"vendor {vendor.id} sells or shares data: opted out of sale/sharing by "
+                            f"Global Privacy Control (Sec-GPC), which applies to choice #{choice.id}", True, "gpc")
+        return Decision(True, prefix + "profile opt-out: allowed until the client opts out")
+    return Decision(False, prefix + f"profile {profile}: blocked until granted",
+                    cause="stale" if stale else "unlisted" if uncovered else "undecided")
+
+
+def decide_category(category: str, profile: Profile, choice: Choice | None, notice: CurrentNotice | None) -> Decision:
+    """What the choice says of a category as a whole: granted (under the terms in force), refused, or
+    the profile's default. Items of the category may still differ (one added later, one changed)."""
+    if profile in ("deny", "allow"):
+        return Decision(profile == "allow", f"profile {profile}: fixed for this network", cause="policy")
+    said = choice.categories.get(category) if choice is not None else None
+    if choice is not None and said is False:
+        return Decision(False, f"category {category} refused in choice #{choice.id}", True, "refused")
+    if choice is not None and said is True and notice is not None and choice.terms in notice.terms:
+        return Decision(True, f"category {category} granted in choice #{choice.id}", True)
+    return Decision(profile == "opt-out", f"no choice in force for category {category}; profile {profile}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiles by network
+
+
+class ProfileMap:
+    """The profile of an address: the most specific configured network containing it, else the default."""
+
+    __slots__ = ("_memo", "default", "networks")
+
+    def __init__(self, default: Profile = "opt-in", networks: Iterable[tuple[str, Profile]] = ()) -> None:
+        self.default = default
+        parsed = [(ipaddress.ip_network(cidr), profile) for cidr, profile in networks]
+        self.networks: tuple[tuple[IPNetwork, Profile], ...] = tuple(
+            sorted(parsed, key=lambda item: item[0].prefixlen, reverse=True))
+        self._memo: dict[str, tuple[Profile, IPNetwork | None]] = {}
+
+    def of(self, address: str) -> tuple[Profile, IPNetwork | None]:
+        found = self._memo.get(address)
+        if found is None:
+            found = self._lookup(address)
+            if len(self._memo) >= MEMO_LIMIT:
+                self._memo.clear()
+            self._memo[address] = found
+        return found
+
+    def _lookup(self, address: str) -> tuple[Profile, IPNetwork | None]:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return self.default, None
+        for network, profile in self.networks:
+            if ip.version == network.version and ip in network:
+                return profile, network
+        return self.default, None
+
+    def why(self, address: str) -> str:
+        profile, network = self.of(address)
+        if network is None:
+            return f"{address} is in no network listed in profiles.networks; profiles.default is {profile}"
+        return f"{address} is in {network}, listed as {profile} in profiles.networks"
+
+
+# ------------------------------------------------------------------------------------------------
+# The table
+
+
+class ClientState:
+    """What the resolver keeps per client key: every decision made so far (vendor -> "" if allowed,
+    else why it is blocked), the profile and choice they come from, and until when all of that holds."""
+
+    __slots__ = ("choice", "grants", "profile", "until", "verdicts")
+
+    def __init__(self, verdicts: dict[Vendor, Verdict], until: float, profile: Profile, choice: Choice | None) -> None:
+        self.verdicts = verdicts
+        self.until = until
+        self.profile = profile
+        self.choice = choice
+        self.grants: dict[Vendor, Grant | None] = {}  # what allowed each vendor, for the query log
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Which profile and which choice apply to one client, and the notes of how they were found."""
+
+    address: str
+    mac: str | None
+    mac_source: str | None  # "neighbour table" | "trusted forwarder (EDNS)"
+    profile: Profile
+    network: IPNetwork | None
+    why_profile: str
+    choice: Choice | None  # as recorded
+    notes: tuple[str, ...]
+    decisions: tuple[tuple[Vendor, Decision], ...]
+    until: float
+    applied: Choice | None = None  # what of `choice` is in force (Choice.in_force): the decisions' basis
+
+    @property
+    def allowed(self) -> frozenset[Vendor]:
+        return frozenset(v for v, d in self.decisions if d.allowed)
+
+
+@dataclass(slots=True)
+class _Index:
+    by_mac: dict[str, Choice] = field(default_factory=dict)
+    by_address: dict[str, Choice] = field(default_factory=dict)
+    by_network: dict[str, Choice] = field(default_factory=dict)
+    networks: list[tuple[IPNetwork, Choice]] = field(default_factory=list)  # most specific first
+    by_id: dict[int, Choice] = field(default_factory=dict)  # every choice one of the above holds
+    # choice id -> its expiry and the categories it grants under the current notice (if any):
+    # what /healthz and /metrics count, kept up to date so that counting never walks every choice
+    granting: dict[int, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
+
+    def slots(self, choice: Choice) -> Iterator[tuple[dict[str, Choice], str]]:
+        """Where `choice` is filed (if it still is): under its subject's network, or MAC and address."""
+        s = choice.subject
+        if s.network is not None:
+            yield self.by_network, s.network
+            return
+        if s.mac is not None:
+            yield self.by_mac, s.mac
+        if s.address is not None:
+            yield self.by_address, s.address
+
+    def holds(self, choice: Choice) -> bool:
+        return any((c := table.get(key)) is not None and c.id == choice.id for table, key in self.slots(choice))
+
+    def sort_networks(self) -> None:
+        self.networks = sorted(((ipaddress.ip_network(n), c) for n, c in self.by_network.items()),
+                               key=lambda item: item[0].prefixlen, reverse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class TableCopy:
+    vendors: tuple[Vendor, ...]
+    profiles: ProfileMap
+    notice: CurrentNotice | None
+    kiosk_idle: float
+    neighbours: Mapping[str, str]
+    index: _Index
+    kiosk_seen: dict[str, float]
+
+
+class ConsentTable:
+    """Every choice in force, indexed by device, address and network, and the per-client memo."""
+
+    __slots__ = ("_index", "_memo", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_seen", "neighbours",
+                 "notice", "profiles", "vendors")
+
+    def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
+                 notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
+        self.vendors = tuple(vendors)
+        self.profiles = profiles or ProfileMap()
+        self.notice = notice
+        self.kiosk_idle = kiosk_idle
+        self.neighbours: Mapping[str, str] = {}
+        self._index = _Index()
+        # client key -> its profile and choice, until when they hold, and the decisions made so far
+        self._memo: dict[str, ClientState] = {}
+        # address (MAC) -> the memo's keys resolved with it: what a change of its choice must forget.
+        # Tuples, not sets: most hold one key, and a tuple of one is a quarter of an empty set's size.
+        self._memo_by_address: dict[str, tuple[str, ...]] = {}
+        self._memo_by_mac: dict[str, tuple[str, ...]] = {}
+        # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
+        # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
+        self.kiosk_seen: dict[str, float] = {}
+
+    # -- the hot path --------------------------------------------------------------------------
+    def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
+        """Whether `client` (an address, or "address|mac") may resolve `vendor`'s names now: "" if it
+        may, else why not (the sinkhole's EDE says it, so the answer costs no second lookup)."""
+        state = self._memo.get(client)
+        if state is None or now >= state.until:
+            state = self._state(client, now)
+        verdict = state.verdicts.get(vendor)
+        if verdict is None:  # a vendor first met (a block list's, or one a reload brought)
+            verdict = state.verdicts[vendor] = decide(vendor, state.profile, state.choice, self.notice).verdict
+        return verdict
+
+    def allows(self, client: str, vendor: Vendor, now: float) -> bool:
+        return not self.blocked(client, vendor, now)
+
+    def touch(self, client: str, now: float) -> None:
+        """A DNS query from a kiosk client with a choice: its session is still in use.
+
+        A query after the idle limit does not revive the session; the sweeper resets it."""
+        seen = self.kiosk_seen
+        if now - seen[client] <= self.kiosk_idle:
+            seen[client] = now
+
+    def _state(self, client: str, now: float) -> ClientState:
+        address, _, mac = client.partition(KEY_SEPARATOR)
+        r = self.resolve(address, mac or None, now, key=client)
+        memo = self._memo
+        if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
+            self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
+        state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.applied)
+        for by, key in ((self._memo_by_address, address), (self._memo_by_mac, r.mac)):
+            if key is not None:
+                keys = by.get(key, ())
+                if client not in keys:
+                    by[key] = (*keys, client)
+        return state
+
+    def grant_for(self, client: str, vendor: Vendor, now: float) -> Grant | None:
+        """What allowed `client` to resolve `vendor` (for the query log), or None if it may not."""
+        state = self._memo.get(client)
+        if state is None or now >= state.until:
+            state = self._state(client, now)
+        grant = state.grants.get(vendor, _UNKNOWN)
+        if grant is _UNKNOWN:  # once per client and vendor: the log asks on every allowed query
+            grant = state.grants[vendor] = self._grant(vendor, state)
+        return grant  # type: ignore[return-value]
+
+    def _grant(self, vendor: Vendor, state: ClientState) -> Grant | None:
+        d = decide(vendor, state.profile, state.choice, self.notice)
+        if not d.allowed:
+            return None
+        c = state.choice
+        if d.by_choice and c is not None:
+            return Grant(vendor.category, c.made_at, c.expires_at, c.source)
+        return Grant(vendor.category, 0.0, PROFILE_GRANT_EXPIRY, f"profile:{state.profile}")
+
+    # -- resolution (off the hot path) ------------------------------------------------------------
+    def mac_of(self, address: str) -> str | None:
+        return self.neighbours.get(address)
+
+    def resolve(self, address: str, mac: str | None, now: float, key: str | None = None) -> Resolution:
+        """Profile, identity, the applicable choice, and every vendor's decision, with reasons.
+
+        `key` is the resolver's client key when it asks (it registers a kiosk session's clock)."""
+        profile, network = self.profiles.of(address)
+        mac_source = "trusted forwarder (EDNS)" if mac else None
+        if mac is None:
+            mac = self.neighbours.get(address)
+            mac_source = "neighbour table" if mac else None
+        notes: list[str] = []
+        choice: Choice | None = None
+        applied: Choice | None = None
+        until = FOREVER
+        # deny/allow networks ignore choices (decide says so), but a view still shows the choice.
+        for candidate, personal in self._candidates(address, mac, notes):
+            if not candidate.active(now):
+                notes.append(f"choice #{candidate.id} ({candidate.subject.describe()}) expired")
+                continue
+            if personal and profile == "kiosk":
+                # The resolver's lookups (with a key) start the idle clock; views only read it.
+                last = (self.kiosk_seen.setdefault(key, now) if key is not None
+                        else self.kiosk_seen.get(address, now))
+                if now - last > self.kiosk_idle:
+                    notes.append(f"choice #{candidate.id}: the kiosk session went idle; it is reset")
+                    continue
+                until = min(until, last + self.kiosk_idle)
+            choice = candidate
+            applied = candidate.in_force(now)
+            if candidate.expires_at > now:
+                until = min(until, candidate.expires_at)  # then its grants end (and its opt-outs may stand)
+            else:
+                notes.append(f"the grants of choice #{candidate.id} expired; its refusals are opt-outs, which "
+                             "stand until changed")
+            break
+        decisions = tuple((v, decide(v, profile, applied, self.notice)) for v in self.vendors)
+        return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
+                          tuple(notes), decisions, until, applied)
+
+    def _candidates(self, address: str, mac: str | None, notes: list[str]) -> Iterator[tuple[Choice, bool]]:
+        """Choices that may apply, most specific first: the device's, the address's, the networks'."""
+        index = self._index
+        if mac is not None:
+            by_mac = index.by_mac.get(mac)
+            if by_mac is not None:
+                yield by_mac, True
+        by_address = index.by_address.get(address)
+        if by_address is not None:
+            bound = by_address.subject.mac
+            if bound is not None and mac is not None and bound != mac:
+                notes.append(f"choice #{by_address.id} was made by {bound} at {address}; that address now "
+                             f"belongs to {mac}, so it does not apply")
+            else:
+                yield by_address, True
+        if index.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return
+            for net, choice in index.networks:
+                if ip.version == net.version and ip in net:
+                    yield choice, False
+
+    # -- changes (ConsentService calls these after the store committed) ---------------------------
+    def put(self, choice: Choice) -> None:
+        """Make `choice` current for its subject (it replaces what the subject had)."""
+        index = self._index
+        replaced: list[Choice] = []
+        for table, key in index.slots(choice):
+            previous = table.get(key)
+            if previous is not None and previous.id != choice.id:
+                replaced.append(previous)
+            table[key] = choice
+        self._file(choice)
+        for previous in replaced:
+            if not index.holds(previous):
+                self._unfile(previous.id)  # (it may have held both of the slots)
+        if choice.subject.network is not None:
+            index.sort_networks()
+        self._forget(choice.subject)
+
+    def remove(self, choice_id: int) -> Choice | None:
+        """Drop a choice from every index (it expired, was reset or superseded)."""
+        index = self._index
+        found = self._unfile(choice_id)
+        if found is None:
+            return None
+        for table, key in index.slots(found):
+            c = table.get(key)
+            if c is not None and c.id == choice_id:
+                del table[key]
+        if found.subject.network is not None:
+            index.sort_networks()
+        self._forget(found.subject)
+        return found
+
+    def reset(self, choices: Iterable[Choice]) -> None:
+        """Replace every choice (a shared store's whole state); later ones of a subject win."""
+        self._index = _Index()
+        for choice in choices:
+            self.put(choice)
+        self._forget_all()
+
+    def find(self, choice_id: int) -> Choice | None:
+        return self._index.by_id.get(choice_id)
+
+    def _file(self, choice: Choice) -> None:
+        index = self._index
+        index.by_id[choice.id] = choice
+        granted = self._granted_categories(choice)
+        if granted:
+            index.granting[choice.id] = (choice.expires_at, granted)
+        else:
+            index.granting.pop(choice.id, None)
+
+    def _unfile(self, choice_id: int) -> Choice | None:
+        self._index.granting.pop(choice_id, None)
+        return self._index.by_id.pop(choice_id, None)
+
+    def _granted_categories(self, choice: Choice) -> tuple[str, ...]:
+        if self.notice is None or choice.items is None or choice.terms not in self.notice.terms:
+            return ()
+        return tuple(c for c, said in choice.categories.items() if said)
+
+    def superseded_by(self, subject: Subject) -> list[Choice]:
+        """The choices a new choice by `subject` replaces (a device's choice at an address also
+        replaces that address's own choice, unless that belongs to another device)."""
+        index = self._index
+        found: list[Choice] = []
+        if subject.network is not None:
+            c = index.by_network.get(subject.network)
+            return [c] if c else []
+        if subject.mac is not None and (c := index.by_mac.get(subject.mac)) is not None:
+            found.append(c)
+        c = index.by_address.get(subject.address) if subject.address is not None else None
+        # Another device's choice made at this address stays: it follows that device's MAC.
+        if c is not None and (c.subject.mac is None or c.subject.mac == subject.mac) and c not in found:
+            found.append(c)
+        return sorted(found, key=lambda c: c.made_at, reverse=True)
+
+    def personal_choices(self, address: str, mac: str | None) -> list[Choice]:
+        """The device's and the address's own choices (not a network's) that apply to this client."""
+        return [c for c, personal in self._candidates(address, mac, []) if personal]
+
+    def grants(self, client: str) -> dict[str, Grant]:
+        """The categories granted (terms in force) by the choice that applies to `client`, expired or
+        not (readers such as the dashboard compare the expiry themselves)."""
+        address, _, mac = client.partition(KEY_SEPARATOR)
+        for choice, _personal in self._candidates(address, mac or self.neighbours.get(address), []):
+            return self._granted(choice)
+        return {}
+
+    def granted_counts(self, now: float) -> dict[str, int]:
+        """Per category, the choices that grant it under the current notice and have not expired."""
+        counts: dict[str, int] = {}
+        for expires_at, categories in self._index.granting.values():
+            if expires_at > now:
+                for category in categories:
+                    counts[category] = counts.get(category, 0) + 1
+        return counts
+
+    def _granted(self, choice: Choice) -> dict[str, Grant]:
+        return {c: Grant(c, choice.made_at, choice.expires_at, choice.source) for c in self._granted_categories(choice)}
+
+    def choices(self) -> list[Choice]:
+        return sorted(self._index.by_id.values(), key=lambda c: c.id)
+
+    def choice_of(self, subject: Subject) -> Choice | None:
+        index = self._index
+        if subject.network is not None:
+            return index.by_network.get(subject.network)
+        if subject.mac is not None:
+            return index.by_mac.get(subject.mac)
+        return index.by_address.get(subject.address or "")
+
+    def set_neighbours(self, table: Mapping[str, str]) -> bool:
+        """Adopt a fresh neighbour table (address -> MAC); returns whether it changed anything."""
+        new, old = dict(table), self.neighbours
+        if new == old:
+            return False
+        self.neighbours = new
+        moved = [a for a in new.keys() | old.keys() if new.get(a) != old.get(a)]
+        if len(moved) > NEIGHBOUR_CHANGES_FORGOTTEN_ONE_BY_ONE:
+            self._forget_all()
+        else:  # a client's resolution reads the neighbour table at its own address only
+            for address in moved:
+                self._forget(Subject(address))
+        return True
+
+    def set_seen(self, key: str, at: float | None) -> None:
+        """The consent service's own word on a kiosk client's last query: a new session starts its
+        clock (`at`), an ended one is forgotten (None). The pipeline's `touch` updates it per query."""
+        if at is None:
+            self.kiosk_seen.pop(key, None)
+        else:
+            self.kiosk_seen[key] = at
+
+    def set_profiles(self, profiles: ProfileMap) -> None:
+        self.profiles = profiles
+        self._forget_all()
+
+    def set_notice(self, notice: CurrentNotice) -> None:
+        self.notice = notice
+        for choice in list(self._index.by_id.values()):
+            self._file(choice)  # what counts as granting changed
+        self._forget_all()
+
+    def set_vendors(self, vendors: Iterable[Vendor]) -> None:
+        """A reload brought a new catalog: decide (and show) its vendors."""
+        self.vendors = tuple(vendors)
+        self._forget_all()
+
+    def _forget(self, subject: Subject) -> None:
+        """Forget the memo of every client key a choice of `subject` can apply to."""
+        if subject.network is not None:  # rare (an admin's): the network may hold any number of clients
+            self._forget_all()
+            return
+        memo = self._memo
+        for by, key in ((self._memo_by_address, subject.address), (self._memo_by_mac, subject.mac)):
+            if key is not None:
+                for client in by.pop(key, ()):
+                    memo.pop(client, None)
+
+    def _forget_all(self) -> None:
+        self._memo.clear()
+        self._memo_by_address.clear()
+        self._memo_by_mac.clear()
+
+    def copy(self) -> TableCopy:
+        """Everything but the memo, for a replica (`from_copy`, in a worker process). It shares this
+        table's objects: pickle it at once, never keep it."""
+        return TableCopy(self.vendors, self.profiles, self.notice, self.kiosk_idle, self.neighbours, self._index,
+                         self.kiosk_seen)
+
+    @classmethod
+    def from_copy(cls, c: TableCopy) -> ConsentTable:
+        table = cls(c.vendors, c.profiles, c.notice, c.kiosk_idle)
+        table.neighbours, table._index = c.neighbours, c.index
+        table.kiosk_seen.update(c.kiosk_seen)
+        return table
+
+    def memoized(self) -> set[str]:
+        """The client keys whose state is memoized now."""
+        return set(self._memo)
+
+    def __len__(self) -> int:
+        """Subjects whose choice grants something under the current notice ("clients with consent")."""
+        return len(self._index.granting)

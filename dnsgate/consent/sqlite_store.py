@@ -1,0 +1,551 @@
+"""Durable consent: the choices in force and the append-only event log, in SQLite via sqlite-utils.
+
+Synchronous by design: `ConsentService` calls it from one worker thread, never from the query
+path. Every change is one transaction (events + the choices they make or end) in WAL mode, so an
+acknowledged change survives kill -9 (and with storage.synchronous = "full", the default, a power
+cut too), and a half-written one never exists.
+
+The event log is the proof of consent (GDPR Art. 7(1)): triggers refuse any UPDATE, and any
+DELETE except retention's purge of events older than its cut-off that no choice in force rests on.
+
+Schema history: version 1 (issue 2) had `grants` (client, category) and a smaller `events` table;
+opening such a file migrates it in place, in one transaction: new event columns are added (old
+rows keep what they recorded), each client's grants become one choice that points at the grant
+event it came from, and `grants` is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import sqlite_utils
+
+from dnsgate.consent.model import Choice, NoticeRef, Subject, source_of
+
+SCHEMA_VERSION: Final = 3
+BUSY_TIMEOUT: Final = 2.0
+LOCK_MARGIN: Final = 0.25
+CHECK_WITHIN: Final = 10.0  # seconds PRAGMA quick_check may take at start before it is given up
+
+EVENT_COLUMNS: Final[dict[str, type]] = {
+    # version 1
+    "id": int, "at": float, "client": str, "action": str, "categories": str, "expires_at": float,
+    "source": str, "user_agent": str,
+    # version 2
+    "mac": str, "network": str, "profile": str, "decisions": str, "notice_catalog": str,
+    "notice_version": str, "notice_sha256": str, "language": str, "channel": str, "sec_gpc": str,
+    "supersedes": int, "reason": str,
+    # version 3: the items covered (JSON: item key -> fingerprint), the terms' SHA-256, the operator (JSON),
+    # since when Global Privacy Control applies (a column added where a file lacks it)
+    "items": str, "terms": str, "operator": str, "gpc_seen_at": float,
+}
+NEW_EVENT_COLUMNS: Final = tuple(list(EVENT_COLUMNS)[8:])
+CHOICE_COLUMNS: Final[dict[str, type]] = {
+    "id": int, "address": str, "mac": str, "network": str, "categories": str, "vendors": str,
+    "made_at": float, "expires_at": float, "notice_catalog": str, "notice_version": str,
+    "notice_sha256": str, "language": str, "channel": str, "profile": str, "sec_gpc": str,
+    # version 3
+    "items": str, "terms": str, "gpc_seen_at": float,
+}
+NEW_CHOICE_COLUMNS: Final = ("items", "terms", "gpc_seen_at")
+NO_UPDATE: Final = ("CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events "
+                    "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only'); END")
+NO_DELETE: Final = (
+    "CREATE TRIGGER events_no_delete BEFORE DELETE ON events "
+    "WHEN OLD.at >= (SELECT COALESCE(MAX(purge_before), 0) FROM retention_runs) "
+    "OR OLD.id IN (SELECT id FROM choices) "
+    "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only (only retention purges old events)'); END"
+)
+
+
+class StoreError(Exception):
+    """The consent store cannot be read or written."""
+
+
+class Abandon:
+    """A change's deadline, shared by the thread that writes it and the caller waiting for it. The
+    caller gives up (`now`) only while the transaction has not begun to commit, and the writer checks
+    (`commit_point`) before it commits: a change given up on is rolled back, never recorded after
+    its answer."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # time.monotonic()
+        self._lock = threading.Lock()
+        self._given_up = False
+        self._committing = False
+
+    def now(self) -> bool:
+        """Give up; False if it is too late (the transaction is committing)."""
+        with self._lock:
+            if self._committing:
+                return False
+            self._given_up = True
+            return True
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def commit_point(self) -> None:
+        with self._lock:
+            if self._given_up or self.remaining() <= 0:
+                raise _GivenUp
+            self._committing = True
+
+
+class _GivenUp(Exception):
+    pass
+
+
+def quick_check(conn: sqlite3.Connection, within: float = CHECK_WITHIN) -> str:
+    """PRAGMA quick_check: "ok", what it found wrong (its first lines), or "" if it could not finish
+    within `within` seconds (a very large file: nothing is known either way)."""
+    limit = time.monotonic() + within
+    conn.set_progress_handler(lambda: int(time.monotonic() > limit), 10_000)
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+    except sqlite3.OperationalError as exc:  # (locked, unreadable: not a verdict on the pages)
+        if "interrupt" in str(exc):
+            return ""
+        raise
+    except sqlite3.DatabaseError as exc:  # so damaged that the check itself stops
+        return str(exc)
+    finally:
+        conn.set_progress_handler(None, 0)
+    return "ok" if rows == ["ok"] else "; ".join(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""
+
+    # grant | refusal | withdrawal | expiry | reset | profile_change | migration (issue 2: withdraw)
+    action: str
+    at: float
+    subject: Subject
+    profile: str
+    categories: Mapping[str, bool] = field(default_factory=dict)
+    vendors: Mapping[str, bool] = field(default_factory=dict)
+    expires_at: float | None = None
+    notice: NoticeRef | None = None
+    channel: str = "system"
+    user_agent: str = ""
+    sec_gpc: str | None = None
+    supersedes: int | None = None
+    reason: str = ""
+    id: int | None = None
+    items: Mapping[str, str] | None = None  # the items the choice covers (key -> fingerprint)
+    terms: str = ""  # SHA-256 of the consent text and operator in force
+    language: str = ""  # of the page or notice (a notice not shown still has a page language)
+    operator: Mapping[str, str] | None = None  # who ran the network: name, contact, privacy_url
+    gpc_seen_at: float | None = None  # a choice's: since when GPC has applied (consent.Choice)
+
+    @property
+    def source(self) -> str:
+        return source_of(self.channel)
+
+    def as_choice(self, event_id: int) -> Choice:
+        assert self.expires_at is not None
+        return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
+                      self.notice, self.channel, self.profile, self.sec_gpc,
+                      self.language or (self.notice.language if self.notice else ""),
+                      None if self.items is None else dict(self.items), self.terms, self.gpc_seen_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One event and what it does to the choices in force, committed together with its siblings."""
+
+    event: Event
+    makes_choice: bool = False  # the event's decisions become its subject's current choice
+    ends: tuple[int, ...] = ()  # choices this event replaces or ends
+    only_if_current: int | None = None  # skip the step if this choice is no longer in force
+    pairing: tuple[str, str] | None = None  # (HTTP subject key, DNS client key) to remember
+    sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile (and expiry) changes
+    sets_items_of: int | None = None  # migration: the choice that now names the items it covered
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    since: float | None = None
+    until: float | None = None
+    address: str | None = None
+    mac: str | None = None
+    network: str | None = None  # CIDR; matched by the caller (SQLite knows no addresses)
+
+
+class ConsentStore:
+    def __init__(self, path: Path, synchronous: str = "full") -> None:
+        self.path = path
+        self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
+        self.checked = ""  # quick_check's verdict at open: "ok", or "" if it did not finish in time
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A lock held elsewhere is waited for BUSY_TIMEOUT, then the change fails (503), unapplied.
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
+            self.db = sqlite_utils.Database(conn)
+            # A damaged page (the evidence log's, retention's) must not pass for a store that works
+            # until the first write reaches it: the file is checked before anything is loaded.
+            verdict = quick_check(conn)
+            if verdict not in ("ok", ""):
+                conn.close()
+                raise StoreError(f"{path}: the database is damaged (quick_check: {verdict})")
+            self.checked = verdict
+            self.db.enable_wal()
+            self.db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'normal' else 'FULL'}")
+            self._migrate()
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{path}: {exc}") from exc
+
+    # -- schema ------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"schema version {version} is newer than this dnsgate ({SCHEMA_VERSION}); upgrade dnsgate")
+        with self.db.atomic():
+            self._table("events", EVENT_COLUMNS, NEW_EVENT_COLUMNS)
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_client ON events(client, at)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS events_at ON events(at)")
+            # (a version 2 file: its choices name no items until the service migrates them)
+            self._table("choices", CHOICE_COLUMNS, NEW_CHOICE_COLUMNS)
+            self.db.table("pairings").create({"http": str, "dns": str, "at": float}, pk=("http", "dns"),
+                                             if_not_exists=True)
+            self.db.table("retention_runs").create(
+                {"id": int, "at": float, "purge_before": float, "deleted": int}, pk="id", if_not_exists=True)
+            if self.db.table("grants").exists():
+                self._grants_to_choices()
+            self.db.execute(NO_UPDATE)
+            self.db.execute("DROP TRIGGER IF EXISTS events_no_delete")
+            self.db.execute(NO_DELETE)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _table(self, name: str, columns: Mapping[str, type], added_later: Iterable[str]) -> None:
+        """Create the table, or add the columns a file from an earlier dnsgate lacks (its rows keep NULL)."""
+        table = self.db.table(name)
+        if not table.exists():
+            table.create(dict(columns), pk="id")
+            return
+        for column in added_later:
+            if column not in table.columns_dict:
+                table.add_column(column, columns[column])
+
+    def _grants_to_choices(self) -> None:
+        """Issue 2's grants become choices (granted categories, no notice recorded), then go."""
+        clients: dict[str, list[dict[str, Any]]] = {}
+        for row in self.db.table("grants").rows:
+            clients.setdefault(row["client"], []).append(row)
+        for client, rows in clients.items():
+            self.db.table("choices").insert({
+                "id": max(r["event_id"] for r in rows), "address": client,
+                "categories": json.dumps({r["category"]: True for r in rows}), "vendors": "{}",
+                "made_at": max(r["granted_at"] for r in rows), "expires_at": max(r["expires_at"] for r in rows),
+                "channel": "admin" if rows[0]["source"] == "admin" else "device", "profile": "opt-in",
+            }, replace=True)
+        self.db.table("grants").drop()
+
+    # -- reading -----------------------------------------------------------------------------------
+    def load(self) -> list[Choice]:
+        """Every choice in force, oldest first."""
+        try:
+            return [_choice(row) for row in self.db.table("choices").rows_where(order_by="made_at, id")]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def load_pairings(self) -> list[tuple[str, str, float]]:
+        """(HTTP subject key, DNS client key, when) of every pairing."""
+        try:
+            return [(r["http"], r["dns"], r["at"]) for r in self.db.table("pairings").rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def pairings_of(self, http: str) -> dict[str, float]:
+        """The DNS client keys paired with one HTTP subject, and when."""
+        try:
+            return {r["dns"]: r["at"] for r in self.db.table("pairings").rows_where("http = ?", [http])}
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        where, args = ("client = ? OR mac = ?", [address, address]) if address else (None, [])
+        try:
+            rows: Iterable[dict[str, Any]] = self.db.table("events").rows_where(where, args, order_by="id desc",
+                                                                               limit=limit)
+            return [_event(r) for r in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def export_page(self, f: EventFilter, after_id: int, limit: int) -> list[Event]:
+        """Events with id > after_id matching `f` (except its network), oldest first."""
+        clauses, args = ["id > ?"], [after_id]
+        if f.since is not None:
+            clauses.append("at >= ?")
+            args.append(f.since)  # type: ignore[arg-type]
+        if f.until is not None:
+            clauses.append("at < ?")
+            args.append(f.until)  # type: ignore[arg-type]
+        if f.address is not None:
+            clauses.append("client = ?")
+            args.append(f.address)  # type: ignore[arg-type]
+        if f.mac is not None:
+            clauses.append("mac = ?")
+            args.append(f.mac)  # type: ignore[arg-type]
+        try:
+            rows = self.db.table("events").rows_where(" AND ".join(clauses), args, order_by="id", limit=limit)
+            return [_event(r) for r in rows]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def count_events(self) -> int:
+        return self.db.table("events").count
+
+    # -- writing -----------------------------------------------------------------------------------
+    def commit(self, steps: Sequence[Step], abandon: Abandon | None = None) -> list[int | None]:
+        """Apply `steps` in one transaction; each step's event id, or None where it was skipped.
+
+        With `abandon`, the wait for a lock ends at its deadline, and the transaction commits only
+        if the caller has not given up by then (else it rolls back: StoreError)."""
+        ids: list[int | None] = []
+        if abandon is not None:
+            # A lock held elsewhere is waited for until shortly before the deadline, so that SQLite
+            # itself says why ("database is locked") and the caller is answered in time.
+            wait = abandon.remaining() - LOCK_MARGIN
+            if wait <= 0:
+                raise StoreError(f"{self.path}: no time left for the change")
+            self.db.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+        try:
+            with self.db.atomic():
+                for step in steps:
+                    ids.append(self._apply(step))
+                if abandon is not None:
+                    abandon.commit_point()
+        except _GivenUp:
+            raise StoreError(f"{self.path}: the change was not written in time; rolled back") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        finally:
+            if abandon is not None:
+                self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        return ids
+
+    def _apply(self, step: Step) -> int | None:
+        if step.only_if_current is not None and not self._current(step.only_if_current):
+            return None
+        e = step.event
+        event_id = self._insert("events", _event_row(e))
+        for ended in step.ends:
+            self.db.execute("DELETE FROM choices WHERE id = ?", [ended])
+        if step.makes_choice:
+            self._insert("choices", _choice_row(e.as_choice(event_id)))
+        if step.pairing is not None:
+            self.db.table("pairings").insert({"http": step.pairing[0], "dns": step.pairing[1], "at": e.at},
+                                             replace=True)
+        if step.sets_profile_of is not None:  # (and the lifetime under it: an opt-out may stand no more)
+            self.db.execute("UPDATE choices SET profile = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
+                            [e.profile, e.expires_at, step.sets_profile_of])
+        if step.sets_items_of is not None:
+            self.db.execute("UPDATE choices SET items = ?, terms = ? WHERE id = ?",
+                            [_json_or_none(e.items), e.terms, step.sets_items_of])
+        return event_id
+
+    def _insert(self, table: str, row: dict[str, Any]) -> int:
+        """INSERT one row; the rowid. sqlite-utils' Table.insert inspects the schema on every call
+        (about a dozen statements, 4x the CPU of the insert itself), too much for every consent
+        change; the columns here are the schema's own (migrations own the schema)."""
+        sql = self._inserts.get((table, tuple(row)))
+        if sql is None:
+            columns = ", ".join(f"[{c}]" for c in row)
+            sql = self._inserts[(table, tuple(row))] = (
+                f"INSERT INTO [{table}] ({columns}) VALUES ({', '.join('?' * len(row))})")
+        rowid = self.db.execute(sql, list(row.values())).lastrowid
+        assert isinstance(rowid, int)
+        return rowid
+
+    def remember_pairing(self, http: str, dns: str, at: float) -> None:
+        try:
+            with self.db.atomic():
+                self.db.table("pairings").insert({"http": http, "dns": dns, "at": at}, replace=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def restore_events(self, events: Sequence[Event]) -> int:
+        """Migration: append events that keep their ids (another store's log, oldest first)."""
+        try:
+            with self.db.atomic():
+                self.db.table("events").insert_all(({**_event_row(e), "id": e.id} for e in events), pk="id")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return len(events)
+
+    def restore_state(self, choices: Sequence[Choice], pairings: Sequence[tuple[str, str, float]]) -> None:
+        """Migration: the choices in force and the pairings of another store."""
+        try:
+            with self.db.atomic():
+                self.db.table("choices").insert_all((_choice_row(c) for c in choices), pk="id")
+                self.db.table("pairings").insert_all(({"http": h, "dns": d, "at": at} for h, d, at in pairings),
+                                                     pk=("http", "dns"), replace=True)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
+    def _current(self, choice_id: int) -> bool:
+        return self.db.execute("SELECT 1 FROM choices WHERE id = ?", [choice_id]).fetchone() is not None
+
+    def purge(self, before: float, now: float) -> int:
+        """Retention: delete events older than `before` that no choice in force rests on."""
+        try:
+            with self.db.atomic():
+                doomed = self.db.execute(
+                    "SELECT COUNT(*) FROM events WHERE at < ? AND id NOT IN (SELECT id FROM choices)", [before]
+                ).fetchone()[0]
+                if not doomed:
+                    return 0
+                self.db.table("retention_runs").insert({"at": now, "purge_before": before, "deleted": doomed})
+                self.db.execute("DELETE FROM events WHERE at < ? AND id NOT IN (SELECT id FROM choices)", [before])
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+        return int(doomed)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class UnavailableStore(ConsentStore):
+    """Stands in for a store that could not be opened (locked, corrupt, unreadable): dnsgate keeps
+    answering DNS, fail-closed, and every consent read or change raises StoreError (API: 503)."""
+
+    def __init__(self, path: Path, reason: str) -> None:  # no super().__init__(): it would open the file
+        self.path = path
+        self.reason = reason
+
+    def _fail(self) -> StoreError:
+        return StoreError(f"{self.path}: {self.reason}")
+
+    def load(self) -> list[Choice]:
+        raise self._fail()
+
+    def load_pairings(self) -> list[tuple[str, str, float]]:
+        raise self._fail()
+
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        raise self._fail()
+
+    def export_page(self, f: EventFilter, after_id: int, limit: int) -> list[Event]:
+        raise self._fail()
+
+    def count_events(self) -> int:
+        raise self._fail()
+
+    def commit(self, steps: Sequence[Step], abandon: Abandon | None = None) -> list[int | None]:
+        raise self._fail()
+
+    def remember_pairing(self, http: str, dns: str, at: float) -> None:
+        raise self._fail()
+
+    def pairings_of(self, http: str) -> dict[str, float]:
+        raise self._fail()
+
+    def purge(self, before: float, now: float) -> int:
+        raise self._fail()
+
+    def restore_events(self, events: Sequence[Event]) -> int:
+        raise self._fail()
+
+    def restore_state(self, choices: Sequence[Choice], pairings: Sequence[tuple[str, str, float]]) -> None:
+        raise self._fail()
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _event_row(e: Event) -> dict[str, Any]:
+    s = e.subject
+    n = e.notice
+    row = {
+        "at": e.at, "client": s.address or s.network or s.mac or "", "action": e.action,
+        # issue 2 readers: the categories granted
+        "categories": json.dumps([c for c, granted in e.categories.items() if granted]),
+        "expires_at": e.expires_at, "source": e.source, "user_agent": e.user_agent,
+        "mac": s.mac, "network": s.network, "profile": e.profile,
+        "decisions": json.dumps({"categories": dict(e.categories), "vendors": dict(e.vendors)}),
+        "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": n.language if n else None,
+        "channel": e.channel, "sec_gpc": e.sec_gpc, "supersedes": e.supersedes, "reason": e.reason,
+        "items": _json_or_none(e.items), "terms": e.terms or None,
+        "operator": _json_or_none(e.operator), "gpc_seen_at": e.gpc_seen_at,
+    }
+    if e.language:
+        row["language"] = e.language
+    return row
+
+
+def _json_or_none(value: Mapping[str, str] | None) -> str | None:
+    return None if value is None else json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+
+
+def _json_map(raw: str | None) -> dict[str, str] | None:
+    return None if not raw else json.loads(raw)
+
+
+def _event(r: Mapping[str, Any]) -> Event:
+    if r.get("decisions"):
+        decisions = json.loads(r["decisions"])
+        categories, vendors = decisions.get("categories", {}), decisions.get("vendors", {})
+        action = r["action"]
+    else:  # an issue-2 row: a list of categories granted, or withdrawn
+        withdrawn = r["action"] == "withdraw"
+        categories, vendors = {c: not withdrawn for c in json.loads(r["categories"] or "[]")}, {}
+        action = "withdrawal" if withdrawn else r["action"]
+    network = r.get("network")
+    mac = r.get("mac")
+    address = None if network or (mac and r["client"] == mac) else r["client"]
+    return Event(
+        action=action, at=r["at"], subject=Subject(address or None, mac, network), profile=r.get("profile") or "",
+        categories=categories, vendors=vendors, expires_at=r["expires_at"], notice=_notice(r),
+        channel=r.get("channel") or ("admin" if r["source"] == "admin" else "device"),
+        user_agent=r["user_agent"] or "", sec_gpc=r.get("sec_gpc"), supersedes=r.get("supersedes"),
+        reason=r.get("reason") or "", id=r["id"], items=_json_map(r.get("items")), terms=r.get("terms") or "",
+        language=r.get("language") or "", operator=_json_map(r.get("operator")), gpc_seen_at=r.get("gpc_seen_at"),
+    )
+
+
+def _notice(r: Mapping[str, Any]) -> NoticeRef | None:
+    if not r.get("notice_catalog"):
+        return None
+    return NoticeRef(r["notice_catalog"], r["notice_version"] or "", r["notice_sha256"] or "", r["language"] or "")
+
+
+def _choice_row(c: Choice) -> dict[str, Any]:
+    n = c.notice
+    return {
+        "id": c.id, "address": c.subject.address, "mac": c.subject.mac, "network": c.subject.network,
+        "categories": json.dumps(dict(c.categories)), "vendors": json.dumps(dict(c.vendors)),
+        "made_at": c.made_at, "expires_at": c.expires_at,
+        "notice_catalog": n.catalog if n else None, "notice_version": n.version if n else None,
+        "notice_sha256": n.sha256 if n else None, "language": c.language or None,
+        "channel": c.channel, "profile": c.profile, "sec_gpc": c.sec_gpc,
+        "items": _json_or_none(c.items), "terms": c.terms or None, "gpc_seen_at": c.gpc_seen_at,
+    }
+
+
+def _choice(r: Mapping[str, Any]) -> Choice:
+    return Choice(
+        id=r["id"], subject=Subject(r["address"], r["mac"], r["network"]),
+        categories=json.loads(r["categories"]), vendors=json.loads(r["vendors"] or "{}"),
+        made_at=r["made_at"], expires_at=r["expires_at"], notice=_notice(r), channel=r["channel"],
+        profile=r["profile"], sec_gpc=r["sec_gpc"], language=r["language"] or "",
+        items=_json_map(r.get("items")), terms=r.get("terms") or "", gpc_seen_at=r.get("gpc_seen_at"),
+    )
+
+
+# The same rows for another store (consent/redis_store.py keeps them as stream entries and hashes), so
+# both stores record, export and migrate exactly the same fields.
+event_row, event_from_row, choice_row, choice_from_row = _event_row, _event, _choice_row, _choice

@@ -1,0 +1,307 @@
+"""The answer cache: upstream replies kept as bytes, served with decremented TTLs, bounded with LRU.
+
+An `Entry` holds everything after the question of an upstream reply (OPT removed), the offsets of
+its TTL fields, and the catalog rule it is gated on. Rendering a hit is a concatenation; the TTLs
+are rewritten at most once per second of age. With serve-stale on, an expired entry stays (unseen by
+`get`) for `stale_window` seconds so `get_stale` can answer when every upstream fails (RFC 8767).
+Pure: time is passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from dnsgate.gc_policy import untrack
+from dnsgate.rules.catalog import DomainRule
+from dnsgate.wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
+
+# Bytes per entry besides its key's and answer's own: the Entry (152), its floats (~72), the LRU
+# dict's slot (~75), two bytes headers (66). tracemalloc over 20 000 cached A answers: 409 bytes per
+# entry in all, key and answer included (RSS: ~500 with the allocator's slack).
+ENTRY_OVERHEAD: Final = 370
+_FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
+
+
+class Entry:
+    """One cached answer. Compact on purpose (the cache holds 100k of them): the original TTLs are
+    read back from `body0` when the age changes, `body` is `body0` until then (often a slice of the
+    upstream reply, not a copy), and the header tails of common shapes are shared between entries.
+    It holds bytes, numbers and a catalog rule, nothing refers back to it: it can never be part of a
+    reference cycle, so the cache takes it out of the cycle collector's passes (gc_policy.untrack)."""
+
+    __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "filled", "flags", "head",
+                 "head_edns", "offsets", "refresh_at", "reply_flags", "rule")
+
+    def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
+                 expires: float, rule: DomainRule | None) -> None:
+        self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
+        reply_flags = QR | RA | flags  # (above 256: an int object of its own unless shared)
+        self.reply_flags = _REPLY_FLAGS.setdefault(reply_flags, reply_flags)
+        self.head, self.head_edns = _heads(*counts)  # QDCOUNT..ARCOUNT, without and with our OPT
+        self.body0 = body0  # the records, TTLs as at `filled`
+        self.body = body0  # the records, TTLs as at `filled + age`
+        self.offsets = offsets  # where each TTL is in the body
+        self.filled = filled
+        self.expires = expires  # monotonic time after which the entry is not served
+        self.rule = rule  # gate on this rule's vendor before serving (the name's, or a cloaked one)
+        self.age = 0
+        self.body_until = filled + 1  # `body` is right until then (then `body_at`)
+        self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
+        self.count_slot = 0  # where the pipeline counts answers served from this entry (dns/tally.py)
+        self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
+
+    def body_at(self, now: float) -> bytes:
+        """The records with each TTL reduced by the whole seconds since the entry was filled."""
+        age = int(now - self.filled)
+        if age != self.age:
+            self.body = self._with_ttls(lambda ttl: ttl - age if ttl > age else 0)
+            self.age = age
+        self.body_until = self.filled + age + 1
+        return self.body
+
+    def stale_body(self, ttl: int) -> bytes:
+        """The records with every TTL set to `ttl` (RFC 8767 §4: 30 s recommended)."""
+        return self._with_ttls(lambda _: ttl)
+
+    def _with_ttls(self, new_ttl: Callable[[int], int]) -> bytes:
+        body0 = self.body0
+        buf = bytearray(body0)
+        for offset in self.offsets:
+            U32.pack_into(buf, offset, new_ttl(U32.unpack_from(body0, offset)[0]))
+        return bytes(buf)
+
+    @property
+    def counts(self) -> bytes:
+        return self.head[2:]
+
+    @property
+    def counts_edns(self) -> bytes:
+        return self.head_edns[2:]
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires - self.filled
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+    @property
+    def size(self) -> int:
+        return len(self.body0) + ENTRY_OVERHEAD
+
+
+_HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_REPLY_FLAGS: dict[int, int] = {}  # one int object per flags value (32 bytes saved per entry); 16-bit: bounded
+_OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
+def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
+    """QDCOUNT..ARCOUNT without and with our OPT; shared between entries of the same shape."""
+    heads = _HEADS.get((an, ns, ar))
+    if heads is None:
+        heads = (struct.pack(">HHHH", 1, an, ns, ar), struct.pack(">HHHH", 1, an, ns, ar + 1))
+        if len(_HEADS) < 4096:
+            _HEADS[(an, ns, ar)] = heads
+    return heads
+
+
+@dataclass(frozen=True, slots=True)
+class TtlPolicy:
+    min_ttl: int
+    max_ttl: int
+    cap: int | None  # the gated-name cap, or None
+
+    def apply(self, ttl: int) -> int:
+        ttl = min(max(ttl, self.min_ttl), self.max_ttl)
+        return ttl if self.cap is None else min(ttl, self.cap)
+
+
+class UnusableReply(ValueError):
+    """The upstream reply cannot be parsed into records (treated like a failed upstream)."""
+
+
+class OptNotLast(UnusableReply):
+    """A record follows the OPT record; `message.opt_last` rebuilds such a reply."""
+
+
+ALIASES: Final = 1  # the answer section has a CNAME, DNAME, SVCB or HTTPS record (targets to check)
+ADDRESSES: Final = 2  # ... an A or AAAA record
+_KIND_OF: Final = {CNAME: ALIASES, DNAME: ALIASES, 64: ALIASES, 65: ALIASES, A: ADDRESSES, AAAA: ADDRESSES}
+
+
+def entry_from_reply(reply: bytes, question_len: int, now: float, ttl: TtlPolicy,
+                     rule: DomainRule | None, keep_ad: bool = True) -> tuple[Entry, bool, int]:
+    """Turn a verified upstream reply into an Entry; say whether it may be cached, and what kinds of
+    records its answer section holds (ALIASES | ADDRESSES: what an answer check must look at).
+
+    The OPT record is dropped (EDNS is hop by hop; we add our own). Positive answers live for their
+    smallest TTL; negative ones for min(SOA TTL, SOA MINIMUM) per RFC 2308, or less if a record
+    leading to them (a CNAME) expires first; anything else, or a negative answer without SOA, is
+    served once and not cached. The AD bit is kept only with
+    `keep_ad` (an upstream trusted to validate). One pass over the records with the names skipped
+    inline: this runs for every cache miss.
+    """
+    flags, _qd, ancount, nscount, arcount = _FLAGS_COUNTS.unpack_from(reply, 2)
+    start = offset = 12 + question_len
+    n = len(reply)
+    lo, hi = ttl.min_ttl, ttl.max_ttl
+    if ttl.cap is not None and ttl.cap < hi:
+        hi = ttl.cap
+    answers_end = ancount + nscount
+    positions: list[int] = []  # where each record's TTL is in the body
+    changed: list[tuple[int, int]] = []  # (position, TTL) where the TTL had to be clamped or capped
+    records_end = start  # the records before the OPT are contiguous from `start`
+    opt_at = -1
+    soa_ttl = -1
+    lifetime = -1  # the smallest TTL of the answer and authority records, SOA aside
+    kinds = 0
+    for index in range(answers_end + arcount):
+        i = offset  # skip the owner name, compressed or not
+        while True:
+            if i >= n:
+                raise UnusableReply(f"record {index} malformed")
+            length = reply[i]
+            if length == 0:
+                i += 1
+                break
+            if length >= 0xC0:
+                i += 2
+                break
+            if length > 63:
+                raise UnusableReply(f"record {index} malformed")
+            i += length + 1
+        if i + 10 > n:
+            raise UnusableReply(f"record {index} malformed")
+        rtype, _rclass, rttl, rdlen = RR_FIXED.unpack_from(reply, i)
+        end = i + 10 + rdlen
+        if end > n:
+            raise UnusableReply(f"record {index} malformed")
+        if rtype == OPT:
+            if index < answers_end:
+                raise UnusableReply("OPT outside the additional section")
+            if opt_at >= 0:
+                raise OptNotLast("two OPT records")
+            opt_at = offset
+        else:
+            if opt_at >= 0:  # compression pointers may point across the OPT: message.opt_last rebuilds
+                raise OptNotLast("a record follows the OPT record")
+            new_ttl = rttl & 0x7FFFFFFF
+            if new_ttl < lo:
+                new_ttl = lo
+            if new_ttl > hi:
+                new_ttl = hi
+            if index < ancount:
+                kinds |= _KIND_OF.get(rtype, 0)
+            if index < answers_end:
+                if rtype == SOA and index >= ancount:
+                    minimum = _soa_minimum(reply, i + 10, end)
+                    if minimum is None:
+                        raise UnusableReply("SOA record malformed")
+                    new_ttl = soa_ttl = min(new_ttl, ttl.apply(minimum))
+                elif lifetime < 0 or new_ttl < lifetime:
+                    lifetime = new_ttl
+            positions.append(i + 4 - start)
+            if new_ttl != rttl:
+                changed.append((i + 4 - start, new_ttl))
+            records_end = end
+        offset = end
+    if changed:  # clamped or capped TTLs: written into a copy
+        edited = bytearray(reply[start:records_end])
+        for position, new_ttl in changed:
+            U32.pack_into(edited, position, new_ttl)
+        body = bytes(edited)
+    else:
+        body = reply[start:records_end]
+    rcode = flags & 0xF
+    if rcode == NOERROR and ancount:
+        cache_for = max(lifetime, 0)
+        if soa_ttl >= 0:  # a CNAME chain ending in no data: the negative part expires too (RFC 2308 §5)
+            cache_for = min(cache_for, soa_ttl)
+    elif rcode in (NOERROR, NXDOMAIN) and soa_ttl >= 0:
+        cache_for = soa_ttl if lifetime < 0 else min(soa_ttl, lifetime)  # and the CNAMEs leading to it
+    else:
+        cache_for = 0
+    counts = (ancount, nscount, arcount - (opt_at >= 0))
+    offsets = tuple(positions)
+    if len(_OFFSETS) < 4096:  # most answers share a handful of shapes: keep one tuple of each
+        offsets = _OFFSETS.setdefault(offsets, offsets)
+    entry = Entry(flags & ((AD if keep_ad else 0) | 0xF), counts, body, offsets, now, now + cache_for, rule)
+    return entry, cache_for > 0, kinds
+
+
+def _soa_minimum(reply: bytes, rdata: int, end: int) -> int | None:
+    mname_end = skip_name(reply, rdata)
+    rname_end = skip_name(reply, mname_end) if mname_end > 0 else -1
+    if rname_end < 0 or rname_end + 20 != end:
+        return None
+    return int(U32.unpack_from(reply, rname_end + 16)[0])
+
+
+class AnswerCache:
+    """LRU over entries, bounded in count and in bytes; expired entries are dropped when met."""
+
+    __slots__ = ("_bytes", "entries", "evictions", "max_bytes", "max_entries", "stale_window")
+
+    def __init__(self, max_entries: int, max_bytes: int, stale_window: float = 0.0) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.stale_window = stale_window  # seconds an expired entry is kept for serve-stale; 0: off
+        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        untrack(self.entries)  # holds only bytes and untracked entries: nothing for the GC to walk
+        self._bytes = 0
+        self.evictions = 0
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        """A fresh entry, or None."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires <= now:
+            if now >= entry.expires + self.stale_window:
+                self._drop(key)
+            return None
+        self.entries.move_to_end(key)
+        return entry
+
+    def get_stale(self, key: bytes, now: float) -> Entry | None:
+        """An expired entry still within the serve-stale window, or None."""
+        entry = self.entries.get(key)
+        if entry is None or not entry.expires <= now < entry.expires + self.stale_window:
+            return None
+        return entry
+
+    def put(self, key: bytes, entry: Entry) -> None:
+        if key in self.entries:
+            self._drop(key)
+        size = entry.size + len(key)
+        if self.max_entries == 0 or size > self.max_bytes:
+            return
+        untrack(entry)
+        self.entries[key] = entry
+        untrack(self.entries)  # (inserting an object of a GC type tracks a dict again: ~0.3 µs per put)
+        self._bytes += size
+        while len(self.entries) > self.max_entries or self._bytes > self.max_bytes:
+            old_key, old = self.entries.popitem(last=False)
+            self._bytes -= old.size + len(old_key)
+            self.evictions += 1
+
+    def _drop(self, key: bytes) -> None:
+        old = self.entries.pop(key)
+        self._bytes -= old.size + len(key)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes

@@ -1,0 +1,406 @@
+"""UDP and TCP listeners: bytes in, the pipeline's answer out; forwards run as tracked tasks.
+
+TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as each
+completes (pipelining, out of order), and an idle timeout while no query is outstanding. TCP is
+where a slow client could hold resources, so `TcpLimits` bounds connections (in total and per
+client), the time to send a query or take replies, the queries per connection and those waiting
+upstream at once.
+Neither listener lets an exception escape: an internal error answers SERVFAIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
+
+from dnsgate.config import HostPort
+from dnsgate.connections import ConnectionTable
+from dnsgate.consent.model import normalize_client
+from dnsgate.dns.forwarding import Resolver
+from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.wire import SERVFAIL, U16, Rejection, rejection_reply
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = Rejection(SERVFAIL, "internal error")
+
+
+class TaskSet:
+    """Background tasks we own: kept referenced, awaited or cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to `timeout` for running tasks, then cancel the rest; returns how many were cancelled."""
+        if not self._tasks:
+            return 0
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        return len(pending)
+
+
+def _client_of(host: str, v6: bool) -> str:
+    # IPv4 sockets give canonical dotted quads; IPv6 ones may give ::ffff:a.b.c.d or a %zone.
+    return normalize_client(host) if v6 and ("." in host or "%" in host) else host
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, v6: bool,
+                 may_answer: Callable[[], bool] | None = None) -> None:
+        self.pipeline = pipeline
+        self.answer = pipeline.answer  # bound once: this runs for every datagram
+        self.resolver = resolver
+        self.tasks = tasks
+        self.v6 = v6
+        self.may_answer = may_answer  # (see DnsListeners)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's class is not a subclass
+        self.sendto = self.transport.sendto
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.may_answer is not None and not self.may_answer():
+            return
+        try:
+            result = self.answer(data, _client_of(addr[0], True) if self.v6 else addr[0], False)
+        except Exception:
+            log.exception("internal error answering a UDP query from %s", addr[0])
+            result = rejection_reply(data, INTERNAL_ERROR, self.pipeline.udp_max)
+        if result.__class__ is bytes:
+            self.sendto(result, addr)
+        elif result is not None:
+            assert isinstance(result, Forward)
+            self.resolver.start(result, partial(self._reply, addr))
+
+    def _reply(self, addr: Any, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP socket error: %s", exc)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpLimits:
+    """What one TCP client may hold (config [dns] tcp_*)."""
+
+    idle_timeout: float = 10.0  # no query outstanding and none arriving: close
+    query_timeout: float = 5.0  # to finish sending a query once started, or to take queued replies
+    max_connections: int = 512
+    max_per_client: int = 32
+    max_queries: int = 10_000  # per connection; then it closes once their replies are sent
+    max_pipelined: int = 100  # queries outstanding upstream per connection; beyond, reading pauses
+
+
+class TcpTable(ConnectionTable["TcpConnection"]):
+    """The open connections: admission against the limits, and who makes room when it is full."""
+
+    def __init__(self, limits: TcpLimits) -> None:
+        super().__init__(limits.max_connections, limits.max_per_client)
+        self.limits = limits
+
+
+class TcpConnection(asyncio.Protocol):
+    """One client connection: framed queries in, replies out as each completes (RFC 7766), held to
+    the TcpLimits: a query must arrive whole within `query_timeout` of its first byte, replies must
+    be taken as fast, and at most `max_pipelined` queries wait upstream at a time."""
+
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, table: TcpTable,
+                 may_answer: Callable[[], bool] | None = None) -> None:
+        self.pipeline = pipeline
+        self.resolver = resolver
+        self.tasks = tasks
+        self.table = table
+        self.may_answer = may_answer  # (see DnsListeners)
+        self.limits = table.limits
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.buffer = bytearray()
+        self.outstanding = 0
+        self.queries = 0
+        self.last_active = 0.0
+        self.reading = True
+        self.write_paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.slow_timer: asyncio.TimerHandle | None = None  # a partial query, or replies not taken
+
+    @property
+    def busy(self) -> bool:
+        return self.outstanding > 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.client = normalize_client(peer[0]) if peer else "unknown"
+        self.last_active = asyncio.get_running_loop().time()
+        if not self.table.admit(self):
+            self.transport.abort()
+            return
+        self.transport.set_write_buffer_limits(high=64 * 1024)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.may_answer is not None and not self.may_answer():
+            self.abort()
+            return
+        if self.queries >= self.limits.max_queries:
+            return  # the cap is reached: replies still go out, then the connection closes
+        self.buffer += data
+        self._take_queries()
+        self._arm_idle_timer()
+
+    def _take_queries(self) -> None:
+        """Answer every complete query in the buffer, as far as the limits allow."""
+        buffer = self.buffer
+        while len(buffer) >= 2 and self.outstanding < self.limits.max_pipelined \
+                and self.queries < self.limits.max_queries and not self.write_paused:
+            length = U16.unpack_from(buffer)[0]
+            if len(buffer) < 2 + length:
+                break
+            message = bytes(buffer[2 : 2 + length])
+            del buffer[: 2 + length]
+            self.queries += 1
+            self.last_active = asyncio.get_running_loop().time()
+            self._handle(message)
+        if self.transport is None:
+            return
+        if buffer and self.slow_timer is None and not self.write_paused:
+            self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
+                                                                    "query not sent in time")
+        elif not buffer and self.slow_timer is not None and not self.write_paused:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+        self._set_reading(self.outstanding < self.limits.max_pipelined and not self.write_paused
+                          and self.queries < self.limits.max_queries)
+        if self.queries >= self.limits.max_queries and not self.outstanding:
+            self.transport.close()
+
+    def _handle(self, message: bytes) -> None:
+        try:
+            result = self.pipeline.answer(message, self.client, True)
+        except Exception:
+            log.exception("internal error answering a TCP query from %s", self.client)
+            result = rejection_reply(message, INTERNAL_ERROR, self.pipeline.udp_max)
+        if result is None:
+            return
+        if result.__class__ is bytes:
+            self._send(result)
+            return
+        assert isinstance(result, Forward)
+        self.outstanding += 1
+        self.tasks.spawn(self._forward(result))
+
+    async def _forward(self, fwd: Forward) -> None:
+        try:
+            self._send(await self.resolver.forward(fwd))
+        finally:
+            self.outstanding -= 1
+            if self.transport is not None:
+                self._take_queries()  # queries held back by max_pipelined, or close after the cap
+                self._arm_idle_timer()
+
+    def _send(self, reply: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(U16.pack(len(reply)) + reply)
+
+    def _set_reading(self, on: bool) -> None:
+        if self.transport is None or on == self.reading or self.transport.is_closing():
+            return
+        self.reading = on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        # The client is not taking its replies: take no more queries, and give it query_timeout.
+        self.write_paused = True
+        self._set_reading(False)
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+        self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
+                                                                "replies not read in time")
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
+        if self.transport is not None:
+            self._take_queries()
+
+    def _too_slow(self, why: str) -> None:
+        self.slow_timer = None
+        self.table.closed["slow"] += 1
+        log.debug("closing TCP connection from %s: %s", self.client, why)
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.idle_timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self.outstanding:
+            self._arm_idle_timer()  # an answer is still coming: idle means no query outstanding
+        elif self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self.idle_timer, self.slow_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.slow_timer = None
+        self.transport = None
+        self.buffer.clear()
+        self.table.discard(self)
+
+
+UDP_RECEIVE_BUFFER = 4 << 20  # the kernel caps it at net.core.rmem_max
+
+
+def _large_receive_buffer(transport: asyncio.BaseTransport) -> None:
+    """A burst of queries (a LAN waking up, a flood) waits in the socket instead of being dropped
+    by the kernel while the loop is busy; the default (~200 KB) holds only ~300 datagrams."""
+    sock = transport.get_extra_info("socket")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
+    except (OSError, AttributeError):  # pragma: no cover - a platform without the option
+        log.debug("cannot enlarge the UDP receive buffer")
+
+
+def _tcp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+    """A bound TCP socket for `create_server`. asyncio would make an IPv6 listener IPv6-only, while the
+    UDP socket on the same address takes IPv4-mapped clients too: on `[::]` an IPv4 client would get
+    UDP answers but no TCP, so a truncated answer could not be retried. Both take both here."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _unheld_port(host: str, port: int, family: socket.AddressFamily) -> int:
+    """`port` (0: a free one) once no socket holds it on `host` for UDP or TCP: bound without
+    SO_REUSEPORT, which the group of another process of this user would take as a new member (it
+    raises EADDRINUSE instead). Closed at once, for the primary's own group to bind."""
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:  # as the listeners: IPv4-mapped clients too
+            for sock in (udp, tcp):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        udp.bind((host, port))
+        port = udp.getsockname()[1]
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a connection in TIME_WAIT holds nothing)
+        tcp.bind((host, port))
+        return port
+    finally:
+        udp.close()
+        tcp.close()
+
+
+class DnsListeners:
+    """The UDP endpoints and TCP servers for every configured address."""
+
+    def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits,
+                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None, join: bool = False) -> None:
+        self.pipeline = pipeline
+        self.resolver = resolver
+        self.tasks = tasks
+        self.tcp = TcpTable(tcp)
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
+        self.bound: list[HostPort] = []
+        # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
+        # and the kernel spreads clients over them by their address and port.
+        self.reuse_port = reuse_port
+        # A worker joins the primary's sockets; the primary first makes sure nobody else holds the
+        # address (SO_REUSEPORT would let another dnsgate's group take it in, splitting its clients).
+        self.join = join
+        # A worker process's check of its line to the primary, asked before each batch of queries
+        # is answered (False: the query is dropped, a TCP connection cut).
+        self.may_answer = may_answer
+
+    async def start(self, address: HostPort) -> HostPort:
+        """Listen on UDP and TCP at `address`; with port 0, both get the same free port."""
+        loop = asyncio.get_running_loop()
+        v6 = ":" in address.host
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        for _attempt in range(20 if address.port == 0 else 1):
+            port = address.port
+            if self.reuse_port and not self.join:
+                try:
+                    port = _unheld_port(address.host, port, family)
+                except OSError:
+                    if address.port == 0:
+                        continue  # the UDP port we got is taken for TCP: try another
+                    raise
+            try:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
+                    local_addr=(address.host, port), family=family, reuse_port=self.reuse_port or None)
+            except OSError:
+                if address.port == 0 and port != 0:
+                    continue  # taken since it was found free: try another
+                raise
+            port = transport.get_extra_info("sockname")[1]
+            _large_receive_buffer(transport)
+            try:
+                server = await loop.create_server(
+                    lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, self.may_answer),
+                    sock=_tcp_socket(address.host, port, family, self.reuse_port))
+            except OSError:
+                transport.close()
+                if address.port == 0:
+                    continue  # the UDP port we got is taken for TCP: try another
+                raise
+            self._udp.append(transport)
+            self._tcp.append(server)
+            bound = HostPort(address.host, port)
+            self.bound.append(bound)
+            return bound
+        raise OSError(f"no port free for both UDP and TCP on {address.host}")
+
+    async def close(self) -> None:
+        for transport in self._udp:
+            transport.close()
+        for server in self._tcp:
+            server.close()
+        for connection in list(self.tcp.open):
+            if connection.transport is not None:
+                connection.transport.close()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._udp.clear()
+        self._tcp.clear()

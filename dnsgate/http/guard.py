@@ -1,0 +1,239 @@
+"""The API's outer defences, kept apart from the routes: the Host a request may name and the Origin
+that may change consent (`Boundaries`: dnsgate's own, exactly), security headers on every response,
+a per-client rate limit on consent changes, the admin token check (constant time, never logged),
+admin endpoints confined to their own listener, and 503 while the consent store is unavailable.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from dnsgate.consent.model import normalize_client
+from dnsgate.consent.sqlite_store import StoreError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+STATE_CHANGING: Final = frozenset({"PUT", "POST", "DELETE", "PATCH"})
+# Pages that set their own policy (dashboard, portal) keep it; everything else may load nothing.
+DEFAULT_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+LIMITER_SIZE: Final = 10_000  # addresses tracked; beyond, those with a full bucket are forgotten
+WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}  # a listener on every address (of one family; "::" takes both)
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+    """The API's one error shape: {"error": {"status", "code", "message", "field"?}}."""
+    body: dict[str, Any] = {"status": status, "code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response({"error": body}, status=status)
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, errors and streams included, gets the headers."""
+    headers = response.headers
+    for name, value in SECURITY_HEADERS.items():
+        headers.setdefault(name, value)
+    csp = headers.get("Content-Security-Policy")
+    if csp is None:
+        headers["Content-Security-Policy"] = DEFAULT_CSP
+    elif "frame-ancestors" not in csp:
+        headers["Content-Security-Policy"] = csp.rstrip("; ") + "; frame-ancestors 'none'"
+
+
+def token_matches(given: str, expected: str) -> bool:
+    """Constant time, length included: both sides are hashed to 32 bytes before comparing."""
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
+
+
+def bearer(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+class ChangeLimiter:
+    """A token bucket per client address: `per_minute` consent changes, refilled continuously."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = float(per_minute)
+        self.per_second = per_minute / 60.0
+        self.clock = clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
+        self.refused = 0
+
+    def take(self, address: str) -> float:
+        """0 if the change may go ahead (a token is used), else the seconds until one is back."""
+        if self.capacity <= 0:
+            return 0.0
+        now = self.clock()
+        tokens, at = self.buckets.get(address, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - at) * self.per_second)
+        if tokens < 1:
+            self.refused += 1
+            self.buckets[address] = (tokens, now)
+            return (1 - tokens) / self.per_second
+        if len(self.buckets) >= LIMITER_SIZE:  # forget full buckets; if that is not enough, the oldest half
+            self.buckets = {a: (t, s) for a, (t, s) in self.buckets.items()
+                            if min(self.capacity, t + (now - s) * self.per_second) < self.capacity}
+            if len(self.buckets) >= LIMITER_SIZE // 2:
+                self.buckets = dict(list(self.buckets.items())[-LIMITER_SIZE // 4:])
+        self.buckets[address] = (tokens - 1, now)
+        return 0.0
+
+
+def consent_rate_limit(limiter: ChangeLimiter, is_admin: Callable[[web.Request], bool]) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in STATE_CHANGING and request.remote is not None and not is_admin(request):
+            wait = limiter.take(request.remote)
+            if wait:
+                response = error_response(429, "rate_limited", "too many consent changes from this address; "
+                                          f"try again in {math.ceil(wait)} s")
+                response.headers["Retry-After"] = str(math.ceil(wait))
+                return response
+        return await handler(request)
+
+    return middleware
+
+
+@web.middleware
+async def store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A consent change or log read that the store cannot serve: 503, and nothing changed."""
+    try:
+        return await handler(request)
+    except StoreError as exc:
+        # (the outage itself is logged once, as an error, by the consent service)
+        log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
+        return error_response(503, "consent_store_unavailable",
+                              f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
+                              "trackers stay blocked for clients without a recorded grant")
+
+
+# ------------------------------------------------------------------------------------------------
+# Host and Origin: dnsgate's own, exactly
+
+
+@functools.lru_cache(maxsize=256)
+def is_local_address(ip: str) -> bool:
+    """Whether `ip` is an address of this host: binding to it succeeds only then (nothing is sent)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _ip(text: str) -> str | None:
+    """The canonical text of an IP literal, or None for a name."""
+    try:
+        return normalize_client(text)
+    except ValueError:
+        return None
+
+
+class Boundaries:
+    """Which `Host` a request may name, and which `Origin` may change consent.
+
+    A page whose name an attacker re-points at dnsgate (DNS rebinding) sends its own name as Host:
+    only dnsgate's names (the portal host, localhost, `api.hosts`) are served, and IP literals, which
+    no DNS answer can re-point (behind a port mapping the address a browser used is not the one the
+    socket has, so any address is taken). Origins are dnsgate's own pages
+    as served: http, one of those names or an address dnsgate listens on, and the port of one of its
+    listeners; plus the portal's configured URL and `api.allowed_origins`. Nothing else, so no IP
+    literal, other port or scheme stands in for dnsgate.
+    """
+
+    def __init__(self, names: Iterable[str], addresses: Iterable[str], listeners: Iterable[tuple[str, int]],
+                 allowed_origins: Iterable[str] = (), extra_origins: Iterable[str] = (),
+                 is_local: Callable[[str], bool] = is_local_address) -> None:
+        self.names = frozenset(n.lower().rstrip(".") for n in names)
+        self.addresses = frozenset(a for a in map(_ip, addresses) if a is not None)
+        self.listeners = tuple((h, p) for h, p in listeners)
+        self.ports = frozenset(p for _, p in self.listeners)
+        self.allowed_origins = frozenset(allowed_origins)
+        self.extra_origins = frozenset(o.rstrip("/").lower() for o in extra_origins)
+        self.is_local = is_local
+
+    def host_allowed(self, header: str | None) -> bool:
+        """`header`: the request's Host (None: absent, as from HTTP/1.0 probes; a browser always sends
+        one)."""
+        if header is None:
+            return True
+        try:
+            host = urlsplit("//" + header.strip()).hostname
+        except ValueError:
+            return False
+        if not host:
+            return False
+        host = host.rstrip(".")
+        return host in self.names or _ip(host) is not None
+
+    def origin_allowed(self, origin: str) -> bool:
+        return origin in self.allowed_origins or self.own_origin(origin)
+
+    def own_origin(self, origin: str) -> bool:
+        """A page dnsgate itself served (allow-listed sites are not: they get no CORS)."""
+        if origin.lower() in self.extra_origins:
+            return True
+        try:
+            parts = urlsplit(origin)
+            port = parts.port or 80
+        except ValueError:
+            return False
+        host = (parts.hostname or "").rstrip(".")
+        if parts.scheme != "http" or not host or port not in self.ports or parts.path or parts.query:
+            return False
+        if host in self.names:
+            return True
+        ip = _ip(host)
+        if ip is None:
+            return False
+        return ip in self.addresses or any(port == p and self._listens_on(h, ip) for h, p in self.listeners)
+
+    def _listens_on(self, listener: str, ip: str) -> bool:
+        family = WILDCARDS.get(listener)
+        if family is None:
+            return _ip(listener) == ip
+        return (family == 6 or ipaddress.ip_address(ip).version == 4) and self.is_local(ip)
+
+
+def local_address(request: web.Request) -> tuple[str, int] | None:
+    """(address, port) of the socket that took the request's connection."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+    if not sockname:
+        return None
+    return normalize_client(str(sockname[0])), int(sockname[1])
+
+
+def host_guard(boundaries: Boundaries) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        header = request.headers.get("Host")
+        if not boundaries.host_allowed(header):
+            return error_response(421, "misdirected_request",
+                                  f"Host {header!r} is not this dnsgate: open it by the portal's name, localhost or "
+                                  "its address, or list the name in api.hosts")
+        return await handler(request)
+
+    return middleware

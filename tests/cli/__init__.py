@@ -1,0 +1,1 @@
+"""Tests of dnsgate.cli: the command line as real processes."""

@@ -1,0 +1,1 @@
+"""End to end: a real dnsgate, real DNS clients, over loopback."""

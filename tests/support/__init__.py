@@ -1,0 +1,1 @@
+"""Helpers the tests share: stub upstream, redis-server, network namespaces, fixtures."""
