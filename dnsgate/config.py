@@ -7,11 +7,13 @@ except through the explicit inputs of `load_config`.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -517,6 +519,12 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
     raise AssertionError(f"unhandled annotation {annotation} for {key}")  # pragma: no cover
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """"did you mean 'x'? " for a misspelt key, or nothing when no known one is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def _checked(cls: type[Any], name: str, value: Any, key: str) -> Any:
     """One value checked against the annotation of field `name` of a config section."""
     return _convert(value, str(next(f.type for f in fields(cls) if f.name == name)), key)
@@ -528,7 +536,7 @@ def _section(cls: type[Any], data: Any, key: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     for name in data:
         if name not in known:
-            raise ConfigError(f"{key}.{name}: unknown key (known: {', '.join(known)})")
+            raise ConfigError(f"{key}.{name}: unknown key ({did_you_mean(name, known)}known: {', '.join(known)})")
     values = {name: _convert(data[name], str(known[name].type), f"{key}.{name}") for name in data}
     return cls(**values)
 
@@ -552,22 +560,24 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
 }
 
 
-def parse_config(data: Mapping[str, Any]) -> Config:
-    """Build a validated Config from parsed TOML; raise ConfigError naming the bad key."""
+def parse_config(data: Mapping[str, Any], *, validated: bool = True) -> Config:
+    """Build a validated Config from parsed TOML; raise ConfigError naming the bad key. Unvalidated,
+    only the types are checked: for a file whose values the environment or flags still override."""
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown section (known: {', '.join(_SECTIONS)})")
+            raise ConfigError(f"{name}: unknown section ({did_you_mean(name, _SECTIONS)}known: {', '.join(_SECTIONS)})")
         sections[name] = _section(_SECTIONS[name], value, name)
-    return validate(Config(**sections))
+    cfg = Config(**sections)
+    return validate(cfg) if validated else cfg
 
 
-def parse_config_text(text: str, source: str = "config") -> Config:
+def parse_config_text(text: str, source: str = "config", *, validated: bool = True) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return parse_config(data)
+    return parse_config(data, validated=validated)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -811,19 +821,93 @@ class Overrides:
     log_level: str | None = None
     log_format: str | None = None
     workers: str | None = None
+    # Keys set by DNSGATE_<SECTION>_<KEY> variables: (variable, section, key, checked value).
+    settings: tuple[tuple[str, str, str, Any], ...] | None = None
 
 
 ENV_PREFIX: Final = "DNSGATE_"
+# Older short names, each for one key; they read as before. DNSGATE_LOG_LEVEL and DNSGATE_LOG_FORMAT
+# are the rule's own names (and the flags').
+ENV_SHORTHANDS: Final = {"DNSGATE_DNS": "dns.listen", "DNSGATE_API": "api.listen",
+                         "DNSGATE_UPSTREAM": "upstream.servers", "DNSGATE_DATA_DIR": "storage.data_dir",
+                         "DNSGATE_STORE": "storage.store", "DNSGATE_ADMIN_TOKEN": "api.admin_token",
+                         "DNSGATE_WORKERS": "dns.workers", "DNSGATE_LOG_LEVEL": "log.level",
+                         "DNSGATE_LOG_FORMAT": "log.format"}
+ENV_TRUE: Final = ("true", "1", "yes", "on")
+ENV_FALSE: Final = ("false", "0", "no", "off")
+
+
+def env_variable(section: str, key: str) -> str:
+    """Every key's variable, by one rule: DNSGATE_<SECTION>_<KEY> (dns.udp_max_size: DNSGATE_DNS_UDP_MAX_SIZE)."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def env_value(text: str, annotation: str, variable: str) -> Any:
+    """A variable's text as the key's value: true/false (also 1/0, yes/no, on/off), numbers, strings;
+    a list as JSON (["a", "b"]) or comma-separated; a table or [[lists.sources]] as JSON."""
+    text = text.strip()
+    value: Any = text
+    if annotation == "bool":
+        if text.lower() not in ENV_TRUE + ENV_FALSE:
+            raise ConfigError(f"{variable}: expected true or false, got {text!r}")
+        value = text.lower() in ENV_TRUE
+    elif annotation == "int":
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"{variable}: expected an integer, got {text!r}") from None
+    elif annotation == "float":
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{variable}: expected a number, got {text!r}") from None
+    elif annotation == "tuple[str, ...]" and not text.startswith("["):
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    elif annotation.startswith("tuple["):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            example = '["a", "b"]' if annotation == "tuple[str, ...]" else (
+                '[{"id": "ads", "url": "https://…", "category": "marketing"}]' if "ListSource" in annotation
+                else '{"name": "value"}')
+            raise ConfigError(f"{variable}: expected JSON such as {example}: {exc}") from None
+    return _convert(value, annotation, variable)
+
+
+def env_settings(env: Mapping[str, str]) -> tuple[tuple[str, str, str, Any], ...]:
+    """The keys DNSGATE_<SECTION>_<KEY> variables set, checked; an empty variable counts as unset. A
+    variable that names a section but no key of it is an error ("did you mean"); other DNSGATE_*
+    names are not configuration (the short names are read by overrides_from_env)."""
+    found: list[tuple[str, str, str, Any]] = []
+    for variable, text in sorted(env.items()):
+        if not variable.startswith(ENV_PREFIX) or variable in ENV_SHORTHANDS or not text.strip():
+            continue
+        section, _, rest = variable[len(ENV_PREFIX):].lower().partition("_")
+        if section not in _SECTIONS or not rest:
+            continue
+        known = {f.name: str(f.type) for f in fields(_SECTIONS[section])}
+        if rest not in known:
+            names = {env_variable(section, name): name for name in known}
+            raise ConfigError(f"{variable}: [{section}] has no key {rest!r} ({did_you_mean(variable, names)}known: "
+                              f"{', '.join(names)})")
+        found.append((variable, section, rest, env_value(text, known[rest], variable)))
+    by_key = {f"{section}.{key}": variable for variable, section, key, _ in found}
+    for short, key in ENV_SHORTHANDS.items():
+        if env.get(short, "").strip() and key in by_key and short != by_key[key]:
+            raise ConfigError(f"{short} and {by_key[key]} both set {key}: keep one")
+    return tuple(found)
 
 
 def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
-    """Read DNSGATE_CONFIG and the DNSGATE_* overrides (lists are comma-separated)."""
+    """Read DNSGATE_CONFIG, the DNSGATE_<SECTION>_<KEY> variables and the short names (lists are
+    comma-separated)."""
 
     def listed(name: str) -> tuple[str, ...] | None:
         raw = env.get(ENV_PREFIX + name)
         return None if raw is None else tuple(p.strip() for p in raw.split(",") if p.strip())
 
     return env.get(ENV_PREFIX + "CONFIG") or None, Overrides(
+        settings=env_settings(env) or None,
         dns=listed("DNS"),
         api=env.get(ENV_PREFIX + "API") or None,
         upstream=listed("UPSTREAM"),
@@ -845,6 +929,8 @@ def merge_overrides(first: Overrides, then: Overrides) -> Overrides:
 
 
 def apply_overrides(cfg: Config, o: Overrides) -> Config:
+    for _, section, key, value in o.settings or ():
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
     if o.dns is not None:
         cfg = replace(cfg, dns=replace(cfg.dns, listen=o.dns))
     if o.api is not None:
@@ -882,8 +968,8 @@ def load_config(path: str | None, overrides: Overrides) -> Config:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
-        cfg = parse_config_text(text, source=path)
-    return apply_overrides(cfg, overrides)
+        cfg = parse_config_text(text, source=path, validated=False)  # the environment and flags may override
+    return apply_overrides(cfg, overrides)  # validates the result
 
 
 def points_at(server: HostPort | UpstreamAddress, listening: tuple[HostPort, ...]) -> bool:

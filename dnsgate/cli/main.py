@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from dnsgate import __version__
+from dnsgate.cli import config as config_cli
 from dnsgate.cli import log_and_report as observe_cli
 from dnsgate.cli.admin_client import (
     AdminClient,
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "acknowledge", help="the running server's /healthz stops reporting a lost consent history (talks to its "
                             "admin API)")
 
+    config_cli.add_commands(commands, OneLineParser)
+
     consent = commands.add_parser("consent", help="list, show, grant, withdraw or export consent "
                                   "(talks to the running server's admin API)")
     actions = consent.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
@@ -214,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "store" and args.action == "migrate":
         return store_command(args)
+    if args.command == "config":
+        return config_cli.run(args)
     try:
         base_url = api_to_call(args.api, os.environ)
         client = AdminClient.for_config(_client_config(args), args.token, base_url)
@@ -309,7 +314,11 @@ def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    env_config, env_overrides = overrides_from_env(os.environ)
+    try:
+        env_config, env_overrides = overrides_from_env(os.environ)
+    except ConfigError as exc:
+        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        return 2
     flags = Overrides(
         dns=tuple(args.dns) if args.dns else None,
         api=args.api,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dnsgate.cli.main import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dev(*args: str) -> subprocess.CompletedProcess[str]:
