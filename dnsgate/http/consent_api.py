@@ -30,13 +30,16 @@ from dnsgate.consent.pairing import Offer
 from dnsgate.consent.service import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired
 from dnsgate.consent.sqlite_store import Event, EventFilter, StoreError
 from dnsgate.http.guard import (
+    SESSION_COOKIE,
     WILDCARDS,
+    AdminSessions,
     Boundaries,
     ChangeLimiter,
     bearer,
     consent_rate_limit,
     error_response,
     host_guard,
+    html_error,
     local_address,
     security_headers,
     store_unavailable,
@@ -113,6 +116,7 @@ CATALOG: web.AppKey[Callable[[], Catalog]] = web.AppKey("catalog")  # the catalo
 RULES: web.AppKey[RulesControl | None] = web.AppKey("rules")
 SETTINGS: web.AppKey[ApiSettings] = web.AppKey("settings", ApiSettings)
 HEALTH: web.AppKey[Callable[[], Mapping[str, Any]]] = web.AppKey("health")
+SESSIONS: web.AppKey[AdminSessions] = web.AppKey("sessions", AdminSessions)
 
 
 def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings: ApiSettings,
@@ -130,6 +134,7 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
     app[RULES] = rules
     app[SETTINGS] = settings
     app[HEALTH] = health
+    app[SESSIONS] = AdminSessions()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/vendors", vendors)
     app.router.add_get("/v1/notice", notice)
@@ -166,6 +171,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     try:
         return await handler(request)
     except (ApiError, ConsentError) as exc:
+        if exc.status == 404 and wants_html(request):
+            return html_error(404, "Not found", exc.message)
         return error_response(exc.status, exc.code, exc.message, exc.field)
     except StoreError as exc:  # the store cannot be reached: nothing changed, trackers stay blocked
         # (the outage itself is logged once, as an error, by the consent service)
@@ -178,6 +185,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.status == 404 and wants_html(request):
+            return html_error(404, "Not found", f"dnsgate has no page at {request.path}.")
         response = error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
         if "Allow" in exc.headers:  # 405 names the methods the resource has
             response.headers["Allow"] = exc.headers["Allow"]
@@ -380,11 +389,31 @@ def sec_gpc(request: web.Request) -> str | None:
 
 
 def require_admin(request: web.Request) -> None:
+    """The bearer token, or for a read (GET, HEAD) the admin dashboard's session cookie: a cookie
+    goes with any request the browser makes, so it never authorizes a change (no forged requests)."""
+    require_admin_listener(request)
+    if is_admin(request):
+        return
+    if request.method in ("GET", "HEAD") and has_session(request):
+        return
+    raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'")
+
+
+def require_admin_listener(request: web.Request) -> None:
     settings = request.app[SETTINGS]
     if settings.admin is not None and not on_listener(request, settings.admin):
         raise ApiError(404, "not_found", "admin endpoints are served on the admin listener (api.admin_listen)")
-    if not is_admin(request):
-        raise ApiError(401, "unauthorized", "admin endpoint: send 'Authorization: Bearer <admin token>'")
+
+
+def has_session(request: web.Request) -> bool:
+    """Whether the request carries a live admin dashboard session."""
+    return request.app[SESSIONS].check(request.cookies.get(SESSION_COOKIE))
+
+
+def wants_html(request: web.Request) -> bool:
+    """A browser navigating (Accept names text/html, not JSON): it gets pages, API clients JSON."""
+    accept = request.headers.get("Accept", "")
+    return "text/html" in accept and "application/json" not in accept
 
 
 def is_admin(request: web.Request) -> bool:

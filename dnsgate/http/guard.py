@@ -1,7 +1,8 @@
 """The API's outer defences, kept apart from the routes: the Host a request may name and the Origin
 that may change consent (`Boundaries`: dnsgate's own, exactly), security headers on every response,
 a per-client rate limit on consent changes, the admin token check (constant time, never logged),
-admin endpoints confined to their own listener, and 503 while the consent store is unavailable.
+the admin dashboard's sessions, admin endpoints confined to their own listener, and 503 while the
+consent store is unavailable.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import html
 import ipaddress
 import logging
 import math
+import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -48,11 +51,22 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return web.json_response({"error": body}, status=status)
 
 
+def html_error(status: int, title: str, message: str) -> web.Response:
+    """An error page for a browser (the API's clients get `error_response`): plain HTML, nothing loaded."""
+    body = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><title>{status} {html.escape(title)} '
+            f'- dnsgate</title></head>\n<body><main><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>'
+            '<p><a href="/">Consent portal</a> · <a href="/dashboard">Dashboard</a></p></main></body></html>\n')
+    return web.Response(status=status, text=body, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every response, errors and streams included, gets the headers."""
     headers = response.headers
     for name, value in SECURITY_HEADERS.items():
         headers.setdefault(name, value)
+    if response.status == 401:  # RFC 9110: a 401 names the scheme that would succeed
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="dnsgate admin"')
     csp = headers.get("Content-Security-Policy")
     if csp is None:
         headers["Content-Security-Policy"] = DEFAULT_CSP
@@ -68,6 +82,63 @@ def token_matches(given: str, expected: str) -> bool:
 def bearer(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" else None
+
+
+SESSION_COOKIE: Final = "dnsgate_admin"
+SESSION_LIFETIME: Final = 8 * 3600.0  # seconds from login: the admin logs in again after a working day
+SESSION_IDLE: Final = 3600.0  # seconds without a request that end a session
+MAX_SESSIONS: Final = 64  # beyond, the least recently used session ends
+
+
+class AdminSessions:
+    """The admin dashboard's logins, kept in memory only (a restart logs everyone out).
+
+    A login trades the admin token, posted once, for a random session id in an HttpOnly cookie, so
+    the token is never kept by the browser nor put in a URL. Only a hash of each id is kept. A
+    session ends at logout, `idle` seconds after its last use, or `lifetime` after the login.
+    """
+
+    def __init__(self, lifetime: float = SESSION_LIFETIME, idle: float = SESSION_IDLE, limit: int = MAX_SESSIONS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.lifetime, self.idle, self.limit, self.clock = lifetime, idle, limit, clock
+        self._sessions: dict[bytes, tuple[float, float]] = {}  # hash of the id -> (started, last used)
+
+    @staticmethod
+    def _key(session_id: str) -> bytes:
+        return hashlib.sha256(session_id.encode()).digest()
+
+    def start(self) -> str:
+        now = self.clock()
+        self._expire(now)
+        while len(self._sessions) >= self.limit:  # the dict is kept in order of last use
+            del self._sessions[next(iter(self._sessions))]
+        session_id = secrets.token_urlsafe(32)
+        self._sessions[self._key(session_id)] = (now, now)
+        return session_id
+
+    def check(self, session_id: str | None) -> bool:
+        """Whether the id is a live session's; a live one counts as used now."""
+        if not session_id:
+            return False
+        now = self.clock()
+        key = self._key(session_id)
+        found = self._sessions.pop(key, None)
+        if found is None or now - found[0] >= self.lifetime or now - found[1] >= self.idle:
+            return False
+        self._sessions[key] = (found[0], now)
+        return True
+
+    def end(self, session_id: str | None) -> None:
+        if session_id:
+            self._sessions.pop(self._key(session_id), None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _expire(self, now: float) -> None:
+        for key, (started, used) in list(self._sessions.items()):
+            if now - started >= self.lifetime or now - used >= self.idle:
+                del self._sessions[key]
 
 
 class ChangeLimiter:

@@ -68,7 +68,10 @@ SEC_GPC: Final = {"name": "Sec-GPC", "in": "header", "required": False,
                                  "sale/sharing", "schema": {"type": "string"}}
 BAD: Final = error("Invalid input: the `field` names the culprit; nothing changed")
 NO_ROUTE: Final = error("No such route (the path holds characters no client name has)")
-UNAUTHORIZED: Final = error("Admin endpoint without the right `Authorization: Bearer` token")
+UNAUTHORIZED: Final = {**error("Admin endpoint without the right `Authorization: Bearer` token (or, for a read, "
+                               "the admin dashboard's session cookie)"),
+                        "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                                         "description": "`Bearer realm=\"dnsgate admin\"`"}}}
 FORBIDDEN: Final = error("A browser Origin that may not change consent")
 CONFLICT: Final = error("Refused by the consent rules (`notice_changed`, `profile_fixed`, `not_kiosk`, "
                          "`forwarder_address`)")
@@ -389,14 +392,33 @@ def paths() -> dict[str, Any]:
                                   "upstreams": array({"type": "object"})}))}}},
         "/v1/queries": {"get": {
             "tags": ["observability"], "summary": "The query log", "security": ADMIN,
-            "parameters": [query("client", "an IP address"), query("name", "a name, or *.name for its subdomains"),
+            "parameters": [query("client", "an IP address"),
+                           query("name", "a name, *.name for it and its subdomains, or a search with * for any "
+                                 "characters"),
                            query("vendor", "a vendor id"), query("outcome", "forwarded, cached, sinkholed, …"),
                            *TIME_PARAMS, query("after", "only entries newer than this id", {"type": "integer"}),
+                           query("before", "only entries older than this id (paging back)", {"type": "integer"}),
+                           query("gated", "true: only queries for gated names; false: none of those",
+                                 {"type": "string", "enum": ["true", "false"]}),
                            LIMIT, query("order", "newest (default) or oldest",
                                         {"type": "string", "enum": ["newest", "oldest"]})],
             "responses": {"200": ok(obj({"mode": {"type": "string"}, "entries": array(obj({
                 "id": {"type": "integer"}, "at": TIME, "client": {"type": "string"}, "name": NULLABLE_STRING,
                 "outcome": {"type": "string"}, "vendor": NULLABLE_STRING}))})),
+                "400": BAD, "401": UNAUTHORIZED, "409": error("The query log is off")}}},
+        "/v1/top": {"get": {
+            "tags": ["observability"], "summary": "The admin dashboard's aggregates over a window (default 24h)",
+            "description": "From the query log and the consent log: the most queried names, the most queried gated "
+                           "names (blocked and allowed), the clients with the most queries and their consent, queries "
+                           "per bucket of `step` seconds by kind and by query type, consent changes per bucket.",
+            "security": ADMIN,
+            "parameters": [*TIME_PARAMS, query("limit", "rows per list", {"type": "integer", "minimum": 1,
+                                                                            "maximum": 100})],
+            "responses": {"200": ok(obj({
+                "mode": {"type": "string"}, "since": TIME, "until": TIME, "step": {"type": "number"},
+                "kinds": array({"type": "string"}), "names": array({"type": "object"}),
+                "gated_names": array({"type": "object"}), "clients": array({"type": "object"}),
+                "timeline": array({"type": "object"}), "consent_changes": array({"type": "object"})})),
                 "400": BAD, "401": UNAUTHORIZED, "409": error("The query log is off")}}},
         "/v1/report": {"get": {
             "tags": ["observability"], "summary": "Evidence: trackers per client and vendor, and a verdict",
@@ -416,10 +438,34 @@ def paths() -> dict[str, Any]:
                           "401": UNAUTHORIZED}}},
         "/dashboard": {"get": {"tags": ["observability"], "summary": "The dashboard page",
                                "responses": {"200": html}}},
+        "/dashboard/login": {
+            "get": {"tags": ["observability"], "summary": "The admin dashboard's login page",
+                    "responses": {"200": html, "303": {"description": "Logged in already: to the admin dashboard"},
+                                  "404": error("Served on the admin listener only (api.admin_listen)")}},
+            "post": {
+                "tags": ["observability"], "summary": "Log in to the admin dashboard with the admin token",
+                "description": "Sets an HttpOnly, SameSite=Strict session cookie (Secure over https) that authorizes "
+                               "the admin API's reads, never a change. Refused from another site's Origin.",
+                "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+                    "type": "object", "required": ["token"], "properties": {"token": {"type": "string"}}}}}},
+                "responses": {"303": {"description": "Logged in: to the admin dashboard"},
+                              "401": {**html, "description": "Not the admin token: the login page again"},
+                              "400": BAD, "403": FORBIDDEN, "404": error("Served on the admin listener only"),
+                              "415": UNSUPPORTED,
+                              "429": {**html, "description": "Too many failed logins from this address"}}}},
+        "/dashboard/logout": {"post": {
+            "tags": ["observability"], "summary": "End the admin dashboard session",
+            "responses": {"303": {"description": "To the login page"}, "403": FORBIDDEN,
+                          "404": error("Served on the admin listener only")}}},
+        "/dashboard/admin": {"get": {
+            "tags": ["observability"], "summary": "The admin dashboard (needs the session cookie)",
+            "responses": {"200": html, "303": {"description": "No session: to the login page"},
+                          "404": error("Served on the admin listener only")}}},
         "/dashboard/{file}": {"get": {
-            "tags": ["observability"], "summary": "The dashboard's script, style sheet and icon",
+            "tags": ["observability"], "summary": "The dashboard's scripts, style sheet and icon",
             "parameters": [{"name": "file", "in": "path", "required": True,
-                            "schema": {"type": "string", "enum": ["app.js", "app.css", "icon.svg"]}}],
+                            "schema": {"type": "string",
+                                       "enum": ["app.js", "charts.js", "admin.js", "app.css", "icon.svg"]}}],
             "responses": {"200": {"description": "The file", "content": {
                 "text/javascript": {"schema": {"type": "string"}}, "text/css": {"schema": {"type": "string"}},
                 "image/svg+xml": {"schema": {"type": "string"}}}}, "404": error("No such file")}}},

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
@@ -53,6 +54,7 @@ TEXT_MEMO = 4096  # questions and clients whose text forms the writer remembers
 
 
 _VENDOR = itemgetter(6)
+_ANSWERED = frozenset((CACHED, FORWARDED, STALE))  # a gated query with a real answer: allowed
 _OUTCOME = itemgetter(4)
 
 
@@ -113,8 +115,9 @@ class QueryLog:
         self.write_errors = 0
         # gated queries per vendor id, by decision: "sinkholed", "allowed", "servfail"
         self.gated: dict[tuple[str, str], int] = {}
-        # client -> monotonic time it last asked for a gated name (the dashboard's "seen" clients)
-        self._gated_clients: dict[str, float] = {}
+        # client -> monotonic times it last asked for a gated name and last had one answered (the
+        # dashboard's clients that met a tracker, and those whose tracker queries were allowed)
+        self._gated_clients: dict[str, tuple[float, float]] = {}
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-querylog")
         self._last_prune = 0.0
@@ -150,9 +153,13 @@ class QueryLog:
                 key = (vendor[0], _decision(outcome))
                 self.gated[key] = self.gated.get(key, 0) + n
         last_seen = {entry[1]: entry[0] for entry in entries if entry[6] is not None}
-        for client, at in last_seen.items():
-            self._gated_clients.pop(client, None)  # re-insert: the dict stays in last-seen order
-            self._gated_clients[client] = at
+        if last_seen:
+            last_allowed = {entry[1]: entry[0] for entry in entries
+                            if entry[6] is not None and entry[4] in _ANSWERED}
+            clients = self._gated_clients
+            for client, at in last_seen.items():
+                before = clients.pop(client, None)  # re-insert: the dict stays in last-seen order
+                clients[client] = (at, last_allowed.get(client, before[1] if before is not None else -math.inf))
         if self.hub.subscribers or self.hub.webhook_url:
             for entry in entries:
                 if entry[6] is not None:
@@ -173,9 +180,15 @@ class QueryLog:
         self._queue.append(Batch(entries, offset, dropped, dropped_at))
         self.queued += len(entries)
 
-    def gated_clients_since(self, mono: float) -> list[str]:
-        """Clients that asked for a gated name since monotonic time `mono`."""
-        return [c for c, seen in self._gated_clients.items() if seen >= mono]
+    def tracker_clients_since(self, mono: float) -> tuple[int, int]:
+        """(clients that asked for a gated name since monotonic time `mono`, those of them that had
+        such a query answered since then: allowed by their consent)."""
+        seen = allowed = 0
+        for last_seen, last_allowed in self._gated_clients.values():
+            if last_seen >= mono:
+                seen += 1
+                allowed += last_allowed >= mono
+        return seen, allowed
 
     def _decision_event(self, entry: LogEntry, decision: str, offset: float) -> dict[str, Any]:
         at, client, question, tcp, _outcome, _rcode, vendor, grant, _elapsed = entry

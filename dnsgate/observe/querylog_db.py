@@ -22,6 +22,13 @@ from dnsgate.consent.sqlite_store import quick_check
 SCHEMA_VERSION = 1
 COLUMNS = ("id", "at", "client", "name", "type", "protocol", "outcome", "rcode", "vendor", "category",
            "granted_at", "grant_expires_at", "grant_source", "duration_ms")
+# What the dashboard draws a query as: its outcome, with queries for gated names apart (a tracker
+# blocked by the gate, or answered because the client consented).
+KIND = ("CASE WHEN vendor IS NOT NULL AND outcome = 'sinkholed' THEN 'gated' "
+        "WHEN vendor IS NOT NULL AND outcome IN ('cached', 'forwarded', 'stale') THEN 'allowed' "
+        "WHEN outcome IN ('cached', 'stale') THEN 'cached' WHEN outcome = 'forwarded' THEN 'forwarded' "
+        "WHEN outcome = 'sinkholed' THEN 'blocked' WHEN outcome = 'local' THEN 'local' ELSE 'failed' END")
+KINDS = ("allowed", "gated", "cached", "forwarded", "blocked", "local", "failed")
 INSERT = f"INSERT INTO queries ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * len(COLUMNS[1:]))})"
 
 
@@ -38,6 +45,8 @@ class Filters:
     since: float | None = None
     until: float | None = None
     after_id: int | None = None  # for following: only entries newer than this one
+    before_id: int | None = None  # for paging back: only entries older than this one
+    gated: bool | None = None  # True: only queries for a gated name (a tracker); False: none of those
 
 
 class QueryLogDb:
@@ -137,6 +146,47 @@ class QueryLogDb:
                               [since, until]).fetchone()
         return int(row[0])
 
+    # The admin dashboard's aggregates: each one pass over the window (the `at` index), on the
+    # writer's thread like every read, never on the query path.
+
+    def top_names(self, since: float, until: float, limit: int) -> list[dict[str, Any]]:
+        """The most queried names in [since, until)."""
+        return self._rows("SELECT name, count(*) AS queries FROM queries WHERE at >= ? AND at < ? AND name IS NOT NULL "
+                          "GROUP BY name ORDER BY queries DESC, name LIMIT ?", [since, until, limit])
+
+    def top_gated(self, since: float, until: float, limit: int) -> list[dict[str, Any]]:
+        """The most queried gated names, with how many were blocked and how many allowed by consent."""
+        return self._rows(
+            "SELECT name, vendor, count(*) AS queries, sum(outcome = 'sinkholed') AS blocked, "
+            "sum(outcome IN ('cached', 'forwarded', 'stale')) AS allowed FROM queries "
+            "WHERE vendor IS NOT NULL AND at >= ? AND at < ? GROUP BY name, vendor "
+            "ORDER BY queries DESC, name LIMIT ?", [since, until, limit])
+
+    def top_clients(self, since: float, until: float, limit: int) -> list[dict[str, Any]]:
+        """The clients with the most queries, with their gated queries blocked and allowed."""
+        return self._rows(
+            "SELECT client, count(*) AS queries, sum(vendor IS NOT NULL) AS gated, "
+            "sum(vendor IS NOT NULL AND outcome = 'sinkholed') AS blocked, "
+            "sum(vendor IS NOT NULL AND outcome IN ('cached', 'forwarded', 'stale')) AS allowed, max(at) AS last_at "
+            "FROM queries WHERE at >= ? AND at < ? GROUP BY client ORDER BY queries DESC, client LIMIT ?",
+            [since, until, limit])
+
+    def timeline(self, since: float, until: float, step: float) -> list[dict[str, Any]]:
+        """Queries per `step` seconds from `since` by KIND and by query type: one row per bucket."""
+        buckets: dict[int, dict[str, Any]] = {}
+        for column, key in ((KIND, "kinds"), ("coalesce(type, 'NONE')", "types")):
+            for bucket, label, n in self.db.execute(
+                    f"SELECT CAST((at - ?) / ? AS INTEGER) AS bucket, {column} AS label, count(*) FROM queries "
+                    "WHERE at >= ? AND at < ? GROUP BY bucket, label", [since, step, since, until]).fetchall():
+                row = buckets.setdefault(int(bucket), {"t": since + int(bucket) * step, "kinds": {}, "types": {}})
+                row[key][str(label)] = int(n)
+        return [buckets[b] for b in sorted(buckets)]
+
+    def _rows(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
+        cursor = self.db.execute(sql, args)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def count(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM queries").fetchone()[0])
 
@@ -144,9 +194,12 @@ class QueryLogDb:
         self.db.close()
 
 
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _like_suffix(apex: str) -> str:
-    escaped = apex.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return "%." + escaped
+    return "%." + _like_escape(apex)
 
 
 def _where(f: Filters) -> tuple[str, list[Any]]:
@@ -157,10 +210,13 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
             parts.append(f"{column} = ?")
             args.append(value)
     if f.name is not None:
-        if f.name.startswith("*."):
+        if f.name.startswith("*.") and "*" not in f.name[2:]:
             apex = f.name[2:]
             parts.append("(name = ? OR name LIKE ? ESCAPE '\\')")
             args += [apex, _like_suffix(apex)]
+        elif "*" in f.name:  # a search: '*' stands for any run of characters
+            parts.append("name LIKE ? ESCAPE '\\'")
+            args.append(_like_escape(f.name).replace("*", "%"))
         else:
             parts.append("name = ?")
             args.append(f.name)
@@ -171,4 +227,9 @@ def _where(f: Filters) -> tuple[str, list[Any]]:
     if f.after_id is not None:
         parts.append("id > ?")
         args.append(f.after_id)
+    if f.before_id is not None:
+        parts.append("id < ?")
+        args.append(f.before_id)
+    if f.gated is not None:
+        parts.append("vendor IS NOT NULL" if f.gated else "vendor IS NULL")
     return " AND ".join(parts), args

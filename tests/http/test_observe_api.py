@@ -125,7 +125,7 @@ async def test_bad_query_parameters_are_400_naming_the_field(gate: Gate, query: 
     assert status == 400 and body["error"]["field"] == field
 
 
-@pytest.mark.parametrize("path", ["/v1/queries", "/v1/report", "/v1/events"])
+@pytest.mark.parametrize("path", ["/v1/queries", "/v1/report", "/v1/events", "/v1/top"])
 async def test_log_report_and_events_need_the_admin_token(gate: Gate, path: str) -> None:
     status, body = await gate.http("GET", path)
     assert status == 401 and body["error"]["code"] == "unauthorized"
@@ -231,3 +231,71 @@ async def test_metrics_counts_by_type_protocol_and_outcome(gate: Gate) -> None:
     assert build["version"] == "0.1.0" and build["catalog"] == "2026-11-28" and build["python"]
     # bounded labels: never a client address or a queried name (the upstream label is configuration)
     assert not any(v == "127.0.0.1" or "example" in v for _, labels in got for _, v in labels)
+
+
+async def test_top_names_clients_and_timeline(upstream: StubUpstream, data_dir: Path) -> None:
+    async with running_gate(make_config(upstream, data_dir, querylog=log_config(mode="full"))) as g:
+        for _ in range(3):
+            await g.query("host.example.test", source="127.0.0.61")
+        await g.query("trackcmp.net", source="127.0.0.61")
+        await g.http("PUT", "/v1/consent", source="127.0.0.62", json=GRANT)
+        await g.query("trackcmp.net", source="127.0.0.62")
+        await g.query("x.trackcmp.net", source="127.0.0.62")
+        await g.query("nx.example.test", "AAAA", source="127.0.0.62")
+        status, top = await g.http("GET", "/v1/top?since=1h&limit=2", admin=True)
+        assert status == 200, top
+        assert top["mode"] == "full" and top["step"] == 120.0  # an hour in 30 buckets of 2 minutes
+        assert top["names"] == [{"name": "host.example.test", "queries": 3}, {"name": "trackcmp.net", "queries": 2}]
+        assert top["gated_names"] == [
+            {"name": "trackcmp.net", "vendor": "activecampaign", "queries": 2, "blocked": 1, "allowed": 1},
+            {"name": "x.trackcmp.net", "vendor": "activecampaign", "queries": 1, "blocked": 0, "allowed": 1}]
+        first, second = top["clients"]
+        assert (first["client"], first["queries"], first["gated"], first["blocked"], first["allowed"]) == \
+            ("127.0.0.61", 4, 1, 1, 0)
+        assert first["consent"] == {"profile": "opt-in", "choice": False, "granted": [], "refused": [],
+                                    "expires_at": None}
+        assert (second["client"], second["queries"], second["allowed"]) == ("127.0.0.62", 3, 2)
+        assert second["consent"]["choice"] is True and second["consent"]["granted"] == ["marketing"]
+        kinds: dict[str, int] = {}
+        types: dict[str, int] = {}
+        for bucket in top["timeline"]:
+            for k, n in bucket["kinds"].items():
+                kinds[k] = kinds.get(k, 0) + n
+            for k, n in bucket["types"].items():
+                types[k] = types.get(k, 0) + n
+        # the first host.example.test forwarded, the next two from the cache; nx forwarded (NXDOMAIN)
+        assert kinds == {"forwarded": 2, "cached": 2, "gated": 1, "allowed": 2}
+        assert types == {"A": 6, "AAAA": 1}
+        assert [sum(b["actions"].values()) for b in top["consent_changes"]] == [1]
+        assert top["consent_changes"][0]["actions"] == {"grant": 1}
+        # A window with nothing in it, and one that is not a window.
+        status, top = await g.http("GET", "/v1/top?since=2000-01-01T00:00:00Z&until=2000-01-02T00:00:00Z", admin=True)
+        assert status == 200 and top["names"] == top["clients"] == top["timeline"] == []
+        status, body = await g.http("GET", "/v1/top?since=1h&until=2h", admin=True)
+        assert status == 400 and body["error"]["field"] == "until"
+        status, body = await g.http("GET", "/v1/top?limit=101", admin=True)
+        assert status == 400 and body["error"]["field"] == "limit"
+
+
+async def test_queries_page_back_search_names_and_pick_gated(upstream: StubUpstream, data_dir: Path) -> None:
+    async with running_gate(make_config(upstream, data_dir, querylog=log_config(mode="full"))) as g:
+        for name in ("host.example.test", "trackcmp.net", "other.example.test", "x.trackcmp.net", "nottrackcmp.net"):
+            await g.query(name, source="127.0.0.63")
+
+        async def names(query: str) -> list[str]:
+            status, body = await g.http("GET", "/v1/queries?" + query, admin=True)
+            assert status == 200, body
+            return [e["name"] for e in body["entries"]]
+
+        _, body = await g.http("GET", "/v1/queries?limit=2", admin=True)
+        assert [e["name"] for e in body["entries"]] == ["nottrackcmp.net", "x.trackcmp.net"]
+        older = body["entries"][-1]["id"]
+        assert await names(f"limit=2&before={older}") == ["other.example.test", "trackcmp.net"]
+        assert await names("gated=true") == ["x.trackcmp.net", "trackcmp.net"]
+        assert await names("gated=false&name=*example*") == ["other.example.test", "host.example.test"]
+        assert await names("name=*track*") == ["nottrackcmp.net", "x.trackcmp.net", "trackcmp.net"]
+        assert await names("name=*.trackcmp.net") == ["x.trackcmp.net", "trackcmp.net"]  # as before: and the apex
+        assert await names("name=*_*") == []  # LIKE's own wildcards are plain characters
+        for query, field in (("before=x", "before"), ("gated=yes", "gated")):
+            status, body = await g.http("GET", "/v1/queries?" + query, admin=True)
+            assert status == 400 and body["error"]["field"] == field
