@@ -106,7 +106,7 @@ const Charts = (() => {
     const total = b => keys.reduce((n, k) => n + (b.parts[k.key] || 0), 0);
     if (!buckets.length || !buckets.some(b => total(b) > 0)) return empty(svg, W, H, (opts && opts.empty) || "nothing yet");
     const step = opts.step, t0 = opts.since, t1 = opts.until, span = Math.max(t1 - t0, 1);
-    const max = niceMax(Math.max(...buckets.map(total)));
+    const max = Math.max(4, niceMax(Math.max(...buckets.map(total))));  // counts: whole-number ticks
     const x = t => L + (W - L - R) * (t - t0) / span;
     const y = v => T + (H - T - B) * (1 - v / max);
     yAxis(svg, W, L, R, y, max);
