@@ -105,11 +105,15 @@ class Running:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
         processes = f", {self.workers} processes" if self.workers > 1 else ""
         store = f"; consent store {self.store}" if self.store else ""
-        portal = f"; consent portal {self.portal}" if self.portal else ""
+        # The portal's name resolves only through dnsgate: on this host (whose resolver is usually
+        # another) the API's loopback URL opens it, and the dashboard beside it.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.api.host, self.api.host)
+        here = f"http://{HostPort(host, self.api.port)}"
+        portal = f"; consent portal {self.portal} (on this host {here}/)" if self.portal else ""
         operator = "" if self.operator else f"; warning: {NO_OPERATOR_WARNING}"
         return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}; api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}"
-                f"{operator}")
+                f"; dashboard {here}/dashboard{operator}")
 
 
 def load_notice(cfg: Config) -> Notice:

@@ -140,9 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DNS listen address, UDP and TCP; repeatable; IPv6 as [::1]:5353 (env DNSGATE_DNS)")
     serve.add_argument("--api", metavar="HOST:PORT", type=_api_listen,
                        help="HTTP API listen address, also as http://HOST:PORT (env DNSGATE_API)")
-    serve.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_upstream,
-                       help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
-                            "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
+    upstreams = serve.add_mutually_exclusive_group()
+    upstreams.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_upstream,
+                           help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
+                                "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
+    upstreams.add_argument("--demo-upstream", action="store_true",
+                           help="forward to a built-in upstream on loopback that answers every name with "
+                                "documentation addresses (198.51.100.0/24, 2001:db8::/32): the tour without internet")
     serve.add_argument("--data-dir", metavar="DIR", help="where consent is stored (env DNSGATE_DATA_DIR)")
     serve.add_argument("--store", metavar="sqlite|URL", help="consent store: sqlite (in the data dir) or a Redis "
                        "URL shared by several instances, redis://host:6379/0 (env DNSGATE_STORE)")
@@ -356,7 +360,20 @@ def serve(args: argparse.Namespace) -> int:
                 serving.enter_context(frozen_startup())  # what start-up built stays out of GC passes
 
             # A reload (SIGHUP, POST /v1/reload) reads the same file, environment and flags again.
-            await run(cfg, stop, ready, reread=lambda: load_config(path, overrides))
+            if not args.demo_upstream:
+                await run(cfg, stop, ready, reread=lambda: load_config(path, overrides))
+                return
+            from dnsgate.dns import demo_upstream
+
+            demo, port = await demo_upstream.start("127.0.0.1")
+            serving.callback(demo.close)
+            print(f"dnsgate: --demo-upstream: every name is answered by the built-in upstream on 127.0.0.1:{port}, "
+                  "with documentation addresses (198.51.100.0/24, 2001:db8::/32)", file=sys.stderr, flush=True)
+
+            def with_demo(c: Config) -> Config:
+                return replace(c, upstream=replace(c.upstream, servers=(f"127.0.0.1:{port}",)))
+
+            await run(with_demo(cfg), stop, ready, reread=lambda: with_demo(load_config(path, overrides)))
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -254,3 +254,29 @@ async def test_log_and_report_say_when_dnsgate_is_unreachable(tmp_path: Path) ->
     assert code == 1 and "no admin token" in err
     code, out, err = await _run("log", "--since", "last tuesday", "--token", "t")
     assert code == 2 and out == "" and "--since: expected ISO 8601" in err  # a usage error
+
+
+async def test_the_demo_upstream_answers_the_tour_offline(tmp_path: Path) -> None:
+    # No upstream at all: the built-in one answers, so a grant turns the sinkhole into an address.
+    env = _env()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dnsgate", "serve", "--dns", "127.0.0.1:0", "--api", "127.0.0.1:0", "--demo-upstream",
+        "--data-dir", str(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 15)).decode().strip()
+        match = READY.match(line)
+        assert match, line
+        api = int(match[2])
+        assert f"(on this host http://127.0.0.1:{api}/); dashboard http://127.0.0.1:{api}/dashboard" in line
+        proc = Proc(process, line, int(match[1]), api)
+        assert (await proc.query("trackcmp.net")).rcode() == dns.rcode.NXDOMAIN
+        assert await proc.http("PUT", "/v1/consent", json={"categories": ["marketing"]}) == 200
+        reply = await proc.query("trackcmp.net")
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert next(r.address for rrset in reply.answer for r in rrset).startswith("198.51.100.")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    code, _out, err = await _run("serve", "--demo-upstream", "--upstream", "9.9.9.9")
+    assert code == 2 and "argument --upstream: not allowed with argument --demo-upstream" in err, err
