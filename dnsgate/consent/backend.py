@@ -72,9 +72,10 @@ class Snapshot:
 class ChangeSink(Protocol):
     """What a shared store tells the instance (ConsentService implements it)."""
 
-    def apply_recorded(self, step: Step, event_id: int, own: bool) -> None:
+    def apply_recorded(self, step: Step, event_id: int, own: bool, change: str = "") -> None:
         """A change from the log: put it in force here. `own`: this instance recorded it (its
-        `commit` is about to return), so only the table changes; no log line, no listeners."""
+        `commit` is about to return), so only the table changes; no log line, no listeners.
+        `change`: the change's idempotency key (one answered 503 here stays out of force)."""
 
     def replace_all(self, snapshot: Snapshot) -> None:
         """The whole state again (after the store lost track of what this instance has seen)."""

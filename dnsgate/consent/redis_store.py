@@ -688,7 +688,7 @@ class RedisBackend:
                         sets_profile_of=effects.get("profile_of"), sets_items_of=effects.get("items_of"))
             self._position = event_id
             # Own: the commit announces it (or, for a change in doubt, the service once it is settled).
-            sink.apply_recorded(step, event_id, effects.get("origin") == self.origin)
+            sink.apply_recorded(step, event_id, effects.get("origin") == self.origin, str(effects.get("change", "")))
 
     # -- the log ---------------------------------------------------------------------------------------
     async def _pages(self, reverse: bool = False) -> AsyncIterator[tuple[int, Mapping[str, str]]]:

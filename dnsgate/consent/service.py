@@ -228,14 +228,23 @@ class Held:
                                     pairing=self.pairing)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Doubt:
-    """A change answered 503 that the store may have recorded all the same."""
+    """A change answered 503 that the store may have recorded all the same. Until its undoing is
+    recorded (or the store says it never ran), it is kept out of force here, and no other change is
+    planned: one planned meanwhile would supersede what the store no longer holds."""
 
     change: str
     based_on: int
     steps: Sequence[Step]
     ended: Mapping[int, Choice]  # the choices its steps ended, as they were: what undoing it restores
+    found: dict[int, int] | None = None  # recorded after all: step -> event id (None: not known yet)
+    undo: tuple[str, int, list[Step]] | None = None  # its undoing, written but in doubt too
+
+    def made(self, c: Choice) -> bool:
+        """Whether recorded choice `c` is one this change made (it must not be in force here)."""
+        return any(s.makes_choice and c.subject == s.event.subject and c.made_at == s.event.at
+                   and c.categories == s.event.categories and c.vendors == s.event.vendors for s in self.steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +396,8 @@ class ConsentService:
         if snapshot.lost:
             self._lose_history(snapshot)
         self.table.reset(snapshot.choices)
+        if self._doubts:
+            self._keep_doubts_out()
         if self.table.profiles is not self._profiles:
             self.table.set_profiles(self._profiles)
         self.paired = {}
@@ -398,7 +409,9 @@ class ConsentService:
             self._settle_held()
             self._work.set()
 
-    def apply_recorded(self, step: Step, event_id: int, own: bool) -> None:
+    def apply_recorded(self, step: Step, event_id: int, own: bool, change: str = "") -> None:
+        if change and any(d.change == change for d in self._doubts):
+            return  # answered 503: out of force here until its undoing is recorded (_settle_doubts)
         self._put_in_force(step, event_id)
         if own or step.event.action == "history_lost":
             return  # _commit logs and announces it (a lost history is reported by each instance itself)
@@ -424,6 +437,18 @@ class ConsentService:
         self.table.set_profiles(ProfileMap("opt-in", ()))
         self._feed_problem = problem
         self._report(problem)
+
+    def _keep_doubts_out(self) -> None:
+        """After a reload: what a change answered 503 made or ended, if the store has it, is not in
+        force here; what it ended is, as before it (its undoing will record that)."""
+        now = self.wall()
+        for doubt in self._doubts:
+            for c in [c for c in self.table.choices() if c.id > 0 and doubt.made(c)]:
+                self.table.remove(c.id)
+            for before in doubt.ended.values():
+                current = self.table.choice_of(before.subject)
+                if before.active(now) and (current is None or current.made_at < before.made_at):
+                    self.table.put(before)
 
     def _lose_history(self, snapshot: Snapshot) -> None:
         """The store lost part or all of what this instance had followed, for every instance. A grant
@@ -702,6 +727,7 @@ class ConsentService:
 
     async def _write_held(self, keys: Sequence[str], deadline: float) -> bool:
         """Record the held refusals of `keys` (under the lock); whether all of them are recorded now."""
+        await self._settle_doubts(deadline)  # (a refusal supersedes what the store holds, not a change in doubt)
         for _ in range(PLAN_ATTEMPTS):
             batch = [self._held[k] for k in keys if k in self._held]
             if not batch:
@@ -1354,27 +1380,32 @@ class ConsentService:
         finally:
             self._lock.release()
 
-    async def _change(self, plan: Callable[[], list[Step]], deadline: float) -> int:
+    async def _change(self, plan: Callable[[], list[Step]], deadline: float, undoing: Doubt | None = None) -> int:
         """Plan a change on the table, store it, put it in force; returns the steps recorded.
 
         A shared store refuses a plan made before another instance's change (`Conflict`): catch up
-        with that change and plan again, so that what a change supersedes is always what is in force."""
+        with that change and plan again, so that what a change supersedes is always what is in force.
+        Changes answered 503 that may have been recorded are settled first (`undoing`: this change
+        is the undoing of one)."""
+        if undoing is None:
+            await self._settle_doubts(deadline)
         for _ in range(PLAN_ATTEMPTS):
             based_on = self.store.position
             steps = plan()
             if not steps:
                 return 0
             try:
-                return await self._commit(steps, based_on, deadline)
+                return await self._commit(steps, based_on, deadline, undoing=undoing)
             except Conflict:
                 await self._in_store(self.store.catch_up(self), deadline)
         raise StoreError(f"{self.store.name}: other instances kept changing consent meanwhile; try again")
 
     async def _commit(self, steps: Sequence[Step], based_on: int, deadline: float,
-                      held: Sequence[Held] = ()) -> int:
+                      held: Sequence[Held] = (), undoing: Doubt | None = None) -> int:
         """Persist, then apply to the table; returns how many steps were recorded. `held`: the held
         refusals these steps record (a write of theirs in doubt is settled before they are written
-        again); any other change in doubt is undone if it turns out to have been recorded."""
+        again); `undoing`: the change in doubt these steps undo (an undoing in doubt is asked about,
+        never undone in turn); any other change in doubt is undone if it turns out to have been recorded."""
         change = secrets.token_hex(8)
         operator = self.operator.as_json()  # every record names who ran the network when it was made
         steps = [dataclasses.replace(s, event=dataclasses.replace(s.event, operator=operator)) for s in steps]
@@ -1385,6 +1416,8 @@ class ConsentService:
             if held:
                 for h in held:
                     h.attempt = (change, based_on, list(steps))
+            elif undoing is not None:
+                undoing.undo = (change, based_on, list(steps))
             else:
                 self._doubts.append(Doubt(change, based_on, list(steps), ended))
             self._work.set()
@@ -1432,12 +1465,7 @@ class ConsentService:
         let it finish (the reconciler tries again)."""
         deadline = self._deadline(2)
         async with self._locked(deadline):
-            for doubt in list(self._doubts):
-                found = await self._in_store(self.store.resolve(doubt.change, doubt.based_on), deadline)
-                self._doubts.remove(doubt)
-                if found:
-                    await self._recorded_after_all(doubt.steps, found, deadline)
-                    await self._undo(doubt, found, deadline)
+            await self._settle_doubts(deadline)
             written = 0
             keys = [k for k, h in self._held.items() if h.answered]  # (the others: their request writes them)
             for start in range(0, len(keys), HELD_BATCH):
@@ -1448,11 +1476,35 @@ class ConsentService:
             if written:
                 log.info("consent: %d refusals held while the store was unavailable are recorded now", written)
 
-    async def _undo(self, doubt: Doubt, found: Mapping[int, int], deadline: float) -> None:
+    async def _settle_doubts(self, deadline: float) -> None:
+        """Settle the changes answered 503 that the store may have recorded (under the lock): each one
+        stays out of force and pending until the store says it never ran, or its undoing is recorded,
+        that is confirmed, not only sent. StoreError while the store cannot tell."""
+        for doubt in list(self._doubts):
+            if doubt.undo is not None:
+                change, based_on, steps = doubt.undo
+                found = await self._in_store(self.store.resolve(change, based_on), deadline)
+                if found:  # (asked again if this fails: the log still says so)
+                    await self._undone(doubt, steps, found, deadline)
+                    continue
+                doubt.undo = None  # not recorded, and now never will be: undo it again
+            if doubt.found is None:
+                found = await self._in_store(self.store.resolve(doubt.change, doubt.based_on), deadline)
+                if not found:
+                    self._doubts.remove(doubt)  # never recorded, and now never will be
+                    continue
+                doubt.found = dict(found)
+            await self._undo(doubt, deadline)
+
+    async def _undo(self, doubt: Doubt, deadline: float) -> None:
         """A change answered 503 had been recorded all the same: record its undoing, so that what
-        was in force before it is in force again (unless a later change decided otherwise)."""
+        was in force before it is in force again (unless a later change decided otherwise). It was
+        never put in force here."""
         now = self.wall()
         reason = "answered 503 (the store did not answer in time) but recorded all the same: undone"
+        found = doubt.found or {}
+        if self.store.shared:  # planned on the latest state: the change itself is passed over, not applied
+            await self._in_store(self.store.catch_up(self), deadline)
 
         def plan() -> list[Step]:
             steps: list[Step] = []
@@ -1460,23 +1512,31 @@ class ConsentService:
                 event_id = found.get(i)
                 if event_id is None:
                     continue
-                if step.makes_choice:
-                    made = self.table.find(event_id)
-                    if made is None:
-                        continue  # a later change replaced it
+                if step.makes_choice:  # (skipped by the store if a later change replaced it)
                     before = [doubt.ended[e] for e in step.ends if e in doubt.ended]
-                    steps.append(self._restore(before, made, event_id, now, f"change #{event_id} {reason}"))
+                    steps.append(self._restore(before, step.event.as_choice(event_id), event_id, now,
+                                               f"change #{event_id} {reason}"))
                 elif step.ends and step.event.action == "reset":
                     for e in step.ends:
                         before_reset = doubt.ended.get(e)
-                        if before_reset is not None and self.table.choice_of(before_reset.subject) is None:
+                        current = self.table.choice_of(before_reset.subject) if before_reset is not None else None
+                        if before_reset is not None and (current is None or current.id == e):
                             steps.append(self._restore([before_reset], None, event_id, now,
                                                        f"reset #{event_id} {reason}"))
             return steps
 
-        undone = await self._change(plan, deadline)
+        undone = await self._change(plan, deadline, undoing=doubt)
+        self._doubts.remove(doubt)
         self.undone += undone
-        log.warning("consent: a change answered 503 had been recorded all the same; %d events undo it", undone)
+        if undone:
+            log.warning("consent: a change answered 503 had been recorded all the same; %d events undo it", undone)
+
+    async def _undone(self, doubt: Doubt, steps: Sequence[Step], found: Mapping[int, int], deadline: float) -> None:
+        """The undoing of `doubt`, in doubt itself, turned out recorded: in force here, and `doubt` settled."""
+        await self._recorded_after_all(steps, found, deadline)
+        self._doubts.remove(doubt)
+        self.undone += len(found)
+        log.warning("consent: a change answered 503 had been recorded all the same; %d events undo it", len(found))
 
     def _restore(self, before: Sequence[Choice], made: Choice | None, event_id: int, now: float,
                  reason: str) -> Step:

@@ -367,3 +367,38 @@ async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, t
         assert log[2]["supersedes"] == log[1]["id"] and "answered 503" in log[2]["reason"]
         check_log(ledger, log)
     record("redis_lost_reply", ledger)
+
+
+async def test_an_undo_whose_answer_is_lost_is_not_undone_again(upstream: StubUpstream, tmp_path: Path,
+                                                                redis_server: RedisServer) -> None:
+    """A grant answered 503 turns out to be recorded; A records its undoing, but that answer is lost
+    too. The grant must stay out of force until the undo is known to be recorded, and the undo, once
+    confirmed, is the end of it: it is never taken for another change answered 503 and undone in
+    turn (which put the refused grant back in force on every instance)."""
+    client = CLIENTS[0]
+    ledger = Ledger(CLIENTS[:1])
+    async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
+        a, b = lives
+        assert (await ledger.change(a, 0, client, False)).status == 200
+        proxy.drop_replies(after=b"'late'")  # the grant's own script: recorded, its answer lost
+        answer = await ledger.change(a, 0, client, True)
+        assert answer.status == 503 and answer.took < ANSWER_WITHIN
+        proxy.drop_replies(after=b"'late'")  # A's questions answered again, but not its next change: the undo
+
+        async def undo_recorded() -> bool:
+            return [e["action"] for e in await b.export()] == ["refusal", "grant", "refusal"]
+
+        await eventually(undo_recorded, 10.0, "A records the undo (its answer lost)")
+        assert not await a.allowed(client)  # the refused grant was never in force here, nor is it now
+        await asyncio.sleep(ANSWER_WITHIN * 2)  # A gives up asking about it: the undo is in doubt in turn
+        assert not await a.allowed(client)
+        proxy.heal()
+        await eventually(a.settled, 10.0, "A back")
+        await asyncio.sleep(2.0)  # (time for a wrong undo of the undo to land)
+        await check_exact(ledger, lives, within=SECOND)
+        log = await b.export()
+        assert [e["action"] for e in log] == ["refusal", "grant", "refusal"], log
+        assert log[2]["supersedes"] == log[1]["id"] and "answered 503" in log[2]["reason"]
+        assert await a.metric("dnsgate_consent_changes_undone_total") == 1
+        check_log(ledger, log)
+    record("redis_lost_undo_reply", ledger)
