@@ -81,7 +81,7 @@ from dnsgate.consent.model import (
 )
 from dnsgate.consent.notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from dnsgate.consent.pairing import Offer, Pairings
-from dnsgate.consent.sqlite_store import Event, EventFilter, Step, StoreError
+from dnsgate.consent.sqlite_store import Event, EventFilter, RefusalsHeld, Step, StoreError
 from dnsgate.rules.catalog import Catalog, DomainRule, Vendor
 from dnsgate.wire import name_to_wire
 
@@ -648,10 +648,24 @@ class ConsentService:
         if action is None:
             await self._refuse(plan(), deadline, subject)
         else:
-            async with self._locked(deadline):
-                if self.store.shared:
-                    await self._load_links(subject, deadline)
-                await self._change(plan, deadline)
+            # What the choice takes away (a category or vendor it refuses that the choice in force
+            # allows, a GPC opt-out) holds at once, as a withdrawal does, whatever the store does;
+            # the recorded choice replaces it (it was made at the same time: _settle_held).
+            held = self._hold(self._refusal_part(subject, categories, vendors, caller, profile, now), narrowing=True)
+            for key in held:
+                self._held[key].answered = True
+            if held:
+                await self._replicate()
+            try:
+                async with self._locked(deadline):
+                    if self.store.shared:
+                        await self._load_links(subject, deadline)
+                    await self._change(plan, deadline)
+            except StoreError as exc:
+                if not any(key in self._held for key in held):
+                    raise
+                self._work.set()  # (the reconciler records them once the store answers)
+                raise RefusalsHeld(str(exc), self._held_note()) from exc
         if subject.address is not None and (profile == "kiosk" or (link is not None and link.kiosk)):
             # a new session (or an identity joining one): its idle clock starts now
             self.table.set_seen(subject.address, now)
@@ -688,6 +702,39 @@ class ConsentService:
             if key in self._held:
                 self._held[key].answered = True
                 self._work.set()
+
+    def _refusal_part(self, subject: Subject, categories: Mapping[str, bool], vendors: Mapping[str, bool],
+                      caller: Caller, profile: Profile, now: float) -> list[Step]:
+        """The refusals of a choice that also grants, as a choice of their own: the choice in force
+        for `subject` with what the new one refuses (and the vendors GPC opts out) refused too; none
+        if that takes nothing away."""
+        superseded = self.table.superseded_by(subject)
+        own = next((c for c in superseded if c.active(now)), None)
+        if own is None and profile != "opt-out":
+            return []  # (nothing resolves for it without a choice: nothing to take away)
+        opted, gpc_seen_at, _ = self._under_gpc(subject, categories, vendors, caller, profile, now)
+        narrowed = _narrowed(own, categories, opted)
+        if narrowed is None:
+            return []
+        new_c, new_v = narrowed
+        expires_at, _ = self._expiry(profile, new_c, new_v, now)
+        if own is not None and own.grants_anything:
+            expires_at = min(expires_at, own.expires_at)  # its grants keep their own expiry
+        basis = self._covering(Basis(None, own.items if own else {}, own.terms if own else "",
+                                     own.language if own else ""), new_v)
+        refused = ", ".join([*(c for c, said in categories.items() if said is False),
+                             *(v for v, said in opted.items() if said is False)])
+        return [self._choice_step(subject, "refusal", new_c, new_v, now, expires_at, basis, caller, profile,
+                                  reason=f"what a choice made at the same time refuses ({refused}), recorded on "
+                                         "its own: the consent store could not record that choice, whose grants "
+                                         "changed nothing",
+                                  gpc_seen_at=gpc_seen_at)]
+
+    def _held_note(self) -> str:
+        others = " (other dnsgate instances apply it once it is recorded)" if self.store.shared else ""
+        return (f"in force here now but not recorded yet: the consent store is unavailable "
+                f"({self.store_problem or 'no answer in time'}); it is recorded as soon as the store answers"
+                f"{others}, and a restart of dnsgate before then forgets it")
 
     def _hold(self, steps: Sequence[Step], narrowing: bool = False) -> list[str]:
         """Each refusal in `steps` in force now as a `Held` choice; returns their subjects' keys. The
@@ -823,12 +870,14 @@ class ConsentService:
             return Subject(self._address_of_mac(subject.mac), subject.mac)
         return subject
 
-    async def honour_gpc(self, caller: Caller) -> bool:
+    async def honour_gpc(self, caller: Caller, wait: bool = True) -> bool:
         """`Sec-GPC: 1` on a request from a client on an opt-out network: record an opt-out of
         sale/sharing for every vendor that sells or shares data and may resolve for it, whatever else
         its choice grants, unless the person granted that very vendor after GPC was seen (the later,
         specific word wins). The client's other decisions stay as they were. The opt-out only takes
-        away: it is in force at once and held until recorded. Returns whether it opted the client out."""
+        away: it is in force at once and held until recorded. Returns whether it opted the client out.
+        `wait=False`: the request has had its time with the store already (its change failed), so
+        the opt-out is held and left to the reconciler instead of waiting for the store again."""
         if caller.address is None:
             return False
         address = caller.address
@@ -868,6 +917,12 @@ class ConsentService:
         steps = plan()  # (most requests carrying GPC have nothing left to opt out of)
         if not steps:
             return False
+        if not wait:
+            for key in self._hold(steps, narrowing=True):
+                self._held[key].answered = True
+                self._work.set()
+            await self._replicate()
+            return True
         await self._refuse(steps, self._deadline(), narrowing=True)
         return True
 
@@ -1585,11 +1640,7 @@ class ConsentService:
         else:
             view = self.view_subject(subject)
         if subject.key in self._held:
-            others = " (other dnsgate instances apply it once it is recorded)" if self.store.shared else ""
-            view = dataclasses.replace(view, held=(
-                f"in force here now but not recorded yet: the consent store is unavailable "
-                f"({self.store_problem or 'no answer in time'}); it is recorded as soon as the store answers"
-                f"{others}, and a restart of dnsgate before then forgets it"))
+            view = dataclasses.replace(view, held=self._held_note())
         return view
 
     async def _in_store(self, op: Awaitable[T], deadline: float | None = None) -> T:

@@ -69,6 +69,16 @@ class StoreError(Exception):
     """The consent store cannot be read or written."""
 
 
+class RefusalsHeld(StoreError):
+    """A choice the store could not record, whose refusals (what it takes away from the choice in
+    force, a GPC opt-out) are in force here all the same and recorded once the store answers
+    (`held` says so); its grants changed nothing."""
+
+    def __init__(self, message: str, held: str) -> None:
+        super().__init__(message)
+        self.held = held
+
+
 class Abandon:
     """A change's deadline, shared by the thread that writes it and the caller waiting for it. The
     caller gives up (`now`) only while the transaction has not begun to commit, and the writer checks

@@ -42,6 +42,7 @@ from dnsgate.http.guard import (
     html_error,
     local_address,
     security_headers,
+    store_error_response,
     store_unavailable,
     token_matches,
 )
@@ -64,7 +65,7 @@ class ConsentControl(Protocol):
     def mac_of(self, address: str) -> str | None: ...
     async def choose(self, subject: Subject, request: ChoiceRequest, caller: Caller) -> ClientView: ...
     async def withdraw(self, subject: Subject, caller: Caller, shown: ChoiceRequest | None = None) -> ClientView: ...
-    async def honour_gpc(self, caller: Caller) -> bool: ...
+    async def honour_gpc(self, caller: Caller, wait: bool = True) -> bool: ...
     async def end_session(self, subject: Subject, caller: Caller, reason: str) -> ClientView: ...
     def offer_pairing(self, caller: Caller) -> Offer | None: ...
     def view(self, address: str, mac: str | None = None) -> ClientView: ...
@@ -177,9 +178,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except StoreError as exc:  # the store cannot be reached: nothing changed, trackers stay blocked
         # (the outage itself is logged once, as an error, by the consent service)
         log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
-        return error_response(503, "consent_store_unavailable",
-                              f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
-                              "trackers stay blocked for clients without a recorded grant")
+        return store_error_response(exc)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, "body_too_large", f"request body over {request.app[SETTINGS].max_body} bytes")
     except web.HTTPException as exc:
@@ -237,18 +236,21 @@ async def global_privacy_control(request: web.Request, handler: Handler) -> web.
         return await handler(request)
     try:
         response = await handler(request)
+    except StoreError:
+        await _honour_gpc(request, wait=False)  # (the change had its time with the store: answer now)
+        raise
     except Exception:
         await _honour_gpc(request)
         raise
     if response.status >= 400:
-        await _honour_gpc(request)
+        await _honour_gpc(request, wait=response.status != 503)
     return response
 
 
-async def _honour_gpc(request: web.Request) -> None:
+async def _honour_gpc(request: web.Request, wait: bool = True) -> None:
     # A store that fails: the opt-out holds in memory (ConsentService), the request is answered all the same.
     with contextlib.suppress(StoreError):
-        await request.app[CONSENT].honour_gpc(the_caller(request))
+        await request.app[CONSENT].honour_gpc(the_caller(request), wait)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from dnsgate.consent.model import normalize_client
-from dnsgate.consent.sqlite_store import StoreError
+from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,19 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
     except StoreError as exc:
         # (the outage itself is logged once, as an error, by the consent service)
         log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
-        return error_response(503, "consent_store_unavailable",
-                              f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
-                              "trackers stay blocked for clients without a recorded grant")
+        return store_error_response(exc)
+
+
+def store_error_response(exc: StoreError) -> web.Response:
+    """503: nothing changed; or, for a choice whose refusals hold (`RefusalsHeld`), nothing it grants."""
+    if isinstance(exc, RefusalsHeld):
+        return web.json_response({"error": {
+            "status": 503, "code": "consent_store_unavailable",
+            "message": f"consent cannot be recorded right now ({exc}); nothing this choice grants was changed, "
+                       "what it refuses is in force at once (see held)"}, "held": exc.held}, status=503)
+    return error_response(503, "consent_store_unavailable",
+                          f"consent cannot be recorded or read right now ({exc}); nothing was changed, "
+                          "trackers stay blocked for clients without a recorded grant")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from aiohttp import web
 from dnsgate.config import HostPort
 from dnsgate.consent.model import Subject
 from dnsgate.consent.service import ChoiceRequest, ConsentError
-from dnsgate.consent.sqlite_store import StoreError
+from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
 from dnsgate.dns.portal_address import FAMILY_NAMES
 from dnsgate.http import portal_page
 from dnsgate.http.consent_api import (
@@ -186,6 +186,10 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
         if exc.code == "notice_changed":
             raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None
         return _render_after_post(request, back, exc.message, exc.status)
+    except RefusalsHeld as exc:
+        return _render_after_post(request, back, f"the consent store is unavailable ({exc}); nothing this choice "
+                                  "grants was changed, what it refuses holds here at once and is recorded as soon "
+                                  "as the store answers", 503)
     except StoreError as exc:
         return _render_after_post(request, back, f"the consent store is unavailable ({exc}); nothing was changed", 503)
     raise web.HTTPSeeOther("/?" + urlencode({**back, "done": done}))

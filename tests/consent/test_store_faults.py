@@ -5,6 +5,7 @@ answering, and the error shows in the log, /healthz and /metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -12,6 +13,8 @@ import resource
 import signal
 import sqlite3
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import pytest
 
 from dnsgate.config import ProfilesConfig
 from tests.conftest import Gate, make_config, running_gate
-from tests.support.consent_fixtures import eventually, parse_jsonl
+from tests.support.consent_fixtures import OPT_OUT, PIXEL, consent_config, eventually, parse_jsonl, two_vendor_catalog
 from tests.support.stub_upstream import StubUpstream
 
 NXDOMAIN, NOERROR = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
@@ -179,3 +182,74 @@ async def test_a_withdrawal_by_the_portal_form_holds_while_the_store_is_locked(u
         await eventually(lambda: held_recorded(g), timeout=10.0)
         log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
         assert [e["action"] for e in log] == ["grant", "withdrawal"] and log[1]["channel"] == "portal"
+
+
+@contextlib.contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Another process's transaction holds the consent store for as long as the block runs."""
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+async def test_what_a_choice_refuses_holds_at_once_though_its_grants_cannot_be_recorded(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    """A choice that grants one vendor and refuses another the choice in force grants, while the store
+    is locked: its grant is refused (503, nothing granted), but its refusal holds at once, as a
+    withdrawal would, and is recorded once the store answers, so that a restart keeps it."""
+    upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
+    client = "127.0.0.93"
+    cfg = consent_config(make_config(upstream, data_dir), catalog=two_vendor_catalog(data_dir.parent))
+    async with running_gate(cfg) as g:
+        assert (await g.http("PUT", "/v1/consent", source=client, json={"categories": ["marketing"]}))[0] == 200
+        assert await rcode(g, "trackcmp.net", client) == NOERROR and await rcode(g, PIXEL, client) == NOERROR
+        with locked(data_dir / "consent.sqlite3"):
+            change = asyncio.ensure_future(g.http("PUT", "/v1/consent", source=client,
+                                                  json={"vendors": {"activecampaign": False, "pixelco": True}}))
+            await asyncio.sleep(0.5)  # the store is still being waited for
+            assert not change.done()
+            assert await rcode(g, "trackcmp.net", client) == NXDOMAIN  # the "no" holds at once
+            status, body = await change
+            assert status == 503 and "not recorded yet" in body["held"], body
+            assert "nothing this choice grants was changed" in body["error"]["message"]
+            assert await rcode(g, "trackcmp.net", client) == NXDOMAIN
+            assert await rcode(g, PIXEL, client) == NOERROR  # (granted before: the 503 takes nothing else away)
+        await eventually(lambda: held_recorded(g), timeout=10.0)
+        log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
+        assert [e["action"] for e in log] == ["grant", "refusal"], log
+        assert log[1]["vendors"] == {"activecampaign": False} and log[1]["categories"]["marketing"] is True
+        assert log[1]["supersedes"] == log[0]["id"]
+    async with running_gate(cfg) as g:  # recorded, not only applied in memory
+        assert await rcode(g, "trackcmp.net", client) == NXDOMAIN
+        assert await rcode(g, PIXEL, client) == NOERROR
+
+
+async def test_a_gpc_choice_is_answered_within_the_deadline_and_its_opt_out_holds_at_once(
+        upstream: StubUpstream, data_dir: Path) -> None:
+    """Sec-GPC: 1 on a choice that grants another vendor, on an opt-out network, while the store is
+    locked: the opt-out holds at once, and the answer (503: the grant is not recorded) comes within
+    the change's deadline, not after a second wait for the store to record the opt-out."""
+    upstream.add(PIXEL, f"{PIXEL}. 300 IN A 198.51.100.9")
+    client = OPT_OUT + "93"
+    cfg = consent_config(make_config(upstream, data_dir), catalog=two_vendor_catalog(data_dir.parent))
+    async with running_gate(cfg) as g:
+        assert await rcode(g, "trackcmp.net", client) == NOERROR  # opt-out network: allowed until...
+        with locked(data_dir / "consent.sqlite3"):
+            start = time.monotonic()
+            change = asyncio.ensure_future(g.http("PUT", "/v1/consent", source=client, headers={"Sec-GPC": "1"},
+                                                  json={"vendors": {"pixelco": True}}))
+            await asyncio.sleep(0.5)
+            assert await rcode(g, "trackcmp.net", client) == NXDOMAIN  # the opt-out holds at once
+            status, body = await change
+            took = time.monotonic() - start
+            assert status == 503 and "held" in body, body
+            assert took < 2.5, f"answered after {took:.2f} s (the deadline is 2 s)"
+        await eventually(lambda: held_recorded(g), timeout=10.0)
+        assert await rcode(g, "trackcmp.net", client) == NXDOMAIN
+        log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
+        assert [(e["action"], e["vendors"]) for e in log] == [("refusal", {"activecampaign": False})], log
+        assert log[0]["sec_gpc"] == "1"
