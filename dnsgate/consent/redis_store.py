@@ -51,8 +51,9 @@ epoch whose ids start above every id used before), or entries trimmed past its p
 reload; otherwise it reads the log on from where it stopped. A new epoch after a loss starts with a
 `history_lost` entry saying what is missing, and its ids start above every id of the old one (at
 the loss time in milliseconds, or the last id this instance saw, whichever is higher), so no id is
-ever used twice. The epoch an instance followed is remembered in its data dir, so a loss that
-happened while it was stopped is seen at its next start.
+ever used twice. The epoch an instance followed, and how far it read (written at most a second
+behind, and at shutdown), is remembered in its data dir, so a loss that happened while it was
+stopped, or killed, is seen at its next start.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ RESOLVE_RESERVE: Final = 0.4
 CLOCK_MARGIN_MS: Final = 100
 CANCEL_MARK_MS: Final = 60_000
 CLOCK_EVERY: Final = 10.0  # seconds between readings of Redis's clock by the follower
+# Seconds between writes of how far this instance read (to its data dir) while the log moves: a
+# process killed without shutting down remembers that much less of what a Redis emptied meanwhile lost.
+REMEMBER_EVERY: Final = 1.0
 
 # The epoch, the sequence, the trimmed point and Redis's clock, read together.
 STATE: Final = """
@@ -294,6 +298,7 @@ class RedisBackend:
         self._loaded = False  # the table holds this epoch's state up to `position`
         self._fresh = 0.0  # time.monotonic() of the last read that saw the whole log
         self._clock: tuple[float, float] | None = None  # (Redis's time in ms, time.monotonic() then)
+        self._remembered = (0, 0.0)  # (the position last written to `memory`, time.monotonic() then)
         self._remember()
 
     @property
@@ -340,6 +345,7 @@ class RedisBackend:
                 self._position = int(kept.get("position", 0))
             return
         record = {"store": self.name, "prefix": self.prefix, "epoch": self._epoch, "position": self._position}
+        self._remembered = (self._position, time.monotonic())
         try:
             part = self.memory.with_name(self.memory.name + ".new")
             part.write_text(json.dumps(record) + "\n", encoding="utf-8")
@@ -632,6 +638,9 @@ class RedisBackend:
                     self._fresh = max(self._fresh, sent)
                     for _stream, entries in found or ():
                         self._apply(entries, sink)
+                    written, written_at = self._remembered
+                    if self._position != written and time.monotonic() - written_at > REMEMBER_EVERY:
+                        self._remember(self._position)
             except _Reload:
                 self._loaded = False
             except StoreError as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from dnsgate.consent.export import parse_time
@@ -38,6 +39,7 @@ from tests.support.consent_ledger import (
     record,
     resolves,
 )
+from tests.reliability.process import serve
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import StubUpstream
 from tests.support.tcp_proxy import tcp_proxy
@@ -402,3 +404,50 @@ async def test_an_undo_whose_answer_is_lost_is_not_undone_again(upstream: StubUp
         assert await a.metric("dnsgate_consent_changes_undone_total") == 1
         check_log(ledger, log)
     record("redis_lost_undo_reply", ledger)
+
+
+# -- Redis emptied while no instance ran --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stopped_by", ["SIGTERM", "SIGKILL"])
+async def test_redis_emptied_while_no_instance_ran(upstream: StubUpstream, tmp_path: Path,
+                                                   redis_server: RedisServer, stopped_by: str) -> None:
+    """dnsgate (a real process) records grants, is stopped (cleanly, or killed: no shutdown code
+    runs), Redis restarts empty, dnsgate starts again: it must see that the history it followed is
+    gone (its data dir remembers which one it was and how far it read), report it in /healthz and
+    /metrics as a live loss is, and not start as if on a fresh, empty store."""
+    data = tmp_path / "a"
+    served = await serve(upstream.address, data, "--store", redis_server.url, token=TOKEN)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            for client in CLIENTS[:3]:
+                async with http.put(f"{served.api}/v1/clients/{client}/consent", json=GRANT) as r:
+                    assert r.status == 200, await r.text()
+            assert await resolves(served.dns_port, CLIENTS[0])
+            if stopped_by == "SIGKILL":
+                await asyncio.sleep(1.5)  # (what it remembers may lag this much behind)
+                await served.kill9()
+            else:
+                await served.stop()
+    finally:
+        if served.process.returncode is None:
+            await served.kill9()
+    redis_server.stop(kill=True)
+    redis_server.wipe()
+    redis_server.start()
+    served = await serve(upstream.address, data, "--store", redis_server.url, token=TOKEN)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.get(f"{served.api}/healthz") as r:
+                health = await r.json()
+            assert str(health["consent_store"]).startswith("history lost at "), health
+            assert "event #3" in health["consent_store_history_lost"]["what"], health
+            async with http.get(f"{served.api}/metrics") as r:
+                assert "dnsgate_consent_store_history_lost_total 1.0" in await r.text()
+            assert not await resolves(served.dns_port, CLIENTS[0])
+            async with http.get(f"{served.api}/v1/audit/export?format=jsonl") as r:
+                log = parse_jsonl(await r.text())
+            assert log[0]["action"] == "history_lost" and log[0]["id"] > 3, log
+    finally:
+        lines = await served.stop()
+    assert any("lost its history" in line for line in lines), lines[-5:]
