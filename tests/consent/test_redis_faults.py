@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from dnsgate.consent.export import parse_time
 from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
+from tests.consent.test_sqlite_faults import TOKEN as SQLITE_TOKEN
+from tests.consent.test_sqlite_faults import Proc
+from tests.reliability.process import serve
 from tests.support.consent_fixtures import consent_config, parse_jsonl
 from tests.support.consent_ledger import (
     GRANT,
@@ -39,7 +41,6 @@ from tests.support.consent_ledger import (
     record,
     resolves,
 )
-from tests.reliability.process import serve
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import StubUpstream
 from tests.support.tcp_proxy import tcp_proxy
@@ -412,42 +413,43 @@ async def test_an_undo_whose_answer_is_lost_is_not_undone_again(upstream: StubUp
 @pytest.mark.parametrize("stopped_by", ["SIGTERM", "SIGKILL"])
 async def test_redis_emptied_while_no_instance_ran(upstream: StubUpstream, tmp_path: Path,
                                                    redis_server: RedisServer, stopped_by: str) -> None:
-    """dnsgate (a real process) records grants, is stopped (cleanly, or killed: no shutdown code
+    """dnsgate (a real process) records changes, is stopped (cleanly, or killed: no shutdown code
     runs), Redis restarts empty, dnsgate starts again: it must see that the history it followed is
     gone (its data dir remembers which one it was and how far it read), report it in /healthz and
     /metrics as a live loss is, and not start as if on a fresh, empty store."""
     data = tmp_path / "a"
-    served = await serve(upstream.address, data, "--store", redis_server.url, token=TOKEN)
+    ledger = Ledger(CLIENTS[:6])
+    proc = Proc(await serve(upstream.address, data, "--store", redis_server.url, token=SQLITE_TOKEN))
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            for client in CLIENTS[:3]:
-                async with http.put(f"{served.api}/v1/clients/{client}/consent", json=GRANT) as r:
-                    assert r.status == 200, await r.text()
-            assert await resolves(served.dns_port, CLIENTS[0])
-            if stopped_by == "SIGKILL":
-                await asyncio.sleep(1.5)  # (what it remembers may lag this much behind)
-                await served.kill9()
-            else:
-                await served.stop()
+        await churn(ledger, [proc], 1.5)
+        await check_exact(ledger, [proc], within=SECOND)
+        last = max(e["id"] for e in await proc.export())
+        if stopped_by == "SIGKILL":
+            await asyncio.sleep(1.5)  # (what it remembers may lag this much behind)
+            await proc.served.kill9()
     finally:
-        if served.process.returncode is None:
-            await served.kill9()
+        await proc.served.stop()
     redis_server.stop(kill=True)
     redis_server.wipe()
     redis_server.start()
-    served = await serve(upstream.address, data, "--store", redis_server.url, token=TOKEN)
+    start = time.monotonic()
+    proc = Proc(await serve(upstream.address, data, "--store", redis_server.url, token=SQLITE_TOKEN))
     try:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            async with http.get(f"{served.api}/healthz") as r:
-                health = await r.json()
-            assert str(health["consent_store"]).startswith("history lost at "), health
-            assert "event #3" in health["consent_store_history_lost"]["what"], health
-            async with http.get(f"{served.api}/metrics") as r:
-                assert "dnsgate_consent_store_history_lost_total 1.0" in await r.text()
-            assert not await resolves(served.dns_port, CLIENTS[0])
-            async with http.get(f"{served.api}/v1/audit/export?format=jsonl") as r:
-                log = parse_jsonl(await r.text())
-            assert log[0]["action"] == "history_lost" and log[0]["id"] > 3, log
+        health = await proc.health()
+        recovered = time.monotonic() - start
+        assert str(health["consent_store"]).startswith("history lost at "), health
+        assert f"event #{last}" in health["consent_store_history_lost"]["what"], health
+        _, metrics = await proc.http("GET", "/metrics")
+        assert "dnsgate_consent_store_history_lost_total 1.0" in metrics
+        for client in ledger.clients:  # nothing the empty Redis cannot prove applies
+            assert not await proc.allowed(client)
+        log = await proc.export()
+        assert log[0]["action"] == "history_lost" and log[0]["id"] > last, log
+        after = Ledger(ledger.clients)
+        await churn(after, [proc], 1.0)
+        await check_exact(after, [proc], within=SECOND)
+        check_log(after, [e for e in await proc.export() if e["action"] != "history_lost"])
     finally:
-        lines = await served.stop()
-    assert any("lost its history" in line for line in lines), lines[-5:]
+        lines = await proc.served.stop()
+    assert sum("lost its history" in line for line in lines) == 1, lines[-5:]
+    record(f"redis_emptied_while_stopped_{stopped_by.lower()}", ledger, recovered=recovered)

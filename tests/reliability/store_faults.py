@@ -4,11 +4,13 @@ figures of the ones that did.
     .venv/bin/python -m tests.reliability.store_faults [--runs 10] [-k EXPRESSION]
 
 Each run is one pytest session over tests/consent/test_redis_faults.py and
-tests/consent/test_sqlite_faults.py (every fault: Redis SIGKILL, SIGSTOP, restarted empty, restored
-from an older copy, an instance partitioned, an empty restart it missed, a lost reply; SQLite disk
-full, read-only at start, damaged pages). Every test that passes appends its ledger's figures to a
-file (tests/support/consent_ledger.py `record`); this sums them per fault: runs passed, changes answered 200,
-202 and 503, the slowest answer, and how long the instances took to settle once the store was back.
+tests/consent/test_sqlite_faults.py (every fault: Redis SIGKILL, SIGSTOP, restarted empty, emptied
+while no instance ran, restored from an older copy, an instance partitioned, an empty restart it
+missed, a lost reply and a lost undo; SQLite disk full, read-only at start, damaged pages). Every
+test that passes appends its ledger's figures to a file (tests/support/consent_ledger.py `record`);
+this sums them per fault: runs passed, changes answered 200, 202 and 503 (during the fault, where
+it has a during), the slowest answer, the DNS answers compared with the ledger (a stale one fails
+the run), and how long the instances took to settle once the store was back.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ def report(runs: int, passed: int, failures: list[str], figures: list[dict[str, 
         total = {k: sum(r[k] for r in rows) for k in ("changes", "200", "202", "503")}
         during = {k: sum(r["during"][k] for r in rows) for k in ("200", "202", "503")}
         slowest = max(r["slowest"] for r in rows)
+        checked = sum(r.get("dns_checked", 0) for r in rows)
         recovered = [r["recovered"] for r in rows if "recovered" in r]
         settle = f"; settled {min(recovered):.2f}-{max(recovered):.2f} s after the store was back" if recovered else ""
         fault = (f" ({during['200']} x 200, {during['202']} x 202, {during['503']} x 503 during the fault)"
                  if any(during.values()) else "")
         out.append(f"{test}: passed {len(rows)} times; {total['changes']} changes{fault}; slowest answer "
-                   f"{slowest:.2f} s{settle}")
+                   f"{slowest:.2f} s; {checked} DNS answers checked against the answers given, 0 stale{settle}")
     out += failures
     return "\n".join(out)
 

@@ -54,6 +54,7 @@ class Answer:
 class Ledger:
     clients: Sequence[str]
     answers: dict[str, list[Answer]] = field(default_factory=dict)
+    dns_checked: int = 0  # DNS answers compared with the ledger (check_safe, check_exact): none was stale
 
     def __post_init__(self) -> None:
         self.answers = {c: [] for c in self.clients}
@@ -106,7 +107,8 @@ def record(test: str, ledger: Ledger, during: Counter[int] | None = None, **extr
     d = during or Counter()
     line = {"test": test, "changes": sum(s.values()), "200": s[200], "202": s[202], "503": s[503],
             "during": {"200": d[200], "202": d[202], "503": d[503]},
-            "slowest": round(ledger.slowest(), 3), **{k: round(v, 3) for k, v in extra.items()}}
+            "slowest": round(ledger.slowest(), 3), "dns_checked": ledger.dns_checked,
+            **{k: round(v, 3) for k, v in extra.items()}}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -133,6 +135,7 @@ async def churn(ledger: Ledger, instances: Sequence[Instance], seconds: float,
 async def check_safe(ledger: Ledger, instances: Sequence[Instance], which: Sequence[int] | None = None) -> None:
     for i in which if which is not None else range(len(instances)):
         for client in ledger.clients:
+            ledger.dns_checked += 1
             if await instances[i].allowed(client):
                 assert ledger.expected(client, on=i), (f"instance {i} lets {client} resolve {TRACKER}, but its last "
                                                  f"answered change was not a grant: {ledger.answers[client][-3:]}")
@@ -144,6 +147,7 @@ async def check_exact(ledger: Ledger, instances: Sequence[Instance], within: flo
     for i, instance in enumerate(instances):
         for client in ledger.clients:
             want = ledger.expected(client)
+            ledger.dns_checked += 1
             while await instance.allowed(client) != want:
                 assert time.monotonic() < deadline, (
                     f"instance {i}: {client} {'blocked' if want else 'allowed'}, but its last answered change "
