@@ -243,7 +243,7 @@ async def top(request: web.Request) -> web.Response:
     if limit > TOP_LIMIT:
         raise ApiError(400, "invalid_field", f"limit must be 1..{TOP_LIMIT}", "limit")
     step = _step(until - since)
-    names, gated, clients, timeline = await o.querylog.read(lambda db: (
+    names, gated, clients, timeline = await o.querylog.aggregate(lambda db: (
         db.top_names(since, until, limit), db.top_gated(since, until, limit), db.top_clients(since, until, limit),
         db.timeline(since, until, step)))
     control = request.app[CONSENT]

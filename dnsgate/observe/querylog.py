@@ -120,6 +120,10 @@ class QueryLog:
         self._gated_clients: dict[str, tuple[float, float]] = {}
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-querylog")
+        # The admin dashboard's aggregates scan the window (seconds over a million rows): on a thread
+        # and connection of their own, so the writer never waits for them (nor drops entries meanwhile).
+        self._aggregates = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-querylog-read")
+        self._reader: QueryLogDb | None = None
         self._last_prune = 0.0
         # The writer thread's memos: question bytes -> (name, type), client -> its label in the log.
         self._names: dict[bytes | None, tuple[str | None, str | None]] = {}
@@ -241,6 +245,21 @@ class QueryLog:
         db = self.db
         return await self._in_thread(lambda: fn(db))
 
+    async def aggregate(self, fn: Callable[[QueryLogDb], T]) -> T:
+        """Run a long read (the admin dashboard's) after flushing, on the reading thread's own
+        read-only connection: it sees everything written so far and holds up no write."""
+        await self.flush()
+        if self.db is None:
+            raise RuntimeError("the query log is off")
+        path = self.db.path
+
+        def run() -> T:
+            if self._reader is None:
+                self._reader = QueryLogDb(path, read_only=True)
+            return fn(self._reader)
+
+        return await asyncio.get_running_loop().run_in_executor(self._aggregates, run)
+
     async def entries(self, filters: Filters, limit: int, newest_first: bool = True) -> list[Row]:
         if self.mode == "anonymous" and filters.client is not None:
             filters = replace(filters, client=self.client_label(filters.client))
@@ -248,6 +267,10 @@ class QueryLog:
 
     async def close(self) -> None:
         await self.flush()
+        reader, self._reader = self._reader, None
+        if reader is not None:  # first: the writer's connection, closed last, checkpoints the WAL
+            await asyncio.get_running_loop().run_in_executor(self._aggregates, reader.close)
+        self._aggregates.shutdown(wait=True)
         if self.db is not None:
             db = self.db
             await self._in_thread(db.close)

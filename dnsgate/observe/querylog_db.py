@@ -50,8 +50,19 @@ class Filters:
 
 
 class QueryLogDb:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        """`read_only`: a second connection to a file the writer's has set up, for the admin
+        dashboard's aggregates (WAL: it reads a snapshot while the writer goes on writing)."""
         self.path = path
+        if read_only:
+            try:
+                conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                       isolation_level=None)
+                conn.execute("PRAGMA query_only=1")
+            except sqlite3.Error as exc:
+                raise QueryLogError(f"{path}: {exc}") from exc
+            self.db = sqlite_utils.Database(conn)
+            return
         try:
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self.db = sqlite_utils.Database(conn)
@@ -174,12 +185,12 @@ class QueryLogDb:
     def timeline(self, since: float, until: float, step: float) -> list[dict[str, Any]]:
         """Queries per `step` seconds from `since` by KIND and by query type: one row per bucket."""
         buckets: dict[int, dict[str, Any]] = {}
-        for column, key in ((KIND, "kinds"), ("coalesce(type, 'NONE')", "types")):
-            for bucket, label, n in self.db.execute(
-                    f"SELECT CAST((at - ?) / ? AS INTEGER) AS bucket, {column} AS label, count(*) FROM queries "
-                    "WHERE at >= ? AND at < ? GROUP BY bucket, label", [since, step, since, until]).fetchall():
-                row = buckets.setdefault(int(bucket), {"t": since + int(bucket) * step, "kinds": {}, "types": {}})
-                row[key][str(label)] = int(n)
+        for bucket, kind, qtype, n in self.db.execute(
+                f"SELECT CAST((at - ?) / ? AS INTEGER) AS bucket, {KIND} AS kind, coalesce(type, 'NONE'), count(*) "
+                "FROM queries WHERE at >= ? AND at < ? GROUP BY 1, 2, 3", [since, step, since, until]).fetchall():
+            row = buckets.setdefault(int(bucket), {"t": since + int(bucket) * step, "kinds": {}, "types": {}})
+            row["kinds"][kind] = row["kinds"].get(kind, 0) + int(n)
+            row["types"][qtype] = row["types"].get(qtype, 0) + int(n)
         return [buckets[b] for b in sorted(buckets)]
 
     def _rows(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
