@@ -186,6 +186,9 @@ async def test_admin_logs_in_finds_gated_queries_and_consent(browser: Browser, l
     await expect(page.locator(f"#top-clients tr[data-client='{CLIENT_GRANTED}']")).to_contain_text("granted marketing")
     await expect(page.locator("#top-gated tbody tr").first).to_contain_text("trackcmp.net")
     await expect(page.locator("#chart-kinds rect[data-kind='gated']")).to_have_count(1)
+    # every query of the last 30 minutes, from memory (whatever the log keeps)
+    await expect(page.locator("#chart-live path[data-series='sinkholed']")).to_have_count(1, timeout=10_000)
+    await expect(page.locator("#chart-upstreams rect[data-quantile='p99']")).to_have_count(1)
 
     # The query-log search: the blocked client's gated queries, and its consent.
     await page.fill("#f-client", CLIENT_BLOCKED)

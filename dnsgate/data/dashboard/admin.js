@@ -3,8 +3,11 @@
 // chosen window; /v1/stats: the live upstream numbers; /v1/queries: the query log, searched and paged.
 "use strict";
 
-const { h, fmt, columns, bars, legend } = Charts;
-const REFRESH_MS = 30000;
+const { h, fmt, lines, columns, bars, legend, OUTCOME_LINES } = Charts;
+const LIVE_MS = 5000;  // the live chart: /v1/stats, from memory
+// The window's aggregates scan the query log (about 2 s over a million rows): refreshed less often
+// the longer the window.
+const REFRESH_MS = { "1h": 15000, "6h": 30000, "24h": 60000, "7d": 300000 };
 const OUTCOMES = ["forwarded", "cached", "sinkholed", "servfail", "formerr", "notimp", "refused", "dropped", "local", "stale"];
 const KINDS = [
   { key: "allowed", label: "trackers allowed (consent)", cls: "c-allowed" },
@@ -121,16 +124,30 @@ function drawUpstreams(upstreams) {
 
 async function refresh() {
   try {
-    const [t, s] = await Promise.all([getJson(`/v1/top?since=${encodeURIComponent($("window").value)}&limit=10`),
-                                      getJson("/v1/stats")]);
-    drawTop(t);
-    drawUpstreams(s.upstreams);
+    drawTop(await getJson(`/v1/top?since=${encodeURIComponent($("window").value)}&limit=10`));
     const updated = $("updated");
     updated.textContent = "updated " + new Date().toLocaleTimeString();
     updated.dataset.refreshes = String(Number(updated.dataset.refreshes || 0) + 1);
   } catch (err) {
     $("updated").textContent = "cannot read dnsgate: " + err.message;
   }
+}
+
+async function live() {
+  try {
+    const s = await getJson("/v1/stats");
+    lines($("chart-live"), s.series, OUTCOME_LINES, { height: 200 });
+    drawUpstreams(s.upstreams);
+  } catch (err) {
+    $("updated").textContent = "cannot read dnsgate: " + err.message;
+  }
+}
+
+let refreshing = null;
+
+function schedule() {
+  clearInterval(refreshing);
+  refreshing = setInterval(refresh, REFRESH_MS[$("window").value] || 60000);
 }
 
 // ---- The query log: search and paging (newest first; "Older" pages back by entry id)
@@ -202,13 +219,16 @@ function search() {
 
 for (const o of OUTCOMES) $("f-outcome").append(h("option", { value: o }, o));
 legend($("legend-kinds"), KINDS);
+legend($("legend-live"), OUTCOME_LINES);
 legend($("legend-changes"), CHANGES);
 $("search").addEventListener("submit", event => { event.preventDefault(); search(); });
 $("search").addEventListener("reset", () => setTimeout(search, 0));
 $("older").addEventListener("click", () => { pages.push($("older").dataset.before); loadPage(); });
 $("newer").addEventListener("click", () => { if (pages.length > 1) pages.pop(); loadPage(); });
-$("window").addEventListener("change", refresh);
+$("window").addEventListener("change", () => { refresh(); schedule(); });
 $("page-size").addEventListener("change", search);
 refresh();
+schedule();
+live();
+setInterval(live, LIVE_MS);
 search();
-setInterval(refresh, REFRESH_MS);

@@ -3,18 +3,8 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const { fmt, lines, columns, bars, legend } = Charts;
+const { fmt, lines, columns, bars, legend, OUTCOME_LINES } = Charts;
 
-// The outcomes drawn over time: disjoint but for the trackers allowed by consent, which were also
-// answered from the cache or forwarded (so they are a line of their own, not a stacked area).
-const OUTCOME_LINES = [
-  { key: "queries", label: "all queries", cls: "c-all", value: p => p.queries },
-  { key: "forwarded", label: "forwarded", cls: "c-fwd", value: p => p.outcomes && p.outcomes.forwarded },
-  { key: "cached", label: "from cache", cls: "c-cache", value: p => p.outcomes && p.outcomes.cached },
-  { key: "sinkholed", label: "trackers gated (blocked)", cls: "c-gated", value: p => p.sinkholed },
-  { key: "allowed", label: "trackers allowed (consent)", cls: "c-allowed", value: p => p.allowed },
-  { key: "failed", label: "failed", cls: "c-failed", value: p => p.outcomes && p.outcomes.failed },
-];
 const TYPE_CLASSES = ["c-fwd", "c-cache", "c-allowed", "c-warn", "c-failed", "c-all"];
 const CONSENT_KEYS = [
   { key: "grant", label: "grant", cls: "c-allowed" }, { key: "refuse", label: "refuse", cls: "c-gated" },

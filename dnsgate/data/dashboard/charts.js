@@ -159,11 +159,22 @@ const Charts = (() => {
     }));
   }
 
+  // The outcomes /v1/stats samples, drawn over time: disjoint but for the trackers allowed by
+  // consent, which were also answered from the cache or forwarded (so lines, not stacked areas).
+  const OUTCOME_LINES = [
+    { key: "queries", label: "all queries", cls: "c-all", value: p => p.queries },
+    { key: "forwarded", label: "forwarded", cls: "c-fwd", value: p => p.outcomes && p.outcomes.forwarded },
+    { key: "cached", label: "from cache", cls: "c-cache", value: p => p.outcomes && p.outcomes.cached },
+    { key: "sinkholed", label: "trackers gated (blocked)", cls: "c-gated", value: p => p.sinkholed },
+    { key: "allowed", label: "trackers allowed (consent)", cls: "c-allowed", value: p => p.allowed },
+    { key: "failed", label: "failed", cls: "c-failed", value: p => p.outcomes && p.outcomes.failed },
+  ];
+
   let timer = null;
   window.addEventListener("resize", () => {
     clearTimeout(timer);
     timer = setTimeout(() => { for (const redraw of drawn.values()) redraw(); }, 150);
   });
 
-  return { el, h, fmt, lines, columns, bars, legend, timeLabel };
+  return { el, h, fmt, lines, columns, bars, legend, timeLabel, OUTCOME_LINES };
 })();
