@@ -30,6 +30,7 @@ from dnsgate.config import (
     Config,
     ConfigError,
     ListSource,
+    Overrides,
     env_variable,
     load_config,
     overrides_from_env,
@@ -231,6 +232,33 @@ def locate(text: str, key: str) -> int | None:
     return header
 
 
+# The flags of `dnsgate serve` and the keys they set (Overrides' fields).
+FLAG_KEYS: Final = {"dns": ("--dns", "dns.listen"), "api": ("--api", "api.listen"),
+                    "upstream": ("--upstream", "upstream.servers"), "data_dir": ("--data-dir", "storage.data_dir"),
+                    "store": ("--store", "storage.store"), "log_level": ("--log-level", "log.level"),
+                    "log_format": ("--log-format", "log.format"), "workers": ("--workers", "dns.workers")}
+
+
+def where(error: ConfigError, path: str | None, env: Mapping[str, str], flags: Overrides | None = None) -> str:
+    """The error as one line that says where the bad value was set: the flag, the DNSGATE_* variable,
+    or the file and the line where the key is (when it can be found)."""
+    message = str(error)
+    key = re.split(r"[: ]", message, maxsplit=1)[0]
+    bare = re.sub(r"\[\d+\].*", "", key)
+    if bare in {k for name, (_, k) in FLAG_KEYS.items() if flags is not None and getattr(flags, name)}:
+        return message  # set on the command line just typed: the key names it (and the file is not to blame)
+    set_by = env_sources(env).get(bare)
+    if set_by is not None:
+        return message if message.startswith(set_by) else f"{set_by}: {message}"
+    if path is None or key.startswith(ENV_PREFIX) or key in ("--config", path):
+        return message  # it names its variable, or the file and line itself
+    try:
+        line = locate(Path(path).read_text(encoding="utf-8"), key)
+    except OSError:
+        line = None
+    return f"{path}{f':{line}' if line else ''}: {message}"
+
+
 def check(path: str | None, env: Mapping[str, str]) -> tuple[int, str]:
     """`dnsgate config check`: (exit status, what to print). 0 and the effective configuration, or 2
     and one line naming the file, the line where it can be found, and the key."""
@@ -243,15 +271,7 @@ def check(path: str | None, env: Mapping[str, str]) -> tuple[int, str]:
     try:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        message = str(exc)
-        key = re.split(r"[: ]", message, maxsplit=1)[0]
-        set_by = env_sources(env).get(re.sub(r"\[\d+\].*", "", key))
-        if set_by is not None and set_by != key:
-            return 2, f"dnsgate: error: {set_by}: {message}"
-        if path is None or key.startswith(ENV_PREFIX) or key in ("--config", path):
-            return 2, f"dnsgate: error: {message}"  # it names its variable, or the file and line itself
-        line = locate(Path(path).read_text(encoding="utf-8"), key)
-        return 2, f"dnsgate: error: {path}{f':{line}' if line else ''}: {message}"
+        return 2, f"dnsgate: error: {where(exc, path, env)}"
     shown = "no file" if path is None else path
     head = (f"# dnsgate config check: valid. The configuration in force ({shown}, DNSGATE_* variables, defaults);\n"
             "# a key not at its default says where its value comes from.\n")

@@ -107,13 +107,18 @@ class Running:
         store = f"; consent store {self.store}" if self.store else ""
         # The portal's name resolves only through dnsgate: on this host (whose resolver is usually
         # another) the API's loopback URL opens it, and the dashboard beside it.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.api.host, self.api.host)
-        here = f"http://{HostPort(host, self.api.port)}"
+        here, admin = _loopback_url(self.api), _loopback_url(self.admin or self.api)
         portal = f"; consent portal {self.portal} (on this host {here}/)" if self.portal else ""
         operator = "" if self.operator else f"; warning: {NO_OPERATOR_WARNING}"
         return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}; api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}"
-                f"; dashboard {here}/dashboard{operator}")
+                f"; dashboard {here}/dashboard (admin {admin}/dashboard/admin){operator}")
+
+
+def _loopback_url(address: HostPort) -> str:
+    """A listener's URL from this host: a wildcard address (0.0.0.0, ::) is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address.host, address.host)
+    return f"http://{HostPort(host, address.port)}"
 
 
 def load_notice(cfg: Config) -> Notice:

@@ -337,7 +337,11 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        from dnsgate.config_check import where
+
+        # The variable that set a bad value is named; a file's keep the line tests and scripts know
+        # (`dnsgate config check` adds the file's line).
+        print(f"dnsgate: error: {where(exc, None, os.environ, flags)}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level, cfg.log.format)
 

@@ -268,7 +268,8 @@ async def test_the_demo_upstream_answers_the_tour_offline(tmp_path: Path) -> Non
         match = READY.match(line)
         assert match, line
         api = int(match[2])
-        assert f"(on this host http://127.0.0.1:{api}/); dashboard http://127.0.0.1:{api}/dashboard" in line
+        assert f"(on this host http://127.0.0.1:{api}/); dashboard http://127.0.0.1:{api}/dashboard " \
+               f"(admin http://127.0.0.1:{api}/dashboard/admin)" in line
         proc = Proc(process, line, int(match[1]), api)
         assert (await proc.query("trackcmp.net")).rcode() == dns.rcode.NXDOMAIN
         assert await proc.http("PUT", "/v1/consent", json={"categories": ["marketing"]}) == 200
@@ -280,3 +281,28 @@ async def test_the_demo_upstream_answers_the_tour_offline(tmp_path: Path) -> Non
         assert await asyncio.wait_for(process.wait(), 10) == 0
     code, _out, err = await _run("serve", "--demo-upstream", "--upstream", "9.9.9.9")
     assert code == 2 and "argument --upstream: not allowed with argument --demo-upstream" in err, err
+
+
+async def test_a_bad_value_says_where_it_was_set(upstream: StubUpstream, tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[dns]\nudp_max_size = 4096\n\n[gate]\nsinkhole_ttl = -1\n")
+    args = _args(upstream, tmp_path / "d")
+    code, _, err = await _run("serve", "--config", str(path), *args)
+    assert (code, err) == (2, "dnsgate: error: gate.sinkhole_ttl: must be 1..3600, got -1\n")  # config check: the line
+    code, _, err = await _run("serve", *args, env=_env(DNSGATE_GATE_SINKHOLE_TTL="0"))
+    assert (code, err) == (2, "dnsgate: error: DNSGATE_GATE_SINKHOLE_TTL: gate.sinkhole_ttl: must be 1..3600, got 0\n")
+    path.write_text('[storage]\nstore = "sqlite"\n')  # the flag set the bad value, not the file
+    code, _, err = await _run("serve", "--config", str(path), "--store", "bogus", *args)
+    assert code == 2 and err.startswith("dnsgate: error: storage.store: expected \"sqlite\""), err
+
+
+async def test_the_ready_line_names_the_admin_dashboard_on_its_own_listener(upstream: StubUpstream,
+                                                                             tmp_path: Path) -> None:
+    env = _env(DNSGATE_API_ADMIN_LISTEN="127.0.0.1:0")  # a key by the environment's one rule
+    async with serving(*_args(upstream, tmp_path), env=env) as proc:
+        admin = re.search(r"; dashboard http://127\.0\.0\.1:(\d+)/dashboard \(admin http://127\.0\.0\.1:(\d+)"
+                          r"/dashboard/admin\)", proc.line)
+        assert admin and int(admin[1]) == proc.api_port and int(admin[2]) not in (0, proc.api_port), proc.line
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{admin[2]}/dashboard/admin", allow_redirects=False) as response:
+            assert response.status in (200, 302, 303), response.status  # the admin page, or its login

@@ -1,4 +1,4 @@
-"""Every command README.md gives, and the command block of docs/api.md, run as written in a fresh
+"""Every command README.md gives, and the command blocks of the manual's pages, run as written in a fresh
 copy of the repository (its tracked files only: no .venv, no data), checked against what the page
 says: the output it shows, the ready line, or at least success.
 
@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 NETNS = f"dnsgate-readme-{os.getpid()}"
 # A command the test does not run, and why (every other command the pages give is run).
 NOT_RUN = {"./dev test": "the test suite itself, which runs this test"}
+# The manual's pages whose command blocks run here, after the README's, and those that cannot.
+DOCS_RUN = ("docs/api.md", "docs/consent.md", "docs/observability.md")
+DOCS_NOT_RUN = {"docs/docker.md": "needs Docker and an image build (the installs' own tests)",
+                "docs/redis.md": "needs a Redis server at redis.lan and a stopped dnsgate"}
 README_HOME = "/home/me/dnsgate"  # where the README's ready line pretends the checkout is
 README_NAMESERVER = "192.168.1.1"  # and the nameserver it shows
 
@@ -76,6 +80,8 @@ def test_the_extraction() -> None:
     assert not any("…" in text for text in found)
     api = [c.text for c in commands(ROOT / "docs" / "api.md", prose_too=False)]
     assert "dnsgate consent list" in api and "dnsgate store acknowledge" in api
+    with_blocks = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md") if "```sh" in p.read_text()}
+    assert with_blocks == set(DOCS_RUN) | set(DOCS_NOT_RUN), "a page with commands: run them here, or say why not"
 
 
 class Namespace:
@@ -174,15 +180,20 @@ def test_every_command_of_the_readme_runs_as_written(namespace: Namespace) -> No
         assert "upstreams 127.0.0.1:" in line
         path_setting = next(c.text for c in readme if c.text.startswith("export PATH="))
         done.add(path_setting)
-        api = list(commands(ROOT / "docs" / "api.md", prose_too=False))
+        docs = [c for page in DOCS_RUN for c in commands(ROOT / page, prose_too=False)]
         rest = {c.text: c for c in readme if c.text not in done and c.text not in NOT_RUN}  # each once, in order
-        for command in [*rest.values(), *api]:
-            as_typed = f"{path_setting}; {command.text}" if command.text.startswith("dnsgate ") else command.text
+        # $TOKEN in the manual's curl lines is the admin token, as its CI job sets it
+        namespace.env["TOKEN"] = (copy / "data" / "admin-token").read_text().strip()
+        for command in [*rest.values(), *docs]:
+            follows = "--follow" in command.text  # a tail: it prints and keeps running until stopped
+            typed = f"timeout 3 {command.text}" if follows else command.text
+            as_typed = f"{path_setting}; {typed}" if command.text.startswith("dnsgate ") else typed
             deadline = time.monotonic() + 5  # the query log is written every second: a report may wait
             while True:
                 result = namespace.run(as_typed)
                 changes = re.search(r"-X (PUT|DELETE|POST)", command.text) is not None
-                ok = matches(result.stdout, command.shown) if command.shown else result.returncode == 0
+                ok = matches(result.stdout, command.shown) if command.shown else \
+                    result.returncode == (124 if follows else 0)  # a tail is still following when stopped
                 if ok or changes or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
