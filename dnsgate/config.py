@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from dnsgate.dns.admission import DEFAULT_ALLOWED, DEFAULT_EXEMPT
 from dnsgate.wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
@@ -26,6 +25,11 @@ PROFILE_NAMES: Final = ("opt-in", "opt-out", "kiosk", "deny", "allow")
 DEFAULT_API_PORT: Final = 8053
 MAX_TTL: Final = 2**31 - 1  # RFC 2181 §8
 MAX_WORKERS: Final = 64
+# Who may ask by default (dns.allow_clients): loopback, RFC 1918, CGNAT (RFC 6598), IPv4 and IPv6
+# link-local, IPv6 ULA; and who is never rate limited (dns.rate_limit_exempt): loopback.
+DEFAULT_ALLOWED: Final = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                          "100.64.0.0/10", "169.254.0.0/16", "fc00::/7", "fe80::/10")
+DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
-from dnsgate.consent.model import normalize_client, normalize_mac
+from dnsgate.addresses import normalize_client, normalize_mac
 
 log = logging.getLogger(__name__)
 

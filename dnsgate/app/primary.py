@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from dnsgate import descriptors
+from dnsgate.addresses import normalize_client
 from dnsgate.app import dns_side as dns_stack
 from dnsgate.app.dns_side import os_reason
 from dnsgate.config import (
@@ -43,7 +44,7 @@ from dnsgate.config import (
 )
 from dnsgate.consent.backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from dnsgate.consent.export import iso
-from dnsgate.consent.model import ConsentTable, ProfileMap, normalize_client
+from dnsgate.consent.model import ConsentTable, ProfileMap
 from dnsgate.consent.notice import NO_OPERATOR_WARNING, Notice, NoticeError
 from dnsgate.consent.pairing import Pairings
 from dnsgate.consent.service import ConsentService, Loss

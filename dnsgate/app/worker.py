@@ -35,6 +35,7 @@ from dnsgate.consent.model import ConsentTable
 from dnsgate.dns.tally import LogEntry
 from dnsgate.gc_policy import frozen_startup, refreeze
 from dnsgate.logs import setup_logging
+from dnsgate.loops import loop_factory
 from dnsgate.rules.ruleset import Ruleset
 from dnsgate.workers.link import Link, LinkClosed, LinkGuard
 from dnsgate.workers.replica import Start, apply, forget_idle, merge_seen
@@ -64,9 +65,8 @@ def main(argv: Sequence[str]) -> int:
     # are the primary's to act on, and it stops its workers in order. SIGKILL still ends one.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    from dnsgate.cli.main import _loop_factory
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(serve(sock))
 
 

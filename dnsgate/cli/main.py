@@ -45,6 +45,7 @@ from dnsgate.config import (
 )
 from dnsgate.consent.export import PAIRED_GRANT
 from dnsgate.logs import setup_logging
+from dnsgate.loops import loop_factory
 from dnsgate.timespec import parse_when
 
 if TYPE_CHECKING:
@@ -380,7 +381,7 @@ def serve(args: argparse.Namespace) -> int:
             await run(with_demo(cfg), stop, ready, reread=lambda: with_demo(load_config(path, overrides)))
 
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(main_task())
     except StartupError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
@@ -415,12 +416,3 @@ def store_command(args: argparse.Namespace) -> int:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, BadStore) else 1
     return 0
-
-
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency where it exists
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory

@@ -48,29 +48,6 @@ KEY_SEPARATOR: Final = "|"  # "address|mac": a client key carrying a MAC from a 
 _UNKNOWN: Final = object()
 
 
-def normalize_client(address: str) -> str:
-    """The canonical text of a client address: IPv4-mapped IPv6 as IPv4, zone ids dropped.
-
-    Raises ValueError for anything that is not an IP address.
-    """
-    ip = ipaddress.ip_address(address.split("%", 1)[0] if ":" in address else address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
-def normalize_mac(text: str) -> str:
-    """`AA-BB-CC-DD-EE-FF`, `aabb.ccdd.eeff` or `aa:bb:…` -> `aa:bb:cc:dd:ee:ff`; ValueError otherwise."""
-    digits = "".join(c for c in text.strip().lower() if c not in ":-.")
-    if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits) or len(text.strip()) > 17:
-        raise ValueError(f"not a MAC address: {text!r}")
-    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
-
-
-def mac_from_bytes(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
-
-
 def client_key(address: str, mac: str | None) -> str:
     return f"{address}{KEY_SEPARATOR}{mac}" if mac else address
 

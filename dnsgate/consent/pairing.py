@@ -35,8 +35,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from dnsgate.dns.identity import PAIR_LABEL
-
+PAIR_LABEL: Final = "pair"  # <token>.pair.<portal host>: the name a page resolves to link its device
 PER_MINUTE: Final = 10  # tokens one client address may be given a minute (a burst of as many)
 MAX_BUCKETS: Final = 20_000  # clients whose minting rate is tracked; beyond, those with a full bucket go
 MAX_USED: Final = 100_000  # tokens claimed or bound, remembered while they live

@@ -22,16 +22,13 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Final, Literal
 
+from dnsgate.config import DEFAULT_ALLOWED, DEFAULT_EXEMPT
 from dnsgate.dns.tally import DROPPED, NONE, REFUSED, Tally, type_slot
 from dnsgate.wire import HEADER, QR, RA, RD, TC, Query, Rejection, error_reply, parse_query
 from dnsgate.wire import REFUSED as REFUSED_RCODE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Loopback, RFC 1918, CGNAT (RFC 6598), IPv4 and IPv6 link-local, IPv6 ULA.
-DEFAULT_ALLOWED: Final = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-                          "100.64.0.0/10", "169.254.0.0/16", "fc00::/7", "fe80::/10")
-DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 UNLIMITED: Final = 1 << 62  # tokens of an exempt client's gate: never refilled, never used up
 MEMO_LIMIT: Final = 65_536  # addresses remembered; beyond, the memo starts again (buckets are kept)
 BUCKET_LIMIT: Final = 65_536  # prefixes tracked; beyond, full buckets (nothing to remember) are dropped

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from dnsgate.consent.model import ConsentTable, client_key, mac_from_bytes, normalize_client, normalize_mac
+from dnsgate.addresses import mac_from_bytes, normalize_client, normalize_mac
+from dnsgate.consent.model import ConsentTable, client_key
+from dnsgate.consent.pairing import PAIR_LABEL
 from dnsgate.wire import NOERROR, NXDOMAIN, OPT, U16, Query, error_reply, name_to_wire, read_rr_header
 
 OPTION_ECS: Final = 8
 OPTION_MAC_RAW: Final = 65001  # dnsmasq add-mac (binary)
 OPTION_MAC_TEXT: Final = 65073  # dnsmasq add-mac=text / add-mac=base64
-PAIR_LABEL: Final = "pair"
 
 
 def edns_identity(data: bytes, question_end: int) -> tuple[str | None, str | None]:

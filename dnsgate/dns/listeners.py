@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
 
+from dnsgate.addresses import normalize_client
 from dnsgate.config import HostPort
 from dnsgate.connections import ConnectionTable
-from dnsgate.consent.model import normalize_client
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.pipeline import Forward, Pipeline
 from dnsgate.wire import SERVFAIL, U16, Rejection, rejection_reply

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from dnsgate.consent.model import normalize_client
+from dnsgate.addresses import normalize_client
 from dnsgate.dns.local_answers import LocalZone
 from dnsgate.wire import NOERROR, name_to_wire
 

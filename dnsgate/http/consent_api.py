@@ -23,8 +23,9 @@ from typing import Any, Protocol
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from dnsgate.addresses import normalize_client, normalize_mac
 from dnsgate.consent.export import csv_header, csv_line, event_json, iso, jsonl_line
-from dnsgate.consent.model import KEY_SEPARATOR, Choice, Decision, Subject, normalize_client, normalize_mac
+from dnsgate.consent.model import KEY_SEPARATOR, Choice, Decision, Subject
 from dnsgate.consent.notice import Item, Notice, NoticeInForce
 from dnsgate.consent.pairing import Offer
 from dnsgate.consent.service import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired

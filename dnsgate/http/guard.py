@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from dnsgate.consent.model import normalize_client
+from dnsgate.addresses import normalize_client
 from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
 
 log = logging.getLogger(__name__)

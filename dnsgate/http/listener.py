@@ -23,8 +23,8 @@ from typing import cast
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from dnsgate.addresses import normalize_client
 from dnsgate.connections import ConnectionTable
-from dnsgate.consent.model import normalize_client
 
 log = logging.getLogger(__name__)
 

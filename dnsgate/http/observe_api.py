@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from dnsgate.consent.model import normalize_client
+from dnsgate.addresses import normalize_client
 from dnsgate.consent.service import ClientView
 from dnsgate.dns.tally import OUTCOMES
 from dnsgate.http.consent_api import (

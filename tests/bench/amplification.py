@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import dns.message
 import dns.rrset
 
-from dnsgate.config import DnsConfig
-from dnsgate.dns.admission import DEFAULT_ALLOWED, Admission
+from dnsgate.config import DEFAULT_ALLOWED, DnsConfig
+from dnsgate.dns.admission import Admission
 from dnsgate.dns.cache import AnswerCache, TtlPolicy
 from dnsgate.dns.pipeline import Forward, Pipeline
 from dnsgate.dns.sinkhole import Sinkhole

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dnsgate.addresses import normalize_mac
 from dnsgate.consent import export as consent_log
 from dnsgate.consent.export import csv_header, csv_line, jsonl_line, parse_time
-from dnsgate.consent.model import Choice, CurrentNotice, Profile, ProfileMap, Subject, decide, normalize_mac
+from dnsgate.consent.model import Choice, CurrentNotice, Profile, ProfileMap, Subject, decide
 from dnsgate.consent.notice import NoticeError, builtin_notice_text, parse_notice_text, sha256_text
 from dnsgate.consent.pairing import Pairings
 from dnsgate.consent.sqlite_store import Event

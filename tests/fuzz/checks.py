@@ -16,8 +16,9 @@ import struct
 import dns.exception
 import dns.message
 
+from dnsgate.config import DEFAULT_ALLOWED
 from dnsgate.dns import message
-from dnsgate.dns.admission import DEFAULT_ALLOWED, Admission
+from dnsgate.dns.admission import Admission
 from dnsgate.dns.cache import AnswerCache, OptNotLast, TtlPolicy, UnusableReply
 from dnsgate.dns.identity import QueryIdentity
 from dnsgate.dns.pipeline import Chase, Forward, Pipeline
