@@ -123,7 +123,7 @@ def cache_key(question_lower: bytes, do: bool, cd: bool) -> bytes:
     Since a valid wire name ends at its first zero length byte, no two different questions share a
     key. Every key has the byte, even without flags: Pipeline.answer looks up the raw question of
     a packet it has not parsed, and a question with one byte of junk after the class must not
-    equal the key of a valid question with a flag byte (issue 8's fuzzer found that).
+    equal the key of a valid question with a flag byte (the fuzzer, tests/fuzz, found that).
     """
     return question_lower + _KEY_SUFFIX[(do << 1) | cd]
 

@@ -8,7 +8,7 @@ cut too), and a half-written one never exists.
 The event log is the proof of consent (GDPR Art. 7(1)): triggers refuse any UPDATE, and any
 DELETE except retention's purge of events older than its cut-off that no choice in force rests on.
 
-Schema history: version 1 (issue 2) had `grants` (client, category) and a smaller `events` table;
+Schema history: version 1 (the first consent store) had `grants` (client, category) and a smaller `events` table;
 opening such a file migrates it in place, in one transaction: new event columns are added (old
 rows keep what they recorded), each client's grants become one choice that points at the grant
 event it came from, and `grants` is dropped.
@@ -135,7 +135,7 @@ def quick_check(conn: sqlite3.Connection, within: float = CHECK_WITHIN) -> str:
 class Event:
     """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""
 
-    # grant | refusal | withdrawal | expiry | reset | profile_change | migration (issue 2: withdraw)
+    # grant | refusal | withdrawal | expiry | reset | profile_change | migration (version 1: withdraw)
     action: str
     at: float
     subject: Subject
@@ -246,7 +246,7 @@ class ConsentStore:
                 table.add_column(column, columns[column])
 
     def _grants_to_choices(self) -> None:
-        """Issue 2's grants become choices (granted categories, no notice recorded), then go."""
+        """Version 1's grants become choices (granted categories, no notice recorded), then go."""
         clients: dict[str, list[dict[str, Any]]] = {}
         for row in self.db.table("grants").rows:
             clients.setdefault(row["client"], []).append(row)
@@ -481,7 +481,7 @@ def _event_row(e: Event) -> dict[str, Any]:
     n = e.notice
     row = {
         "at": e.at, "client": s.address or s.network or s.mac or "", "action": e.action,
-        # issue 2 readers: the categories granted
+        # readers of version 1's column: the categories granted
         "categories": json.dumps([c for c, granted in e.categories.items() if granted]),
         "expires_at": e.expires_at, "source": e.source, "user_agent": e.user_agent,
         "mac": s.mac, "network": s.network, "profile": e.profile,
@@ -510,7 +510,7 @@ def _event(r: Mapping[str, Any]) -> Event:
         decisions = json.loads(r["decisions"])
         categories, vendors = decisions.get("categories", {}), decisions.get("vendors", {})
         action = r["action"]
-    else:  # an issue-2 row: a list of categories granted, or withdrawn
+    else:  # a version 1 row: a list of categories granted, or withdrawn
         withdrawn = r["action"] == "withdraw"
         categories, vendors = {c: not withdrawn for c in json.loads(r["categories"] or "[]")}, {}
         action = "withdrawal" if withdrawn else r["action"]

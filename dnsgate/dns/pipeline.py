@@ -224,7 +224,7 @@ class Pipeline:
         The steps of `_answer_general`, inlined for the packets nearly every client sends (a standard
         query, at most an empty OPT) when the answer is in memory: a cache hit, or the sinkhole for
         a name already matched. Every other case goes the general way. About 1 µs of Python here
-        costs about 10 % of throughput (../shared/research/perf-anchors.md), hence the shape.
+        costs about 10 % of throughput (measured with tests/bench/handler_cost.py), hence the shape.
         First of all, who may ask and how fast (dns/admission.py): one dict lookup and an identity test
         for a client in the ACL that is not rate limited; two subscripts and a decrement more for one
         that is."""
@@ -251,7 +251,7 @@ class Pipeline:
             question = data[12:]
             edns = -1
         elif (arcount == 1 and n >= 28 and data[-11:-8] == _OPT_HEAD and not data[-5] and not data[-2]
-              and not data[-1]):  # n >= 28: room for a question (5+) before the OPT (issue 8's fuzzer)
+              and not data[-1]):  # n >= 28: room for a question (5+) before the OPT (the fuzzer found it)
             question = data[12:-11]  # EDNS version 0, no options
             edns = data[-4] >> 7
         else:

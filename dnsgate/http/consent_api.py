@@ -476,7 +476,7 @@ TOKEN = re.compile(r"[a-zA-Z2-7]{1,63}")  # base32: a DNS label (consent/pairing
 def parse_choice(body: Mapping[str, Any], catalog: Catalog, max_days: int) -> tuple[ChoiceRequest, str]:
     """The choice in a PUT body, and the channel it names ("device" unless it says "portal").
 
-    Either issue 2's `{"categories": [...]}` (exactly these granted, every other category refused)
+    Either the first API's `{"categories": [...]}` (exactly these granted, every other category refused)
     or `{"choices": {"marketing": true, ...}, "vendors": {"activecampaign": false}}` (only what is
     named is decided)."""
     unknown = set(body) - CHOICE_FIELDS
@@ -754,7 +754,7 @@ async def audit(request: web.Request) -> web.Response:
 
 
 def _audit_json(e: Event) -> dict[str, Any]:
-    # issue 2's fields first (client, categories granted, source), then the full record
+    # the first API's fields first (client, categories granted, source), then the full record
     return {**event_json(e), "at": iso(e.at), "client": e.subject.address or e.subject.network or e.subject.mac,
             "source": e.source, "decisions": {"categories": dict(e.categories), "vendors": dict(e.vendors)},
             "categories": [c for c, granted in e.categories.items() if granted] if e.action == "grant"

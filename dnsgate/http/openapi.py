@@ -164,7 +164,7 @@ def schemas(categories: tuple[str, ...], vendors: tuple[str, ...], languages: tu
                  "profile": {"type": "string"}, "vendors": mapping({"type": "boolean"}), "expires_at": TIME,
                  "channel": {"type": "string"}, "sec_gpc": NULLABLE_STRING, "gpc_seen_at": TIME,
                  "supersedes": {"type": ["integer", "null"]}, "reason": {"type": "string"},
-                 # issue 2's fields: the categories granted (a grant) or decided (anything else)
+                 # the first API's fields: the categories granted (a grant) or decided (anything else)
                  "client": NULLABLE_STRING, "categories": array({"type": "string"}),
                  "decisions": obj({"categories": mapping({"type": "boolean"}),
                                    "vendors": mapping({"type": "boolean"})})})

@@ -12,7 +12,7 @@ parse, index; the parsed list stays cached for later reloads, as in dnsgate):
     (the cost must not grow with the list, only with the labels), and on a memo hit;
   - handler: ns per `Pipeline.answer` for a cached query and a list-blocked query with the list
     loaded (tests/bench/handler_cost.py has the same loop without lists).
-Targets (issue 9): a million names load in <= 5 s and add <= 150 MB.
+Targets: a million names load in <= 5 s and add <= 150 MB.
 """
 
 from __future__ import annotations

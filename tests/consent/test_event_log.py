@@ -1,5 +1,5 @@
 """Proof of consent over real sockets: the event log's fields, export with filters, append-only,
-retention, a restart that keeps everything, and the in-place migration of issue 2's database."""
+retention, a restart that keeps everything, and the in-place migration of a version 1 database."""
 
 from __future__ import annotations
 
@@ -198,7 +198,7 @@ async def test_a_restart_keeps_every_choice_and_the_event_log_intact(
     assert answers == [0, 3, 3, 0, 3, 0, 3]
 
 
-# -- migrating issue 2's database ------------------------------------------------------------------
+# -- migrating a version 1 database -----------------------------------------------------------------
 
 ISSUE2_SCHEMA = """
 CREATE TABLE [grants] ([client] TEXT, [category] TEXT, [granted_at] FLOAT, [expires_at] FLOAT, [source] TEXT,

@@ -1,4 +1,4 @@
-"""Several dnsgate instances sharing consent through a real Redis (issue 10).
+"""Several dnsgate instances sharing consent through a real Redis.
 
 Each test starts its own redis-server (loopback, free port, appendfsync always; tests/support/redis_server.py)
 and two or three dnsgate instances in-process, each with its own DNS and API sockets. A choice made
@@ -30,7 +30,7 @@ from tests.support.stub_upstream import StubUpstream
 
 TRACKER = "trackcmp.net"
 GRANT = {"categories": ["marketing"]}
-SECOND = 1.0  # the issue's bound: a change through any instance applies everywhere within a second
+SECOND = 1.0  # the promised bound: a change through any instance applies everywhere within a second
 LEASE = 4.0  # an instance cut off from Redis stops applying grants after this (2 x storage.redis_timeout)
 
 

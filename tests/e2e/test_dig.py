@@ -1,4 +1,4 @@
-"""The issue's "done when", with dig as the client: sinkhole before consent, the real answer after."""
+"""The gate's promise with dig as the client: sinkhole before consent, the real answer after."""
 
 from __future__ import annotations
 

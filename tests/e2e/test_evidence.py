@@ -1,4 +1,4 @@
-"""The issue's "done when": an application runs against dnsgate before and after a consent grant;
+"""The gate's promise, end to end: an application runs against dnsgate before and after a consent grant;
 /v1/report proves its trackers were blocked before and allowed after (with the grant that allowed
 each answer), and /metrics, read with the Prometheus text parser, shows the same counts. A run
 where a tracker resolved without consent (its domain switched off) fails the verdict, and

@@ -1,5 +1,5 @@
 """A real browser for tests: Debian's chromium, headless, driven by Playwright (never a downloaded
-browser). The dashboard tests use it; so will the consent portal's (issue 5).
+browser). The dashboard tests use it; so do the consent portal's.
 
     from tests.support.browser import browser  # noqa: F401  (a pytest fixture: import it into the test module)
 

@@ -1,6 +1,6 @@
 """Helpers for the resolver tests: raw exchanges over loopback, and the cache-miss/cache-hit paths.
 
-Most rows of issue 3 must hold on both paths, so `path` parametrizes a test over "miss" (the
+Most resolver behaviours must hold on both paths, so `path` parametrizes a test over "miss" (the
 upstream is asked) and "hit" (an identical query filled the cache first; the upstream is not asked
 again), and `on_path` checks that the answer really took that path.
 """

@@ -127,7 +127,7 @@ def _q(name: str, rdtype: str = "A") -> Query:
 def test_registering_a_name_is_one_line() -> None:
     table = default_table(LocalConfig())
     assert table.match(name_to_wire("consent.dnsgate.internal")) is not None  # NXDOMAIN so far
-    table.add(addresses("consent.dnsgate.internal", "192.0.2.1", "2001:db8::1"))  # the later issue's line
+    table.add(addresses("consent.dnsgate.internal", "192.0.2.1", "2001:db8::1"))  # as the primary adds the portal's
     for rdtype, text in (("A", "192.0.2.1"), ("AAAA", "2001:db8::1")):
         q = _q("Consent.dnsgate.internal", rdtype)
         zone = table.match(q.name)
