@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from dnsgate.config import Config, ConfigError, UpstreamAddress
@@ -18,12 +19,14 @@ from dnsgate.dns.cache import AnswerCache
 from dnsgate.dns.counts import DnsCounts
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.identity import QueryIdentity
-from dnsgate.dns.listeners import DnsListeners, TaskSet, TcpLimits
+from dnsgate.dns.listeners import DnsListeners, TcpLimits
 from dnsgate.dns.local_answers import LocalTable, default_table
 from dnsgate.dns.pipeline import Pipeline
 from dnsgate.dns.portal_address import PortalAddresses, family_zones, portal_zone
+from dnsgate.dns.tally import LogEntry
 from dnsgate.dns.upstreams import Upstreams
 from dnsgate.rules.ruleset import Ruleset
+from dnsgate.tasks import TaskSet, background
 
 
 class UpstreamError(ConfigError):
@@ -50,6 +53,20 @@ class DnsStack:
                          Counter(tcp.closed), r.short, r.reaped, int(self.shortage.short),
                          self.shortage.episodes)
 
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The once-a-second upkeep while the block runs; on leaving it the listeners close, forwards
+        in flight get two seconds to finish, and the upstream sockets close."""
+        try:
+            async with background(self.every_second()):
+                try:
+                    yield
+                finally:
+                    await self.listeners.close()
+                    await self.tasks.drain(2.0)
+        finally:
+            await self.upstreams.close()
+
     async def every_second(self) -> None:
         """Refill the rate limit's buckets (a second's worth of replies per prefix), answer waiting
         entries a bug stranded, and see whether descriptors ran out or came back."""
@@ -62,10 +79,13 @@ class DnsStack:
 
 def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
           on_pair: Callable[[str, str], bool] | None, wall: Callable[[], float],
-          may_answer: Callable[[], bool] | None = None, join: bool = False) -> DnsStack:
+          log_gated: Callable[[LogEntry], None] | None = None, log_all: Callable[[LogEntry], None] | None = None,
+          server_id: bytes = b"dnsgate", may_answer: Callable[[], bool] | None = None, join: bool = False) -> DnsStack:
     """Everything but the listening sockets (`listen` opens them). `may_answer` (a worker's check of
     its line to the primary) is asked before each batch of queries is answered; `join`: a worker's
-    listeners join the primary's sockets on the same addresses."""
+    listeners join the primary's sockets on the same addresses. `log_gated` and `log_all` are the query
+    log's sinks (every gated query; every other one if the log keeps all), `server_id` what `id.server`
+    answers."""
     cache = AnswerCache(rules.cache_max_entries, rules.cache_max_bytes,
                         stale_window=cfg.cache.stale_max_age if cfg.cache.serve_stale else 0)
     pipeline = Pipeline(
@@ -78,6 +98,11 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
         prefetch=cfg.cache.prefetch,
         stale_ttl=cfg.cache.stale_ttl,
         admission=admission(cfg),
+        log_gated=log_gated,
+        log_all=log_all,
+        # entries near expiry are refreshed by the forwarding shell, built below on this pipeline
+        on_refresh=lambda fwd: resolver.refresh(fwd),
+        server_id=server_id,
     )
     shortage = Shortage()
     upstreams = build_upstreams(cfg, servers, shortage)
@@ -93,12 +118,10 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
 
 def install(stack: DnsStack, new: Ruleset, live: Config) -> None:
     """Swap reloaded rules in: one synchronous step on the event loop, no query runs in between."""
-    cache, pipeline = stack.cache, stack.pipeline
-    cache.max_entries, cache.max_bytes = new.cache_max_entries, new.cache_max_bytes
-    pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl)
-    cache.stale_window = live.cache.stale_max_age if live.cache.serve_stale else 0
-    pipeline.prefetch, pipeline.stale_ttl = live.cache.prefetch, live.cache.stale_ttl
-    pipeline.local = local_names(stack.cfg, live)
+    stack.cache.resize(new.cache_max_entries, new.cache_max_bytes,
+                       live.cache.stale_max_age if live.cache.serve_stale else 0)
+    stack.pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl, local=local_names(stack.cfg, live),
+                           prefetch=live.cache.prefetch, stale_ttl=live.cache.stale_ttl)
 
 
 def local_names(cfg: Config, live: Config) -> LocalTable:

@@ -20,8 +20,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ from aiohttp import web
 
 from dnsgate import descriptors
 from dnsgate.addresses import normalize_client
-from dnsgate.app import dns_side as dns_stack
-from dnsgate.app.dns_side import os_reason
+from dnsgate.app import dns_side
+from dnsgate.app.dns_side import DnsStack, os_reason
 from dnsgate.config import (
     Config,
     ConfigError,
@@ -45,14 +45,14 @@ from dnsgate.config import (
 from dnsgate.consent.backend import SQLITE_FILE, ConsentBackend, SqliteBackend
 from dnsgate.consent.export import iso
 from dnsgate.consent.model import ConsentTable, ProfileMap
-from dnsgate.consent.notice import NO_OPERATOR_WARNING, Notice, NoticeError
+from dnsgate.consent.notice import NO_OPERATOR_WARNING, Notice, NoticeError, Operator
 from dnsgate.consent.pairing import Pairings
 from dnsgate.consent.service import ConsentService, Loss
 from dnsgate.consent.sqlite_store import ConsentStore, StoreError, UnavailableStore
 from dnsgate.data_files import Access, AccessError
 from dnsgate.dns.counts import DnsCounts
-from dnsgate.dns.listeners import TaskSet
 from dnsgate.dns.portal_address import FAMILY_NAMES
+from dnsgate.dns.tally import LogEntry
 from dnsgate.dns.upstreams import SOCKETS_PER_FAMILY
 from dnsgate.gc_policy import refreeze
 from dnsgate.http.consent_api import ApiSettings, create_app
@@ -68,10 +68,11 @@ from dnsgate.observe.metrics import Sources, StoreFaults, build_registry
 from dnsgate.observe.querylog import QueryLog, load_key, sinkhole_rcode
 from dnsgate.observe.querylog_db import QueryLogDb, QueryLogError
 from dnsgate.observe.report import Watched
-from dnsgate.rules.catalog import CatalogError
+from dnsgate.rules.catalog import Catalog, CatalogError
 from dnsgate.rules.list_sources import ListError, ListStore
 from dnsgate.rules.reload import Reloader
 from dnsgate.rules.ruleset import Ruleset, operator_of, read_catalog, read_notice
+from dnsgate.tasks import TaskSet, background
 from dnsgate.workers.record import RECORD as WORKER_RECORD
 from dnsgate.workers.replica import JournaledTable, Start
 from dnsgate.workers.supervisor import WorkerError, Workers
@@ -225,17 +226,6 @@ def open_querylog(cfg: Config, data_dir: Path, hub: EventHub) -> tuple[QueryLog,
     return QueryLog(cfg.querylog, db, hub, key=key, sinkhole_rcode=sinkhole_rcode(cfg.gate.mode)), ""
 
 
-def background(stack: AsyncExitStack, coro: Coroutine[object, object, None]) -> None:
-    """Run `coro` until the stack unwinds to this point, then cancel it."""
-    task = asyncio.get_running_loop().create_task(coro)
-
-    async def cancel() -> None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-    stack.push_async_callback(cancel)
-
-
 def config_line(cfg: Config) -> str:
     return (f"config: gate.mode={cfg.gate.mode} sinkhole_ttl={cfg.gate.sinkhole_ttl} "
             f"allowed_ttl_cap={cfg.gate.allowed_ttl_cap} disabled_domains={','.join(cfg.gate.disabled_domains) or '-'} "
@@ -251,157 +241,251 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
 
     `reread` gives the configuration a reload should apply (the CLI re-reads the file, flags and
     environment); by default a reload keeps `cfg` and re-reads the catalog and lists only.
-    `wall` (the clock consent runs on) and `neighbours` (the MAC table reader) are for tests."""
+    `wall` (the clock consent runs on) and `neighbours` (the MAC table reader) are for tests.
+
+    Every hook between parts is passed here, where the parts are built; each part entered on the
+    stack stops when the stack unwinds, in reverse order."""
     async with AsyncExitStack() as stack:
         data_dir, token, token_file = prepare_data_dir(cfg)
         watched = watched_patterns(cfg)
         notice = load_notice(cfg)
         servers = upstream_servers(cfg)
         limit = descriptors.raise_limit()  # before anything opens; workers inherit it
-        lists = ListStore(data_dir / "lists")
-        stack.push_async_callback(lists.close)
-        # `install` is defined below, once the pipeline exists; the reloader calls it only after start.
-        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=lambda new: install(new), notice=notice)
-        try:
-            rules = await reloader.start()
-        except (CatalogError, ListError) as exc:
-            raise StartupError(str(exc)) from None
-        catalog = rules.catalog
-        store, problem = open_backend(cfg, data_dir)
-        # With workers, every change of the table is journaled for them (workers/replica.py).
-        table = (JournaledTable if cfg.dns.workers > 1 else ConsentTable)(
-            catalog.vendors, ProfileMap(cfg.profiles.default, cfg.profiles.networks),  # type: ignore[arg-type]
-            kiosk_idle=cfg.consent.kiosk_idle_minutes * 60)
-        operator = operator_of(cfg)
-        consents = ConsentService(store, table, catalog, notice, cfg.consent,
-                                  Pairings(cfg.portal.host, cfg.identity.pairing_ttl), wall,
-                                  (normalize_client(a) for a in cfg.identity.trusted_forwarders), operator)
-        stack.push_async_callback(consents.close)
-        clients = await load_consent(consents, store, problem)
-        if store.shared:
-            background(stack, consents.run_follower())
-        background(stack, consents.run_reconciler())
-        if neighbours is None and cfg.identity.neighbours:
-            neighbours = KernelNeighbours()
-        if neighbours is not None:
-            # Read once before DNS listens, so MAC identity holds from the first query.
-            table.set_neighbours(await asyncio.to_thread(neighbours))
-            background(stack, _refresh_neighbours(table, neighbours, cfg.identity.neighbour_refresh))
-        background(stack, consents.run_sweeper(cfg.consent.sweep_interval))
+        workers: Workers | None = None  # dns.workers > 1: started once DNS listens here
 
-        hub = EventHub(cfg.events.webhook_url, cfg.events.webhook_timeout)
-        querylog, querylog_problem = open_querylog(cfg, data_dir, hub)
-        stack.push_async_callback(querylog.close)  # after the listeners close: the last entries are kept
-        watch = ConsentWatch(hub, querylog.client_label)
-        consents.listeners.append(watch.changed)
+        async def replicated() -> None:  # a change (or reload) in force here holds on every worker too
+            if workers is not None:
+                await workers.sync()
 
-        try:
-            dns = dns_stack.build(cfg, rules, table, servers, on_pair=consents.on_pair, wall=wall)
-        except dns_stack.UpstreamError as exc:
-            raise StartupError(str(exc)) from None
-        pipeline, upstreams, tasks, listeners = dns.pipeline, dns.upstreams, dns.tasks, dns.listeners
-        background(stack, dns.every_second())
-        _shortage_on_accept(dns.shortage, stack)
-        workers: Workers | None = None
+        def journal_written() -> None:  # the table journals each change for the workers: send it soon
+            if workers is not None:
+                workers.flush_soon()
 
-        def install(new: Ruleset) -> None:
+        def install(new: Ruleset) -> None:  # a reload; called only once everything below is built
             # One synchronous step on the event loop: no query runs between these lines.
             if workers is not None:
                 workers.install(new, reloader.cfg)  # journaled before the table's changes below
-            dns_stack.install(dns, new, reloader.cfg)  # the reloaded configuration's live sections
+            dns_side.install(dns, new, reloader.cfg)  # the reloaded configuration's live sections
             # a new catalog, text or operator is a new notice
             consents.use_notice(new.catalog, reloader.notice, operator_of(reloader.cfg))
             refreeze()  # the old catalog and lists out, the new ones out of the GC's full passes
 
-        stack.push_async_callback(upstreams.close)
-        querylog.attach(pipeline)
-        background(stack, querylog.run())
-        background(stack, hub.run_webhook())
-        stack.push_async_callback(tasks.drain, 2.0)
-        stack.push_async_callback(listeners.close)
-        for address in cfg.dns_listen:
-            try:
-                await listeners.start(address)
-            except OSError as exc:
-                raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
-        if isinstance(table, JournaledTable):
-            def start_state(number: int) -> Start:
-                return Start(cfg, reloader.cfg, reloader.ruleset or rules, servers, tuple(listeners.bound),
-                             table.copy(), pipeline.log_all is not None, number)
+        lists = await stack.enter_async_context(ListStore(data_dir / "lists"))
+        reloader = Reloader(cfg, reread or (lambda: cfg), lists, install=install, notice=notice, settle=replicated)
+        rules = await start_rules(reloader)
+        store, problem = open_backend(cfg, data_dir)
+        table = consent_table(cfg, rules.catalog, on_write=journal_written)
+        operator = operator_of(cfg)
+        hub = EventHub(cfg.events.webhook_url, cfg.events.webhook_timeout)
+        querylog, querylog_problem = open_querylog(cfg, data_dir, hub)
+        await stack.enter_async_context(querylog)  # closed after the listeners: the last entries are kept
+        watch = ConsentWatch(hub, querylog.client_label)
+        consents = await stack.enter_async_context(ConsentService(
+            store, table, rules.catalog, notice, cfg.consent, Pairings(cfg.portal.host, cfg.identity.pairing_ttl),
+            wall, (normalize_client(a) for a in cfg.identity.trusted_forwarders), operator,
+            listeners=(watch.changed,), replicated=replicated))
+        clients = await load_consent(consents, store, problem)
+        await stack.enter_async_context(neighbour_table(cfg, table, neighbours))
+        await stack.enter_async_context(consents.running(cfg.consent.sweep_interval))
+        log_gated, log_all = querylog.sinks()
+        dns = build_dns(cfg, rules, table, servers, on_pair=consents.on_pair, wall=wall, log_gated=log_gated,
+                        log_all=log_all)
+        await stack.enter_async_context(background(querylog.run(), hub.run_webhook()))
+        await stack.enter_async_context(shortage_on_accept(dns.shortage))
+        await stack.enter_async_context(dns.running())  # on leaving: listeners, forwards, upstreams close
+        await listen_dns(dns, cfg.dns_listen)
+        if isinstance(table, JournaledTable):  # (stopped before the listeners close: they keep answering)
+            workers = await stack.enter_async_context(worker_processes(
+                cfg, reloader, rules, servers, dns, table, on_log=querylog.pending.extend, on_pair=consents.on_pair,
+                record=data_dir / WORKER_RECORD))
+        counts = dns_counts_of(dns, workers)
+        api = ApiListeners(api_limits(cfg))
+        health = health_of(cfg, dns, counts, workers, table, consents, querylog_problem or querylog.mode, api,
+                           reloader)
+        sources = sources_of(counts, dns, table, watch, querylog, hub, consents, store, workers, api)
+        served = await stack.enter_async_context(serve_api(
+            cfg, token, api, consents, lambda: dns.pipeline.catalog, health, reloader, sources, querylog, hub,
+            watched, wall))
+        await stack.enter_async_context(reloads(reloader, dns.tasks))
+        running = Running(tuple(dns.listeners.bound), served.api, data_dir, servers, token_file, served.routes,
+                          served.portal, store=store.name if store.shared else "", admin=served.admin,
+                          workers=cfg.dns.workers, operator=operator.name)
+        announce(cfg, running, clients, rules, limit, operator)
+        if on_ready is not None:
+            on_ready(running)
+        await stop.wait()
+        log.info("stopping")
+    log.info("stopped")
 
-            workers = Workers(cfg.dns.workers - 1, table, start_state, on_log=querylog.pending.extend,
-                              on_pair=consents.on_pair, record=data_dir / WORKER_RECORD)
-            consents.replicated = workers.sync
-            reloader.settle = workers.sync
-            try:
-                await workers.start()
-            except WorkerError as exc:
-                raise StartupError(f"dns.workers: {exc}") from None
-            stack.push_async_callback(workers.close)  # before the listeners close: they keep answering
 
-        def dns_counts() -> DnsCounts:
-            own = dns.counts()
-            theirs = workers.counts() if workers is not None else None
-            return own if theirs is None else own.plus(theirs)
+async def start_rules(reloader: Reloader) -> Ruleset:
+    """The first ruleset (catalog, lists, notice), built before anything that gates on it."""
+    try:
+        return await reloader.start()
+    except (CatalogError, ListError) as exc:
+        raise StartupError(str(exc)) from None
 
-        def shortage(counts: DnsCounts) -> str:
-            if dns.shortage.short or not counts.short_now:
-                return dns.shortage.describe()
-            return f"{counts.short_now} worker processes out of file descriptors or socket buffers"
 
-        def health() -> Mapping[str, Any]:
-            lists_in_force = pipeline.catalog.lists
-            counts = dns_counts()
-            return {"dns": [str(b) for b in listeners.bound], "clients_with_consent": len(table),
-                    "cache_entries": counts.cache_entries, "in_flight": counts.in_flight,
-                    "tasks": len(asyncio.all_tasks()),
-                    "tcp_connections": counts.tcp_open,
-                    **({"workers": {"configured": cfg.dns.workers - 1, "listening": workers.running(),
-                                    "restarts": workers.restarts, "pids": workers.pids()}}
-                       if workers is not None else {}),
-                    "consent_store": consents.store_problem or _loss_line(consents.history_lost) or "ok",
-                    **({"consent_store_history_lost": {"at": iso(consents.history_lost.at),
-                                                       "what": consents.history_lost.what}}
-                       if consents.history_lost is not None else {}),
-                    "consent_withdrawals_held": consents.withdrawals_held,
-                    "query_log": querylog_problem or querylog.mode,
-                    "file_descriptors": {"open": descriptors.open_count(), "limit": descriptors.soft_limit(),
-                                         "shortage": shortage(counts)},
-                    "api_connections": len(api.table),
-                    "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
-                    "reloads": reloader.reloads,
-                    "upstreams": upstreams.describe(asyncio.get_running_loop().time())}
+def consent_table(cfg: Config, catalog: Catalog, *, on_write: Callable[[], None]) -> ConsentTable:
+    """The consent table the DNS side reads. With workers, every change of it is journaled for them
+    (workers/replica.py) and `on_write` hears when the journal has something to send."""
+    profiles = ProfileMap(cfg.profiles.default, cfg.profiles.networks)  # type: ignore[arg-type]
+    kiosk_idle = cfg.consent.kiosk_idle_minutes * 60
+    if cfg.dns.workers > 1:
+        return JournaledTable(catalog.vendors, profiles, kiosk_idle=kiosk_idle, on_write=on_write)
+    return ConsentTable(catalog.vendors, profiles, kiosk_idle=kiosk_idle)
 
-        a = cfg.api
-        api = ApiListeners(ApiLimits(a.max_connections, a.max_connections_per_client, a.idle_timeout,
-                                     a.header_timeout, a.body_timeout))
-        api_address = cfg.api_listen
-        api_socket = _listen_tcp(api_address)
-        api_bound = HostPort(api_address.host, api_socket.getsockname()[1])
-        admin_address = cfg.admin_listen
-        admin_socket = _listen_tcp(admin_address, "api.admin_listen") if admin_address is not None else None
-        admin_bound = HostPort(admin_address.host, admin_socket.getsockname()[1]) \
-            if admin_address is not None and admin_socket is not None else None
-        settings = ApiSettings(
-            admin_token=token,
-            boundaries=api_boundaries(cfg, api_bound, admin_bound),
-            max_days=cfg.consent.max_days,
-            max_body=cfg.api.max_body_bytes,
-            consent_changes_per_minute=cfg.api.consent_changes_per_minute,
-            admin=(admin_bound.host, admin_bound.port) if admin_bound is not None else None,
-        )
-        running_workers = workers
-        sources = Sources(dns=dns_counts, current_catalog=lambda: pipeline.catalog, consent=table,
-                          consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
-                          consent_store=lambda: (consents.store_errors, not consents.store_problem),
-                          consent_faults=lambda: StoreFaults(consents.history_losses, consents.withdrawals_held,
-                                                             consents.undone),
-                          consent_remote=lambda: consents.remote_changes if store.shared else None,
-                          workers=(lambda: (running_workers.running(), running_workers.restarts))
-                          if running_workers is not None else None, api=api.counts)
-        sampler = Sampler(sources)
-        background(stack, sampler.run())
-        app = create_app(consents, lambda: pipeline.catalog, settings, health, reloader, deadlines=api.middleware())
+
+@asynccontextmanager
+async def neighbour_table(cfg: Config, table: ConsentTable, read: NeighbourReader | None) -> AsyncIterator[None]:
+    """The kernel's neighbour table (MACs of on-link clients), read once before DNS listens so MAC
+    identity holds from the first query, then every identity.neighbour_refresh seconds."""
+    if read is None and cfg.identity.neighbours:
+        read = KernelNeighbours()
+    if read is None:
+        yield
+        return
+    table.set_neighbours(await asyncio.to_thread(read))
+    async with background(_refresh_neighbours(table, read, cfg.identity.neighbour_refresh)):
+        yield
+
+
+def build_dns(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[UpstreamAddress, ...], *,
+              on_pair: Callable[[str, str], bool], wall: Callable[[], float],
+              log_gated: Callable[[LogEntry], None], log_all: Callable[[LogEntry], None] | None) -> DnsStack:
+    try:
+        return dns_side.build(cfg, rules, table, servers, on_pair=on_pair, wall=wall, log_gated=log_gated,
+                              log_all=log_all)
+    except dns_side.UpstreamError as exc:
+        raise StartupError(str(exc)) from None
+
+
+async def listen_dns(dns: DnsStack, addresses: Iterable[HostPort]) -> None:
+    for address in addresses:
+        try:
+            await dns.listeners.start(address)
+        except OSError as exc:
+            raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
+
+
+@asynccontextmanager
+async def worker_processes(cfg: Config, reloader: Reloader, rules: Ruleset, servers: tuple[UpstreamAddress, ...],
+                           dns: DnsStack, table: JournaledTable, *, on_log: Callable[[list[LogEntry]], None],
+                           on_pair: Callable[[str, str], bool], record: Path) -> AsyncIterator[Workers]:
+    """dns.workers - 1 more processes answering DNS on the addresses this one listens on."""
+    def start_state(number: int) -> Start:
+        return Start(cfg, reloader.cfg, reloader.ruleset or rules, servers, tuple(dns.listeners.bound),
+                     table.copy(), dns.pipeline.log_all is not None, number)
+
+    workers = Workers(cfg.dns.workers - 1, table, start_state, on_log=on_log, on_pair=on_pair, record=record)
+    try:
+        await workers.start()
+    except WorkerError as exc:
+        raise StartupError(f"dns.workers: {exc}") from None
+    try:
+        yield workers
+    finally:
+        await workers.close()
+
+
+def dns_counts_of(dns: DnsStack, workers: Workers | None) -> Callable[[], DnsCounts]:
+    """What every process answering DNS has counted: this one's own, plus its workers'."""
+    def counts() -> DnsCounts:
+        own = dns.counts()
+        theirs = workers.counts() if workers is not None else None
+        return own if theirs is None else own.plus(theirs)
+
+    return counts
+
+
+def health_of(cfg: Config, dns: DnsStack, dns_counts: Callable[[], DnsCounts], workers: Workers | None,
+              table: ConsentTable, consents: ConsentService, querylog_state: str, api: ApiListeners,
+              reloader: Reloader) -> Callable[[], Mapping[str, Any]]:
+    """What GET /healthz reports."""
+    def shortage(counts: DnsCounts) -> str:
+        if dns.shortage.short or not counts.short_now:
+            return dns.shortage.describe()
+        return f"{counts.short_now} worker processes out of file descriptors or socket buffers"
+
+    def health() -> Mapping[str, Any]:
+        lists_in_force = dns.pipeline.catalog.lists
+        counts = dns_counts()
+        return {"dns": [str(b) for b in dns.listeners.bound], "clients_with_consent": len(table),
+                "cache_entries": counts.cache_entries, "in_flight": counts.in_flight,
+                "tasks": len(asyncio.all_tasks()),
+                "tcp_connections": counts.tcp_open,
+                **({"workers": {"configured": cfg.dns.workers - 1, "listening": workers.running(),
+                                "restarts": workers.restarts, "pids": workers.pids()}}
+                   if workers is not None else {}),
+                "consent_store": consents.store_problem or _loss_line(consents.history_lost) or "ok",
+                **({"consent_store_history_lost": {"at": iso(consents.history_lost.at),
+                                                   "what": consents.history_lost.what}}
+                   if consents.history_lost is not None else {}),
+                "consent_withdrawals_held": consents.withdrawals_held,
+                "query_log": querylog_state,
+                "file_descriptors": {"open": descriptors.open_count(), "limit": descriptors.soft_limit(),
+                                     "shortage": shortage(counts)},
+                "api_connections": len(api.table),
+                "list_entries": len(lists_in_force) if lists_in_force is not None else 0,
+                "reloads": reloader.reloads,
+                "upstreams": dns.upstreams.describe(asyncio.get_running_loop().time())}
+
+    return health
+
+
+def sources_of(dns_counts: Callable[[], DnsCounts], dns: DnsStack, table: ConsentTable, watch: ConsentWatch,
+               querylog: QueryLog, hub: EventHub, consents: ConsentService, store: ConsentBackend,
+               workers: Workers | None, api: ApiListeners) -> Sources:
+    """Where /metrics and the dashboard read their numbers."""
+    return Sources(dns=dns_counts, current_catalog=lambda: dns.pipeline.catalog, consent=table,
+                   consent_changes=lambda: dict(watch.changes), querylog=querylog, hub=hub,
+                   consent_store=lambda: (consents.store_errors, not consents.store_problem),
+                   consent_faults=lambda: StoreFaults(consents.history_losses, consents.withdrawals_held,
+                                                      consents.undone),
+                   consent_remote=lambda: consents.remote_changes if store.shared else None,
+                   workers=(lambda: (workers.running(), workers.restarts)) if workers is not None else None,
+                   api=api.counts)
+
+
+def api_limits(cfg: Config) -> ApiLimits:
+    a = cfg.api
+    return ApiLimits(a.max_connections, a.max_connections_per_client, a.idle_timeout, a.header_timeout,
+                     a.body_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiServed:
+    api: HostPort
+    admin: HostPort | None
+    portal: str  # the consent portal's URL
+    routes: tuple[str, ...]  # "METHOD /path" of every route
+
+
+@asynccontextmanager
+async def serve_api(cfg: Config, token: str, api: ApiListeners, consents: ConsentService,
+                    catalog: Callable[[], Catalog], health: Callable[[], Mapping[str, Any]], reloader: Reloader,
+                    sources: Sources, querylog: QueryLog, hub: EventHub, watched: tuple[Watched, ...],
+                    wall: Callable[[], float]) -> AsyncIterator[ApiServed]:
+    """The HTTP server: the consent API, the portal and the observe routes, on api.listen (and
+    api.admin_listen), with the dashboard's sampler running while it serves."""
+    api_address = cfg.api_listen
+    api_socket = _listen_tcp(api_address)
+    api_bound = HostPort(api_address.host, api_socket.getsockname()[1])
+    admin_address = cfg.admin_listen
+    admin_socket = _listen_tcp(admin_address, "api.admin_listen") if admin_address is not None else None
+    admin_bound = HostPort(admin_address.host, admin_socket.getsockname()[1]) \
+        if admin_address is not None and admin_socket is not None else None
+    settings = ApiSettings(
+        admin_token=token,
+        boundaries=api_boundaries(cfg, api_bound, admin_bound),
+        max_days=cfg.consent.max_days,
+        max_body=cfg.api.max_body_bytes,
+        consent_changes_per_minute=cfg.api.consent_changes_per_minute,
+        admin=(admin_bound.host, admin_bound.port) if admin_bound is not None else None,
+    )
+    sampler = Sampler(sources)
+    async with background(sampler.run()):
+        app = create_app(consents, catalog, settings, health, reloader, deadlines=api.middleware())
         # The page's form token is signed with a key derived from the admin token: instances that share
         # consent and a token accept each other's pages; the token itself cannot be learnt from it.
         form_key = hashlib.sha256(b"dnsgate portal form\0" + token.encode()).digest()
@@ -409,42 +493,59 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
                                 cfg.portal.captive, frozenset(cfg.portal.cors_origins), form_key, wall,
                                 api_bound.port)
         add_portal_routes(app, portal)
-        add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, lambda: pipeline.catalog,
-                                      watched))
+        add_routes(app, Observability(build_registry(sources), querylog, hub, sampler, catalog, watched))
         # aiohttp's keep-alive timeout is the idle timeout (a connection with no request is closed)
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=api.limits.idle_timeout)
         await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        assert runner.server is not None
-        stack.callback(api.close)  # listening stops before the runner closes the connections
-        await api.start(runner.server, api_socket)
-        if admin_socket is not None:
-            await api.start(runner.server, admin_socket)
+        try:
+            assert runner.server is not None
+            try:  # listening stops before the runner closes the connections
+                await api.start(runner.server, api_socket)
+                if admin_socket is not None:
+                    await api.start(runner.server, admin_socket)
+                routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
+                                       if r.method != "HEAD" and r.resource is not None}))
+                yield ApiServed(api_bound, admin_bound, portal.url, routes)
+            finally:
+                api.close()
+        finally:
+            await runner.cleanup()
 
-        _reload_on_sighup(reloader, tasks, stack)
-        schedule = asyncio.create_task(reloader.run_schedule())
-        stack.push_async_callback(_cancel, schedule)
 
-        routes = tuple(sorted({f"{r.method} {r.resource.canonical}" for r in app.router.routes()
-                               if r.method != "HEAD" and r.resource is not None}))
-        running = Running(tuple(listeners.bound), api_bound, data_dir, servers, token_file, routes, portal.url,
-                          store=store.name if store.shared else "", admin=admin_bound, workers=cfg.dns.workers,
-                          operator=operator.name)
-        log.info(config_line(cfg))
-        log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
-                 clients, catalog.version, len(catalog.vendors), len(catalog.rules),
-                 len(catalog.lists) if catalog.lists is not None else 0)
-        log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
-                 ",".join(map(str, servers)), data_dir)
-        descriptors.log_budget(cfg, len(servers) + sum(len(group) for _, group in cfg.upstream.domains),
-                               SOCKETS_PER_FAMILY, *limit)
-        if not operator.named:
-            log.warning(NO_OPERATOR_WARNING)
-        if on_ready is not None:
-            on_ready(running)
-        await stop.wait()
-        log.info("stopping")
-    log.info("stopped")
+@asynccontextmanager
+async def reloads(reloader: Reloader, tasks: TaskSet) -> AsyncIterator[None]:
+    """Reloads on SIGHUP (where signal handlers can be set: the main thread, not Windows) and on the
+    lists' refresh schedule."""
+    loop = asyncio.get_running_loop()
+    sighup = hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread()
+
+    async def reload() -> None:
+        await reloader.reload("SIGHUP")  # the outcome is logged
+
+    if sighup:
+        loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload()))
+    try:
+        async with background(reloader.run_schedule()):
+            yield
+    finally:
+        if sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+
+def announce(cfg: Config, running: Running, clients: int, rules: Ruleset, limit: tuple[int, int],
+             operator: Operator) -> None:
+    """The start's log lines: configuration, what was loaded, where dnsgate listens, its descriptor budget."""
+    catalog = rules.catalog
+    log.info(config_line(cfg))
+    log.info("loaded %d consent choices, catalog %s (%d vendors, %d domains), %d list entries",
+             clients, catalog.version, len(catalog.vendors), len(catalog.rules),
+             len(catalog.lists) if catalog.lists is not None else 0)
+    log.info("started: dns=%s api=%s upstreams=%s data=%s", ",".join(map(str, running.dns)), running.api,
+             ",".join(map(str, running.upstreams)), running.data_dir)
+    descriptors.log_budget(cfg, len(running.upstreams) + sum(len(group) for _, group in cfg.upstream.domains),
+                           SOCKETS_PER_FAMILY, *limit)
+    if not operator.named:
+        log.warning(NO_OPERATOR_WARNING)
 
 
 def api_boundaries(cfg: Config, api: HostPort, admin: HostPort | None) -> Boundaries:
@@ -531,20 +632,8 @@ async def _refresh_neighbours(table: ConsentTable, read: NeighbourReader, interv
             log.exception("neighbour table refresh failed; retrying in %.0f s", interval)
 
 
-def _reload_on_sighup(reloader: Reloader, tasks: TaskSet, stack: AsyncExitStack) -> None:
-    """SIGHUP reloads (signal handlers can only be set from the main thread, and not on Windows)."""
-    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-
-    async def reload() -> None:
-        await reloader.reload("SIGHUP")  # the outcome is logged
-
-    loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(reload()))
-    stack.callback(loop.remove_signal_handler, signal.SIGHUP)
-
-
-def _shortage_on_accept(shortage: descriptors.Shortage, stack: AsyncExitStack) -> None:
+@asynccontextmanager
+async def shortage_on_accept(shortage: descriptors.Shortage) -> AsyncIterator[None]:
     """asyncio's own loop reports an accept that fails for lack of a descriptor to the loop's
     exception handler, with a traceback every second while it lasts: it is an episode of the
     shortage instead, logged once. (uvloop sheds such connections itself, without a report.)"""
@@ -561,13 +650,10 @@ def _shortage_on_accept(shortage: descriptors.Shortage, stack: AsyncExitStack) -
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
-    stack.callback(loop.set_exception_handler, previous)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
 
 
 def _listen_tcp(address: HostPort, key: str = "api.listen") -> socket.socket:

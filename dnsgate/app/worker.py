@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import NoReturn
 
-from dnsgate.app import dns_side as dns_stack
+from dnsgate.app import dns_side
 from dnsgate.app.dns_side import DnsStack, os_reason
 from dnsgate.config import Config
 from dnsgate.consent.model import ConsentTable
@@ -37,6 +37,7 @@ from dnsgate.gc_policy import frozen_startup, refreeze
 from dnsgate.logs import setup_logging
 from dnsgate.loops import loop_factory
 from dnsgate.rules.ruleset import Ruleset
+from dnsgate.tasks import background
 from dnsgate.workers.link import Link, LinkClosed, LinkGuard
 from dnsgate.workers.replica import Start, apply, forget_idle, merge_seen
 
@@ -107,22 +108,18 @@ async def serve(sock: socket.socket) -> int:
         link.send("pair", token, client)
         return True
 
+    pending: list[LogEntry] = []  # the query log's entries, sent to the primary every second
     try:
-        stack = dns_stack.build(start.cfg, start.rules, table, start.servers, on_pair=pair, wall=time.time,
-                                may_answer=guard, join=True)
-    except dns_stack.UpstreamError as exc:
+        stack = dns_side.build(start.cfg, start.rules, table, start.servers, on_pair=pair, wall=time.time,
+                                log_gated=pending.append, log_all=pending.append if start.log_all else None,
+                                server_id=f"dnsgate worker {start.worker}".encode(), may_answer=guard, join=True)
+    except dns_side.UpstreamError as exc:
         log.error("worker %d: %s", start.worker, exc)
         return 1
-    dns_stack.install(stack, start.rules, start.live)
-    stack.pipeline.server_id = f"dnsgate worker {start.worker}".encode()
-    pending: list[LogEntry] = []
-    stack.pipeline.log_gated = pending.append
-    stack.pipeline.log_all = pending.append if start.log_all else None
+    dns_side.install(stack, start.rules, start.live)
     link.send("built")
     async with AsyncExitStack() as exits:
-        exits.push_async_callback(stack.upstreams.close)
-        exits.push_async_callback(stack.tasks.drain, 2.0)
-        exits.push_async_callback(stack.listeners.close)
+        await exits.enter_async_context(stack.running())  # on leaving: listeners, forwards, upstreams close
 
         async def listen() -> None:
             for address in start.bound:
@@ -130,9 +127,7 @@ async def serve(sock: socket.socket) -> int:
                     await stack.listeners.start(address)
                 except OSError as exc:
                     raise CannotListen(f"worker {start.worker}: dns.listen {address}: {os_reason(exc)}") from None
-            ticks = asyncio.create_task(stack.every_second())
-            reports = asyncio.create_task(_report(link, stack, table, pending))
-            exits.push_async_callback(_cancel, ticks, reports)
+            await exits.enter_async_context(background(_report(link, stack, table, pending)))
             link.send("ready")
 
         with frozen_startup():
@@ -156,7 +151,7 @@ async def _follow(link: Link, table: ConsentTable, stack: DnsStack, listen: Call
     """Apply what the primary sends, in order, until it says stop. Raises LinkClosed if its line closes."""
 
     def install(rules: Ruleset, live: Config) -> None:
-        dns_stack.install(stack, rules, live)
+        dns_side.install(stack, rules, live)
         refreeze()
 
     while True:
@@ -189,12 +184,6 @@ async def _report(link: Link, stack: DnsStack, table: ConsentTable, pending: lis
         if batches % COUNTS_EVERY == 0:
             link.send("counts", stack.counts(), table.kiosk_seen)
         await link.drain()
-
-
-async def _cancel(*tasks: asyncio.Task[None]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 if __name__ == "__main__":

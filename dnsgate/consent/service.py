@@ -55,9 +55,10 @@ import ipaddress
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, Self, TypeVar
 
 from dnsgate.config import ConsentConfig
 from dnsgate.consent.backend import Conflict, ConsentBackend, InDoubt, Snapshot, stop_if_cancelled
@@ -83,6 +84,7 @@ from dnsgate.consent.notice import Item, Notice, NoticeInForce, Operator, notice
 from dnsgate.consent.pairing import Offer, Pairings
 from dnsgate.consent.sqlite_store import Event, EventFilter, RefusalsHeld, Step, StoreError
 from dnsgate.rules.catalog import Catalog, DomainRule, Vendor
+from dnsgate.tasks import TaskSet, background
 from dnsgate.wire import name_to_wire
 
 log = logging.getLogger(__name__)
@@ -258,7 +260,9 @@ class Loss:
 class ConsentService:
     def __init__(self, store: ConsentBackend, table: ConsentTable, catalog: Catalog, notice: Notice,
                  cfg: ConsentConfig, pairings: Pairings, wall: Callable[[], float] = time.time,
-                 trusted_forwarders: Iterable[str] = (), operator: Operator = NO_OPERATOR) -> None:
+                 trusted_forwarders: Iterable[str] = (), operator: Operator = NO_OPERATOR, *,
+                 listeners: Iterable[Callable[[Event], None]] = (),
+                 replicated: Callable[[], Awaitable[None]] | None = None) -> None:
         self.store = store
         self.table = table
         self.catalog = catalog
@@ -271,7 +275,7 @@ class ConsentService:
         self.trusted_forwarders = frozenset(trusted_forwarders)
         self.paired: dict[str, dict[str, float]] = {}  # HTTP subject key -> {DNS client key: when}
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()  # pairing binds, which outlive the request that started them
         self._last_purge = 0.0
         self._profiles = table.profiles  # the configured ones (see hold_closed)
         # The store's health, for /healthz and /metrics: failed operations, the problem while it
@@ -290,10 +294,11 @@ class ConsentService:
         self.undone = 0  # changes answered 503 that the store had recorded after all, undone since
         # Called with each recorded event once it is stored and in force (metrics, events: observe/events.py),
         # on every instance that shares the store.
-        self.listeners: list[Callable[[Event], None]] = []
+        self.listeners = tuple(listeners)
+        self._loading = False  # `load` runs: what it records is the start catching up, not heard by listeners
         # dns.workers > 1: awaited once a change is in force here, returns once every worker has it
         # too (workers/supervisor.py), so that a change the API reports done holds on every process.
-        self.replicated: Callable[[], Awaitable[None]] | None = None
+        self.replicated = replicated
         table.set_notice(self.shown.current())
 
     # -- start -----------------------------------------------------------------------------------
@@ -302,6 +307,13 @@ class ConsentService:
 
         Records a profile_change for every choice whose network now has another profile, and ends
         every grant that pairing once copied to another identity (see `_copied_grants`)."""
+        self._loading = True
+        try:
+            return await self._load()
+        finally:
+            self._loading = False
+
+    async def _load(self) -> int:
         now = self.wall()
         snapshot = await self._in_store(self.store.load())
         self.replace_all(snapshot)
@@ -984,7 +996,7 @@ class ConsentService:
         offer = self.pairings.claim(token, self.wall())
         if offer is None:
             return False
-        self._spawn(self._bind(offer, dns_client))
+        self._tasks.spawn(self._bind(offer, dns_client))
         return True
 
     async def _bind(self, offer: Offer, dns_client: str) -> None:
@@ -1663,21 +1675,33 @@ class ConsentService:
             self._report("")  # (while the follower is cut off, it says when the store is back, caught up)
         return result
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def _notify(self, event: Event) -> None:
+        if self._loading:
+            return
         for listener in self.listeners:
             try:
                 listener(event)
             except Exception:  # a broken observer must not fail a change that is already stored
                 log.exception("consent listener failed")
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def running(self, sweep_interval: float) -> AsyncIterator[None]:
+        """Its loops, for as long as the block runs: settling what was held or in doubt, sweeping
+        expired choices, and (a shared store) applying the changes other instances record."""
+        loops = [self.run_reconciler(), self.run_sweeper(sweep_interval)]
+        if self.store.shared:
+            loops.insert(0, self.run_follower())
+        async with background(*loops):
+            yield
+
     async def close(self) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=2.0)
+        await self._tasks.drain(2.0)
         await self.store.close()
 
 

@@ -257,6 +257,10 @@ class AnswerCache:
         self._bytes = 0
         self.evictions = 0
 
+    def resize(self, max_entries: int, max_bytes: int, stale_window: float) -> None:
+        """A reload's bounds (the reload empties the cache with its new rules: Pipeline.install)."""
+        self.max_entries, self.max_bytes, self.stale_window = max_entries, max_bytes, stale_window
+
     def get(self, key: bytes, now: float) -> Entry | None:
         """A fresh entry, or None."""
         entry = self.entries.get(key)

@@ -71,7 +71,6 @@ class Resolver:
         self.reaped = 0  # waiting entries answered by `reap`: each one a bug
         self.short = 0  # clients answered SERVFAIL because no upstream socket could be opened
         self._spawn = spawn  # runs the exchanges that outlive the first attempt, as owned tasks
-        pipeline.on_refresh = self._refresh
 
     def start(self, fwd: Forward, deliver: Deliver | ChainWaiter | None) -> None:
         """Resolve `fwd`; `deliver(reply)` is called once, later (never from within this call)."""
@@ -106,7 +105,7 @@ class Resolver:
         self.start(fwd, deliver)
         return await future
 
-    def _refresh(self, fwd: Forward) -> None:
+    def refresh(self, fwd: Forward) -> None:
         if fwd.query.key not in self._waiting:
             self.start(fwd, None)
 

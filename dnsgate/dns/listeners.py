@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -23,37 +23,12 @@ from dnsgate.config import HostPort
 from dnsgate.connections import ConnectionTable
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.tasks import TaskSet
 from dnsgate.wire import SERVFAIL, U16, Rejection, rejection_reply
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = Rejection(SERVFAIL, "internal error")
-
-
-class TaskSet:
-    """Background tasks we own: kept referenced, awaited or cancelled at shutdown."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    async def drain(self, timeout: float) -> int:
-        """Wait up to `timeout` for running tasks, then cancel the rest; returns how many were cancelled."""
-        if not self._tasks:
-            return 0
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
-        return len(pending)
 
 
 def _client_of(host: str, v6: bool) -> str:

@@ -169,6 +169,10 @@ class Pipeline:
         prefetch: bool = False,
         stale_ttl: int = 30,
         admission: Admission | None = None,
+        log_gated: Callable[[LogEntry], None] | None = None,
+        log_all: Callable[[LogEntry], None] | None = None,
+        on_refresh: Callable[[Forward], None] | None = None,
+        server_id: bytes = b"dnsgate",
     ) -> None:
         self.catalog = catalog
         # Who may ask and how fast (dns/admission.py); by default everyone, without a rate limit.
@@ -195,8 +199,8 @@ class Pipeline:
         self.trust_ad = trust_ad  # keep the upstream's AD bit in entries (else it is dropped on admission)
         self.prefetch = prefetch
         self.stale_ttl = stale_ttl
-        # Set by the shell: called with a Forward when a hit finds its entry near expiry.
-        self.on_refresh: Callable[[Forward], None] | None = None
+        # The shell's (dns/forwarding.py): called with a Forward when a hit finds its entry near expiry.
+        self.on_refresh = on_refresh
         # Our OPT record, without and with DO, appended to replies to EDNS queries.
         self.opt_tail = (opt_record(udp_max, False), opt_record(udp_max, True))
         stale_ede = ede_option(EDE_STALE, "")
@@ -212,10 +216,10 @@ class Pipeline:
         # Query-log sinks (observe/querylog.py): `log_gated` receives every query for a gated name,
         # `log_all` (None unless the log keeps every query) every other one. Each is a list's
         # append, so recording costs one tuple.
-        self.log_gated: Callable[[LogEntry], None] | None = None
-        self.log_all: Callable[[LogEntry], None] | None = None
+        self.log_gated = log_gated
+        self.log_all = log_all
         # What `dig CH TXT id.server` answers: which process this is (a worker says its number).
-        self.server_id = b"dnsgate"
+        self.server_id = server_id
 
     # ----------------------------------------------------------------------------------------
     def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
@@ -495,13 +499,21 @@ class Pipeline:
                 entry.refresh_at = entry.filled + PREFETCH_AT * entry.lifetime
             self.cache.put(fwd.query.key, entry)
 
-    def install(self, catalog: Catalog, sinkhole: Sinkhole, plain_ttl: TtlPolicy, gated_ttl: TtlPolicy) -> None:
+    def install(self, catalog: Catalog, sinkhole: Sinkhole, plain_ttl: TtlPolicy, gated_ttl: TtlPolicy, *,
+                local: LocalTable | None = None, prefetch: bool | None = None, stale_ttl: int | None = None) -> None:
         """Swap in reloaded rules, all in one step on the event loop (no query sees half of them),
-        and empty the cache with them: its entries are gated on the old catalog's rules."""
+        and empty the cache with them: its entries are gated on the old catalog's rules. A reload's
+        live settings (`local` names, `prefetch`, `stale_ttl`) come with them; None keeps one."""
         self.catalog = catalog
         self.sinkhole = sinkhole
         self.plain_ttl = plain_ttl
         self.gated_ttl = gated_ttl
+        if local is not None:
+            self.local = local
+        if prefetch is not None:
+            self.prefetch = prefetch
+        if stale_ttl is not None:
+            self.stale_ttl = stale_ttl
         self.cache.clear()
         self.gated.clear()
 

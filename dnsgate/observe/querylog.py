@@ -32,10 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from dnsgate.config import QueryLogConfig
-from dnsgate.dns.pipeline import Pipeline
 from dnsgate.dns.tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, SINKHOLED, STALE, LogEntry
 from dnsgate.observe.events import EventHub, iso
 from dnsgate.observe.querylog_db import Filters, QueryLogDb
@@ -129,10 +128,10 @@ class QueryLog:
         self._names: dict[bytes | None, tuple[str | None, str | None]] = {}
         self._labels: dict[str, str] = {}
 
-    def attach(self, pipeline: Pipeline) -> None:
-        """Have `pipeline` record into this log: gated names always, every query in full/anonymous mode."""
-        pipeline.log_gated = self.pending.append
-        pipeline.log_all = self.pending.append if self.mode in ("full", "anonymous") else None
+    def sinks(self) -> tuple[Callable[[LogEntry], None], Callable[[LogEntry], None] | None]:
+        """What a pipeline records into (`log_gated`, `log_all`): gated names always, every query in
+        full/anonymous mode."""
+        return self.pending.append, self.pending.append if self.mode in ("full", "anonymous") else None
 
     def client_label(self, client: str) -> str:
         """How the log shows a client address in this mode."""
@@ -264,6 +263,12 @@ class QueryLog:
         if self.mode == "anonymous" and filters.client is not None:
             filters = replace(filters, client=self.client_label(filters.client))
         return await self.read(lambda db: db.entries(filters, limit, newest_first))
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     async def close(self) -> None:
         await self.flush()

@@ -121,14 +121,15 @@ class Reloader:
     """Builds rulesets and installs them; one build at a time (reload, refresh and start share a lock)."""
 
     def __init__(self, cfg: Config, reread: Callable[[], Config], store: ListStore,
-                 install: Callable[[Ruleset], None], notice: Notice, wall: Callable[[], float] = time.time) -> None:
+                 install: Callable[[Ruleset], None], notice: Notice, wall: Callable[[], float] = time.time, *,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.notice = notice  # the consent text in force (install reads it, with the operator of `cfg`)
         self.reread = reread
         self.store = store
         self.install = install
         # Awaited after each install (dns.workers > 1: until every worker has the new rules too).
-        self.settle: Callable[[], Awaitable[None]] | None = None
+        self.settle = settle
         self.wall = wall
         self.ruleset: Ruleset | None = None
         self.statuses: dict[str, ListStatus] = {}

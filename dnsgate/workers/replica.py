@@ -52,10 +52,11 @@ class JournaledTable(ConsentTable):
     __slots__ = ("_quiet", "journal", "on_write")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
-                 notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
+                 notice: CurrentNotice | None = None, kiosk_idle: float = 900.0, *,
+                 on_write: Callable[[], None] | None = None) -> None:
         super().__init__(vendors, profiles, notice, kiosk_idle)
         self.journal: list[Op] = []
-        self.on_write: Callable[[], None] | None = None
+        self.on_write = on_write
         self._quiet = False
 
     def note(self, op: str, *args: Any) -> None:

@@ -109,7 +109,6 @@ class Workers:
         self._heartbeat: asyncio.Task[None] | None = None
         self._last: dict[int, Worker] = {}  # each number's latest process, live or not
         self._record_failed = False
-        table.on_write = self._flush_soon
 
     # -- start and stop ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,7 +170,7 @@ class Workers:
         for worker in self._live.values():
             worker.link.write(data)
 
-    def _flush_soon(self) -> None:
+    def flush_soon(self) -> None:
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self.flush)

@@ -21,8 +21,9 @@ import dns.message
 
 from dnsgate.config import parse_upstream
 from dnsgate.dns.forwarding import Resolver
-from dnsgate.dns.listeners import TaskSet, UdpListener
+from dnsgate.dns.listeners import UdpListener
 from dnsgate.dns.upstreams import Upstreams, _UdpSocket
+from dnsgate.tasks import TaskSet
 from tests.bench.answer_cost import build
 
 ANSWER = b"\xc0\x0c\x00\x01\x00\x01\x00\x01\x51\x80\x00\x04\xc6\x12\xff\x01"  # A 198.18.255.1, TTL 86400

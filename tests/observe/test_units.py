@@ -229,7 +229,7 @@ async def test_the_log_takes_entries_off_the_loop_in_small_steps_and_writes_on_i
     p = build(clock)
     log = QueryLog(QueryLogConfig(flush_interval=0.6), QueryLogDb(tmp_path / "q.sqlite3"),
                    EventHub("", 1.0), key=b"", sinkhole_rcode=3)
-    log.attach(p)
+    p.log_gated, p.log_all = log.sinks()
     task = asyncio.create_task(log.run())
     try:
         p.answer(query("trackcmp.net").to_wire(), "10.0.0.1", False)

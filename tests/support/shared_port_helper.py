@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any
 
-from dnsgate.app import dns_side as dns_stack
+from dnsgate.app import dns_side
 from dnsgate.config import Config, DnsConfig, HostPort, UpstreamAddress
 from dnsgate.consent.model import ConsentTable
 from dnsgate.rules.catalog import builtin_catalog_text, parse_catalog_text
@@ -36,7 +36,7 @@ async def main() -> dict[str, Any]:
     port = held[0].getsockname()[1]
     cfg = Config(dns=DnsConfig(listen=("127.0.0.1:0",), workers=2))
     catalog = parse_catalog_text(builtin_catalog_text())
-    stack = dns_stack.build(cfg, ruleset_for(cfg, catalog), ConsentTable(catalog.vendors),
+    stack = dns_side.build(cfg, ruleset_for(cfg, catalog), ConsentTable(catalog.vendors),
                             (UpstreamAddress("127.0.0.1", 9),), on_pair=None, wall=time.time)
     listeners = stack.listeners  # the primary's (a worker's would join)
     try:

@@ -29,7 +29,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from dnsgate.app import dns_side as dns_stack
+from dnsgate.app import dns_side
 from dnsgate.app.dns_side import DnsStack
 from dnsgate.dns import upstreams as upstream
 from dnsgate.dns.forwarding import REAP_AFTER
@@ -53,13 +53,13 @@ async def stub() -> AsyncIterator[StubUpstream]:
 async def gate_and_stack(cfg: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Gate, DnsStack]]:
     """dnsgate in-process, and its DNS side (kept as app/primary.py builds it) to look inside."""
     built: list[DnsStack] = []
-    build = dns_stack.build
+    build = dns_side.build
 
     def keep(*args: Any, **kwargs: Any) -> DnsStack:
         built.append(build(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(dns_stack, "build", keep)
+    monkeypatch.setattr(dns_side, "build", keep)
     async with running_gate(cfg) as g:
         yield g, built[0]
 
