@@ -83,6 +83,7 @@ from dnsgate.consent.model import (
 from dnsgate.consent.notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from dnsgate.consent.pairing import Offer, Pairings
 from dnsgate.consent.sqlite_store import Event, EventFilter, RefusalsHeld, Step, StoreError
+from dnsgate.errors import ApiError
 from dnsgate.rules.catalog import Catalog, DomainRule, Vendor
 from dnsgate.tasks import TaskSet, background
 from dnsgate.wire import name_to_wire
@@ -96,14 +97,6 @@ NO_OPERATOR: Final = Operator()
 PLAN_ATTEMPTS: Final = 20  # a change planned again after other instances' changes, at most this often
 HELD_BATCH: Final = 100  # held refusals recorded per change when the store answers again
 RETRY_MIN, RETRY_MAX = 0.2, 2.0  # seconds between attempts to record what is held
-
-
-class ConsentError(Exception):
-    """A change that the rules refuse; the API answers it with `status` and `code`."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,11 +621,11 @@ class ConsentService:
         now = self.wall()
         profile, why = self.profile_of(subject)
         if profile in ("deny", "allow"):
-            raise ConsentError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
+            raise ApiError(409, "profile_fixed", f"{why}: choices do not apply on a {profile} network")
         basis, categories, vendors = self._covered(request)
         action = "grant" if any(categories.values()) or any(vendors.values()) else None
         if action == "grant" and caller.channel != "admin" and subject.address in self.trusted_forwarders:
-            raise ConsentError(409, "forwarder_address",
+            raise ApiError(409, "forwarder_address",
                                f"{subject.address} is a forwarder (identity.trusted_forwarders): it speaks for "
                                "every device behind it, so a grant made from it would apply to all of them; "
                                "choose on the device itself")
@@ -950,7 +943,7 @@ class ConsentService:
             profile, why = self.profile_of(subject)
             admin = caller.channel == "admin"
             if not admin and profile != "kiosk":
-                raise ConsentError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
+                raise ApiError(409, "not_kiosk", f"session end applies to kiosk networks; {why}")
             named = subject
             subject = self._device(subject) if admin else subject
             personal = subject.network is None
@@ -1057,14 +1050,14 @@ class ConsentService:
             return None
         offer = self.pairings.lookup(token, now)
         if offer is None:
-            raise ConsentError(400, "invalid_field", "pairing: no such token, it expired (a token lives "
+            raise ApiError(400, "invalid_field", "pairing: no such token, it expired (a token lives "
                                f"{self.pairings.ttl:g} s), or the session it was given in ended: choose again",
                                "pairing")
         owner = Subject(offer.address, offer.mac)
         if owner.key == subject.key or subject.address is None or caller.channel == "admin":
             return None
         if not self.pairings.bind(offer, subject.address, now):
-            raise ConsentError(400, "invalid_field", "pairing: this token links one other address of the device, "
+            raise ApiError(400, "invalid_field", "pairing: this token links one other address of the device, "
                                "and another address used it already: choose again", "pairing")
         return Link(owner, subject.address, self.profile_of(owner)[0] == "kiosk")
 
@@ -1301,17 +1294,17 @@ class ConsentService:
             return None
         sha = shown.hashes[language]
         if request.notice_version is not None and request.notice_version != shown.version:
-            raise ConsentError(409, "notice_changed", f"the notice is now version {shown.version}, not "
+            raise ApiError(409, "notice_changed", f"the notice is now version {shown.version}, not "
                                f"{request.notice_version!r}: show it again (GET /v1/notice)", "notice.version")
         if request.notice_sha256 is not None and request.notice_sha256.lower() != sha:
-            raise ConsentError(409, "notice_changed", f"the {language} notice now has SHA-256 {sha}: "
+            raise ApiError(409, "notice_changed", f"the {language} notice now has SHA-256 {sha}: "
                                "show it again (GET /v1/notice)", "notice.sha256")
         return NoticeRef(self.catalog.version, shown.version, sha, language)
 
     def _language(self, request: ChoiceRequest) -> str:
         language = request.language or self.notice.default_language
         if language not in self.notice.texts:
-            raise ConsentError(400, "invalid_field", f"no notice text in language {language!r} "
+            raise ApiError(400, "invalid_field", f"no notice text in language {language!r} "
                                f"(have: {', '.join(self.notice.texts)})", "language")
         return language
 
@@ -1335,7 +1328,7 @@ class ConsentService:
                 items[item.key] = item.fingerprint_in(language)
         vendors = {v: said for v, said in request.vendors.items() if f"vendor:{v}" in items}
         if not categories and not vendors and (any(request.categories.values()) or any(request.vendors.values())):
-            raise ConsentError(400, "nothing_listed", "nothing is listed in what this choice grants "
+            raise ApiError(400, "nothing_listed", "nothing is listed in what this choice grants "
                                f"({', '.join(c for c, said in request.categories.items() if said)}): there is "
                                "nothing to consent to", "categories")
         return Basis(notice, items, shown.terms[language], language), categories, vendors

@@ -28,8 +28,9 @@ from dnsgate.consent.export import csv_header, csv_line, event_json, iso, jsonl_
 from dnsgate.consent.model import KEY_SEPARATOR, Choice, Decision, Subject
 from dnsgate.consent.notice import Item, Notice, NoticeInForce
 from dnsgate.consent.pairing import Offer
-from dnsgate.consent.service import Caller, ChoiceRequest, ClientView, ConsentError, Explanation, Loss, Paired
+from dnsgate.consent.service import Caller, ChoiceRequest, ClientView, Explanation, Loss, Paired
 from dnsgate.consent.sqlite_store import Event, EventFilter, StoreError
+from dnsgate.errors import ApiError
 from dnsgate.http.guard import (
     SESSION_COOKIE,
     WILDCARDS,
@@ -107,12 +108,6 @@ class ApiSettings:
     admin: tuple[str, int] | None = None
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
-
-
 CONSENT: web.AppKey[ConsentControl] = web.AppKey("consent", ConsentControl)
 CATALOG: web.AppKey[Callable[[], Catalog]] = web.AppKey("catalog")  # the catalog in force (reloads swap it)
 RULES: web.AppKey[RulesControl | None] = web.AppKey("rules")
@@ -172,7 +167,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except (ApiError, ConsentError) as exc:
+    except ApiError as exc:
         if exc.status == 404 and wants_html(request):
             return html_error(404, "Not found", exc.message)
         return error_response(exc.status, exc.code, exc.message, exc.field)

@@ -31,11 +31,11 @@ from aiohttp import web
 from dnsgate.addresses import normalize_client
 from dnsgate.consent.service import ClientView
 from dnsgate.dns.tally import OUTCOMES
+from dnsgate.errors import ApiError
 from dnsgate.http.consent_api import (
     CONSENT,
     SESSIONS,
     SETTINGS,
-    ApiError,
     has_session,
     require_admin,
     require_admin_listener,

@@ -25,16 +25,16 @@ from aiohttp import web
 
 from dnsgate.config import HostPort
 from dnsgate.consent.model import Subject
-from dnsgate.consent.service import ChoiceRequest, ConsentError
+from dnsgate.consent.service import ChoiceRequest
 from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
 from dnsgate.dns.portal_address import FAMILY_NAMES
+from dnsgate.errors import ApiError
 from dnsgate.http import portal_page
 from dnsgate.http.consent_api import (
     CATALOG,
     CONSENT,
     RULES,
     SETTINGS,
-    ApiError,
     caller_address,
     decision_json,
     the_caller,
@@ -182,7 +182,7 @@ async def choose_by_form(request: web.Request) -> web.StreamResponse:
         else:  # the kiosk layout on another network: the next person starts with nothing allowed
             view = await control.withdraw(subject, caller, shown)
             done = "held" if view.held else "session_withdrawn"
-    except ConsentError as exc:
+    except ApiError as exc:
         if exc.code == "notice_changed":
             raise web.HTTPSeeOther("/?" + urlencode({**back, "done": "notice_changed"})) from None
         return _render_after_post(request, back, exc.message, exc.status)
