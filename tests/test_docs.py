@@ -7,6 +7,7 @@ against `dnsgate serve` started as `./dev serve` starts it."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import re
 import shutil
@@ -31,8 +32,8 @@ MODULE = re.compile(r"-m ((?:dnsgate|tests)(?:\.\w+)+)")
 PY_FILE = re.compile(r"(?<![\w./<>-])(\w+\.py)\b")
 # Produced by runs on the machine that measured them (git-ignored), named as evidence of a figure.
 GENERATED = ("tests/bench/results/",)
-# Pages linked before they land: the module map is written with the move into subpackages.
-PENDING = {"docs/architecture.md"}
+# Pages linked before they land (none now: docs/architecture.md came with the move into subpackages).
+PENDING: frozenset[str] = frozenset()
 
 
 def pages() -> list[Path]:
@@ -195,6 +196,59 @@ def test_the_checks_catch_what_they_are_for(tmp_path: Path) -> None:
         "docs/page.md:9: dnsgate/also_gone.py: no such file",
     ]
     assert anchors(page) == {"title"}
+
+
+# A row of docs/architecture.md's step tables: | step | `dnsgate.module` | `Name` or `Name.method` |
+STEP_ROW = re.compile(r"^\| *[^|`]+? *\| *`(dnsgate(?:\.\w+)*)` *\| *`(\w+(?:\.\w+)*)` *\|$")
+STEP_TABLES = ("A query, step by step", "A consent change, step by step")
+
+
+def architecture_errors(page: Path) -> tuple[dict[str, int], list[str]]:
+    """(rows read per step table, what they name that does not exist): each module is imported and
+    each name looked up in it."""
+    rows: dict[str, int] = {}
+    errors: list[str] = []
+    section = ""
+    for number, line in split_fences(page.read_text())[0]:
+        if line.startswith("## "):
+            section = line[3:].strip()
+            continue
+        match = STEP_ROW.match(line)
+        if section not in STEP_TABLES or match is None:
+            continue
+        rows[section] = rows.get(section, 0) + 1
+        module, name = match[1], match[2]
+        try:
+            found: object = importlib.import_module(module)
+        except ImportError:
+            errors.append(f"{page.name}:{number}: no module {module}")
+            continue
+        for part in name.split("."):
+            found = getattr(found, part, None)
+            if found is None:
+                errors.append(f"{page.name}:{number}: {module} has no {name}")
+                break
+    return rows, errors
+
+
+def test_the_architecture_names_a_module_that_exists_for_every_step() -> None:
+    rows, errors = architecture_errors(ROOT / "docs" / "architecture.md")
+    assert not errors, "\n".join(errors)
+    # both tables were read, row by row (a table the pattern no longer matches would check nothing)
+    assert rows.keys() == set(STEP_TABLES) and min(rows.values()) >= 10, rows
+
+
+def test_the_architecture_check_catches_a_module_or_name_that_is_gone(tmp_path: Path) -> None:
+    page = tmp_path / "architecture.md"
+    page.write_text("## A query, step by step\n\n| step | module | where |\n|---|---|---|\n"
+                    "| parse | `dnsgate.wire` | `parse_query` |\n| gone | `dnsgate.no_such_module` | `X` |\n"
+                    "| renamed | `dnsgate.dns.pipeline` | `Pipeline.no_such_method` |\n\n"
+                    "## A consent change, step by step\n\n| store | `dnsgate.consent.model` | `NoSuchTable` |\n")
+    rows, errors = architecture_errors(page)
+    assert rows == {STEP_TABLES[0]: 3, STEP_TABLES[1]: 1}
+    assert errors == ["architecture.md:6: no module dnsgate.no_such_module",
+                      "architecture.md:7: dnsgate.dns.pipeline has no Pipeline.no_such_method",
+                      "architecture.md:11: dnsgate.consent.model has no NoSuchTable"]
 
 
 def tour() -> list[tuple[str, list[str]]]:
