@@ -42,13 +42,14 @@ from dnsgate.config import (
     points_at,
     resolv_conf_servers,
 )
-from dnsgate.consent.backend import SQLITE_FILE, ConsentBackend, SqliteBackend
+from dnsgate.consent.backend import ConsentBackend
 from dnsgate.consent.export import iso
 from dnsgate.consent.model import ConsentTable, ProfileMap
 from dnsgate.consent.notice import NO_OPERATOR_WARNING, Notice, NoticeError, Operator
 from dnsgate.consent.pairing import Pairings
+from dnsgate.consent.records import StoreError
 from dnsgate.consent.service import ConsentService, Loss
-from dnsgate.consent.sqlite_store import ConsentStore, StoreError, UnavailableStore
+from dnsgate.consent.sqlite_store import SQLITE_FILE, ConsentStore, SqliteBackend, UnavailableStore
 from dnsgate.data_files import Access, AccessError
 from dnsgate.dns.counts import DnsCounts
 from dnsgate.dns.portal_address import FAMILY_NAMES

@@ -1,6 +1,6 @@
 """The consent log as records a person or a spreadsheet can read: JSON objects, JSON Lines, CSV.
 
-Pure formatting of `store.Event`s; the API and the CLI both export through it. The exports defuse
+Pure formatting of `records.Event`s; the API and the CLI both export through it. The exports defuse
 every text field against formula injection (`defused`); `event_json` keeps the values as recorded.
 """
 
@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
-from dnsgate.consent.sqlite_store import Event
+from dnsgate.consent.records import Event
 
 FIELDS: Final = (
     "id", "time", "action", "address", "mac", "network", "profile", "categories", "vendors", "expires_at",

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dnsgate.consent.backend import ConsentBackend, SqliteBackend
+from dnsgate.consent.backend import ConsentBackend
 from dnsgate.consent.export import event_json
-from dnsgate.consent.sqlite_store import EventFilter, StoreError
+from dnsgate.consent.records import EventFilter, StoreError
+from dnsgate.consent.sqlite_store import SqliteBackend
 from dnsgate.data_files import Access
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

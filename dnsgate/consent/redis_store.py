@@ -89,13 +89,10 @@ from dnsgate.consent.backend import (
     stop_if_cancelled,
 )
 from dnsgate.consent.model import Choice, Subject
+from dnsgate.consent.records import Event, EventFilter, Step, StoreError
 from dnsgate.consent.sqlite_store import (
     CHOICE_COLUMNS,
     EVENT_COLUMNS,
-    Event,
-    EventFilter,
-    Step,
-    StoreError,
     choice_from_row,
     choice_row,
     event_from_row,

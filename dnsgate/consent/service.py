@@ -1,6 +1,6 @@
 """Changing consent: persist first, then apply, so an acknowledged change is durable and in force.
 
-Every change is a list of `store.Step`s committed in one transaction on one worker thread, then
+Every change is a list of `records.Step`s committed in one transaction on one worker thread, then
 applied to the in-memory `ConsentTable` on the event loop, so a client's very next DNS query sees
 it. One lock serializes changes: what a new choice supersedes is read and replaced atomically.
 
@@ -82,7 +82,7 @@ from dnsgate.consent.model import (
 )
 from dnsgate.consent.notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
 from dnsgate.consent.pairing import Offer, Pairings
-from dnsgate.consent.sqlite_store import Event, EventFilter, RefusalsHeld, Step, StoreError
+from dnsgate.consent.records import Event, EventFilter, RefusalsHeld, Step, StoreError
 from dnsgate.errors import ApiError
 from dnsgate.rules.catalog import Catalog, DomainRule, Vendor
 from dnsgate.tasks import TaskSet, background

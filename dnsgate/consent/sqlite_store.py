@@ -1,7 +1,8 @@
 """Durable consent: the choices in force and the append-only event log, in SQLite via sqlite-utils.
 
-Synchronous by design: `ConsentService` calls it from one worker thread, never from the query
-path. Every change is one transaction (events + the choices they make or end) in WAL mode, so an
+`ConsentStore` is synchronous by design; `SqliteBackend` puts it behind the storage protocol
+(backend.py) and calls it from one worker thread, never from the event loop or the query path.
+Every change is one transaction (events + the choices they make or end) in WAL mode, so an
 acknowledged change survives kill -9 (and with storage.synchronous = "full", the default, a power
 cut too), and a half-written one never exists.
 
@@ -16,19 +17,25 @@ event it came from, and `grants` is dropped.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import sqlite_utils
 
-from dnsgate.consent.model import Choice, NoticeRef, Subject, source_of
+from dnsgate.consent.backend import EXPORT_PAGE, ChangeSink, InDoubt, Recorded, Snapshot
+from dnsgate.consent.model import Choice, NoticeRef, Subject
+from dnsgate.consent.records import Event, EventFilter, Step, StoreError
 
+T = TypeVar("T")
+SQLITE_FILE: Final = "consent.sqlite3"  # in the data dir
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
 LOCK_MARGIN: Final = 0.25
@@ -63,20 +70,6 @@ NO_DELETE: Final = (
     "OR OLD.id IN (SELECT id FROM choices) "
     "BEGIN SELECT RAISE(ABORT, 'the consent log is append-only (only retention purges old events)'); END"
 )
-
-
-class StoreError(Exception):
-    """The consent store cannot be read or written."""
-
-
-class RefusalsHeld(StoreError):
-    """A choice the store could not record, whose refusals (what it takes away from the choice in
-    force, a GPC opt-out) are in force here all the same and recorded once the store answers
-    (`held` says so); its grants changed nothing."""
-
-    def __init__(self, message: str, held: str) -> None:
-        super().__init__(message)
-        self.held = held
 
 
 class Abandon:
@@ -129,65 +122,6 @@ def quick_check(conn: sqlite3.Connection, within: float = CHECK_WITHIN) -> str:
     finally:
         conn.set_progress_handler(None, 0)
     return "ok" if rows == ["ok"] else "; ".join(rows)
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""
-
-    # grant | refusal | withdrawal | expiry | reset | profile_change | migration (version 1: withdraw)
-    action: str
-    at: float
-    subject: Subject
-    profile: str
-    categories: Mapping[str, bool] = field(default_factory=dict)
-    vendors: Mapping[str, bool] = field(default_factory=dict)
-    expires_at: float | None = None
-    notice: NoticeRef | None = None
-    channel: str = "system"
-    user_agent: str = ""
-    sec_gpc: str | None = None
-    supersedes: int | None = None
-    reason: str = ""
-    id: int | None = None
-    items: Mapping[str, str] | None = None  # the items the choice covers (key -> fingerprint)
-    terms: str = ""  # SHA-256 of the consent text and operator in force
-    language: str = ""  # of the page or notice (a notice not shown still has a page language)
-    operator: Mapping[str, str] | None = None  # who ran the network: name, contact, privacy_url
-    gpc_seen_at: float | None = None  # a choice's: since when GPC has applied (consent.Choice)
-
-    @property
-    def source(self) -> str:
-        return source_of(self.channel)
-
-    def as_choice(self, event_id: int) -> Choice:
-        assert self.expires_at is not None
-        return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
-                      self.notice, self.channel, self.profile, self.sec_gpc,
-                      self.language or (self.notice.language if self.notice else ""),
-                      None if self.items is None else dict(self.items), self.terms, self.gpc_seen_at)
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One event and what it does to the choices in force, committed together with its siblings."""
-
-    event: Event
-    makes_choice: bool = False  # the event's decisions become its subject's current choice
-    ends: tuple[int, ...] = ()  # choices this event replaces or ends
-    only_if_current: int | None = None  # skip the step if this choice is no longer in force
-    pairing: tuple[str, str] | None = None  # (HTTP subject key, DNS client key) to remember
-    sets_profile_of: int | None = None  # profile_change: the choice whose recorded profile (and expiry) changes
-    sets_items_of: int | None = None  # migration: the choice that now names the items it covered
-
-
-@dataclass(frozen=True, slots=True)
-class EventFilter:
-    since: float | None = None
-    until: float | None = None
-    address: str | None = None
-    mac: str | None = None
-    network: str | None = None  # CIDR; matched by the caller (SQLite knows no addresses)
 
 
 class ConsentStore:
@@ -559,3 +493,114 @@ def _choice(r: Mapping[str, Any]) -> Choice:
 # The same rows for another store (consent/redis_store.py keeps them as stream entries and hashes), so
 # both stores record, export and migrate exactly the same fields.
 event_row, event_from_row, choice_row, choice_from_row = _event_row, _event, _choice_row, _choice
+
+
+class SqliteBackend:
+    """`ConsentStore` (synchronous SQLite) behind the protocol: every call runs on one worker
+    thread, so SQLite is never touched from the event loop and writes are serialized."""
+
+    shared = False
+    position = 0
+    timeout = BUSY_TIMEOUT
+
+    def __init__(self, store: ConsentStore) -> None:
+        self.store = store
+        self.name = f"sqlite:{store.path}"
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
+        # Changes whose deadline passed while their transaction was committing: their outcome.
+        self._doubtful: dict[str, Future[list[int | None]]] = {}
+
+    @classmethod
+    def open(cls, path: Path, synchronous: str = "full") -> SqliteBackend:
+        return cls(ConsentStore(path, synchronous))
+
+    async def _run(self, fn: functools.partial[T], timeout: float | None = None) -> T:
+        """Run `fn` on the store's thread; with a `timeout` (reads only: a read given up on
+        finishes in the background, harmlessly), StoreError if it has not finished by then."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        if timeout is None:
+            return await future  # a write: SQLite's busy timeout bounds its wait for a lock
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise StoreError(f"{self.name}: no answer within {timeout:g} s") from None
+
+    async def load(self) -> Snapshot:
+        def read() -> Snapshot:
+            return Snapshot(self.store.load(), self.store.load_pairings())
+        return await self._run(functools.partial(read), timeout=max(self.timeout, 30.0))
+
+    async def commit(self, steps: Sequence[Step], based_on: int, change: str, deadline: float) -> Recorded:
+        abandon = Abandon(deadline)
+        future = self._executor.submit(self.store.commit, steps, abandon)
+        try:
+            return Recorded(await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic()))
+        except TimeoutError:
+            if abandon.now():  # the transaction rolls back (or never starts): nothing is recorded
+                raise StoreError(f"{self.name}: no answer within {self.timeout:g} s") from None
+            self._doubtful[change] = future  # it was committing: its outcome comes when the disk answers
+            raise InDoubt(f"{self.name}: the write did not finish within {self.timeout:g} s") from None
+
+    async def resolve(self, change: str, based_on: int) -> dict[int, int] | None:
+        future = self._doubtful.get(change)
+        if future is None:
+            return None
+        try:
+            ids = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout)
+        except TimeoutError:
+            raise StoreError(f"{self.name}: a write is still not finished") from None
+        except StoreError:
+            ids = []
+        del self._doubtful[change]
+        return {step: i for step, i in enumerate(ids) if i is not None} or None
+
+    async def catch_up(self, sink: ChangeSink) -> None:
+        return None
+
+    async def follow(self, sink: ChangeSink) -> None:
+        return None
+
+    async def events(self, address: str | None, limit: int) -> list[Event]:
+        return await self._run(functools.partial(self.store.events, address, limit), self.timeout)
+
+    async def export(self, f: EventFilter) -> AsyncIterator[Event]:
+        after = 0
+        while True:
+            page = await self._run(functools.partial(self.store.export_page, f, after, EXPORT_PAGE), self.timeout)
+            for event in page:
+                yield event
+            if len(page) < EXPORT_PAGE:
+                return
+            after = page[-1].id or after
+
+    async def remember_pairing(self, http: str, dns: str, at: float) -> None:
+        await self._run(functools.partial(self.store.remember_pairing, http, dns, at))
+
+    async def pairings_of(self, http: str) -> dict[str, float]:
+        return await self._run(functools.partial(self.store.pairings_of, http), self.timeout)
+
+    async def share_activity(self, seen: Mapping[str, float], forget_before: float) -> dict[str, float]:
+        return dict(seen)  # one instance: its own clock is the only one
+
+    async def purge(self, before: float, now: float) -> int:
+        return await self._run(functools.partial(self.store.purge, before, now))
+
+    async def restore(self, events: AsyncIterator[Event], snapshot: Snapshot) -> int:
+        if await self._run(functools.partial(self.store.count_events)):
+            raise StoreError(f"{self.name}: already holds consent events; migrate only into an empty store")
+        copied = 0
+        batch: list[Event] = []
+        async for event in events:
+            batch.append(event)
+            if len(batch) >= EXPORT_PAGE:
+                copied += await self._run(functools.partial(self.store.restore_events, list(batch)))
+                batch.clear()
+        copied += await self._run(functools.partial(self.store.restore_events, batch))
+        await self._run(functools.partial(self.store.restore_state, snapshot.choices, snapshot.pairings))
+        return copied
+
+    async def close(self) -> None:
+        try:
+            await self._run(functools.partial(self.store.close))
+        finally:
+            self._executor.shutdown(wait=True)

@@ -28,8 +28,8 @@ from dnsgate.consent.export import csv_header, csv_line, event_json, iso, jsonl_
 from dnsgate.consent.model import KEY_SEPARATOR, Choice, Decision, Subject
 from dnsgate.consent.notice import Item, Notice, NoticeInForce
 from dnsgate.consent.pairing import Offer
+from dnsgate.consent.records import Event, EventFilter, StoreError
 from dnsgate.consent.service import Caller, ChoiceRequest, ClientView, Explanation, Loss, Paired
-from dnsgate.consent.sqlite_store import Event, EventFilter, StoreError
 from dnsgate.errors import ApiError
 from dnsgate.http.guard import (
     SESSION_COOKIE,

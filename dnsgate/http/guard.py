@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from dnsgate.addresses import normalize_client
-from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
+from dnsgate.consent.records import RefusalsHeld, StoreError
 
 log = logging.getLogger(__name__)
 

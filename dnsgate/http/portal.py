@@ -25,8 +25,8 @@ from aiohttp import web
 
 from dnsgate.config import HostPort
 from dnsgate.consent.model import Subject
+from dnsgate.consent.records import RefusalsHeld, StoreError
 from dnsgate.consent.service import ChoiceRequest
-from dnsgate.consent.sqlite_store import RefusalsHeld, StoreError
 from dnsgate.dns.portal_address import FAMILY_NAMES
 from dnsgate.errors import ApiError
 from dnsgate.http import portal_page

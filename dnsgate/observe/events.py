@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from dnsgate.consent.export import utc_stamp
-from dnsgate.consent.sqlite_store import Event as ConsentEvent
+from dnsgate.consent.records import Event as ConsentEvent
 
 log = logging.getLogger(__name__)
 

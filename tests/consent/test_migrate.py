@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 
 from dnsgate.cli.main import main
-from dnsgate.consent.backend import SqliteBackend
 from dnsgate.consent.migrate import migrate
 from dnsgate.consent.model import Subject
+from dnsgate.consent.records import Event, EventFilter, Step
 from dnsgate.consent.redis_store import RedisBackend
-from dnsgate.consent.sqlite_store import Event, EventFilter, Step
+from dnsgate.consent.sqlite_store import SqliteBackend
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.support.consent_fixtures import KIOSK, OPT_OUT, FakeClock, consent_config, eventually
 from tests.support.redis_server import RedisServer

@@ -18,7 +18,7 @@ from dnsgate.consent.export import csv_header, csv_line, jsonl_line, parse_time
 from dnsgate.consent.model import Choice, CurrentNotice, Profile, ProfileMap, Subject, decide
 from dnsgate.consent.notice import NoticeError, builtin_notice_text, parse_notice_text, sha256_text
 from dnsgate.consent.pairing import Pairings
-from dnsgate.consent.sqlite_store import Event
+from dnsgate.consent.records import Event
 from dnsgate.dns.identity import edns_identity
 from dnsgate.neighbours import parse_ip_neigh, parse_proc_arp
 from dnsgate.observe import events

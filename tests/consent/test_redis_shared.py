@@ -21,8 +21,8 @@ import dns.rcode
 import redis.asyncio as aioredis
 
 from dnsgate.consent.model import Choice, Subject
+from dnsgate.consent.records import Event, Step
 from dnsgate.consent.redis_store import RedisBackend
-from dnsgate.consent.sqlite_store import Event, Step
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.support.consent_fixtures import ALLOW, FakeClock, consent_config, eventually, parse_jsonl
 from tests.support.redis_server import RedisServer

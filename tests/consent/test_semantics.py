@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from dnsgate.config import Config, ProfilesConfig
 from dnsgate.consent.export import csv_header, csv_line, jsonl_line
 from dnsgate.consent.model import Subject
-from dnsgate.consent.sqlite_store import Event
+from dnsgate.consent.records import Event
 from tests.conftest import TOKEN, Gate, make_config, running_gate, with_store
 from tests.support.consent_fixtures import (
     DENY,

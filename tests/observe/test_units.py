@@ -18,7 +18,7 @@ import pytest
 
 from dnsgate.config import QueryLogConfig
 from dnsgate.consent.model import Grant, Subject
-from dnsgate.consent.sqlite_store import Event as ConsentEvent
+from dnsgate.consent.records import Event as ConsentEvent
 from dnsgate.dns.pipeline import Forward
 from dnsgate.dns.tally import CACHED, FORWARDED, SINKHOLED, LogEntry
 from dnsgate.http.observe_api import parse_time

@@ -15,7 +15,8 @@ import dns.rcode
 from dnsgate.cli.main import main
 from dnsgate.consent.model import NoticeRef, Subject
 from dnsgate.consent.notice import builtin_notice_text, parse_notice_text
-from dnsgate.consent.sqlite_store import ConsentStore, Event, Step
+from dnsgate.consent.records import Event, Step
+from dnsgate.consent.sqlite_store import ConsentStore
 from tests.conftest import Gate, make_config, running_gate, with_store
 from tests.security.helpers import TRACKER
 from tests.support.consent_fixtures import CATALOG, FakeClock, consent_config, parse_jsonl
