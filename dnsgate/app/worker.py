@@ -39,7 +39,7 @@ from dnsgate.loops import loop_factory
 from dnsgate.rules.ruleset import Ruleset
 from dnsgate.tasks import background
 from dnsgate.workers.link import Link, LinkClosed, LinkGuard
-from dnsgate.workers.replica import Start, apply, forget_idle, merge_seen
+from dnsgate.workers.replica import Start, apply
 
 log = logging.getLogger("dnsgate.app.worker")
 
@@ -163,8 +163,8 @@ async def _follow(link: Link, table: ConsentTable, stack: DnsStack, listen: Call
         elif kind == "ping":
             link.send("pong")
         elif kind == "seen":
-            merge_seen(table.kiosk_seen, message[1])
-            forget_idle(table.kiosk_seen, table.kiosk_idle, time.time())
+            table.merge_seen(message[1])
+            table.forget_idle(time.time())
         elif kind == "listen":  # every change sent before this one is applied: answering may start
             await listen()
         elif kind == "stop":

@@ -713,6 +713,25 @@ class ConsentTable:
         else:
             self.kiosk_seen[key] = at
 
+    def tracks_kiosk(self, key: str) -> bool:
+        """Whether `key` is a kiosk client with a choice, whose queries keep its session alive."""
+        return key in self.kiosk_seen
+
+    def merge_seen(self, theirs: Mapping[str, float]) -> None:
+        """Adopt another process's latest query time of each kiosk client (dns.workers > 1). In place:
+        the pipeline holds this dict."""
+        mine = self.kiosk_seen
+        for key, last in theirs.items():
+            if last > mine.get(key, -1.0):
+                mine[key] = last
+
+    def forget_idle(self, now: float) -> None:
+        """A worker drops the kiosk clients idle past the limit: a later query cannot revive them (the
+        primary's sweeper ends their session), and a new session there registers afresh."""
+        seen = self.kiosk_seen
+        for key in [k for k, last in seen.items() if now - last > self.kiosk_idle]:
+            del seen[key]
+
     def set_profiles(self, profiles: ProfileMap) -> None:
         self.profiles = profiles
         self._forget_all()

@@ -104,7 +104,7 @@ class QueryIdentity:
         if mac is None and address is None:
             return client
         key = client_key(address or client, mac)
-        if key in self.table.kiosk_seen:
+        if self.table.tracks_kiosk(key):
             self.table.touch(key, self.wall())  # a kiosk behind the forwarder is in use
         return key
 

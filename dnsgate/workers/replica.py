@@ -7,7 +7,7 @@ only once every worker has acknowledged it, so a grant or withdrawal holds for t
 query whichever process the kernel hands it to.
 
 Kiosk clocks: the consent service's own word on a session (started by a choice, ended by a reset)
-is journaled like any change; the queries' activity goes both ways (`merge_seen`): each process
+is journaled like any change; the queries' activity goes both ways (`ConsentTable.merge_seen`): each process
 notes the last query of the kiosk clients it serves, and the primary, whose sweeper ends idle
 sessions, keeps the latest any process saw.
 """
@@ -117,17 +117,3 @@ def apply(table: ConsentTable, ops: Iterable[Op], install: Callable[[Ruleset, Co
             getattr(table, op)(*args)
         else:
             raise ValueError(f"unknown journal entry {op!r}")
-
-
-def merge_seen(mine: dict[str, float], theirs: Mapping[str, float]) -> None:
-    """Adopt the latest query time of each kiosk client (in place: the pipeline holds `mine`)."""
-    for key, last in theirs.items():
-        if last > mine.get(key, -1.0):
-            mine[key] = last
-
-
-def forget_idle(seen: dict[str, float], idle: float, now: float) -> None:
-    """A worker drops the kiosk clients idle past the limit: a later query cannot revive them (the
-    primary's sweeper ends their session), and a new session there registers afresh."""
-    for key in [k for k, last in seen.items() if now - last > idle]:
-        del seen[key]

@@ -46,7 +46,7 @@ from dnsgate.dns.tally import LogEntry
 from dnsgate.rules.ruleset import Ruleset
 from dnsgate.workers import record as worker_record
 from dnsgate.workers.link import Link, LinkClosed
-from dnsgate.workers.replica import INSTALL, JournaledTable, Start, merge_seen
+from dnsgate.workers.replica import INSTALL, JournaledTable, Start
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class Workers:
                         self.on_log(message[1])
                     elif kind == "counts":
                         worker.counts = message[1]
-                        merge_seen(self.table.kiosk_seen, message[2])
+                        self.table.merge_seen(message[2])
                         worker.link.send("seen", self.table.kiosk_seen)
                     elif kind == "pair":
                         self.on_pair(message[1], message[2])

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnsgate.consent.model import Choice, ConsentTable, ProfileMap
-from dnsgate.workers.replica import INSTALL, JournaledTable, apply, forget_idle, merge_seen
+from dnsgate.workers.replica import INSTALL, JournaledTable, apply
 from tests.consent.test_model import ADDRESSES, CHANGES, CLIENTS, NOW, OTHER_NOTICE
 from tests.support.consent_fixtures import CATALOG, NOTICE, choice
 
@@ -100,8 +100,10 @@ def test_reset_is_journaled_once_and_a_reload_in_order_with_the_changes() -> Non
 
 
 def test_kiosk_activity_keeps_the_latest_and_a_worker_forgets_idle_sessions() -> None:
-    mine = {"10.0.2.1": 100.0, "10.0.2.2": 500.0}
-    merge_seen(mine, {"10.0.2.1": 400.0, "10.0.2.2": 300.0, "10.0.2.3": 450.0})
-    assert mine == {"10.0.2.1": 400.0, "10.0.2.2": 500.0, "10.0.2.3": 450.0}
-    forget_idle(mine, idle=120.0, now=560.0)
-    assert mine == {"10.0.2.2": 500.0, "10.0.2.3": 450.0}
+    table = ConsentTable(CATALOG.vendors, ProfileMap("kiosk"), NOTICE, kiosk_idle=120.0)
+    mine = table.kiosk_seen  # the dict the pipeline holds: changed in place, never replaced
+    mine.update({"10.0.2.1": 100.0, "10.0.2.2": 500.0})
+    table.merge_seen({"10.0.2.1": 400.0, "10.0.2.2": 300.0, "10.0.2.3": 450.0})
+    assert table.kiosk_seen is mine and mine == {"10.0.2.1": 400.0, "10.0.2.2": 500.0, "10.0.2.3": 450.0}
+    table.forget_idle(now=560.0)
+    assert table.kiosk_seen is mine and mine == {"10.0.2.2": 500.0, "10.0.2.3": 450.0}
