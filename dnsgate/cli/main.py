@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from dnsgate import __version__
 from dnsgate.cli import config as config_cli
+from dnsgate.cli import health
 from dnsgate.cli import log_and_report as observe_cli
 from dnsgate.cli.admin_client import (
     AdminClient,
@@ -158,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", metavar="N", help="processes answering DNS on the same addresses, for "
                        "machines with spare cores (env DNSGATE_WORKERS; config dns.workers; default 1)")
     observe_cli.add_commands(commands, _client_options, _when)
+    health_cmd = commands.add_parser("health", help="exit 0 if the configured dnsgate answers on its API (/healthz) "
+                                     "and DNS (the local.healthcheck name), else 1: for container and service checks")
+    health_cmd.add_argument("--config", metavar="FILE", help="the server's TOML configuration (env DNSGATE_CONFIG)")
+    health_cmd.add_argument("--api", metavar="HOST:PORT", type=_api_listen,
+                            help="the API's listen address instead of the configured one (env DNSGATE_API)")
+    health_cmd.add_argument("--dns", metavar="HOST:PORT", type=_listen_address(None),
+                            help="the DNS address to probe instead of the configured first one (env DNSGATE_DNS)")
+    health_cmd.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="per check (default 2)")
 
     store = commands.add_parser("store", help="the consent store: copy it between SQLite and Redis, or acknowledge "
                                 "that Redis lost its history")
@@ -220,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "health":
+        return health.run(args.config, args.api, args.dns, args.timeout)
     if args.command == "store" and args.action == "migrate":
         return store_command(args)
     if args.command == "config":
