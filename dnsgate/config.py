@@ -354,6 +354,21 @@ class LocalConfig:
     private_reverse: bool = True
     # A name answered without touching the upstreams, for health probes; empty: none.
     healthcheck: str = "healthcheck.dnsgate.internal"
+    # The network's own names, answered authoritatively (AA) and never sent upstream: one record per
+    # string, "NAME [TTL] TYPE DATA" as in a zone file, of type A, AAAA, CNAME, PTR, TXT, MX or SRV:
+    # "nas.home A 192.168.1.10", "www.home CNAME nas.home", "home MX 10 mail.home",
+    # "_ipp._tcp.home SRV 0 0 631 printer.home", "home TXT \"v=spf1 -all\"". Names below a
+    # configured name that hold nothing are NXDOMAIN; a configured name asked for another type,
+    # NODATA. A CNAME into a gated vendor's name is gated like that name.
+    records: tuple[str, ...] = ()
+    # A hosts-format file ("192.168.1.10 nas.home nas"): an A or AAAA record for each name, read
+    # at start and at every reload. Empty: none.
+    hosts_file: str = ""
+    # PTR records for every A and AAAA above (the first name given for an address), unless a PTR for
+    # that address is given.
+    generate_ptr: bool = True
+    # TTL of the records above that give none, and of their negative answers.
+    ttl: int = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,6 +657,7 @@ def validate(cfg: Config) -> Config:
     _check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
     _check(1 <= cfg.cache.stale_max_age <= MAX_TTL,
            f"cache.stale_max_age: must be 1..{MAX_TTL}, got {cfg.cache.stale_max_age}")
+    _check(0 <= cfg.local.ttl <= 604800, f"local.ttl: must be 0..604800 seconds, got {cfg.local.ttl}")
     if cfg.local.healthcheck:
         try:
             name_to_wire(cfg.local.healthcheck)

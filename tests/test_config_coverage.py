@@ -61,6 +61,7 @@ RANGES = [
     ("consent", "sweep_interval", 0), ("profiles", "networks", {"10.0.0.0/8": "maybe"}),
     ("profiles", "networks", {"10.0.0.0/88": "opt-in"}), ("identity", "trusted_forwarders", ["x"]),
     ("identity", "neighbour_refresh", 0), ("identity", "pairing_ttl", 5), ("local", "healthcheck", "a..b"),
+    ("local", "ttl", -1), ("local", "ttl", 604801),
     ("storage", "data_dir", ""), ("storage", "redis_timeout", 0), ("storage", "redis_timeout", 61),
     ("storage", "store", "ftp://x"),
     ("lists", "refresh_interval", -1), ("lists", "fetch_timeout", 0),

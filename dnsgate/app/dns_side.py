@@ -93,6 +93,7 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
         plain_ttl=rules.plain_ttl, gated_ttl=rules.gated_ttl, wall=wall,
         identity=QueryIdentity(table, cfg.identity.trusted_forwarders, cfg.portal.host, on_pair, wall),
         local=local_names(cfg, cfg),
+        records=rules.local,
         any_query=cfg.dns.any_query,
         trust_ad=cfg.upstream.trust_ad,
         prefetch=cfg.cache.prefetch,
@@ -121,7 +122,7 @@ def install(stack: DnsStack, new: Ruleset, live: Config) -> None:
     stack.cache.resize(new.cache_max_entries, new.cache_max_bytes,
                        live.cache.stale_max_age if live.cache.serve_stale else 0)
     stack.pipeline.install(new.catalog, new.sinkhole, new.plain_ttl, new.gated_ttl, local=local_names(stack.cfg, live),
-                           prefetch=live.cache.prefetch, stale_ttl=live.cache.stale_ttl)
+                           prefetch=live.cache.prefetch, stale_ttl=live.cache.stale_ttl, records=new.local)
 
 
 def local_names(cfg: Config, live: Config) -> LocalTable:

@@ -71,6 +71,7 @@ from dnsgate.observe.querylog_db import QueryLogDb, QueryLogError
 from dnsgate.observe.report import Watched
 from dnsgate.rules.catalog import Catalog, CatalogError
 from dnsgate.rules.list_sources import ListError, ListStore
+from dnsgate.dns.local_records import RecordError
 from dnsgate.rules.reload import Reloader
 from dnsgate.rules.ruleset import Ruleset, operator_of, read_catalog, read_notice
 from dnsgate.tasks import TaskSet, background
@@ -323,7 +324,7 @@ async def start_rules(reloader: Reloader) -> Ruleset:
     """The first ruleset (catalog, lists, notice), built before anything that gates on it."""
     try:
         return await reloader.start()
-    except (CatalogError, ListError) as exc:
+    except (CatalogError, ListError, RecordError) as exc:
         raise StartupError(str(exc)) from None
 
 

@@ -81,6 +81,9 @@ class Resolver:
             waiters.append((fwd, deliver))
             return
         self._waiting[key] = [(fwd, deliver)]
+        if fwd.local is not None:  # a local chain into a name outside the local data: complete it from there
+            asyncio.get_running_loop().call_soon(self._received, fwd, fwd.local)
+            return
         upstreams = self.upstreams
         try:
             if fwd.hop and self.pipeline.mono() + upstreams.attempt_timeout > fwd.started + upstreams.timeout:

@@ -34,6 +34,7 @@ from dnsgate.dns.cloaking import answer_rule
 from dnsgate.dns.cname_chains import ChainLoop, chain_target, joined_reply
 from dnsgate.dns.identity import QueryIdentity
 from dnsgate.dns.local_answers import CH, SERVER_ID_NAMES, LocalTable, local_reply, server_id_reply
+from dnsgate.dns.local_records import LocalRecords, Resolved
 from dnsgate.dns.sinkhole import Sinkhole
 from dnsgate.dns.tally import (
     CACHED,
@@ -130,6 +131,10 @@ class Forward:
     catalog: Catalog | None = None  # the catalog `rule` comes from
     hop: int = 0  # names asked before this one to complete a CNAME chain (0: the client's own question)
     awaits: bytes | None = None  # the cache key of the chain target this answer waits for, if any
+    # A local CNAME chain that leaves the local data (local_records.py): the aliases, as an upstream
+    # would answer them; the resolver completes the chain from the name it stops at, caching nothing
+    # under the question's own name (the local data answers it).
+    local: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -147,8 +152,8 @@ class Chase:
 class Pipeline:
     __slots__ = ("admission", "any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts",
                  "durations", "entries", "gated", "gated_ttl", "gates", "identity", "kiosk_seen", "local", "log_all",
-                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "server_id", "sinkhole",
-                 "sinkhole_slot", "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
+                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "records", "server_id",
+                 "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -164,6 +169,7 @@ class Pipeline:
         wall: Callable[[], float] = time.time,
         identity: QueryIdentity | None = None,
         local: LocalTable | None = None,
+        records: LocalRecords | None = None,
         any_query: Literal["hinfo", "refused"] = "hinfo",
         trust_ad: bool = False,
         prefetch: bool = False,
@@ -195,6 +201,7 @@ class Pipeline:
         # dict as the consent table's, read directly: empty (no kiosk sessions), it costs one truth test.
         self.kiosk_seen = consent.kiosk_seen
         self.local = local if local is not None else LocalTable()
+        self.records = records  # the operator's own names, before the built-in local zones
         self.any_query = any_query
         self.trust_ad = trust_ad  # keep the upstream's AD bit in entries (else it is dropped on admission)
         self.prefetch = prefetch
@@ -348,6 +355,11 @@ class Pipeline:
             paired = identity.pairing_reply(q, client, self.udp_max)  # <token>.pair.<portal host>
             if paired is not None:
                 return paired
+        records = self.records
+        if records is not None:
+            found = records.resolve(q.name, q.qtype)
+            if found is not None:
+                return self._local_records(records, found, q, client, tcp, now)
         local = self.local.match(q.name)
         if local is not None:
             reply = self._limit(q, local_reply(local, q, self.udp_max, client), tcp)
@@ -385,6 +397,38 @@ class Pipeline:
             return error_reply(q, REFUSED_RCODE, self.udp_max, ra=False)
         self.counters.cache_misses += 1
         return Forward(q, rule, client, tcp, now, self.catalog)
+
+    def _local_records(self, records: LocalRecords, found: Resolved, q: Query, client: str, tcp: bool,
+                       now: float) -> bytes | Forward:
+        """The operator's answer for `q`, gated as an upstream's would be: on the first name of its
+        CNAME chain that the catalog matches (the question's own included), else on what its records
+        lead into (cloaking.py: addresses of a vendor's ranges). A chain that leaves the local data
+        goes on upstream, if this client may see where it leads."""
+        catalog = self.catalog
+        rule = None
+        for name in found.names:
+            rule = catalog.match(name)
+            if rule is not None:
+                break
+        edns = -1 if q.edns is None else int(q.edns.do)
+        if found.external is not None:
+            reply = records.partial(q, found)
+        else:
+            reply = records.reply(q, found, self.udp_max)
+            if rule is None and catalog.checks_addresses:
+                rule = answer_rule(catalog, reply, len(q.question))
+        if rule is not None and (cause := self.consent.blocked(client, rule.vendor, self.wall())):
+            self._gated(SINKHOLED, now, client, q.question, q.qtype, tcp, -1, rule, 0.0)
+            return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause), tcp)
+        if found.external is not None:
+            self.counters.cache_misses += 1
+            return Forward(q, rule, client, tcp, now, catalog, local=reply)
+        reply = self._limit(q, reply, tcp)
+        if rule is not None:
+            self._gated(LOCAL, now, client, q.question, q.qtype, tcp, reply[3] & 0xF, rule, 0.0)
+        else:
+            self._plain(LOCAL, now, client, q, tcp, reply[3] & 0xF, 0.0)
+        return reply
 
     def _answer_any(self, q: Query) -> bytes:
         """RFC 8482: one small HINFO record instead of everything (or REFUSED); nothing is cached."""
@@ -459,7 +503,7 @@ class Pipeline:
         except ValueError as exc:
             raise UnusableReply(f"a CNAME chain that cannot be joined: {exc}") from None
         entry, cacheable, _ = self._entry(fwd, reply)
-        self._keep(fwd, entry, cacheable and keep)
+        self._keep(fwd, entry, cacheable and keep and fwd.local is None)
         return entry
 
     def target_forward(self, fwd: Forward, chase: Chase, hop: int) -> Forward:
@@ -500,11 +544,14 @@ class Pipeline:
             self.cache.put(fwd.query.key, entry)
 
     def install(self, catalog: Catalog, sinkhole: Sinkhole, plain_ttl: TtlPolicy, gated_ttl: TtlPolicy, *,
-                local: LocalTable | None = None, prefetch: bool | None = None, stale_ttl: int | None = None) -> None:
+                local: LocalTable | None = None, prefetch: bool | None = None, stale_ttl: int | None = None,
+                records: LocalRecords | None = None) -> None:
         """Swap in reloaded rules, all in one step on the event loop (no query sees half of them),
         and empty the cache with them: its entries are gated on the old catalog's rules. A reload's
-        live settings (`local` names, `prefetch`, `stale_ttl`) come with them; None keeps one."""
+        live settings (`local` names, `prefetch`, `stale_ttl`) come with them; None keeps one. The
+        operator's `records` are part of the rules: None means there are none."""
         self.catalog = catalog
+        self.records = records
         self.sinkhole = sinkhole
         self.plain_ttl = plain_ttl
         self.gated_ttl = gated_ttl
@@ -567,7 +614,7 @@ class Pipeline:
         """Count and record a query for a gated name; an allowed one records the grant that allowed it."""
         self.counters.counts[slot(outcome, type_slot(qtype)) + tcp] += 1
         if self.log_gated is not None:
-            allowed = outcome in (CACHED, FORWARDED, STALE)
+            allowed = outcome in (CACHED, FORWARDED, STALE, LOCAL)
             grant = self.consent.grant_for(client, rule.vendor, self.wall()) if allowed else None
             self.log_gated((now, client, question, tcp, outcome, rcode, rule.vendor.logged, grant, elapsed))
 

@@ -35,6 +35,7 @@ from dnsgate.rules.ruleset import (
     build_lists,
     operator_of,
     read_catalog,
+    read_local_records,
     read_notice,
     ruleset_for,
 )
@@ -201,7 +202,7 @@ class Reloader:
             if changed:
                 try:
                     ruleset, _ = await self._build(self.cfg, strict=True, downloads=changed)
-                except (CatalogError, ListError, OSError) as exc:
+                except (CatalogError, ListError, ConfigError, OSError) as exc:  # ConfigError: local.hosts_file
                     for f in changed:
                         self.store.discard(f)
                         self.statuses[f.source.id].error = str(exc)
@@ -297,8 +298,9 @@ class Reloader:
             for f in fetched:
                 self.store.discard(f)
             raise
+        records = await asyncio.to_thread(read_local_records, cfg)
         self.statuses = statuses
-        return ruleset_for(cfg, catalog), fetched
+        return ruleset_for(cfg, catalog, records), fetched
 
     def _build_catalog(self, cfg: Config, paths: dict[str, Path], statuses: dict[str, ListStatus]) -> Catalog:
         catalog = read_catalog(cfg)

@@ -17,6 +17,9 @@ from typing import Any
 from dnsgate.config import Config, ListSource
 from dnsgate.consent.notice import Notice, NoticeError, Operator, builtin_notice_text, parse_notice_text
 from dnsgate.dns.cache import TtlPolicy
+from dnsgate.dns.local_answers import DNSGATE_ZONE
+from dnsgate.dns.local_records import LocalRecords, RecordError, parse_hosts, parse_records
+from dnsgate.dns.local_records import build as build_records
 from dnsgate.dns.sinkhole import Sinkhole
 from dnsgate.rules.blocklists import ListIndex, ParsedList, build_index, parse_list
 from dnsgate.rules.catalog import Catalog, CatalogError, DomainRule, Vendor, builtin_catalog_text, parse_catalog_files
@@ -31,6 +34,7 @@ class Ruleset:
     gated_ttl: TtlPolicy
     cache_max_entries: int
     cache_max_bytes: int
+    local: LocalRecords | None = None  # the operator's own names ([local] records, hosts_file)
 
 
 @dataclass(slots=True)
@@ -166,7 +170,24 @@ def build_lists(cfg: Config, catalog: Catalog, paths: dict[str, Path], cache: Li
     return cache.index
 
 
-def ruleset_for(cfg: Config, catalog: Catalog) -> Ruleset:
+def read_local_records(cfg: Config) -> LocalRecords | None:
+    """The operator's records: `local.records`, then `local.hosts_file` (read here, on the reloader's
+    thread). Raises RecordError naming the key and the entry."""
+    c = cfg.local
+    records = parse_records(c.records, c.ttl)
+    if c.hosts_file:
+        try:
+            text = Path(c.hosts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise RecordError(f"local.hosts_file: cannot read {c.hosts_file}: {reason}") from None
+        records += parse_hosts(text, c.ttl, f"local.hosts_file {c.hosts_file}")
+    if not records:
+        return None
+    return build_records(records, c.generate_ptr, c.ttl, reserved=(DNSGATE_ZONE, cfg.portal.host))
+
+
+def ruleset_for(cfg: Config, catalog: Catalog, local: LocalRecords | None = None) -> Ruleset:
     return Ruleset(
         catalog=catalog,
         sinkhole=Sinkhole(cfg.gate.mode, cfg.gate.sinkhole_ttl, cfg.dns.udp_max_size),
@@ -174,4 +195,5 @@ def ruleset_for(cfg: Config, catalog: Catalog) -> Ruleset:
         gated_ttl=TtlPolicy(cfg.cache.min_ttl, cfg.cache.max_ttl, cfg.gate.allowed_ttl_cap),
         cache_max_entries=cfg.cache.max_entries,
         cache_max_bytes=cfg.cache.max_bytes,
+        local=local,
     )

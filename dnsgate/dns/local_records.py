@@ -10,7 +10,7 @@ RFC 1034/2308 for data dnsgate is the authority for:
     empty non-terminals (a name between two configured ones), which exist: NODATA (RFC 8020);
   - a CNAME: the alias and, while its targets are local, theirs (a chain ending at a local name that
     does not exist is NXDOMAIN, RFC 6604); a target outside the local data is left for the resolver
-    to ask upstream, the answer joined as for an upstream's unfinished chain (chains.py);
+    to ask upstream, the answer joined as for an upstream's unfinished chain (cname_chains.py);
   - any other name: not ours, the next step decides (the built-in local zones, then upstream).
 PTR records are made for every A and AAAA (`local.generate_ptr`), the first name given for an
 address winning, unless the operator gives that PTR. Gating is the pipeline's: every name of a

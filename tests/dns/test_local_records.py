@@ -14,7 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from dnsgate.local_records import (
+from dnsgate.dns.local_records import (
     MX,
     SRV,
     LocalRecords,
