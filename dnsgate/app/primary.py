@@ -52,6 +52,7 @@ from dnsgate.consent.service import ConsentService, Loss
 from dnsgate.consent.sqlite_store import SQLITE_FILE, ConsentStore, SqliteBackend, UnavailableStore
 from dnsgate.data_files import Access, AccessError
 from dnsgate.dns.counts import DnsCounts
+from dnsgate.dns.local_records import RecordError
 from dnsgate.dns.portal_address import FAMILY_NAMES
 from dnsgate.dns.tally import LogEntry
 from dnsgate.dns.upstreams import SOCKETS_PER_FAMILY
@@ -71,7 +72,6 @@ from dnsgate.observe.querylog_db import QueryLogDb, QueryLogError
 from dnsgate.observe.report import Watched
 from dnsgate.rules.catalog import Catalog, CatalogError
 from dnsgate.rules.list_sources import ListError, ListStore
-from dnsgate.dns.local_records import RecordError
 from dnsgate.rules.reload import Reloader
 from dnsgate.rules.ruleset import Ruleset, operator_of, read_catalog, read_notice
 from dnsgate.tasks import TaskSet, background
