@@ -70,6 +70,11 @@ def test_the_image_keeps_the_sample_config_and_checks_health_through_it() -> Non
     cfg = load_config(config, overrides)
     assert str(cfg.api_listen) == "0.0.0.0:8053"
     assert [str(a) for a in cfg.dns_listen] == ["0.0.0.0:53"]
+    # docs/install.md: behind a port mapping, the host's address comes from the environment
+    config, overrides = overrides_from_env({**env, "DNSGATE_CONFIG": str(ROOT / "config" / "dnsgate.toml"),
+                                            "DNSGATE_PORTAL_ADDRESSES": "192.168.1.2"})
+    assert load_config(config, overrides).portal.addresses == ("192.168.1.2",)
+    assert "-e DNSGATE_PORTAL_ADDRESSES=192.168.1.2" in (ROOT / "docs" / "install.md").read_text()
 
 
 def unit_directives() -> dict[str, list[str]]:

@@ -14,6 +14,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from dnsgate.config import load_config, overrides_from_env
 from dnsgate.dns.local_records import (
     MX,
     SRV,
@@ -190,3 +191,11 @@ def test_the_table_travels_to_workers() -> None:
     assert found is not None and found.rcode == NOERROR
     missing = copy.resolve(name_to_wire("x.nas.home"), MX)
     assert missing is not None and missing.rcode == NXDOMAIN
+
+
+def test_records_from_the_environment_are_json() -> None:
+    """A record may hold a comma, so the environment gives them as JSON (docs/configuration.md)."""
+    config, overrides = overrides_from_env({"DNSGATE_LOCAL_RECORDS": '["a.home A 10.0.0.1", "a.home TXT \\"x, y\\""]'})
+    cfg = load_config(config, overrides)
+    records = parse_records(cfg.local.records, cfg.local.ttl)
+    assert [(r.rtype, r.rdata) for r in records] == [(A, bytes([10, 0, 0, 1])), (TXT, b"\x04x, y")]
