@@ -31,7 +31,9 @@ NETNS = f"dnsgate-readme-{os.getpid()}"
 NOT_RUN = {"./dev test": "the test suite itself, which runs this test"}
 # The manual's pages whose command blocks run here, after the README's, and those that cannot.
 DOCS_RUN = ("docs/api.md", "docs/consent.md", "docs/observability.md")
-DOCS_NOT_RUN = {"docs/docker.md": "needs Docker and an image build (the installs' own tests)",
+DOCS_NOT_RUN = {"docs/install.md": "needs Docker, sudo and systemd on a real host; tests/test_installs.py lints the "
+                                   "Dockerfile and verifies the unit, and .ci/run installs and serves the wheel "
+                                   "as its block does (tests/install_wheel.py)",
                 "docs/redis.md": "needs a Redis server at redis.lan and a stopped dnsgate"}
 README_HOME = "/home/me/dnsgate"  # where the README's ready line pretends the checkout is
 README_NAMESERVER = "192.168.1.1"  # and the nameserver it shows
