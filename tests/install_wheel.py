@@ -2,7 +2,8 @@
 started with `dnsgate serve` on loopback ports and asked with dig. Run by .ci/run (not by pytest: it
 builds and installs, which takes a minute).
 
-    python3 tests/install_wheel.py [--keep]
+    python3 -m tests.install_wheel [--keep]     (from the checkout: a module, so tests/http/ cannot hide
+                                                the standard library's http package)
 
 Checks that every file under dnsgate/data/ is in the wheel (the catalog, the notice, the portal's
 and dashboard's assets, the portal's languages), that the installed program answers a local name,
@@ -154,7 +155,14 @@ def main() -> int:
 def check(work: Path) -> int:
     started = time.monotonic()
     dist = work / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, ROOT)
+    # Built from a copy of the sources: setuptools keeps a build/ folder beside them, and files of it
+    # that the sources no longer have (a module moved away) would go into the wheel.
+    src = work / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "dnsgate", src / "dnsgate", ignore=shutil.ignore_patterns("__pycache__"))
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", dist, src)
     wheels = list(dist.glob("dnsgate-*.whl"))
     expect("one wheel built", len(wheels) == 1, str(wheels))
     check_wheel_contents(wheels[0])
