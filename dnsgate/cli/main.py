@@ -70,6 +70,10 @@ class OneLineParser(argparse.ArgumentParser):
 
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: None = None) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+            # before the command, argparse would only say that the command is missing
+            self.usage_error(self.prog, f"unrecognized arguments: {argv[0]} (options go after the command)")
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
             self.usage_error(parsed.command_path, f"unrecognized arguments: {' '.join(extras)}")

@@ -287,11 +287,17 @@ async def test_a_bad_api_is_one_line_and_exit_2(command: list[str], api: str) ->
     (["report", "--since", "1h", "--bogus"], "see 'dnsgate report --help'"),
     (["consent"], "see 'dnsgate consent --help'"),
     (["--bogus"], "see 'dnsgate --help'"),
+    (["--bogus", "serve"], "see 'dnsgate --help'"),
+    (["config", "check", "--bogus"], "see 'dnsgate config check --help'"),
+    (["config", "frob"], "see 'dnsgate config --help'"),
 ])
 async def test_a_usage_error_names_the_help_of_its_command(args: list[str], hint: str) -> None:
     code, out, err = await run(*args)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
     assert err.strip().endswith(f"({hint})"), err
+    assert "dnsgate dnsgate" not in err
+    if args[0] == "--bogus":
+        assert "unrecognized arguments: --bogus" in err  # not "the command is missing"
 
 
 async def test_show_says_an_opt_out_stands_and_since_when_gpc_applies(gate: Gate) -> None:
