@@ -668,6 +668,11 @@ class ConsentTable:
             return self._granted(choice)
         return {}
 
+    def granting_now(self, now: float) -> int:
+        """Choices whose grants under the current notice are in force at `now` (len() also counts
+        those expired and not swept yet)."""
+        return sum(1 for expires_at, _ in self._index.granting.values() if expires_at > now)
+
     def granted_counts(self, now: float) -> dict[str, int]:
         """Per category, the choices that grant it under the current notice and have not expired."""
         counts: dict[str, int] = {}

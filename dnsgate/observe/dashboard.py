@@ -157,7 +157,7 @@ class Sampler:
             # Counted over the last hour from what the gate answered, not from grants held now: a
             # client counts as allowed if one of its tracker queries got a real answer.
             "clients": {"window_seconds": RECENT_CLIENTS, "met_tracker": seen, "tracker_allowed": allowed,
-                        "only_blocked": seen - allowed, "choices_granting": len(s.consent),
+                        "only_blocked": seen - allowed, "choices_granting": s.consent.granting_now(wall),
                         "by_category": s.clients_by_category()},
             "upstreams": upstreams,
         }

@@ -221,6 +221,7 @@ def test_memo_and_indexes_follow_every_change(changes: list[tuple[object, ...]])
         assert len(t) == len(granting)
         live = sum(1 for c in granting if c.expires_at > NOW)
         assert t.granted_counts(NOW) == ({"marketing": live} if live else {})
+        assert t.granting_now(NOW) == live
         for client in CLIENTS:
             address, _, mac = client.partition("|")
             assert t.allows(client, AC, NOW) == (AC in t.resolve(address, mac or None, NOW).allowed), (client, change)
