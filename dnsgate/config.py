@@ -174,6 +174,10 @@ class DnsConfig:
     # this one (API, consent store, query log) and workers - 1 more, each with its own cache and a
     # copy of the consent table that every change reaches before the API answers.
     workers: int = 1
+    # How UDP is read and written: "batched" takes the datagrams waiting in a socket with one system
+    # call and sends their replies with one more (recvmmsg/sendmmsg, Linux; elsewhere it falls back);
+    # "asyncio" makes both calls per datagram (the event loop's datagram endpoint).
+    udp_io: Literal["batched", "asyncio"] = "batched"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import dns.asyncquery
@@ -18,10 +18,15 @@ import pytest
 
 from dnsgate.app.primary import Running, run
 from dnsgate.config import ApiConfig, Config, DnsConfig, StorageConfig, UpstreamConfig
+from dnsgate.dns.udp_batch import available as batched_available
 from tests.support.redis_server import REDIS_SERVER, RedisServer
 from tests.support.stub_upstream import StubUpstream
 
 TOKEN = "test-admin-token"
+# The UDP paths (dns.udp_io) a module's tests run on when it asks for the `udp_io` fixture; the
+# batched one needs recvmmsg/sendmmsg (Linux).
+UDP_PATHS: list[Literal["batched", "asyncio"]] = ["batched", "asyncio"] if batched_available() else ["asyncio"]
+_udp_io: list[Literal["batched", "asyncio"]] = []  # the path of the running test, while `udp_io` is active
 
 
 def zone_for_tests(stub: StubUpstream) -> StubUpstream:
@@ -101,9 +106,29 @@ class Gate:
             return response.status, body
 
 
+@pytest.fixture(params=UDP_PATHS)
+def udp_io(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a test once per UDP path: every dnsgate it starts (in-process, and the workers these
+    start) serves UDP that way. A module opts in with `pytestmark = pytest.mark.usefixtures("udp_io")`."""
+    _udp_io.append(request.param)
+    try:
+        yield str(request.param)
+    finally:
+        _udp_io.pop()
+
+
+def on_udp_path(cfg: Config) -> Config:
+    """`cfg` with the UDP path of the running test, if it runs on one (see `udp_io`)."""
+    return replace(cfg, dns=replace(cfg.dns, udp_io=_udp_io[-1])) if _udp_io else cfg
+
+
 @contextlib.asynccontextmanager
 async def running_gate(cfg: Config, reread: Callable[[], Config] | None = None, **hooks: Any) -> AsyncIterator[Gate]:
     """dnsgate in-process; `hooks` go to app.run (a fake `wall` clock, a fake `neighbours` table)."""
+    cfg = on_udp_path(cfg)
+    if reread is not None:
+        first_reread = reread
+        reread = lambda: on_udp_path(first_reread())  # noqa: E731
     stop = asyncio.Event()
     ready: asyncio.Future[Running] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(run(cfg, stop, ready.set_result, reread, **hooks))

@@ -113,7 +113,7 @@ def build(cfg: Config, rules: Ruleset, table: ConsentTable, servers: tuple[Upstr
     listeners = DnsListeners(pipeline, resolver, tasks, TcpLimits(
         d.tcp_idle_timeout, d.tcp_query_timeout, d.tcp_max_connections, d.tcp_max_connections_per_client,
         d.tcp_max_queries_per_connection, d.tcp_max_pipelined), reuse_port=d.workers > 1, may_answer=may_answer,
-        join=join)
+        join=join, udp_io=d.udp_io)
     return DnsStack(cfg, cache, pipeline, upstreams, resolver, tasks, listeners, shortage)
 
 

@@ -23,6 +23,7 @@ from dnsgate.config import HostPort
 from dnsgate.connections import ConnectionTable
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.dns.udp_batch import BatchedUdp, PktinfoUdp, available, is_wildcard, pktinfo_supported
 from dnsgate.tasks import TaskSet
 from dnsgate.wire import SERVFAIL, U16, Rejection, rejection_reply
 
@@ -257,14 +258,29 @@ class TcpConnection(asyncio.Protocol):
 UDP_RECEIVE_BUFFER = 4 << 20  # the kernel caps it at net.core.rmem_max
 
 
-def _large_receive_buffer(transport: asyncio.BaseTransport) -> None:
+def _large_receive_buffer(sock: socket.socket) -> None:
     """A burst of queries (a LAN waking up, a flood) waits in the socket instead of being dropped
     by the kernel while the loop is busy; the default (~200 KB) holds only ~300 datagrams."""
-    sock = transport.get_extra_info("socket")
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
     except (OSError, AttributeError):  # pragma: no cover - a platform without the option
         log.debug("cannot enlarge the UDP receive buffer")
+
+
+def _udp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
+    """A bound UDP socket for the batched endpoint, set up as asyncio sets up its own (an IPv6 one takes
+    IPv4-mapped clients too)."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _tcp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
@@ -309,12 +325,13 @@ class DnsListeners:
     """The UDP endpoints and TCP servers for every configured address."""
 
     def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, tcp: TcpLimits,
-                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None, join: bool = False) -> None:
+                 reuse_port: bool = False, may_answer: Callable[[], bool] | None = None, join: bool = False,
+                 udp_io: str = "batched") -> None:
         self.pipeline = pipeline
         self.resolver = resolver
         self.tasks = tasks
         self.tcp = TcpTable(tcp)
-        self._udp: list[asyncio.DatagramTransport] = []
+        self._udp: list[asyncio.DatagramTransport | BatchedUdp | PktinfoUdp] = []
         self._tcp: list[asyncio.Server] = []
         self.bound: list[HostPort] = []
         # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
@@ -326,12 +343,34 @@ class DnsListeners:
         # A worker process's check of its line to the primary, asked before each batch of queries
         # is answered (False: the query is dropped, a TCP connection cut).
         self.may_answer = may_answer
+        # UDP with recvmmsg/sendmmsg where the system has them (udp_batch.py), else asyncio's endpoint.
+        if udp_io == "batched" and not available():
+            log.warning("dns.udp_io = \"batched\" needs recvmmsg/sendmmsg (Linux): using the asyncio endpoint")
+            udp_io = "asyncio"
+        self.udp_io = udp_io
+
+    async def _open_udp(self, host: str, port: int, family: socket.AddressFamily
+                        ) -> tuple[asyncio.DatagramTransport | BatchedUdp | PktinfoUdp, int]:
+        """The UDP endpoint on (host, port), and its port. On a wildcard address the asyncio path reads
+        and writes through the socket itself too: replies must leave from the address each query was
+        sent to, which only control messages say (udp_batch.py)."""
+        if self.udp_io == "batched" or (is_wildcard(host) and pktinfo_supported()):
+            kind = BatchedUdp if self.udp_io == "batched" else PktinfoUdp
+            endpoint = kind(_udp_socket(host, port, family, self.reuse_port), self.pipeline, self.resolver,
+                            self.may_answer)
+            _large_receive_buffer(endpoint.sock)
+            return endpoint, endpoint.port
+        v6 = family == socket.AF_INET6
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
+            local_addr=(host, port), family=family, reuse_port=self.reuse_port or None)
+        _large_receive_buffer(transport.get_extra_info("socket"))
+        return transport, transport.get_extra_info("sockname")[1]
 
     async def start(self, address: HostPort) -> HostPort:
         """Listen on UDP and TCP at `address`; with port 0, both get the same free port."""
         loop = asyncio.get_running_loop()
-        v6 = ":" in address.host
-        family = socket.AF_INET6 if v6 else socket.AF_INET
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         for _attempt in range(20 if address.port == 0 else 1):
             port = address.port
             if self.reuse_port and not self.join:
@@ -342,15 +381,11 @@ class DnsListeners:
                         continue  # the UDP port we got is taken for TCP: try another
                     raise
             try:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpListener(self.pipeline, self.resolver, self.tasks, v6, self.may_answer),
-                    local_addr=(address.host, port), family=family, reuse_port=self.reuse_port or None)
+                transport, port = await self._open_udp(address.host, port, family)
             except OSError:
                 if address.port == 0 and port != 0:
                     continue  # taken since it was found free: try another
                 raise
-            port = transport.get_extra_info("sockname")[1]
-            _large_receive_buffer(transport)
             try:
                 server = await loop.create_server(
                     lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, self.may_answer),

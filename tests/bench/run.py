@@ -22,6 +22,8 @@ checks each change reaches the next query; 10 000 other clients hold a choice), 
 100k cached names and 10k clients holding consent), ready (seconds from start to the ready line).
 "dnsgate-workers" (in --only) is dnsgate with dns.workers = --workers, on --workers-cpus, beside
 the single-process dnsgate: what worker processes do on this machine, measured in the same minutes.
+"dnsgate-asyncio" is dnsgate with dns.udp_io = "asyncio" (one receive and one send call per datagram)
+beside dnsgate with --udp-io (default "batched": recvmmsg/sendmmsg): the two UDP paths, interleaved.
 
 Writes results.json and summary.md into tests/bench/results/<timestamp>/ and prints the table.
 Needs Debian packages dnsperf, dnsmasq, unbound, bind9-dnsutils (installed with --install when
@@ -61,8 +63,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HZ = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321,
-         "echo": 25322, "dnsgate-workers": 25326, "dnsgate-workers-api": 25327}
-DNSGATES = ("dnsgate", "dnsgate-workers")
+         "echo": 25322, "dnsgate-workers": 25326, "dnsgate-workers-api": 25327, "dnsgate-asyncio": 25328,
+         "dnsgate-asyncio-api": 25329}
+DNSGATES = ("dnsgate", "dnsgate-workers", "dnsgate-asyncio")
 ECHO_WORKLOADS = ("blocked", "allowed", "mix", "light")  # the echo answers UDP only, and forwards nothing
 N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
 GATED_SUFFIXES = ("trackcmp.net", "app-us1.com")
@@ -379,7 +382,8 @@ class Bench:
         config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
                           f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
                           f'[storage]\nsynchronous = "{self.args.synchronous}"\n'
-                          f'[querylog]\nmode = "{self.args.querylog}"\n')
+                          f'[querylog]\nmode = "{self.args.querylog}"\n'
+                          f'[dns]\nudp_io = "{"asyncio" if name == "dnsgate-asyncio" else self.args.udp_io}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS[name]}", "--api", f"127.0.0.1:{PORTS[name + '-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning",
@@ -569,7 +573,7 @@ def summarize(bench: Bench) -> str:
                 f"{mean([r.lat_avg_ms for r in runs]):.3f} | {max(r.lat_max_ms for r in runs):.3f} | "
                 f"{mean([r.cpu_us_per_query for r in runs]):.2f} | {bench.meta.get(server, {}).get('rss_mib', '')} |")
     for gate in (g for g in DNSGATES if g in servers):
-        peers = [p for p in ("dnsmasq", "unbound", "echo", "dnsgate") if p in servers and p != gate]
+        peers = [p for p in ("dnsmasq", "unbound", "echo", "dnsgate", "dnsgate-asyncio") if p in servers and p != gate]
         lines += ["", "| workload | " + " | ".join(f"{gate} q/s x {p}" for p in peers) + " | "
                   + " | ".join(f"CPU us/query x {p}" for p in peers) + " |", "|---" * (1 + 2 * len(peers)) + "|"]
         for workload in workloads:
@@ -622,6 +626,8 @@ def main() -> None:
                         help="dnsgate's storage.synchronous (what a consent change costs)")
     parser.add_argument("--querylog", choices=["full", "anonymous", "gated-only", "off"], default="gated-only",
                         help="dnsgate's query log mode (the default's: every gated query is logged)")
+    parser.add_argument("--udp-io", choices=["batched", "asyncio"], default="batched",
+                        help="dns.udp_io of the servers dnsgate and dnsgate-workers (dnsgate-asyncio: always asyncio)")
     parser.add_argument("--workers", type=int, default=2, help="dns.workers of the server dnsgate-workers")
     parser.add_argument("--workers-cpus", default=SERVER_CPU,
                         help=f"CPUs dnsgate-workers may use (the others get {SERVER_CPU}, dnsperf {CLIENT_CPU}); "

@@ -21,6 +21,8 @@ from tests.conftest import make_config, running_gate
 from tests.support import consent_fixtures
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 
 def pipeline(admission: Admission) -> Pipeline:
     return Pipeline(consent_fixtures.CATALOG, consent_fixtures.table(), AnswerCache(1000, 10**7),

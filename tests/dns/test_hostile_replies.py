@@ -17,6 +17,8 @@ from dnsgate.wire import records_well_formed
 from tests.dns.test_pipeline import add_records
 from tests.fuzz import checks
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 Q = dns.message.make_query("host.example.test", "A")
 QEND = len(Q.to_wire())
 

@@ -10,7 +10,10 @@ import pytest
 from tests.conftest import Gate
 from tests.support.stub_upstream import StubUpstream
 
-pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt install bind9-dnsutils)")
+pytestmark = [
+    pytest.mark.usefixtures("udp_io"),  # every test runs on both UDP paths (dns.udp_io)
+    pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt install bind9-dnsutils)"),
+]
 
 
 async def dig(gate: Gate, *args: str) -> str:

@@ -20,6 +20,8 @@ from dnsgate.config import DnsConfig, GateConfig, UpstreamConfig
 from tests.conftest import Gate, make_config, running_gate
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 GRANT = {"categories": ["marketing"]}
 
 

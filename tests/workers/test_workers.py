@@ -39,6 +39,8 @@ from tests.support.netns import IP, netns_unavailable
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 TRACKER = "trackcmp.net"
 GRANT = {"categories": ["marketing"]}
 SOCKETS = 48  # P(a process of three gets none of them) = 3 * (2/3)^48, about 1e-8

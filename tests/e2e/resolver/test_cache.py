@@ -11,11 +11,14 @@ import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
+import pytest
 
 from dnsgate.config import CacheConfig, Config, UpstreamConfig
 from tests.conftest import Gate, make_config, running_gate
 from tests.e2e.resolver.conftest import ask, on_path, query_wire
 from tests.support.stub_upstream import StubUpstream
+
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
 
 
 async def test_key_ignores_case_but_not_type_do_cd(gate: Gate, upstream: StubUpstream) -> None:

@@ -25,6 +25,8 @@ from tests.conftest import Gate, make_config, running_gate, zone_for_tests
 from tests.e2e.resolver.conftest import ask, on_path, query_wire
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 GRANT = {"categories": ["marketing"]}
 
 

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import Gate
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 needs_dig = pytest.mark.skipif(shutil.which("dig") is None, reason="dig not installed (apt install bind9-dnsutils)")
 needs_kdig = pytest.mark.skipif(shutil.which("kdig") is None, reason="kdig not installed (apt install knot-dnsutils)")
 

@@ -15,6 +15,8 @@ from tests.conftest import Gate
 from tests.e2e.resolver.conftest import ask, on_path, query_wire
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 COOKIE, KEEPALIVE, PADDING = 10, 11, 12
 HOP_BY_HOP = [
     dns.edns.GenericOption(dns.edns.OptionType.COOKIE, bytes(range(8))),  # a client cookie (RFC 7873)

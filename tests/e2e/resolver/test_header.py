@@ -14,6 +14,8 @@ from tests.conftest import Gate
 from tests.e2e.resolver.conftest import on_path, query_wire
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 Z = 0x0040
 
 

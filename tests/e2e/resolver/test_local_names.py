@@ -19,6 +19,8 @@ from dnsgate.wire import Query, name_to_wire, parse_query
 from tests.conftest import Gate, make_config, running_gate
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 NX, NOERROR = dns.rcode.NXDOMAIN, dns.rcode.NOERROR
 
 

@@ -32,7 +32,7 @@ def _unavailable() -> str | None:
 
 
 UNAVAILABLE = _unavailable()
-pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+pytestmark = [pytest.mark.usefixtures("udp_io"), pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")]
 
 
 class Namespace:

@@ -38,6 +38,8 @@ from dnsgate.wire import EDE_NOT_READY
 from tests.conftest import Gate, make_config, running_gate
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 QUICK = 0.5  # "at once": well inside the upstream deadline below
 TIMEOUT = 3.0
 

@@ -22,6 +22,8 @@ from tests.conftest import Gate, make_config, running_gate
 from tests.e2e.resolver.conftest import ask, on_path, query_wire, udp_raw
 from tests.support.stub_upstream import StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 QUESTION = b"\x04host\x07example\x04test\x00\x00\x01\x00\x01"
 
 

@@ -29,7 +29,10 @@ from tests.e2e.resolver.conftest import system_tool, udp_raw
 from tests.support.stub_upstream import StubUpstream
 
 UNBOUND = system_tool("unbound")
-pytestmark = pytest.mark.skipif(UNBOUND is None, reason="unbound not installed (apt install unbound)")
+pytestmark = [
+    pytest.mark.usefixtures("udp_io"),  # every test runs on both UDP paths (dns.udp_io)
+    pytest.mark.skipif(UNBOUND is None, reason="unbound not installed (apt install unbound)"),
+]
 
 CONFIG = """
 server:

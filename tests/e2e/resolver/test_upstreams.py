@@ -33,6 +33,8 @@ from tests.conftest import Gate, make_config, running_gate, zone_for_tests
 from tests.e2e.resolver.conftest import on_path, query_wire
 from tests.support.stub_upstream import BOGUS_ADDRESS, StubUpstream
 
+pytestmark = pytest.mark.usefixtures("udp_io")  # every test runs on both UDP paths (dns.udp_io)
+
 
 @pytest.fixture
 async def second() -> AsyncIterator[StubUpstream]:
