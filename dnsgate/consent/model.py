@@ -436,8 +436,8 @@ class TableCopy:
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
-    __slots__ = ("_index", "_memo", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_seen", "neighbours",
-                 "notice", "profiles", "vendors")
+    __slots__ = ("_index", "_memo", "_memo_by_address", "_memo_by_mac", "generation", "kiosk_idle", "kiosk_seen",
+                 "neighbours", "notice", "profiles", "vendors")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
                  notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
@@ -456,6 +456,11 @@ class ConsentTable:
         # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
         # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
         self.kiosk_seen: dict[str, float] = {}
+        # Counts the times memoized decisions were forgotten (a choice, the notice, the profiles, the
+        # neighbour table or the vendors changed). A decision remembered elsewhere with the
+        # generation it was made in (the pipeline's rendered sinkhole answers) holds while the
+        # generation is the same and the clock is before its `until`.
+        self.generation = 0
 
     # -- the hot path --------------------------------------------------------------------------
     def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
@@ -493,6 +498,11 @@ class ConsentTable:
                 if client not in keys:
                     by[key] = (*keys, client)
         return state
+
+    def blocked_until(self, client: str, vendor: Vendor, now: float) -> tuple[Verdict, float]:
+        """`blocked`, and until when (wall clock) that holds unless the generation changes."""
+        verdict = self.blocked(client, vendor, now)
+        return verdict, self._memo[client].until
 
     def grant_for(self, client: str, vendor: Vendor, now: float) -> Grant | None:
         """What allowed `client` to resolve `vendor` (for the query log), or None if it may not."""
@@ -754,6 +764,7 @@ class ConsentTable:
 
     def _forget(self, subject: Subject) -> None:
         """Forget the memo of every client key a choice of `subject` can apply to."""
+        self.generation += 1
         if subject.network is not None:  # rare (an admin's): the network may hold any number of clients
             self._forget_all()
             return
@@ -764,6 +775,7 @@ class ConsentTable:
                     memo.pop(client, None)
 
     def _forget_all(self) -> None:
+        self.generation += 1
         self._memo.clear()
         self._memo_by_address.clear()
         self._memo_by_mac.clear()

@@ -114,6 +114,11 @@ META_TYPES: Final = {
 # RFC 8482 §4.2: one HINFO record, CPU "RFC8482", OS empty, owned by the question's name
 ANY_HINFO: Final = b"\xc0\x0c" + RR_FIXED.pack(HINFO, IN, 3600, 9) + b"\x07RFC8482\x00"
 GATED_MEMO_LIMIT: Final = 65_536
+SUNK_LIMIT: Final = 65_536  # sinkhole answers kept per (question, client)
+# A sinkhole answer kept for one client: the consent table's generation and the EDNS form (-1, 0,
+# 1) it was made for, the wall time it holds until, its count slot, the vendor as logged, then
+# the reply's flags but RD/CD, its counts and its records after the question (sinkhole.Parts)
+Sunk = tuple[int, int, float, int, tuple[str, str], int, bytes, bytes]
 PREFETCH_AT: Final = 0.9  # share of an entry's lifetime after which a hit triggers a refresh
 PREFETCH_MIN_TTL: Final = 2  # entries that live shorter are not refreshed early
 
@@ -153,7 +158,7 @@ class Pipeline:
     __slots__ = ("admission", "any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts",
                  "durations", "entries", "gated", "gated_ttl", "gates", "identity", "kiosk_seen", "local", "log_all",
                  "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "records", "server_id",
-                 "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl", "trust_ad", "udp_max", "wall")
+                 "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl", "sunk", "trust_ad", "udp_max", "wall")
 
     def __init__(
         self,
@@ -188,8 +193,10 @@ class Pipeline:
         self.cache = cache
         self.entries = cache.entries  # the fast path's lookups skip a method call
         # cache key -> rule, for gated questions met on the general path: the fast path sinkholes
-        # them with the key it has already hashed (the catalog's own memo is keyed by name)
-        self.gated: dict[bytes, DomainRule] = {}
+        # them with the key it has already hashed (the catalog's own memo is keyed by name); and per
+        # client asking, the sinkhole answer rendered for it (Sunk), while its decision holds
+        self.gated: dict[bytes, tuple[DomainRule, dict[str, Sunk]]] = {}
+        self.sunk = 0  # answers kept in `gated`
         self.sinkhole = sinkhole
         self.udp_max = udp_max
         self.plain_ttl = plain_ttl
@@ -303,8 +310,18 @@ class Pipeline:
                     return self._truncated(qid, fl, question, edns)
                 return ID_FLAGS.pack(qid, fl) + entry.head_edns + question + body + self.opt_tail[edns]
         else:
-            rule = self.gated.get(key)  # gated questions seen before; None: not gated, or unseen
-            if rule is None or not (cause := self.consent.blocked(client, rule.vendor, self.wall())):
+            gated = self.gated.get(key)  # gated questions seen before; None: not gated, or unseen
+            if gated is not None:
+                rule, sunk = gated
+                consent = self.consent
+                memo = sunk.get(client)  # this client's sinkhole answer to it, as last rendered
+                if (memo is not None and memo[0] == consent.generation and memo[1] == edns
+                        and self.wall() < memo[2]):
+                    self.counts[memo[3] + tcp] += 1
+                    if self.log_gated is not None:
+                        self.log_gated((now, client, question, tcp, SINKHOLED, -1, memo[4], None, 0.0))
+                    return ID_FLAGS.pack(qid, memo[5] | (flags & 0x0110)) + memo[6] + question + memo[7]
+            if gated is None or not (decided := self.consent.blocked_until(client, gated[0].vendor, self.wall()))[0]:
                 # not in memory: the general steps, without parsing the packet a second time
                 if scan_name(question, 0) != len(question) - 5:
                     return self._answer_general(data, client, tcp)  # a malformed name: FORMERR
@@ -312,14 +329,27 @@ class Pipeline:
                 q = Query(qid, flags, question, lower[:-4], qtype, (question[-2] << 8) | question[-1],
                           None if edns < 0 else Edns((data[-8] << 8) | data[-7], 0, edns == 1), key)
                 return self._decide(q, data, client, tcp, now)
+            cause, until = decided
         # the sinkhole: a gated name, and this client has not consented to its vendor
+        assert rule is not None
         qtype = (question[-4] << 8) | question[-3]
-        reply = self.sinkhole.reply(qid, flags, question, qtype, rule, edns, cause)
+        parts = self.sinkhole.parts(qtype, rule, edns, cause)
+        reply = ID_FLAGS.pack(qid, parts[0] | (flags & 0x0110)) + parts[1] + question + parts[2]
         if len(reply) > MIN_UDP and not tcp:
             return self._answer_general(data, client, tcp)  # it truncates
-        self.counts[self.sinkhole_slot[qtype] + tcp if qtype < 256 else _SINKHOLED_OTHER + tcp] += 1
+        count_slot = self.sinkhole_slot[qtype] if qtype < 256 else _SINKHOLED_OTHER
+        self.counts[count_slot + tcp] += 1
         if self.log_gated is not None:
             self.log_gated((now, client, question, tcp, SINKHOLED, -1, rule.vendor.logged, None, 0.0))
+        if entry is None:
+            # Remembered for this client's next asking, as long as the consent table's generation
+            # (any change of a choice, the notice, the profiles, the vendors) and the decision's
+            # own time limit (a grant's expiry, a kiosk session's idle limit) say it holds.
+            self.sunk += 1
+            if self.sunk > SUNK_LIMIT:
+                self.gated.clear()  # (the general path finds the rules again)
+                self.sunk = 0
+            sunk[client] = (self.consent.generation, edns, until, count_slot, rule.vendor.logged, *parts)
         return reply
 
     def _answer_general(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
@@ -375,7 +405,8 @@ class Pipeline:
                 gated = self.gated
                 if len(gated) >= GATED_MEMO_LIMIT:
                     gated.clear()
-                gated[q.key] = rule
+                if q.key not in gated:
+                    gated[q.key] = (rule, {})
         if rule is not None and (cause := self.consent.blocked(client, rule.vendor, self.wall())):
             self._gated(SINKHOLED, now, client, q.question, q.qtype, tcp, -1, rule, 0.0)
             return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause), tcp)
@@ -563,6 +594,7 @@ class Pipeline:
             self.stale_ttl = stale_ttl
         self.cache.clear()
         self.gated.clear()
+        self.sunk = 0
 
     def stale(self, fwd: Forward) -> bytes | None:
         """RFC 8767: every upstream failed; the expired answer, if one is within the stale window,

@@ -84,6 +84,11 @@ class Sinkhole:
 
     def reply(self, qid: int, qflags: int, question: bytes, qtype: int, rule: DomainRule, edns: int,
               cause: Verdict = "undecided") -> bytes:
+        parts = self.parts(qtype, rule, edns, cause)
+        return ID_FLAGS.pack(qid, parts[0] | (qflags & (RD | CD))) + parts[1] + question + parts[2]
+
+    def parts(self, qtype: int, rule: DomainRule, edns: int, cause: Verdict = "undecided") -> Parts:
+        """The reply but its ID, RD/CD and question: flags, counts and the records after the question."""
         index = edns + 1
         if self.mode == "null" and qtype in (A, AAAA):
             index += 3 if qtype == A else 6
@@ -95,7 +100,7 @@ class Sinkhole:
         if parts is None:
             kind = A if 3 <= index < 6 else AAAA if index >= 6 else 0
             parts = slots[at] = self._build(rule, kind, edns, cause)
-        return ID_FLAGS.pack(qid, parts[0] | (qflags & (RD | CD))) + parts[1] + question + parts[2]
+        return parts
 
     def _build(self, rule: DomainRule, kind: int, edns: int, cause: Verdict) -> Parts:
         if kind == A:

@@ -1,6 +1,6 @@
 """What one `Pipeline.answer` costs on the hot path: a cached answer and a sinkholed one.
 
-    .venv/bin/python tests/bench/answer_cost.py [--rounds 7] [--n 200000]
+    .venv/bin/python -m tests.bench.answer_cost [--rounds 7] [--n 200000]
 
 Builds a pipeline the way tests/dns/test_pipeline.py does, fills the cache through the real
 forward/admit/complete steps, then times tight loops of `answer` (best of several rounds, so
@@ -18,20 +18,16 @@ from collections.abc import Callable
 import dns.message
 import dns.rdatatype
 
-from dnsgate.consent.model import Choice, ConsentTable, CurrentNotice, NoticeRef, Subject
 from dnsgate.dns.cache import AnswerCache, Entry, TtlPolicy
 from dnsgate.dns.pipeline import Forward, Pipeline
 from dnsgate.dns.sinkhole import Sinkhole
-from dnsgate.rules.catalog import builtin_catalog_text, parse_catalog_text
-
-SHOWN = NoticeRef(parse_catalog_text(builtin_catalog_text()).version, "bench", "0" * 64, "en")
+from tests.support import consent_fixtures
 
 
 def build(setup: Callable[[Pipeline], None] | None = None) -> Pipeline:
-    catalog = parse_catalog_text(builtin_catalog_text())
-    consent = ConsentTable(catalog.vendors, notice=CurrentNotice(catalog.version, "bench", {"en": SHOWN.sha256}))
+    # the built-in catalog, and a consent table whose notice lists its items (as the tests' own)
     p = Pipeline(
-        catalog, consent, AnswerCache(1000, 10**7),
+        consent_fixtures.CATALOG, consent_fixtures.table(), AnswerCache(1000, 10**7),
         Sinkhole("nxdomain", 5, 1232), udp_max=1232,
         plain_ttl=TtlPolicy(0, 86400, None), gated_ttl=TtlPolicy(0, 86400, 10),
     )
@@ -78,10 +74,13 @@ def main() -> None:
         if args.log == "all":
             p.log_all = sink.append
     # 127.0.0.2 granted marketing under the current notice
-    p.consent.put(Choice(1, Subject("127.0.0.2"), {"marketing": True}, {}, 0.0, 4e9, SHOWN, "device", "opt-in"))
+    p.consent.put(consent_fixtures.choice("127.0.0.2", expires_at=4e9))
     cases = {
         "cached": (dns.message.make_query("host.example.test", dns.rdatatype.A).to_wire(), "127.0.0.1"),
+        # a gated name someone with consent had resolved (it is cached), and one nobody has (the
+        # bench's "blocked" workload: every name is sinkholed, none reaches the cache)
         "blocked": (dns.message.make_query("trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.1"),
+        "blocked-unseen": (dns.message.make_query("x.trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.1"),
         "gated-allowed": (dns.message.make_query("trackcmp.net", dns.rdatatype.A).to_wire(), "127.0.0.2"),
         # what browsers and validating stubs ask: HTTPS (type 65, the byte "A") and EDNS with DO
         "cached-https": (dns.message.make_query("host.example.test", dns.rdatatype.HTTPS).to_wire(), "127.0.0.1"),

@@ -151,6 +151,36 @@ def test_expired_grant_no_longer_counts(clock: Clock) -> None:
     assert answer(p, query("trackcmp.net"), "127.0.0.2").rcode() == dns.rcode.NXDOMAIN
 
 
+def test_a_kept_sinkhole_answer_follows_each_query_every_consent_change_and_reload(clock: Clock) -> None:
+    """A client's sinkhole answer to a question is kept once made (the blocked workload asks the
+    same names again and again), served with each query's own ID, case and EDNS form, and never
+    after the decision behind it changed: a grant, a withdrawal, a reload."""
+    wall = consent_fixtures.FakeClock(1_700_000_000.0)
+    p = build(clock)
+    p.wall = wall
+    client = "127.0.0.2"
+    asked = [query("x.trackcmp.net"), query("X.TrackCmp.NET"), query("x.trackcmp.net", use_edns=0),
+             query("x.trackcmp.net", use_edns=0, want_dnssec=True), query("x.Trackcmp.net")]
+    for q in asked:
+        r = answer(p, q, client)
+        assert r.rcode() == dns.rcode.NXDOMAIN and r.id == q.id
+        assert r.question[0].name.to_text() == q.question[0].name.to_text()  # the case as asked
+        assert r.edns == q.edns and (r.ednsflags & dns.flags.DO) == (q.ednsflags & dns.flags.DO)
+        assert bool(r.options) == (q.edns >= 0)  # the Extended DNS Error, with EDNS only
+    assert p.sunk > 0  # (kept again when the EDNS form changed)
+    assert answer(p, query("x.trackcmp.net"), "127.0.0.3").rcode() == dns.rcode.NXDOMAIN  # another client's own
+    grant(p, client, expires=wall.now + 60)
+    assert isinstance(p.answer(query("x.trackcmp.net").to_wire(), client, False), Forward)
+    assert answer(p, query("x.trackcmp.net"), "127.0.0.3").rcode() == dns.rcode.NXDOMAIN
+    for c in p.consent.choices():
+        p.consent.remove(c.id)
+    assert answer(p, query("x.trackcmp.net"), client).rcode() == dns.rcode.NXDOMAIN
+    assert answer(p, query("x.trackcmp.net"), client).rcode() == dns.rcode.NXDOMAIN  # kept again
+    p.install(p.catalog, Sinkhole("null", 5, 1232), p.plain_ttl, p.gated_ttl)  # a reload: A 0.0.0.0 now
+    r = answer(p, query("x.trackcmp.net"), client)
+    assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].to_text() == "0.0.0.0"
+
+
 def test_other_category_does_not_open_marketing(clock: Clock) -> None:
     p = build(clock)
     grant(p, "127.0.0.2", category="analytics")
