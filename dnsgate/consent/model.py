@@ -21,7 +21,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 from dnsgate.rules.catalog import Vendor
 
@@ -128,6 +128,22 @@ def grants_vendor(categories: Mapping[str, bool], vendors: Mapping[str, bool], v
     return said is True or (said is None and categories.get(vendor.category) is True)
 
 
+_SHARED: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
+SHARED_LIMIT: Final = 4096
+M = TypeVar("M", bound=Mapping[str, Any])
+
+
+def shared(mapping: M) -> M:
+    """One read-only mapping per content (what choices hold is never changed in place)."""
+    key = tuple(sorted(mapping.items()))
+    found = _SHARED.get(key)
+    if found is None:
+        if len(_SHARED) >= SHARED_LIMIT:
+            _SHARED.clear()
+        found = _SHARED[key] = dict(mapping)
+    return found  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class Choice:
     """One recorded choice; `id` is the event that recorded it. Categories and vendors map to
@@ -156,6 +172,14 @@ class Choice:
     items: Mapping[str, str] | None = None
     terms: str = ""  # SHA-256 of the consent text and operator in force when it was made ("" : none proven)
     gpc_seen_at: float | None = None
+
+    def __post_init__(self) -> None:
+        # Most choices say the same (a network's devices accept or refuse the same page): one mapping
+        # per content, shared, instead of three of its own per choice (~400 bytes a client).
+        object.__setattr__(self, "categories", shared(self.categories))
+        object.__setattr__(self, "vendors", shared(self.vendors))
+        if self.items is not None:
+            object.__setattr__(self, "items", shared(self.items))
 
     def covers(self, vendor: Vendor) -> bool:
         return self.items is not None and item_key(vendor) in self.items

@@ -20,10 +20,10 @@ from dnsgate.gc_policy import untrack
 from dnsgate.rules.catalog import DomainRule
 from dnsgate.wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
-# Bytes per entry besides its key's and answer's own: the Entry (152), its floats (~72), the LRU
-# dict's slot (~75), two bytes headers (66). tracemalloc over 20 000 cached A answers: 409 bytes per
-# entry in all, key and answer included (RSS: ~500 with the allocator's slack).
-ENTRY_OVERHEAD: Final = 370
+# Bytes per entry besides its key's and answer's own: the Entry (152), its one float (24), the LRU
+# dict's slot (~105), two bytes headers (66). tracemalloc over 100 000 cached A answers: 386 bytes
+# per entry in all, key and answer included (434 with three floats).
+ENTRY_OVERHEAD: Final = 350
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
 
 
@@ -34,8 +34,8 @@ class Entry:
     It holds bytes, numbers and a catalog rule, nothing refers back to it: it can never be part of a
     reference cycle, so the cache takes it out of the cycle collector's passes (gc_policy.untrack)."""
 
-    __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "filled", "flags", "head",
-                 "head_edns", "offsets", "refresh_at", "reply_flags", "rule")
+    __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "flags", "head", "head_edns",
+                 "lifetime", "offsets", "refresh_at", "reply_flags", "rule")
 
     def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
                  expires: float, rule: DomainRule | None) -> None:
@@ -46,11 +46,16 @@ class Entry:
         self.body0 = body0  # the records, TTLs as at `filled`
         self.body = body0  # the records, TTLs as at `filled + age`
         self.offsets = offsets  # where each TTL is in the body
-        self.filled = filled
+        # One float per entry: `filled` is `expires - lifetime`, and lifetimes (whole seconds) are
+        # shared ints, as `body_until` is -inf (one float less each) until the entry is first served.
+        lifetime = expires - filled
+        if math.isfinite(lifetime) and lifetime == int(lifetime) and len(_LIFETIMES) < 65_536:
+            lifetime = _LIFETIMES.setdefault(int(lifetime), int(lifetime))
+        self.lifetime: float = lifetime
         self.expires = expires  # monotonic time after which the entry is not served
         self.rule = rule  # gate on this rule's vendor before serving (the name's, or a cloaked one)
         self.age = 0
-        self.body_until = filled + 1  # `body` is right until then (then `body_at`)
+        self.body_until = _NOT_YET  # `body` is right until then (then `body_at`)
         self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
         self.count_slot = 0  # where the pipeline counts answers served from this entry (dns/tally.py)
         self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
@@ -84,8 +89,9 @@ class Entry:
         return self.head_edns[2:]
 
     @property
-    def lifetime(self) -> float:
-        return self.expires - self.filled
+    def filled(self) -> float:
+        """The monotonic time the entry was made."""
+        return self.expires - self.lifetime
 
     @property
     def rcode(self) -> int:
@@ -97,6 +103,8 @@ class Entry:
 
 
 _HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_NOT_YET: Final = -math.inf
+_LIFETIMES: dict[int, int] = {}  # one int object per lifetime (most answers share a few TTLs)
 _REPLY_FLAGS: dict[int, int] = {}  # one int object per flags value (32 bytes saved per entry); 16-bit: bounded
 _OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
 
