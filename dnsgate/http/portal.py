@@ -17,10 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlencode
 
-import jinja2
 from aiohttp import web
 
 from dnsgate.config import HostPort
@@ -40,6 +39,9 @@ from dnsgate.http.consent_api import (
     the_caller,
 )
 from dnsgate.http.openapi import openapi_document
+
+if TYPE_CHECKING:
+    import jinja2
 
 PORTAL_FILES: Final = {"app.js": "text/javascript", "app.css": "text/css", "strings.json": "application/json",
                        "icon.svg": "image/svg+xml"}
@@ -100,6 +102,8 @@ def _file(name: str) -> bytes:
 
 @functools.cache
 def _template() -> jinja2.Template:
+    import jinja2  # on the first page served: ~4 MB a process that serves none (a worker) never holds
+
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True)
     return env.from_string(_file("index.html").decode("utf-8"))
 
