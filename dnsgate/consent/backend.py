@@ -25,9 +25,10 @@ every call has a deadline (`timeout`), so nothing waits on a stalled store for l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from dnsgate.consent.model import Choice
 from dnsgate.consent.records import Event, EventFilter, Step, StoreError
@@ -116,6 +117,38 @@ class ConsentBackend(Protocol):
 def choices_in_order(choices: Iterable[Choice]) -> list[Choice]:
     """Oldest first, as both stores load them (a later choice of a subject wins in the table)."""
     return sorted(choices, key=lambda c: (c.made_at, c.id))
+
+
+_unwinding: set[asyncio.Future[Any]] = set()  # store operations given up at their deadline, still ending
+
+
+async def within(deadline: float, op: Awaitable[T]) -> T:
+    """`op`'s result if it comes before `deadline` (time.monotonic), else TimeoutError at the deadline.
+
+    The wait ends at the deadline whatever `op` does meanwhile: it is cancelled and left to end on
+    its own. Cancelling it and waiting for it to end is not enough: redis-py can swallow the
+    cancellation (on Python 3.11 it sends a command inside `asyncio.wait_for`, which returns the
+    send's result when the cancellation lands just as the send completes) and then waits for the
+    reply up to its socket timeout, so a change answered at its deadline would be answered
+    seconds later while the store is cut off."""
+    task: asyncio.Future[T] = asyncio.ensure_future(op)
+    try:
+        await asyncio.wait((task,), timeout=max(0.0, deadline - time.monotonic()))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    _unwinding.add(task)
+    task.add_done_callback(_ended)
+    raise TimeoutError
+
+
+def _ended(task: asyncio.Future[Any]) -> None:
+    _unwinding.discard(task)
+    if not task.cancelled():
+        task.exception()  # (its failure was reported by the deadline already: not "never retrieved")
 
 
 def stop_if_cancelled() -> None:

@@ -87,6 +87,7 @@ from dnsgate.consent.backend import (
     Snapshot,
     choices_in_order,
     stop_if_cancelled,
+    within,
 )
 from dnsgate.consent.model import Choice, Subject
 from dnsgate.consent.records import Event, EventFilter, Step, StoreError
@@ -318,9 +319,14 @@ class RedisBackend:
                 raise StoreError(f"{self.name}: {what}: {exc or type(exc).__name__}") from exc
         raise AssertionError("unreachable")
 
-    async def _drop_connections(self) -> None:
+    async def _drop_connections(self, deadline: float | None = None) -> None:
+        """Close every pooled connection; with `deadline`, waiting no longer than it (a close may
+        wait for a peer that reads nothing; it ends on its own, within redis-py's connect timeout)."""
         with contextlib.suppress(RedisError, OSError):
-            await self.redis.connection_pool.disconnect()
+            if deadline is None:
+                await self.redis.connection_pool.disconnect()
+            else:
+                await within(deadline, self.redis.connection_pool.disconnect())
 
     # -- the epoch -------------------------------------------------------------------------------------
     def _remember(self, position: int | None = None) -> None:
@@ -486,13 +492,13 @@ class RedisBackend:
         script_deadline = int(self._redis_now() + (ends_by - time.monotonic()) * 1000 - CLOCK_MARGIN_MS)
         sent = time.monotonic()
         try:
-            async with asyncio.timeout(max(0.05, ends_by - sent)):
-                result = await self.redis.eval(COMMIT, 5, *self.keys, self.prefix, str(based_on), payload,
-                                               self._epoch, change, str(script_deadline))
+            # (a script sent late, past `within`, is refused by its deadline or by RESOLVE's mark)
+            result = await within(max(sent + 0.05, ends_by), self.redis.eval(
+                COMMIT, 5, *self.keys, self.prefix, str(based_on), payload, self._epoch, change, str(script_deadline)))
         except (RedisConnectionError, OSError, RedisError, TimeoutError) as exc:
             if isinstance(exc, RedisError) and not isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
                 raise StoreError(f"{self.name}: commit: {exc}") from exc  # Redis refused it: not run
-            await self._drop_connections()
+            await self._drop_connections(deadline)
             by_step = await self._settle(change, based_on, deadline, exc)
             settled = Recorded([by_step.get(i) for i in range(len(steps))], in_force_up_to=self._position)
             self._position = max(self._position, *by_step.values())
@@ -524,10 +530,9 @@ class RedisBackend:
             if left <= 0:
                 break
             try:
-                async with asyncio.timeout(left):
-                    found = await self._resolve(change, based_on)
+                found = await within(deadline, self._resolve(change, based_on))
             except (RedisError, OSError, TimeoutError):
-                await self._drop_connections()
+                await self._drop_connections(deadline)
                 await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
             if found is None:

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from typing import Final, Self, TypeVar
 
 from dnsgate.config import ConsentConfig
-from dnsgate.consent.backend import Conflict, ConsentBackend, InDoubt, Snapshot, stop_if_cancelled
+from dnsgate.consent.backend import Conflict, ConsentBackend, InDoubt, Snapshot, stop_if_cancelled, within
 from dnsgate.consent.export import PAIRED_GRANT, iso
 from dnsgate.consent.model import (
     KEY_SEPARATOR,
@@ -1656,8 +1656,7 @@ class ConsentService:
                 result = await op
             else:
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        result = await op
+                    result = await within(deadline, op)  # (ends at the deadline even if op does not)
                 except TimeoutError:
                     raise StoreError(f"{self.store.name}: no answer within {self.timeout:g} s") from None
         except StoreError as exc:
