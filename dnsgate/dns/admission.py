@@ -96,7 +96,7 @@ class Admission:
             if len(self.buckets) > 2 * BUCKET_LIMIT:
                 self.buckets.clear()
 
-    def turn_away(self, gate: Gate | None, client: str, data: bytes, tcp: bool, counts: Tally,
+    def turn_away(self, gate: Gate | None, client: str, data: bytes, tcp: int, counts: Tally,
                   udp_max: int) -> bytes | Literal[True] | None:
         """The slow side of the pipeline's check (an address not seen yet, outside the ACL, or out
         of tokens): True to answer normally (TCP is not rate limited; a token was left), else the

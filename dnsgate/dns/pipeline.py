@@ -131,7 +131,7 @@ class Forward:
     query: Query
     rule: DomainRule | None
     client: str
-    tcp: bool
+    tcp: int  # the transport (tally.PROTOCOLS): 0 UDP; any other is a stream, never truncated
     started: float = 0.0
     catalog: Catalog | None = None  # the catalog `rule` comes from
     hop: int = 0  # names asked before this one to complete a CNAME chain (0: the client's own question)
@@ -236,8 +236,10 @@ class Pipeline:
         self.server_id = server_id
 
     # ----------------------------------------------------------------------------------------
-    def answer(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
-        """The reply to send now, a Forward to resolve upstream, or None to stay silent.
+    def answer(self, data: bytes, client: str, tcp: int) -> bytes | Forward | None:
+        """The reply to send now, a Forward to resolve upstream, or None to stay silent. `tcp` is the
+        transport the query came on (tally.PROTOCOLS: 0 UDP, 1 TCP, 2 DNS over TLS, 3 DNS over HTTPS):
+        replies on any but UDP are never truncated, and each is counted and logged under its own.
 
         The steps of `_answer_general`, inlined for the packets nearly every client sends (a standard
         query, at most an empty OPT) when the answer is in memory: a cache hit, or the sinkhole for
@@ -352,7 +354,7 @@ class Pipeline:
             sunk[client] = (self.consent.generation, edns, until, count_slot, rule.vendor.logged, *parts)
         return reply
 
-    def _answer_general(self, data: bytes, client: str, tcp: bool) -> bytes | Forward | None:
+    def _answer_general(self, data: bytes, client: str, tcp: int) -> bytes | Forward | None:
         q = parse_query(data)
         if isinstance(q, Rejection):
             self._rejected(q, data, client, tcp)
@@ -363,7 +365,7 @@ class Pipeline:
             return error_reply(q, BADVERS, self.udp_max)  # RFC 6891 §6.1.3
         return self._decide(q, data, client, tcp, now)
 
-    def _decide(self, q: Query, data: bytes, client: str, tcp: bool, now: float) -> bytes | Forward | None:
+    def _decide(self, q: Query, data: bytes, client: str, tcp: int, now: float) -> bytes | Forward | None:
         """Steps 2 to 5 for a parsed query."""
         identity = self.identity
         if identity is not None and client in identity.trusted:
@@ -429,7 +431,7 @@ class Pipeline:
         self.counters.cache_misses += 1
         return Forward(q, rule, client, tcp, now, self.catalog)
 
-    def _local_records(self, records: LocalRecords, found: Resolved, q: Query, client: str, tcp: bool,
+    def _local_records(self, records: LocalRecords, found: Resolved, q: Query, client: str, tcp: int,
                        now: float) -> bytes | Forward:
         """The operator's answer for `q`, gated as an upstream's would be: on the first name of its
         CNAME chain that the catalog matches (the question's own included), else on what its records
@@ -641,7 +643,7 @@ class Pipeline:
     # ----------------------------------------------------------------------------------------
     # Counting and logging off the fast path
 
-    def _gated(self, outcome: int, now: float, client: str, question: bytes, qtype: int, tcp: bool, rcode: int,
+    def _gated(self, outcome: int, now: float, client: str, question: bytes, qtype: int, tcp: int, rcode: int,
                rule: DomainRule, elapsed: float) -> None:
         """Count and record a query for a gated name; an allowed one records the grant that allowed it."""
         self.counters.counts[slot(outcome, type_slot(qtype)) + tcp] += 1
@@ -650,12 +652,12 @@ class Pipeline:
             grant = self.consent.grant_for(client, rule.vendor, self.wall()) if allowed else None
             self.log_gated((now, client, question, tcp, outcome, rcode, rule.vendor.logged, grant, elapsed))
 
-    def _plain(self, outcome: int, now: float, client: str, q: Query, tcp: bool, rcode: int, elapsed: float) -> None:
+    def _plain(self, outcome: int, now: float, client: str, q: Query, tcp: int, rcode: int, elapsed: float) -> None:
         self.counters.counts[slot(outcome, type_slot(q.qtype)) + tcp] += 1
         if self.log_all is not None:
             self.log_all((now, client, q.question, tcp, outcome, rcode, None, None, elapsed))
 
-    def _rejected(self, r: Rejection, data: bytes, client: str, tcp: bool) -> None:
+    def _rejected(self, r: Rejection, data: bytes, client: str, tcp: int) -> None:
         outcome = DROPPED if r.rcode is None else NOTIMP if r.rcode == NOTIMP_RCODE else FORMERR
         self.counters.counts[slot(outcome, NONE) + tcp] += 1
         if self.log_all is not None and r.rcode is not None:
@@ -685,10 +687,10 @@ class Pipeline:
     def _entry_flags(entry: Entry, qflags: int, edns: int) -> int:
         return entry.flags if qflags & AD or edns == 1 else entry.flags & 0xF
 
-    def _reply_limit(self, q: Query, tcp: bool) -> int:
+    def _reply_limit(self, q: Query, tcp: int) -> int:
         return TCP_LIMIT if tcp else min(q.udp_limit, self.udp_max) if q.edns else MIN_UDP
 
-    def _limit(self, q: Query, reply: bytes, tcp: bool) -> bytes:
+    def _limit(self, q: Query, reply: bytes, tcp: int) -> bytes:
         if len(reply) > self._reply_limit(q, tcp):
             edns = -1 if q.edns is None else int(q.edns.do)
             return self._truncated(q.id, struct.unpack_from(">H", reply, 2)[0], q.question, edns)

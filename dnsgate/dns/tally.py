@@ -1,7 +1,8 @@
 """Per-query counts as plain integers: what the hot path increments and /metrics reads at scrape time.
 
 Every answered (or dropped) query adds one to a single slot of `Tally.counts`, a flat list indexed
-by outcome, query type and protocol (innermost, so `slot + tcp` picks it). A cache entry carries
+by outcome, query type and transport (innermost, so `slot + transport` picks it: UDP 0, TCP 1, DNS
+over TLS 2, DNS over HTTPS 3). A cache entry carries
 the slot of its answers (`Entry.count_slot`), so a cache hit counts with one addition and one list
 increment and builds no objects; the Prometheus collector (observe/metrics.py) turns the list into
 labelled series only when scraped. Gated queries are counted per vendor from the query log's
@@ -22,7 +23,11 @@ if TYPE_CHECKING:
 OUTCOMES: Final = ("forwarded", "cached", "sinkholed", "servfail", "formerr", "notimp", "refused", "dropped",
                    "local", "stale")
 FORWARDED, CACHED, SINKHOLED, SERVFAIL, FORMERR, NOTIMP, REFUSED, DROPPED, LOCAL, STALE = range(len(OUTCOMES))
-PROTOCOLS: Final = ("udp", "tcp")
+# The transports a query arrives on, by number: what the pipeline's `tcp` argument holds (any but
+# UDP is a stream, whose replies are never truncated) and the query log's and metrics' label.
+PROTOCOLS: Final = ("udp", "tcp", "tls", "https")
+UDP, TCP, TLS, HTTPS = range(len(PROTOCOLS))
+NPROTOCOLS: Final = len(PROTOCOLS)
 
 # Query types with their own label (all below 256, so the fast path needs one byte and a zero
 # test); every other type is OTHER. NONE: the packet had no readable question.
@@ -37,9 +42,9 @@ TYPE_SLOT: Final = bytes(list(NAMED_TYPES).index(t) if t in NAMED_TYPES else OTH
 
 
 # What the pipeline hands the query log per query, built only when the log wants it:
-# (monotonic time, client, question bytes as sent or None, tcp, outcome, rcode, the gated vendor's
+# (monotonic time, client, question bytes as sent or None, transport, outcome, rcode, the gated vendor's
 #  `Vendor.logged` (id, category) or None, the grant that allowed it, seconds spent upstream).
-LogEntry: TypeAlias = "tuple[float, str, bytes | None, bool, int, int, tuple[str, str] | None, Grant | None, float]"
+LogEntry: TypeAlias = "tuple[float, str, bytes | None, int, int, int, tuple[str, str] | None, Grant | None, float]"
 
 
 def type_slot(qtype: int) -> int:
@@ -47,29 +52,29 @@ def type_slot(qtype: int) -> int:
 
 
 def slot(outcome: int, type_slot: int) -> int:
-    """Index of the UDP count of an outcome and type; the TCP count is the next one."""
-    return (outcome * NTYPES + type_slot) * 2
+    """Index of the UDP count of an outcome and type; those of the other transports follow it."""
+    return (outcome * NTYPES + type_slot) * NPROTOCOLS
 
 
 class Tally:
-    """The counts the pipeline keeps. `counts[slot(outcome, type slot) + tcp]`."""
+    """The counts the pipeline keeps. `counts[slot(outcome, type slot) + transport]`."""
 
     __slots__ = ("cache_misses", "counts", "prefetched", "truncated")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(OUTCOMES) * NTYPES * 2)
+        self.counts = [0] * (len(OUTCOMES) * NTYPES * NPROTOCOLS)
         self.cache_misses = 0
         self.truncated = 0
         self.prefetched = 0
 
-    def count(self, outcome: int, qtype_slot: int, tcp: bool) -> None:
+    def count(self, outcome: int, qtype_slot: int, tcp: int) -> None:
         """For the slower paths; the fast path indexes `counts` itself."""
         self.counts[slot(outcome, qtype_slot) + tcp] += 1
 
     def outcome(self, outcome: int) -> int:
-        """All queries with this outcome, over both protocols and every type."""
+        """All queries with this outcome, over every transport and type."""
         start = slot(outcome, 0)
-        return sum(self.counts[start : start + 2 * NTYPES])
+        return sum(self.counts[start : start + NPROTOCOLS * NTYPES])
 
     def series(self) -> Iterator[tuple[str, str, str, int]]:
         """(type, protocol, outcome, count) for every slot."""

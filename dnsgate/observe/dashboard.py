@@ -23,6 +23,7 @@ from dnsgate.dns.tally import (
     FORWARDED,
     LOCAL,
     NOTIMP,
+    NPROTOCOLS,
     NTYPES,
     REFUSED,
     SERVFAIL,
@@ -44,13 +45,13 @@ OUTCOME_SUMS: dict[str, tuple[int, ...]] = {"forwarded": (FORWARDED,), "cached":
 
 
 def by_type(tally: Tally) -> dict[str, int]:
-    """Queries per query type (every outcome, both protocols)."""
+    """Queries per query type (every outcome, every transport)."""
     counts = tally.counts
     out = dict.fromkeys(TYPE_NAMES, 0)
-    for outcome in range(len(counts) // (2 * NTYPES)):
+    for outcome in range(len(counts) // (NPROTOCOLS * NTYPES)):
         for t, name in enumerate(TYPE_NAMES):
             i = slot(outcome, t)
-            out[name] += counts[i] + counts[i + 1]
+            out[name] += sum(counts[i : i + NPROTOCOLS])
     return out
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from dnsgate.config import QueryLogConfig
-from dnsgate.dns.tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, SINKHOLED, STALE, LogEntry
+from dnsgate.dns.tally import CACHED, FORWARDED, NAMED_TYPES, OUTCOMES, PROTOCOLS, SINKHOLED, STALE, LogEntry
 from dnsgate.observe.events import EventHub, iso
 from dnsgate.observe.querylog_db import Filters, QueryLogDb
 from dnsgate.wire import NOERROR, NXDOMAIN, wire_to_text
@@ -199,7 +199,7 @@ class QueryLog:
         assert question is not None
         return {"type": "decision", "at": iso(at + offset), "client": self.client_label(client),
                 "name": name_of(question), "qtype": type_name((question[-4] << 8) | question[-3]),
-                "protocol": "tcp" if tcp else "udp", "vendor": vendor[0], "category": vendor[1],
+                "protocol": PROTOCOLS[tcp], "vendor": vendor[0], "category": vendor[1],
                 "decision": decision,
                 "grant_expires_at": iso(grant.expires_at) if grant and self.mode != "anonymous" else None}
 
@@ -318,7 +318,7 @@ class QueryLog:
                 labels.clear()
             label = labels[client] = self.client_label(client)
         timed = grant is not None and self.mode != "anonymous"  # (see the module's docstring)
-        return (at + offset, label, name_type[0], name_type[1], "tcp" if tcp else "udp", OUTCOMES[outcome], rcode,
+        return (at + offset, label, name_type[0], name_type[1], PROTOCOLS[tcp], OUTCOMES[outcome], rcode,
                 vendor[0] if vendor is not None else None, vendor[1] if vendor is not None else None,
                 grant.granted_at if timed and grant else None, grant.expires_at if timed and grant else None,
                 grant.source if grant is not None else None, round(elapsed * 1000, 3) if elapsed else None)
