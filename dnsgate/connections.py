@@ -48,6 +48,9 @@ class ConnectionTable(Generic[C]):
             victim = min(idle, key=lambda c: c.last_active)
             self.closed["evicted"] += 1
             victim.abort()
+            # out of the count now: its transport reports the close only on a later turn of the loop,
+            # and a burst of accepts in between would otherwise pick the same victim again and again
+            self.discard(victim)
         self.open[conn] = None
         self.per_client[conn.client] += 1
         return True
