@@ -1,5 +1,5 @@
 """Command line: `dnsgate serve`, the commands that call a running server's admin API (`consent …`,
-`explain`, `log`, `report`, `store acknowledge`), `store migrate` and `config …`.
+`explain`, `log`, `report`, `store acknowledge`), `store migrate`, `config …` and `cert init`.
 
 One convention for all of them: errors are one line naming the culprit; exit status 0 for success,
 1 for a failure at run time (a port in use, dnsgate unreachable, a refusal by its API, a failed
@@ -217,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--client", help="only this IP address, MAC address or network")
     export.add_argument("--output", "-o", metavar="FILE", help="write here instead of standard output")
 
+    cert = commands.add_parser("cert", help="certificates for DNS over TLS and over HTTPS")
+    cert_actions = cert.add_subparsers(dest="action", required=True, parser_class=OneLineParser)
+    cert_init = cert_actions.add_parser(
+        "init", help="make a private CA (to install on devices) and a server certificate for the resolver's "
+                     "names and addresses")
+    cert_init.add_argument("--name", action="append", default=[], metavar="NAME",
+                           help="a name clients reach the resolver by, e.g. dns.home.arpa; repeatable")
+    cert_init.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                           help="an address clients reach the resolver at, e.g. 192.168.1.2; repeatable "
+                                "(DDR's verified discovery needs them in the certificate)")
+    cert_init.add_argument("--dir", metavar="DIR", help="where to write ca.pem, ca.key, server.pem and server.key "
+                           "(default: <data dir>/tls)")
+    cert_init.add_argument("--data-dir", metavar="DIR", help="the server's data dir (env DNSGATE_DATA_DIR; "
+                           "default: data)")
+    cert_init.add_argument("--new-ca", action="store_true",
+                           help="make a new CA even if the one in DIR covers the same names (devices need its "
+                                "ca.pem again)")
+
     explain = commands.add_parser("explain", help="why a name resolves or not for a client")
     explain.add_argument("name", help="the domain name, e.g. trackcmp.net")
     explain.add_argument("--client", required=True, metavar="ADDR", help="the client's IP address")
@@ -239,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return store_command(args)
     if args.command == "config":
         return config_cli.run(args)
+    if args.command == "cert":
+        return cert_command(args)
     try:
         base_url = api_to_call(args.api, os.environ)
         client = AdminClient.for_config(_client_config(args), args.token, base_url)
@@ -401,6 +421,26 @@ def serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cert_command(args: argparse.Namespace) -> int:
+    """`dnsgate cert init --name NAME --ip ADDR [--dir DIR]`."""
+    from pathlib import Path
+
+    from dnsgate.cli.cert import CertError, init, summary
+
+    directory = Path(args.dir) if args.dir else \
+        Path(args.data_dir or os.environ.get("DNSGATE_DATA_DIR") or "data") / "tls"
+    try:
+        issued = init(directory, args.name, args.ip, new_ca=args.new_ca)
+    except CertError as exc:
+        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"dnsgate: error: {directory}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(summary(issued))
     return 0
 
 
