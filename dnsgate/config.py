@@ -62,26 +62,42 @@ def parse_api_listen(text: str, key: str = "api.listen") -> HostPort:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamAddress:
-    """One upstream resolver: plain DNS over UDP (TCP when a reply is truncated), TCP only, or DNS
-    over TLS, whose certificate must carry `tls_name` (or, if empty, the IP address)."""
+    """One upstream resolver at one IP address: plain DNS over UDP (TCP when a reply is truncated),
+    TCP only, DNS over TLS, or DNS over HTTPS (`path` on the server, HTTP/2); the certificate of the
+    last two must carry `tls_name` (or, if empty, the IP address)."""
 
     host: str
     port: int
-    transport: Literal["udp", "tcp", "tls"] = "udp"
+    transport: Literal["udp", "tcp", "tls", "https"] = "udp"
     tls_name: str = ""
+    path: str = ""  # DNS over HTTPS: the URI's path, e.g. /dns-query
 
     def __str__(self) -> str:
         address = str(HostPort(self.host, self.port))
         if self.transport == "udp":
             return address
-        return f"{self.transport}://{address}" + (f"#{self.tls_name}" if self.tls_name else "")
+        return f"{self.transport}://{address}{self.path}" + (f"#{self.tls_name}" if self.tls_name else "")
 
 
-UPSTREAM_SCHEMES: Final = {"udp://": ("udp", 53), "tcp://": ("tcp", 53), "tls://": ("tls", 853)}
+UPSTREAM_SCHEMES: Final = {"udp://": ("udp", 53), "tcp://": ("tcp", 53), "tls://": ("tls", 853),
+                           "https://": ("https", 443)}
+UPSTREAM_FORMS: Final = ("HOST[:PORT], tcp://HOST[:PORT], tls://HOST[:PORT][#NAME], tls://NAME[:PORT] or "
+                         "https://HOST-or-NAME[:PORT]/PATH")
 
 
 def parse_upstream(text: str, key: str = "upstream.servers") -> UpstreamAddress:
-    """`HOST[:PORT]`, `tcp://HOST[:PORT]` or `tls://HOST[:PORT][#NAME]` (IPv6 as `[V6]:PORT`)."""
+    """One upstream at an IP address: `HOST[:PORT]`, `tcp://HOST[:PORT]`, `tls://HOST[:PORT][#NAME]`
+    or `https://HOST[:PORT]/PATH[#NAME]` (IPv6 as `[V6]:PORT`). A server given by name is
+    `parse_upstreams`' (it needs upstream.bootstrap)."""
+    found = parse_upstreams(text, key, {})
+    return found[0]
+
+
+def parse_upstreams(text: str, key: str = "upstream.servers",
+                    bootstrap: Mapping[str, tuple[str, ...]] | None = None) -> tuple[UpstreamAddress, ...]:
+    """The servers `text` names: one, or for `tls://NAME` and `https://NAME/PATH` one per address
+    `bootstrap` gives NAME (dnsgate never looks an upstream's name up in plain DNS: that query
+    would say, in clear, where the encrypted ones go). `bootstrap` None: the syntax only (no address)."""
     rest = text.strip()
     transport, port = "udp", 53
     for scheme, (name, default) in UPSTREAM_SCHEMES.items():
@@ -90,18 +106,51 @@ def parse_upstream(text: str, key: str = "upstream.servers") -> UpstreamAddress:
             break
     else:
         if "://" in rest:
-            raise ConfigError(f"{key}: unknown scheme in {text!r} (use udp://, tcp:// or tls://)")
+            raise ConfigError(f"{key}: unknown scheme in {text!r} (use udp://, tcp://, tls:// or https://)")
     rest, _, tls_name = rest.partition("#")
-    if tls_name and transport != "tls":
-        raise ConfigError(f"{key}: '#NAME' (the certificate name) is only for tls:// upstreams, in {text!r}")
-    hp = parse_host_port(rest, default_port=port, key=key)
+    path = ""
+    if transport == "https":
+        rest, slash, path = rest.partition("/")
+        path = slash + path
+        if not path or path == "/" or any(c in path for c in " ?{}") or not path.isprintable():
+            raise ConfigError(f"{key}: a DNS-over-HTTPS upstream needs its path, as in "
+                              f"https://dns.example/dns-query, got {text!r}")
+    if tls_name and transport not in ("tls", "https"):
+        raise ConfigError(f"{key}: '#NAME' (the certificate name) is only for tls:// and https:// upstreams, "
+                          f"in {text!r}")
     if tls_name:
         try:
             name_to_wire(tls_name)
         except ValueError as exc:
             raise ConfigError(f"{key}: bad certificate name in {text!r}: {exc}") from None
-    host = str(ipaddress.ip_address(hp.host))  # canonical text: replies are matched on it
-    return UpstreamAddress(host, hp.port, transport, tls_name.lower().rstrip("."))  # type: ignore[arg-type]
+    tls_name = tls_name.lower().rstrip(".")
+    named = _upstream_name(rest) if transport in ("tls", "https") else None
+    if named is None:
+        hp = parse_host_port(rest, default_port=port, key=key)
+        host = str(ipaddress.ip_address(hp.host))  # canonical text: replies are matched on it
+        return (UpstreamAddress(host, hp.port, transport, tls_name, path),)  # type: ignore[arg-type]
+    name, port = named[0], named[1] if named[1] is not None else port
+    if tls_name and tls_name != name:
+        raise ConfigError(f"{key}: {text!r} names the server twice; the certificate name is the host's")
+    if bootstrap is None:
+        return ()
+    addresses = bootstrap.get(name, ())
+    if not addresses:
+        raise ConfigError(f"{key}: {name} has no address in upstream.bootstrap (e.g. bootstrap = "
+                          f"{{\"{name}\" = [\"192.0.2.53\"]}}): dnsgate never looks an upstream's name up in "
+                          "plain DNS, which would tell the network where the encrypted queries go")
+    return tuple(UpstreamAddress(str(ipaddress.ip_address(a)), port, transport, name, path)  # type: ignore[arg-type]
+                 for a in addresses)
+
+
+def _upstream_name(text: str) -> tuple[str, int | None] | None:
+    """(name, port) for `NAME[:PORT]` with a host name; None for an address."""
+    host, _, port_text = text.partition(":") if text.count(":") == 1 else (text, "", "")
+    if not HOST_NAME.fullmatch(host.rstrip(".")):
+        return None
+    if port_text and (not port_text.isdigit() or not 0 < int(port_text) <= 65535):
+        raise ConfigError(f"upstream: bad port {port_text!r} in {text!r}")
+    return host.rstrip(".").lower(), int(port_text) if port_text else None
 
 
 def parse_host_port(text: str, *, default_port: int | None = None, key: str = "address",
@@ -178,6 +227,23 @@ class DnsConfig:
     # call and sends their replies with one more (recvmmsg/sendmmsg, Linux; elsewhere it falls back);
     # "asyncio" makes both calls per datagram (the event loop's datagram endpoint).
     udp_io: Literal["batched", "asyncio"] = "batched"
+    # DNS over TLS (RFC 7858) on these addresses (port 853 unless given), e.g. "0.0.0.0:853"; empty: off.
+    # Its connections are TCP connections held to the tcp_* limits above, counted with them.
+    tls_listen: tuple[str, ...] = ()
+    # DNS over HTTPS (RFC 8484, /dns-query, HTTP/2 and HTTP/1.1) on these addresses (port 443 unless
+    # given), e.g. "0.0.0.0:443"; empty: off.
+    https_listen: tuple[str, ...] = ()
+    # The server certificate (PEM, the chain after it) and its private key for both; re-read on SIGHUP
+    # and when either file changes (`dnsgate cert init` makes a private CA and a certificate).
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Reverse proxies (IP addresses or networks) in front of DNS over HTTPS whose X-Forwarded-For
+    # names the client; from anyone else the header is ignored.
+    trusted_proxies: tuple[str, ...] = ()
+    # The name clients reach encrypted DNS by, as the certificate has it (e.g. dns.home.arpa): DDR's
+    # answers name it, and `_dns.<name>` is answered as `_dns.resolver.arpa` is. Empty: the first
+    # DNS name in the certificate.
+    resolver_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +279,8 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    # HOST[:PORT], tcp://HOST[:PORT] or tls://HOST[:PORT][#NAME]. Empty: the nameservers of /etc/resolv.conf.
+    # HOST[:PORT], tcp://HOST[:PORT], tls://HOST[:PORT][#NAME] or tls://NAME[:PORT], and DNS over HTTPS
+    # https://NAME[:PORT]/PATH (or an address instead of NAME). Empty: the nameservers of /etc/resolv.conf.
     servers: tuple[str, ...] = ()
     # "failover": in the order given; "fastest": lowest measured round-trip time, others probed now and then.
     strategy: Literal["failover", "fastest"] = "failover"
@@ -226,8 +293,12 @@ class UpstreamConfig:
     # Relay the upstream's AD bit (DNSSEC-validated) to clients that ask (DO or AD set). Off: AD is
     # always clear, because dnsgate validates nothing and a plain-DNS path can forge the bit.
     trust_ad: bool = False
-    # CA certificates (PEM) for tls:// upstreams. Empty: the system's trust store.
+    # CA certificates (PEM) for tls:// and https:// upstreams. Empty: the system's trust store.
     tls_ca_file: str = ""
+    # The addresses of upstreams given by name (tls://NAME, https://NAME/PATH), e.g.
+    # {"dns.quad9.net" = ["9.9.9.9", "149.112.112.112"]}: each is asked as a server of its own, and
+    # the name is never looked up in plain DNS.
+    bootstrap: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +420,8 @@ class LocalConfig:
     firefox_canary: bool = True
     # mask.icloud.com, mask-h2.icloud.com -> NXDOMAIN: Apple's signal that this network filters.
     icloud_private_relay: bool = True
-    # _dns.resolver.arpa -> NODATA: clients find no encrypted resolver to switch to (RFC 9462).
+    # _dns.resolver.arpa (RFC 9462): SVCB records naming dnsgate's encrypted listeners when any is on,
+    # else NODATA (clients find no encrypted resolver to switch to).
     ddr: bool = True
     # localhost -> 127.0.0.1 / ::1 (RFC 6761); invalid and onion -> NXDOMAIN (RFC 6761, RFC 7686).
     special_use: bool = True
@@ -475,6 +547,16 @@ class Config:
         return tuple(parse_host_port(a, key="dns.listen", listen=True) for a in self.dns.listen)
 
     @property
+    def tls_listen(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(a, default_port=853, key="dns.tls_listen", listen=True)
+                     for a in self.dns.tls_listen)
+
+    @property
+    def https_listen(self) -> tuple[HostPort, ...]:
+        return tuple(parse_host_port(a, default_port=443, key="dns.https_listen", listen=True)
+                     for a in self.dns.https_listen)
+
+    @property
     def api_listen(self) -> HostPort:
         return parse_api_listen(self.api.listen, key="api.listen")
 
@@ -483,12 +565,19 @@ class Config:
         return parse_api_listen(self.api.admin_listen, key="api.admin_listen") if self.api.admin_listen else None
 
     @property
+    def upstream_bootstrap(self) -> dict[str, tuple[str, ...]]:
+        return {name.lower().rstrip("."): addresses for name, addresses in self.upstream.bootstrap}
+
+    @property
     def upstream_servers(self) -> tuple[UpstreamAddress, ...]:
-        return tuple(parse_upstream(s) for s in self.upstream.servers)
+        bootstrap = self.upstream_bootstrap
+        return tuple(a for s in self.upstream.servers for a in parse_upstreams(s, "upstream.servers", bootstrap))
 
     @property
     def upstream_domains(self) -> tuple[tuple[str, tuple[UpstreamAddress, ...]], ...]:
-        return tuple((domain, tuple(parse_upstream(s, f"upstream.domains.{domain}") for s in servers))
+        bootstrap = self.upstream_bootstrap
+        return tuple((domain, tuple(a for s in servers
+                                    for a in parse_upstreams(s, f"upstream.domains.{domain}", bootstrap)))
                      for domain, servers in self.upstream.domains)
 
 
@@ -616,6 +705,7 @@ def validate(cfg: Config) -> Config:
     _check(0 < cfg.dns.tcp_idle_timeout <= 3600,
            f"dns.tcp_idle_timeout: must be > 0 and <= 3600 seconds, got {cfg.dns.tcp_idle_timeout}")
     _validate_exposure(cfg.dns)
+    cfg.tls_listen, cfg.https_listen  # noqa: B018 -- parsed, raising ConfigError on the first bad one
     cfg.api_listen  # noqa: B018
     admin = cfg.admin_listen
     _check(admin is None or admin.port == 0 or admin.port != cfg.api_listen.port or admin.host != cfg.api_listen.host,
@@ -633,6 +723,12 @@ def validate(cfg: Config) -> Config:
     for host in cfg.api.hosts:
         _check(bool(HOST_LABELS.fullmatch(host)) or _is_ip(host),
                f"api.hosts: expected a host name or an IP address, got {host!r}")
+    for name, addresses in cfg.upstream.bootstrap:
+        _check(bool(HOST_NAME.fullmatch(name.rstrip("."))),
+               f"upstream.bootstrap: expected a host name such as dns.quad9.net, got {name!r}")
+        _check(bool(addresses), f"upstream.bootstrap.{name}: at least one address is needed")
+        for address in addresses:
+            _check(_is_ip(address), f"upstream.bootstrap.{name}: not an IP address: {address!r}")
     for server in cfg.upstream_servers:
         _check(not points_at(server, cfg.dns_listen),
                f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
@@ -789,6 +885,13 @@ def _validate_exposure(d: DnsConfig) -> None:
            f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
     _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
     _check(1 <= d.workers <= MAX_WORKERS, f"dns.workers: must be 1..{MAX_WORKERS}, got {d.workers}")
+    _networks("dns.trusted_proxies", d.trusted_proxies)
+    _check(not d.resolver_name or bool(HOST_NAME.fullmatch(d.resolver_name.rstrip("."))),
+           f"dns.resolver_name: expected a host name such as dns.home.arpa, got {d.resolver_name!r}")
+    if d.tls_listen or d.https_listen:
+        _check(bool(d.tls_cert) and bool(d.tls_key),
+               "dns.tls_cert and dns.tls_key: DNS over TLS and over HTTPS need a certificate and its key "
+               "(PEM files; `dnsgate cert init` makes them)")
 
 
 def _validate_api_limits(a: ApiConfig) -> None:

@@ -165,7 +165,9 @@ def budget(cfg: Config, servers: int, sockets_per_family: int) -> Budget:
     has its own descriptor table, with the limit it inherits); the primary adds the API and its
     side of every worker, so it is the one that can need most. `servers`: the upstream servers,
     conditional-forwarding ones included."""
-    dns_tcp = cfg.dns.tcp_max_connections + 2 * len(cfg.dns.listen)  # + a UDP and a TCP socket per address
+    # + a UDP and a TCP socket per address, and one per DNS-over-TLS address (its connections are
+    # counted with TCP's)
+    dns_tcp = cfg.dns.tcp_max_connections + 2 * len(cfg.dns.listen) + len(cfg.dns.tls_listen)
     api = cfg.api.max_connections + 1 + bool(cfg.api.admin_listen)  # + the listening sockets
     # A UDP pool per address family, where a socket that has served its queries stays open until its
     # last reply while its replacement serves; and a TCP (or TLS) connection per server.

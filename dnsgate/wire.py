@@ -467,3 +467,70 @@ def rejection_reply(data: bytes, rejection: Rejection, our_udp: int) -> bytes | 
     if 12 + len(questions) + len(opt) > MIN_UDP:
         questions, qdcount = b"", 0
     return HEADER.pack(qid, flags, qdcount, 0, 0, 1 if opt else 0) + questions + opt
+
+
+# --------------------------------------------------------------------------------------------
+# EDNS padding on encrypted transports (RFC 7830, RFC 8467)
+
+PADDING_OPTION: Final = 12  # RFC 7830 option code
+RESPONSE_PAD_BLOCK: Final = 468  # RFC 8467 §4.1: responses are padded to a multiple of 468 octets
+
+
+def padding_requested(data: bytes) -> bool:
+    """Whether a query carries the EDNS Padding option: RFC 7830 §4 pads a response only then, so
+    that a client that never asked is not sent bytes it did not expect."""
+    if len(data) < 12:
+        return False
+    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
+    offset = 12
+    for _ in range(qdcount):
+        end = scan_name(data, offset)
+        if end < 0:
+            return False
+        offset = end + 5
+    for i in range(ancount + nscount + arcount):
+        rr = read_rr_header(data, offset)
+        if rr is None:
+            return False
+        owner_end, rtype, _, _, rdlen = rr
+        start = owner_end + 10
+        if rtype == OPT and i >= ancount + nscount:
+            at, end = start, start + rdlen
+            while at + 4 <= end:
+                code, length = struct.unpack_from(">HH", data, at)
+                if code == PADDING_OPTION:
+                    return True
+                at += 4 + length
+            return False
+        offset = start + rdlen
+    return False
+
+
+def pad_reply(reply: bytes, block: int = RESPONSE_PAD_BLOCK, limit: int = 65535) -> bytes:
+    """`reply` with a Padding option added to its OPT record so that its length is a multiple of
+    `block` (RFC 8467's Block-Length Padding). Unchanged if it has no OPT record to carry the
+    option (a query with padding always gets one back), or if padding would pass `limit`."""
+    if len(reply) < 12:
+        return reply
+    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(reply)
+    offset = 12
+    for _ in range(qdcount):
+        end = scan_name(reply, offset)
+        if end < 0:
+            return reply
+        offset = end + 5
+    for i in range(ancount + nscount + arcount):
+        rr = read_rr_header(reply, offset)
+        if rr is None:
+            return reply
+        owner_end, rtype, _, _, rdlen = rr
+        end = owner_end + 10 + rdlen
+        if rtype == OPT and i >= ancount + nscount:
+            size = (-(len(reply) + 4)) % block
+            if len(reply) + 4 + size > limit:
+                return reply
+            option = U16.pack(PADDING_OPTION) + U16.pack(size) + bytes(size)
+            return (reply[: owner_end + 8] + U16.pack(rdlen + 4 + size) + reply[owner_end + 10 : end] + option
+                    + reply[end:])
+        offset = end
+    return reply

@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dnsgate.config import Config, ConfigError, UpstreamAddress
+from dnsgate.config import Config, ConfigError, HostPort, UpstreamAddress
 from dnsgate.consent.model import ConsentTable
 from dnsgate.descriptors import Shortage
 from dnsgate.dns.admission import Admission
 from dnsgate.dns.cache import AnswerCache
 from dnsgate.dns.counts import DnsCounts
+from dnsgate.dns.ddr import ddr_zones
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.identity import QueryIdentity
 from dnsgate.dns.listeners import DnsListeners, TcpLimits
@@ -43,6 +44,14 @@ class DnsStack:
     tasks: TaskSet
     listeners: DnsListeners
     shortage: Shortage  # this process running out of file descriptors (descriptors.py)
+
+    def designate(self, tls: Sequence[HostPort], https: Sequence[HostPort], resolver_name: str,
+                  live: Config) -> None:
+        """The encrypted listeners as bound (port 0 picks one) and the resolver's name: what
+        discovery (DDR) names, here and in the workers started after this."""
+        self.cfg = replace(self.cfg, dns=replace(self.cfg.dns, tls_listen=tuple(map(str, tls)),
+                                                 https_listen=tuple(map(str, https)), resolver_name=resolver_name))
+        self.pipeline.local = local_names(self.cfg, live)
 
     def counts(self) -> DnsCounts:
         """What this process has counted so far (the live objects, not copies)."""
@@ -131,6 +140,9 @@ def local_names(cfg: Config, live: Config) -> LocalTable:
     portal = PortalAddresses(cfg.api_listen.host, cfg.portal.addresses)
     for zone in (portal_zone(cfg.portal.host, portal), *family_zones(cfg.portal.host, portal)):
         table.add(zone)
+    if live.local.ddr:  # (replacing the NODATA of _dns.resolver.arpa when encrypted listeners are on)
+        for zone in ddr_zones(cfg.tls_listen, cfg.https_listen, cfg.dns.resolver_name.rstrip(".")):
+            table.add(zone)
     return table
 
 

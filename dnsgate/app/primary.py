@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,9 +53,11 @@ from dnsgate.consent.service import ConsentService, Loss
 from dnsgate.consent.sqlite_store import SQLITE_FILE, ConsentStore, SqliteBackend, UnavailableStore
 from dnsgate.data_files import Access, AccessError
 from dnsgate.dns.counts import DnsCounts
+from dnsgate.dns.https_listener import HttpsConnection, proxies
 from dnsgate.dns.local_records import RecordError
 from dnsgate.dns.portal_address import FAMILY_NAMES
 from dnsgate.dns.tally import LogEntry
+from dnsgate.dns.tls import TlsFiles, TlsFilesError
 from dnsgate.dns.upstreams import SOCKETS_PER_FAMILY
 from dnsgate.gc_policy import refreeze
 from dnsgate.http.consent_api import ApiSettings, create_app
@@ -103,7 +106,8 @@ class Running:
     admin: HostPort | None = None  # the admin listener, if separate
     workers: int = 1  # processes answering DNS (dns.workers)
     operator: str = ""  # who runs the network ([portal] operator); empty: the ready line warns
-
+    tls: tuple[HostPort, ...] = ()  # DNS over TLS listeners
+    https: tuple[HostPort, ...] = ()  # DNS over HTTPS listeners
 
     def ready_line(self) -> str:
         token = f"; admin token in {self.token_file}" if self.token_file else ""
@@ -114,7 +118,10 @@ class Running:
         here, admin = _loopback_url(self.api), _loopback_url(self.admin or self.api)
         portal = f"; consent portal {self.portal} (on this host {here}/)" if self.portal else ""
         operator = "" if self.operator else f"; warning: {NO_OPERATOR_WARNING}"
-        return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}; api http://{self.api}; "
+        encrypted = "".join(f"; dns over tls {address}" for address in self.tls) + \
+            "".join(f"; dns over https https://{address}/dns-query" for address in self.https)
+        return (f"dnsgate ready: dns (udp+tcp{processes}) {', '.join(map(str, self.dns))}{encrypted}; "
+                f"api http://{self.api}; "
                 f"upstreams {', '.join(map(str, self.upstreams))}; data {self.data_dir}{store}{token}{portal}"
                 f"; dashboard {here}/dashboard (admin {admin}/dashboard/admin){operator}")
 
@@ -296,6 +303,7 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         await stack.enter_async_context(shortage_on_accept(dns.shortage))
         await stack.enter_async_context(dns.running())  # on leaving: listeners, forwards, upstreams close
         await listen_dns(dns, cfg.dns_listen)
+        tls = await stack.enter_async_context(encrypted_dns(cfg, dns, reloader))
         if isinstance(table, JournaledTable):  # (stopped before the listeners close: they keep answering)
             workers = await stack.enter_async_context(worker_processes(
                 cfg, reloader, rules, servers, dns, table, on_log=querylog.pending.extend, on_pair=consents.on_pair,
@@ -303,15 +311,16 @@ async def run(cfg: Config, stop: asyncio.Event, on_ready: Callable[[Running], No
         counts = dns_counts_of(dns, workers)
         api = ApiListeners(api_limits(cfg))
         health = health_of(cfg, dns, counts, workers, table, consents, querylog_problem or querylog.mode, api,
-                           reloader)
+                           reloader, tls)
         sources = sources_of(counts, dns, table, watch, querylog, hub, consents, store, workers, api)
         served = await stack.enter_async_context(serve_api(
             cfg, token, api, consents, lambda: dns.pipeline.catalog, health, reloader, sources, querylog, hub,
             watched, wall))
-        await stack.enter_async_context(reloads(reloader, dns.tasks))
+        await stack.enter_async_context(reloads(reloader, dns.tasks, tls))
         running = Running(tuple(dns.listeners.bound), served.api, data_dir, servers, token_file, served.routes,
                           served.portal, store=store.name if store.shared else "", admin=served.admin,
-                          workers=cfg.dns.workers, operator=operator.name)
+                          workers=cfg.dns.workers, operator=operator.name, tls=tuple(dns.listeners.bound_tls),
+                          https=tuple(dns.listeners.bound_https))
         announce(cfg, running, clients, rules, limit, operator)
         if on_ready is not None:
             on_ready(running)
@@ -370,13 +379,51 @@ async def listen_dns(dns: DnsStack, addresses: Iterable[HostPort]) -> None:
             raise StartupError(f"dns.listen {address}: {os_reason(exc)}") from None
 
 
+def load_tls(cfg: Config) -> TlsFiles | None:
+    """The certificate of the encrypted listeners, if any is on; dnsgate does not start without it."""
+    if not cfg.dns.tls_listen and not cfg.dns.https_listen:
+        return None
+    tls = TlsFiles(Path(cfg.dns.tls_cert), Path(cfg.dns.tls_key))
+    try:
+        tls.load()
+    except TlsFilesError as exc:
+        raise StartupError(f"dns.tls_cert / dns.tls_key: {exc}") from None
+    return tls
+
+
+@asynccontextmanager
+async def encrypted_dns(cfg: Config, dns: DnsStack, reloader: Reloader) -> AsyncIterator[TlsFiles | None]:
+    """DNS over TLS and over HTTPS (this process only), their certificate watched for changes, and
+    discovery (DDR) naming them; their connections close with the other listeners'."""
+    tls = load_tls(cfg)
+    if tls is None:
+        yield None
+        return
+    for address in cfg.tls_listen:
+        try:
+            await dns.listeners.start_tls(address, tls)
+        except OSError as exc:
+            raise StartupError(f"dns.tls_listen {address}: {os_reason(exc)}") from None
+    doh = partial(HttpsConnection, dns.pipeline, dns.resolver, dns.tasks, dns.listeners.tcp, tls,
+                  proxies(cfg.dns.trusted_proxies))
+    for address in cfg.https_listen:
+        try:
+            dns.listeners.bound_https.append(await dns.listeners.serve_stream(address, doh))
+        except OSError as exc:
+            raise StartupError(f"dns.https_listen {address}: {os_reason(exc)}") from None
+    dns.designate(dns.listeners.bound_tls, dns.listeners.bound_https, cfg.dns.resolver_name.rstrip(".")
+                  or tls.first_name, reloader.cfg)
+    async with background(tls.watch()):
+        yield tls
+
+
 @asynccontextmanager
 async def worker_processes(cfg: Config, reloader: Reloader, rules: Ruleset, servers: tuple[UpstreamAddress, ...],
                            dns: DnsStack, table: JournaledTable, *, on_log: Callable[[list[LogEntry]], None],
                            on_pair: Callable[[str, str], bool], record: Path) -> AsyncIterator[Workers]:
     """dns.workers - 1 more processes answering DNS on the addresses this one listens on."""
     def start_state(number: int) -> Start:
-        return Start(cfg, reloader.cfg, reloader.ruleset or rules, servers, tuple(dns.listeners.bound),
+        return Start(dns.cfg, reloader.cfg, reloader.ruleset or rules, servers, tuple(dns.listeners.bound),
                      table.copy(), dns.pipeline.log_all is not None, number)
 
     workers = Workers(cfg.dns.workers - 1, table, start_state, on_log=on_log, on_pair=on_pair, record=record)
@@ -402,7 +449,7 @@ def dns_counts_of(dns: DnsStack, workers: Workers | None) -> Callable[[], DnsCou
 
 def health_of(cfg: Config, dns: DnsStack, dns_counts: Callable[[], DnsCounts], workers: Workers | None,
               table: ConsentTable, consents: ConsentService, querylog_state: str, api: ApiListeners,
-              reloader: Reloader) -> Callable[[], Mapping[str, Any]]:
+              reloader: Reloader, tls: TlsFiles | None = None) -> Callable[[], Mapping[str, Any]]:
     """What GET /healthz reports."""
     def shortage(counts: DnsCounts) -> str:
         if dns.shortage.short or not counts.short_now:
@@ -416,6 +463,8 @@ def health_of(cfg: Config, dns: DnsStack, dns_counts: Callable[[], DnsCounts], w
                 "cache_entries": counts.cache_entries, "in_flight": counts.in_flight,
                 "tasks": len(asyncio.all_tasks()),
                 "tcp_connections": counts.tcp_open,
+                **({"tls_certificate": {"file": str(tls.cert), "loads": tls.loads, "problem": tls.problem or None}}
+                   if tls is not None else {}),
                 **({"workers": {"configured": cfg.dns.workers - 1, "listening": workers.running(),
                                 "restarts": workers.restarts, "pids": workers.pids()}}
                    if workers is not None else {}),
@@ -515,13 +564,15 @@ async def serve_api(cfg: Config, token: str, api: ApiListeners, consents: Consen
 
 
 @asynccontextmanager
-async def reloads(reloader: Reloader, tasks: TaskSet) -> AsyncIterator[None]:
-    """Reloads on SIGHUP (where signal handlers can be set: the main thread, not Windows) and on the
-    lists' refresh schedule."""
+async def reloads(reloader: Reloader, tasks: TaskSet, tls: TlsFiles | None = None) -> AsyncIterator[None]:
+    """Reloads on SIGHUP (where signal handlers can be set: the main thread, not Windows), the TLS
+    certificate's too, and on the lists' refresh schedule."""
     loop = asyncio.get_running_loop()
     sighup = hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread()
 
     async def reload() -> None:
+        if tls is not None:
+            tls.reload("SIGHUP")
         await reloader.reload("SIGHUP")  # the outcome is logged
 
     if sighup:

@@ -42,7 +42,7 @@ from dnsgate.config import (
     overrides_from_env,
     parse_api_listen,
     parse_host_port,
-    parse_upstream,
+    parse_upstreams,
 )
 from dnsgate.consent.export import PAIRED_GRANT
 from dnsgate.logs import setup_logging
@@ -129,7 +129,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
 
 def _upstream(text: str) -> str:
     try:
-        parse_upstream(text)
+        parse_upstreams(text, bootstrap=None)  # the syntax: a name's addresses come from the config
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
     return text
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP API listen address, also as http://HOST:PORT (env DNSGATE_API)")
     upstreams = serve.add_mutually_exclusive_group()
     upstreams.add_argument("--upstream", metavar="HOST[:PORT]", action="append", type=_upstream,
-                           help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME]); repeatable "
+                           help="upstream resolver (also tcp://HOST[:PORT], tls://HOST[:PORT][#NAME], "
+                                "https://NAME/PATH with upstream.bootstrap); repeatable "
                                 "(env DNSGATE_UPSTREAM; default: /etc/resolv.conf)")
     upstreams.add_argument("--demo-upstream", action="store_true",
                            help="forward to a built-in upstream on loopback that answers every name with "

@@ -5,6 +5,11 @@ completes (pipelining, out of order), and an idle timeout while no query is outs
 where a slow client could hold resources, so `TcpLimits` bounds connections (in total and per
 client), the time to send a query or take replies, the queries per connection and those waiting
 upstream at once.
+DNS over TLS (RFC 7858) is the same connection with TLS in between: admitted against the same
+table when the TCP connection opens (before any handshake, so clients that never finish one are
+held to the limits too), the handshake bounded by the query timeout, then the same framing and
+limits; replies are padded (RFC 8467) when the query was. TLS runs in memory (ssl.MemoryBIO) on
+the connection's bytes, so it behaves the same on asyncio's loop and uvloop.
 Neither listener lets an exception escape: an internal error answers SERVFAIL.
 """
 
@@ -16,16 +21,18 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from dnsgate.addresses import normalize_client
 from dnsgate.config import HostPort
-from dnsgate.connections import ConnectionTable
+from dnsgate.connections import ConnectionTable, Held
 from dnsgate.dns.forwarding import Resolver
 from dnsgate.dns.pipeline import Forward, Pipeline
+from dnsgate.dns.tally import TCP, TLS
+from dnsgate.dns.tls import TlsFailure, TlsFiles, TlsSession
 from dnsgate.dns.udp_batch import BatchedUdp, PktinfoUdp, available, is_wildcard, pktinfo_supported
 from dnsgate.tasks import TaskSet
-from dnsgate.wire import SERVFAIL, U16, Rejection, rejection_reply
+from dnsgate.wire import SERVFAIL, U16, Rejection, pad_reply, padding_requested, rejection_reply
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,13 @@ class TcpLimits:
     max_pipelined: int = 100  # queries outstanding upstream per connection; beyond, reading pauses
 
 
-class TcpTable(ConnectionTable["TcpConnection"]):
+class StreamConnection(Held, Protocol):
+    """A DNS connection over TCP, TLS or HTTPS, as the table and the listeners see it."""
+
+    transport: asyncio.Transport | None
+
+
+class TcpTable(ConnectionTable[StreamConnection]):
     """The open connections: admission against the limits, and who makes room when it is full."""
 
     def __init__(self, limits: TcpLimits) -> None:
@@ -97,11 +110,16 @@ class TcpTable(ConnectionTable["TcpConnection"]):
 class TcpConnection(asyncio.Protocol):
     """One client connection: framed queries in, replies out as each completes (RFC 7766), held to
     the TcpLimits: a query must arrive whole within `query_timeout` of its first byte, replies must
-    be taken as fast, and at most `max_pipelined` queries wait upstream at a time."""
+    be taken as fast, and at most `max_pipelined` queries wait upstream at a time. With `tls` it is
+    DNS over TLS: the handshake must end within `query_timeout` of the connection."""
 
     def __init__(self, pipeline: Pipeline, resolver: Resolver, tasks: TaskSet, table: TcpTable,
-                 may_answer: Callable[[], bool] | None = None) -> None:
+                 may_answer: Callable[[], bool] | None = None, tls: TlsFiles | None = None) -> None:
         self.pipeline = pipeline
+        self.tls = tls
+        self.secure: TlsSession | None = None  # TLS over the connection (DNS over TLS)
+        self.handshaking = False
+        self.protocol = TLS if tls is not None else TCP  # the transport queries are counted and logged under
         self.resolver = resolver
         self.tasks = tasks
         self.table = table
@@ -130,13 +148,62 @@ class TcpConnection(asyncio.Protocol):
         if not self.table.admit(self):
             self.transport.abort()
             return
+        if self.tls is not None:
+            context = self.tls.dot
+            if context is None:  # (never: the listener starts once a certificate is loaded)
+                self.transport.abort()
+                return
+            # the handshake is this protocol's first exchange, bounded like a query that does not
+            # arrive whole
+            self.secure = TlsSession(context)
+            self.handshaking = True
+            self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
+                                                                    "TLS handshake not finished in time")
+            return
         self.transport.set_write_buffer_limits(high=64 * 1024)
         self._arm_idle_timer()
+
+    def _tls_received(self, data: bytes) -> None:
+        """Decrypt what came in; the handshake first. Anything that is not TLS ends the connection."""
+        assert self.secure is not None
+        assert self.transport is not None
+        try:
+            plain = self.secure.receive(data)
+        except TlsFailure as exc:
+            if self.handshaking:
+                self.table.closed["tls_handshake"] += 1
+            log.debug("TLS with %s failed: %s", self.client, exc)
+            self._flush_tls()
+            self.abort()
+            return
+        if self.handshaking and self.secure.established:
+            self.handshaking = False
+            if self.slow_timer is not None:
+                self.slow_timer.cancel()
+                self.slow_timer = None
+            self.last_active = asyncio.get_running_loop().time()
+            self.transport.set_write_buffer_limits(high=64 * 1024)
+            self._arm_idle_timer()
+        self._flush_tls()
+        if plain:
+            self._plain_received(plain)
+
+    def _flush_tls(self) -> None:
+        if self.secure is not None and self.transport is not None and not self.transport.is_closing():
+            out = self.secure.outgoing()
+            if out:
+                self.transport.write(out)
 
     def data_received(self, data: bytes) -> None:
         if self.may_answer is not None and not self.may_answer():
             self.abort()
             return
+        if self.secure is not None:
+            self._tls_received(data)
+        else:
+            self._plain_received(data)
+
+    def _plain_received(self, data: bytes) -> None:
         if self.queries >= self.limits.max_queries:
             return  # the cap is reached: replies still go out, then the connection closes
         self.buffer += data
@@ -171,22 +238,24 @@ class TcpConnection(asyncio.Protocol):
 
     def _handle(self, message: bytes) -> None:
         try:
-            result = self.pipeline.answer(message, self.client, True)
+            result = self.pipeline.answer(message, self.client, self.protocol)
         except Exception:
             log.exception("internal error answering a TCP query from %s", self.client)
             result = rejection_reply(message, INTERNAL_ERROR, self.pipeline.udp_max)
         if result is None:
             return
+        pad = self.tls is not None and padding_requested(message)
         if result.__class__ is bytes:
-            self._send(result)
+            self._send(pad_reply(result) if pad else result)
             return
         assert isinstance(result, Forward)
         self.outstanding += 1
-        self.tasks.spawn(self._forward(result))
+        self.tasks.spawn(self._forward(result, pad))
 
-    async def _forward(self, fwd: Forward) -> None:
+    async def _forward(self, fwd: Forward, pad: bool = False) -> None:
         try:
-            self._send(await self.resolver.forward(fwd))
+            reply = await self.resolver.forward(fwd)
+            self._send(pad_reply(reply) if pad else reply)
         finally:
             self.outstanding -= 1
             if self.transport is not None:
@@ -195,7 +264,13 @@ class TcpConnection(asyncio.Protocol):
 
     def _send(self, reply: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(U16.pack(len(reply)) + reply)
+            if self.secure is None:
+                self.transport.write(U16.pack(len(reply)) + reply)
+                return
+            try:
+                self.transport.write(self.secure.send(U16.pack(len(reply)) + reply))
+            except TlsFailure:  # the client closed its side of TLS: nothing more can be sent
+                self.abort()
 
     def _set_reading(self, on: bool) -> None:
         if self.transport is None or on == self.reading or self.transport.is_closing():
@@ -225,7 +300,7 @@ class TcpConnection(asyncio.Protocol):
 
     def _too_slow(self, why: str) -> None:
         self.slow_timer = None
-        self.table.closed["slow"] += 1
+        self.table.closed["tls_handshake" if self.handshaking else "slow"] += 1
         log.debug("closing TCP connection from %s: %s", self.client, why)
         self.abort()
 
@@ -243,6 +318,8 @@ class TcpConnection(asyncio.Protocol):
         if self.outstanding:
             self._arm_idle_timer()  # an answer is still coming: idle means no query outstanding
         elif self.transport is not None:
+            if self.secure is not None:
+                self.transport.write(self.secure.close())  # close_notify: nothing was cut off
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -334,6 +411,8 @@ class DnsListeners:
         self._udp: list[asyncio.DatagramTransport | BatchedUdp | PktinfoUdp] = []
         self._tcp: list[asyncio.Server] = []
         self.bound: list[HostPort] = []
+        self.bound_tls: list[HostPort] = []  # DNS over TLS listeners (the primary's only)
+        self.bound_https: list[HostPort] = []  # DNS over HTTPS listeners (the primary's only)
         # dns.workers > 1: the primary and its workers each bind the same addresses (SO_REUSEPORT),
         # and the kernel spreads clients over them by their address and port.
         self.reuse_port = reuse_port
@@ -401,6 +480,21 @@ class DnsListeners:
             self.bound.append(bound)
             return bound
         raise OSError(f"no port free for both UDP and TCP on {address.host}")
+
+    async def start_tls(self, address: HostPort, tls: TlsFiles) -> HostPort:
+        """Serve DNS over TLS at `address`; its connections count against the TCP limits."""
+        bound = await self.serve_stream(
+            address, lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, None, tls))
+        self.bound_tls.append(bound)
+        return bound
+
+    async def serve_stream(self, address: HostPort, protocol: Callable[[], asyncio.Protocol]) -> HostPort:
+        """Accept connections at `address` for `protocol` (DNS over TLS or HTTPS), closed with the rest."""
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        server = await asyncio.get_running_loop().create_server(
+            protocol, sock=_tcp_socket(address.host, address.port, family, False))
+        self._tcp.append(server)
+        return HostPort(address.host, server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
         for transport in self._udp:

@@ -214,11 +214,18 @@ def _exposure(dns: DnsCounts) -> Iterator[CounterMetricFamily | GaugeMetricFamil
     limited.add_metric(["slipped"], dns.rate_slipped)
     yield limited
     yield GaugeMetricFamily("dnsgate_tcp_connections", "Open DNS-over-TCP connections", value=dns.tcp_open)
-    closed = CounterMetricFamily("dnsgate_tcp_closed_early", "TCP connections refused or closed by a limit",
+    closed = CounterMetricFamily("dnsgate_tcp_closed_early", "TCP and TLS connections refused or closed by a limit "
+                                 "(tls_handshake: not finished in time, or not TLS)",
                                  labels=["reason"])
-    for reason in ("per_client_limit", "total_limit", "evicted", "slow"):
+    for reason in ("per_client_limit", "total_limit", "evicted", "slow", "tls_handshake"):
         closed.add_metric([reason], dns.tcp_closed[reason])
     yield closed
+    refused = CounterMetricFamily("dnsgate_doh_errors", "DNS-over-HTTPS requests refused, by HTTP status "
+                                  "(400 not a DNS query, 413 too large, 415 wrong type, ...)", labels=["status"])
+    for reason, n in sorted(dns.tcp_closed.items()):
+        if reason.startswith("http_"):
+            refused.add_metric([reason[5:]], n)
+    yield refused
 
 
 def _api_connections(open_now: int, closed_early: Mapping[str, int]) -> Iterator[CounterMetricFamily

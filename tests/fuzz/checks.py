@@ -6,7 +6,9 @@ crashes the answer path, and what it leaves in the cache renders as a reply that
 One input drives one of three targets, chosen by its first byte:
   0: wire.parse_query on the rest;
   1: Pipeline.answer on the rest (UDP, then TCP; from a client with consent and one without);
-  2: a fixed query forwarded, the rest as the upstream's reply (admit, complete, then a cache hit).
+  2: a fixed query forwarded, the rest as the upstream's reply (admit, complete, then a cache hit);
+and a first byte of 0xFF (kept apart so that the corpus keeps its targets) a DNS-over-HTTPS request:
+the method, target and Content-Type as lines, then the body; what it decodes to is answered.
 """
 
 from __future__ import annotations
@@ -135,8 +137,33 @@ def check_upstream(p: Pipeline, reply: bytes, which: int = 0) -> None:
             check_reply(again, wire, True)
 
 
+def check_doh(p: Pipeline, data: bytes) -> None:
+    from dnsgate.dns.https_listener import HttpError, decode_request, smallest_ttl
+    from dnsgate.dns.tally import HTTPS
+    from dnsgate.wire import pad_reply, padding_requested
+
+    method, target, content_type, body = [*data.split(b"\n", 3), b"", b"", b""][:4]
+    decoded = decode_request(method.decode("latin-1"), target.decode("latin-1"),
+                             content_type.decode("latin-1") or None, body)
+    if isinstance(decoded, HttpError):
+        assert decoded.status in (400, 404, 405, 413, 414, 415) and decoded.reason
+        return
+    assert len(decoded) >= 12 and not decoded[2] & 0x80 and len(decoded) <= 65535
+    out = p.answer(decoded, CLIENTS[0], HTTPS)
+    if isinstance(out, Forward):
+        out = p.servfail(out)
+    if out is not None:
+        if padding_requested(decoded):
+            out = pad_reply(out)
+        check_reply(out, decoded, True)
+        assert 0 <= smallest_ttl(out) <= 2**31 - 1
+
+
 def run_one(p: Pipeline, data: bytes) -> None:
     if not data:
+        return
+    if data[0] == 0xFF:
+        check_doh(p, data[1:])
         return
     target, rest = data[0] % 3, data[1:]
     if target == 0:
