@@ -16,7 +16,9 @@ shared machine.
 
 Workloads: blocked (a client without consent asks for gated names), allowed (cached names), mix
 (90 % allowed, 10 % blocked), miss (every name unique: cache-miss forwarding), tcp (mix over TCP,
-one connection per dnsperf client), light (1,000 q/s: service latency). dnsgate alone also gets:
+one connection per dnsperf client), light (1,000 q/s: service latency); dot and doh (the mix over
+DNS over TLS and over HTTPS/2, GET, one connection per dnsperf client: dnsgate only, whose
+certificate `dnsgate cert init` makes). dnsgate alone also gets:
 churn (mix while another process grants and withdraws consent 100 times/s through the API, and
 checks each change reaches the next query; 10 000 other clients hold a choice), memory (RSS with
 100k cached names and 10k clients holding consent), ready (seconds from start to the ready line).
@@ -64,7 +66,8 @@ HZ = os.sysconf("SC_CLK_TCK")
 SERVER_CPU, CLIENT_CPU = "0", "1"
 PORTS = {"upstream": 25300, "unbound": 25301, "dnsmasq": 25302, "dnsgate": 25320, "dnsgate-api": 25321,
          "echo": 25322, "dnsgate-workers": 25326, "dnsgate-workers-api": 25327, "dnsgate-asyncio": 25328,
-         "dnsgate-asyncio-api": 25329}
+         "dnsgate-asyncio-api": 25329, "dnsgate-dot": 25330, "dnsgate-doh": 25331}
+ENCRYPTED = {"dot": "dnsgate-dot", "doh": "dnsgate-doh"}  # workloads of dnsgate alone: the transport's port
 DNSGATES = ("dnsgate", "dnsgate-workers", "dnsgate-asyncio")
 ECHO_WORKLOADS = ("blocked", "allowed", "mix", "light")  # the echo answers UDP only, and forwards nothing
 N_HOSTS = 4000  # 8000 RRsets (A + AAAA): fit every cache
@@ -313,7 +316,10 @@ class Bench:
 
     def dnsperf(self, server: str, pid: int, port: int, workload: str, rep: int, *, duration: float,
                 q: int = 100, qps: int | None = None, tcp: bool = False, queries: int | None = None) -> Run:
-        data = {"tcp": "mix", "churn": "mix", "light": "allowed", "miss": f"miss{rep}"}.get(workload, workload)
+        data = {"tcp": "mix", "churn": "mix", "light": "allowed", "miss": f"miss{rep}", "dot": "mix",
+                "doh": "mix"}.get(workload, workload)
+        if workload in ENCRYPTED:
+            port = PORTS[ENCRYPTED[workload]]
         cmd = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port),
                "-d", str(self.gen / f"q_{data}.txt"), "-c", str(self.args.clients), "-T", "1", "-q", str(q),
                "-t", "2"]
@@ -322,6 +328,10 @@ class Bench:
             cmd += ["-Q", str(qps)]
         if tcp:
             cmd += ["-m", "tcp"]
+        elif workload == "dot":
+            cmd += ["-m", "dot"]
+        elif workload == "doh":
+            cmd += ["-m", "doh", "-O", f"doh-uri=https://127.0.0.1:{port}/dns-query"]
         run = Run(server, workload, rep)
         user0, sys0 = cpu_seconds(pid)
         child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -379,7 +389,15 @@ class Bench:
         if name == "echo":
             return [sys.executable, "-m", "tests.bench.echo", "--port", str(PORTS["echo"])]
         config = data_dir / "dnsgate.toml"
-        config.write_text(f'[cache]\nmax_entries = {self.args.cache_entries}\n'
+        encrypted = ""
+        if name == "dnsgate":
+            from dnsgate.cli.cert import init
+
+            tls = init(data_dir / "tls", [], ["127.0.0.1"])
+            encrypted = (f'[dns]\ntls_listen = ["127.0.0.1:{PORTS["dnsgate-dot"]}"]\n'
+                         f'https_listen = ["127.0.0.1:{PORTS["dnsgate-doh"]}"]\n'
+                         f'tls_cert = "{tls.cert_file}"\ntls_key = "{tls.key_file}"\n')
+        config.write_text(f'{encrypted}[cache]\nmax_entries = {self.args.cache_entries}\n'
                           f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
                           f'[storage]\nsynchronous = "{self.args.synchronous}"\n'
                           f'[querylog]\nmode = "{self.args.querylog}"\n'
@@ -429,6 +447,7 @@ class Bench:
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
                         if ((workload == "churn" and s.name not in DNSGATES)
+                                or (workload in ENCRYPTED and s.name != "dnsgate")
                                 or (s.name == "echo" and workload not in ECHO_WORKLOADS)):
                             continue
                         self.cell(s, workload, rep)
@@ -612,7 +631,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short run per cell (about 2 minutes)")
     parser.add_argument("--only", default="dnsmasq,unbound,dnsgate,echo", help="servers, comma-separated")
-    parser.add_argument("--workloads", default="blocked,allowed,mix,tcp,miss,light,churn,memory",
+    parser.add_argument("--workloads", default="blocked,allowed,mix,tcp,dot,doh,miss,light,churn,memory",
                         help="(miss comes late: dnsmasq stalls after it)")
     parser.add_argument("--dur", type=float, default=7.0, help="seconds per load run")
     parser.add_argument("--reps", type=int, default=2)
