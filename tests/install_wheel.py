@@ -2,8 +2,7 @@
 started with `dnsgate serve` on loopback ports and asked with dig. Run by .ci/run (not by pytest: it
 builds and installs, which takes a minute).
 
-    python3 -m tests.install_wheel [--keep]     (from the checkout: a module, so tests/http/ cannot hide
-                                                the standard library's http package)
+    python3 tests/install_wheel.py [--keep]     (from the checkout)
 
 Checks that every file under dnsgate/data/ is in the wheel (the catalog, the notice, the portal's
 and dashboard's assets, the portal's languages), that the installed program answers a local name,

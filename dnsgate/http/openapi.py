@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of every route the API server answers (served at /openapi.json).
 
-Written by hand, next to the routes it describes; tests/http/test_openapi.py checks that it names exactly
+Written by hand, next to the routes it describes; tests/web/test_openapi.py checks that it names exactly
 the routes the server has and runs schemathesis against a live dnsgate to check that the answers
 match it. Shapes list the fields a client may rely on; servers may add fields.
 """

@@ -8,7 +8,7 @@ token. Two of its checks do not apply: `positive_data_acceptance` (the API valid
 schema cannot express, such as "an IP address" or "a time"), and the REST resource-lifecycle
 checks (`use_after_free`, `ensure_resource_availability`): a client's consent state always exists,
 and DELETE withdraws consent rather than deleting the state. /v1/events is an endless event stream;
-tests/http/test_observe_api.py tests it.
+tests/web/test_observe_api.py tests it.
 """
 
 from __future__ import annotations
