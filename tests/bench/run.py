@@ -394,14 +394,15 @@ class Bench:
             from dnsgate.cli.cert import init
 
             tls = init(data_dir / "tls", [], ["127.0.0.1"])
-            encrypted = (f'[dns]\ntls_listen = ["127.0.0.1:{PORTS["dnsgate-dot"]}"]\n'
+            encrypted = (f'tls_listen = ["127.0.0.1:{PORTS["dnsgate-dot"]}"]\n'
                          f'https_listen = ["127.0.0.1:{PORTS["dnsgate-doh"]}"]\n'
                          f'tls_cert = "{tls.cert_file}"\ntls_key = "{tls.key_file}"\n')
-        config.write_text(f'{encrypted}[cache]\nmax_entries = {self.args.cache_entries}\n'
+        # one [dns] table: TOML refuses a table declared twice
+        config.write_text(f'[dns]\nudp_io = "{"asyncio" if name == "dnsgate-asyncio" else self.args.udp_io}"\n'
+                          f'{encrypted}[cache]\nmax_entries = {self.args.cache_entries}\n'
                           f'[api]\nadmin_token = "bench"\nconsent_changes_per_minute = 0\n'
                           f'[storage]\nsynchronous = "{self.args.synchronous}"\n'
-                          f'[querylog]\nmode = "{self.args.querylog}"\n'
-                          f'[dns]\nudp_io = "{"asyncio" if name == "dnsgate-asyncio" else self.args.udp_io}"\n')
+                          f'[querylog]\nmode = "{self.args.querylog}"\n')
         return [sys.executable, "-m", "dnsgate", "serve", "--config", str(config),
                 "--dns", f"127.0.0.1:{PORTS[name]}", "--api", f"127.0.0.1:{PORTS[name + '-api']}",
                 "--upstream", f"127.0.0.1:{PORTS['upstream']}", "--data-dir", str(data_dir), "--log-level", "warning",
