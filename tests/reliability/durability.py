@@ -30,7 +30,7 @@ import dns.message
 import dns.rcode
 
 from tests.conftest import zone_for_tests
-from tests.reliability.process import Served, serve
+from tests.reliability.process import Served, serve, udp_io
 from tests.support.stub_upstream import StubUpstream
 
 TOKEN = "reliability"
@@ -156,6 +156,7 @@ def report(f: Figures) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    print(f"dns.udp_io: {udp_io()}", flush=True)
     upstream = await zone_for_tests(StubUpstream()).start()
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ import dns.rcode
 
 from dnsgate import descriptors
 from dnsgate.wire import EDE_NOT_READY
-from tests.reliability.process import Served, serve
+from tests.reliability.process import Served, serve, udp_io
 from tests.support.stub_upstream import StubUpstream
 
 QUICK = 0.5  # "at once": half the upstream deadline
@@ -334,6 +334,7 @@ def report(f: Figures) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    print(f"dns.udp_io: {udp_io()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         f = await run(args.nofile, args.connections, args.names, Path(tmp))
     print(report(f))

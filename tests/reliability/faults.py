@@ -27,7 +27,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.reliability.process import Served, serve
+from tests.reliability.process import Served, serve, udp_io
 from tests.support.stub_upstream import BOGUS_ADDRESS, StubUpstream
 
 GOOD = "192.0.2.77"
@@ -296,6 +296,7 @@ def report(f: Figures) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    print(f"dns.udp_io: {udp_io()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         f = await run(args.queries, args.window, Path(tmp) / "data")
     print(report(f))

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+UDP_IO = "DNSGATE_DNS_UDP_IO"  # dns.udp_io of the dnsgate started here, if set
 READY = re.compile(r"^dnsgate ready: dns \(udp\+tcp(?:, \d+ processes)?\) 127\.0\.0\.1:(\d+); api http://127\.0\.0\.1:(\d+);")
 
 
@@ -51,7 +52,9 @@ async def serve(upstream: str, data_dir: Path, *extra: str, token: str = "reliab
                 config: Path | None = None, dns: str = "127.0.0.1:0",
                 nofile: int | tuple[int, int] | None = None) -> Served:
     """`nofile`: the limit on open files, soft and hard (`prlimit --nofile=N` sets both), or (soft, hard)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_")}
+    # The caller's DNSGATE_* variables are not dnsgate's, except the UDP path under test: the runs
+    # are made on each path (DNSGATE_DNS_UDP_IO=asyncio python -m tests.reliability.soak).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DNSGATE_") or k == UDP_IO}
     env["DNSGATE_ADMIN_TOKEN"] = token
     args = ["--dns", dns, "--api", "127.0.0.1:0", "--upstream", upstream, "--data-dir", str(data_dir)]
     if config is not None:
@@ -75,3 +78,8 @@ async def serve(upstream: str, data_dir: Path, *extra: str, token: str = "reliab
         await reader
         raise RuntimeError(f"dnsgate did not start: {line!r} {' | '.join(log[-20:])}")
     return Served(process, int(match[1]), int(match[2]), log, reader)
+
+
+def udp_io() -> str:
+    """The UDP path the processes started here use, for the figures."""
+    return os.environ.get(UDP_IO) or "batched (the default)"

@@ -28,7 +28,7 @@ import aiohttp
 
 from tests.conftest import zone_for_tests
 from tests.reliability.faults import _Client, _query, rss_kb, settle
-from tests.reliability.process import Served, serve
+from tests.reliability.process import Served, serve, udp_io
 from tests.support.stub_upstream import StubUpstream
 
 CHURNERS = [f"127.0.0.{20 + i}" for i in range(10)]
@@ -236,6 +236,7 @@ def problems(f: Figures) -> list[str]:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    print(f"dns.udp_io: {udp_io()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         f = await run(args.seconds, args.concurrency, Path(tmp) / "data", args.seed, args.workers)
     print(report(f))
