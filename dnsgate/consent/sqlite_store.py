@@ -30,7 +30,7 @@ from typing import Any, Final, TypeVar
 
 import sqlite_utils
 
-from dnsgate.consent.backend import EXPORT_PAGE, ChangeSink, InDoubt, Recorded, Snapshot
+from dnsgate.consent.backend import EXPORT_PAGE, ChangeSink, InDoubt, Recorded, Snapshot, within
 from dnsgate.consent.model import Choice, NoticeRef, Subject
 from dnsgate.consent.records import Event, EventFilter, Step, StoreError
 
@@ -546,7 +546,10 @@ class SqliteBackend:
         if future is None:
             return None
         try:
-            ids = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.timeout)
+            # (not asyncio.wait_for: cancelled as the write's outcome arrives, it would return it and
+            # drop the cancellation, and the outcome, taken off `_doubtful` below, would be lost to a
+            # caller that gave up at its deadline; the next attempt would say "never recorded")
+            ids = await within(time.monotonic() + self.timeout, asyncio.shield(asyncio.wrap_future(future)))
         except TimeoutError:
             raise StoreError(f"{self.name}: a write is still not finished") from None
         except StoreError:
