@@ -1430,8 +1430,15 @@ class ConsentService:
     async def _locked(self, deadline: float) -> AsyncIterator[None]:
         """The change lock, if it comes before `deadline`: while the store stalls, changes fail
         fast (Busy: nothing was attempted) instead of queueing behind each other."""
+        # Waited for in this task, not in asyncio.wait_for's: cancelled as the lock was handed over,
+        # that took the lock and dropped the cancellation (Python 3.11), so a loop cancelled at
+        # shutdown went on. Lock.acquire cancelled at that point passes the lock on.
+        remaining = deadline - time.monotonic()
         try:
-            await asyncio.wait_for(self._lock.acquire(), max(0.0, deadline - time.monotonic()))
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                await self._lock.acquire()
         except TimeoutError:
             raise Busy(f"{self.store.name}: busy with other changes until this one's deadline "
                        f"({self.timeout:g} s)") from None

@@ -16,10 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from dnsgate.config import ConsentConfig
 from dnsgate.consent.backend import InDoubt
 from dnsgate.consent.model import Subject
+from dnsgate.consent.notice import Notice
+from dnsgate.consent.pairing import Pairings
 from dnsgate.consent.records import Event, Step
+from dnsgate.consent.service import ConsentService
 from dnsgate.consent.sqlite_store import Abandon, SqliteBackend
+from tests.support.consent_fixtures import CATALOG, table
 
 HOPS = 8  # event-loop iterations swept after the operation finished
 
@@ -73,3 +78,41 @@ async def test_a_change_in_doubt_stays_resolvable_when_its_resolver_is_given_up_
         disk.set()
         await backend.close()
 
+
+async def test_a_task_cancelled_as_the_change_lock_is_handed_to_it_ends_and_leaves_the_lock_free(
+        tmp_path: Path) -> None:
+    """The consent loops (sweeper, reconciler) are cancelled at shutdown, perhaps while waiting for
+    the change lock. Cancelled as the lock is handed over, the wait took the lock and dropped the
+    cancellation: the sweep ran on as if never cancelled, and a loop that then waited for more work
+    kept shutdown waiting for it. It must end cancelled, with the lock free for the next change."""
+    store = SqliteBackend.open(tmp_path / "consent.sqlite3")
+    service = ConsentService(store, table(), CATALOG, Notice("1", "en", {"en": "the notice"}), ConsentConfig(),
+                             Pairings("portal.test", 600.0))
+    loop = asyncio.get_running_loop()
+    try:
+        for hops in range(HOPS):
+            holder = asyncio.Event()
+            release = asyncio.Event()
+
+            async def hold(holder: asyncio.Event, release: asyncio.Event) -> None:
+                async with service._locked(time.monotonic() + 10):
+                    holder.set()
+                    await release.wait()
+
+            holding = loop.create_task(hold(holder, release))
+            await holder.wait()
+            sweeping = loop.create_task(service.sweep())
+            await asyncio.sleep(0.01)  # (waiting for the lock now)
+            release.set()
+            for _ in range(hops):
+                await asyncio.sleep(0)
+            cancelled = sweeping.cancel()
+            (outcome,) = await asyncio.gather(sweeping, return_exceptions=True)
+            await holding
+            if cancelled:
+                assert isinstance(outcome, asyncio.CancelledError), f"cancellation dropped after {hops} iterations"
+            async with asyncio.timeout(1):  # the lock is free: a change gets it at once
+                async with service._locked(time.monotonic() + 1):
+                    pass
+    finally:
+        await service.close()
