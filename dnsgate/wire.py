@@ -384,13 +384,22 @@ def name_to_wire(text: str) -> bytes:
     return bytes(out)
 
 
+_PLAIN: Final = bytes(b for b in range(33, 127) if b not in b'.\\"')  # kept as they are in text form
+
+
 def wire_to_text(wire: bytes) -> str:
-    """b'\\x07example\\x03com\\x00' -> 'example.com.' (non-printable bytes escaped as \\DDD)."""
+    """b'\\x07example\\x03com\\x00' -> 'example.com.' (non-printable bytes escaped as \\DDD). A label
+    with nothing to escape (nearly every one) is decoded whole: the query log's writer turns every
+    gated query's name into text."""
     labels: list[str] = []
     i = 0
-    while i < len(wire) and wire[i]:
+    n = len(wire)
+    while i < n and wire[i]:
         raw = wire[i + 1 : i + 1 + wire[i]]
-        labels.append("".join(chr(b) if 33 <= b < 127 and b not in b'.\\"' else f"\\{b:03d}" for b in raw))
+        if raw.translate(None, _PLAIN):  # a byte to escape
+            labels.append("".join(chr(b) if b in _PLAIN else f"\\{b:03d}" for b in raw))
+        else:
+            labels.append(raw.decode("ascii"))
         i += wire[i] + 1
     return ".".join(labels) + "."
 

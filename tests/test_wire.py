@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import dns.edns
@@ -111,7 +112,29 @@ def test_name_helpers() -> None:
     assert wire.name_to_wire(".") == b"\x00"
     assert wire.wire_to_text(b"\x07example\x03com\x00") == "example.com."
     assert wire.wire_to_text(b"\x03a.b\x00") == "a\\046b."
+    assert wire.wire_to_text(b"\x03a\"b\x02\x00\x7f\x00") == "a\\034b.\\000\\127."
+    assert wire.wire_to_text(b"\x00") == "."
     assert wire.label_offsets(b"\x01a\x02bc\x00") == [0, 2]
+
+
+def test_wire_to_text_escapes_exactly_the_bytes_text_form_cannot_hold() -> None:
+    """Labels with nothing to escape are decoded whole, the others byte by byte: both say the same
+    as escaping every byte outside 33-126 and . \\ \" (random labels, every byte value)."""
+    rnd = random.Random(20261207)
+
+    def reference(name: bytes) -> str:
+        labels, i = [], 0
+        while name[i]:
+            raw = name[i + 1 : i + 1 + name[i]]
+            labels.append("".join(chr(b) if 33 <= b < 127 and b not in b'.\\"' else f"\\{b:03d}" for b in raw))
+            i += name[i] + 1
+        return ".".join(labels) + "."
+
+    for _ in range(2000):
+        labels = [bytes(rnd.choice((rnd.randrange(256), rnd.randrange(97, 123))) for _ in range(rnd.randint(1, 63)))
+                  for _ in range(rnd.randint(1, 4))]
+        name = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+        assert wire.wire_to_text(name) == reference(name)
     with pytest.raises(ValueError, match="bad label"):
         wire.name_to_wire("a..b")
 

@@ -9,9 +9,10 @@ import gc
 import io
 import json
 import logging
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dns.message
 import pytest
@@ -240,4 +241,51 @@ async def test_the_log_takes_entries_off_the_loop_in_small_steps_and_writes_on_i
         assert log.queued == 0 and log.written == 1
     finally:
         task.cancel()
+        await log.close()
+
+
+@pytest.mark.parametrize("mode", ["gated-only", "full"])
+async def test_take_counts_gated_queries_per_vendor_and_keeps_clients_in_last_seen_order(
+        mode: Literal["gated-only", "full"], tmp_path: Path) -> None:
+    """What `take` derives from a batch (counted in C passes when every entry is gated, as in
+    gated-only mode): queries per vendor and decision, and per client the last time it asked for a
+    gated name and the last time one was answered."""
+    mono = [1000.0]
+    log = QueryLog(QueryLogConfig(mode=mode), QueryLogDb(tmp_path / "q.sqlite3"), EventHub("", 1.0), key=b"",
+                   sinkhole_rcode=3, mono=lambda: mono[0])
+    vendor, other = ("activecampaign", "marketing"), ("hotjar", "analytics")
+    question = query("trackcmp.net").to_wire()[12:]
+    entries: list[LogEntry] = [
+        (1.0, "10.0.0.1", question, 0, SINKHOLED, -1, vendor, None, 0.0),
+        (2.0, "10.0.0.2", question, 0, SINKHOLED, -1, other, None, 0.0),
+        (3.0, "10.0.0.1", question, 0, CACHED, 0, vendor, None, 0.0),
+        (4.0, "10.0.0.1", question, 0, SINKHOLED, -1, vendor, None, 0.0),
+    ]
+    if mode == "full":  # queries for names nobody gates: in the log, never counted as gated
+        entries[1:1] = [(1.5, "10.0.0.3", question, 0, CACHED, 0, None, None, 0.0)]
+        entries.append((5.0, "10.0.0.2", question, 0, FORWARDED, 0, None, None, 0.01))
+    try:
+        log.pending.extend(entries)
+        log.take()
+        assert log.gated == {("activecampaign", "sinkholed"): 2, ("activecampaign", "allowed"): 1,
+                             ("hotjar", "sinkholed"): 1}
+        assert log._gated_clients == {"10.0.0.2": (2.0, -math.inf), "10.0.0.1": (4.0, 3.0)}
+        assert list(log._gated_clients) == ["10.0.0.1", "10.0.0.2"]  # in the order each was first seen here
+        assert log.tracker_clients_since(2.0) == (2, 1) and log.tracker_clients_since(3.5) == (1, 0)
+        # a later batch: 10.0.0.2 asks again (it moves to the end), and its earlier answer is kept
+        # (a flood's batch: one vendor and outcome throughout)
+        log.pending.extend([(5.5, "10.0.0.2", question, 0, SINKHOLED, -1, other, None, 0.0),
+                            (6.0, "10.0.0.2", question, 0, SINKHOLED, -1, other, None, 0.0)])
+        log.take()
+        assert log.gated[("hotjar", "sinkholed")] == 3
+        assert list(log._gated_clients) == ["10.0.0.1", "10.0.0.2"]
+        assert log._gated_clients["10.0.0.2"] == (6.0, -math.inf)
+        log.pending.append((7.0, "10.0.0.1", question, 0, SINKHOLED, -1, vendor, None, 0.0))
+        log.take()
+        assert list(log._gated_clients) == ["10.0.0.2", "10.0.0.1"]
+        assert log._gated_clients["10.0.0.1"] == (7.0, 3.0)  # its last allowed query stays
+        assert log.gated[("activecampaign", "sinkholed")] == 3
+        await log.flush()
+        assert log.written == len(entries) + 3
+    finally:
         await log.close()
