@@ -354,6 +354,12 @@ class UdpAttempt(_Waiter):
         else:
             self.done(self.context, data, None)
 
+    def unsent(self) -> None:
+        """The kernel refused the query (no buffers, no route): nothing left, the exchange goes on."""
+        self.settled = True
+        self.sock.release(self.qid)
+        self.done(self.context, None, None)
+
     def expire(self) -> None:
         self.settled = True
         self.sock.release(self.qid)
@@ -702,6 +708,8 @@ class Upstreams:
         self.sockets_opened = 0
         self.closed = False
         self._attempts: deque[UdpAttempt] = deque()
+        # First attempts begun in this turn of the event loop, sent together at its end (`_send_begun`)
+        self._outbox: list[tuple[UdpAttempt, bytes]] = []
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queries = 0
@@ -748,11 +756,19 @@ class Upstreams:
     def begin(self, query: Query, done: AttemptDone, context: Any) -> float | None:
         """Send the first attempt of `query` over UDP and return the query's deadline (loop time);
         `done(context, reply, after)` is called once, from the event loop. Returns None (and
-        sends nothing) when the first server is not a UDP one, or the send failed: use `exchange`.
-        Raises LocalShortage (nothing sent, `done` never called) when no socket can be had."""
+        sends nothing) when the first server is not a UDP one: use `exchange`. Raises LocalShortage
+        (nothing sent, `done` never called) when no socket can be had.
+
+        The query leaves at the end of this turn of the event loop, with every other first attempt
+        begun in it, one send after the other: the upstream is woken once for them (a wake-up on
+        the other core, a VM exit for its interrupt, cost more than the send itself when each
+        query left between the Python work of the next). A send the kernel refuses calls `done`
+        with no reply: the exchange tries again (and records the failure)."""
         if self.closed:
             return None
-        loop = self.loop
+        loop = self._loop
+        if loop is None:
+            loop = self.loop
         now = loop.time()
         group = self.route(query.name) if self._routes else self.default
         server = group.order(now)[0]
@@ -766,16 +782,31 @@ class Upstreams:
         server.stats.queries += 1
         do = query.edns is not None and query.edns.do
         flags = RD | (query.flags & CD) | (AD if self.ask_ad else 0)
-        try:
-            sock.sock.sendto(self._message(qid, question, flags, do), attempt.peer)
-        except OSError:
-            sock.release(qid)
-            return None  # the exchange tries again and records the failure
+        outbox = self._outbox
+        if not outbox:
+            loop.call_soon(self._send_begun)
+        outbox.append((attempt, HEADER.pack(qid, flags, 1, 0, 0, 1) + question + self._opt[do]))
         # Timeouts by a sweep over attempts in send order, not a timer each (one costs ~1 µs in uvloop).
         self._attempts.append(attempt)
         if self._sweeper is None:
             self._sweeper = loop.call_at(attempt.expires, self._sweep)
         return now + self.timeout
+
+    def _send_begun(self) -> None:
+        """Send the first attempts begun in the last turn of the loop (see `begin`). One whose
+        query was settled meanwhile (the pool closed) is not sent; one the kernel refuses is
+        handed back to its exchange; whatever a caller raises, the others still leave."""
+        outbox, self._outbox = self._outbox, []
+        for attempt, message in outbox:
+            if attempt.settled:
+                continue
+            try:
+                attempt.sock.sock.sendto(message, attempt.peer)
+            except OSError:
+                try:
+                    attempt.unsent()
+                except Exception:
+                    log.exception("handing back a query the kernel would not send")
 
     def _sweep(self) -> None:
         """Expire first attempts whose time is up (all share one timeout, so the deque is in

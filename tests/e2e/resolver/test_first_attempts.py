@@ -1,0 +1,94 @@
+"""First attempts of cache misses (Upstreams.begin) against a real UDP socket on loopback: those
+begun in one turn of the event loop leave together at its end, each still on a random socket with
+a random ID, each answered; one settled before its turn to leave (the pool closed) never leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import struct
+from collections.abc import Iterator
+
+import dns.message
+import pytest
+
+from dnsgate.config import parse_upstream
+from dnsgate.dns.upstreams import After, Upstreams
+from dnsgate.wire import Query, parse_query
+
+ANSWER = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc0\x00\x02\x07"  # A 192.0.2.7, TTL 300
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def query(name: str) -> Query:
+    q = parse_query(dns.message.make_query(name, "A").to_wire())
+    assert isinstance(q, Query)
+    return q
+
+
+def waiting(sock: socket.socket) -> list[tuple[bytes, tuple[str, int]]]:
+    """The datagrams waiting in `sock` now (none is waited for)."""
+    got = []
+    while select.select([sock], [], [], 0)[0]:
+        got.append(sock.recvfrom(4096))
+    return got
+
+
+def answer(data: bytes) -> bytes:
+    qend = data.index(0, 12) + 5
+    return data[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + data[12:qend] + ANSWER
+
+
+async def test_first_attempts_of_one_turn_leave_together_and_are_answered(server: socket.socket) -> None:
+    upstreams = Upstreams([parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")], timeout=2.0,
+                          attempt_timeout=1.0, udp_size=1232)
+    results: dict[str, bytes | None] = {}
+    all_done = asyncio.Event()
+
+    def done(name: str, reply: bytes | None, after: After | None) -> None:
+        results[name] = reply
+        if len(results) == len(names):
+            all_done.set()
+
+    names = [f"n{i}.example.test" for i in range(20)]
+    try:
+        for name in names:
+            assert upstreams.begin(query(name), done, name) is not None
+        assert waiting(server) == []  # nothing has left within the turn that began them
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        sent = waiting(server)
+        assert sorted(dns.message.from_wire(d).question[0].name.to_text() for d, _ in sent) == sorted(
+            n + "." for n in names)
+        assert len({struct.unpack_from(">H", d)[0] for d, _ in sent}) >= 18  # random IDs
+        assert len({port for _, (_, port) in sent}) > 1  # from several sockets of the pool
+        for data, source in sent:
+            server.sendto(answer(data), source)
+        await asyncio.wait_for(all_done.wait(), 2)
+        assert sorted(results) == sorted(names)
+        for name, reply in results.items():
+            assert reply is not None and dns.message.from_wire(reply).question[0].name.to_text() == name + "."
+    finally:
+        await upstreams.close()
+
+
+async def test_an_attempt_settled_before_it_leaves_is_not_sent(server: socket.socket) -> None:
+    upstreams = Upstreams([parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")], timeout=2.0,
+                          attempt_timeout=1.0, udp_size=1232)
+    results: list[tuple[bytes | None, After | None]] = []
+    assert upstreams.begin(query("gone.example.test"), lambda _c, r, a: results.append((r, a)), None) is not None
+    await upstreams.close()  # within the same turn: the attempt is over before its send
+    assert results == [(None, None)]  # handed back once (its exchange answers SERVFAIL: closed)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert waiting(server) == []
+    assert results == [(None, None)]
