@@ -25,6 +25,8 @@ from dnsgate.dns.local_answers import LocalTable, default_table
 from dnsgate.dns.pipeline import Pipeline
 from dnsgate.dns.portal_address import PortalAddresses, family_zones, portal_zone
 from dnsgate.dns.tally import LogEntry
+from dnsgate.dns.udp_batch import UpstreamBatches
+from dnsgate.dns.udp_batch import available as udp_available
 from dnsgate.dns.upstreams import Upstreams
 from dnsgate.rules.ruleset import Ruleset
 from dnsgate.tasks import TaskSet, background
@@ -157,7 +159,8 @@ def build_upstreams(cfg: Config, servers: Iterable[UpstreamAddress], shortage: S
         return Upstreams(tuple(servers), timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
                          udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
                          domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
-                         tls_ca_file=cfg.upstream.tls_ca_file, shortage=shortage)
+                         tls_ca_file=cfg.upstream.tls_ca_file, shortage=shortage,
+                         batches=UpstreamBatches() if cfg.dns.udp_io == "batched" and udp_available() else None)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise UpstreamError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
                             f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None

@@ -145,9 +145,14 @@ class Resolver:
             self._received(fwd, reply)
 
     def _received(self, fwd: Forward, reply: bytes) -> None:
-        """An upstream reply for `fwd`'s key: answer everyone waiting, or complete its chain first."""
+        """An upstream reply for `fwd`'s key: answer everyone waiting, or complete its chain first.
+        The upstream transports accept only replies whose question is ours, byte for byte
+        (upstreams._is_reply_to), so the records start right after it."""
         try:
-            result = self._admit(fwd, reply)
+            try:
+                result = self.pipeline.admit(fwd, reply)
+            except OptNotLast:
+                result = self.pipeline.admit(fwd, message.opt_last(reply))
             if isinstance(result, Chase):
                 self._chase(fwd, result)
                 return
@@ -283,10 +288,3 @@ class Resolver:
         """Questions waiting for an upstream answer (identical ones count once)."""
         return len(self._waiting)
 
-    def _admit(self, fwd: Forward, reply: bytes) -> Entry | Chase:
-        # The upstream transports accept only replies whose question is ours, byte for byte
-        # (upstream._is_reply_to), so the records start right after it.
-        try:
-            return self.pipeline.admit(fwd, reply)
-        except OptNotLast:
-            return self.pipeline.admit(fwd, message.opt_last(reply))

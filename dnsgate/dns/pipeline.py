@@ -101,6 +101,7 @@ _OPT_HEAD: Final = b"\x00\x00\x29"  # root owner, type OPT
 _SINKHOLED: Final = slot(SINKHOLED, 0)
 _SINKHOLED_OTHER: Final = slot(SINKHOLED, OTHER)
 _CACHED_OTHER: Final = slot(CACHED, OTHER)
+_FORWARDED_OTHER: Final = slot(FORWARDED, OTHER)
 CLASS_ANY: Final = 255
 # Meta-types and the OPT pseudo-type (RFC 6895 §3.1): never questions a resolver answers; FORMERR,
 # the reason in an Extended DNS Error "Not Supported"
@@ -156,9 +157,10 @@ class Chase:
 
 class Pipeline:
     __slots__ = ("admission", "any_query", "cache", "cached_slot", "catalog", "consent", "counters", "counts",
-                 "durations", "entries", "gated", "gated_ttl", "gates", "identity", "kiosk_seen", "local", "log_all",
-                 "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "records", "server_id",
-                 "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl", "sunk", "trust_ad", "udp_max", "wall")
+                 "durations", "entries", "forwarded_slot", "gated", "gated_ttl", "gates", "identity", "kiosk_seen",
+                 "local", "log_all", "log_gated", "mono", "on_refresh", "opt_tail", "plain_ttl", "prefetch", "records",
+                 "server_id", "sinkhole", "sinkhole_slot", "stale_tail", "stale_ttl", "sunk", "trust_ad", "udp_max",
+                 "wall")
 
     def __init__(
         self,
@@ -223,6 +225,7 @@ class Pipeline:
         # where a sinkholed query of each type (< 256) is counted, over UDP; +1 for TCP
         self.sinkhole_slot = [slot(SINKHOLED, TYPE_SLOT[t]) for t in range(256)]
         self.cached_slot = [slot(CACHED, TYPE_SLOT[t]) for t in range(256)]  # an entry's count_slot
+        self.forwarded_slot = [slot(FORWARDED, TYPE_SLOT[t]) for t in range(256)]
         self.counts = self.counters.counts  # the hot path's one increment, one attribute away
         # Seconds from arrival to reply of queries that went upstream (answers from memory take
         # microseconds and are not timed: two clock reads would cost more than the answer).
@@ -494,11 +497,28 @@ class Pipeline:
             self._gated(SINKHOLED, now, fwd.client, q.question, q.qtype, fwd.tcp, -1, rule, elapsed)
             return self._limit(q, self.sinkhole.reply(q.id, q.flags, q.question, q.qtype, rule, edns, cause),
                                fwd.tcp)
-        reply = self._render(entry, q.id, q.flags, q.question, edns, now, self._reply_limit(q, fwd.tcp))
-        if rule is not None:
-            self._gated(FORWARDED, now, fwd.client, q.question, q.qtype, fwd.tcp, entry.flags & 0xF, rule, elapsed)
+        # _render, _reply_limit and _plain inlined: this runs once for every client of every miss
+        tcp = fwd.tcp
+        qflags = q.flags
+        flags = QR | RA | (qflags & (RD | CD)) | entry.flags
+        if flags & AD and not (qflags & AD or edns == 1):
+            flags &= ~AD  # AD only to clients that said they understand it (RFC 6840 §5.8)
+        body = entry.body if now < entry.body_until else entry.body_at(now)
+        if edns < 0:
+            reply = ID_FLAGS.pack(q.id, flags) + entry.head + q.question + body
+            limit = TCP_LIMIT if tcp else MIN_UDP
         else:
-            self._plain(FORWARDED, now, fwd.client, q, fwd.tcp, entry.flags & 0xF, elapsed)
+            reply = ID_FLAGS.pack(q.id, flags) + entry.head_edns + q.question + body + self.opt_tail[edns]
+            limit = TCP_LIMIT if tcp else min(max(MIN_UDP, q.edns.udp_size), self.udp_max)  # type: ignore[union-attr]
+        if len(reply) > limit:
+            reply = self._truncated(q.id, flags, q.question, edns)
+        if rule is not None:
+            self._gated(FORWARDED, now, fwd.client, q.question, q.qtype, tcp, entry.flags & 0xF, rule, elapsed)
+        else:
+            qtype = q.qtype
+            self.counts[(self.forwarded_slot[qtype] if qtype < 256 else _FORWARDED_OTHER) + tcp] += 1
+            if self.log_all is not None:
+                self.log_all((now, fwd.client, q.question, tcp, FORWARDED, entry.flags & 0xF, None, None, elapsed))
         return reply
 
     def admit(self, fwd: Forward, reply: bytes) -> Entry | Chase:

@@ -492,3 +492,101 @@ def _source_of(level: int, kind: int, value: bytes) -> bytes:
     if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= 12:
         return _ZERO4 + value[4:12]
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# The upstream side: replies to forwarded queries, and the queries themselves
+
+
+REPLIES: Final = 16  # upstream replies per recvmmsg (a wake-up of one upstream socket finds a handful)
+QUERY_SLOT: Final = 512  # room for a query of ours: header, a name of up to 255 bytes, type, class, OPT
+_NAMELEN_AT: Final = _Msghdr.msg_namelen.offset
+
+
+class UpstreamBatches:
+    """recvmmsg and sendmmsg for the upstream UDP sockets (dns/upstreams.py): the replies waiting in
+    a socket taken REPLIES at a time, and the queries of one turn of the event loop that leave from
+    one socket sent with one call. One set of buffers serves every socket of the process: each call
+    reads or writes one socket, to the end, before the next can begin."""
+
+    def __init__(self) -> None:
+        if _CALLS is None:
+            raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not available here")
+        self._recvmmsg, self._sendmmsg = _CALLS
+        self.rbuf = mmap.mmap(-1, REPLIES * SLOT)
+        self.sbuf = mmap.mmap(-1, BATCH * QUERY_SLOT)
+        self.rnames = mmap.mmap(-1, REPLIES * NAME)
+        self.snames = mmap.mmap(-1, BATCH * NAME)
+        self.rhdr = mmap.mmap(-1, REPLIES * HDR)
+        self.shdr = mmap.mmap(-1, BATCH * HDR)
+        self.iovs = mmap.mmap(-1, (REPLIES + BATCH) * IOV)  # receive, then send
+        rbase, sbase, rnames, snames, ibase = (_address(b) for b in (self.rbuf, self.sbuf, self.rnames, self.snames,
+                                                                      self.iovs))
+        iovs = (_Iovec * (REPLIES + BATCH)).from_buffer(self.iovs)
+        rh = (_Mmsghdr * REPLIES).from_buffer(self.rhdr)
+        sh = (_Mmsghdr * BATCH).from_buffer(self.shdr)
+        for i in range(REPLIES):
+            iovs[i].iov_base, iovs[i].iov_len = rbase + i * SLOT, SLOT
+            hdr = rh[i].msg_hdr
+            hdr.msg_name, hdr.msg_namelen = rnames + i * NAME, NAME
+            hdr.msg_iov, hdr.msg_iovlen = ibase + i * IOV, 1
+        for i in range(BATCH):
+            iovs[REPLIES + i].iov_base = sbase + i * QUERY_SLOT
+            hdr = sh[i].msg_hdr
+            hdr.msg_name = snames + i * NAME
+            hdr.msg_iov, hdr.msg_iovlen = ibase + (REPLIES + i) * IOV, 1
+        del iovs, rh, sh  # (an mmap with live exports cannot be closed)
+        self.rtemplate = memoryview(bytes(self.rhdr))  # recvmmsg writes lengths into its headers: reset them
+        self.rhdr_view = memoryview(self.rhdr)
+        self.sizes = memoryview(self.rhdr).cast("I")  # msg_len of reply i: [i * HDR // 4 + _LEN_AT // 4]
+        self.namelens = memoryview(self.shdr).cast("I")  # msg_namelen of query i: [(i * HDR + _NAMELEN_AT) // 4]
+        self.iov_sizes = memoryview(self.iovs).cast("P")  # iov_len of query i: [(REPLIES + i) * IOV // SIZE_T + 1]
+        self.rhdr_at, self.shdr_at = _address(self.rhdr), _address(self.shdr)
+        self.used = 0
+
+    def receive(self, fd: int, v6: bool, handle: Callable[[bytes, bytes], None]) -> None:
+        """Hand every datagram waiting in `fd` to `handle(datagram, source)`: `source` is the
+        sender's port and address as its sockaddr holds them (upstreams.sockaddr_of gives a server's)."""
+        rbuf, names, sizes = self.rbuf, self.rnames, self.sizes
+        end = 28 if v6 else 8  # sockaddr_in6: port, flow label (0 on receipt), address, scope; IPv4: port, address
+        stride, len_at = HDR // 4, _LEN_AT // 4
+        while True:
+            used = self.used
+            if used:
+                self.rhdr_view[: used * HDR] = self.rtemplate[: used * HDR]
+            n = self._recvmmsg(fd, self.rhdr_at, REPLIES, 0, None)
+            if n <= 0:
+                self.used = 0
+                if n < 0:
+                    err = ctypes.get_errno()
+                    if err not in _RETRY:  # an ICMP error queued for the socket: the attempt times out
+                        log.debug("upstream socket error: %s", errno.errorcode.get(err, err))
+                return
+            self.used = n
+            for i in range(n):
+                off = i * SLOT
+                handle(rbuf[off : off + sizes[i * stride + len_at]], names[i * NAME + 2 : i * NAME + end])
+            if n < REPLIES:
+                return
+
+    def send(self, fd: int, batch: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        """Send up to BATCH (query, sockaddr) pairs from `fd` with one sendmmsg: how many the kernel
+        took, and if it took none, the errno of the first (it refused that one)."""
+        if len(batch) > BATCH:
+            raise ValueError(f"{len(batch)} queries for {BATCH} slots")
+        sbuf, names, namelens, iov_sizes = self.sbuf, self.snames, self.namelens, self.iov_sizes
+        iov_at = REPLIES * IOV // SIZE_T + _IOV_LEN_AT // SIZE_T
+        namelen_at = _NAMELEN_AT // 4
+        for j, (message, address) in enumerate(batch):
+            size = len(message)
+            if size > QUERY_SLOT or len(address) > NAME:
+                raise ValueError(f"a query of {size} bytes to a {len(address)}-byte address")
+            sbuf[j * QUERY_SLOT : j * QUERY_SLOT + size] = message
+            iov_sizes[iov_at + j * (IOV // SIZE_T)] = size
+            names[j * NAME : j * NAME + len(address)] = address
+            namelens[j * (HDR // 4) + namelen_at] = len(address)
+        sent = self._sendmmsg(fd, self.shdr_at, len(batch), 0)
+        if sent < 0:
+            return 0, ctypes.get_errno()
+        return sent, 0
+

@@ -37,10 +37,11 @@ import os
 import socket
 import ssl
 import struct
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import h2.config
 import h2.connection
@@ -144,6 +145,37 @@ def _is_reply_to(data: bytes, question: bytes) -> bool:
     return data[end - 4 : end] == question[-4:] and data[12 : end - 4].lower() == question[:-4]
 
 
+class DatagramBatches(Protocol):
+    """recvmmsg/sendmmsg for the upstream sockets (dns/udp_batch.py's UpstreamBatches, given where
+    the upstreams are built when dns.udp_io is "batched")."""
+
+    def receive(self, fd: int, v6: bool, handle: Callable[[bytes, bytes], None]) -> None: ...
+
+    def send(self, fd: int, batch: list[tuple[bytes, bytes]]) -> tuple[int, int]: ...
+
+
+SEND_BATCH: Final = 64  # queries DatagramBatches.send takes at once
+
+
+def sockaddr_of(host: str, port: int) -> tuple[bytes, bytes]:
+    """An upstream's sockaddr (to send to it with sendmmsg), and the part of the sockaddr of its
+    replies that DatagramBatches.receive hands on as their source: port and address (for IPv6 also
+    the flow label, which the kernel reports as 0, and the scope). Empty for a host that is no IP
+    address (only UDP servers need one: they are always given by address)."""
+    try:
+        if ":" in host:
+            found = socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
+            scope = int(found[-1]) if len(found) == 4 else 0
+            sockaddr = (socket.AF_INET6.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big") + bytes(4)
+                        + socket.inet_pton(socket.AF_INET6, host.partition("%")[0]) + scope.to_bytes(4, sys.byteorder))
+            return sockaddr, sockaddr[2:28]
+        sockaddr = (socket.AF_INET.to_bytes(2, sys.byteorder) + port.to_bytes(2, "big") + socket.inet_aton(host)
+                    + bytes(8))
+    except (OSError, ValueError, OverflowError):
+        return b"", b""
+    return sockaddr, sockaddr[2:8]
+
+
 # --------------------------------------------------------------------------------------------
 # Servers and their health
 
@@ -151,12 +183,14 @@ def _is_reply_to(data: bytes, question: bytes) -> bool:
 class Server:
     """One upstream and what we have learned about it."""
 
-    __slots__ = ("address", "down_until", "failures", "family", "peer", "srtt", "stats", "stream")
+    __slots__ = ("address", "down_until", "failures", "family", "peer", "sockaddr", "source", "srtt", "stats",
+                 "stream")
 
     def __init__(self, address: UpstreamAddress, stats: ServerStats | None = None) -> None:
         self.address = address
         self.family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         self.peer = (address.host, address.port)  # where UDP queries go and replies must come from
+        self.sockaddr, self.source = sockaddr_of(address.host, address.port)  # the same, as the kernel writes them
         self.stats = stats if stats is not None else ServerStats()  # shared by a server listed twice
         self.srtt: float | None = None  # smoothed round-trip time (s); None until measured
         self.failures = 0  # consecutive
@@ -221,10 +255,11 @@ class ServerGroup:
 class _UdpSocket:
     """One upstream UDP socket on a random port; replies are matched by ID, source and question."""
 
-    __slots__ = ("fd", "owner", "pending", "retired", "sock", "uses_left")
+    __slots__ = ("fd", "owner", "pending", "retired", "sock", "uses_left", "v6")
 
     def __init__(self, owner: Upstreams, family: int, uses: int) -> None:
         self.owner = owner
+        self.v6 = family == socket.AF_INET6
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             self.sock.setblocking(False)
@@ -239,6 +274,10 @@ class _UdpSocket:
         self.retired = False
 
     def _readable(self) -> None:
+        batches = self.owner.batches
+        if batches is not None:  # every reply waiting, REPLIES per system call
+            batches.receive(self.fd, self.v6, self._received_from)
+            return
         while True:
             try:
                 data, addr = self.sock.recvfrom(65535)
@@ -255,6 +294,17 @@ class _UdpSocket:
             self.owner.ignored += 1
             return
         if (addr[0], addr[1]) != waiter.peer or not _is_reply_to(data, waiter.question):
+            self.owner.ignored += 1  # wrong source or question: keep waiting for the real one
+            return
+        waiter.deliver(data)
+
+    def _received_from(self, data: bytes, source: bytes) -> None:
+        """`_received`, the source as DatagramBatches.receive gives it (no text address built)."""
+        waiter = self.pending.get((data[0] << 8) | data[1]) if len(data) >= 12 else None
+        if waiter is None:
+            self.owner.ignored += 1
+            return
+        if source != waiter.source or not _is_reply_to(data, waiter.question):
             self.owner.ignored += 1  # wrong source or question: keep waiting for the real one
             return
         waiter.deliver(data)
@@ -276,9 +326,10 @@ class _Waiter:
     """What a UDP socket knows of a query it sent: where the reply must come from, the question it
     must carry, and whom to give it to."""
 
-    __slots__ = ("peer", "question")
+    __slots__ = ("peer", "question", "source")
 
     peer: tuple[str, int]
+    source: bytes  # the peer as DatagramBatches.receive gives a reply's source
     question: bytes
 
     def deliver(self, data: bytes) -> None:
@@ -293,9 +344,10 @@ class _FutureWaiter(_Waiter):
 
     __slots__ = ("future",)
 
-    def __init__(self, future: asyncio.Future[bytes], peer: tuple[str, int], question: bytes) -> None:
+    def __init__(self, future: asyncio.Future[bytes], server: Server, question: bytes) -> None:
         self.future = future
-        self.peer = peer
+        self.peer = server.peer
+        self.source = server.source
         self.question = question
 
     def deliver(self, data: bytes) -> None:
@@ -332,6 +384,7 @@ class UdpAttempt(_Waiter):
         self.sock = sock
         self.qid = qid
         self.peer = server.peer
+        self.source = server.source
         self.question = question
         self.done = done
         self.context = context
@@ -341,9 +394,14 @@ class UdpAttempt(_Waiter):
 
     def deliver(self, data: bytes) -> None:
         self.settled = True
-        self.sock.release(self.qid)
+        sock = self.sock
+        del sock.pending[self.qid]  # (sock.release, inlined: this runs for every miss)
+        if sock.retired and not sock.pending:
+            sock.close()
         server = self.server
-        elapsed = self.owner.loop.time() - self.started
+        loop = self.owner._loop
+        assert loop is not None  # (set by `begin`)
+        elapsed = loop.time() - self.started
         server.stats.latency.observe(elapsed)
         server.succeeded(elapsed)
         if data[2] & (TC >> 8):
@@ -400,7 +458,7 @@ class _UdpPool:
                 slots.append(sock)
                 index = len(slots) - 1
         else:
-            index = self.owner.random.below(self.size)
+            index = self.owner.random.u16() % self.size  # (RandomBytes.below, inlined)
             sock = slots[index]
         sock.uses_left -= 1
         if sock.uses_left <= 0:  # retire it once its queries are answered; a new port takes its place
@@ -673,7 +731,8 @@ class Upstreams:
                  udp_size: int, strategy: Strategy = "failover",
                  domains: Sequence[tuple[str, Sequence[UpstreamAddress]]] = (), ask_ad: bool = False,
                  tls_ca_file: str = "", sockets_per_family: int = SOCKETS_PER_FAMILY,
-                 queries_per_socket: int = QUERIES_PER_SOCKET, shortage: Shortage | None = None) -> None:
+                 queries_per_socket: int = QUERIES_PER_SOCKET, shortage: Shortage | None = None,
+                 batches: DatagramBatches | None = None) -> None:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.udp_size = udp_size
@@ -710,6 +769,8 @@ class Upstreams:
         self._attempts: deque[UdpAttempt] = deque()
         # First attempts begun in this turn of the event loop, sent together at its end (`_send_begun`)
         self._outbox: list[tuple[UdpAttempt, bytes]] = []
+        # recvmmsg/sendmmsg for the UDP sockets (dns.udp_io = "batched"); None: recvfrom and sendto
+        self.batches = batches
         self._sweeper: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.queries = 0
@@ -774,10 +835,19 @@ class Upstreams:
         server = group.order(now)[0]
         if server.address.transport != "udp":
             return None
-        sock, qid = self._socket_and_id(server.family)
+        pool = self._pools.get(server.family)  # (_socket_and_id, inlined: this runs for every miss)
+        if pool is None:
+            pool = self._pools[server.family] = _UdpPool(self, server.family, self.sockets_per_family,
+                                                         self.queries_per_socket)
+        sock = pool.take()
+        pending = sock.pending
+        random = self.random
+        qid = random.u16()
+        while qid in pending:
+            qid = random.u16()
         question = query.key[:-1]  # the name in lower case, type and class (class ANY is asked as IN)
         attempt = UdpAttempt(self, group, server, sock, qid, question, done, context, now)
-        sock.pending[qid] = attempt
+        pending[qid] = attempt
         self.queries += 1
         server.stats.queries += 1
         do = query.edns is not None and query.edns.do
@@ -797,16 +867,43 @@ class Upstreams:
         query was settled meanwhile (the pool closed) is not sent; one the kernel refuses is
         handed back to its exchange; whatever a caller raises, the others still leave."""
         outbox, self._outbox = self._outbox, []
+        batches = self.batches
+        if batches is not None and len(outbox) > 1:
+            self._send_batches(batches, outbox)
+            return
         for attempt, message in outbox:
             if attempt.settled:
                 continue
             try:
                 attempt.sock.sock.sendto(message, attempt.peer)
             except OSError:
+                _unsent(attempt)
+
+    def _send_batches(self, batches: DatagramBatches, outbox: list[tuple[UdpAttempt, bytes]]) -> None:
+        """`_send_begun` with one sendmmsg per socket (the queries of a turn are spread over the pool's)."""
+        by_socket: dict[_UdpSocket, list[tuple[UdpAttempt, bytes]]] = {}
+        for item in outbox:
+            attempt = item[0]
+            if attempt.settled:
+                continue
+            mine = by_socket.get(attempt.sock)
+            if mine is None:
+                by_socket[attempt.sock] = [item]
+            else:
+                mine.append(item)
+        for sock, items in by_socket.items():
+            while items:
+                chunk = items[:SEND_BATCH]
                 try:
-                    attempt.unsent()
-                except Exception:
-                    log.exception("handing back a query the kernel would not send")
+                    sent, err = batches.send(sock.fd, [(message, a.server.sockaddr) for a, message in chunk])
+                except Exception:  # (a query too large for a slot: never one of ours)
+                    log.exception("sending upstream queries")
+                    sent, err = 0, 0
+                if not sent:  # the kernel refused the first: it goes back to its exchange
+                    log.debug("upstream send error: %s", os.strerror(err) if err else "not sent")
+                    _unsent(chunk[0][0])
+                    sent = 1
+                items = items[sent:]
 
     def _sweep(self) -> None:
         """Expire first attempts whose time is up (all share one timeout, so the deque is in
@@ -891,7 +988,7 @@ class Upstreams:
             return await self._stream(server, question, flags, do, timeout)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        reply = await self._udp(server.address, question, flags, do, timeout)
+        reply = await self._udp(server, question, flags, do, timeout)
         if reply[2] & (TC >> 8):
             reply = await self._stream(server, question, flags, do, timeout - (loop.time() - started))
         return reply
@@ -910,14 +1007,14 @@ class Upstreams:
     def _message(self, qid: int, question: bytes, flags: int, do: bool) -> bytes:
         return HEADER.pack(qid, flags, 1, 0, 0, 1) + question + self._opt[do]
 
-    async def _udp(self, server: UpstreamAddress, question: bytes, flags: int, do: bool, timeout: float) -> bytes:
-        sock, qid = self._socket_and_id(socket.AF_INET6 if ":" in server.host else socket.AF_INET)
+    async def _udp(self, server: Server, question: bytes, flags: int, do: bool, timeout: float) -> bytes:
+        sock, qid = self._socket_and_id(server.family)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
-        sock.pending[qid] = _FutureWaiter(future, (server.host, server.port), question)
+        sock.pending[qid] = _FutureWaiter(future, server, question)
         timer = loop.call_later(timeout, _expire, future)
         try:
-            sock.sock.sendto(self._message(qid, question, flags, do), (server.host, server.port))
+            sock.sock.sendto(self._message(qid, question, flags, do), server.peer)
             return await future
         finally:
             timer.cancel()
@@ -960,6 +1057,13 @@ class Upstreams:
             for server in group.servers:
                 if server.stream is not None:
                     await server.stream.aclose()
+
+
+def _unsent(attempt: UdpAttempt) -> None:
+    try:
+        attempt.unsent()
+    except Exception:
+        log.exception("handing back a query the kernel would not send")
 
 
 def _expire(future: asyncio.Future[bytes]) -> None:

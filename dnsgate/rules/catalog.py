@@ -169,8 +169,8 @@ class NameMatcher(Protocol):
 class Catalog:
     """Categories, vendors, domain rules and lists; immutable once built (a reload builds a new one)."""
 
-    __slots__ = ("_by_apex", "_cloaked", "_v4", "_v6", "categories", "ip_rules", "listed", "lists", "memo",
-                 "proven", "rules", "vendors", "version")
+    __slots__ = ("_by_apex", "_cloaked", "_v4", "_v6", "categories", "checks_addresses", "ip_rules", "listed", "lists",
+                 "memo", "proven", "rules", "vendors", "version")
 
     def __init__(
         self,
@@ -200,6 +200,8 @@ class Catalog:
         )
         self._v4 = _AddressRanges(r for r in self.ip_rules if ":" not in r.pattern)
         self._v6 = _AddressRanges(r for r in self.ip_rules if ":" in r.pattern)
+        # Whether answers' addresses can reveal a vendor (read for every forwarded answer: kept, not computed)
+        self.checks_addresses = bool(self._v4 or self._v6)
         # name -> rule, for names already looked up (the fast path reads it directly)
         self.memo: dict[bytes, DomainRule | None] = {}
 
@@ -238,10 +240,6 @@ class Catalog:
         """The IP-range rule covering a 4- or 16-byte address from an answer, or None."""
         ranges = self._v4 if len(address) == 4 else self._v6
         return ranges.find(int.from_bytes(address, "big")) if ranges else None
-
-    @property
-    def checks_addresses(self) -> bool:
-        return bool(self._v4 or self._v6)
 
     def category(self, category_id: str) -> Category | None:
         return next((c for c in self.categories if c.id == category_id), None)

@@ -67,6 +67,7 @@ def patch_sockets() -> None:
     """Upstream sockets that never touch the kernel."""
     def init(self: _UdpSocket, owner: Upstreams, family: int, uses: int) -> None:
         self.owner = owner
+        self.v6 = False
         self.sock = LoopbackSocket(self)  # type: ignore[assignment]
         self.fd = -1
         self.pending = {}

@@ -1,6 +1,8 @@
 """First attempts of cache misses (Upstreams.begin) against a real UDP socket on loopback: those
 begun in one turn of the event loop leave together at its end, each still on a random socket with
-a random ID, each answered; one settled before its turn to leave (the pool closed) never leaves."""
+a random ID, each answered; one settled before its turn to leave (the pool closed) never leaves;
+those the kernel refuses go back to their exchange. With sendto/recvfrom, and with sendmmsg/recvmmsg
+(dns.udp_io = "batched": udp_batch.UpstreamBatches)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,16 @@ import dns.message
 import pytest
 
 from dnsgate.config import parse_upstream
-from dnsgate.dns.upstreams import After, Upstreams
+from dnsgate.dns.udp_batch import UpstreamBatches, available
+from dnsgate.dns.upstreams import After, DatagramBatches, Upstreams
 from dnsgate.wire import Query, parse_query
 
 ANSWER = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc0\x00\x02\x07"  # A 192.0.2.7, TTL 300
+
+
+@pytest.fixture(params=["sendto", "sendmmsg"] if available() else ["sendto"])
+def batches(request: pytest.FixtureRequest) -> DatagramBatches | None:
+    return UpstreamBatches() if request.param == "sendmmsg" else None
 
 
 @pytest.fixture
@@ -48,9 +56,10 @@ def answer(data: bytes) -> bytes:
     return data[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + data[12:qend] + ANSWER
 
 
-async def test_first_attempts_of_one_turn_leave_together_and_are_answered(server: socket.socket) -> None:
+async def test_first_attempts_of_one_turn_leave_together_and_are_answered(
+        server: socket.socket, batches: DatagramBatches | None) -> None:
     upstreams = Upstreams([parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")], timeout=2.0,
-                          attempt_timeout=1.0, udp_size=1232)
+                          attempt_timeout=1.0, udp_size=1232, batches=batches)
     results: dict[str, bytes | None] = {}
     all_done = asyncio.Event()
 
@@ -72,18 +81,25 @@ async def test_first_attempts_of_one_turn_leave_together_and_are_answered(server
         assert len({struct.unpack_from(">H", d)[0] for d, _ in sent}) >= 18  # random IDs
         assert len({port for _, (_, port) in sent}) > 1  # from several sockets of the pool
         for data, source in sent:
+            server.sendto(answer(data)[:2] + b"\x00" + answer(data)[3:], source)  # QR clear: no reply, ignored
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as spoofer:  # right ID and question, wrong port
+                spoofer.bind(("127.0.0.1", 0))
+                spoofer.sendto(answer(data)[:-1] + b"\x66", source)
             server.sendto(answer(data), source)
         await asyncio.wait_for(all_done.wait(), 2)
         assert sorted(results) == sorted(names)
         for name, reply in results.items():
             assert reply is not None and dns.message.from_wire(reply).question[0].name.to_text() == name + "."
+            assert reply.endswith(b"\xc0\x00\x02\x07")  # the server's answer, never the spoofer's
+        assert upstreams.ignored == 2 * len(names)
     finally:
         await upstreams.close()
 
 
-async def test_an_attempt_settled_before_it_leaves_is_not_sent(server: socket.socket) -> None:
+async def test_an_attempt_settled_before_it_leaves_is_not_sent(server: socket.socket,
+                                                                batches: DatagramBatches | None) -> None:
     upstreams = Upstreams([parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")], timeout=2.0,
-                          attempt_timeout=1.0, udp_size=1232)
+                          attempt_timeout=1.0, udp_size=1232, batches=batches)
     results: list[tuple[bytes | None, After | None]] = []
     assert upstreams.begin(query("gone.example.test"), lambda _c, r, a: results.append((r, a)), None) is not None
     await upstreams.close()  # within the same turn: the attempt is over before its send
@@ -92,3 +108,20 @@ async def test_an_attempt_settled_before_it_leaves_is_not_sent(server: socket.so
     await asyncio.sleep(0)
     assert waiting(server) == []
     assert results == [(None, None)]
+
+
+async def test_queries_the_kernel_refuses_go_back_to_their_exchange(batches: DatagramBatches | None) -> None:
+    """The broadcast address without SO_BROADCAST: every send fails (EACCES) before anything leaves."""
+    upstreams = Upstreams([parse_upstream("255.255.255.255:53")], timeout=2.0, attempt_timeout=1.0,
+                          udp_size=1232, batches=batches)
+    results: list[tuple[str, bytes | None, After | None]] = []
+    try:
+        for i in range(5):
+            assert upstreams.begin(query(f"r{i}.example.test"), lambda c, r, a: results.append((c, r, a)),
+                                   f"r{i}") is not None
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert sorted(results) == [(f"r{i}", None, None) for i in range(5)]  # each once, at once
+        assert not any(sock.pending for sock in upstreams.live_sockets)
+    finally:
+        await upstreams.close()
