@@ -9,7 +9,9 @@ BACKOFF_MAX): meanwhile it is asked only after the healthy ones, and afterwards 
 How: every upstream query has a fresh random ID (the OS CSPRNG, read in blocks) and leaves from one
 of a small pool of UDP sockets, each bound to a port the kernel picks at random and replaced after
 QUERIES_PER_SOCKET queries, so source ports keep changing without paying for a socket per query
-(measured in tests/bench/upstream_ports.py; see docs/resolver.md). A reply is accepted only from the
+(measured in tests/bench/upstream_ports.py; see docs/resolver.md). The first attempts of cache
+misses begun in one turn of the event loop share the socket picked for that turn (`begin`): each
+query's port is still one the kernel picked at random, unknown off path. A reply is accepted only from the
 address asked, with our ID, QR set and our question; anything else is counted and ignored while we
 keep waiting for the real one (anti-spoofing). A truncated UDP reply is asked again over TCP.
 tcp:// and tls:// servers get one persistent connection each, shared by pipelined queries
@@ -441,28 +443,30 @@ class _UdpPool:
         self.uses = uses
         self.slots: list[_UdpSocket] = []
 
-    def take(self) -> _UdpSocket:
-        """A socket for one query. Short of descriptors, the pool serves from the sockets it has,
-        one fewer as each is used up (none serves more than `uses` queries), and tries again to fill
-        its slots with every query; LocalShortage once it has none."""
+    def take(self, prefer: _UdpSocket | None = None) -> _UdpSocket:
+        """A socket for one query: `prefer` while it has uses left and the pool is full (the first
+        attempts of one turn of the event loop leave from one socket, with one sendmmsg, and their
+        replies come back to it together), else one at random. Short of descriptors, the pool
+        serves from the sockets it has, one fewer as each is used up (none serves more than `uses`
+        queries), and tries again to fill its slots with every query; LocalShortage once it has none."""
         slots = self.slots
-        if len(slots) < self.size:
+        if prefer is not None and not prefer.retired and len(slots) == self.size:
+            sock = prefer
+        elif len(slots) < self.size:
             try:
                 sock = self._open()
             except LocalShortage:
                 if not slots:
                     raise
-                index = self.owner.random.below(len(slots))
-                sock = slots[index]
+                sock = slots[self.owner.random.below(len(slots))]
             else:
                 slots.append(sock)
-                index = len(slots) - 1
         else:
-            index = self.owner.random.u16() % self.size  # (RandomBytes.below, inlined)
-            sock = slots[index]
+            sock = slots[self.owner.random.u16() % self.size]  # (RandomBytes.below, inlined)
         sock.uses_left -= 1
         if sock.uses_left <= 0:  # retire it once its queries are answered; a new port takes its place
             sock.retired = True
+            index = slots.index(sock)
             try:
                 slots[index] = self._open()
             except LocalShortage:
@@ -769,6 +773,7 @@ class Upstreams:
         self._attempts: deque[UdpAttempt] = deque()
         # First attempts begun in this turn of the event loop, sent together at its end (`_send_begun`)
         self._outbox: list[tuple[UdpAttempt, bytes]] = []
+        self._turn: dict[int, _UdpSocket] = {}  # per family, the socket they leave from (_UdpPool.take)
         # recvmmsg/sendmmsg for the UDP sockets (dns.udp_io = "batched"); None: recvfrom and sendto
         self.batches = batches
         self._sweeper: asyncio.TimerHandle | None = None
@@ -821,10 +826,12 @@ class Upstreams:
         (nothing sent, `done` never called) when no socket can be had.
 
         The query leaves at the end of this turn of the event loop, with every other first attempt
-        begun in it, one send after the other: the upstream is woken once for them (a wake-up on
-        the other core, a VM exit for its interrupt, cost more than the send itself when each
-        query left between the Python work of the next). A send the kernel refuses calls `done`
-        with no reply: the exchange tries again (and records the failure)."""
+        begun in it, one send after the other (one sendmmsg per socket with `batches`): the
+        upstream is woken once for them (a wake-up on the other core, a VM exit for its interrupt,
+        cost more than the send itself when each query left between the Python work of the next).
+        They leave from one socket of the pool, picked at random for the turn and used while it
+        has uses left, so their replies come back together too (one recvmmsg). A send the kernel
+        refuses calls `done` with no reply: the exchange tries again (and records the failure)."""
         if self.closed:
             return None
         loop = self._loop
@@ -839,7 +846,7 @@ class Upstreams:
         if pool is None:
             pool = self._pools[server.family] = _UdpPool(self, server.family, self.sockets_per_family,
                                                          self.queries_per_socket)
-        sock = pool.take()
+        sock = self._turn[server.family] = pool.take(self._turn.get(server.family))
         pending = sock.pending
         random = self.random
         qid = random.u16()
@@ -867,6 +874,7 @@ class Upstreams:
         query was settled meanwhile (the pool closed) is not sent; one the kernel refuses is
         handed back to its exchange; whatever a caller raises, the others still leave."""
         outbox, self._outbox = self._outbox, []
+        self._turn.clear()
         batches = self.batches
         if batches is not None and len(outbox) > 1:
             self._send_batches(batches, outbox)

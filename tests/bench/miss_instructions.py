@@ -2,7 +2,7 @@
 the machine's load, so before/after comparisons hold on a shared machine where q/s and CPU time
 move by tens of percent.
 
-    .venv/bin/python -m tests.bench.miss_instructions [--n 3000] [--udp-io batched]
+    .venv/bin/python -m tests.bench.miss_instructions [--n 3000] [--udp-io batched] [--syscalls]
 
 dnsgate (`dnsgate serve`, as ./dev bench configures it) runs under callgrind with instrumentation
 off; an upstream unbound answers every name under miss.test. After a warm-up, instrumentation is
@@ -10,7 +10,9 @@ switched on, dnsperf (8 clients, 100 queries outstanding: the server saturated, 
 workload) asks `n` names nobody asked before, and instrumentation goes off again once the last
 is answered. The figure is the instructions of the dnsgate process in that interval (user space:
 Python, libc, uvloop; the kernel's work is not counted) divided by `n`. Needs valgrind, unbound and
-dnsperf. Uses ports 26400-26401.
+dnsperf. Uses ports 26400-26401. With --syscalls, dnsgate runs without valgrind and strace counts
+its system calls per miss in the same interval instead (also independent of the load: the kernel's
+per-call cost is what batching saves beyond the instructions).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,14 +62,33 @@ def control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
 
 
+def syscalls(pid: int, gen: Path, queries: Path, n: int) -> None:
+    out = gen / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-f", "-c", "-o", str(out), "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(1)  # (attached)
+    text = dnsperf(queries)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(30)
+    completed = int(re.search(r"Queries completed:\s+(\d+)", text).group(1))  # type: ignore[union-attr]
+    calls = {}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[-1].isidentifier() and fields[3].isdigit() and fields[-1] != "total":
+            calls[fields[-1]] = int(fields[3])
+    total = sum(calls.values())
+    print(f"{total / n:.2f} system calls per miss ({completed} answered): "
+          + ", ".join(f"{name} {count / n:.2f}" for name, count in sorted(calls.items(), key=lambda c: -c[1])[:12]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=3000, help="misses counted")
     parser.add_argument("--warm", type=int, default=1000, help="misses before counting")
     parser.add_argument("--udp-io", default="batched")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind output (its path is printed)")
+    parser.add_argument("--syscalls", action="store_true", help="count system calls (strace) instead")
     args = parser.parse_args()
-    for tool in ("valgrind", "callgrind_control", "unbound", "dnsperf"):
+    for tool in ("strace" if args.syscalls else "valgrind", "unbound", "dnsperf"):
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool}")
     with tempfile.TemporaryDirectory(prefix="miss-instr-") as tmp:
@@ -83,9 +105,10 @@ def main() -> None:
             f'[dns]\nudp_io = "{args.udp_io}"\n')
         out_file = gen / "callgrind.out"
         upstream = subprocess.Popen(["unbound", "-d", "-c", str(gen / "upstream.conf")])
+        wrapper: list[str] = [] if args.syscalls else ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                                  f"--callgrind-out-file={out_file}"]
         server = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_file}",
-             sys.executable, "-m", "dnsgate", "serve", "--config", str(gen / "dnsgate.toml"),
+            [*wrapper, sys.executable, "-m", "dnsgate", "serve", "--config", str(gen / "dnsgate.toml"),
              "--dns", f"127.0.0.1:{DNS}", "--api", f"127.0.0.1:{DNS + 100}", "--upstream", f"127.0.0.1:{UPSTREAM}",
              "--data-dir", str(gen / "data"), "--log-level", "warning"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(gen / "server.log").open("w"))
@@ -93,6 +116,9 @@ def main() -> None:
             if not ready(DNS, 300):
                 sys.exit("dnsgate under valgrind did not answer: " + (gen / "server.log").read_text()[-2000:])
             dnsperf(names(gen / "warm.txt", "warm", args.warm))
+            if args.syscalls:
+                syscalls(server.pid, gen, names(gen / "count.txt", "count", args.n), args.n)
+                return
             control(server.pid, "-i", "on")
             text = dnsperf(names(gen / "count.txt", "count", args.n))
             control(server.pid, "-i", "off")
