@@ -539,7 +539,10 @@ class Pipeline:
                 raise UnusableReply(str(exc)) from None
             if target is not None:
                 return Chase(reply, target, target + q.key[-5:], entry)  # the same type, class, DO and CD
-        self._keep(fwd, entry, cacheable)
+        if cacheable:  # (_keep, inlined: this runs for every miss)
+            if self.prefetch and entry.lifetime >= PREFETCH_MIN_TTL:
+                entry.refresh_at = entry.filled + PREFETCH_AT * entry.lifetime
+            self.cache.put(q.key, entry)
         return entry
 
     def chained(self, fwd: Forward, chase: Chase, target: Entry, keep: bool = True) -> Entry:

@@ -207,10 +207,9 @@ class Catalog:
 
     def match(self, name: bytes) -> DomainRule | None:
         """The rule the lower-case wire `name` is gated on, or None."""
-        try:
-            return self.memo[name]
-        except KeyError:
-            pass
+        rule = self.memo.get(name)  # (not a KeyError per unique name: a flood of misses meets one each)
+        if rule is not None:
+            return rule
         rule = self._lookup(name)
         if rule is not None:  # only gated names: misses of unique names would fill it with None
             memo = self.memo
