@@ -494,6 +494,7 @@ def sources_of(dns_counts: Callable[[], DnsCounts], dns: DnsStack, table: Consen
                    consent_faults=lambda: StoreFaults(consents.history_losses, consents.withdrawals_held,
                                                       consents.undone),
                    consent_remote=lambda: consents.remote_changes if store.shared else None,
+                   consent_commits=(lambda: store.commits) if isinstance(store, SqliteBackend) else None,
                    workers=(lambda: (workers.running(), workers.restarts)) if workers is not None else None,
                    api=api.counts)
 

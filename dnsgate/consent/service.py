@@ -268,6 +268,12 @@ class ConsentService:
         self.trusted_forwarders = frozenset(trusted_forwarders)
         self.paired: dict[str, dict[str, float]] = {}  # HTTP subject key -> {DNS client key: when}
         self._lock = asyncio.Lock()
+        # Changes planned under the lock whose commit is under way without it (`_change_alongside`):
+        # the identities (addresses, MACs) each one touches. Whoever takes the lock to change anything
+        # else waits for them to be in force first (`_locked`).
+        self._alongside: list[frozenset[str]] = []
+        self._alongside_done = asyncio.Event()
+        self._alongside_done.set()
         self._tasks = TaskSet()  # pairing binds, which outlive the request that started them
         self._last_purge = 0.0
         self._profiles = table.profiles  # the configured ones (see hold_closed)
@@ -662,10 +668,13 @@ class ConsentService:
             if held:
                 await self._replicate()
             try:
-                async with self._locked(deadline):
-                    if self.store.shared:
-                        await self._load_links(subject, deadline)
-                    await self._change(plan, deadline)
+                if self.store.shared or link is not None or profile == "kiosk":
+                    async with self._locked(deadline):
+                        if self.store.shared:
+                            await self._load_links(subject, deadline)
+                        await self._change(plan, deadline)
+                else:
+                    await self._change_alongside(plan, deadline)
             except StoreError as exc:
                 if not any(key in self._held for key in held):
                     raise
@@ -1430,6 +1439,14 @@ class ConsentService:
     async def _locked(self, deadline: float) -> AsyncIterator[None]:
         """The change lock, if it comes before `deadline`: while the store stalls, changes fail
         fast (Busy: nothing was attempted) instead of queueing behind each other."""
+        await self._acquire(deadline)
+        try:
+            await self._drain(deadline)
+            yield
+        finally:
+            self._lock.release()
+
+    async def _acquire(self, deadline: float) -> None:
         # Waited for in this task, not in asyncio.wait_for's: cancelled as the lock was handed over,
         # that took the lock and dropped the cancellation (Python 3.11), so a loop cancelled at
         # shutdown went on. Lock.acquire cancelled at that point passes the lock on.
@@ -1442,10 +1459,75 @@ class ConsentService:
         except TimeoutError:
             raise Busy(f"{self.store.name}: busy with other changes until this one's deadline "
                        f"({self.timeout:g} s)") from None
+
+    async def _drain(self, deadline: float) -> None:
+        """(Under the lock) until the changes committing alongside are in force (or have failed)."""
+        while self._alongside:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(remaining):  # (not wait_for: see _acquire)
+                    await self._alongside_done.wait()
+            except TimeoutError:
+                raise Busy(f"{self.store.name}: busy with other changes until this one's deadline "
+                           f"({self.timeout:g} s)") from None
+
+    async def _change_alongside(self, plan: Callable[[], list[Step]], deadline: float) -> int:
+        """`_change` for a client's own choice with a store that no other instance changes: planned
+        under the lock, committed without it, so that the choices of other clients are planned
+        meanwhile and their commits join the same transaction (the store groups what waits). Each is
+        still answered only once recorded and in force.
+
+        A plan stays valid while it commits because no change planned meanwhile touches the same
+        identities: one that would (a shared address or MAC, a network's choice, a held refusal of
+        one of them, a change in doubt to settle first) waits under the lock until the changes
+        committing alongside are in force, then is planned again."""
+        await self._acquire(deadline)
         try:
-            yield
+            while True:
+                if self._doubts:
+                    await self._drain(deadline)
+                    return await self._change(plan, deadline)
+                steps = plan()
+                if not steps:
+                    return 0
+                touched = self._touched(steps)
+                if touched is not None and not any(touched & other for other in self._alongside):
+                    break
+                if not self._alongside:
+                    return await self._change(plan, deadline)
+                await self._drain(deadline)
+            self._alongside.append(touched)
+            self._alongside_done.clear()
         finally:
             self._lock.release()
+        try:
+            return await self._commit(steps, self.store.position, deadline)
+        finally:
+            self._alongside.remove(touched)
+            if not self._alongside:
+                self._alongside_done.set()
+
+    def _touched(self, steps: Sequence[Step]) -> frozenset[str] | None:
+        """The addresses and MACs `steps` change choices of, or None if they reach further than
+        that (a network's choice, a pairing, a profile or items set on a choice) or touch a refusal
+        held here."""
+        touched: set[str] = set()
+        for step in steps:
+            if step.pairing is not None or step.sets_profile_of is not None or step.sets_items_of is not None:
+                return None
+            subjects = [step.event.subject]
+            for ended in step.ends:
+                choice = self.table.find(ended)
+                if choice is None:
+                    return None
+                subjects.append(choice.subject)
+            for subject in subjects:
+                if subject.network is not None or subject.key in self._held:
+                    return None
+                touched.update(x for x in (subject.address, subject.mac) if x)
+        return frozenset(touched)
 
     async def _change(self, plan: Callable[[], list[Step]], deadline: float, undoing: Doubt | None = None) -> int:
         """Plan a change on the table, store it, put it in force; returns the steps recorded.

@@ -128,6 +128,11 @@ class ConsentStore:
     def __init__(self, path: Path, synchronous: str = "full") -> None:
         self.path = path
         self._inserts: dict[tuple[str, tuple[str, ...]], str] = {}
+        # Transactions that recorded changes, and the changes they recorded (several per transaction
+        # where changes arrive together: `commit_group`); groups that failed whole and were retried.
+        self.commits = 0
+        self.changes_committed = 0
+        self.groups_broken = 0
         self.checked = ""  # quick_check's verdict at open: "ok", or "" if it did not finish in time
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,7 +280,81 @@ class ConsentStore:
         finally:
             if abandon is not None:
                 self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        self.commits += 1
+        self.changes_committed += 1
         return ids
+
+    def commit_group(self, changes: Sequence[tuple[Sequence[Step], Abandon]]) -> list[list[int | None] | StoreError]:
+        """Several changes in one transaction, so one fsync makes them all durable; what `commit`
+        returns or raises for each, in order.
+
+        Each change is applied in a savepoint of its own: one whose steps fail (a constraint) or
+        whose caller gave up is rolled back alone and the others commit. If the transaction as a
+        whole fails (the lock not had in time: every change would wait for it; a full disk or an
+        I/O error at the commit), nothing of it is stored, and each change is tried again in a
+        transaction of its own, so that a change that cannot be written fails only itself."""
+        if len(changes) == 1:
+            try:
+                return [self.commit(*changes[0])]
+            except StoreError as exc:
+                return [exc]
+        results: list[list[int | None] | StoreError | None] = [None] * len(changes)
+        live: list[int] = []
+        for i, (_, abandon) in enumerate(changes):
+            if abandon.remaining() - LOCK_MARGIN <= 0:
+                results[i] = StoreError(f"{self.path}: no time left for the change")
+            else:
+                live.append(i)
+        if live:
+            # As in `commit`: a lock held elsewhere is waited for until shortly before the first deadline.
+            wait = min(changes[i][1].remaining() for i in live) - LOCK_MARGIN
+            conn = self.db.conn
+            conn.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                for i in live:
+                    results[i] = StoreError(f"{self.path}: {exc}")
+                live = []
+            broken = False
+            applied: list[int] = []
+            for i in live:
+                steps, abandon = changes[i]
+                conn.execute(f"SAVEPOINT change_{i}")
+                try:
+                    ids = [self._apply(step) for step in steps]
+                    abandon.commit_point()
+                except (_GivenUp, sqlite3.Error) as exc:
+                    if not conn.in_transaction:  # (SQLite rolled the whole transaction back)
+                        broken = True
+                        break
+                    conn.execute(f"ROLLBACK TO change_{i}")
+                    conn.execute(f"RELEASE change_{i}")
+                    results[i] = StoreError(f"{self.path}: the change was not written in time; rolled back"
+                                            if isinstance(exc, _GivenUp) else f"{self.path}: {exc}")
+                    continue
+                conn.execute(f"RELEASE change_{i}")
+                results[i] = ids
+                applied.append(i)
+            if live and not broken:
+                try:
+                    conn.execute("COMMIT")
+                    self.commits += 1
+                    self.changes_committed += len(applied)
+                except sqlite3.Error:
+                    broken = True
+            if broken:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self.groups_broken += 1
+                for i in live:
+                    if i in applied or results[i] is None:
+                        try:
+                            results[i] = self.commit(*changes[i])
+                        except StoreError as exc:
+                            results[i] = exc
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        return [r if r is not None else StoreError(f"{self.path}: not attempted") for r in results]
 
     def _apply(self, step: Step) -> int | None:
         if step.only_if_current is not None and not self._current(step.only_if_current):
@@ -365,6 +444,7 @@ class UnavailableStore(ConsentStore):
     def __init__(self, path: Path, reason: str) -> None:  # no super().__init__(): it would open the file
         self.path = path
         self.reason = reason
+        self.commits = self.changes_committed = self.groups_broken = 0
 
     def _fail(self) -> StoreError:
         return StoreError(f"{self.path}: {self.reason}")
@@ -386,6 +466,9 @@ class UnavailableStore(ConsentStore):
 
     def commit(self, steps: Sequence[Step], abandon: Abandon | None = None) -> list[int | None]:
         raise self._fail()
+
+    def commit_group(self, changes: Sequence[tuple[Sequence[Step], Abandon]]) -> list[list[int | None] | StoreError]:
+        return [self._fail() for _ in changes]
 
     def remember_pairing(self, http: str, dns: str, at: float) -> None:
         raise self._fail()
@@ -497,7 +580,12 @@ event_row, event_from_row, choice_row, choice_from_row = _event_row, _event, _ch
 
 class SqliteBackend:
     """`ConsentStore` (synchronous SQLite) behind the protocol: every call runs on one worker
-    thread, so SQLite is never touched from the event loop and writes are serialized."""
+    thread, so SQLite is never touched from the event loop and writes are serialized.
+
+    Group commit: changes wait in a queue, and the thread records all those waiting in one
+    transaction (`ConsentStore.commit_group`), so the changes that arrive while a commit is under
+    way share the next one's fsync. A lone change is written at once; each caller is answered only
+    once its own change is committed (or has failed, alone)."""
 
     shared = False
     position = 0
@@ -509,6 +597,9 @@ class SqliteBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
         # Changes whose deadline passed while their transaction was committing: their outcome.
         self._doubtful: dict[str, Future[list[int | None]]] = {}
+        self._queue: list[tuple[Sequence[Step], Abandon, Future[list[int | None]]]] = []
+        self._queue_lock = threading.Lock()
+        self._flush_due = False  # a flush is submitted and has not taken the queue yet
 
     @classmethod
     def open(cls, path: Path, synchronous: str = "full") -> SqliteBackend:
@@ -532,7 +623,12 @@ class SqliteBackend:
 
     async def commit(self, steps: Sequence[Step], based_on: int, change: str, deadline: float) -> Recorded:
         abandon = Abandon(deadline)
-        future = self._executor.submit(self.store.commit, steps, abandon)
+        future: Future[list[int | None]] = Future()
+        with self._queue_lock:
+            self._queue.append((steps, abandon, future))
+            submit, self._flush_due = not self._flush_due, True
+        if submit:
+            self._executor.submit(self._flush)
         try:
             return Recorded(await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic()))
         except TimeoutError:
@@ -540,6 +636,31 @@ class SqliteBackend:
                 raise StoreError(f"{self.name}: no answer within {self.timeout:g} s") from None
             self._doubtful[change] = future  # it was committing: its outcome comes when the disk answers
             raise InDoubt(f"{self.name}: the write did not finish within {self.timeout:g} s") from None
+
+    def _flush(self) -> None:
+        """On the store's thread: record every change queued, in one transaction."""
+        with self._queue_lock:
+            queued, self._queue, self._flush_due = self._queue, [], False
+        # (a change whose caller gave up before this took it is not attempted: its future is cancelled)
+        group = [(steps, abandon, future) for steps, abandon, future in queued if future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        try:
+            outcomes = self.store.commit_group([(steps, abandon) for steps, abandon, _ in group])
+        except BaseException as exc:  # (not a StoreError: a bug; every caller hears of it)
+            for _, _, future in group:
+                future.set_exception(exc)
+            raise
+        for (_, _, future), outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, StoreError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    @property
+    def commits(self) -> tuple[int, int]:
+        """Transactions that recorded changes, and the changes they recorded."""
+        return self.store.commits, self.store.changes_committed
 
     async def resolve(self, change: str, based_on: int) -> dict[int, int] | None:
         future = self._doubtful.get(change)

@@ -59,6 +59,9 @@ class Sources:
     consent_store: Callable[[], tuple[int, bool]] | None = None
     consent_faults: Callable[[], StoreFaults] | None = None
     consent_remote: Callable[[], int | None] | None = None
+    # The SQLite store: (transactions that recorded changes, changes they recorded); fewer
+    # transactions than changes where changes arriving together were committed as one.
+    consent_commits: Callable[[], tuple[int, int]] | None = None
     # dns.workers > 1: (workers listening, restarts so far)
     workers: Callable[[], tuple[int, int]] | None = None
     # (open API connections, how many were refused or closed early, by reason)
@@ -178,6 +181,12 @@ class DnsgateCollector(Collector):
             yield CounterMetricFamily("dnsgate_consent_remote_changes", "Consent changes recorded through other "
                                       "instances sharing the store, applied here", value=remote)
 
+        if s.consent_commits is not None:
+            commits, committed = s.consent_commits()
+            yield CounterMetricFamily("dnsgate_consent_commits", "Consent store transactions (one fsync each) that "
+                                      "recorded changes", value=commits)
+            yield CounterMetricFamily("dnsgate_consent_changes_committed", "Changes those transactions recorded "
+                                      "(several in one where they arrived together)", value=committed)
         yield from _exposure(dns)
         if s.api is not None:
             yield from _api_connections(*s.api())
