@@ -190,8 +190,11 @@ class Workers:
             if not lagging or loop.time() >= deadline:
                 break
             self._changed.clear()  # (no await since lags() was read: no acknowledgement missed)
+            # Waited for in this task, not in asyncio.wait_for's, which (Python 3.11) drops a
+            # cancellation that lands with an acknowledgement: the change's task went on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), deadline - loop.time())
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait()
         for worker in lagging:
             log.error("worker %d did not apply a consent change within %g s: killed (it starts again from a fresh "
                       "copy)", worker.number, SYNC_TIMEOUT)
