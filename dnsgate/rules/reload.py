@@ -228,8 +228,11 @@ class Reloader:
                 continue
             if delay > 0:
                 self._wake.clear()
+                # (not asyncio.wait_for: on Python 3.11 it drops a cancellation that lands with the
+                # wake-up, and the schedule, cancelled at shutdown, waited on for the next refresh)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 continue
             try:
                 await self.refresh(reason="schedule")
