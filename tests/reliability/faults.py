@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -20,7 +21,7 @@ import struct
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class ModeResult:
     outcomes: Counter[str] = field(default_factory=Counter)
     slowest: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)  # by the kernel, on whose socket (see `drops`)
 
     def quantile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -139,10 +141,13 @@ def _classify(reply: bytes) -> tuple[str, str | None]:
     return ("answer", None) if GOOD in found else ("empty", None)
 
 
-async def blast(port: int, mode: str, n: int, window: int, tag: str) -> ModeResult:
+async def blast(port: int, mode: str, n: int, window: int, tag: str, pid: int | None = None,
+                stub_port: int = 0) -> ModeResult:
     loop = asyncio.get_running_loop()
     transport, client = await loop.create_datagram_endpoint(_Client, local_addr=("127.0.0.1", 0))
     sock = transport.get_extra_info("socket")
+    roles = {"client": sock.getsockname()[1], "upstream stub": stub_port}
+    before = drops(pid, roles) if pid is not None else Counter()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)  # a burst of replies must not overflow it
     result = ModeResult(mode)
     gate = asyncio.Semaphore(min(window, 60_000))
@@ -176,9 +181,39 @@ async def blast(port: int, mode: str, n: int, window: int, tag: str) -> ModeResu
 
     try:
         await asyncio.gather(*(one(i) for i in range(n)))
+        if pid is not None:
+            result.dropped = drops(pid, roles) - before
     finally:
         transport.close()
     return result
+
+
+def udp_sockets() -> dict[str, tuple[int, int]]:
+    """Every UDP socket of this host by inode: (local port, datagrams the kernel dropped on it because
+    its receive buffer was full), as /proc/net/udp and udp6 say."""
+    found: dict[str, tuple[int, int]] = {}
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                found[f[9]] = (int(f[1].rsplit(":", 1)[1], 16), int(f[12]))
+    return found
+
+
+def drops(pid: int, ports: Mapping[str, int]) -> Counter[str]:
+    """Datagrams dropped so far on dnsgate's UDP sockets (its listener and upstream sockets) and on
+    the sockets at `ports` (role -> port): a query or reply lost there is a "no reply", not dnsgate's."""
+    sockets = udp_sockets()
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in sockets:
+                    counts["dnsgate"] += sockets[link[8:-1]][1]
+    for role, port in ports.items():
+        counts[role] += sum(d for p, d in sockets.values() if p == port)
+    return counts
 
 
 def rss_kb(pid: int) -> int:
@@ -222,7 +257,8 @@ def check(r: ModeResult, expect: str) -> list[str]:
     allowed = {"servfail"} if expect == "servfail" else {"answer", "servfail"}
     unexpected = {k: v for k, v in r.outcomes.items() if k not in allowed}
     if unexpected:
-        problems.append(f"{r.mode}: expected {expect}, got {dict(r.outcomes)}")
+        dropped = f" (datagrams dropped by the kernel: {dict(r.dropped)})" if r.dropped else ""
+        problems.append(f"{r.mode}: expected {expect}, got {dict(r.outcomes)}{dropped}")
     if expect == "either" and r.outcomes["answer"] < r.sent // 2:  # SERVFAIL only when the stub falls behind
         problems.append(f"{r.mode}: too few answers: {dict(r.outcomes)}")
     if r.wrong:
@@ -254,7 +290,7 @@ async def run(per_mode: int, window: int, data_dir: Path, modes: tuple[Mode, ...
                 stub.rewrite = None
                 mode.setup(stub)
                 n = per_mode // 20 if round_ == 0 else per_mode // 2
-                r = await blast(served.dns_port, mode.name, n, window, f"r{round_}m{m}")
+                r = await blast(served.dns_port, mode.name, n, window, f"r{round_}m{m}", served.process.pid, stub.port)
                 stub.queries.clear()
                 stub.received.clear()
                 stub.sources.clear()
@@ -287,6 +323,9 @@ def report(f: Figures) -> str:
              for mode, c in merged.items()]
     slowest = max(r.slowest for r in f.results)
     every = ModeResult("all", latencies=[t for r in f.results for t in r.latencies])
+    dropped: Counter[str] = sum((r.dropped for r in f.results), Counter())
+    lines.append("datagrams the kernel dropped (receive buffer full): "
+                 + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
     lines.append(f"faults injected: {f.queries} queries over {len(merged)} upstream behaviours; reply time p50 "
                  f"{every.quantile(0.5):.2f} s, p99 {every.quantile(0.99):.2f} s, p99.9 {every.quantile(0.999):.2f} s, "
                  f"max {slowest:.2f} s (deadline {TIMEOUT} s); tasks before/after {f.tasks_before}/{f.tasks_after}; "
