@@ -101,6 +101,7 @@ class ModeResult:
     slowest: float = 0.0
     latencies: list[float] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)  # by the kernel, on whose socket (see `drops`)
+    late: int = 0  # replies that came after the client had given up on them (counted as "no reply")
 
     def quantile(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -111,12 +112,15 @@ class ModeResult:
 class _Client(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.waiting: dict[int, asyncio.Future[bytes]] = {}
+        self.late = 0  # replies to queries given up on ("no reply"): they came, after the client's wait
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if len(data) >= 2:
             future = self.waiting.pop((data[0] << 8) | data[1], None)
             if future is not None and not future.done():
                 future.set_result(data)
+            elif future is None:
+                self.late += 1
 
 
 def _query(qid: int, name: str) -> bytes:
@@ -183,6 +187,9 @@ async def blast(port: int, mode: str, n: int, window: int, tag: str, pid: int | 
         await asyncio.gather(*(one(i) for i in range(n)))
         if pid is not None:
             result.dropped = drops(pid, roles) - before
+        if result.outcomes["no reply"]:  # (a late reply may still be on its way)
+            await asyncio.sleep(TIMEOUT + SLACK)
+        result.late = client.late
     finally:
         transport.close()
     return result
@@ -258,6 +265,7 @@ def check(r: ModeResult, expect: str) -> list[str]:
     unexpected = {k: v for k, v in r.outcomes.items() if k not in allowed}
     if unexpected:
         dropped = f" (datagrams dropped by the kernel: {dict(r.dropped)})" if r.dropped else ""
+        dropped += f" ({r.late} replies came after the client's wait)" if r.late else ""
         problems.append(f"{r.mode}: expected {expect}, got {dict(r.outcomes)}{dropped}")
     if expect == "either" and r.outcomes["answer"] < r.sent // 2:  # SERVFAIL only when the stub falls behind
         problems.append(f"{r.mode}: too few answers: {dict(r.outcomes)}")
@@ -325,7 +333,8 @@ def report(f: Figures) -> str:
     every = ModeResult("all", latencies=[t for r in f.results for t in r.latencies])
     dropped: Counter[str] = sum((r.dropped for r in f.results), Counter())
     lines.append("datagrams the kernel dropped (receive buffer full): "
-                 + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
+                 + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none")
+                 + f"; replies that came after the client's wait: {sum(r.late for r in f.results)}")
     lines.append(f"faults injected: {f.queries} queries over {len(merged)} upstream behaviours; reply time p50 "
                  f"{every.quantile(0.5):.2f} s, p99 {every.quantile(0.99):.2f} s, p99.9 {every.quantile(0.999):.2f} s, "
                  f"max {slowest:.2f} s (deadline {TIMEOUT} s); tasks before/after {f.tasks_before}/{f.tasks_after}; "
