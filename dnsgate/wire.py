@@ -16,6 +16,7 @@ COUNTS: Final = struct.Struct(">HHHH")
 U16: Final = struct.Struct(">H")
 U32: Final = struct.Struct(">I")
 RR_FIXED: Final = struct.Struct(">HHIH")  # type, class, ttl, rdlength
+OPTION_HEADER: Final = struct.Struct(">HH")  # an EDNS option's code and length
 
 # Header flag bits
 QR: Final = 0x8000
@@ -485,33 +486,44 @@ PADDING_OPTION: Final = 12  # RFC 7830 option code
 RESPONSE_PAD_BLOCK: Final = 468  # RFC 8467 §4.1: responses are padded to a multiple of 468 octets
 
 
-def padding_requested(data: bytes) -> bool:
-    """Whether a query carries the EDNS Padding option: RFC 7830 §4 pads a response only then, so
-    that a client that never asked is not sent bytes it did not expect."""
+def _opt_of(data: bytes) -> tuple[int, int] | None:
+    """(offset of the OPT record's RDATA, its length) for the first OPT of the additional section,
+    or None without one or when the message cannot be walked that far. Padding's two sides, the
+    query asking and the reply carrying it, find the record the same way."""
     if len(data) < 12:
-        return False
+        return None
     _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(data)
     offset = 12
     for _ in range(qdcount):
         end = scan_name(data, offset)
         if end < 0:
-            return False
+            return None
         offset = end + 5
     for i in range(ancount + nscount + arcount):
         rr = read_rr_header(data, offset)
         if rr is None:
-            return False
+            return None
         owner_end, rtype, _, _, rdlen = rr
-        start = owner_end + 10
+        offset = owner_end + 10
         if rtype == OPT and i >= ancount + nscount:
-            at, end = start, start + rdlen
-            while at + 4 <= end:
-                code, length = struct.unpack_from(">HH", data, at)
-                if code == PADDING_OPTION:
-                    return True
-                at += 4 + length
-            return False
-        offset = start + rdlen
+            return offset, rdlen
+        offset += rdlen
+    return None
+
+
+def padding_requested(data: bytes) -> bool:
+    """Whether a query carries the EDNS Padding option: RFC 7830 §4 pads a response only then, so
+    that a client that never asked is not sent bytes it did not expect."""
+    opt = _opt_of(data)
+    if opt is None:
+        return False
+    at, rdlen = opt
+    end = at + rdlen
+    while at + 4 <= end:
+        code, length = OPTION_HEADER.unpack_from(data, at)
+        if code == PADDING_OPTION:
+            return True
+        at += 4 + length
     return False
 
 
@@ -519,27 +531,13 @@ def pad_reply(reply: bytes, block: int = RESPONSE_PAD_BLOCK, limit: int = 65535)
     """`reply` with a Padding option added to its OPT record so that its length is a multiple of
     `block` (RFC 8467's Block-Length Padding). Unchanged if it has no OPT record to carry the
     option (a query with padding always gets one back), or if padding would pass `limit`."""
-    if len(reply) < 12:
+    opt = _opt_of(reply)
+    if opt is None:
         return reply
-    _, _, qdcount, ancount, nscount, arcount = HEADER.unpack_from(reply)
-    offset = 12
-    for _ in range(qdcount):
-        end = scan_name(reply, offset)
-        if end < 0:
-            return reply
-        offset = end + 5
-    for i in range(ancount + nscount + arcount):
-        rr = read_rr_header(reply, offset)
-        if rr is None:
-            return reply
-        owner_end, rtype, _, _, rdlen = rr
-        end = owner_end + 10 + rdlen
-        if rtype == OPT and i >= ancount + nscount:
-            size = (-(len(reply) + 4)) % block
-            if len(reply) + 4 + size > limit:
-                return reply
-            option = U16.pack(PADDING_OPTION) + U16.pack(size) + bytes(size)
-            return (reply[: owner_end + 8] + U16.pack(rdlen + 4 + size) + reply[owner_end + 10 : end] + option
-                    + reply[end:])
-        offset = end
-    return reply
+    rdata, rdlen = opt
+    size = (-(len(reply) + 4)) % block
+    if len(reply) + 4 + size > limit:
+        return reply
+    end = rdata + rdlen
+    return (reply[: rdata - 2] + U16.pack(rdlen + 4 + size) + reply[rdata:end]
+            + OPTION_HEADER.pack(PADDING_OPTION, size) + bytes(size) + reply[end:])
