@@ -24,7 +24,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final, cast
+from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 import h2.config
@@ -37,7 +37,7 @@ import h11
 
 from dnsgate.addresses import normalize_client
 from dnsgate.dns.forwarding import Resolver
-from dnsgate.dns.listeners import INTERNAL_ERROR, TcpTable
+from dnsgate.dns.listeners import INTERNAL_ERROR, StreamConnectionBase, TcpTable
 from dnsgate.dns.pipeline import Forward, Pipeline
 from dnsgate.dns.tally import HTTPS
 from dnsgate.dns.tls import TlsFailure, TlsFiles, TlsSession
@@ -206,7 +206,7 @@ class Request:
     too_large: bool = False
 
 
-class HttpsConnection(asyncio.Protocol):
+class HttpsConnection(StreamConnectionBase, asyncio.Protocol):
     """One DoH connection: TLS, then HTTP/2 or HTTP/1.1 by ALPN, each request answered by the
     pipeline as the client's query."""
 
@@ -230,24 +230,17 @@ class HttpsConnection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.slow_timer: asyncio.TimerHandle | None = None
 
-    @property
-    def busy(self) -> bool:
-        return self.outstanding > 0
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = self.client = normalize_client(peer[0]) if peer else "unknown"
-        self.last_active = asyncio.get_running_loop().time()
-        if not self.table.admit(self):
-            self.transport.abort()
+        stream = self._admitted(transport)
+        self.peer = self.client  # (the client is the peer until a trusted proxy names another)
+        if stream is None:
             return
         context = self.tls.doh
         if context is None:  # (never: the listener starts once a certificate is loaded)
-            self.transport.abort()
+            stream.abort()
             return
         self.secure = TlsSession(context)
-        self.transport.set_write_buffer_limits(high=256 * 1024)
+        stream.set_write_buffer_limits(high=256 * 1024)
         self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
                                                                 "TLS handshake not finished in time")
 
@@ -360,36 +353,15 @@ class HttpsConnection(asyncio.Protocol):
         log.debug("closing DoH connection from %s: %s", self.peer, why)
         self.abort()
 
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            self.idle_timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self.outstanding:
-            self._arm_idle_timer()
-        else:
-            self.close()
-
     def close(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         if self.http is not None:
-            self.http.goodbye()
-        if self.secure is not None:
-            self.transport.write(self.secure.close())
-        self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+            self.http.goodbye()  # HTTP/2's GOAWAY before TLS's close_notify
+        super().close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.idle_timer, self.slow_timer):
-            if timer is not None:
-                timer.cancel()
-        self.idle_timer = self.slow_timer = None
+        self._stop_timers()
         self.transport = None
         self.table.discard(self)
 

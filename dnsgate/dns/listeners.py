@@ -107,7 +107,68 @@ class TcpTable(ConnectionTable[StreamConnection]):
         self.limits = limits
 
 
-class TcpConnection(asyncio.Protocol):
+class StreamConnectionBase:
+    """What DNS over TCP, TLS and HTTPS connections share: admission to the table as they open, and
+    their end: closed once idle (`idle_timeout` with no query outstanding, RFC 7766 §6.2.3),
+    politely (TLS's close_notify says nothing was cut off), or aborted. `slow_timer` is each
+    protocol's own (a query or handshake not finished, replies not taken), stopped here with the
+    idle one when the connection is lost."""
+
+    transport: asyncio.Transport | None
+    secure: TlsSession | None
+    table: TcpTable
+    limits: TcpLimits
+    client: str
+    last_active: float
+    outstanding: int
+    idle_timer: asyncio.TimerHandle | None
+    slow_timer: asyncio.TimerHandle | None
+
+    @property
+    def busy(self) -> bool:
+        return self.outstanding > 0
+
+    def _admitted(self, transport: asyncio.BaseTransport) -> asyncio.Transport | None:
+        """The new connection's transport if the table takes it (by its client's address); aborted if not."""
+        self.transport = stream = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.client = normalize_client(peer[0]) if peer else "unknown"
+        self.last_active = asyncio.get_running_loop().time()
+        if self.table.admit(self):
+            return stream
+        stream.abort()
+        return None
+
+    def _arm_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.idle_timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        if self.outstanding:
+            self._arm_idle_timer()  # an answer is still coming: idle means no query outstanding
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            if self.secure is not None:
+                self.transport.write(self.secure.close())  # close_notify: nothing was cut off
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _stop_timers(self) -> None:
+        for timer in (self.idle_timer, self.slow_timer):
+            if timer is not None:
+                timer.cancel()
+        self.idle_timer = self.slow_timer = None
+
+
+class TcpConnection(StreamConnectionBase, asyncio.Protocol):
     """One client connection: framed queries in, replies out as each completes (RFC 7766), held to
     the TcpLimits: a query must arrive whole within `query_timeout` of its first byte, replies must
     be taken as fast, and at most `max_pipelined` queries wait upstream at a time. With `tls` it is
@@ -136,22 +197,14 @@ class TcpConnection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.slow_timer: asyncio.TimerHandle | None = None  # a partial query, or replies not taken
 
-    @property
-    def busy(self) -> bool:
-        return self.outstanding > 0
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.client = normalize_client(peer[0]) if peer else "unknown"
-        self.last_active = asyncio.get_running_loop().time()
-        if not self.table.admit(self):
-            self.transport.abort()
+        stream = self._admitted(transport)
+        if stream is None:
             return
         if self.tls is not None:
             context = self.tls.dot
             if context is None:  # (never: the listener starts once a certificate is loaded)
-                self.transport.abort()
+                stream.abort()
                 return
             # the handshake is this protocol's first exchange, bounded like a query that does not
             # arrive whole
@@ -160,7 +213,7 @@ class TcpConnection(asyncio.Protocol):
             self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
                                                                     "TLS handshake not finished in time")
             return
-        self.transport.set_write_buffer_limits(high=64 * 1024)
+        stream.set_write_buffer_limits(high=64 * 1024)
         self._arm_idle_timer()
 
     def _tls_received(self, data: bytes) -> None:
@@ -304,29 +357,8 @@ class TcpConnection(asyncio.Protocol):
         log.debug("closing TCP connection from %s: %s", self.client, why)
         self.abort()
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            self.idle_timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        if self.outstanding:
-            self._arm_idle_timer()  # an answer is still coming: idle means no query outstanding
-        elif self.transport is not None:
-            if self.secure is not None:
-                self.transport.write(self.secure.close())  # close_notify: nothing was cut off
-            self.transport.close()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self.idle_timer, self.slow_timer):
-            if timer is not None:
-                timer.cancel()
-        self.idle_timer = self.slow_timer = None
+        self._stop_timers()
         self.transport = None
         self.buffer.clear()
         self.table.discard(self)
@@ -344,29 +376,16 @@ def _large_receive_buffer(sock: socket.socket) -> None:
         log.debug("cannot enlarge the UDP receive buffer")
 
 
-def _udp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
-    """A bound UDP socket for the batched endpoint, set up as asyncio sets up its own (an IPv6 one takes
-    IPv4-mapped clients too)."""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+def _bound_socket(host: str, port: int, family: socket.AddressFamily, kind: socket.SocketKind,
+                  reuse_port: bool) -> socket.socket:
+    """A bound UDP socket (the batched endpoint's) or TCP one (for `create_server`), set up alike: an
+    IPv6 one takes IPv4-mapped clients too. asyncio would make an IPv6 TCP listener IPv6-only, while
+    the UDP socket on the same address is not: on `[::]` an IPv4 client would get UDP answers but no
+    TCP, so a truncated answer could not be retried."""
+    sock = socket.socket(family, kind)
     try:
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _tcp_socket(host: str, port: int, family: socket.AddressFamily, reuse_port: bool) -> socket.socket:
-    """A bound TCP socket for `create_server`. asyncio would make an IPv6 listener IPv6-only, while the
-    UDP socket on the same address takes IPv4-mapped clients too: on `[::]` an IPv4 client would get
-    UDP answers but no TCP, so a truncated answer could not be retried. Both take both here."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -435,8 +454,8 @@ class DnsListeners:
         sent to, which only control messages say (udp_batch.py)."""
         if self.udp_io == "batched" or (is_wildcard(host) and pktinfo_supported()):
             kind = BatchedUdp if self.udp_io == "batched" else PktinfoUdp
-            endpoint = kind(_udp_socket(host, port, family, self.reuse_port), self.pipeline, self.resolver,
-                            self.may_answer)
+            endpoint = kind(_bound_socket(host, port, family, socket.SOCK_DGRAM, self.reuse_port), self.pipeline,
+                            self.resolver, self.may_answer)
             _large_receive_buffer(endpoint.sock)
             return endpoint, endpoint.port
         v6 = family == socket.AF_INET6
@@ -468,7 +487,7 @@ class DnsListeners:
             try:
                 server = await loop.create_server(
                     lambda: TcpConnection(self.pipeline, self.resolver, self.tasks, self.tcp, self.may_answer),
-                    sock=_tcp_socket(address.host, port, family, self.reuse_port))
+                    sock=_bound_socket(address.host, port, family, socket.SOCK_STREAM, self.reuse_port))
             except OSError:
                 transport.close()
                 if address.port == 0:
@@ -492,7 +511,7 @@ class DnsListeners:
         """Accept connections at `address` for `protocol` (DNS over TLS or HTTPS), closed with the rest."""
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         server = await asyncio.get_running_loop().create_server(
-            protocol, sock=_tcp_socket(address.host, address.port, family, False))
+            protocol, sock=_bound_socket(address.host, address.port, family, socket.SOCK_STREAM, False))
         self._tcp.append(server)
         return HostPort(address.host, server.sockets[0].getsockname()[1])
 
