@@ -138,12 +138,7 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         await asyncio.sleep(LEASE)
         await check_safe(ledger, lives)
         redis_server.start()  # the same files: every acknowledged change is still there
-        recovered = await settled(lives)
-        await healthy_round(ledger, lives)
-        log = await lives[0].export()
-        assert log == await lives[1].export()
-        check_log(ledger, log)
-        await nothing_lost(lives)
+        recovered = await recovered_as_promised(ledger, lives)
     assert outage_lines(caplog) == 2  # one per instance, not one per refused change
     record("redis_sigkill", ledger, during, recovered=recovered)
 
@@ -152,6 +147,20 @@ async def settled(lives: list[Live]) -> float:
     """Seconds until every instance answers again with nothing held or in doubt."""
     return max([await eventually(live.settled, 10.0, "store back and every held withdrawal recorded")
                 for live in lives])
+
+
+async def recovered_as_promised(ledger: Ledger, lives: list[Live]) -> float:
+    """Once the fault is over: seconds until every instance settled; then every answer given holds
+    on both, changes work again, both export the same log, it matches the ledger, and no history
+    was lost."""
+    recovered = await settled(lives)
+    await check_exact(ledger, lives, within=SECOND)
+    await healthy_round(ledger, lives)
+    log = await lives[0].export()
+    check_log(ledger, log)
+    assert log == await lives[1].export()
+    await nothing_lost(lives)
+    return recovered
 
 
 async def nothing_lost(lives: list[Live]) -> None:
@@ -185,14 +194,8 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
             redis_server.resume()
         assert during[503] > 0 and during[202] > 0, during
         assert ledger.slowest() < ANSWER_WITHIN, ledger.summary()
-        recovered = await settled(lives)
         # Resumed Redis ran the commands it had queued: none of the refused grants may be in force.
-        await check_exact(ledger, lives, within=SECOND)
-        await healthy_round(ledger, lives)
-        log = await lives[0].export()
-        check_log(ledger, log)
-        assert log == await lives[1].export()
-        await nothing_lost(lives)
+        recovered = await recovered_as_promised(ledger, lives)
     assert outage_lines(caplog) == 2
     record("redis_sigstop", ledger, during, recovered=recovered)
 
@@ -310,13 +313,7 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
         assert during[503] > 0 and during[202] > 0, during  # through A
         assert ledger.slowest() < ANSWER_LIMIT, ledger.summary()
         proxy.heal()
-        recovered = await settled(lives)
-        await check_exact(ledger, lives, within=SECOND)
-        await healthy_round(ledger, lives)
-        log = await lives[0].export()
-        check_log(ledger, log)
-        assert log == await lives[1].export()
-        await nothing_lost(lives)
+        recovered = await recovered_as_promised(ledger, lives)
     record("redis_partition", ledger, during, recovered=recovered)
 
 

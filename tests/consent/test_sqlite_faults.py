@@ -82,6 +82,19 @@ async def start(upstream: StubUpstream, data_dir: Path) -> Proc:
     return Proc(await serve(upstream.address, data_dir, token=TOKEN))
 
 
+async def seeded(upstream: StubUpstream, data_dir: Path, ledger: Ledger) -> list[str]:
+    """dnsgate run once on `data_dir`: a second of changes, then grants for the ledger's first two
+    clients; stopped. The clients granted at the end."""
+    proc = await start(upstream, data_dir)
+    try:
+        await churn(ledger, [proc], 1.0)
+        for client in ledger.clients[:2]:
+            assert (await ledger.change(proc, 0, client, True)).status == 200
+    finally:
+        await proc.served.stop()
+    return [c for c in ledger.clients if ledger.expected(c)]
+
+
 async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
     """Grants fail (503) while the disk is full, withdrawals hold at once (202) and are written once
     there is room again: a restart afterwards still has them."""
@@ -137,14 +150,7 @@ async def test_read_only_data_dir_at_start(upstream: StubUpstream, tmp_path: Pat
     with small_disk(tmp_path / "data", "8m") as disk:
         if not disk.can_remount:  # (dnsgate gives its own dir back its write bit: only a mount stays read-only)
             pytest.skip("a read-only mount needs root and the right to mount")
-        proc = await start(upstream, disk.path)
-        try:
-            await churn(ledger, [proc], 1.0)
-            for client in ledger.clients[:2]:
-                assert (await ledger.change(proc, 0, client, True)).status == 200
-        finally:
-            await proc.served.stop()
-        granted = [c for c in ledger.clients if ledger.expected(c)]
+        granted = await seeded(upstream, disk.path, ledger)
         disk.read_only()
         try:
             proc = await start(upstream, disk.path)  # starts: no exit 1 over the query log
@@ -186,14 +192,7 @@ def corrupt_table(db: Path, table: str) -> None:
 async def test_damaged_consent_store_starts_fail_closed(upstream: StubUpstream, tmp_path: Path, table: str) -> None:
     ledger = Ledger(CLIENTS[:4])
     data = tmp_path / "data"
-    proc = await start(upstream, data)
-    try:
-        await churn(ledger, [proc], 1.0)
-        for client in ledger.clients[:2]:
-            assert (await ledger.change(proc, 0, client, True)).status == 200
-    finally:
-        await proc.served.stop()
-    granted = [c for c in ledger.clients if ledger.expected(c)]
+    granted = await seeded(upstream, data, ledger)
     corrupt_table(data / "consent.sqlite3", table)
     proc = await start(upstream, data)
     try:

@@ -15,9 +15,8 @@ import dns.message
 import pytest
 
 from tests.conftest import Gate, make_config, running_gate
+from tests.support.slow_client import Conn, close_all, drip
 from tests.support.stub_upstream import StubUpstream
-
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 @pytest.fixture
@@ -59,11 +58,6 @@ async def closed_by_server(reader: asyncio.StreamReader, within: float = 3.0) ->
         return True
 
 
-def close_all(*conns: Conn) -> None:
-    for _, writer in conns:
-        writer.close()
-
-
 @pytest.mark.parametrize("limited", [{"tcp_max_connections_per_client": 2}], indirect=True)
 async def test_connections_per_client(limited: Gate) -> None:
     a, b = await connect(limited, "127.0.0.1"), await connect(limited, "127.0.0.1")
@@ -93,15 +87,9 @@ async def test_idle_and_slow_connections_cannot_lock_a_new_client_out(limited: G
 async def test_slow_loris_is_closed_after_the_query_timeout(limited: Gate) -> None:
     reader, writer = conn = await connect(limited, "127.0.0.1")
     assert (await ask(conn)).answer  # a complete query first: no timer left running
-    whole = framed("host.example.test")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for byte in whole[:10]:  # one byte at a time, slower than the timeout allows in total
-        writer.write(bytes([byte]))
-        await writer.drain()
-        if reader.at_eof():
-            break
-        await asyncio.sleep(0.05)
+    await drip(conn, framed("host.example.test")[:10], 0.05)  # slower than the timeout allows in total
     assert await closed_by_server(reader, within=2.0)
     assert loop.time() - started < 2.0
     writer.close()

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Gate, make_config, running_gate
+from tests.support.slow_client import Conn, close_all, drip
 from tests.support.stub_upstream import StubUpstream
 
-Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 SLACK = 0.6  # timers, a loaded machine
 GRANT = {"categories": ["marketing"]}
 
@@ -62,11 +62,6 @@ async def get(conn: Conn, path: str = "/healthz") -> tuple[int, bytes]:
         return status, await reader.readexactly(length)
 
 
-def close_all(*conns: Conn) -> None:
-    for _, writer in conns:
-        writer.close()
-
-
 async def metrics(g: Gate) -> str:
     _, text = await g.http("GET", "/metrics")
     return str(text)
@@ -90,11 +85,7 @@ async def test_slow_loris_headers_are_closed_after_the_header_timeout(limited: G
     assert (await get((reader, writer)))[0] == 200  # a whole request first: the deadline is per request
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for byte in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:  # a byte every 50 ms
-        if reader.at_eof() or writer.transport.is_closing():  # closed: with a FIN, or a reset
-            break
-        writer.write(bytes([byte]))
-        await asyncio.sleep(0.05)
+    await drip((reader, writer), b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40, 0.05)
     assert await closed_within(reader, 3.0) is not None
     assert loop.time() - started < 0.5 + SLACK
     assert 'dnsgate_api_closed_early_total{reason="slow_headers"} 1.0' in await metrics(limited)
@@ -109,11 +100,7 @@ async def test_a_slow_body_is_closed_after_the_body_timeout(limited: Gate) -> No
                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for byte in body[5:]:
-        if reader.at_eof() or writer.transport.is_closing():  # closed: with a FIN, or a reset
-            break
-        writer.write(bytes([byte]))
-        await asyncio.sleep(0.1)
+    await drip((reader, writer), body[5:], 0.1)
     assert await closed_within(reader, 3.0) is not None
     assert loop.time() - started < 0.5 + SLACK
     assert 'dnsgate_api_closed_early_total{reason="slow_body"} 1.0' in await metrics(limited)
