@@ -1,4 +1,5 @@
-"""The answer cache: upstream replies kept as bytes, served with decremented TTLs, bounded with LRU.
+"""The answer cache: upstream replies kept as bytes, served with decremented TTLs, bounded with
+CLOCK (second chance): a plain dict in insertion order, each entry marked `seen` when served.
 
 An `Entry` holds everything after the question of an upstream reply (OPT removed), the offsets of
 its TTL fields, and the catalog rule it is gated on. Rendering a hit is a concatenation; the TTLs
@@ -11,19 +12,20 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Final
 
 from dnsgate.gc_policy import untrack
 from dnsgate.rules.catalog import DomainRule
 from dnsgate.wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
-# Bytes per entry besides its key's and answer's own: the Entry (152), its one float (24), the LRU
-# dict's slot (~105), two bytes headers (66). tracemalloc over 100 000 cached A answers: 386 bytes
-# per entry in all, key and answer included (434 with three floats).
-ENTRY_OVERHEAD: Final = 350
+# Bytes per entry besides its key's and answer's own: the Entry (160), its one float (24), the
+# dict's slot (~52), two bytes headers (66). tracemalloc over 100 000 cached A answers: 285 bytes
+# per entry in all, key and answer included (354 with an OrderedDict for LRU and a `body_until`
+# float set by the reply that filled it).
+ENTRY_OVERHEAD: Final = 302
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
 
 
@@ -35,7 +37,7 @@ class Entry:
     reference cycle, so the cache takes it out of the cycle collector's passes (gc_policy.untrack)."""
 
     __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "flags", "head", "head_edns",
-                 "lifetime", "offsets", "refresh_at", "reply_flags", "rule")
+                 "lifetime", "offsets", "refresh_at", "reply_flags", "rule", "seen")
 
     def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
                  expires: float, rule: DomainRule | None) -> None:
@@ -59,14 +61,22 @@ class Entry:
         self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
         self.count_slot = 0  # where the pipeline counts answers served from this entry (dns/tally.py)
         self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
+        self.seen = False  # served since the cache's eviction last passed it (its second chance)
 
     def body_at(self, now: float) -> bytes:
-        """The records with each TTL reduced by the whole seconds since the entry was filled."""
+        """The records with each TTL reduced by the whole seconds since the entry was filled, and
+        remembered to be right until the next whole second (the cache hit's check)."""
+        body = self.body_now(now)
+        self.body_until = self.filled + self.age + 1
+        return body
+
+    def body_now(self, now: float) -> bytes:
+        """`body_at` without remembering until when (no float kept for an entry that is never hit,
+        as most names asked once are not)."""
         age = int(now - self.filled)
         if age != self.age:
             self.body = self._with_ttls(lambda ttl: ttl - age if ttl > age else 0)
             self.age = age
-        self.body_until = self.filled + age + 1
         return self.body
 
     def stale_body(self, ttl: int) -> bytes:
@@ -252,7 +262,15 @@ def _soa_minimum(reply: bytes, rdata: int, end: int) -> int | None:
 
 
 class AnswerCache:
-    """LRU over entries, bounded in count and in bytes; expired entries are dropped when met."""
+    """Entries bounded in count and in bytes; expired entries are dropped when met.
+
+    Eviction is CLOCK (second chance) over the dict's insertion order rather than LRU: a hit only
+    marks its entry `seen` (no reordering, and a plain dict holds an entry in ~52 bytes where an
+    OrderedDict takes ~105), and eviction walks from the oldest end, moving a seen entry to the
+    newest end with its mark cleared and evicting the first unseen one. Names served since the last
+    pass stay; a flood of names asked once goes first. Eviction takes a batch (1/128 of the entries,
+    at least one) from the oldest end at a time, so walking past the slots that earlier evictions
+    left empty at the front of the dict costs little per evicted entry."""
 
     __slots__ = ("_bytes", "entries", "evictions", "max_bytes", "max_entries", "stale_window")
 
@@ -260,7 +278,7 @@ class AnswerCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stale_window = stale_window  # seconds an expired entry is kept for serve-stale; 0: off
-        self.entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.entries: dict[bytes, Entry] = {}
         untrack(self.entries)  # holds only bytes and untracked entries: nothing for the GC to walk
         self._bytes = 0
         self.evictions = 0
@@ -278,7 +296,7 @@ class AnswerCache:
             if now >= entry.expires + self.stale_window:
                 self._drop(key)
             return None
-        self.entries.move_to_end(key)
+        entry.seen = True
         return entry
 
     def get_stale(self, key: bytes, now: float) -> Entry | None:
@@ -298,10 +316,23 @@ class AnswerCache:
         self.entries[key] = entry
         untrack(self.entries)  # (inserting an object of a GC type tracks a dict again: ~0.3 µs per put)
         self._bytes += size
-        while len(self.entries) > self.max_entries or self._bytes > self.max_bytes:
-            old_key, old = self.entries.popitem(last=False)
-            self._bytes -= old.size + len(old_key)
-            self.evictions += 1
+        if len(self.entries) > self.max_entries or self._bytes > self.max_bytes:
+            self._evict(key)
+
+    def _evict(self, new: bytes) -> None:
+        """Evict until within bounds, never the entry just put (`new`): it has not had its chance."""
+        entries = self.entries
+        while len(entries) > self.max_entries or self._bytes > self.max_bytes:
+            oldest = (item for item in entries.items() if item[0] is not new)
+            for key, entry in list(islice(oldest, max(1, len(entries) >> 7))):
+                del entries[key]
+                if entry.seen:
+                    entry.seen = False
+                    entries[key] = entry  # to the newest end
+                else:
+                    self._bytes -= entry.size + len(key)
+                    self.evictions += 1
+        untrack(entries)
 
     def _drop(self, key: bytes) -> None:
         old = self.entries.pop(key)

@@ -293,7 +293,7 @@ class Pipeline:
             rule = entry.rule
             if rule is None or not (cause := self.consent.blocked(client, rule.vendor, wall := self.wall())):
                 # a cache hit
-                self.entries.move_to_end(key)
+                entry.seen = True  # (the cache's second chance)
                 self.counts[entry.count_slot + tcp] += 1
                 if entry.refresh_at <= now:
                     self._refresh(key, entry)
@@ -693,9 +693,9 @@ class Pipeline:
         if flags & AD and not (qflags & AD or edns == 1):
             flags &= ~AD  # AD only to clients that said they understand it (RFC 6840 §5.8)
         if edns < 0:
-            reply = ID_FLAGS.pack(qid, flags) + entry.head + question + entry.body_at(now)
+            reply = ID_FLAGS.pack(qid, flags) + entry.head + question + entry.body_now(now)
         else:
-            reply = ID_FLAGS.pack(qid, flags) + entry.head_edns + question + entry.body_at(now) + self.opt_tail[edns]
+            reply = ID_FLAGS.pack(qid, flags) + entry.head_edns + question + entry.body_now(now) + self.opt_tail[edns]
         if len(reply) > limit:
             return self._truncated(qid, flags, question, edns)
         return reply
