@@ -130,6 +130,7 @@ def grants_vendor(categories: Mapping[str, bool], vendors: Mapping[str, bool], v
 
 _SHARED: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
 SHARED_LIMIT: Final = 4096
+_GRANTED: dict[tuple[str, ...], tuple[str, ...]] = {}  # the granted categories of choices, one tuple per set
 M = TypeVar("M", bound=Mapping[str, Any])
 
 
@@ -342,7 +343,7 @@ def decide_category(category: str, profile: Profile, choice: Choice | None, noti
 class ProfileMap:
     """The profile of an address: the most specific configured network containing it, else the default."""
 
-    __slots__ = ("_memo", "default", "networks")
+    __slots__ = ("_memo", "_outside", "default", "networks")
 
     def __init__(self, default: Profile = "opt-in", networks: Iterable[tuple[str, Profile]] = ()) -> None:
         self.default = default
@@ -350,6 +351,7 @@ class ProfileMap:
         self.networks: tuple[tuple[IPNetwork, Profile], ...] = tuple(
             sorted(parsed, key=lambda item: item[0].prefixlen, reverse=True))
         self._memo: dict[str, tuple[Profile, IPNetwork | None]] = {}
+        self._outside: tuple[Profile, IPNetwork | None] = (default, None)  # one tuple for every such address
 
     def of(self, address: str) -> tuple[Profile, IPNetwork | None]:
         found = self._memo.get(address)
@@ -364,11 +366,11 @@ class ProfileMap:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
-            return self.default, None
+            return self._outside
         for network, profile in self.networks:
             if ip.version == network.version and ip in network:
                 return profile, network
-        return self.default, None
+        return self._outside
 
     def why(self, address: str) -> str:
         profile, network = self.of(address)
@@ -672,7 +674,10 @@ class ConsentTable:
     def _granted_categories(self, choice: Choice) -> tuple[str, ...]:
         if self.notice is None or choice.items is None or choice.terms not in self.notice.terms:
             return ()
-        return tuple(c for c, said in choice.categories.items() if said)
+        granted = tuple(c for c, said in choice.categories.items() if said)
+        if len(_GRANTED) < 4096:  # most choices grant one of a few sets: keep one tuple of each
+            granted = _GRANTED.setdefault(granted, granted)
+        return granted
 
     def superseded_by(self, subject: Subject) -> list[Choice]:
         """The choices a new choice by `subject` replaces (a device's choice at an address also
