@@ -21,33 +21,55 @@ from dnsgate.gc_policy import untrack
 from dnsgate.rules.catalog import DomainRule
 from dnsgate.wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
-# Bytes per entry besides its key's and answer's own: the Entry (160), its one float (24), the
+# Bytes per entry besides its key's and answer's own: the Entry (128), its one float (24), the
 # dict's slot (~52), two bytes headers (66). tracemalloc over 100 000 cached A answers: 285 bytes
 # per entry in all, key and answer included (354 with an OrderedDict for LRU and a `body_until`
 # float set by the reply that filled it).
-ENTRY_OVERHEAD: Final = 302
+ENTRY_OVERHEAD: Final = 270
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
+
+
+class Shape:
+    """What entries of the same form share: the header tail (QDCOUNT..ARCOUNT, without and with our
+    OPT), where each TTL is in the records, the flags, and the pipeline's counter slot. One object
+    per form (most answers take a handful of forms) instead of six slots in every entry."""
+
+    __slots__ = ("count_slot", "flags", "head", "head_edns", "offsets", "reply_flags")
+
+    def __init__(self, flags: int, counts: tuple[int, int, int], offsets: tuple[int, ...], count_slot: int) -> None:
+        self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
+        self.reply_flags = QR | RA | flags
+        self.head, self.head_edns = _heads(*counts)
+        self.offsets = offsets  # where each TTL is in the body
+        self.count_slot = count_slot  # where the pipeline counts answers served from it (dns/tally.py)
+
+
+def _shape(flags: int, counts: tuple[int, int, int], offsets: tuple[int, ...], count_slot: int) -> Shape:
+    key = (flags, counts, offsets, count_slot)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        shape = Shape(flags, counts, offsets, count_slot)
+        if len(_SHAPES) < 4096:  # bounded: past it, an entry of a new form keeps a shape of its own
+            _SHAPES[key] = shape
+    return shape
 
 
 class Entry:
     """One cached answer. Compact on purpose (the cache holds 100k of them): the original TTLs are
     read back from `body0` when the age changes, `body` is `body0` until then (often a slice of the
-    upstream reply, not a copy), and the header tails of common shapes are shared between entries.
-    It holds bytes, numbers and a catalog rule, nothing refers back to it: it can never be part of a
-    reference cycle, so the cache takes it out of the cycle collector's passes (gc_policy.untrack)."""
+    upstream reply, not a copy), and what entries of the same form have in common is one shared
+    `Shape`. It holds bytes, numbers, a shape and a catalog rule, nothing refers back to it: it can
+    never be part of a reference cycle, so the cache takes it out of the cycle collector's passes
+    (gc_policy.untrack)."""
 
-    __slots__ = ("age", "body", "body0", "body_until", "count_slot", "expires", "extra", "flags", "head", "head_edns",
-                 "lifetime", "offsets", "refresh_at", "reply_flags", "rule", "seen")
+    __slots__ = ("age", "body", "body0", "body_until", "expires", "extra", "lifetime", "refresh_at", "rule", "seen",
+                 "shape")
 
     def __init__(self, flags: int, counts: tuple[int, int, int], body0: bytes, offsets: tuple[int, ...], filled: float,
                  expires: float, rule: DomainRule | None) -> None:
-        self.flags = flags  # AD and RCODE as upstream sent them; RD/CD are copied from each query
-        reply_flags = QR | RA | flags  # (above 256: an int object of its own unless shared)
-        self.reply_flags = _REPLY_FLAGS.setdefault(reply_flags, reply_flags)
-        self.head, self.head_edns = _heads(*counts)  # QDCOUNT..ARCOUNT, without and with our OPT
+        self.shape = _shape(flags, counts, offsets, 0)
         self.body0 = body0  # the records, TTLs as at `filled`
         self.body = body0  # the records, TTLs as at `filled + age`
-        self.offsets = offsets  # where each TTL is in the body
         # One float per entry: `filled` is `expires - lifetime`, and lifetimes (whole seconds) are
         # shared ints, as `body_until` is -inf (one float less each) until the entry is first served.
         lifetime = expires - filled
@@ -59,9 +81,38 @@ class Entry:
         self.age = 0
         self.body_until = _NOT_YET  # `body` is right until then (then `body_at`)
         self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
-        self.count_slot = 0  # where the pipeline counts answers served from this entry (dns/tally.py)
         self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
         self.seen = False  # served since the cache's eviction last passed it (its second chance)
+
+    # The shape's fields, for the paths other than the cache hit's (which reads `shape` once).
+    @property
+    def flags(self) -> int:
+        return self.shape.flags
+
+    @property
+    def reply_flags(self) -> int:
+        return self.shape.reply_flags
+
+    @property
+    def head(self) -> bytes:
+        return self.shape.head
+
+    @property
+    def head_edns(self) -> bytes:
+        return self.shape.head_edns
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return self.shape.offsets
+
+    @property
+    def count_slot(self) -> int:
+        return self.shape.count_slot
+
+    @count_slot.setter
+    def count_slot(self, slot: int) -> None:
+        shape = self.shape
+        self.shape = _shape(shape.flags, _COUNTS.unpack(shape.head)[1:], shape.offsets, slot)
 
     def body_at(self, now: float) -> bytes:
         """The records with each TTL reduced by the whole seconds since the entry was filled, and
@@ -113,9 +164,10 @@ class Entry:
 
 
 _HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
+_SHAPES: dict[tuple[int, tuple[int, int, int], tuple[int, ...], int], Shape] = {}
+_COUNTS: Final = struct.Struct(">HHHH")
 _NOT_YET: Final = -math.inf
 _LIFETIMES: dict[int, int] = {}  # one int object per lifetime (most answers share a few TTLs)
-_REPLY_FLAGS: dict[int, int] = {}  # one int object per flags value (32 bytes saved per entry); 16-bit: bounded
 _OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
 
 

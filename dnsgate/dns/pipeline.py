@@ -294,26 +294,27 @@ class Pipeline:
             if rule is None or not (cause := self.consent.blocked(client, rule.vendor, wall := self.wall())):
                 # a cache hit
                 entry.seen = True  # (the cache's second chance)
-                self.counts[entry.count_slot + tcp] += 1
+                shape = entry.shape
+                self.counts[shape.count_slot + tcp] += 1
                 if entry.refresh_at <= now:
                     self._refresh(key, entry)
                 if rule is None:
                     if self.log_all is not None:
-                        self.log_all((now, client, question, tcp, CACHED, entry.flags & 0xF, None, None, 0.0))
+                        self.log_all((now, client, question, tcp, CACHED, shape.flags & 0xF, None, None, 0.0))
                 elif self.log_gated is not None:
-                    self.log_gated((now, client, question, tcp, CACHED, entry.flags & 0xF, rule.vendor.logged,
+                    self.log_gated((now, client, question, tcp, CACHED, shape.flags & 0xF, rule.vendor.logged,
                                     self.consent.grant_for(client, rule.vendor, wall), 0.0))
-                fl = entry.reply_flags | (flags & 0x0110)  # RD and CD copied
+                fl = shape.reply_flags | (flags & 0x0110)  # RD and CD copied
                 if fl & AD and not (flags & AD or edns == 1):
                     fl &= ~AD  # AD only to clients that said they understand it (RFC 6840 §5.8)
                 body = entry.body if now < entry.body_until else entry.body_at(now)
                 if edns < 0:
                     if n + entry.extra > MIN_UDP and not tcp:
                         return self._truncated(qid, fl, question, edns)
-                    return ID_FLAGS.pack(qid, fl) + entry.head + question + body
+                    return ID_FLAGS.pack(qid, fl) + shape.head + question + body
                 if n + entry.extra > MIN_UDP and not tcp and n + entry.extra > _udp_limit(data, edns, self.udp_max):
                     return self._truncated(qid, fl, question, edns)
-                return ID_FLAGS.pack(qid, fl) + entry.head_edns + question + body + self.opt_tail[edns]
+                return ID_FLAGS.pack(qid, fl) + shape.head_edns + question + body + self.opt_tail[edns]
         else:
             gated = self.gated.get(key)  # gated questions seen before; None: not gated, or unseen
             if gated is not None:
