@@ -462,8 +462,8 @@ class TableCopy:
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
-    __slots__ = ("_index", "_memo", "_memo_by_address", "_memo_by_mac", "generation", "kiosk_idle", "kiosk_seen",
-                 "neighbours", "notice", "profiles", "vendors")
+    __slots__ = ("_index", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_seen", "neighbours", "notice",
+                 "profiles", "states", "vendors")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
                  notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
@@ -473,8 +473,12 @@ class ConsentTable:
         self.kiosk_idle = kiosk_idle
         self.neighbours: Mapping[str, str] = {}
         self._index = _Index()
-        # client key -> its profile and choice, until when they hold, and the decisions made so far
-        self._memo: dict[str, ClientState] = {}
+        # client key -> its profile and choice, until when they hold, and the decisions made so far.
+        # A change forgets exactly the states it can alter (`_forget`), so a decision remembered
+        # elsewhere with the state it was made from (the pipeline's rendered sinkhole answers) holds
+        # while that state is still the one here and the clock is before its `until`: a change for
+        # one client leaves every other client's remembered answers in place.
+        self.states: dict[str, ClientState] = {}
         # address (MAC) -> the memo's keys resolved with it: what a change of its choice must forget.
         # Tuples, not sets: most hold one key, and a tuple of one is a quarter of an empty set's size.
         self._memo_by_address: dict[str, tuple[str, ...]] = {}
@@ -482,17 +486,12 @@ class ConsentTable:
         # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
         # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
         self.kiosk_seen: dict[str, float] = {}
-        # Counts the times memoized decisions were forgotten (a choice, the notice, the profiles, the
-        # neighbour table or the vendors changed). A decision remembered elsewhere with the
-        # generation it was made in (the pipeline's rendered sinkhole answers) holds while the
-        # generation is the same and the clock is before its `until`.
-        self.generation = 0
 
     # -- the hot path --------------------------------------------------------------------------
     def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
         """Whether `client` (an address, or "address|mac") may resolve `vendor`'s names now: "" if it
         may, else why not (the sinkhole's EDE says it, so the answer costs no second lookup)."""
-        state = self._memo.get(client)
+        state = self.states.get(client)
         if state is None or now >= state.until:
             state = self._state(client, now)
         verdict = state.verdicts.get(vendor)
@@ -514,7 +513,7 @@ class ConsentTable:
     def _state(self, client: str, now: float) -> ClientState:
         address, _, mac = client.partition(KEY_SEPARATOR)
         r = self.resolve(address, mac or None, now, key=client)
-        memo = self._memo
+        memo = self.states
         if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
             self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
         state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.applied)
@@ -525,14 +524,15 @@ class ConsentTable:
                     by[key] = (*keys, client)
         return state
 
-    def blocked_until(self, client: str, vendor: Vendor, now: float) -> tuple[Verdict, float]:
-        """`blocked`, and until when (wall clock) that holds unless the generation changes."""
+    def decided(self, client: str, vendor: Vendor, now: float) -> tuple[Verdict, ClientState]:
+        """`blocked`, and the client's state it comes from: the verdict holds while that state is
+        the one in `states` and the wall clock is before its `until`."""
         verdict = self.blocked(client, vendor, now)
-        return verdict, self._memo[client].until
+        return verdict, self.states[client]
 
     def grant_for(self, client: str, vendor: Vendor, now: float) -> Grant | None:
         """What allowed `client` to resolve `vendor` (for the query log), or None if it may not."""
-        state = self._memo.get(client)
+        state = self.states.get(client)
         if state is None or now >= state.until:
             state = self._state(client, now)
         grant = state.grants.get(vendor, _UNKNOWN)
@@ -793,19 +793,17 @@ class ConsentTable:
 
     def _forget(self, subject: Subject) -> None:
         """Forget the memo of every client key a choice of `subject` can apply to."""
-        self.generation += 1
         if subject.network is not None:  # rare (an admin's): the network may hold any number of clients
             self._forget_all()
             return
-        memo = self._memo
+        memo = self.states
         for by, key in ((self._memo_by_address, subject.address), (self._memo_by_mac, subject.mac)):
             if key is not None:
                 for client in by.pop(key, ()):
                     memo.pop(client, None)
 
     def _forget_all(self) -> None:
-        self.generation += 1
-        self._memo.clear()
+        self.states.clear()
         self._memo_by_address.clear()
         self._memo_by_mac.clear()
 
@@ -824,7 +822,7 @@ class ConsentTable:
 
     def memoized(self) -> set[str]:
         """The client keys whose state is memoized now."""
-        return set(self._memo)
+        return set(self.states)
 
     def __len__(self) -> int:
         """Subjects whose choice grants something under the current notice ("clients with consent")."""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from dnsgate.consent.model import ConsentTable
+from dnsgate.consent.model import ClientState, ConsentTable
 from dnsgate.dns.admission import Admission
 from dnsgate.dns.cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, UnusableReply, entry_from_reply
 from dnsgate.dns.cloaking import answer_rule
@@ -116,10 +116,11 @@ META_TYPES: Final = {
 ANY_HINFO: Final = b"\xc0\x0c" + RR_FIXED.pack(HINFO, IN, 3600, 9) + b"\x07RFC8482\x00"
 GATED_MEMO_LIMIT: Final = 65_536
 SUNK_LIMIT: Final = 65_536  # sinkhole answers kept per (question, client)
-# A sinkhole answer kept for one client: the consent table's generation and the EDNS form (-1, 0,
-# 1) it was made for, the wall time it holds until, its count slot, the vendor as logged, then
-# the reply's flags but RD/CD, its counts and its records after the question (sinkhole.Parts)
-Sunk = tuple[int, int, float, int, tuple[str, str], int, bytes, bytes]
+# A sinkhole answer kept for one client: the client's consent state it was decided from and the
+# EDNS form (-1, 0, 1) it was made for, the wall time it holds until, its count slot, the vendor as
+# logged, then the reply's flags but RD/CD, its counts and its records after the question
+# (sinkhole.Parts)
+Sunk = tuple[ClientState, int, float, int, tuple[str, str], int, bytes, bytes]
 PREFETCH_AT: Final = 0.9  # share of an entry's lifetime after which a hit triggers a refresh
 PREFETCH_MIN_TTL: Final = 2  # entries that live shorter are not refreshed early
 
@@ -321,13 +322,13 @@ class Pipeline:
                 rule, sunk = gated
                 consent = self.consent
                 memo = sunk.get(client)  # this client's sinkhole answer to it, as last rendered
-                if (memo is not None and memo[0] == consent.generation and memo[1] == edns
+                if (memo is not None and memo[0] is consent.states.get(client) and memo[1] == edns
                         and self.wall() < memo[2]):
                     self.counts[memo[3] + tcp] += 1
                     if self.log_gated is not None:
                         self.log_gated((now, client, question, tcp, SINKHOLED, -1, memo[4], None, 0.0))
                     return ID_FLAGS.pack(qid, memo[5] | (flags & 0x0110)) + memo[6] + question + memo[7]
-            if gated is None or not (decided := self.consent.blocked_until(client, gated[0].vendor, self.wall()))[0]:
+            if gated is None or not (decided := self.consent.decided(client, gated[0].vendor, self.wall()))[0]:
                 # not in memory: the general steps, without parsing the packet a second time
                 if scan_name(question, 0) != len(question) - 5:
                     return self._answer_general(data, client, tcp)  # a malformed name: FORMERR
@@ -335,7 +336,7 @@ class Pipeline:
                 q = Query(qid, flags, question, lower[:-4], qtype, (question[-2] << 8) | question[-1],
                           None if edns < 0 else Edns((data[-8] << 8) | data[-7], 0, edns == 1), key)
                 return self._decide(q, data, client, tcp, now)
-            cause, until = decided
+            cause, state = decided
         # the sinkhole: a gated name, and this client has not consented to its vendor
         assert rule is not None
         qtype = (question[-4] << 8) | question[-3]
@@ -348,14 +349,16 @@ class Pipeline:
         if self.log_gated is not None:
             self.log_gated((now, client, question, tcp, SINKHOLED, -1, rule.vendor.logged, None, 0.0))
         if entry is None:
-            # Remembered for this client's next asking, as long as the consent table's generation
-            # (any change of a choice, the notice, the profiles, the vendors) and the decision's
-            # own time limit (a grant's expiry, a kiosk session's idle limit) say it holds.
+            # Remembered for this client's next asking, as long as the consent table keeps the state
+            # it was decided from (a change that can alter this client's decisions forgets it: its
+            # own or a network's choice, the notice, the profiles, the vendors; other clients'
+            # changes do not) and the decision's own time limit (a grant's expiry, a kiosk
+            # session's idle limit) says it holds.
             self.sunk += 1
             if self.sunk > SUNK_LIMIT:
                 self.gated.clear()  # (the general path finds the rules again)
                 self.sunk = 0
-            sunk[client] = (self.consent.generation, edns, until, count_slot, rule.vendor.logged, *parts)
+            sunk[client] = (state, edns, state.until, count_slot, rule.vendor.logged, *parts)
         return reply
 
     def _answer_general(self, data: bytes, client: str, tcp: int) -> bytes | Forward | None:

@@ -181,6 +181,27 @@ def test_a_kept_sinkhole_answer_follows_each_query_every_consent_change_and_relo
     assert r.rcode() == dns.rcode.NOERROR and r.answer[0][0].to_text() == "0.0.0.0"
 
 
+def test_a_change_for_one_client_keeps_every_other_client_s_kept_sinkhole_answers(clock: Clock) -> None:
+    """Consent changes come at any time (a hundred a second on a busy network): a client's change
+    forgets that client's kept sinkhole answers, not those of every client on the network."""
+    p = build(clock)
+    grant(p, "127.0.0.9", category="analytics")  # (the notice now lists the catalog's items)
+    for client in ("127.0.0.2", "127.0.0.3"):
+        assert answer(p, query("x.trackcmp.net"), client).rcode() == dns.rcode.NXDOMAIN
+    rendered = p.sunk
+    grant(p, "127.0.0.2")
+    assert answer(p, query("x.trackcmp.net"), "127.0.0.3").rcode() == dns.rcode.NXDOMAIN
+    assert p.sunk == rendered  # the other client's answer served as kept
+    assert isinstance(p.answer(query("x.trackcmp.net").to_wire(), "127.0.0.2", False), Forward)
+    for c in p.consent.choices():
+        if c.subject.address == "127.0.0.2":
+            p.consent.remove(c.id)
+    assert answer(p, query("x.trackcmp.net"), "127.0.0.2").rcode() == dns.rcode.NXDOMAIN
+    assert p.sunk == rendered + 1  # decided again, and kept again
+    assert answer(p, query("x.trackcmp.net"), "127.0.0.3").rcode() == dns.rcode.NXDOMAIN
+    assert p.sunk == rendered + 1
+
+
 def test_other_category_does_not_open_marketing(clock: Clock) -> None:
     p = build(clock)
     grant(p, "127.0.0.2", category="analytics")
