@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from dnsgate.consent.model import ClientState, ConsentTable
+from dnsgate.consent.model import FOREVER, ClientState, ConsentTable
 from dnsgate.dns.admission import Admission
 from dnsgate.dns.cache import ADDRESSES, ALIASES, AnswerCache, Entry, TtlPolicy, UnusableReply, entry_from_reply
 from dnsgate.dns.cloaking import answer_rule
@@ -323,7 +323,7 @@ class Pipeline:
                 consent = self.consent
                 memo = sunk.get(client)  # this client's sinkhole answer to it, as last rendered
                 if (memo is not None and memo[0] is consent.states.get(client) and memo[1] == edns
-                        and self.wall() < memo[2]):
+                        and (memo[2] == FOREVER or self.wall() < memo[2])):  # (no clock read for no limit)
                     self.counts[memo[3] + tcp] += 1
                     if self.log_gated is not None:
                         self.log_gated((now, client, question, tcp, SINKHOLED, -1, memo[4], None, 0.0))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import ctypes.util
 import gc
 import os
 import random
@@ -105,9 +106,8 @@ class _Client:
     """A loopback client that sends BATCH queries with one sendmmsg and drains replies with one recvmmsg."""
 
     def __init__(self, server: tuple[str, int]) -> None:
-        calls = udp_batch._libc_calls()
-        assert calls is not None
-        self.recvmmsg, self.sendmmsg = calls
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)  # its own: the same whatever udp_batch does
+        self.recvmmsg, self.sendmmsg = libc.recvmmsg, libc.sendmmsg
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -141,11 +141,11 @@ class _Client:
         self.smsgs = self._headers(buffers, self.sockaddr)
 
     def send(self) -> None:
-        sent = self.sendmmsg(self.fd, ctypes.addressof(self.smsgs), BATCH, 0)
+        sent = self.sendmmsg(self.fd, ctypes.byref(self.smsgs), BATCH, 0)
         assert sent == BATCH, sent
 
     def drain(self) -> int:
-        return int(self.recvmmsg(self.fd, ctypes.addressof(self.rmsgs), BATCH, 0, None))
+        return int(self.recvmmsg(self.fd, ctypes.byref(self.rmsgs), BATCH, 0, None))
 
 
 async def batch_sections(calls: int) -> list[Section]:

@@ -202,6 +202,44 @@ def test_a_change_for_one_client_keeps_every_other_client_s_kept_sinkhole_answer
     assert p.sunk == rendered + 1
 
 
+class CountingClock(consent_fixtures.FakeClock):
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+def test_a_kept_sinkhole_answer_holds_until_its_decision_s_time_limit(clock: Clock) -> None:
+    """A decision with no time limit (nobody chose) is served again without reading the wall clock;
+    one with a limit (a refusal that expires) is kept until then and made again after it."""
+    wall = CountingClock(1_700_000_000.0)
+    p = build(clock)
+    p.wall = wall
+    q = query("y.trackcmp.net", use_edns=0)
+
+    def ede(client: str) -> str:
+        r = answer(p, q, client)
+        assert r.rcode() == dns.rcode.NXDOMAIN
+        return str(r.options[0].text)
+
+    for _ in range(2):  # matched on the general path, then decided and kept on the fast one
+        assert "no consent for category" in ede("127.0.0.4")
+    reads = wall.reads
+    for _ in range(3):
+        assert "no consent for category" in ede("127.0.0.4")
+    assert wall.reads == reads
+    p.consent.put(consent_fixtures.choice("127.0.0.5", categories={"marketing": False}, expires_at=wall.now + 60))
+    assert "refused" in ede("127.0.0.5")
+    reads = wall.reads
+    assert "refused" in ede("127.0.0.5")  # kept: the clock read once, against the refusal's expiry
+    assert wall.reads == reads + 1
+    wall.advance(61)
+    assert "no consent for category" in ede("127.0.0.5")
+
+
 def test_other_category_does_not_open_marketing(clock: Clock) -> None:
     p = build(clock)
     grant(p, "127.0.0.2", category="analytics")
