@@ -546,7 +546,7 @@ class UpstreamBatches:
         self.sizes = memoryview(self.rhdr).cast("I")  # msg_len of reply i: [i * HDR // 4 + _LEN_AT // 4]
         self.namelens = memoryview(self.shdr).cast("I")  # msg_namelen of query i: [(i * HDR + _NAMELEN_AT) // 4]
         self.iov_sizes = memoryview(self.iovs).cast("P")  # iov_len of query i: [(REPLIES + i) * IOV // SIZE_T + 1]
-        self.rhdr_at, self.shdr_at = _address(self.rhdr), _address(self.shdr)
+        self.rhdr_at, self.shdr_at = ctypes.c_void_p(_address(self.rhdr)), ctypes.c_void_p(_address(self.shdr))
         self.used = 0
 
     def receive(self, fd: int, v6: bool, handle: Callable[[bytes, bytes], None]) -> None:
