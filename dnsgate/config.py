@@ -13,7 +13,8 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -34,6 +35,58 @@ DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the key path."""
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        """Each error on its own: this one (ConfigErrors holds several)."""
+        return (self,)
+
+
+class ConfigErrors(ConfigError):
+    """The independent errors one reading found, in the order found, so that an operator editing a
+    file sees them all in one run; the message is theirs, joined (one line, as a log wants it)."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self._errors = tuple(e for error in errors for e in error.errors)
+        super().__init__("; ".join(str(e) for e in self._errors))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ConfigErrors, (self._errors,)
+
+    @property
+    def errors(self) -> tuple[ConfigError, ...]:
+        return self._errors
+
+
+class _Found:
+    """The errors of one reading: a check that fails is kept and the checks after it still run."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def check(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.errors.append(ConfigError(message))
+        return ok
+
+    def add(self, message: str) -> None:
+        self.errors.append(ConfigError(message))
+
+    @contextmanager
+    def each(self) -> Iterator[None]:
+        """A block that stops at its first error (what follows in it would be meaningless), kept."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors.extend(exc.errors)
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]  # one error alone reads exactly as it always has
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 @dataclass(frozen=True, slots=True)
@@ -623,7 +676,10 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
     if annotation == "tuple[ListSource, ...]":
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected [[{key}]] tables, got {value!r}")
-        return tuple(_section(ListSource, item, f"{key}[{i}]") for i, item in enumerate(value))
+        found = _Found()
+        sources = tuple(_table(ListSource, item, f"{key}[{i}]", found, set()) for i, item in enumerate(value))
+        found.raise_any()  # every source's errors; a list with any is refused whole
+        return sources
     if annotation == "tuple[tuple[str, str], ...]":
         if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{key}: expected a table of \"key\" = \"value\" strings, got {value!r}")
@@ -642,14 +698,25 @@ def _checked(cls: type[Any], name: str, value: Any, key: str) -> Any:
     return _convert(value, str(next(f.type for f in fields(cls) if f.name == name)), key)
 
 
-def _section(cls: type[Any], data: Any, key: str) -> Any:
+def _table(cls: type[Any], data: Any, key: str, found: _Found, refused: set[str]) -> Any:
+    """A section (or one [[lists.sources]] table) from its TOML table, every unknown key and bad value
+    in `found`; a refused value's key (in `refused`) keeps its default, so the other tables can
+    still be checked."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{key}: expected a table, got {data!r}")
+        found.add(f"{key}: expected a table, got {data!r}")
+        refused.add(key)
+        return cls()
     known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
     for name in data:
         if name not in known:
-            raise ConfigError(f"{key}.{name}: unknown key ({did_you_mean(name, known)}known: {', '.join(known)})")
-    values = {name: _convert(data[name], str(known[name].type), f"{key}.{name}") for name in data}
+            found.add(f"{key}.{name}: unknown key ({did_you_mean(name, known)}known: {', '.join(known)})")
+            continue
+        try:
+            values[name] = _convert(data[name], str(known[name].type), f"{key}.{name}")
+        except ConfigError as exc:
+            found.errors.extend(exc.errors)
+            refused.add(f"{key}.{name}")
     return cls(**values)
 
 
@@ -672,152 +739,211 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
 }
 
 
-def parse_config(data: Mapping[str, Any], *, validated: bool = True) -> Config:
-    """Build a validated Config from parsed TOML; raise ConfigError naming the bad key. Unvalidated,
-    only the types are checked: for a file whose values the environment or flags still override."""
+def _parsed(data: Mapping[str, Any], found: _Found, refused: set[str]) -> Config:
+    """The types of parsed TOML checked, every table's errors in `found` (see `_table`)."""
     sections: dict[str, Any] = {}
     for name, value in data.items():
         if name not in _SECTIONS:
-            raise ConfigError(f"{name}: unknown section ({did_you_mean(name, _SECTIONS)}known: {', '.join(_SECTIONS)})")
-        sections[name] = _section(_SECTIONS[name], value, name)
-    cfg = Config(**sections)
-    return validate(cfg) if validated else cfg
+            found.add(f"{name}: unknown section ({did_you_mean(name, _SECTIONS)}known: {', '.join(_SECTIONS)})")
+            continue
+        sections[name] = _table(_SECTIONS[name], value, name, found, refused)
+    return Config(**sections)
+
+
+def parse_config(data: Mapping[str, Any], *, validated: bool = True) -> Config:
+    """Build a validated Config from parsed TOML; raise ConfigError naming the bad key (ConfigErrors
+    naming each, for several). Unvalidated, only the types are checked: for a file whose values the
+    environment or flags still override."""
+    found, refused = _Found(), set[str]()
+    cfg = _parsed(data, found, refused)
+    if validated:
+        found.errors.extend(_validated(cfg, refused))
+    found.raise_any()
+    return cfg
+
+
+def _toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
 
 
 def parse_config_text(text: str, source: str = "config", *, validated: bool = True) -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    return parse_config(data, validated=validated)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
+    return parse_config(_toml(text, source), validated=validated)
 
 
 def validate(cfg: Config) -> Config:
-    """Check ranges and formats that the types alone do not catch."""
-    _check(len(cfg.dns.listen) > 0, "dns.listen: at least one address is needed")
-    cfg.dns_listen  # noqa: B018 -- parses every address, raising ConfigError on the first bad one
-    _check(512 <= cfg.dns.udp_max_size <= 65535, f"dns.udp_max_size: must be 512..65535, got {cfg.dns.udp_max_size}")
-    _check(0 < cfg.dns.tcp_idle_timeout <= 3600,
-           f"dns.tcp_idle_timeout: must be > 0 and <= 3600 seconds, got {cfg.dns.tcp_idle_timeout}")
-    _validate_exposure(cfg.dns)
-    cfg.tls_listen, cfg.https_listen  # noqa: B018 -- parsed, raising ConfigError on the first bad one
-    cfg.api_listen  # noqa: B018
-    admin = cfg.admin_listen
-    _check(admin is None or admin.port == 0 or admin.port != cfg.api_listen.port or admin.host != cfg.api_listen.host,
-           f"api.admin_listen: must differ from api.listen, got {cfg.api.admin_listen!r}")
-    _check(1024 <= cfg.api.max_body_bytes <= 16 * 1024 * 1024,
-           f"api.max_body_bytes: must be 1024..16777216, got {cfg.api.max_body_bytes}")
-    _check(cfg.api.consent_changes_per_minute >= 0,
-           f"api.consent_changes_per_minute: must be >= 0 (0: no limit), got {cfg.api.consent_changes_per_minute}")
-    _validate_api_limits(cfg.api)
+    """Check ranges and formats that the types alone do not catch; every failing check is reported."""
+    found = _Found()
+    found.errors.extend(_validated(cfg, ()))
+    found.raise_any()
+    return cfg
+
+
+KEY: Final = re.compile(r"[a-z_]+\.[a-z_]+(?=: )")
+
+
+def _validated(cfg: Config, refused: Iterable[str]) -> list[ConfigError]:
+    """The errors of the checks, less those a check gives because a key it compares with is wrong:
+    one that names a key whose value was refused (it holds its default), or that names, after its
+    own key, a key that failed its own check (upstream.timeout = -1 would also fail
+    attempt_timeout's "<= upstream.timeout"). The operator fixes that key, and the next run tells."""
+    found = _Found()
+    _validate(cfg, found)
+    defaulted = set(refused)
+    names = sorted({m[0] for e in found.errors if (m := KEY.match(str(e)))} | defaulted)
+    if not names:
+        return found.errors
+    named = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(n) for n in names) + r")(?!\w)")
+    kept = []
+    for error in found.errors:
+        message = str(error)
+        own = KEY.match(message)
+        if own is not None and own[0] in defaulted:
+            continue  # not the operator's value: theirs was refused, and said so
+        if named.search(message[own.end():] if own else message) is None:
+            kept.append(error)
+    return kept
+
+
+def _validate(cfg: Config, found: _Found) -> None:
+    found.check(len(cfg.dns.listen) > 0, "dns.listen: at least one address is needed")
+    listening: list[HostPort] = []  # the good ones, for the upstreams' loop check
+    for text in cfg.dns.listen:
+        with found.each():
+            listening.append(parse_host_port(text, key="dns.listen", listen=True))
+    found.check(512 <= cfg.dns.udp_max_size <= 65535,
+                f"dns.udp_max_size: must be 512..65535, got {cfg.dns.udp_max_size}")
+    found.check(0 < cfg.dns.tcp_idle_timeout <= 3600,
+                f"dns.tcp_idle_timeout: must be > 0 and <= 3600 seconds, got {cfg.dns.tcp_idle_timeout}")
+    _validate_exposure(cfg.dns, found)
+    for text in cfg.dns.tls_listen:
+        with found.each():
+            parse_host_port(text, default_port=853, key="dns.tls_listen", listen=True)
+    for text in cfg.dns.https_listen:
+        with found.each():
+            parse_host_port(text, default_port=443, key="dns.https_listen", listen=True)
+    api: HostPort | None = None
+    with found.each():
+        api = cfg.api_listen
+    with found.each():
+        admin = cfg.admin_listen
+        found.check(api is None or admin is None or admin.port == 0 or admin.port != api.port or admin.host != api.host,
+                    f"api.admin_listen: must differ from api.listen, got {cfg.api.admin_listen!r}")
+    found.check(1024 <= cfg.api.max_body_bytes <= 16 * 1024 * 1024,
+                f"api.max_body_bytes: must be 1024..16777216, got {cfg.api.max_body_bytes}")
+    found.check(cfg.api.consent_changes_per_minute >= 0,
+                f"api.consent_changes_per_minute: must be >= 0 (0: no limit), got {cfg.api.consent_changes_per_minute}")
+    _validate_api_limits(cfg.api, found)
     for origin in cfg.api.allowed_origins:
-        _check(
+        found.check(
             origin.startswith(("http://", "https://")) and origin.count("/") == 2,
             f"api.allowed_origins: expected scheme://host[:port], got {origin!r}",
         )
     for host in cfg.api.hosts:
-        _check(bool(HOST_LABELS.fullmatch(host)) or _is_ip(host),
-               f"api.hosts: expected a host name or an IP address, got {host!r}")
+        found.check(bool(HOST_LABELS.fullmatch(host)) or _is_ip(host),
+                    f"api.hosts: expected a host name or an IP address, got {host!r}")
     for name, addresses in cfg.upstream.bootstrap:
-        _check(bool(HOST_NAME.fullmatch(name.rstrip("."))),
-               f"upstream.bootstrap: expected a host name such as dns.quad9.net, got {name!r}")
-        _check(bool(addresses), f"upstream.bootstrap.{name}: at least one address is needed")
+        found.check(bool(HOST_NAME.fullmatch(name.rstrip("."))),
+                    f"upstream.bootstrap: expected a host name such as dns.quad9.net, got {name!r}")
+        found.check(bool(addresses), f"upstream.bootstrap.{name}: at least one address is needed")
         for address in addresses:
-            _check(_is_ip(address), f"upstream.bootstrap.{name}: not an IP address: {address!r}")
-    for server in cfg.upstream_servers:
-        _check(not points_at(server, cfg.dns_listen),
-               f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
-    for domain, servers in cfg.upstream_domains:
+            found.check(_is_ip(address), f"upstream.bootstrap.{name}: not an IP address: {address!r}")
+    bootstrap = cfg.upstream_bootstrap
+    for text in cfg.upstream.servers:
+        with found.each():
+            for server in parse_upstreams(text, "upstream.servers", bootstrap):
+                found.check(not points_at(server, tuple(listening)),
+                            f"upstream.servers: {server} is dnsgate's own DNS address: queries would loop")
+    for domain, texts in cfg.upstream.domains:
         try:
             name_to_wire(domain)
         except ValueError as exc:
-            raise ConfigError(f"upstream.domains: bad domain {domain!r}: {exc}") from None
-        _check(bool(servers), f"upstream.domains.{domain}: at least one server is needed")
-        for server in servers:
-            _check(not points_at(server, cfg.dns_listen),
-                   f"upstream.domains.{domain}: {server} is dnsgate's own DNS address: queries would loop")
-    _check(0 < cfg.upstream.timeout <= 60,
-           f"upstream.timeout: must be > 0 and <= 60 seconds, got {cfg.upstream.timeout}")
-    _check(
+            found.add(f"upstream.domains: bad domain {domain!r}: {exc}")
+        found.check(bool(texts), f"upstream.domains.{domain}: at least one server is needed")
+        for text in texts:
+            with found.each():
+                for server in parse_upstreams(text, f"upstream.domains.{domain}", bootstrap):
+                    found.check(not points_at(server, tuple(listening)),
+                                f"upstream.domains.{domain}: {server} is dnsgate's own DNS address: "
+                                "queries would loop")
+    found.check(0 < cfg.upstream.timeout <= 60,
+                f"upstream.timeout: must be > 0 and <= 60 seconds, got {cfg.upstream.timeout}")
+    found.check(
         0 < cfg.upstream.attempt_timeout <= cfg.upstream.timeout,
         f"upstream.attempt_timeout: must be > 0 and <= upstream.timeout, got {cfg.upstream.attempt_timeout}",
     )
-    _check(cfg.cache.max_entries >= 0, f"cache.max_entries: must be >= 0, got {cfg.cache.max_entries}")
-    _check(cfg.cache.max_bytes >= 0, f"cache.max_bytes: must be >= 0, got {cfg.cache.max_bytes}")
-    _check(0 <= cfg.cache.min_ttl <= MAX_TTL, f"cache.min_ttl: must be 0..{MAX_TTL}, got {cfg.cache.min_ttl}")
-    _check(
+    found.check(cfg.cache.max_entries >= 0, f"cache.max_entries: must be >= 0, got {cfg.cache.max_entries}")
+    found.check(cfg.cache.max_bytes >= 0, f"cache.max_bytes: must be >= 0, got {cfg.cache.max_bytes}")
+    found.check(0 <= cfg.cache.min_ttl <= MAX_TTL, f"cache.min_ttl: must be 0..{MAX_TTL}, got {cfg.cache.min_ttl}")
+    found.check(
         max(cfg.cache.min_ttl, 1) <= cfg.cache.max_ttl <= MAX_TTL,
         f"cache.max_ttl: must be >= 1 and >= cache.min_ttl, and at most {MAX_TTL}, got {cfg.cache.max_ttl}",
     )
-    _check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
-    _check(1 <= cfg.cache.stale_max_age <= MAX_TTL,
-           f"cache.stale_max_age: must be 1..{MAX_TTL}, got {cfg.cache.stale_max_age}")
-    _check(0 <= cfg.local.ttl <= 604800, f"local.ttl: must be 0..604800 seconds, got {cfg.local.ttl}")
+    found.check(1 <= cfg.cache.stale_ttl <= 3600, f"cache.stale_ttl: must be 1..3600, got {cfg.cache.stale_ttl}")
+    found.check(1 <= cfg.cache.stale_max_age <= MAX_TTL,
+                f"cache.stale_max_age: must be 1..{MAX_TTL}, got {cfg.cache.stale_max_age}")
+    found.check(0 <= cfg.local.ttl <= 604800, f"local.ttl: must be 0..604800 seconds, got {cfg.local.ttl}")
     if cfg.local.healthcheck:
         try:
             name_to_wire(cfg.local.healthcheck)
         except ValueError as exc:
-            raise ConfigError(f"local.healthcheck: {exc}") from None
-    _check(1 <= cfg.gate.sinkhole_ttl <= 3600, f"gate.sinkhole_ttl: must be 1..3600, got {cfg.gate.sinkhole_ttl}")
-    _check(
+            found.add(f"local.healthcheck: {exc}")
+    found.check(1 <= cfg.gate.sinkhole_ttl <= 3600, f"gate.sinkhole_ttl: must be 1..3600, got {cfg.gate.sinkhole_ttl}")
+    found.check(
         1 <= cfg.gate.allowed_ttl_cap <= 86400,
         f"gate.allowed_ttl_cap: must be 1..86400, got {cfg.gate.allowed_ttl_cap}",
     )
-    _check(
+    found.check(
         1 <= cfg.consent.max_days <= 395,
         f"consent.max_days: must be 1..395 (13 months), got {cfg.consent.max_days}",
     )
-    _check(
+    found.check(
         1 <= cfg.consent.default_days <= cfg.consent.max_days,
         f"consent.default_days: must be 1..consent.max_days, got {cfg.consent.default_days}",
     )
     c = cfg.consent
     for name in ("opt_out_days", "kiosk_days"):
         value = getattr(c, name)
-        _check(1 <= value <= c.max_days, f"consent.{name}: must be 1..consent.max_days, got {value}")
-    _check(c.kiosk_idle_minutes > 0, f"consent.kiosk_idle_minutes: must be > 0, got {c.kiosk_idle_minutes}")
-    _check(c.retention_days >= 0, f"consent.retention_days: must be >= 0 (0 keeps forever), got {c.retention_days}")
-    _check(0 < c.sweep_interval <= 3600, f"consent.sweep_interval: must be 0..3600 seconds, got {c.sweep_interval}")
+        found.check(1 <= value <= c.max_days, f"consent.{name}: must be 1..consent.max_days, got {value}")
+    found.check(c.kiosk_idle_minutes > 0, f"consent.kiosk_idle_minutes: must be > 0, got {c.kiosk_idle_minutes}")
+    found.check(c.retention_days >= 0,
+                f"consent.retention_days: must be >= 0 (0 keeps forever), got {c.retention_days}")
+    found.check(0 < c.sweep_interval <= 3600,
+                f"consent.sweep_interval: must be 0..3600 seconds, got {c.sweep_interval}")
     for cidr, profile in cfg.profiles.networks:
         try:
             ipaddress.ip_network(cidr)
         except ValueError as exc:
-            raise ConfigError(f"profiles.networks.{cidr!r}: {exc}") from None
-        _check(profile in PROFILE_NAMES,
-               f"profiles.networks.{cidr!r}: must be one of {', '.join(PROFILE_NAMES)}; got {profile!r}")
+            found.add(f"profiles.networks.{cidr!r}: {exc}")
+        found.check(profile in PROFILE_NAMES,
+                    f"profiles.networks.{cidr!r}: must be one of {', '.join(PROFILE_NAMES)}; got {profile!r}")
     for address in cfg.identity.trusted_forwarders:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigError(f"identity.trusted_forwarders: not an IP address: {address!r}") from None
-    _check(cfg.identity.neighbour_refresh > 0,
-           f"identity.neighbour_refresh: must be > 0, got {cfg.identity.neighbour_refresh}")
-    _check(10 <= cfg.identity.pairing_ttl <= 86400,
-           f"identity.pairing_ttl: must be 10..86400 seconds, got {cfg.identity.pairing_ttl}")
-    _validate_portal(cfg.portal)
-    _check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
+        found.check(_is_ip(address), f"identity.trusted_forwarders: not an IP address: {address!r}")
+    found.check(cfg.identity.neighbour_refresh > 0,
+                f"identity.neighbour_refresh: must be > 0, got {cfg.identity.neighbour_refresh}")
+    found.check(10 <= cfg.identity.pairing_ttl <= 86400,
+                f"identity.pairing_ttl: must be 10..86400 seconds, got {cfg.identity.pairing_ttl}")
+    _validate_portal(cfg.portal, found)
+    found.check(bool(cfg.storage.data_dir), "storage.data_dir: must not be empty")
     store = cfg.storage.store
-    _check(store == "sqlite" or (store.startswith(("redis://", "rediss://", "unix://")) and len(store) > 8),
-           f"storage.store: expected \"sqlite\" or a Redis URL (redis://host:6379/0, rediss://…, unix://…), "
-           f"got {store!r}")
-    _check(bool(cfg.storage.redis_prefix), "storage.redis_prefix: must not be empty")
-    _check(0 < cfg.storage.redis_timeout <= 60,
-           f"storage.redis_timeout: must be 0..60 seconds, got {cfg.storage.redis_timeout}")
-    _validate_lists(cfg.lists)
-    _check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")
-    _check(0 < cfg.querylog.flush_interval <= 60,
-           f"querylog.flush_interval: must be > 0 and <= 60, got {cfg.querylog.flush_interval}")
-    _check(cfg.querylog.max_age_days >= 1, f"querylog.max_age_days: must be >= 1, got {cfg.querylog.max_age_days}")
-    _check(cfg.querylog.max_rows >= 1, f"querylog.max_rows: must be >= 1, got {cfg.querylog.max_rows}")
-    _check(cfg.events.webhook_url == "" or cfg.events.webhook_url.startswith(("http://", "https://")),
-           f"events.webhook_url: expected an http:// or https:// URL, got {cfg.events.webhook_url!r}")
-    _check(cfg.events.webhook_timeout > 0, f"events.webhook_timeout: must be > 0, got {cfg.events.webhook_timeout}")
-    return cfg
+    found.check(store == "sqlite" or (store.startswith(("redis://", "rediss://", "unix://")) and len(store) > 8),
+                f"storage.store: expected \"sqlite\" or a Redis URL (redis://host:6379/0, rediss://…, unix://…), "
+                f"got {store!r}")
+    found.check(bool(cfg.storage.redis_prefix), "storage.redis_prefix: must not be empty")
+    found.check(0 < cfg.storage.redis_timeout <= 60,
+                f"storage.redis_timeout: must be 0..60 seconds, got {cfg.storage.redis_timeout}")
+    _validate_lists(cfg.lists, found)
+    found.check(cfg.querylog.queue_size >= 1, f"querylog.queue_size: must be >= 1, got {cfg.querylog.queue_size}")
+    found.check(0 < cfg.querylog.flush_interval <= 60,
+                f"querylog.flush_interval: must be > 0 and <= 60, got {cfg.querylog.flush_interval}")
+    found.check(cfg.querylog.max_age_days >= 1, f"querylog.max_age_days: must be >= 1, got {cfg.querylog.max_age_days}")
+    found.check(cfg.querylog.max_rows >= 1, f"querylog.max_rows: must be >= 1, got {cfg.querylog.max_rows}")
+    found.check(cfg.events.webhook_url == "" or cfg.events.webhook_url.startswith(("http://", "https://")),
+                f"events.webhook_url: expected an http:// or https:// URL, got {cfg.events.webhook_url!r}")
+    found.check(cfg.events.webhook_timeout > 0,
+                f"events.webhook_timeout: must be > 0, got {cfg.events.webhook_timeout}")
 
 
 HOST_LABELS: Final = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -836,99 +962,100 @@ HOST_NAME: Final = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}
                               r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
-def _validate_portal(portal: PortalConfig) -> None:
-    _check(bool(HOST_NAME.fullmatch(portal.host)),
-           f"portal.host: expected a host name of two or more labels, such as consent.dnsgate.internal, "
-           f"got {portal.host!r}")
+def _validate_portal(portal: PortalConfig, found: _Found) -> None:
+    found.check(bool(HOST_NAME.fullmatch(portal.host)),
+                f"portal.host: expected a host name of two or more labels, such as consent.dnsgate.internal, "
+                f"got {portal.host!r}")
     for address in portal.addresses:
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            raise ConfigError(f"portal.addresses: not an IP address: {address!r}") from None
-    _check(portal.url == "" or (portal.url.startswith(("http://", "https://")) and portal.url.count("/") >= 2
+        found.check(_is_ip(address), f"portal.addresses: not an IP address: {address!r}")
+    found.check(portal.url == "" or (portal.url.startswith(("http://", "https://")) and portal.url.count("/") >= 2
                                 and portal.url.split("/")[2] != ""),
-           f"portal.url: expected an http:// or https:// URL, got {portal.url!r}")
-    _check(portal.privacy_url == "" or portal.privacy_url.startswith(("http://", "https://")),
-           f"portal.privacy_url: expected an http:// or https:// URL, got {portal.privacy_url!r}")
+                f"portal.url: expected an http:// or https:// URL, got {portal.url!r}")
+    found.check(portal.privacy_url == "" or portal.privacy_url.startswith(("http://", "https://")),
+                f"portal.privacy_url: expected an http:// or https:// URL, got {portal.privacy_url!r}")
     for key, value in (("operator", portal.operator), ("contact", portal.contact),
                        ("privacy_url", portal.privacy_url)):
-        _check(len(value) <= 300 and value.isprintable(),
-               f"portal.{key}: expected one printable line of at most 300 characters")
+        found.check(len(value) <= 300 and value.isprintable(),
+                    f"portal.{key}: expected one printable line of at most 300 characters")
     for origin in portal.cors_origins:
-        _check(origin.startswith(("http://", "https://")) and origin.count("/") == 2 and origin.split("/")[2] != "",
-               f"portal.cors_origins: expected scheme://host[:port], got {origin!r}")
+        found.check(origin.startswith(("http://", "https://")) and origin.count("/") == 2
+                    and origin.split("/")[2] != "",
+                    f"portal.cors_origins: expected scheme://host[:port], got {origin!r}")
 
 
-def _networks(key: str, values: tuple[str, ...]) -> None:
+def _networks(key: str, values: tuple[str, ...], found: _Found) -> None:
     for i, text in enumerate(values):
         try:
             ipaddress.ip_network(text)
         except ValueError as exc:
-            raise ConfigError(f"{key}[{i}]: expected a network such as '192.168.0.0/16': {exc}") from None
+            found.add(f"{key}[{i}]: expected a network such as '192.168.0.0/16': {exc}")
 
 
-def _validate_exposure(d: DnsConfig) -> None:
-    _networks("dns.allow_clients", d.allow_clients)
-    _networks("dns.rate_limit_exempt", d.rate_limit_exempt)
-    _check(d.rate_limit >= 0, f"dns.rate_limit: must be >= 0 (0: off), got {d.rate_limit}")
-    _check(0 <= d.rate_limit_slip <= 10, f"dns.rate_limit_slip: must be 0..10, got {d.rate_limit_slip}")
-    _check(8 <= d.rate_limit_ipv4_prefix <= 32,
-           f"dns.rate_limit_ipv4_prefix: must be 8..32, got {d.rate_limit_ipv4_prefix}")
-    _check(16 <= d.rate_limit_ipv6_prefix <= 128,
-           f"dns.rate_limit_ipv6_prefix: must be 16..128, got {d.rate_limit_ipv6_prefix}")
-    _check(d.tcp_max_connections >= 1, f"dns.tcp_max_connections: must be >= 1, got {d.tcp_max_connections}")
-    _check(1 <= d.tcp_max_connections_per_client <= d.tcp_max_connections,
-           f"dns.tcp_max_connections_per_client: must be 1..dns.tcp_max_connections, "
-           f"got {d.tcp_max_connections_per_client}")
-    _check(0 < d.tcp_query_timeout <= 600, f"dns.tcp_query_timeout: must be > 0 and <= 600, got {d.tcp_query_timeout}")
-    _check(d.tcp_max_queries_per_connection >= 1,
-           f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
-    _check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
-    _check(1 <= d.workers <= MAX_WORKERS, f"dns.workers: must be 1..{MAX_WORKERS}, got {d.workers}")
-    _networks("dns.trusted_proxies", d.trusted_proxies)
-    _check(not d.resolver_name or bool(HOST_NAME.fullmatch(d.resolver_name.rstrip("."))),
-           f"dns.resolver_name: expected a host name such as dns.home.arpa, got {d.resolver_name!r}")
+def _validate_exposure(d: DnsConfig, found: _Found) -> None:
+    _networks("dns.allow_clients", d.allow_clients, found)
+    _networks("dns.rate_limit_exempt", d.rate_limit_exempt, found)
+    found.check(d.rate_limit >= 0, f"dns.rate_limit: must be >= 0 (0: off), got {d.rate_limit}")
+    found.check(0 <= d.rate_limit_slip <= 10, f"dns.rate_limit_slip: must be 0..10, got {d.rate_limit_slip}")
+    found.check(8 <= d.rate_limit_ipv4_prefix <= 32,
+                f"dns.rate_limit_ipv4_prefix: must be 8..32, got {d.rate_limit_ipv4_prefix}")
+    found.check(16 <= d.rate_limit_ipv6_prefix <= 128,
+                f"dns.rate_limit_ipv6_prefix: must be 16..128, got {d.rate_limit_ipv6_prefix}")
+    found.check(d.tcp_max_connections >= 1, f"dns.tcp_max_connections: must be >= 1, got {d.tcp_max_connections}")
+    found.check(1 <= d.tcp_max_connections_per_client <= d.tcp_max_connections,
+                f"dns.tcp_max_connections_per_client: must be 1..dns.tcp_max_connections, "
+                f"got {d.tcp_max_connections_per_client}")
+    found.check(0 < d.tcp_query_timeout <= 600,
+                f"dns.tcp_query_timeout: must be > 0 and <= 600, got {d.tcp_query_timeout}")
+    found.check(d.tcp_max_queries_per_connection >= 1,
+                f"dns.tcp_max_queries_per_connection: must be >= 1, got {d.tcp_max_queries_per_connection}")
+    found.check(d.tcp_max_pipelined >= 1, f"dns.tcp_max_pipelined: must be >= 1, got {d.tcp_max_pipelined}")
+    found.check(1 <= d.workers <= MAX_WORKERS, f"dns.workers: must be 1..{MAX_WORKERS}, got {d.workers}")
+    _networks("dns.trusted_proxies", d.trusted_proxies, found)
+    found.check(not d.resolver_name or bool(HOST_NAME.fullmatch(d.resolver_name.rstrip("."))),
+                f"dns.resolver_name: expected a host name such as dns.home.arpa, got {d.resolver_name!r}")
     if d.tls_listen or d.https_listen:
-        _check(bool(d.tls_cert) and bool(d.tls_key),
-               "dns.tls_cert and dns.tls_key: DNS over TLS and over HTTPS need a certificate and its key "
-               "(PEM files; `dnsgate cert init` makes them)")
+        found.check(bool(d.tls_cert) and bool(d.tls_key),
+                    "dns.tls_cert and dns.tls_key: DNS over TLS and over HTTPS need a certificate and its key "
+                    "(PEM files; `dnsgate cert init` makes them)")
 
 
-def _validate_api_limits(a: ApiConfig) -> None:
-    _check(a.max_connections >= 1, f"api.max_connections: must be >= 1, got {a.max_connections}")
-    _check(1 <= a.max_connections_per_client <= a.max_connections,
-           f"api.max_connections_per_client: must be 1..api.max_connections, got {a.max_connections_per_client}")
+def _validate_api_limits(a: ApiConfig, found: _Found) -> None:
+    found.check(a.max_connections >= 1, f"api.max_connections: must be >= 1, got {a.max_connections}")
+    found.check(1 <= a.max_connections_per_client <= a.max_connections,
+                f"api.max_connections_per_client: must be 1..api.max_connections, got {a.max_connections_per_client}")
     for name in ("idle_timeout", "header_timeout", "body_timeout"):
         value = getattr(a, name)
-        _check(0 < value <= 3600, f"api.{name}: must be > 0 and <= 3600 seconds, got {value}")
+        found.check(0 < value <= 3600, f"api.{name}: must be > 0 and <= 3600 seconds, got {value}")
 
 
-def _validate_lists(lists: ListsConfig) -> None:
+def _validate_lists(lists: ListsConfig, found: _Found) -> None:
     seen: set[str] = set()
     for i, src in enumerate(lists.sources):
         key = f"lists.sources[{i}]"
-        _check(bool(LIST_ID.fullmatch(src.id)), f"{key}.id: expected 1-63 of a-z 0-9 _ - (not first), got {src.id!r}")
-        _check(src.id not in seen, f"{key}.id: {src.id!r} is used twice")
+        found.check(bool(LIST_ID.fullmatch(src.id)),
+                    f"{key}.id: expected 1-63 of a-z 0-9 _ - (not first), got {src.id!r}")
+        found.check(src.id not in seen, f"{key}.id: {src.id!r} is used twice")
         seen.add(src.id)
-        _check(bool(src.url) != bool(src.file), f"{key}: give exactly one of url and file ({src.id})")
-        _check(not src.url or src.url.startswith(("http://", "https://")),
-               f"{key}.url: expected an http:// or https:// URL, got {src.url!r}")
+        found.check(bool(src.url) != bool(src.file), f"{key}: give exactly one of url and file ({src.id})")
+        found.check(not src.url or src.url.startswith(("http://", "https://")),
+                    f"{key}.url: expected an http:// or https:// URL, got {src.url!r}")
         if src.kind == "block":
-            _check(bool(src.category), f"{key}.category: a block list needs the consent category that opens it")
+            found.check(bool(src.category), f"{key}.category: a block list needs the consent category that opens it")
         else:
-            _check(not src.category, f"{key}.category: an allow list has no category ({src.id})")
+            found.check(not src.category, f"{key}.category: an allow list has no category ({src.id})")
     for pattern in lists.allow:
         bare = pattern[2:] if pattern.startswith("*.") else pattern
         try:
             wire = name_to_wire(bare)
         except ValueError as exc:
-            raise ConfigError(f"lists.allow: {exc}") from None
-        _check(wire != b"\x00" and "*" not in bare,
-               f"lists.allow: use 'example.com' or '*.example.com', got {pattern!r}")
-    _check(lists.refresh_interval >= 0, f"lists.refresh_interval: must be >= 0, got {lists.refresh_interval}")
-    _check(lists.fetch_timeout > 0, f"lists.fetch_timeout: must be > 0, got {lists.fetch_timeout}")
-    _check(lists.max_download_bytes >= 1024,
-           f"lists.max_download_bytes: must be >= 1024, got {lists.max_download_bytes}")
+            found.add(f"lists.allow: {exc}")
+            continue
+        found.check(wire != b"\x00" and "*" not in bare,
+                    f"lists.allow: use 'example.com' or '*.example.com', got {pattern!r}")
+    found.check(lists.refresh_interval >= 0, f"lists.refresh_interval: must be >= 0, got {lists.refresh_interval}")
+    found.check(lists.fetch_timeout > 0, f"lists.fetch_timeout: must be > 0, got {lists.fetch_timeout}")
+    found.check(lists.max_download_bytes >= 1024,
+                f"lists.max_download_bytes: must be >= 1024, got {lists.max_download_bytes}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1006,6 +1133,7 @@ def env_settings(env: Mapping[str, str]) -> tuple[tuple[str, str, str, Any], ...
     variable that names a section but no key of it is an error ("did you mean"); other DNSGATE_*
     names are not configuration (the short names are read by overrides_from_env)."""
     found: list[tuple[str, str, str, Any]] = []
+    errors = _Found()
     for variable, text in sorted(env.items()):
         if not variable.startswith(ENV_PREFIX) or variable in ENV_SHORTHANDS or not text.strip():
             continue
@@ -1015,13 +1143,16 @@ def env_settings(env: Mapping[str, str]) -> tuple[tuple[str, str, str, Any], ...
         known = {f.name: str(f.type) for f in fields(_SECTIONS[section])}
         if rest not in known:
             names = {env_variable(section, name): name for name in known}
-            raise ConfigError(f"{variable}: [{section}] has no key {rest!r} ({did_you_mean(variable, names)}known: "
-                              f"{', '.join(names)})")
-        found.append((variable, section, rest, env_value(text, known[rest], variable)))
+            errors.add(f"{variable}: [{section}] has no key {rest!r} ({did_you_mean(variable, names)}known: "
+                       f"{', '.join(names)})")
+            continue
+        with errors.each():
+            found.append((variable, section, rest, env_value(text, known[rest], variable)))
     by_key = {f"{section}.{key}": variable for variable, section, key, _ in found}
     for short, key in ENV_SHORTHANDS.items():
-        if env.get(short, "").strip() and key in by_key and short != by_key[key]:
-            raise ConfigError(f"{short} and {by_key[key]} both set {key}: keep one")
+        errors.check(not (env.get(short, "").strip() and key in by_key and short != by_key[key]),
+                     f"{short} and {by_key.get(key)} both set {key}: keep one")
+    errors.raise_any()
     return tuple(found)
 
 
@@ -1056,6 +1187,14 @@ def merge_overrides(first: Overrides, then: Overrides) -> Overrides:
 
 
 def apply_overrides(cfg: Config, o: Overrides) -> Config:
+    found = _Found()
+    cfg = _overridden(cfg, o, found)
+    found.errors.extend(_validated(cfg, ()))
+    found.raise_any()
+    return cfg
+
+
+def _overridden(cfg: Config, o: Overrides, found: _Found) -> Config:
     for _, section, key, value in o.settings or ():
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
     if o.dns is not None:
@@ -1071,13 +1210,17 @@ def apply_overrides(cfg: Config, o: Overrides) -> Config:
     if o.admin_token is not None:
         cfg = replace(cfg, api=replace(cfg.api, admin_token=o.admin_token))
     if o.log_level is not None:
-        cfg = replace(cfg, log=replace(cfg.log, level=_checked(LogConfig, "level", o.log_level.lower(), "log.level")))
+        with found.each():
+            level = _checked(LogConfig, "level", o.log_level.lower(), "log.level")
+            cfg = replace(cfg, log=replace(cfg.log, level=level))
     if o.log_format is not None:
-        log_format = _checked(LogConfig, "format", o.log_format.lower(), "log.format")
-        cfg = replace(cfg, log=replace(cfg.log, format=log_format))
+        with found.each():
+            log_format = _checked(LogConfig, "format", o.log_format.lower(), "log.format")
+            cfg = replace(cfg, log=replace(cfg.log, format=log_format))
     if o.workers is not None:
-        cfg = replace(cfg, dns=replace(cfg.dns, workers=_whole(o.workers, "dns.workers")))  # validate: the range
-    return validate(cfg)
+        with found.each():
+            cfg = replace(cfg, dns=replace(cfg.dns, workers=_whole(o.workers, "dns.workers")))  # validate: the range
+    return cfg
 
 
 def _whole(text: str, key: str) -> int:
@@ -1088,15 +1231,19 @@ def _whole(text: str, key: str) -> int:
 
 
 def load_config(path: str | None, overrides: Overrides) -> Config:
-    """Defaults, then the file at `path` (if any), then the overrides."""
-    cfg = Config()
+    """Defaults, then the file at `path` (if any), then the overrides; every independent error of
+    the file and the overrides is raised together (ConfigErrors), one alone as itself."""
+    cfg, found, refused = Config(), _Found(), set[str]()
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
-        cfg = parse_config_text(text, source=path, validated=False)  # the environment and flags may override
-    return apply_overrides(cfg, overrides)  # validates the result
+        cfg = _parsed(_toml(text, path), found, refused)  # types only: the environment and flags may override
+    cfg = _overridden(cfg, overrides, found)
+    found.errors.extend(_validated(cfg, refused))  # the result, as it would run
+    found.raise_any()
+    return cfg
 
 
 def points_at(server: HostPort | UpstreamAddress, listening: tuple[HostPort, ...]) -> bool:

@@ -261,17 +261,21 @@ def where(error: ConfigError, path: str | None, env: Mapping[str, str], flags: O
 
 def check(path: str | None, env: Mapping[str, str]) -> tuple[int, str]:
     """`dnsgate config check`: (exit status, what to print). 0 and the effective configuration, or 2
-    and one line naming the file, the line where it can be found, and the key."""
+    and a line for each error naming the file, the line where it can be found, and the key."""
     env_path, overrides = None, None
     try:
         env_path, overrides = overrides_from_env(env)
     except ConfigError as exc:
-        return 2, f"dnsgate: error: environment: {exc}"
+        return 2, "\n".join(f"dnsgate: error: environment: {e}" for e in exc.errors)
     path = path or env_path
     try:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        return 2, f"dnsgate: error: {where(exc, path, env)}"
+        lines = [where(e, path, env) for e in exc.errors]
+        if path is not None:  # in the file's order, as the operator reads it; those without a line last
+            at = re.compile(re.escape(path) + r":(\d+): ")
+            lines.sort(key=lambda line: int(m[1]) if (m := at.match(line)) else 1 << 30)
+        return 2, "\n".join(f"dnsgate: error: {line}" for line in lines)
     shown = "no file" if path is None else path
     head = (f"# dnsgate config check: valid. The configuration in force ({shown}, DNSGATE_* variables, defaults);\n"
             "# a key not at its default says where its value comes from.\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from dnsgate.config import (
     Config,
     ConfigError,
+    ConfigErrors,
     HostPort,
     Overrides,
     UpstreamAddress,
@@ -113,6 +115,83 @@ def test_bad_config_names_the_key(text: str, key: str) -> None:
         parse_config_text(text)
     assert str(caught.value).startswith(key), str(caught.value)
     assert "\n" not in str(caught.value)
+    assert caught.value.errors == (caught.value,)  # one error alone is raised as itself, once
+
+
+SEVERAL = """\
+[dns]
+listen = ["127.0.0.1:5353", "localhost:53", "[::1"]
+rate_limit_slip = 99
+
+[cache]
+stale_ttl = 0
+colour = "blue"
+
+[gate]
+mode = "refused"
+
+[portl]
+x = 1
+
+[[lists.sources]]
+id = "a"
+url = "ftp://x"
+category = "m"
+
+[[lists.sources]]
+id = "B"
+file = "b.txt"
+category = "m"
+"""
+
+
+def test_independent_errors_are_raised_together(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(SEVERAL)
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(str(path), Overrides())
+    messages = [str(e) for e in caught.value.errors]
+    assert [m.split(":", 1)[0] for m in messages] == [
+        "cache.colour", "gate.mode", "portl", "dns.listen", "dns.listen", "dns.rate_limit_slip", "cache.stale_ttl",
+        "lists.sources[0].url", "lists.sources[1].id"], messages
+    assert "'localhost'" in messages[3] and "missing ']'" in messages[4]
+    assert str(caught.value) == "; ".join(messages)  # one line for a log
+    assert isinstance(caught.value, ConfigError)  # what every caller catches
+    same = pickle.loads(pickle.dumps(caught.value))
+    assert [str(e) for e in same.errors] == messages
+
+
+@pytest.mark.parametrize(("text", "messages"), [
+    # a refused value keeps its default; a check comparing another key with it is not reported
+    ("[upstream]\ntimeout = 'slow'\nattempt_timeout = 5.0\n", ["upstream.timeout: expected a number"]),
+    ("[consent]\nmax_days = 'x'\ndefault_days = 400\n", ["consent.max_days: expected an integer"]),
+    ("[consent]\ndefault_days = 'x'\nmax_days = 100\nopt_out_days = 30\n",
+     ["consent.default_days: expected an integer"]),
+    # nor one comparing with a key that fails its own check
+    ("[api]\nmax_connections = 0\nmax_connections_per_client = 16\n", ["api.max_connections: must be >= 1"]),
+    ("[dns]\nudp_max_size = 'big'\nrate_limit = -1\n",
+     ["dns.udp_max_size: expected an integer", "dns.rate_limit: must be >= 0"]),
+    # the loop check runs against the listen addresses that are good
+    ("[dns]\nlisten = ['127.0.0.1:5300', 'nas:53']\n[upstream]\nservers = ['127.0.0.1:5300', 'x.y:53']\n",
+     ["dns.listen: dnsgate listens on an IP address", "upstream.servers: 127.0.0.1:5300 is dnsgate's own",
+      "upstream.servers: not an IP address: 'x.y'"]),
+])
+def test_what_an_error_leaves_checked(text: str, messages: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config_text(text)
+    found = [str(e) for e in caught.value.errors]
+    assert len(found) == len(messages) and all(f.startswith(m) for f, m in zip(found, messages, strict=True)), found
+
+
+def test_every_bad_variable_and_flag_is_named() -> None:
+    env = {"DNSGATE_CACHE_MAX_TTL": "soon", "DNSGATE_DNS_UDP_MAX_SIZ": "1", "DNSGATE_GATE_MODE": "refused"}
+    with pytest.raises(ConfigErrors) as caught:
+        overrides_from_env(env)
+    assert [str(e).split(":", 1)[0] for e in caught.value.errors] == [
+        "DNSGATE_CACHE_MAX_TTL", "DNSGATE_DNS_UDP_MAX_SIZ", "DNSGATE_GATE_MODE"]
+    with pytest.raises(ConfigErrors) as caught:
+        load_config(None, Overrides(log_level="loud", workers="two", store="bogus"))
+    assert [str(e).split(":", 1)[0] for e in caught.value.errors] == ["log.level", "dns.workers", "storage.store"]
 
 
 @pytest.mark.parametrize(

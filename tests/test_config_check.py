@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -211,6 +212,48 @@ def test_config_check_names_the_file_line_and_key(tmp_path: Path, text: str, env
     code, out = check(str(path), env)
     assert code == 2 and out.startswith("dnsgate: error: " + error.format(path=path)), out
     assert len(out.strip().splitlines()) == 1
+
+
+def test_config_check_and_serve_name_every_error_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[dns]\nlisten = ["localhost:53"]\nudp_max_size = 70000\n\n[cache]\nmax_ttl = 0\n\n'
+                    '[gate]\nmode = "refused"\nsinkhole_tll = 5\n\n[portl]\nx = 1\n')
+    errors = ["dns.listen: dnsgate listens on an IP address, not a host name: 'localhost'",
+              "dns.udp_max_size: must be 512..65535, got 70000",
+              "cache.max_ttl: must be >= 1 and >= cache.min_ttl",
+              "gate.mode: must be one of nxdomain, null; got 'refused'",
+              "gate.sinkhole_tll: unknown key (did you mean 'sinkhole_ttl'?",
+              "portl: unknown section (did you mean 'portal'?"]
+    lines = [2, 3, 6, 9, 10, 12]
+    result = run("config", "check", "--config", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    checked = result.stderr.splitlines()
+    assert len(checked) == len(errors), checked  # in the file's order, each with its line
+    for line, number, error in zip(checked, lines, errors, strict=True):
+        assert line.startswith(f"dnsgate: error: {path}:{number}: {error}"), (line, number)
+    result = run("serve", "--config", str(path), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 2 and result.stdout == ""
+    served = result.stderr.splitlines()  # the same errors, each naming its key as serve always has
+    assert sorted(served) == sorted(re.sub(f"{re.escape(str(path))}:\\d+: ", "", line, count=1)
+                                    for line in checked), served
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+    # one error alone reads as before: one line, serve's without the file
+    path.write_text("[dns]\nudp_max_size = 70000\n")
+    result = run("serve", "--config", str(path), "--data-dir", str(tmp_path / "d"))
+    assert (result.returncode, result.stderr) == (2, "dnsgate: error: dns.udp_max_size: must be 512..65535, "
+                                                     "got 70000\n")
+
+
+def test_every_bad_variable_is_named_at_once() -> None:
+    code, out = check(None, {"DNSGATE_CACHE_MAX_TTL": "soon", "DNSGATE_GATE_MODE": "refused"})
+    assert code == 2 and out.splitlines() == [
+        "dnsgate: error: environment: DNSGATE_CACHE_MAX_TTL: expected an integer, got 'soon'",
+        "dnsgate: error: environment: DNSGATE_GATE_MODE: must be one of nxdomain, null; got 'refused'"], out
+    code, out = check(None, {"DNSGATE_CACHE_MAX_TTL": "0", "DNSGATE_GATE_SINKHOLE_TTL": "0"})
+    assert code == 2 and out.splitlines() == [
+        "dnsgate: error: DNSGATE_CACHE_MAX_TTL: cache.max_ttl: must be >= 1 and >= cache.min_ttl, "
+        "and at most 2147483647, got 0",
+        "dnsgate: error: DNSGATE_GATE_SINKHOLE_TTL: gate.sinkhole_ttl: must be 1..3600, got 0"], out
 
 
 def test_locate() -> None:

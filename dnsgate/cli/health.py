@@ -86,7 +86,8 @@ def run(config: str | None, api: str | None, dns: str | None, timeout: float,
         env_config, env_overrides = overrides_from_env(os.environ if env is None else env)
         cfg = load_config(config or env_config, merge_overrides(env_overrides, flags))
     except ConfigError as exc:
-        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"dnsgate: error: {error}", file=sys.stderr)
         return 2
     problems = [p for p in (check_api(cfg, timeout), check_dns(cfg, timeout)) if p]
     for problem in problems:

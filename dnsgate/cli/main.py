@@ -267,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return observe_cli.run(args, client)
         return _admin_command(args, client)
     except ConfigError as exc:
-        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"dnsgate: error: {error}", file=sys.stderr)
         return 2
     except AdminError as exc:
         print(f"dnsgate: error: {exc}", file=sys.stderr)
@@ -358,7 +359,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         env_config, env_overrides = overrides_from_env(os.environ)
     except ConfigError as exc:
-        print(f"dnsgate: error: {exc}", file=sys.stderr)
+        for error in exc.errors:
+            print(f"dnsgate: error: {error}", file=sys.stderr)
         return 2
     flags = Overrides(
         dns=tuple(args.dns) if args.dns else None,
@@ -376,9 +378,10 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         from dnsgate.config_check import where
 
-        # The variable that set a bad value is named; a file's keep the line tests and scripts know
-        # (`dnsgate config check` adds the file's line).
-        print(f"dnsgate: error: {where(exc, None, os.environ, flags)}", file=sys.stderr)
+        # Every error, each on its line; the variable that set a bad value is named; a file's keep
+        # the line tests and scripts know (`dnsgate config check` adds the file's line).
+        for error in exc.errors:
+            print(f"dnsgate: error: {where(error, None, os.environ, flags)}", file=sys.stderr)
         return 2
     setup_logging(cfg.log.level, cfg.log.format)
 
