@@ -11,6 +11,16 @@ from __future__ import annotations
 import ipaddress
 
 
+def is_ip(text: str) -> bool:
+    """Whether `text` is an IP address as written (a host name is not): the configuration's and the
+    commands' test of a value that may be either."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def normalize_client(address: str) -> str:
     """The canonical text of a client address: IPv4-mapped IPv6 as IPv4, zone ids dropped.
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from dnsgate.addresses import is_ip
 from dnsgate.wire import name_to_wire
 
 DEFAULT_DNS_PORT: Final = 5353
@@ -842,14 +843,14 @@ def _validate(cfg: Config, found: _Found) -> None:
             f"api.allowed_origins: expected scheme://host[:port], got {origin!r}",
         )
     for host in cfg.api.hosts:
-        found.check(bool(HOST_LABELS.fullmatch(host)) or _is_ip(host),
+        found.check(bool(HOST_LABELS.fullmatch(host)) or is_ip(host),
                     f"api.hosts: expected a host name or an IP address, got {host!r}")
     for name, addresses in cfg.upstream.bootstrap:
         found.check(bool(HOST_NAME.fullmatch(name.rstrip("."))),
                     f"upstream.bootstrap: expected a host name such as dns.quad9.net, got {name!r}")
         found.check(bool(addresses), f"upstream.bootstrap.{name}: at least one address is needed")
         for address in addresses:
-            found.check(_is_ip(address), f"upstream.bootstrap.{name}: not an IP address: {address!r}")
+            found.check(is_ip(address), f"upstream.bootstrap.{name}: not an IP address: {address!r}")
     bootstrap = cfg.upstream_bootstrap
     for text in cfg.upstream.servers:
         with found.each():
@@ -920,7 +921,7 @@ def _validate(cfg: Config, found: _Found) -> None:
         found.check(profile in PROFILE_NAMES,
                     f"profiles.networks.{cidr!r}: must be one of {', '.join(PROFILE_NAMES)}; got {profile!r}")
     for address in cfg.identity.trusted_forwarders:
-        found.check(_is_ip(address), f"identity.trusted_forwarders: not an IP address: {address!r}")
+        found.check(is_ip(address), f"identity.trusted_forwarders: not an IP address: {address!r}")
     found.check(cfg.identity.neighbour_refresh > 0,
                 f"identity.neighbour_refresh: must be > 0, got {cfg.identity.neighbour_refresh}")
     found.check(10 <= cfg.identity.pairing_ttl <= 86400,
@@ -950,14 +951,6 @@ HOST_LABELS: Final = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[
                                 r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 HOST_NAME: Final = re.compile(r"(?=.{1,253}$)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                               r"[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
@@ -967,7 +960,7 @@ def _validate_portal(portal: PortalConfig, found: _Found) -> None:
                 f"portal.host: expected a host name of two or more labels, such as consent.dnsgate.internal, "
                 f"got {portal.host!r}")
     for address in portal.addresses:
-        found.check(_is_ip(address), f"portal.addresses: not an IP address: {address!r}")
+        found.check(is_ip(address), f"portal.addresses: not an IP address: {address!r}")
     found.check(portal.url == "" or (portal.url.startswith(("http://", "https://")) and portal.url.count("/") >= 2
                                 and portal.url.split("/")[2] != ""),
                 f"portal.url: expected an http:// or https:// URL, got {portal.url!r}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dnsgate.addresses import is_ip
 from dnsgate.config import (
     Config,
     ConfigError,
@@ -290,3 +291,12 @@ def test_workers_from_env_and_flags() -> None:
         load_config(None, Overrides(workers="four"))
     with pytest.raises(ConfigError, match=r"^dns\.workers: must be 1\.\.64, got 0"):
         load_config(None, Overrides(workers="0"))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("192.0.2.1", True), ("2001:db8::1", True), ("fe80::1%eth0", True), ("::ffff:192.0.2.1", True),
+    ("nas.home", False), ("[::1]", False), ("192.0.2", False), ("192.0.2.1:53", False), ("", False),
+])
+def test_is_ip(text: str, expected: bool) -> None:
+    # the one test of "an address, not a host name" that api.hosts, upstream.bootstrap and the commands' --api use
+    assert is_ip(text) is expected

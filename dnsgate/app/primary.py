@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from dnsgate import descriptors
-from dnsgate.addresses import normalize_client
+from dnsgate.addresses import is_ip, normalize_client
 from dnsgate.app import dns_side
 from dnsgate.app.dns_side import DnsStack, os_reason
 from dnsgate.config import (
@@ -608,21 +608,13 @@ def api_boundaries(cfg: Config, api: HostPort, admin: HostPort | None) -> Bounda
     names = {"localhost", cfg.portal.host, *(f"{family}.{cfg.portal.host}" for family in FAMILY_NAMES)}
     addresses = set(cfg.portal.addresses)
     for host in cfg.api.hosts:
-        (addresses if _is_ip(host) else names).add(host)
+        (addresses if is_ip(host) else names).add(host)
     portal = urlsplit(cfg.portal.url) if cfg.portal.url else None
     if portal is not None and portal.hostname:
         names.add(portal.hostname)
     listeners = [(api.host, api.port)] + ([(admin.host, admin.port)] if admin is not None else [])
     extra = [f"{portal.scheme}://{portal.netloc}"] if portal is not None else []
     return Boundaries(names, addresses, listeners, cfg.api.allowed_origins, extra)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        normalize_client(text)
-    except ValueError:
-        return False
-    return True
 
 
 def open_backend(cfg: Config, data_dir: Path) -> tuple[ConsentBackend, str]:

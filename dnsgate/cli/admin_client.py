@@ -8,7 +8,6 @@ Blocking I/O through urllib: it runs once per command, never inside the server.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import urllib.error
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dnsgate.addresses import is_ip
 from dnsgate.config import ENV_PREFIX, Config, ConfigError, HostPort, parse_host_port
 from dnsgate.consent.export import PAIRED_GRANT
 
@@ -42,7 +42,7 @@ def api_base_url(text: str, key: str = "--api") -> str:
         host, colon, port = text.rpartition(":")
         if not colon or not port:
             raise ConfigError(f"{key}: missing port in {text!r} (HOST:PORT or http(s)://HOST[:PORT][/PATH])")
-        if host.startswith("[") or ":" in host or _is_ip(host):
+        if host.startswith("[") or ":" in host or is_ip(host):
             address = parse_host_port(text, key=key)
             if address.port == 0:
                 raise ConfigError(f"{key}: bad port {port!r} in {text!r}")
@@ -61,14 +61,6 @@ def api_base_url(text: str, key: str = "--api") -> str:
             or parts.query or parts.fragment:
         raise ConfigError(f"{key}: expected HOST:PORT or http(s)://HOST[:PORT][/PATH], got {text!r}")
     return text.rstrip("/")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def api_to_call(flag: str | None, env: Mapping[str, str]) -> str | None:
