@@ -32,7 +32,7 @@ import logging
 import mmap
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
@@ -112,7 +112,45 @@ def _address(buffer: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-class BatchedUdp:
+class _ServedSocket:
+    """What both ways of serving a socket from the event loop's callbacks share: reading switched
+    off while replies wait for the socket to take them, and back on after; closing."""
+
+    sock: socket.socket
+    fd: int
+    loop: asyncio.AbstractEventLoop
+    reading: bool
+    closed: bool
+    backlog: Sequence[object]  # replies the socket could not take yet, in order
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.closed:
+            self.loop.add_reader(self.fd, self._readable)
+            self.reading = True
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pause_reading()
+        if self.backlog:
+            self.loop.remove_writer(self.fd)
+        self.sock.close()
+
+
+class BatchedUdp(_ServedSocket):
     """One UDP socket served with recvmmsg/sendmmsg from the event loop's reader callback."""
 
     def __init__(self, sock: socket.socket, pipeline: Pipeline, resolver: Resolver,
@@ -191,16 +229,6 @@ class BatchedUdp:
         self._resume_reading()
 
     # ----------------------------------------------------------------------------------------
-
-    def _resume_reading(self) -> None:
-        if not self.reading and not self.closed:
-            self.loop.add_reader(self.fd, self._readable)
-            self.reading = True
-
-    def _pause_reading(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.fd)
-            self.reading = False
 
     def _readable(self) -> None:
         used = self.used
@@ -369,28 +397,13 @@ class BatchedUdp:
                 return
             items = items[BATCH:]
 
-    # ----------------------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._pause_reading()
-        if self.backlog:
-            self.loop.remove_writer(self.fd)
-        self.sock.close()
-
 
 def pktinfo_supported() -> bool:
     """Whether a wildcard socket can learn each datagram's destination (IP_PKTINFO: Linux and a few more)."""
     return _IP_PKTINFO >= 0 and _IPV6_RECVPKTINFO >= 0 and hasattr(socket.socket, "recvmsg")
 
 
-class PktinfoUdp:
+class PktinfoUdp(_ServedSocket):
     """dns.udp_io = "asyncio" on a wildcard address: one recvmsg and one sendmsg per datagram (the
     event loop's datagram endpoint cannot pass control messages), so that the reply leaves from the
     address the query was sent to (see the module's docstring). A reply the socket cannot take
@@ -399,6 +412,7 @@ class PktinfoUdp:
     def __init__(self, sock: socket.socket, pipeline: Pipeline, resolver: Resolver,
                  may_answer: Callable[[], bool] | None = None) -> None:
         self.sock = sock
+        self.fd = sock.fileno()
         self.v6 = sock.family == socket.AF_INET6
         if self.v6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
@@ -414,11 +428,6 @@ class PktinfoUdp:
         self.reading = False
         sock.setblocking(False)
         self._resume_reading()
-
-    def _resume_reading(self) -> None:
-        if not self.reading and not self.closed:
-            self.loop.add_reader(self.sock.fileno(), self._readable)
-            self.reading = True
 
     def _readable(self) -> None:
         try:
@@ -458,10 +467,8 @@ class PktinfoUdp:
             self.sock.sendmsg([reply], control, 0, addr)
         except (BlockingIOError, InterruptedError):
             self.backlog.insert(0, (reply, addr, control))
-            if self.reading:
-                self.loop.remove_reader(self.sock.fileno())
-                self.reading = False
-            self.loop.add_writer(self.sock.fileno(), self._writable)
+            self._pause_reading()
+            self.loop.add_writer(self.fd, self._writable)
             return False
         except OSError as exc:
             self.send_errors += 1
@@ -469,27 +476,13 @@ class PktinfoUdp:
         return True
 
     def _writable(self) -> None:
-        self.loop.remove_writer(self.sock.fileno())
+        self.loop.remove_writer(self.fd)
         items, self.backlog = self.backlog, []
         for n, (reply, addr, control) in enumerate(items):
             if not self._try_send(reply, addr, control):
                 self.backlog[1:1] = items[n + 1 :]
                 return
         self._resume_reading()
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.reading:
-            self.loop.remove_reader(self.sock.fileno())
-        if self.backlog:
-            self.loop.remove_writer(self.sock.fileno())
-        self.sock.close()
 
 
 def _source_of(level: int, kind: int, value: bytes) -> bytes:

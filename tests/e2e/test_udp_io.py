@@ -1,6 +1,7 @@
 """UDP on both paths (dns.udp_io): wildcard listeners answer from the address asked, bursts larger
 than a batch are answered whole, the fuzz corpus over real sockets, and (batched) replies the
-socket cannot take at once are sent later, never dropped."""
+socket cannot take at once are sent later, never dropped (batched, and the asyncio path's own
+socket on a wildcard address)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,16 @@ def burst(port: int, queries: list[bytes]) -> dict[int, bytes]:
 NAMES = ["host.example.test", "trackcmp.net", "other.example.test", "x.trackcmp.net", "nope.example.test"]
 
 
+def alternating(n: int) -> list[bytes]:
+    """n queries, IDs 0..n-1, a cached name and a sinkholed one in turn."""
+    queries = []
+    for i in range(n):
+        q = dns.message.make_query(NAMES[i % 2], "A")
+        q.id = i
+        queries.append(q.to_wire())
+    return queries
+
+
 async def test_a_burst_larger_than_a_batch_is_answered_whole(upstream: StubUpstream, data_dir: Path) -> None:
     """300 queries at once (several batches; sinkholed, cached and forwarded ones interleaved), each
     answered once, with its own question's answer."""
@@ -163,15 +174,41 @@ async def test_replies_the_socket_cannot_take_are_sent_later_in_order(upstream: 
                                                                       stingy_sendmmsg: list[int]) -> None:
     async with running_gate(make_config(upstream, data_dir)) as g:
         assert (await g.query("host.example.test")).rcode() == dns.rcode.NOERROR  # cached
-        queries = []
-        for i in range(150):
-            q = dns.message.make_query(NAMES[i % 2], "A")
-            q.id = i
-            queries.append(q.to_wire())
-        replies = await asyncio.to_thread(burst, g.dns_port, queries)
+        replies = await asyncio.to_thread(burst, g.dns_port, alternating(150))
         assert sorted(replies) == list(range(150))
         assert max(stingy_sendmmsg) > 1, "never more than one reply to send at once: no batch was tested"
         assert (await g.query("other.example.test")).rcode() == dns.rcode.NOERROR  # reading resumed
+
+
+@pytest.fixture
+def stingy_sendmsg(udp_io: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every other sendmsg finds the socket full (EAGAIN); the list counts the calls."""
+    if udp_io != "asyncio":
+        pytest.skip("one sendmsg a reply is the asyncio path's on a wildcard address")
+    calls: list[int] = []
+    sendmsg = socket.socket.sendmsg
+
+    def stingy(self: socket.socket, buffers: Any, *args: Any) -> int:
+        calls.append(1)
+        if len(calls) % 2 == 0:
+            raise BlockingIOError(errno.EAGAIN, "the send buffer is full")
+        return sendmsg(self, buffers, *args)
+
+    monkeypatch.setattr(socket.socket, "sendmsg", stingy)
+    return calls
+
+
+async def test_replies_a_wildcard_socket_cannot_take_are_sent_later(upstream: StubUpstream, data_dir: Path,
+                                                                    stingy_sendmsg: list[int]) -> None:
+    """The asyncio path on a wildcard address (recvmsg/sendmsg for the source address): a reply the
+    socket refuses waits with those after it, reading paused, and is sent when it is writable."""
+    async with running_gate(make_config(upstream, data_dir, dns=DnsConfig(listen=("0.0.0.0:0",)))) as g:
+        assert (await g.query("host.example.test", server="127.0.0.1")).rcode() == dns.rcode.NOERROR  # cached
+        replies = await asyncio.to_thread(burst, g.dns_port, alternating(150))
+        assert sorted(replies) == list(range(150))
+        assert len(stingy_sendmsg) >= 300, "the refused replies were not sent again"
+        reply = await g.query("other.example.test", server="127.0.0.1")
+        assert reply.rcode() == dns.rcode.NOERROR  # reading resumed
 
 
 async def test_workers_serve_the_same_path(upstream: StubUpstream, data_dir: Path, udp_io: str) -> None:
