@@ -486,8 +486,9 @@ class _UdpPool:
         return sock
 
 
-class _Stream:
-    """One persistent TCP or TLS connection to a server, shared by pipelined queries (RFC 7766)."""
+class _KeptConnection:
+    """What a kept connection to a server shares, over TCP, TLS or HTTP/2: the writer, the task that
+    reads the replies, the idle timer; closing ends all three."""
 
     def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext | None) -> None:
         self.owner = owner
@@ -495,9 +496,31 @@ class _Stream:
         self.tls = tls
         self.writer: asyncio.StreamWriter | None = None
         self.reader_task: asyncio.Task[None] | None = None
-        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
         self.lock = asyncio.Lock()
         self.idle: asyncio.TimerHandle | None = None
+
+    def close(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    async def aclose(self) -> None:
+        self.close()
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader_task
+
+
+class _Stream(_KeptConnection):
+    """One persistent TCP or TLS connection to a server, shared by pipelined queries (RFC 7766)."""
+
+    def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext | None) -> None:
+        super().__init__(owner, address, tls)
+        self.pending: dict[int, tuple[asyncio.Future[bytes], bytes]] = {}
 
     async def query(self, message: bytes, qid: int, question: bytes) -> bytes:
         """Send `message` (whose ID is `qid`) and wait for its reply; the caller bounds the time."""
@@ -557,38 +580,19 @@ class _Stream:
                 if not future.done():
                     future.set_exception(problem)
 
-    def close(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
-    async def aclose(self) -> None:
-        self.close()
-        if self.reader_task is not None:
-            self.reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.reader_task
-
-
-class _DohStream:
+class _DohStream(_KeptConnection):
     """One HTTP/2 connection to a DNS-over-HTTPS server (RFC 8484), reused by every query: each a
     POST of application/dns-message on a stream of its own, answered as each completes."""
 
+    tls: ssl.SSLContext
+
     def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext) -> None:
-        self.owner = owner
-        self.address = address
-        self.tls = tls
+        super().__init__(owner, address, tls)
         self.authority = (address.tls_name or (f"[{address.host}]" if ":" in address.host else address.host)) + \
             ("" if address.port == 443 else f":{address.port}")
         self.h2: h2.connection.H2Connection | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.reader_task: asyncio.Task[None] | None = None
         self.pending: dict[int, _DohReply] = {}
-        self.lock = asyncio.Lock()
-        self.idle: asyncio.TimerHandle | None = None
 
     async def query(self, message: bytes, qid: int, question: bytes) -> bytes:
         """POST `message` and wait for its reply; the caller bounds the time."""
@@ -698,23 +702,13 @@ class _DohStream:
             reply.future.set_exception(exc)
 
     def close(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-            self.idle = None
         if self.writer is not None:
-            if self.h2 is not None:
+            if self.h2 is not None:  # GOAWAY first: the server may end the connection cleanly
                 with contextlib.suppress(Exception):
                     self.h2.close_connection()
                     self.writer.write(self.h2.data_to_send())
-            self.writer.close()
-            self.writer = self.h2 = None
-
-    async def aclose(self) -> None:
-        self.close()
-        if self.reader_task is not None:
-            self.reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.reader_task
+            self.h2 = None
+        super().close()
 
 
 @dataclass(slots=True)
