@@ -14,19 +14,39 @@ PROBE = """
 import json, sys
 from pathlib import Path
 import dnsgate.app.primary, dnsgate.app.worker, dnsgate.cli.main
+from dnsgate.consent.sqlite_store import ConsentStore
 from dnsgate.dns.tls import TlsFiles
+from dnsgate.observe.querylog_db import QueryLogDb
 tls = TlsFiles(Path(sys.argv[1]), Path(sys.argv[2]))
 tls.load()
-print(json.dumps({"first_name": tls.first_name, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+ConsentStore(Path(sys.argv[3]) / "consent.db")  # the SQLite files serve opens
+QueryLogDb(Path(sys.argv[3]) / "queries.db")
+loaded = sorted(sys.modules)
+import sqlite_utils.recipes
+print(json.dumps({"first_name": tls.first_name, "modules": sorted({m.split(".")[0] for m in loaded}), "loaded": loaded,
+                  "parsed": sqlite_utils.recipes.parsedate("5 Jan 2021")}))
 """
 
 
 def test_serving_with_encrypted_dns_loads_neither_cryptography_nor_dnslib(tmp_path: Path) -> None:
     issued = init(tmp_path / "tls", ["dns.example.test"], ["127.0.0.1"])
-    out = subprocess.run([sys.executable, "-c", PROBE, str(issued.cert_file), str(issued.key_file)],
+    out = subprocess.run([sys.executable, "-c", PROBE, str(issued.cert_file), str(issued.key_file), str(tmp_path)],
                          capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout)
     assert seen["first_name"] == "dns.example.test"
     assert "aiohttp" in seen["modules"]  # the probe did load the serving process's modules
     assert "cryptography" not in seen["modules"]
     assert "dnslib" not in seen["modules"]
+
+
+def test_serving_loads_neither_the_date_parser_nor_the_plugins_of_sqlite_utils(tmp_path: Path) -> None:
+    """sqlite-utils imports python-dateutil's parser for a recipe and scans every installed package
+    for plugins when a database is opened: serve needs neither."""
+    issued = init(tmp_path / "tls", ["dns.example.test"], ["127.0.0.1"])
+    out = subprocess.run([sys.executable, "-c", PROBE, str(issued.cert_file), str(issued.key_file), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert "sqlite_utils" in seen["modules"]
+    assert "dateutil.parser._parser" not in seen["loaded"]  # the parser's code
+    assert "importlib.metadata" not in seen["loaded"]  # what the plugin scan reads installed packages with
+    assert seen["parsed"] == "2021-01-05"  # a caller that does use the parser gets it

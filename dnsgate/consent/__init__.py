@@ -10,3 +10,9 @@ identities of its device).
 May import: the shared base and dnsgate.rules' catalog. Never imports dns, observe, http, workers,
 app or cli.
 """
+
+from dnsgate.lazy_imports import defer
+
+# sqlite-utils, the SQLite store's library, imports python-dateutil's parser at start for a recipe
+# of its command line that dnsgate never runs (~1.5 MiB in every serving process): loaded on use.
+defer("dateutil.parser")

@@ -138,7 +138,9 @@ class ConsentStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             # A lock held elsewhere is waited for BUSY_TIMEOUT, then the change fails (503), unapplied.
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_TIMEOUT)
-            self.db = sqlite_utils.Database(conn)
+            # execute_plugins=False: no scan of every installed package for sqlite-utils plugins at
+            # open (none is wanted on the consent log, and the scan's metadata stays in memory)
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
             # A damaged page (the evidence log's, retention's) must not pass for a store that works
             # until the first write reaches it: the file is checked before anything is loaded.
             verdict = quick_check(conn)

@@ -61,11 +61,11 @@ class QueryLogDb:
                 conn.execute("PRAGMA query_only=1")
             except sqlite3.Error as exc:
                 raise QueryLogError(f"{path}: {exc}") from exc
-            self.db = sqlite_utils.Database(conn)
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
             return
         try:
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self.db = sqlite_utils.Database(conn)
+            self.db = sqlite_utils.Database(conn, execute_plugins=False)
             verdict = quick_check(conn)
             if verdict not in ("ok", ""):
                 conn.close()
