@@ -354,6 +354,8 @@ class ProfileMap:
         self._outside: tuple[Profile, IPNetwork | None] = (default, None)  # one tuple for every such address
 
     def of(self, address: str) -> tuple[Profile, IPNetwork | None]:
+        if not self.networks:  # every address has the default: nothing to look up or remember
+            return self._outside
         found = self._memo.get(address)
         if found is None:
             found = self._lookup(address)
@@ -425,9 +427,10 @@ class _Index:
     by_network: dict[str, Choice] = field(default_factory=dict)
     networks: list[tuple[IPNetwork, Choice]] = field(default_factory=list)  # most specific first
     by_id: dict[int, Choice] = field(default_factory=dict)  # every choice one of the above holds
-    # choice id -> its expiry and the categories it grants under the current notice (if any):
-    # what /healthz and /metrics count, kept up to date so that counting never walks every choice
-    granting: dict[int, tuple[float, tuple[str, ...]]] = field(default_factory=dict)
+    # choice id -> the categories it grants under the current notice (if any; one shared tuple per
+    # set, its expiry read from `by_id`): what /healthz and /metrics count, kept up to date so that
+    # counting never walks every choice
+    granting: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     def slots(self, choice: Choice) -> Iterator[tuple[dict[str, Choice], str]]:
         """Where `choice` is filed (if it still is): under its subject's network, or MAC and address."""
@@ -663,7 +666,7 @@ class ConsentTable:
         index.by_id[choice.id] = choice
         granted = self._granted_categories(choice)
         if granted:
-            index.granting[choice.id] = (choice.expires_at, granted)
+            index.granting[choice.id] = granted
         else:
             index.granting.pop(choice.id, None)
 
@@ -710,13 +713,15 @@ class ConsentTable:
     def granting_now(self, now: float) -> int:
         """Choices whose grants under the current notice are in force at `now` (len() also counts
         those expired and not swept yet)."""
-        return sum(1 for expires_at, _ in self._index.granting.values() if expires_at > now)
+        by_id = self._index.by_id
+        return sum(1 for choice_id in self._index.granting if by_id[choice_id].expires_at > now)
 
     def granted_counts(self, now: float) -> dict[str, int]:
         """Per category, the choices that grant it under the current notice and have not expired."""
         counts: dict[str, int] = {}
-        for expires_at, categories in self._index.granting.values():
-            if expires_at > now:
+        by_id = self._index.by_id
+        for choice_id, categories in self._index.granting.items():
+            if by_id[choice_id].expires_at > now:
                 for category in categories:
                     counts[category] = counts.get(category, 0) + 1
         return counts
