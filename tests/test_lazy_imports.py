@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dnsgate.lazy_imports import defer
+from dnsgate.lazy_imports import defer, defer_init
 
 
 @pytest.fixture
@@ -53,3 +53,50 @@ def test_an_imported_or_missing_module_is_left_alone(package: Path) -> None:
     assert sys.modules["lazypkg.parts"] is lazypkg.parts
     defer("lazypkg.absent")
     assert "lazypkg.absent" not in sys.modules
+
+
+@pytest.fixture
+def big_package(tmp_path: Path) -> Iterator[Path]:
+    """A package `bigpkg` whose __init__ records each run and imports its `client` too; `server`
+    imports the package's version, as aiohttp's http module does."""
+    root = tmp_path / "bigpkg"
+    root.mkdir()
+    ran = tmp_path / "ran"
+    (root / "__init__.py").write_text(f"__version__ = '1.2.3'\nwith open({str(ran)!r}, 'a') as f:\n    f.write('i')\n"
+                                      "from .client import Session\n")
+    (root / "client.py").write_text("class Session:\n    pass\n")
+    (root / "server.py").write_text("from . import __version__\nBANNER = 'bigpkg/' + __version__\n")
+    (tmp_path / "plainpkg").mkdir()
+    (tmp_path / "plainpkg" / "__init__.py").write_text("from . import part\n")
+    (tmp_path / "plainpkg" / "part.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield ran
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("bigpkg", "bigpkg.client", "bigpkg.server", "plainpkg", "plainpkg.part"):
+            sys.modules.pop(name, None)
+
+
+def test_a_package_s_submodules_import_without_its_init_until_a_name_of_it_is_read(big_package: Path) -> None:
+    defer_init("bigpkg")
+    from bigpkg import server  # type: ignore[import-not-found]
+
+    assert server.BANNER == "bigpkg/1.2.3"
+    assert not big_package.exists()
+    assert "bigpkg.client" not in sys.modules
+    import bigpkg
+
+    assert bigpkg.Session.__module__ == "bigpkg.client"  # read: __init__ runs, in the same module
+    assert big_package.read_text() == "i"
+    assert bigpkg.server is server
+    assert bigpkg.Session is sys.modules["bigpkg.client"].Session
+    assert bigpkg.__version__ == "1.2.3"
+    assert big_package.read_text() == "i"
+
+
+def test_a_package_without_a_stated_version_is_imported_as_usual(big_package: Path) -> None:
+    defer_init("plainpkg")
+    assert "plainpkg" not in sys.modules
+    defer_init("nosuchpkg")
+    assert "nosuchpkg" not in sys.modules

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from dnsgate.cli.cert import init
@@ -13,7 +14,9 @@ from dnsgate.cli.cert import init
 PROBE = """
 import json, sys
 from pathlib import Path
-import dnsgate.app.primary, dnsgate.app.worker, dnsgate.cli.main
+import dnsgate.cli.main
+dnsgate.cli.main.load_server()  # as serve does
+import dnsgate.app.worker
 from dnsgate.consent.sqlite_store import ConsentStore
 from dnsgate.dns.tls import TlsFiles
 from dnsgate.observe.querylog_db import QueryLogDb
@@ -23,8 +26,10 @@ ConsentStore(Path(sys.argv[3]) / "consent.db")  # the SQLite files serve opens
 QueryLogDb(Path(sys.argv[3]) / "queries.db")
 loaded = sorted(sys.modules)
 import sqlite_utils.recipes
+import aiohttp
 print(json.dumps({"first_name": tls.first_name, "modules": sorted({m.split(".")[0] for m in loaded}), "loaded": loaded,
-                  "parsed": sqlite_utils.recipes.parsedate("5 Jan 2021")}))
+                  "parsed": sqlite_utils.recipes.parsedate("5 Jan 2021"), "client": aiohttp.ClientSession.__module__,
+                  "version": aiohttp.__version__}))
 """
 
 
@@ -50,3 +55,17 @@ def test_serving_loads_neither_the_date_parser_nor_the_plugins_of_sqlite_utils(t
     assert "dateutil.parser._parser" not in seen["loaded"]  # the parser's code
     assert "importlib.metadata" not in seen["loaded"]  # what the plugin scan reads installed packages with
     assert seen["parsed"] == "2021-01-05"  # a caller that does use the parser gets it
+
+
+def test_serving_loads_aiohttp_s_server_without_its_client(tmp_path: Path) -> None:
+    """aiohttp's __init__ imports the client with the server; serve downloads lists and sends
+    webhooks with it, so it is loaded when first used."""
+    issued = init(tmp_path / "tls", ["dns.example.test"], ["127.0.0.1"])
+    out = subprocess.run([sys.executable, "-c", PROBE, str(issued.cert_file), str(issued.key_file), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert "aiohttp.web" in seen["loaded"]
+    assert "aiohttp.client" not in seen["loaded"]
+    assert "aiohttp.connector" not in seen["loaded"]
+    assert seen["client"] == "aiohttp.client"  # a caller that does use the client gets it
+    assert seen["version"] == metadata.version("aiohttp")
