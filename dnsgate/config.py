@@ -7,7 +7,6 @@ except through the explicit inputs of `load_config`.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import json
 import math
@@ -690,6 +689,8 @@ def _convert(value: Any, annotation: str, key: str) -> Any:
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """"did you mean 'x'? " for a misspelt key, or nothing when no known one is close."""
+    import difflib  # only a configuration error needs it: not loaded in a server that starts
+
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"did you mean {close[0]!r}? " if close else ""
 

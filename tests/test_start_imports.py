@@ -69,3 +69,13 @@ def test_serving_loads_aiohttp_s_server_without_its_client(tmp_path: Path) -> No
     assert "aiohttp.connector" not in seen["loaded"]
     assert seen["client"] == "aiohttp.client"  # a caller that does use the client gets it
     assert seen["version"] == metadata.version("aiohttp")
+
+
+def test_serving_loads_neither_the_close_match_finder_nor_the_xml_writer(tmp_path: Path) -> None:
+    """difflib only suggests a key for a configuration error, xml only writes a report as JUnit."""
+    issued = init(tmp_path / "tls", ["dns.example.test"], ["127.0.0.1"])
+    out = subprocess.run([sys.executable, "-c", PROBE, str(issued.cert_file), str(issued.key_file), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert "difflib" not in seen["modules"]
+    assert "xml" not in seen["modules"]
