@@ -266,26 +266,33 @@ class ConsentStore:
         With `abandon`, the wait for a lock ends at its deadline, and the transaction commits only
         if the caller has not given up by then (else it rolls back: StoreError)."""
         ids: list[int | None] = []
+        conn = self.db.conn  # plain sqlite3 on the change's path: sqlite-utils' wrappers cost it Python, not safety
         if abandon is not None:
             # A lock held elsewhere is waited for until shortly before the deadline, so that SQLite
             # itself says why ("database is locked") and the caller is answered in time.
             wait = abandon.remaining() - LOCK_MARGIN
             if wait <= 0:
                 raise StoreError(f"{self.path}: no time left for the change")
-            self.db.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+            conn.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
         try:
-            with self.db.atomic():
+            conn.execute("BEGIN")
+            try:
                 for step in steps:
                     ids.append(self._apply(step))
                 if abandon is not None:
                     abandon.commit_point()
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # (a trigger's RAISE(ROLLBACK) or a failed COMMIT may have ended it)
+                    conn.execute("ROLLBACK")
+                raise
         except _GivenUp:
             raise StoreError(f"{self.path}: the change was not written in time; rolled back") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
         finally:
             if abandon is not None:
-                self.db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+                conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         self.commits += 1
         self.changes_committed += 1
         return ids
@@ -368,7 +375,7 @@ class ConsentStore:
         e = step.event
         event_id = self._insert("events", _event_row(e))
         for ended in step.ends:
-            self.db.execute("DELETE FROM choices WHERE id = ?", [ended])
+            self.db.conn.execute("DELETE FROM choices WHERE id = ?", [ended])
         if step.makes_choice:
             self._insert("choices", _choice_row(e.as_choice(event_id)))
         if step.pairing is not None:
@@ -391,7 +398,7 @@ class ConsentStore:
             columns = ", ".join(f"[{c}]" for c in row)
             sql = self._inserts[(table, tuple(row))] = (
                 f"INSERT INTO [{table}] ({columns}) VALUES ({', '.join('?' * len(row))})")
-        rowid = self.db.execute(sql, list(row.values())).lastrowid
+        rowid = self.db.conn.execute(sql, list(row.values())).lastrowid
         assert isinstance(rowid, int)
         return rowid
 
@@ -422,7 +429,7 @@ class ConsentStore:
             raise StoreError(f"{self.path}: {exc}") from exc
 
     def _current(self, choice_id: int) -> bool:
-        return self.db.execute("SELECT 1 FROM choices WHERE id = ?", [choice_id]).fetchone() is not None
+        return self.db.conn.execute("SELECT 1 FROM choices WHERE id = ?", [choice_id]).fetchone() is not None
 
     def purge(self, before: float, now: float) -> int:
         """Retention: delete events older than `before` that no choice in force rests on."""
