@@ -8,6 +8,7 @@ and the configuration can all use it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
@@ -21,6 +22,9 @@ def is_ip(text: str) -> bool:
     return True
 
 
+# The same few addresses come with every API request (the caller, the Host header) and choice:
+# each is parsed once, not by ipaddress at every request
+@functools.lru_cache(maxsize=4096)
 def normalize_client(address: str) -> str:
     """The canonical text of a client address: IPv4-mapped IPv6 as IPv4, zone ids dropped.
 

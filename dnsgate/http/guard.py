@@ -40,6 +40,7 @@ SECURITY_HEADERS: Final = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 LIMITER_SIZE: Final = 10_000  # addresses tracked; beyond, those with a full bucket are forgotten
+HOSTS_MEMO: Final = 1024  # Host headers whose verdict is remembered
 WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}  # a listener on every address (of one family; "::" takes both)
 
 
@@ -255,12 +256,23 @@ class Boundaries:
         self.allowed_origins = frozenset(allowed_origins)
         self.extra_origins = frozenset(o.rstrip("/").lower() for o in extra_origins)
         self.is_local = is_local
+        # Host headers seen and their verdict: every request asks, and a page sends the same one each
+        # time (bounded: the header is the client's to choose)
+        self._hosts: dict[str, bool] = {}
 
     def host_allowed(self, header: str | None) -> bool:
         """`header`: the request's Host (None: absent, as from HTTP/1.0 probes; a browser always sends
         one)."""
         if header is None:
             return True
+        allowed = self._hosts.get(header)
+        if allowed is None:
+            if len(self._hosts) >= HOSTS_MEMO:
+                self._hosts.clear()
+            allowed = self._hosts[header] = self._host_allowed(header)
+        return allowed
+
+    def _host_allowed(self, header: str) -> bool:
         try:
             host = urlsplit("//" + header.strip()).hostname
         except ValueError:
