@@ -60,6 +60,14 @@ class EventHub:
             except asyncio.QueueFull:
                 self.lost += 1
 
+    def publish_built(self, build: Callable[[], Event]) -> None:
+        """`publish` for an event that takes work to build: built only if a subscriber or the webhook
+        gets it (counted either way)."""
+        if self._subscribers or self._outbox is not None:
+            self.publish(build())
+        else:
+            self.published += 1
+
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event]]:
         queue: asyncio.Queue[Event] = asyncio.Queue(SUBSCRIBER_QUEUE)
@@ -116,10 +124,14 @@ class ConsentWatch:
         """ConsentService listener."""
         action = STREAM_ACTIONS.get(event.action, event.action)
         self.changes[action] = self.changes.get(action, 0) + 1
-        s = event.subject
-        categories = ([c for c, said in event.categories.items() if said] if action == "grant"
-                      else list(event.categories))
-        client = s.address or s.network or s.mac or ""
-        self.hub.publish({"type": "consent", "at": iso(event.at), "client": self.client_label(client),
-                          "action": action, "categories": categories, "vendors": dict(event.vendors),
-                          "profile": event.profile, "expires_at": iso(event.expires_at), "source": event.source})
+
+        def build() -> Event:
+            s = event.subject
+            categories = ([c for c, said in event.categories.items() if said] if action == "grant"
+                          else list(event.categories))
+            client = s.address or s.network or s.mac or ""
+            return {"type": "consent", "at": iso(event.at), "client": self.client_label(client), "action": action,
+                    "categories": categories, "vendors": dict(event.vendors), "profile": event.profile,
+                    "expires_at": iso(event.expires_at), "source": event.source}
+
+        self.hub.publish_built(build)

@@ -210,6 +210,24 @@ async def test_consent_watch_publishes_the_consent_logs_events_and_counts_them()
     assert watch.changes == {"grant": 1, "refusal": 1, "withdrawal": 0, "expiry": 1, "reset": 0, "profile_change": 0}
 
 
+async def test_a_consent_event_nobody_gets_is_counted_but_not_built() -> None:
+    hub = EventHub()
+    labelled: list[str] = []
+
+    def label(client: str) -> str:
+        labelled.append(client)
+        return client
+
+    watch = ConsentWatch(hub, label)
+    grant = ConsentEvent("grant", 1_000_000.0, Subject("10.0.0.1"), "opt-in", {"marketing": True}, id=1)
+    watch.changed(grant)  # no subscriber, no webhook
+    assert (labelled, hub.published, watch.changes["grant"]) == ([], 1, 1)
+    async with hub.subscribe() as events:
+        watch.changed(grant)
+        assert (await asyncio.wait_for(events.get(), 2))["client"] == "10.0.0.1"
+    assert (labelled, hub.published, watch.changes["grant"]) == (["10.0.0.1"], 2, 2)
+
+
 def test_json_logs_are_one_object_per_line() -> None:
     out = io.StringIO()
     setup_logging("info", "json", out)
