@@ -22,19 +22,18 @@ def entry(n: int) -> Entry:
 
 def test_cached_entries_and_the_cache_dict_are_not_tracked() -> None:
     cache = AnswerCache(1000, 10**7)
-    entries = [entry(i) for i in range(100)]
-    assert all(gc.is_tracked(e) for e in entries)
-    for i, e in enumerate(entries):
-        cache.put(b"key%d" % i, e)
-    assert not any(gc.is_tracked(e) for e in entries)
+    for i in range(100):
+        cache.put(b"key%d" % i, entry(i))
     assert not gc.is_tracked(cache.entries)
     gc.collect()
     assert not gc.is_tracked(cache.entries)
-    assert cache.get(b"key7", 1.0) is entries[7]
-    first = entries[0]
-    held = sys.getrefcount(first)
+    served = cache.get(b"key7", 1.0)  # unpacked: an object of a GC type in the dict from now on
+    assert served is not None and cache.entries[b"key7"] is served
+    assert not gc.is_tracked(served) and not gc.is_tracked(cache.entries)
+    assert cache.get(b"key7", 1.0) is served
+    held = sys.getrefcount(served)
     cache.clear()
-    assert sys.getrefcount(first) == held - 1  # the cache let go: reference counting frees entries
+    assert sys.getrefcount(served) == held - 1  # the cache let go: reference counting frees entries
 
 
 def test_untrack_leaves_untracked_objects_alone() -> None:

@@ -5,6 +5,12 @@ An `Entry` holds everything after the question of an upstream reply (OPT removed
 its TTL fields, and the catalog rule it is gated on. Rendering a hit is a concatenation; the TTLs
 are rewritten at most once per second of age. With serve-stale on, an expired entry stays (unseen by
 `get`) for `stale_window` seconds so `get_stale` can answer when every upstream fails (RFC 8767).
+
+An entry not served since the cache's eviction last passed it (as most names asked once never
+are) is kept packed: one bytes value, its numbers, where its TTLs are and the index of its kind
+(flags, counts, rule) before the records (`AnswerCache.pack`). Its first hit unpacks it into an
+`Entry` (`get`), kept until eviction passes it again and packs it back: hits read an object's
+slots, and the many entries never hit cost two objects each (key and value) instead of five.
 Pure: time is passed in.
 """
 
@@ -21,12 +27,20 @@ from dnsgate.gc_policy import untrack
 from dnsgate.rules.catalog import DomainRule
 from dnsgate.wire import AAAA, AD, CNAME, DNAME, NOERROR, NXDOMAIN, OPT, QR, RA, RR_FIXED, SOA, U32, A, skip_name
 
-# Bytes per entry besides its key's and answer's own: the Entry (128), its one float (24), the
-# dict's slot (~52), two bytes headers (66). tracemalloc over 100 000 cached A answers: 285 bytes
-# per entry in all, key and answer included (354 with an OrderedDict for LRU and a `body_until`
-# float set by the reply that filled it).
+# Bytes per entry besides its key's and answer's own, as counted against `max_bytes`: an unpacked
+# entry's (the Entry 128, its one float 24, the dict's slot ~52, two bytes headers 66), so the
+# bound holds whichever form the entries are in. A packed entry takes ~140 (its value's header 33
+# and numbers 26, the key's header 33, the dict's slot).
 ENTRY_OVERHEAD: Final = 270
 _FLAGS_COUNTS: Final = struct.Struct(">HHHHH")
+# A packed entry: expiry, lifetime, prefetch time, the index of its kind (flags, counts, counter
+# slot, rule) in the cache's `kinds`, how many TTLs it has; then where each TTL is (2 bytes each)
+# and its records, TTLs as when it was filled. Where the TTLs are varies with the records' lengths,
+# so it is kept in the value: the kinds stay few (a handful of forms for each rule answers meet).
+_PACKED: Final = struct.Struct("<dddHH")
+PACKED_HEAD: Final = _PACKED.size
+KINDS_LIMIT: Final = 16_384  # kinds a cache indexes (past it, entries of new kinds stay unpacked)
+Kind = tuple[int, tuple[int, int, int], int, DomainRule | None]
 
 
 class Shape:
@@ -79,7 +93,7 @@ class Entry:
         self.expires = expires  # monotonic time after which the entry is not served
         self.rule = rule  # gate on this rule's vendor before serving (the name's, or a cloaked one)
         self.age = 0
-        self.body_until = _NOT_YET  # `body` is right until then (then `body_at`)
+        self.body_until = _NOT_YET  # `body` is right (and no prefetch due) until then (then `body_at`)
         self.extra = len(body0)  # a reply is this much longer than the query it answers (EDNS or not)
         self.refresh_at = math.inf  # a hit from this time on asks for a prefetch (once)
         self.seen = False  # served since the cache's eviction last passed it (its second chance)
@@ -116,9 +130,11 @@ class Entry:
 
     def body_at(self, now: float) -> bytes:
         """The records with each TTL reduced by the whole seconds since the entry was filled, and
-        remembered to be right until the next whole second (the cache hit's check)."""
+        remembered to be right until the next whole second, or until the prefetch time if sooner:
+        the cache hit checks both at once (`refresh_at` only once `body_until` has passed)."""
         body = self.body_now(now)
-        self.body_until = self.filled + self.age + 1
+        until = self.filled + self.age + 1
+        self.body_until = until if until < self.refresh_at else self.refresh_at
         return body
 
     def body_now(self, now: float) -> bytes:
@@ -163,12 +179,56 @@ class Entry:
         return len(self.body0) + ENTRY_OVERHEAD
 
 
+def entry_size(value: Entry | bytes) -> int:
+    """What an entry counts against `max_bytes` (its key aside), packed or not: the same either way."""
+    if isinstance(value, bytes):
+        return len(value) - PACKED_HEAD - 2 * int(_PACKED.unpack_from(value)[4]) + ENTRY_OVERHEAD
+    return value.size
+
+
+def unpack(value: bytes, kinds: list[Kind]) -> Entry:
+    """The Entry a packed value stands for (its records as filled: TTLs are rewritten on first use)."""
+    expires, lifetime, refresh_at, kind, n = _PACKED.unpack_from(value)
+    flags, counts, count_slot, rule = kinds[kind]
+    start = PACKED_HEAD + 2 * n
+    entry = Entry.__new__(Entry)
+    entry.shape = _shape(flags, counts, _offsets(value, n), count_slot)
+    entry.rule = rule
+    entry.body0 = entry.body = body0 = value[start:]
+    if lifetime.is_integer():
+        lifetime = _LIFETIMES.get(int(lifetime), lifetime)
+    entry.lifetime = lifetime
+    entry.expires = expires
+    entry.age = 0
+    entry.body_until = _NOT_YET
+    entry.extra = len(body0)
+    entry.refresh_at = math.inf if refresh_at == math.inf else refresh_at  # (one shared float)
+    entry.seen = False
+    return entry
+
+
+def _offsets(value: bytes, n: int) -> tuple[int, ...]:
+    offsets: tuple[int, ...] = _u16s(n).unpack_from(value, PACKED_HEAD)
+    return _OFFSETS.get(offsets, offsets)
+
+
+def _u16s(n: int) -> struct.Struct:
+    """The Struct for `n` little-endian 16-bit numbers (one per count met)."""
+    u16s = _U16S.get(n)
+    if u16s is None:
+        u16s = struct.Struct(f"<{n}H")
+        if len(_U16S) < 256:
+            _U16S[n] = u16s
+    return u16s
+
+
 _HEADS: dict[tuple[int, int, int], tuple[bytes, bytes]] = {}
 _SHAPES: dict[tuple[int, tuple[int, int, int], tuple[int, ...], int], Shape] = {}
 _COUNTS: Final = struct.Struct(">HHHH")
 _NOT_YET: Final = -math.inf
 _LIFETIMES: dict[int, int] = {}  # one int object per lifetime (most answers share a few TTLs)
 _OFFSETS: dict[tuple[int, ...], tuple[int, ...]] = {}
+_U16S: dict[int, struct.Struct] = {}
 
 
 def _heads(an: int, ns: int, ar: int) -> tuple[bytes, bytes]:
@@ -322,16 +382,22 @@ class AnswerCache:
     newest end with its mark cleared and evicting the first unseen one. Names served since the last
     pass stay; a flood of names asked once goes first. Eviction takes a batch (1/128 of the entries,
     at least one) from the oldest end at a time, so walking past the slots that earlier evictions
-    left empty at the front of the dict costs little per evicted entry."""
+    left empty at the front of the dict costs little per evicted entry.
 
-    __slots__ = ("_bytes", "entries", "evictions", "max_bytes", "max_entries", "stale_window")
+    A value in `entries` is packed (bytes) until its entry is served, an `Entry` from then on until
+    eviction passes it (and packs it again): a packed entry is never `seen`. `kinds` holds the
+    flags, counts, counter slots and rules packed values refer to, until `clear`."""
+
+    __slots__ = ("_bytes", "_kind_of", "entries", "evictions", "kinds", "max_bytes", "max_entries", "stale_window")
 
     def __init__(self, max_entries: int, max_bytes: int, stale_window: float = 0.0) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stale_window = stale_window  # seconds an expired entry is kept for serve-stale; 0: off
-        self.entries: dict[bytes, Entry] = {}
+        self.entries: dict[bytes, Entry | bytes] = {}
         untrack(self.entries)  # holds only bytes and untracked entries: nothing for the GC to walk
+        self.kinds: list[Kind] = []
+        self._kind_of: dict[tuple[int, bytes, int, DomainRule | None], int] = {}
         self._bytes = 0
         self.evictions = 0
 
@@ -340,10 +406,16 @@ class AnswerCache:
         self.max_entries, self.max_bytes, self.stale_window = max_entries, max_bytes, stale_window
 
     def get(self, key: bytes, now: float) -> Entry | None:
-        """A fresh entry, or None."""
+        """A fresh entry, or None. A packed one is unpacked and kept so (it is being served)."""
         entry = self.entries.get(key)
         if entry is None:
             return None
+        if isinstance(entry, bytes):
+            entry = unpack(entry, self.kinds)
+            if entry.expires > now:
+                untrack(entry)
+                self.entries[key] = entry  # (the same place in the dict's order)
+                untrack(self.entries)
         if entry.expires <= now:
             if now >= entry.expires + self.stale_window:
                 self._drop(key)
@@ -354,6 +426,8 @@ class AnswerCache:
     def get_stale(self, key: bytes, now: float) -> Entry | None:
         """An expired entry still within the serve-stale window, or None."""
         entry = self.entries.get(key)
+        if entry is not None and isinstance(entry, bytes):
+            entry = unpack(entry, self.kinds)
         if entry is None or not entry.expires <= now < entry.expires + self.stale_window:
             return None
         return entry
@@ -364,12 +438,29 @@ class AnswerCache:
         size = entry.size + len(key)
         if self.max_entries == 0 or size > self.max_bytes:
             return
-        untrack(entry)
-        self.entries[key] = entry
-        untrack(self.entries)  # (inserting an object of a GC type tracks a dict again: ~0.3 µs per put)
+        value = self.entries[key] = self.pack(entry)
+        if value is entry:
+            untrack(entry)
+            untrack(self.entries)  # (inserting an object of a GC type tracks a dict again)
         self._bytes += size
         if len(self.entries) > self.max_entries or self._bytes > self.max_bytes:
             self._evict(key)
+
+    def pack(self, entry: Entry) -> Entry | bytes:
+        """The entry as one bytes value; the entry itself if `kinds` is full."""
+        shape, rule = entry.shape, entry.rule
+        key = (shape.flags, shape.head, shape.count_slot, rule)
+        kind = self._kind_of.get(key)
+        if kind is None:
+            kind = len(self.kinds)
+            if kind >= KINDS_LIMIT:
+                return entry
+            self.kinds.append((shape.flags, _COUNTS.unpack(shape.head)[1:], shape.count_slot, rule))
+            self._kind_of[key] = kind
+        offsets = shape.offsets
+        n = len(offsets)
+        return (_PACKED.pack(entry.expires, entry.lifetime, entry.refresh_at, kind, n) + _u16s(n).pack(*offsets)
+                + entry.body0)
 
     def _evict(self, new: bytes) -> None:
         """Evict until within bounds, never the entry just put (`new`): it has not had its chance."""
@@ -378,20 +469,22 @@ class AnswerCache:
             oldest = (item for item in entries.items() if item[0] is not new)
             for key, entry in list(islice(oldest, max(1, len(entries) >> 7))):
                 del entries[key]
-                if entry.seen:
+                if not isinstance(entry, bytes) and entry.seen:
                     entry.seen = False
-                    entries[key] = entry  # to the newest end
+                    entries[key] = self.pack(entry)  # to the newest end, packed
                 else:
-                    self._bytes -= entry.size + len(key)
+                    self._bytes -= entry_size(entry) + len(key)
                     self.evictions += 1
         untrack(entries)
 
     def _drop(self, key: bytes) -> None:
         old = self.entries.pop(key)
-        self._bytes -= old.size + len(key)
+        self._bytes -= entry_size(old) + len(key)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.kinds.clear()
+        self._kind_of.clear()
         self._bytes = 0
 
     def __len__(self) -> int:

@@ -194,7 +194,9 @@ class Pipeline:
         self.gates = self.admission.gates  # client -> True or [tokens, allowed]: read directly
         self.consent = consent
         self.cache = cache
-        self.entries = cache.entries  # the fast path's lookups skip a method call
+        # The fast path's lookups skip a method call. A packed value (bytes: an entry not served since
+        # eviction last passed it) has no `expires`: the fast path has `cache.get` unpack it.
+        self.entries: dict[bytes, Entry] = cache.entries  # type: ignore[assignment]
         # cache key -> rule, for gated questions met on the general path: the fast path sinkholes
         # them with the key it has already hashed (the catalog's own memo is keyed by name); and per
         # client asking, the sinkhole answer rendered for it (Sunk), while its decision holds
@@ -289,7 +291,14 @@ class Pipeline:
         now = self.mono()
         entry = self.entries.get(key)
         if entry is not None:
-            if entry.expires <= now:
+            try:
+                expires = entry.expires
+            except AttributeError:  # packed: its first hit since eviction passed it
+                found = self.cache.get(key, now)  # unpacked (and kept so), if fresh
+                if found is None:
+                    return self._answer_general(data, client, tcp)  # drops it, or keeps it for serve-stale
+                entry, expires = found, found.expires
+            if expires <= now:
                 return self._answer_general(data, client, tcp)  # drops it, or keeps it for serve-stale
             rule = entry.rule
             if rule is None or not (cause := self.consent.blocked(client, rule.vendor, wall := self.wall())):
@@ -297,8 +306,6 @@ class Pipeline:
                 entry.seen = True  # (the cache's second chance)
                 shape = entry.shape
                 self.counts[shape.count_slot + tcp] += 1
-                if entry.refresh_at <= now:
-                    self._refresh(key, entry)
                 if rule is None:
                     if self.log_all is not None:
                         self.log_all((now, client, question, tcp, CACHED, shape.flags & 0xF, None, None, 0.0))
@@ -308,7 +315,12 @@ class Pipeline:
                 fl = shape.reply_flags | (flags & 0x0110)  # RD and CD copied
                 if fl & AD and not (flags & AD or edns == 1):
                     fl &= ~AD  # AD only to clients that said they understand it (RFC 6840 §5.8)
-                body = entry.body if now < entry.body_until else entry.body_at(now)
+                if now < entry.body_until:  # (never past the prefetch time: one check for both)
+                    body = entry.body
+                else:
+                    body = entry.body_at(now)
+                    if entry.refresh_at <= now:
+                        self._refresh(key, entry)
                 if edns < 0:
                     if n + entry.extra > MIN_UDP and not tcp:
                         return self._truncated(qid, fl, question, edns)

@@ -1,14 +1,19 @@
 """The answer cache's bound and eviction (CLOCK, second chance): always within its bounds, names
 served since eviction last passed them stay, a flood of names asked once goes first, and the entry
-just put is never the one evicted for it."""
+just put is never the one evicted for it; an entry is packed (one bytes value) until served, and
+packed again when eviction passes it."""
 
 from __future__ import annotations
 
-import dns.message
+import gc
 
-from dnsgate.dns.cache import AnswerCache, Entry
+import dns.message
+import pytest
+
+from dnsgate.dns import cache as cache_module
+from dnsgate.dns.cache import AnswerCache, Entry, entry_size
 from dnsgate.dns.pipeline import Forward
-from tests.dns.test_pipeline import Clock, build, forward, query
+from tests.dns.test_pipeline import Clock, answer, build, forward, query
 
 
 def entry(n: int, body_len: int = 16) -> Entry:
@@ -33,7 +38,7 @@ def test_within_both_bounds_after_every_put() -> None:
     for i in range(1000):
         by_bytes.put(key(i), entry(i, 400 if i % 2 else 16))
         assert by_bytes.bytes <= by_bytes.max_bytes
-    assert by_bytes.bytes == sum(e.size + len(k) for k, e in by_bytes.entries.items())
+    assert by_bytes.bytes == sum(entry_size(e) + len(k) for k, e in by_bytes.entries.items())
 
 
 def test_names_in_use_outlive_a_flood_of_names_asked_once() -> None:
@@ -83,3 +88,59 @@ def test_a_cache_hit_through_the_pipeline_counts_as_use() -> None:
     assert isinstance(reply, bytes) and not isinstance(reply, Forward)
     assert dns.message.from_wire(reply).answer[0][0].address == "192.0.2.1"
     assert len(p.cache) <= 50 and p.cache.evictions >= 450
+
+
+def test_an_entry_stays_packed_until_served_and_is_packed_again_when_eviction_passes() -> None:
+    clock = Clock()
+    p = build(clock, max_entries=100)
+    hot = query("hot.example.test")
+    forward(p, hot, "hot.example.test. 300 IN A 192.0.2.1")
+    (key,) = p.cache.entries
+    assert isinstance(p.cache.entries[key], bytes)  # never served: one bytes value
+    clock.now += 10.5
+    first = p.answer(hot.to_wire(), "127.0.0.1", False)
+    assert isinstance(first, bytes) and dns.message.from_wire(first).answer[0].ttl == 290
+    assert isinstance(p.cache.entries[key], Entry)  # served: unpacked, and kept so for the next hits
+    for i in range(100):  # an eviction pass: the served entry gets its second chance, packed
+        forward(p, query(f"n{i}.example.test"), f"n{i}.example.test. 300 IN A 192.0.2.2")
+    assert isinstance(p.cache.entries[key], bytes) and list(p.cache.entries)[-1] == key
+    assert p.cache.bytes == sum(entry_size(e) + len(k) for k, e in p.cache.entries.items())
+    clock.now += 5
+    again = p.answer(hot.to_wire(), "127.0.0.1", False)  # its TTL still counts from when it was filled
+    assert isinstance(again, bytes)
+    (rrset,) = dns.message.from_wire(again).answer
+    assert rrset.ttl == 285 and rrset[0].address == "192.0.2.1"
+    clock.now += 286
+    assert isinstance(p.answer(hot.to_wire(), "127.0.0.1", False), Forward)  # expired, packed or not
+
+
+def test_past_the_kinds_it_indexes_the_cache_keeps_entries_unpacked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache_module, "KINDS_LIMIT", 1)
+    p = build(Clock(), max_entries=3)
+    forward(p, query("a.example.test"), "a.example.test. 300 IN A 192.0.2.1")
+    forward(p, query("a.example.test", "AAAA"), "a.example.test. 300 IN AAAA 2001:db8::1")  # another form
+    forms = [type(e) for e in p.cache.entries.values()]
+    assert forms == [bytes, Entry] and len(p.cache.kinds) == 1
+    assert not gc.is_tracked(p.cache.entries)
+    assert answer(p, query("a.example.test", "AAAA")).answer[0][0].address == "2001:db8::1"
+    assert answer(p, query("a.example.test")).answer[0][0].address == "192.0.2.1"
+    for i in range(5):
+        forward(p, query(f"n{i}.example.test", "AAAA"), f"n{i}.example.test. 300 IN AAAA 2001:db8::2")
+    assert len(p.cache) == 3 and p.cache.evictions == 4
+    assert p.cache.bytes == sum(entry_size(e) + len(k) for k, e in p.cache.entries.items())
+    p.install(p.catalog, p.sinkhole, p.plain_ttl, p.gated_ttl)  # a reload empties the cache and its kinds
+    assert not p.cache.kinds and not p.cache.entries and p.cache.bytes == 0
+
+
+def test_answers_of_one_form_share_a_kind_whatever_their_records_lengths() -> None:
+    clock = Clock()
+    p = build(clock)
+    for i in range(1, 40):  # where the A record's TTL is moves with the CNAME target's length
+        target = "x" * i + ".example.test."
+        forward(p, query(f"c{i}.example.test"), f"c{i}.example.test. 300 IN CNAME {target}",
+                f"{target} 60 IN A 192.0.2.3")
+    assert len(p.cache) == 39 and len(p.cache.kinds) == 1
+    clock.now += 7
+    for i in range(1, 40):
+        cname, a = answer(p, query(f"c{i}.example.test")).answer
+        assert (cname.ttl, a.ttl, a[0].address) == (293, 53, "192.0.2.3")
