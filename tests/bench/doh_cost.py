@@ -36,6 +36,10 @@ class Conn:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def write_records(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.out += part
+
     def arm_slow(self, why: str) -> None:
         pass
 

@@ -319,3 +319,80 @@ async def test_an_http2_request_never_finished_is_cut(upstream: StubUpstream, da
         assert asyncio.get_running_loop().time() - started < 3
         writer.close()
         assert await metric(g, "dnsgate_tcp_closed_early_total", reason="slow") == 1
+
+
+async def test_each_answer_of_a_burst_comes_in_tls_records_of_its_own(doh: Gate, certs: Certs) -> None:
+    """Requests that arrive together are answered in one write, but each answer in TLS records of its
+    own: a client that takes one HTTP/2 response per record (dnsperf) loses none of them."""
+    import ssl
+
+    import h2.connection
+    import h2.events
+
+    context = certs.client_context()
+    context.set_alpn_protocols(["h2"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=SERVER_NAME)
+    reader, writer = await asyncio.open_connection("127.0.0.1", doh.running.https[0].port)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            incoming.write(await asyncio.wait_for(reader.read(65536), 3))
+    writer.write(outgoing.read())
+    assert tls.selected_alpn_protocol() == "h2"
+
+    pending = bytearray()
+
+    async def record() -> bytes:
+        """The plaintext of the next TLS record from the server (b"" for one that carries none)."""
+        while len(pending) < 5 or len(pending) < 5 + int.from_bytes(pending[3:5], "big"):
+            chunk = await asyncio.wait_for(reader.read(65536), 3)
+            assert chunk, "the server closed the connection"
+            pending.extend(chunk)
+        size = 5 + int.from_bytes(pending[3:5], "big")
+        incoming.write(bytes(pending[:size]))
+        del pending[:size]
+        plain = b""
+        try:
+            while chunk := tls.read(65536):
+                plain += chunk
+        except ssl.SSLWantReadError:
+            pass
+        return plain
+
+    h2c = h2.connection.H2Connection()
+    h2c.initiate_connection()
+    query = b64(dns.message.make_query("host.example.test", "A", id=0).to_wire())
+
+    def request(stream: int) -> None:
+        h2c.send_headers(stream, [(":method", "GET"), (":scheme", "https"), (":authority", SERVER_NAME),
+                                  (":path", f"/dns-query?dns={query}")], end_stream=True)
+
+    def send() -> None:
+        """What h2 has to send, in one TLS record and one write."""
+        if data := h2c.data_to_send():
+            tls.write(data)
+            writer.write(outgoing.read())
+
+    async def ended_per_record(streams: int) -> list[int]:
+        """How many responses each record ends, until `streams` have ended."""
+        counts: list[int] = []
+        while sum(counts) < streams:
+            events = h2c.receive_data(await record())
+            counts.append(sum(isinstance(e, h2.events.StreamEnded) for e in events))
+            send()  # (window updates, settings acknowledged)
+        return counts
+
+    request(1)  # the first answer fills the cache: the burst's are answered at once
+    send()
+    assert sum(await ended_per_record(1)) == 1
+    burst = list(range(3, 3 + 2 * 20, 2))
+    for stream in burst:
+        request(stream)
+    send()  # all 20 requests in one record
+    counts = await ended_per_record(len(burst))
+    writer.close()
+    assert sum(counts) == len(burst) and max(counts) == 1, counts
