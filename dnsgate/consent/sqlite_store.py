@@ -38,6 +38,9 @@ T = TypeVar("T")
 SQLITE_FILE: Final = "consent.sqlite3"  # in the data dir
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
+# A change's wait for a lock is rounded down to this (ms), so that the changes of the same few
+# moments ask SQLite for the same busy_timeout and the PRAGMA is run only when it changes
+LOCK_WAIT_STEP: Final = 100
 CACHE_KIB: Final = 512  # the store connection's page cache
 LOCK_MARGIN: Final = 0.25
 CHECK_WITHIN: Final = 10.0  # seconds PRAGMA quick_check may take at start before it is given up
@@ -135,6 +138,7 @@ class ConsentStore:
         self.changes_committed = 0
         self.groups_broken = 0
         self.checked = ""  # quick_check's verdict at open: "ok", or "" if it did not finish in time
+        self._busy_ms = int(BUSY_TIMEOUT * 1000)  # the connection's busy_timeout now
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # A lock held elsewhere is waited for BUSY_TIMEOUT, then the change fails (503), unapplied.
@@ -273,7 +277,7 @@ class ConsentStore:
             wait = abandon.remaining() - LOCK_MARGIN
             if wait <= 0:
                 raise StoreError(f"{self.path}: no time left for the change")
-            conn.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+            self.wait_for_locks(wait)
         try:
             conn.execute("BEGIN")
             try:
@@ -290,9 +294,6 @@ class ConsentStore:
             raise StoreError(f"{self.path}: the change was not written in time; rolled back") from None
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
-        finally:
-            if abandon is not None:
-                conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         self.commits += 1
         self.changes_committed += 1
         return ids
@@ -322,7 +323,7 @@ class ConsentStore:
             # As in `commit`: a lock held elsewhere is waited for until shortly before the first deadline.
             wait = min(changes[i][1].remaining() for i in live) - LOCK_MARGIN
             conn = self.db.conn
-            conn.execute(f"PRAGMA busy_timeout={max(1, int(wait * 1000))}")
+            self.wait_for_locks(wait)
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
@@ -366,8 +367,18 @@ class ConsentStore:
                             results[i] = self.commit(*changes[i])
                         except StoreError as exc:
                             results[i] = exc
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         return [r if r is not None else StoreError(f"{self.path}: not attempted") for r in results]
+
+    def wait_for_locks(self, seconds: float) -> None:
+        """How long SQLite waits for a lock held elsewhere (busy_timeout), at most `seconds`. Set only
+        when it changes: every statement is a wait for the GIL on the store's thread, which shares the
+        event loop's core; changes ask for their deadline, everything else for BUSY_TIMEOUT."""
+        ms = max(1, int(seconds * 1000))
+        if ms > LOCK_WAIT_STEP:
+            ms -= ms % LOCK_WAIT_STEP
+        if ms != self._busy_ms:
+            self.db.conn.execute(f"PRAGMA busy_timeout={ms}")
+            self._busy_ms = ms
 
     def _apply(self, step: Step) -> int | None:
         if step.only_if_current is not None and not self._current(step.only_if_current):
@@ -458,6 +469,9 @@ class UnavailableStore(ConsentStore):
         self.path = path
         self.reason = reason
         self.commits = self.changes_committed = self.groups_broken = 0
+
+    def wait_for_locks(self, seconds: float) -> None:
+        pass
 
     def _fail(self) -> StoreError:
         return StoreError(f"{self.path}: {self.reason}")
@@ -621,7 +635,11 @@ class SqliteBackend:
     async def _run(self, fn: functools.partial[T], timeout: float | None = None) -> T:
         """Run `fn` on the store's thread; with a `timeout` (reads only: a read given up on
         finishes in the background, harmlessly), StoreError if it has not finished by then."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        def call() -> T:
+            self.store.wait_for_locks(BUSY_TIMEOUT)  # (a change before may have shortened it to its deadline)
+            return fn()
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call)
         if timeout is None:
             return await future  # a write: SQLite's busy timeout bounds its wait for a lock
         try:

@@ -6,6 +6,7 @@ aiohttp server, each client from its own loopback address (a choice is only for 
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from dnsgate.consent.model import Subject
 from dnsgate.consent.records import Event, Step, StoreError
-from dnsgate.consent.sqlite_store import Abandon, ConsentStore
+from dnsgate.consent.sqlite_store import BUSY_TIMEOUT, Abandon, ConsentStore, SqliteBackend
 from tests.conftest import Gate, make_config, running_gate
 from tests.support.consent_fixtures import parse_jsonl
 from tests.support.stub_upstream import StubUpstream
@@ -141,3 +142,24 @@ def test_a_change_given_up_on_in_a_group_is_rolled_back_alone(tmp_path: Path) ->
         assert store.commits == 1
     finally:
         store.close()
+
+
+async def test_changes_set_the_lock_wait_only_when_it_changes_and_other_work_waits_as_before(tmp_path: Path) -> None:
+    """Every PRAGMA busy_timeout is one more statement (one more wait for the GIL) on the store's
+    thread, beside the DNS loop: changes with alike deadlines share one setting; the store's other
+    work still waits BUSY_TIMEOUT for a lock held elsewhere."""
+    backend = SqliteBackend.open(tmp_path / "consent.sqlite3")
+    set_wait: list[str] = []
+    backend.store.db.conn.set_trace_callback(lambda sql: set_wait.append(sql) if "busy_timeout=" in sql else None)
+    try:
+        for i in range(5):
+            recorded = await backend.commit([grant_step(f"10.0.0.{i}")], 0, f"c{i}", time.monotonic() + 5.1)
+            assert recorded.ids == [i + 1]
+        assert 1 <= len(set_wait) <= 2, set_wait  # (two if the deadlines straddled a step; ten before)
+
+        def lock_wait() -> int:
+            return int(backend.store.db.conn.execute("PRAGMA busy_timeout").fetchone()[0])
+
+        assert await backend._run(functools.partial(lock_wait)) == int(BUSY_TIMEOUT * 1000)
+    finally:
+        await backend.close()
