@@ -290,6 +290,12 @@ def parse_dnsperf(text: str, run: Run) -> None:
     run.lat_sd_ms = round(grab(r"Latency StdDev \(s\):\s+([\d.]+)") * 1000, 3)
     m = re.search(r"Response codes:\s+(.*)", text)
     run.rcodes = m.group(1).strip() if m else ""
+    # Over TCP, DoT and DoH: a connection the server closed (dns.tcp_max_queries_per_connection) is
+    # opened again, and the queries dnsperf had sent past the close are lost, each holding one of its
+    # outstanding slots until the timeout (-t).
+    m = re.search(r"Reconnections:\s+(\d+)", text)
+    if m:
+        run.extra["reconnections"] = int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -366,7 +372,8 @@ class Bench:
         self.runs.append(run)
         self.log(f"{server:8} {workload:8} r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
                  f"avg {run.lat_avg_ms:.3f} ms  max {run.lat_max_ms:.3f} ms  {run.cpu_us_per_query:5.2f} us/q  "
-                 f"srv {run.server_cpu_pct}%  perf {run.dnsperf_cpu_pct}%  other {run.other_cpu_pct}%  {run.rcodes}")
+                 f"srv {run.server_cpu_pct}%  perf {run.dnsperf_cpu_pct}%  other {run.other_cpu_pct}%  {run.rcodes}"
+                 + (f"  reconnections {run.extra['reconnections']}" if "reconnections" in run.extra else ""))
         return run
 
     def wait_quiet(self, limit: float = 30) -> None:
