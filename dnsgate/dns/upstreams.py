@@ -82,7 +82,7 @@ BACKOFF_BASE: Final = 1.0
 BACKOFF_MAX: Final = 60.0
 STREAM_IDLE: Final = 10.0  # seconds before an unused upstream TCP/TLS connection is closed
 MEMO_LIMIT: Final = 65_536
-SWEEP_EVERY: Final = 0.05  # seconds: how late a first UDP attempt may be declared timed out
+SWEEP_EVERY: Final = 0.05  # seconds between sweeps of first UDP attempts: how late one may be declared timed out
 
 Strategy = Literal["failover", "fastest"]
 
@@ -396,6 +396,8 @@ class UdpAttempt(_Waiter):
 
     def deliver(self, data: bytes) -> None:
         self.settled = True
+        done, context = self.done, self.context
+        del self.done, self.context  # the sweep's queue keeps a settled attempt a while: not its query
         sock = self.sock
         del sock.pending[self.qid]  # (sock.release, inlined: this runs for every miss)
         if sock.retired and not sock.pending:
@@ -407,28 +409,32 @@ class UdpAttempt(_Waiter):
         server.stats.latency.observe(elapsed)
         server.succeeded(elapsed)
         if data[2] & (TC >> 8):
-            self.done(self.context, None, (server, "truncated"))
+            done(context, None, (server, "truncated"))
         elif data[3] & 0xF in RETRY_RCODES:
             server.stats.errors += 1
-            self.done(self.context, None, (server, "error"))
+            done(context, None, (server, "error"))
         else:
-            self.done(self.context, data, None)
+            done(context, data, None)
 
     def unsent(self) -> None:
         """The kernel refused the query (no buffers, no route): nothing left, the exchange goes on."""
         self.settled = True
+        done, context = self.done, self.context
+        del self.done, self.context
         self.sock.release(self.qid)
-        self.done(self.context, None, None)
+        done(context, None, None)
 
     def expire(self) -> None:
         self.settled = True
+        done, context = self.done, self.context
+        del self.done, self.context
         self.sock.release(self.qid)
         server = self.server
         if not self.owner.closed:  # at shutdown, silence says nothing about the server
             server.stats.errors += 1
             self.group.failed(server, self.owner.loop.time(), self.owner.attempt_timeout,
                               f"{server.address}: timeout")
-        self.done(self.context, None, None)
+        done(context, None, None)
 
 
 class _UdpPool:
@@ -860,7 +866,7 @@ class Upstreams:
         # Timeouts by a sweep over attempts in send order, not a timer each (one costs ~1 µs in uvloop).
         self._attempts.append(attempt)
         if self._sweeper is None:
-            self._sweeper = loop.call_at(attempt.expires, self._sweep)
+            self._sweeper = loop.call_at(now + SWEEP_EVERY, self._sweep)
         return now + self.timeout
 
     def _send_begun(self) -> None:
@@ -909,7 +915,10 @@ class Upstreams:
 
     def _sweep(self) -> None:
         """Expire first attempts whose time is up (all share one timeout, so the deque is in
-        expiry order); then sleep until the next one is due, at most SWEEP_EVERY late. Whatever
+        expiry order) and drop the settled ones before them; again in SWEEP_EVERY while any wait,
+        not at the first one's timeout: the attempts answered meanwhile would wait in the deque
+        until then, and a timeout's worth of them at thousands of misses a second is what sets
+        the process's memory high-water mark (freed, it stays with the allocator). Whatever
         one attempt's caller raises, the others still expire and the sweep is scheduled again:
         without it no first attempt would ever time out."""
         now = self.loop.time()
@@ -923,7 +932,7 @@ class Upstreams:
                     except Exception:
                         log.exception("expiring the first attempt of a query")
         finally:
-            self._sweeper = (self.loop.call_at(max(attempts[0].expires, now + SWEEP_EVERY), self._sweep)
+            self._sweeper = (self.loop.call_at(now + SWEEP_EVERY, self._sweep)
                              if attempts and not self.closed else None)
 
     async def exchange(self, query: Query, deadline: float | None = None, after: After | None = None) -> bytes:

@@ -8,9 +8,11 @@ refuses go back to their exchange. With sendto/recvfrom, and with sendmmsg/recvm
 from __future__ import annotations
 
 import asyncio
+import gc
 import select
 import socket
 import struct
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 
@@ -19,7 +21,7 @@ import pytest
 
 from dnsgate.config import parse_upstream
 from dnsgate.dns.udp_batch import UpstreamBatches, available
-from dnsgate.dns.upstreams import QUERIES_PER_SOCKET, After, DatagramBatches, Upstreams
+from dnsgate.dns.upstreams import QUERIES_PER_SOCKET, SWEEP_EVERY, After, DatagramBatches, Upstreams
 from dnsgate.wire import Query, parse_query
 
 ANSWER = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x01\x2c\x00\x04\xc0\x00\x02\x07"  # A 192.0.2.7, TTL 300
@@ -127,5 +129,44 @@ async def test_queries_the_kernel_refuses_go_back_to_their_exchange(batches: Dat
         await asyncio.sleep(0)
         assert sorted(results) == [(f"r{i}", None, None) for i in range(5)]  # each once, at once
         assert not any(sock.pending for sock in upstreams.live_sockets)
+    finally:
+        await upstreams.close()
+
+
+async def test_answered_attempts_let_go_of_their_queries_long_before_their_timeout(
+        server: socket.socket, batches: DatagramBatches | None) -> None:
+    """An answered first attempt drops its query's context at once, and leaves the sweep's queue at
+    the next sweep rather than when its timeout would have come: at thousands of misses a second a
+    timeout's worth of them (and of their queries) held in memory is the process's high-water mark."""
+    upstreams = Upstreams([parse_upstream(f"127.0.0.1:{server.getsockname()[1]}")], timeout=2.0,
+                          attempt_timeout=1.0, udp_size=1232, batches=batches)
+
+    class Context:
+        pass
+
+    contexts = [Context() for _ in range(40)]
+    alive = [weakref.ref(c) for c in contexts]
+    answered: list[bytes | None] = []
+    all_done = asyncio.Event()
+
+    def done(_context: object, reply: bytes | None, _after: After | None) -> None:
+        answered.append(reply)
+        if len(answered) == len(alive):
+            all_done.set()
+
+    try:
+        for i, context in enumerate(contexts):
+            assert upstreams.begin(query(f"held{i}.example.test"), done, context) is not None
+        del contexts, context
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for data, source in waiting(server):
+            server.sendto(answer(data), source)
+        await asyncio.wait_for(all_done.wait(), 2)
+        assert all(reply is not None for reply in answered)
+        gc.collect()
+        assert [ref for ref in alive if ref() is not None] == []
+        await asyncio.sleep(4 * SWEEP_EVERY)  # well within the attempts' 1 s timeout
+        assert len(upstreams._attempts) == 0
     finally:
         await upstreams.close()
