@@ -144,3 +144,17 @@ def test_answers_of_one_form_share_a_kind_whatever_their_records_lengths() -> No
     for i in range(1, 40):
         cname, a = answer(p, query(f"c{i}.example.test")).answer
         assert (cname.ttl, a.ttl, a[0].address) == (293, 53, "192.0.2.3")
+
+
+def test_an_unpacked_entry_is_the_entry_that_was_packed_slot_for_slot() -> None:
+    """`unpack` builds an Entry without its constructor (the numbers as packed, not recomputed): every
+    slot must come back as it went in, a slot added to Entry later included."""
+    cache = AnswerCache(100, 1 << 20)
+    for lifetime, refresh_at in ((600.0, float("inf")), (37.25, 20.5)):
+        original = Entry(0x8180, (1, 0, 0), entry(7).body0, (6,), 1000.0, 1000.0 + lifetime, None)
+        original.refresh_at = refresh_at
+        packed = cache.pack(original)
+        assert isinstance(packed, bytes)
+        back = cache_module.unpack(packed, cache.kinds)
+        for slot in Entry.__slots__:
+            assert getattr(back, slot) == getattr(original, slot), slot
