@@ -268,8 +268,10 @@ class DnsConfig:
     tcp_max_connections_per_client: int = 32
     # Seconds a client may take to send one query once it has started (slow-loris), and to read replies.
     tcp_query_timeout: float = 5.0
-    # Queries answered on one connection, after which it is closed once their replies are sent.
-    tcp_max_queries_per_connection: int = 10_000
+    # Queries read on one connection; then no more are read, and once every query read is answered
+    # the connection is half-closed (the client sends the rest on a new one). Unbound and dnsdist have
+    # no such cap; it only makes a busy client reconnect now and then (so SO_REUSEPORT workers share it).
+    tcp_max_queries_per_connection: int = 100_000
     # Queries one connection may have outstanding upstream; beyond, reading pauses until replies go out.
     tcp_max_pipelined: int = 100
     # Processes answering DNS on the same addresses (SO_REUSEPORT), for machines with cores to spare:

@@ -1,7 +1,10 @@
 """UDP and TCP listeners: bytes in, the pipeline's answer out; forwards run as tracked tasks.
 
 TCP follows RFC 7766: 2-byte length framing, several queries per connection answered as each
-completes (pipelining, out of order), and an idle timeout while no query is outstanding. TCP is
+completes (pipelining, out of order), and an idle timeout while no query is outstanding. When
+dnsgate ends a connection itself (its query cap), every query it has read is answered first, then it
+half-closes: the client sees a clean end and sends what it had not been answered on a new
+connection, instead of a reset that could cost it replies already sent. TCP is
 where a slow client could hold resources, so `TcpLimits` bounds connections (in total and per
 client), the time to send a query or take replies, the queries per connection and those waiting
 upstream at once.
@@ -89,7 +92,7 @@ class TcpLimits:
     query_timeout: float = 5.0  # to finish sending a query once started, or to take queued replies
     max_connections: int = 512
     max_per_client: int = 32
-    max_queries: int = 10_000  # per connection; then it closes once their replies are sent
+    max_queries: int = 100_000  # read per connection; then no more are read, and it half-closes once all are answered
     max_pipelined: int = 100  # queries outstanding upstream per connection; beyond, reading pauses
 
 
@@ -194,6 +197,8 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
         self.last_active = 0.0
         self.reading = True
         self.write_paused = False
+        self.client_ended = False  # the client half-closed: what it sent is all there will be
+        self.finishing = False  # every query read is answered and our side is closed: discarding
         self.idle_timer: asyncio.TimerHandle | None = None
         self.slow_timer: asyncio.TimerHandle | None = None  # a partial query, or replies not taken
 
@@ -248,6 +253,8 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
                 self.transport.write(out)
 
     def data_received(self, data: bytes) -> None:
+        if self.finishing:
+            return  # read only so that the client's close, not ours, ends the connection
         if self.may_answer is not None and not self.may_answer():
             self.abort()
             return
@@ -257,17 +264,16 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
             self._plain_received(data)
 
     def _plain_received(self, data: bytes) -> None:
-        if self.queries >= self.limits.max_queries:
-            return  # the cap is reached: replies still go out, then the connection closes
         self.buffer += data
         self._take_queries()
         self._arm_idle_timer()
 
     def _take_queries(self) -> None:
-        """Answer every complete query in the buffer, as far as the limits allow."""
+        """Answer every complete query in the buffer, as far as the limits allow. Past the query cap
+        (or the client's end) nothing more is read, but what was read is answered, then the
+        connection ends (`_finish`)."""
         buffer = self.buffer
-        while len(buffer) >= 2 and self.outstanding < self.limits.max_pipelined \
-                and self.queries < self.limits.max_queries and not self.write_paused:
+        while len(buffer) >= 2 and self.outstanding < self.limits.max_pipelined and not self.write_paused:
             length = U16.unpack_from(buffer)[0]
             if len(buffer) < 2 + length:
                 break
@@ -278,16 +284,47 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
             self._handle(message)
         if self.transport is None:
             return
+        held = self.write_paused or self.outstanding >= self.limits.max_pipelined  # queries may wait in the buffer
+        ending = self.client_ended or self.queries >= self.limits.max_queries
+        if ending and not held:
+            buffer.clear()  # the start of a query that will never be read whole
         if buffer and self.slow_timer is None and not self.write_paused:
             self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self._too_slow,
                                                                     "query not sent in time")
         elif not buffer and self.slow_timer is not None and not self.write_paused:
             self.slow_timer.cancel()
             self.slow_timer = None
-        self._set_reading(self.outstanding < self.limits.max_pipelined and not self.write_paused
-                          and self.queries < self.limits.max_queries)
-        if self.queries >= self.limits.max_queries and not self.outstanding:
-            self.transport.close()
+        self._set_reading(not held and not ending)
+        if ending and not self.outstanding and not self.write_paused:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Every query read is answered: end the connection without cutting anything off. After the
+        client's end, close. At the cap, half-close (TLS's close_notify first) and read on, discarding,
+        until the client closes or `query_timeout` passes: closing a socket with unread queries in it
+        would reset the connection, and a reset can make the client's system drop replies it has
+        not read yet. RFC 7766 has the client retry what was not answered on a new connection."""
+        transport = self.transport
+        if transport is None or self.finishing:
+            return
+        if self.client_ended or not transport.can_write_eof():
+            self.close()
+            return
+        self.finishing = True
+        if self.secure is not None:
+            transport.write(self.secure.close())
+        transport.write_eof()
+        self._stop_timers()
+        self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, transport.close)
+        self._set_reading(True)
+
+    def eof_received(self) -> bool:
+        """The client closed its side: answer what it sent (forwards may still be out), then close."""
+        if self.finishing or self.transport is None:
+            return False
+        self.client_ended = True
+        self._take_queries()
+        return True
 
     def _handle(self, message: bytes) -> None:
         try:
@@ -324,6 +361,17 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
                 self.transport.write(self.secure.send(U16.pack(len(reply)) + reply))
             except TlsFailure:  # the client closed its side of TLS: nothing more can be sent
                 self.abort()
+
+    def _arm_idle_timer(self) -> None:
+        if not self.finishing:  # (its own timer ends it)
+            super()._arm_idle_timer()
+
+    def close(self) -> None:
+        if self.finishing:
+            if self.transport is not None:
+                self.transport.close()  # close_notify and our end went out already
+            return
+        super().close()
 
     def _set_reading(self, on: bool) -> None:
         if self.transport is None or on == self.reading or self.transport.is_closing():

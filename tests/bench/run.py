@@ -291,8 +291,8 @@ def parse_dnsperf(text: str, run: Run) -> None:
     m = re.search(r"Response codes:\s+(.*)", text)
     run.rcodes = m.group(1).strip() if m else ""
     # Over TCP, DoT and DoH: a connection the server closed (dns.tcp_max_queries_per_connection) is
-    # opened again, and the queries dnsperf had sent past the close are lost, each holding one of its
-    # outstanding slots until the timeout (-t).
+    # opened again, and the queries dnsperf had sent that the server never read are lost, each holding
+    # one of its outstanding slots until the timeout (-t).
     m = re.search(r"Reconnections:\s+(\d+)", text)
     if m:
         run.extra["reconnections"] = int(m.group(1))

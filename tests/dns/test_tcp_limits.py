@@ -1,12 +1,13 @@
 """TCP limits over real sockets: per-client and total connections, slow-loris, queries per
-connection, queries waiting upstream per connection. Every wait is bounded."""
+connection (and how a connection ends at that cap, over TCP and TLS), queries waiting upstream per
+connection. Every wait is bounded."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import dns.message
 import pytest
 
 from tests.conftest import Gate, make_config, running_gate
+from tests.support.encrypted import SERVER_NAME, encrypted_config, make_certs
 from tests.support.slow_client import Conn, close_all, drip
 from tests.support.stub_upstream import StubUpstream
 
@@ -95,14 +97,72 @@ async def test_slow_loris_is_closed_after_the_query_timeout(limited: Gate) -> No
     writer.close()
 
 
-@pytest.mark.parametrize("limited", [{"tcp_max_queries_per_connection": 3}], indirect=True)
-async def test_queries_per_connection_cap(limited: Gate) -> None:
-    reader, writer = await connect(limited, "127.0.0.1")
-    writer.write(b"".join(framed("host.example.test", i + 1) for i in range(5)))
+CAP = 3
+
+
+@pytest.fixture(params=["tcp", "tls"])
+async def capped(upstream: StubUpstream, data_dir: Path, tmp_path: Path, request: pytest.FixtureRequest
+                 ) -> AsyncIterator[Callable[[], Awaitable[Conn]]]:
+    """Connections to a dnsgate whose TCP and DNS-over-TLS connections take CAP queries each."""
+    if request.param == "tcp":
+        cfg = make_config(upstream, data_dir)
+        async with running_gate(replace(cfg, dns=replace(cfg.dns, tcp_max_queries_per_connection=CAP))) as g:
+            yield lambda: connect(g, "127.0.0.1")
+        return
+    certs = make_certs(tmp_path / "tls")
+    async with running_gate(encrypted_config(upstream, data_dir, certs, tcp_max_queries_per_connection=CAP)) as g:
+        port = g.running.tls[0].port
+        yield lambda: asyncio.open_connection("127.0.0.1", port, ssl=certs.client_context(),
+                                              server_hostname=SERVER_NAME)
+
+
+async def replies_to_the_end(reader: asyncio.StreamReader) -> list[dns.message.Message]:
+    """Every reply until the server ends the connection; a reset (ConnectionResetError) fails."""
+    replies = []
+    async with asyncio.timeout(5):
+        while length := await reader.read(2):
+            if len(length) == 1:
+                length += await reader.readexactly(1)
+            replies.append(dns.message.from_wire(await reader.readexactly(struct.unpack(">H", length)[0])))
+    return replies
+
+
+async def test_at_the_query_cap_every_query_read_is_answered_and_the_connection_ends_cleanly(
+        capped: Callable[[], Awaitable[Conn]], upstream: StubUpstream) -> None:
+    """Five queries arrive in one read past a cap of 3 (pipelined, their answers still upstream),
+    then three more while those wait: every query the server read is answered, and the end is a
+    clean one (FIN, or close_notify and FIN) even though queries the server never read are still
+    coming in, not a reset (which would leave the client unsure what was answered)."""
+    upstream.delay = 0.2
+    names = [f"n{i}.example.test" for i in range(8)]
+    for i, name in enumerate(names):
+        upstream.add(name, f"{name}. 300 IN A 192.0.2.{100 + i}")
+    reader, writer = await capped()
+    writer.write(b"".join(framed(n, i + 1) for i, n in enumerate(names[:5])))
     await writer.drain()
-    ids = {(await read_reply(reader)).id for _ in range(3)}
-    assert ids == {1, 2, 3}
-    assert await closed_by_server(reader)
+    await asyncio.sleep(0.05)  # read by now; their answers come 0.2 s later
+    writer.write(b"".join(framed(n, i + 6) for i, n in enumerate(names[5:])))
+    await writer.drain()
+    replies = await replies_to_the_end(reader)
+    ids = [r.id for r in replies]
+    assert {1, 2, 3, 4, 5} <= set(ids) <= set(range(1, 9)) and len(ids) == len(set(ids))
+    for r in replies:
+        assert [rr.to_text() for rr in r.answer[0]] == [f"192.0.2.{100 + r.id - 1}"]
+    writer.close()
+
+
+async def test_a_client_that_closes_its_side_still_gets_every_answer(gate: Gate, upstream: StubUpstream) -> None:
+    """A client that sends its queries and then shuts its side down (as a one-shot client may) is
+    answered in full before the server closes, even when the answers come from upstream later."""
+    upstream.delay = 0.2
+    names = [f"eof{i}.example.test" for i in range(3)]
+    for i, name in enumerate(names):
+        upstream.add(name, f"{name}. 300 IN A 192.0.2.{50 + i}")
+    reader, writer = await connect(gate, "127.0.0.1")
+    writer.write(b"".join(framed(n, i + 1) for i, n in enumerate(names)))
+    writer.write_eof()
+    replies = await replies_to_the_end(reader)
+    assert sorted(r.id for r in replies) == [1, 2, 3]
     writer.close()
 
 
