@@ -36,6 +36,10 @@ DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the key path."""
 
+    # Found in the file as written, even where a variable or flag overrides that key (so the file,
+    # not the variable, is named for it).
+    in_file = False
+
     @property
     def errors(self) -> tuple[ConfigError, ...]:
         """Each error on its own: this one (ConfigErrors holds several)."""
@@ -746,11 +750,14 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
 def _parsed(data: Mapping[str, Any], found: _Found, refused: set[str]) -> Config:
     """The types of parsed TOML checked, every table's errors in `found` (see `_table`)."""
     sections: dict[str, Any] = {}
+    first = len(found.errors)
     for name, value in data.items():
         if name not in _SECTIONS:
             found.add(f"{name}: unknown section ({did_you_mean(name, _SECTIONS)}known: {', '.join(_SECTIONS)})")
             continue
         sections[name] = _table(_SECTIONS[name], value, name, found, refused)
+    for error in found.errors[first:]:
+        error.in_file = True
     return Config(**sections)
 
 
@@ -1073,6 +1080,11 @@ class Overrides:
     workers: str | None = None
     # Keys set by DNSGATE_<SECTION>_<KEY> variables: (variable, section, key, checked value).
     settings: tuple[tuple[str, str, str, Any], ...] | None = None
+    # What the variables could not set: their errors (load_config reports them with the file's) and
+    # the keys their values were meant for (each left at the file's value or its default, and not
+    # checked until the variable is fixed).
+    errors: tuple[ConfigError, ...] | None = None
+    refused: tuple[str, ...] | None = None
 
 
 ENV_PREFIX: Final = "DNSGATE_"
@@ -1128,8 +1140,15 @@ def env_settings(env: Mapping[str, str]) -> tuple[tuple[str, str, str, Any], ...
     """The keys DNSGATE_<SECTION>_<KEY> variables set, checked; an empty variable counts as unset. A
     variable that names a section but no key of it is an error ("did you mean"); other DNSGATE_*
     names are not configuration (the short names are read by overrides_from_env)."""
-    found: list[tuple[str, str, str, Any]] = []
     errors = _Found()
+    found = _env_settings(env, errors, set())
+    errors.raise_any()
+    return found
+
+
+def _env_settings(env: Mapping[str, str], errors: _Found, refused: set[str]) -> tuple[tuple[str, str, str, Any], ...]:
+    """`env_settings`, its errors in `errors` and the keys of refused values in `refused`."""
+    found: list[tuple[str, str, str, Any]] = []
     for variable, text in sorted(env.items()):
         if not variable.startswith(ENV_PREFIX) or variable in ENV_SHORTHANDS or not text.strip():
             continue
@@ -1142,26 +1161,33 @@ def env_settings(env: Mapping[str, str]) -> tuple[tuple[str, str, str, Any], ...
             errors.add(f"{variable}: [{section}] has no key {rest!r} ({did_you_mean(variable, names)}known: "
                        f"{', '.join(names)})")
             continue
-        with errors.each():
+        try:
             found.append((variable, section, rest, env_value(text, known[rest], variable)))
+        except ConfigError as exc:
+            errors.errors.extend(exc.errors)
+            refused.add(f"{section}.{rest}")
     by_key = {f"{section}.{key}": variable for variable, section, key, _ in found}
     for short, key in ENV_SHORTHANDS.items():
         errors.check(not (env.get(short, "").strip() and key in by_key and short != by_key[key]),
                      f"{short} and {by_key.get(key)} both set {key}: keep one")
-    errors.raise_any()
     return tuple(found)
 
 
 def overrides_from_env(env: Mapping[str, str]) -> tuple[str | None, Overrides]:
     """Read DNSGATE_CONFIG, the DNSGATE_<SECTION>_<KEY> variables and the short names (lists are
-    comma-separated)."""
+    comma-separated). A bad variable does not raise here: its error travels in the overrides, so
+    that load_config reports it together with the file's."""
+    errors, refused = _Found(), set[str]()
+    settings = _env_settings(env, errors, refused)
 
     def listed(name: str) -> tuple[str, ...] | None:
         raw = env.get(ENV_PREFIX + name)
         return None if raw is None else tuple(p.strip() for p in raw.split(",") if p.strip())
 
     return env.get(ENV_PREFIX + "CONFIG") or None, Overrides(
-        settings=env_settings(env) or None,
+        settings=settings or None,
+        errors=tuple(errors.errors) or None,
+        refused=tuple(sorted(refused)) or None,
         dns=listed("DNS"),
         api=env.get(ENV_PREFIX + "API") or None,
         upstream=listed("UPSTREAM"),
@@ -1226,16 +1252,24 @@ def _whole(text: str, key: str) -> int:
         raise ConfigError(f"{key}: expected a whole number, got {text!r}") from None
 
 
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+
+
 def load_config(path: str | None, overrides: Overrides) -> Config:
     """Defaults, then the file at `path` (if any), then the overrides; every independent error of
-    the file and the overrides is raised together (ConfigErrors), one alone as itself."""
-    cfg, found, refused = Config(), _Found(), set[str]()
+    the variables, the file and the flags is raised together (ConfigErrors), one alone as itself."""
+    cfg, found, refused = Config(), _Found(), set(overrides.refused or ())
+    found.errors.extend(overrides.errors or ())
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
-        cfg = _parsed(_toml(text, path), found, refused)  # types only: the environment and flags may override
+            data = _toml(_read(path), path)
+        except ConfigError as exc:  # no file to check: this, and what the variables said
+            raise (ConfigErrors([*found.errors, exc]) if found.errors else exc) from None
+        cfg = _parsed(data, found, refused)  # types only: the environment and flags may override
     cfg = _overridden(cfg, overrides, found)
     found.errors.extend(_validated(cfg, refused))  # the result, as it would run
     found.raise_any()

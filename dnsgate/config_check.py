@@ -245,10 +245,11 @@ def where(error: ConfigError, path: str | None, env: Mapping[str, str], flags: O
     message = str(error)
     key = re.split(r"[: ]", message, maxsplit=1)[0]
     bare = re.sub(r"\[\d+\].*", "", key)
-    if bare in {k for name, (_, k) in FLAG_KEYS.items() if flags is not None and getattr(flags, name)}:
+    if error.in_file:
+        pass  # the file's own value, wrong even where a variable or flag overrides it
+    elif bare in {k for name, (_, k) in FLAG_KEYS.items() if flags is not None and getattr(flags, name)}:
         return message  # set on the command line just typed: the key names it (and the file is not to blame)
-    set_by = env_sources(env).get(bare)
-    if set_by is not None:
+    elif (set_by := env_sources(env).get(bare)) is not None:
         return message if message.startswith(set_by) else f"{set_by}: {message}"
     if path is None or key.startswith(ENV_PREFIX) or key in ("--config", path):
         return message  # it names its variable, or the file and line itself
@@ -262,16 +263,12 @@ def where(error: ConfigError, path: str | None, env: Mapping[str, str], flags: O
 def check(path: str | None, env: Mapping[str, str]) -> tuple[int, str]:
     """`dnsgate config check`: (exit status, what to print). 0 and the effective configuration, or 2
     and a line for each error naming the file, the line where it can be found, and the key."""
-    env_path, overrides = None, None
-    try:
-        env_path, overrides = overrides_from_env(env)
-    except ConfigError as exc:
-        return 2, "\n".join(f"dnsgate: error: environment: {e}" for e in exc.errors)
+    env_path, overrides = overrides_from_env(env)
     path = path or env_path
     try:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        lines = [where(e, path, env) for e in exc.errors]
+        lines = [f"environment: {e}" if str(e).startswith(ENV_PREFIX) else where(e, path, env) for e in exc.errors]
         if path is not None:  # in the file's order, as the operator reads it; those without a line last
             at = re.compile(re.escape(path) + r":(\d+): ")
             lines.sort(key=lambda line: int(m[1]) if (m := at.match(line)) else 1 << 30)

@@ -186,10 +186,16 @@ def test_what_an_error_leaves_checked(text: str, messages: list[str]) -> None:
 
 def test_every_bad_variable_and_flag_is_named() -> None:
     env = {"DNSGATE_CACHE_MAX_TTL": "soon", "DNSGATE_DNS_UDP_MAX_SIZ": "1", "DNSGATE_GATE_MODE": "refused"}
+    _, overrides = overrides_from_env(env)  # read without raising: the errors travel to load_config
+    assert overrides.refused == ("cache.max_ttl", "gate.mode")
     with pytest.raises(ConfigErrors) as caught:
-        overrides_from_env(env)
+        load_config(None, overrides)
     assert [str(e).split(":", 1)[0] for e in caught.value.errors] == [
         "DNSGATE_CACHE_MAX_TTL", "DNSGATE_DNS_UDP_MAX_SIZ", "DNSGATE_GATE_MODE"]
+    with pytest.raises(ConfigErrors) as caught:  # the variables' and the flags' together
+        load_config(None, merge_overrides(overrides, Overrides(workers="two")))
+    assert [str(e).split(":", 1)[0] for e in caught.value.errors] == [
+        "DNSGATE_CACHE_MAX_TTL", "DNSGATE_DNS_UDP_MAX_SIZ", "DNSGATE_GATE_MODE", "dns.workers"]
     with pytest.raises(ConfigErrors) as caught:
         load_config(None, Overrides(log_level="loud", workers="two", store="bogus"))
     assert [str(e).split(":", 1)[0] for e in caught.value.errors] == ["log.level", "dns.workers", "storage.store"]

@@ -256,6 +256,39 @@ def test_every_bad_variable_is_named_at_once() -> None:
         "dnsgate: error: DNSGATE_GATE_SINKHOLE_TTL: gate.sinkhole_ttl: must be 1..3600, got 0"], out
 
 
+def test_the_variables_and_the_file_are_checked_in_the_same_run(tmp_path: Path) -> None:
+    """Bad DNSGATE_* variables do not hide the file's errors: `config check`, `serve` and `health` (real
+    processes) name every one in one run, one line each, the file's at FILE:LINE, the variables' by
+    name. A file value that a bad variable was meant to override is still the file's to fix; a
+    variable's refused key is not checked further (nothing compares with its default); exit 2."""
+    path = tmp_path / "c.toml"
+    path.write_text('[dns]\nudp_max_size = 70000\n\n[cache]\nmax_ttl = "x"\n\n[upstream]\ntimeout = -1\n'
+                    '\n[gate]\nsinkhole_ttl = 0\n')
+    env = {"DNSGATE_CACHE_MAX_TTL": "soon", "DNSGATE_UPSTREAM_TIMEOUT": "fast", "DNSGATE_DNS_UPD_MAX_SIZE": "1"}
+    in_file = {2: "dns.udp_max_size: must be 512..65535, got 70000",
+               5: "cache.max_ttl: expected an integer, got 'x'",
+               11: "gate.sinkhole_ttl: must be 1..3600, got 0"}
+    variables = ["DNSGATE_CACHE_MAX_TTL: expected an integer, got 'soon'",
+                 "DNSGATE_DNS_UPD_MAX_SIZE: [dns] has no key 'upd_max_size' (did you mean 'DNSGATE_DNS_UDP_MAX_SIZE'?",
+                 "DNSGATE_UPSTREAM_TIMEOUT: expected a number, got 'fast'"]
+    result = run("config", "check", "--config", str(path), env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    checked = result.stderr.splitlines()
+    assert len(checked) == len(in_file) + len(variables), checked
+    for line, (number, error) in zip(checked, in_file.items(), strict=False):
+        assert line == f"dnsgate: error: {path}:{number}: {error}", line
+    for line, error in zip(checked[len(in_file):], variables, strict=True):
+        assert line.startswith(f"dnsgate: error: environment: {error}"), line
+    for command in (["serve", "--data-dir", str(tmp_path / "d")], ["health"]):
+        result = run(*command, "--config", str(path), env=env)
+        assert result.returncode == 2 and result.stdout == "", result
+        told = result.stderr.splitlines()  # the same errors, each as this command has always put it
+        assert len(told) == len(checked), told
+        for error in [*in_file.values(), *variables]:
+            assert sum(line.startswith(f"dnsgate: error: {error}") for line in told) == 1, (error, told)
+    assert not (tmp_path / "d").exists()
+
+
 def test_locate() -> None:
     text = '[dns]\nlisten = ["127.0.0.1:53"]  # the LAN\n[api]\n# udp_max_size = 1\nlisten = "x"\n'
     assert locate(text, "dns.listen") == 2 and locate(text, "api.listen") == 5

@@ -365,12 +365,7 @@ def _admin_command(args: argparse.Namespace, client: AdminClient) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        env_config, env_overrides = overrides_from_env(os.environ)
-    except ConfigError as exc:
-        for error in exc.errors:
-            print(f"dnsgate: error: {error}", file=sys.stderr)
-        return 2
+    env_config, env_overrides = overrides_from_env(os.environ)  # (its errors come with the file's)
     flags = Overrides(
         dns=tuple(args.dns) if args.dns else None,
         api=args.api,
