@@ -79,3 +79,29 @@ def test_serving_loads_neither_the_close_match_finder_nor_the_xml_writer(tmp_pat
     seen = json.loads(out.stdout)
     assert "difflib" not in seen["modules"]
     assert "xml" not in seen["modules"]
+
+
+HTTP2_PROBE = """
+import json, sys
+import dnsgate.cli.main
+dnsgate.cli.main.load_server()  # as serve does
+import dnsgate.app.primary, dnsgate.app.worker
+from dnsgate.app.dns_side import build_upstreams
+from dnsgate.config import Config, parse_upstream
+cfg = Config()
+build_upstreams(cfg, [parse_upstream("192.0.2.1:53"), parse_upstream("tls://192.0.2.2")])
+plain = sorted(sys.modules)
+build_upstreams(cfg, [parse_upstream("https://192.0.2.3/dns-query")])
+print(json.dumps({"plain": plain, "doh": sorted(sys.modules)}))
+"""
+
+
+def test_http2_is_loaded_only_with_a_dns_over_https_upstream_or_listener() -> None:
+    """h2 (with hpack and hyperframe, ~1.3 MiB) serves DNS over HTTPS only: the primary without a DoH
+    listener and every worker (none has one) load it only when an https:// upstream is configured."""
+    out = subprocess.run([sys.executable, "-c", HTTP2_PROBE], capture_output=True, text=True, timeout=60, check=True)
+    seen = json.loads(out.stdout)
+    assert "dnsgate.dns.upstreams" in seen["plain"]  # the probe did load the forwarding side
+    assert not {m.split(".")[0] for m in seen["plain"]} & {"h2", "hpack", "hyperframe"}
+    assert "dnsgate.dns.https_listener" not in seen["plain"]
+    assert {"h2.connection", "dnsgate.dns.doh_upstream"} <= set(seen["doh"])  # and then it is there

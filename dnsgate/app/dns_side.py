@@ -27,7 +27,7 @@ from dnsgate.dns.portal_address import PortalAddresses, family_zones, portal_zon
 from dnsgate.dns.tally import LogEntry
 from dnsgate.dns.udp_batch import UpstreamBatches
 from dnsgate.dns.udp_batch import available as udp_available
-from dnsgate.dns.upstreams import Upstreams
+from dnsgate.dns.upstreams import DohClient, Upstreams
 from dnsgate.rules.ruleset import Ruleset
 from dnsgate.tasks import TaskSet, background
 
@@ -155,12 +155,19 @@ def admission(cfg: Config) -> Admission:
 
 
 def build_upstreams(cfg: Config, servers: Iterable[UpstreamAddress], shortage: Shortage | None = None) -> Upstreams:
+    servers = tuple(servers)
+    doh: DohClient | None = None
+    if any(a.transport == "https" for a in (*servers, *(a for _, group in cfg.upstream_domains for a in group))):
+        from dnsgate.dns.doh_upstream import DohStream  # HTTP/2 only in a process with an https:// upstream
+
+        doh = DohStream
     try:
-        return Upstreams(tuple(servers), timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
+        return Upstreams(servers, timeout=cfg.upstream.timeout, attempt_timeout=cfg.upstream.attempt_timeout,
                          udp_size=cfg.dns.udp_max_size, strategy=cfg.upstream.strategy,
                          domains=cfg.upstream_domains, ask_ad=cfg.upstream.trust_ad,
                          tls_ca_file=cfg.upstream.tls_ca_file, shortage=shortage,
-                         batches=UpstreamBatches() if cfg.dns.udp_io == "batched" and udp_available() else None)
+                         batches=UpstreamBatches() if cfg.dns.udp_io == "batched" and udp_available() else None,
+                         doh=doh)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         raise UpstreamError(f"upstream.tls_ca_file: cannot use {cfg.upstream.tls_ca_file!r}: "
                             f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") from None

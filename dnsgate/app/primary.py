@@ -53,7 +53,6 @@ from dnsgate.consent.service import ConsentService, Loss
 from dnsgate.consent.sqlite_store import SQLITE_FILE, ConsentStore, SqliteBackend, UnavailableStore
 from dnsgate.data_files import Access, AccessError
 from dnsgate.dns.counts import DnsCounts
-from dnsgate.dns.https_listener import HttpsConnection, proxies
 from dnsgate.dns.local_records import RecordError
 from dnsgate.dns.portal_address import FAMILY_NAMES
 from dnsgate.dns.tally import LogEntry
@@ -404,8 +403,11 @@ async def encrypted_dns(cfg: Config, dns: DnsStack, reloader: Reloader) -> Async
             await dns.listeners.start_tls(address, tls)
         except OSError as exc:
             raise StartupError(f"dns.tls_listen {address}: {os_reason(exc)}") from None
-    doh = partial(HttpsConnection, dns.pipeline, dns.resolver, dns.tasks, dns.listeners.tcp, tls,
-                  proxies(cfg.dns.trusted_proxies))
+    if cfg.https_listen:  # HTTP/2 (h2, hpack, hyperframe: ~1.3 MiB) only with a DoH listener
+        from dnsgate.dns.https_listener import HttpsConnection, proxies
+
+        doh = partial(HttpsConnection, dns.pipeline, dns.resolver, dns.tasks, dns.listeners.tcp, tls,
+                      proxies(cfg.dns.trusted_proxies))
     for address in cfg.https_listen:
         try:
             dns.listeners.bound_https.append(await dns.listeners.serve_stream(address, doh))

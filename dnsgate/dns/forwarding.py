@@ -147,7 +147,7 @@ class Resolver:
     def _received(self, fwd: Forward, reply: bytes) -> None:
         """An upstream reply for `fwd`'s key: answer everyone waiting, or complete its chain first.
         The upstream transports accept only replies whose question is ours, byte for byte
-        (upstreams._is_reply_to), so the records start right after it."""
+        (upstreams.is_reply_to), so the records start right after it."""
         try:
             try:
                 result = self.pipeline.admit(fwd, reply)

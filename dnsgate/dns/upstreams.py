@@ -42,13 +42,8 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
-
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 
 from dnsgate.config import UpstreamAddress
 from dnsgate.descriptors import Shortage, is_shortage, reason
@@ -96,7 +91,7 @@ class LocalShortage(UpstreamError):
     the kernel of socket buffers). Nothing was sent; no server is to blame."""
 
 
-class _BadReply(Exception):
+class BadReply(Exception):
     pass
 
 
@@ -139,7 +134,7 @@ class RandomBytes:
         return self.u16() % n
 
 
-def _is_reply_to(data: bytes, question: bytes) -> bool:
+def is_reply_to(data: bytes, question: bytes) -> bool:
     flags, qdcount = struct.unpack_from(">HH", data, 2)
     if not flags & QR or qdcount != 1:
         return False
@@ -197,7 +192,7 @@ class Server:
         self.srtt: float | None = None  # smoothed round-trip time (s); None until measured
         self.failures = 0  # consecutive
         self.down_until = 0.0
-        self.stream: _Stream | _DohStream | None = None
+        self.stream: KeptConnection | None = None
 
     def succeeded(self, rtt: float) -> None:
         self.srtt = rtt if self.srtt is None else 0.7 * self.srtt + 0.3 * rtt  # as BIND and unbound do
@@ -295,7 +290,7 @@ class _UdpSocket:
         if waiter is None:
             self.owner.ignored += 1
             return
-        if (addr[0], addr[1]) != waiter.peer or not _is_reply_to(data, waiter.question):
+        if (addr[0], addr[1]) != waiter.peer or not is_reply_to(data, waiter.question):
             self.owner.ignored += 1  # wrong source or question: keep waiting for the real one
             return
         waiter.deliver(data)
@@ -306,7 +301,7 @@ class _UdpSocket:
         if waiter is None:
             self.owner.ignored += 1
             return
-        if source != waiter.source or not _is_reply_to(data, waiter.question):
+        if source != waiter.source or not is_reply_to(data, waiter.question):
             self.owner.ignored += 1  # wrong source or question: keep waiting for the real one
             return
         waiter.deliver(data)
@@ -492,9 +487,13 @@ class _UdpPool:
         return sock
 
 
-class _KeptConnection:
+class KeptConnection:
     """What a kept connection to a server shares, over TCP, TLS or HTTP/2: the writer, the task that
     reads the replies, the idle timer; closing ends all three."""
+
+    async def query(self, message: bytes, qid: int, question: bytes) -> bytes:
+        """Send `message` and wait for its reply; the caller bounds the time."""
+        raise NotImplementedError
 
     def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext | None) -> None:
         self.owner = owner
@@ -521,7 +520,7 @@ class _KeptConnection:
                 await self.reader_task
 
 
-class _Stream(_KeptConnection):
+class _Stream(KeptConnection):
     """One persistent TCP or TLS connection to a server, shared by pipelined queries (RFC 7766)."""
 
     def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext | None) -> None:
@@ -571,7 +570,7 @@ class _Stream(_KeptConnection):
                 length = struct.unpack(">H", await reader.readexactly(2))[0]
                 data = await reader.readexactly(length)
                 slot = self.pending.get((data[0] << 8) | data[1]) if len(data) >= 12 else None
-                if slot is None or not _is_reply_to(data, slot[1]):
+                if slot is None or not is_reply_to(data, slot[1]):
                     self.owner.ignored += 1
                     continue
                 if not slot[0].done():
@@ -587,144 +586,12 @@ class _Stream(_KeptConnection):
                     future.set_exception(problem)
 
 
-class _DohStream(_KeptConnection):
-    """One HTTP/2 connection to a DNS-over-HTTPS server (RFC 8484), reused by every query: each a
-    POST of application/dns-message on a stream of its own, answered as each completes."""
+class DohClient(Protocol):
+    """The DNS-over-HTTPS connection to one https:// server (doh_upstream.DohStream), given by the
+    composition root only where such a server is configured: HTTP/2 (h2, hpack, hyperframe, ~1.3 MiB)
+    is imported by no other process."""
 
-    tls: ssl.SSLContext
-
-    def __init__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext) -> None:
-        super().__init__(owner, address, tls)
-        self.authority = (address.tls_name or (f"[{address.host}]" if ":" in address.host else address.host)) + \
-            ("" if address.port == 443 else f":{address.port}")
-        self.h2: h2.connection.H2Connection | None = None
-        self.pending: dict[int, _DohReply] = {}
-
-    async def query(self, message: bytes, qid: int, question: bytes) -> bytes:
-        """POST `message` and wait for its reply; the caller bounds the time."""
-        for attempt in range(2):
-            reused = self.writer is not None and not self.writer.is_closing()
-            conn, writer = await self._connection()
-            if self.idle is not None:
-                self.idle.cancel()
-                self.idle = None
-            stream_id = -1
-            try:
-                stream_id = conn.get_next_available_stream_id()
-                reply = self.pending[stream_id] = _DohReply(asyncio.get_running_loop().create_future(), question,
-                                                            qid)
-                conn.send_headers(stream_id, [
-                    (":method", "POST"), (":scheme", "https"), (":authority", self.authority),
-                    (":path", self.address.path), ("accept", "application/dns-message"),
-                    ("content-type", "application/dns-message"), ("content-length", str(len(message)))])
-                conn.send_data(stream_id, message, end_stream=True)
-                writer.write(conn.data_to_send())
-                await writer.drain()
-                return await reply.future
-            except (ConnectionError, h2.exceptions.ProtocolError) as exc:
-                if not reused or attempt:
-                    raise ConnectionError(str(exc) or type(exc).__name__) from exc
-                # the server had closed the idle connection (GOAWAY): once more on a new one
-                self.close()
-            finally:
-                self.pending.pop(stream_id, None)
-                if not self.pending and self.writer is not None:
-                    self.idle = asyncio.get_running_loop().call_later(STREAM_IDLE, self.close)
-        raise ConnectionError("unreachable")  # pragma: no cover
-
-    async def _connection(self) -> tuple[h2.connection.H2Connection, asyncio.StreamWriter]:
-        async with self.lock:
-            if self.writer is None or self.writer.is_closing() or self.h2 is None:
-                a = self.address
-                reader, writer = await asyncio.open_connection(a.host, a.port, ssl=self.tls,
-                                                               server_hostname=a.tls_name or a.host)
-                tls = writer.get_extra_info("ssl_object")
-                if tls is None or tls.selected_alpn_protocol() != "h2":
-                    writer.close()
-                    raise ConnectionError("the server does not speak HTTP/2 (ALPN h2)")
-                conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
-                conn.initiate_connection()
-                writer.write(conn.data_to_send())
-                self.h2, self.writer = conn, writer
-                self.reader_task = asyncio.get_running_loop().create_task(self._read(reader, writer, conn))
-            return self.h2, self.writer
-
-    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    conn: h2.connection.H2Connection) -> None:
-        problem: Exception = ConnectionError("connection closed by the upstream")
-        try:
-            while data := await reader.read(65536):
-                for event in conn.receive_data(data):
-                    self._event(event, conn)
-                out = conn.data_to_send()
-                if out:
-                    writer.write(out)
-        except (OSError, h2.exceptions.ProtocolError) as exc:
-            problem = ConnectionError(f"connection lost: {exc}")
-        finally:
-            if self.writer is writer:
-                self.writer = self.h2 = None
-            writer.close()
-            for reply in self.pending.values():
-                if not reply.future.done():
-                    reply.future.set_exception(problem)
-
-    def _event(self, event: h2.events.Event, conn: h2.connection.H2Connection) -> None:
-        stream_id = getattr(event, "stream_id", None)
-        reply = self.pending.get(stream_id) if stream_id is not None else None
-        if isinstance(event, h2.events.ResponseReceived) and reply is not None:
-            for name, value in event.headers or ():
-                if bytes(name) == b":status":
-                    reply.status = int(bytes(value))
-                elif bytes(name) == b"content-type":
-                    reply.content_type = bytes(value).split(b";")[0].strip().lower()
-        elif isinstance(event, h2.events.DataReceived):
-            if event.flow_controlled_length and stream_id is not None:
-                conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-            if reply is not None:
-                reply.body += event.data or b""
-                if len(reply.body) > 65535:
-                    self._fail(reply, _BadReply("a reply larger than a DNS message"))
-        elif isinstance(event, h2.events.StreamEnded) and reply is not None:
-            body = bytes(reply.body)
-            if reply.status != 200:
-                self._fail(reply, _BadReply(f"HTTP status {reply.status}"))
-            elif reply.content_type != b"application/dns-message":
-                self._fail(reply, _BadReply("not application/dns-message"))
-            elif len(body) < 12 or (body[0] << 8) | body[1] != reply.qid or not _is_reply_to(body, reply.question):
-                self.owner.ignored += 1
-                self._fail(reply, _BadReply("not the reply to the query"))
-            elif not reply.future.done():
-                reply.future.set_result(body)
-        elif isinstance(event, h2.events.StreamReset) and reply is not None:
-            self._fail(reply, ConnectionError(f"stream reset by the upstream ({event.error_code})"))
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            for waiting in self.pending.values():
-                self._fail(waiting, ConnectionError("the upstream closed the connection (GOAWAY)"))
-
-    @staticmethod
-    def _fail(reply: _DohReply, exc: Exception) -> None:
-        if not reply.future.done():
-            reply.future.set_exception(exc)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            if self.h2 is not None:  # GOAWAY first: the server may end the connection cleanly
-                with contextlib.suppress(Exception):
-                    self.h2.close_connection()
-                    self.writer.write(self.h2.data_to_send())
-            self.h2 = None
-        super().close()
-
-
-@dataclass(slots=True)
-class _DohReply:
-    future: asyncio.Future[bytes]
-    question: bytes
-    qid: int
-    status: int = 0
-    content_type: bytes = b""
-    body: bytearray = field(default_factory=bytearray)
+    def __call__(self, owner: Upstreams, address: UpstreamAddress, tls: ssl.SSLContext) -> KeptConnection: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -736,7 +603,7 @@ class Upstreams:
                  domains: Sequence[tuple[str, Sequence[UpstreamAddress]]] = (), ask_ad: bool = False,
                  tls_ca_file: str = "", sockets_per_family: int = SOCKETS_PER_FAMILY,
                  queries_per_socket: int = QUERIES_PER_SOCKET, shortage: Shortage | None = None,
-                 batches: DatagramBatches | None = None) -> None:
+                 batches: DatagramBatches | None = None, doh: DohClient | None = None) -> None:
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.udp_size = udp_size
@@ -760,7 +627,10 @@ class Upstreams:
         if "tls" in transports:
             self._tls = ssl.create_default_context(cafile=tls_ca_file or None)
             self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._doh_stream = doh
         if "https" in transports:
+            if doh is None:
+                raise TypeError("https:// upstreams need the DNS-over-HTTPS client (doh)")
             self._doh = ssl.create_default_context(cafile=tls_ca_file or None)
             self._doh.minimum_version = ssl.TLSVersion.TLSv1_2
             self._doh.set_alpn_protocols(["h2"])
@@ -971,7 +841,7 @@ class Upstreams:
                         reply = await self._stream(server, question, flags, do, budget)
                     else:
                         reply = await self._attempt(server, question, flags, do, budget)
-                except (TimeoutError, OSError, asyncio.IncompleteReadError, _BadReply) as exc:
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, BadReply) as exc:
                     if isinstance(exc, OSError) and is_shortage(exc):  # ours, not the server's
                         raise self.shortage_of(exc, f"asking {server.address}") from exc
                     server.stats.errors += 1
@@ -1037,7 +907,8 @@ class Upstreams:
         if server.stream is None:
             if server.address.transport == "https":
                 assert self._doh is not None
-                server.stream = _DohStream(self, server.address, self._doh)
+                assert self._doh_stream is not None
+                server.stream = self._doh_stream(self, server.address, self._doh)
             else:
                 server.stream = _Stream(self, server.address, self._tls if server.address.transport == "tls" else None)
         qid = self.random.u16()
