@@ -11,7 +11,9 @@ lookups: each client key's effective state (per vendor: allowed, or why not; and
 holds) is computed once and memoized. A choice's change forgets only the memo of the clients it
 can apply to (its address's, its device's; a network's choice, the notice, profiles and the catalog
 clear it all), so a change costs the same on a network with thousands of clients as with one.
-Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice.
+Kiosk idle tracking keeps a last-seen time only for kiosk clients that have a choice, and for the
+identities linked to a kiosk's session (`kiosk_links`): a session is idle only when none of them has
+asked for the idle time, and every path (a query, a view, the sweeper) judges it by `last_use`.
 The table changes only through `ConsentService` (consent/service.py), which persists first.
 """
 
@@ -460,13 +462,14 @@ class TableCopy:
     neighbours: Mapping[str, str]
     index: _Index
     kiosk_seen: dict[str, float]
+    kiosk_links: dict[str, tuple[str, ...]]
 
 
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
-    __slots__ = ("_index", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_seen", "neighbours", "notice",
-                 "profiles", "states", "vendors")
+    __slots__ = ("_index", "_kiosk_owners", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_links",
+                 "kiosk_seen", "neighbours", "notice", "profiles", "states", "vendors")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
                  notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
@@ -489,6 +492,11 @@ class ConsentTable:
         # client key -> last DNS query (wall seconds), only for kiosk clients with a personal choice.
         # The pipeline reads this dict directly: an empty dict costs the hot path one truth test.
         self.kiosk_seen: dict[str, float] = {}
+        # A kiosk's subject key (its MAC, else its address) -> the client keys linked to its session
+        # (a DNS source that looked up its pairing name, another address its page chose through), and
+        # the reverse: their queries keep its session in use, as its own do.
+        self.kiosk_links: dict[str, tuple[str, ...]] = {}
+        self._kiosk_owners: dict[str, tuple[str, ...]] = {}
 
     # -- the hot path --------------------------------------------------------------------------
     def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
@@ -506,12 +514,51 @@ class ConsentTable:
         return not self.blocked(client, vendor, now)
 
     def touch(self, client: str, now: float) -> None:
-        """A DNS query from a kiosk client with a choice: its session is still in use.
+        """A DNS query from a kiosk client with a choice (or an identity linked to its session): the
+        session is still in use.
 
-        A query after the idle limit does not revive the session; the sweeper resets it."""
+        A query after the session's idle limit does not revive it; the sweeper resets it."""
         seen = self.kiosk_seen
-        if now - seen[client] <= self.kiosk_idle:
+        if now - seen[client] <= self.kiosk_idle or now - (self.last_use(client) or 0.0) <= self.kiosk_idle:
             seen[client] = now
+
+    def last_use(self, key: str) -> float | None:
+        """The last query of the kiosk session `key` belongs to: the latest of all its identities (the
+        kiosk's client keys, which share its subject key, and every key linked to it); None if none
+        is tracked. Each process notes its own queries per key, so merging them stays a max."""
+        owners = {self._subject_key(key), *self._kiosk_owners.get(key, ())}
+        return max(self._latest(owners).values(), default=None)
+
+    def last_uses(self) -> dict[str, float]:
+        """`last_use` of every tracked key, in one pass (the sweeper's and a worker's)."""
+        latest = self._latest(None)
+        found: dict[str, float] = {}
+        for k in self.kiosk_seen:
+            found[k] = max(latest[owner] for owner in (self._subject_key(k), *self._kiosk_owners.get(k, ()))
+                           if owner in latest)
+        return found
+
+    def _latest(self, owners: set[str] | None) -> dict[str, float]:
+        """Subject key -> the last query of its kiosk's own keys and of the keys linked to it (of the
+        subject keys in `owners`; all if None)."""
+        seen, subject_key = self.kiosk_seen, self._subject_key
+        latest: dict[str, float] = {}
+        for k, at in seen.items():
+            owner = subject_key(k)
+            if (owners is None or owner in owners) and at > latest.get(owner, -math.inf):
+                latest[owner] = at
+        for owner, keys in self.kiosk_links.items():
+            if owners is None or owner in owners:
+                for k in keys:
+                    linked = seen.get(k)
+                    if linked is not None and linked > latest.get(owner, -math.inf):
+                        latest[owner] = linked
+        return latest
+
+    def _subject_key(self, key: str) -> str:
+        """The subject key of a client key (`Subject.key`: the MAC if known, else the address)."""
+        address, _, mac = key.partition(KEY_SEPARATOR)
+        return mac or self.neighbours.get(address) or address
 
     def _state(self, client: str, now: float) -> ClientState:
         address, _, mac = client.partition(KEY_SEPARATOR)
@@ -575,9 +622,14 @@ class ConsentTable:
                 notes.append(f"choice #{candidate.id} ({candidate.subject.describe()}) expired")
                 continue
             if personal and profile == "kiosk":
-                # The resolver's lookups (with a key) start the idle clock; views only read it.
-                last = (self.kiosk_seen.setdefault(key, now) if key is not None
-                        else self.kiosk_seen.get(address, now))
+                # The resolver's lookups (with a key) start the idle clock; views only read it. A key
+                # new to a session that is already tracked joins it at the session's last query, so
+                # it cannot revive an idle session.
+                last = self.last_use(address if key is None else key)
+                if key is not None and key not in self.kiosk_seen:
+                    self.kiosk_seen[key] = now if last is None or now - last <= self.kiosk_idle else last
+                if last is None:
+                    last = now
                 if now - last > self.kiosk_idle:
                     notes.append(f"choice #{candidate.id}: the kiosk session went idle; it is reset")
                     continue
@@ -766,6 +818,23 @@ class ConsentTable:
         """Whether `key` is a kiosk client with a choice, whose queries keep its session alive."""
         return key in self.kiosk_seen
 
+    def set_kiosk_links(self, links: Mapping[str, tuple[str, ...]]) -> None:
+        """Adopt the identities linked to each kiosk's session (the consent service's pairings of
+        kiosks; replaced whole, journaled to the workers like any change)."""
+        old, new = self.kiosk_links, dict(links)
+        self.kiosk_links = new
+        owners: dict[str, tuple[str, ...]] = {}
+        for owner, keys in new.items():
+            for key in keys:
+                owners[key] = (*owners.get(key, ()), owner)
+        self._kiosk_owners = owners
+        # A memoized state holds until its session's idle time: one that lost a link may end sooner.
+        for owner in old.keys() | new.keys():
+            if old.get(owner) != new.get(owner):
+                for key in (owner, *old.get(owner, ()), *new.get(owner, ())):
+                    address, _, mac = key.partition(KEY_SEPARATOR)
+                    self._forget(Subject(address, mac or address))  # (an address, a MAC, or both)
+
     def merge_seen(self, theirs: Mapping[str, float]) -> None:
         """Adopt another process's latest query time of each kiosk client (dns.workers > 1). In place:
         the pipeline holds this dict."""
@@ -775,11 +844,13 @@ class ConsentTable:
                 mine[key] = last
 
     def forget_idle(self, now: float) -> None:
-        """A worker drops the kiosk clients idle past the limit: a later query cannot revive them (the
-        primary's sweeper ends their session), and a new session there registers afresh."""
+        """A worker drops the kiosk clients whose session has been idle for twice the limit: by then
+        the primary's sweeper has ended it. Until then each stays, so a later query (touch, or a key
+        joining the session) cannot revive it here while the primary has it idle."""
         seen = self.kiosk_seen
-        for key in [k for k, last in seen.items() if now - last > self.kiosk_idle]:
-            del seen[key]
+        for key, last in self.last_uses().items():
+            if now - last > 2 * self.kiosk_idle:
+                del seen[key]
 
     def set_profiles(self, profiles: ProfileMap) -> None:
         self.profiles = profiles
@@ -816,13 +887,14 @@ class ConsentTable:
         """Everything but the memo, for a replica (`from_copy`, in a worker process). It shares this
         table's objects: pickle it at once, never keep it."""
         return TableCopy(self.vendors, self.profiles, self.notice, self.kiosk_idle, self.neighbours, self._index,
-                         self.kiosk_seen)
+                         self.kiosk_seen, self.kiosk_links)
 
     @classmethod
     def from_copy(cls, c: TableCopy) -> ConsentTable:
         table = cls(c.vendors, c.profiles, c.notice, c.kiosk_idle)
         table.neighbours, table._index = c.neighbours, c.index
         table.kiosk_seen.update(c.kiosk_seen)
+        table.set_kiosk_links(c.kiosk_links)
         return table
 
     def memoized(self) -> set[str]:

@@ -356,9 +356,11 @@ class ConsentService:
 
         kiosks = [c.subject.address for c in self.table.choices()
                   if c.subject.address and self.table.profiles.of(c.subject.address)[0] == "kiosk"]
+        kiosks += [k for address in kiosks for k in self._links_of_kiosk(address)]
         if not self.store.shared:
-            for address in kiosks:
-                self.table.set_seen(address, now)  # a restart starts the idle clock
+            for key in kiosks:
+                self.table.set_seen(key, now)  # a restart starts the idle clock
+        self._sync_kiosk_links()
         try:
             deadline = self._deadline(2)
             async with self._locked(deadline):
@@ -414,6 +416,7 @@ class ConsentService:
         self.paired = {}
         for http, dns, at in snapshot.pairings:
             self.paired.setdefault(http, {})[dns] = at
+        self._sync_kiosk_links()
         if self._held:
             for held in self._held.values():
                 held.shadow = []
@@ -544,7 +547,6 @@ class ConsentService:
     def view(self, address: str, mac: str | None = None) -> ClientView:
         """A live client's consent, exactly as its DNS queries are decided."""
         now = self.wall()
-        self._session_activity(now, (address,))
         r = self.table.resolve(address, mac, now)
         return self._view(address, Subject(address, r.mac), r, now)
 
@@ -568,7 +570,7 @@ class ConsentService:
             # After an opt-out, 12 months (CCPA); after a refusal elsewhere, until it expires.
             ask_again = choice.made_at + REASK_AFTER if choice.standing else choice.expires_at
         kiosk = r.profile == "kiosk"
-        last_seen = self.table.kiosk_seen.get(r.address) if kiosk else None
+        last_seen = self.table.last_use(r.address) if kiosk else None
         current = notice is not None and choice is not None and notice.covers(choice.notice)
         applies = choice.in_force(now) if choice is not None else None
         by_category = tuple((c.id, decide_category(c.id, r.profile, applies, notice))
@@ -683,6 +685,7 @@ class ConsentService:
         if subject.address is not None and (profile == "kiosk" or (link is not None and link.kiosk)):
             # a new session (or an identity joining one): its idle clock starts now
             self.table.set_seen(subject.address, now)
+            self._sync_kiosk_links()
             await self._replicate()  # (a worker's clock of the session before must not end this one)
             if self.store.shared and not self.store_problem:
                 with contextlib.suppress(StoreError):  # the sweeper shares it later anyway
@@ -976,6 +979,7 @@ class ConsentService:
             for key in [subject.address, *reached]:
                 if key is not None:
                     self.table.set_seen(key, None)
+            self._sync_kiosk_links()
             self._void_tokens(subject, reached, now)
             await self._replicate()
         return self._after(subject)
@@ -1036,14 +1040,15 @@ class ConsentService:
                            "withdrawals and session ends, never a grant)")
                 return [dataclasses.replace(step, pairing=(http.key, dns_client))]
 
-            links = self.paired.setdefault(http.key, {})
+            # (looked up again after each wait: a reload from the store replaces `paired` whole)
             if await self._change(plan, deadline):
-                links[dns_client] = now
+                self.paired.setdefault(http.key, {})[dns_client] = now
             elif not self._made_here(http, dns_client):  # (that link keeps the time of the choice it made)
                 await self._in_store(self.store.remember_pairing(http.key, dns_client, now), deadline)
-                links[dns_client] = now
+                self.paired.setdefault(http.key, {})[dns_client] = now
             if self.profile_of(http)[0] == "kiosk":  # the kiosk's DNS source: its queries keep the session
                 self.table.set_seen(dns_client, now)
+                self._sync_kiosk_links()
                 await self._replicate()
             log.info("consent paired: http=%s dns=%s", http.key, dns_client)
 
@@ -1147,30 +1152,39 @@ class ConsentService:
         """Links recorded through any instance (a shared store): what a change by `subject` reaches."""
         links = await self._in_store(self.store.pairings_of(subject.key), deadline)
         self.paired[subject.key] = {**links, **self.paired.get(subject.key, {})}
+        self._sync_kiosk_links()
 
-    def _session_activity(self, now: float, keys: Iterable[str] | None = None) -> None:
-        """A kiosk session is in use while any identity it reached asks: each kiosk's last query is
-        the latest of its linked identities' (the sweeper notes it for all, a view for its client)."""
-        seen = self.table.kiosk_seen
-        for key in list(seen) if keys is None else [k for k in keys if k in seen]:
-            address, _, mac = key.partition(KEY_SEPARATOR)
-            if self.table.profiles.of(address)[0] != "kiosk":
-                continue
-            links = self.paired.get(Subject(address, mac or self.table.mac_of(address)).key, {})
-            latest = max((seen.get(k, 0.0) for k in links), default=0.0)
-            if seen[key] < latest <= now:
-                self.table.set_seen(key, latest)
+    def _links_of_kiosk(self, key: str) -> list[str]:
+        """The client keys linked to the session of the kiosk client `key` (none if not a kiosk)."""
+        address, _, mac = key.partition(KEY_SEPARATOR)
+        if self.table.profiles.of(address)[0] != "kiosk":
+            return []
+        return list(self.paired.get(Subject(address, mac or self.table.mac_of(address)).key, {}))
+
+    def _sync_kiosk_links(self) -> None:
+        """Give the table the identities linked to each tracked kiosk's session: a session is in use
+        while any of them asks, and the table judges it so on every path (`ConsentTable.last_use`)."""
+        links: dict[str, tuple[str, ...]] = {}
+        for key in self.table.kiosk_seen:
+            linked = self._links_of_kiosk(key)
+            if linked:
+                address, _, mac = key.partition(KEY_SEPARATOR)
+                links[Subject(address, mac or self.table.mac_of(address)).key] = tuple(sorted(linked))
+        if links != self.table.kiosk_links:
+            self.table.set_kiosk_links(links)
 
     # -- sweeping --------------------------------------------------------------------------------
     async def sweep(self) -> int:
         """Record expiries and idle kiosk resets; purge events past retention. Returns events recorded."""
         deadline = self._deadline(2)
         async with self._locked(deadline):
-            now = self.wall()
             if self.store.shared and self.table.kiosk_seen:
                 await self._share_activity(deadline)
-            self._session_activity(now)
-            idle_keys = [k for k, last in self.table.kiosk_seen.items() if now - last > self.table.kiosk_idle]
+            # (read after the wait: queries answered meanwhile are in the clocks already)
+            now = self.wall()
+            self._sync_kiosk_links()
+            # A session is idle only when none of its identities asked for the idle time.
+            idle_keys = [k for k, last in self.table.last_uses().items() if now - last > self.table.kiosk_idle]
 
             def plan() -> list[Step]:
                 steps: list[Step] = []
@@ -1201,13 +1215,14 @@ class ConsentService:
 
             recorded = await self._change(plan, deadline)
             for key in idle_keys:
-                last = self.table.kiosk_seen.get(key)
+                last = self.table.last_use(key)
                 if last is not None and self.wall() - last > self.table.kiosk_idle:
                     self.table.set_seen(key, None)
                     address, _, mac = key.partition(KEY_SEPARATOR)
                     if self.table.profiles.of(address)[0] == "kiosk":
                         kiosk = Subject(address, mac or self.table.mac_of(address))
                         self._void_tokens(kiosk, self.paired.get(kiosk.key, {}), now)
+            self._sync_kiosk_links()
             self.pairings.expire(now)
         if self.cfg.retention_days and now - self._last_purge >= RETENTION_EVERY:
             self._last_purge = now
@@ -1395,9 +1410,7 @@ class ConsentService:
     def _kiosk_idle_resets(self, subject: Subject, caller: Caller, now: float) -> list[Step]:
         """A new kiosk choice after an idle gap the sweeper has not yet seen: record the reset first."""
         address = subject.address
-        if address is not None:
-            self._session_activity(now, (address,))
-        last = self.table.kiosk_seen.get(address or "")
+        last = self.table.last_use(address) if address is not None else None
         if address is None or last is None or now - last <= self.table.kiosk_idle:
             return []
         self._void_tokens(subject, self.paired.get(subject.key, {}), now)
@@ -1724,6 +1737,7 @@ class ConsentService:
         if step.pairing is not None:
             http, dns = step.pairing
             self.paired.setdefault(http, {})[dns] = step.event.at
+            self._sync_kiosk_links()
         if self._held:
             self._settle_held(step.ends, step.event.subject)
 

@@ -7,9 +7,10 @@ only once every worker has acknowledged it, so a grant or withdrawal holds for t
 query whichever process the kernel hands it to.
 
 Kiosk clocks: the consent service's own word on a session (started by a choice, ended by a reset)
-is journaled like any change; the queries' activity goes both ways (`ConsentTable.merge_seen`): each process
-notes the last query of the kiosk clients it serves, and the primary, whose sweeper ends idle
-sessions, keeps the latest any process saw.
+is journaled like any change, and so are the identities linked to each kiosk's session; the
+queries' activity goes both ways (`ConsentTable.merge_seen`): each process notes the last query of
+the kiosk clients it serves, and the primary, whose sweeper ends idle sessions, keeps the latest any
+process saw.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dnsgate.rules.ruleset import Ruleset
 
 # The ConsentTable methods that change it, as the journal names them.
 JOURNALED: Final = frozenset({"put", "remove", "reset", "set_neighbours", "set_profiles", "set_notice",
-                              "set_vendors", "set_seen"})
+                              "set_vendors", "set_seen", "set_kiosk_links"})
 INSTALL: Final = "install"  # a reload's ruleset (and live config), journaled in order with the table's changes
 
 Op = tuple[str, tuple[Any, ...]]
@@ -106,6 +107,10 @@ class JournaledTable(ConsentTable):
     def set_seen(self, key: str, at: float | None) -> None:
         super().set_seen(key, at)
         self.note("set_seen", key, at)
+
+    def set_kiosk_links(self, links: Mapping[str, tuple[str, ...]]) -> None:
+        super().set_kiosk_links(links)
+        self.note("set_kiosk_links", self.kiosk_links)
 
 
 def apply(table: ConsentTable, ops: Iterable[Op], install: Callable[[Ruleset, Config], None]) -> None:

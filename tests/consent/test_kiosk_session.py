@@ -6,6 +6,7 @@ chose outlives the kiosk lifetime. Two visitors in a row, on one fake clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -249,3 +250,108 @@ async def test_a_token_links_one_other_address_and_dies_with_the_session(gate: G
     # the next visitor's page pairs with the token it is given
     await choose(gate, clock, GRANT)
     assert await rcode(gate, KIOSK_OTHER) == dns.rcode.NOERROR
+
+
+# -- one session, every identity: the DNS answer and the API view judge it alike -------------------
+
+@contextlib.asynccontextmanager
+async def kiosk_gate(upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock, store: str,
+                     sweep_interval: float) -> AsyncIterator[Gate]:
+    neighbours = FakeNeighbours({KIOSK_HTTP: KIOSK_MAC})
+    cfg = consent_config(with_store(make_config(upstream, data_dir), store), catalog=two_vendor_catalog(tmp_path),
+                         sweep_interval=sweep_interval)
+    async with running_gate(cfg, wall=clock, neighbours=neighbours) as g:
+        yield g
+
+
+async def live_everywhere(g: Gate) -> None:
+    """The session is in use: the kiosk's own DNS answer and its API view say so alike."""
+    assert await rcode(g, KIOSK_HTTP) == dns.rcode.NOERROR
+    view = (await g.http("GET", "/v1/consent", source=KIOSK_HTTP))[1]
+    assert view["choice"] is not None, view["notes"]
+    assert await rcode(g, KIOSK_OTHER) == dns.rcode.NOERROR
+
+
+async def test_a_session_kept_in_use_by_its_dns_source_is_live_on_every_path(
+        upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock, consent_store: str) -> None:
+    """Only the kiosk's DNS source asks for longer than the idle time: the kiosk's own query, then its
+    view, find the session in use, and both find it idle once nobody asked for the idle time. The
+    sweeper never runs here (an hour apart), so nothing but the way each path judges the session
+    decides."""
+    async with kiosk_gate(upstream, data_dir, tmp_path, clock, consent_store, 3600.0) as g:
+        await choose(g, clock, GRANT)
+        for _ in range(3):
+            clock.advance(10 * MINUTE)
+            assert await rcode(g, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+        await live_everywhere(g)
+        clock.advance(10 * MINUTE)  # the kiosk's own query keeps it in use too
+        await live_everywhere(g)
+        clock.advance(16 * MINUTE)
+        assert await rcode(g, KIOSK_HTTP) == dns.rcode.NXDOMAIN
+        view = (await g.http("GET", "/v1/consent", source=KIOSK_HTTP))[1]
+        assert view["choice"] is None and any("went idle" in note for note in view["notes"]), view
+        assert await rcode(g, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR  # (revives nothing)
+        assert await rcode(g, KIOSK_HTTP) == dns.rcode.NXDOMAIN
+        assert (await g.http("GET", "/v1/consent", source=KIOSK_HTTP))[1]["choice"] is None
+
+
+class HeldActivity:
+    """Holds each sweep's exchange of kiosk activity with Redis until the test lets it go: what a
+    busy machine does to a sweep now and then, while DNS queries go on being answered."""
+
+    def __init__(self, share: Any) -> None:
+        self.share = share
+        self.holding = False
+        self.waiting: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+        self.done = 0
+
+    async def __call__(self, store: Any, seen: Any, forget_before: float) -> dict[str, float]:
+        if self.holding:
+            go = asyncio.Event()
+            await self.waiting.put(go)
+            await go.wait()
+        try:
+            return dict(await self.share(store, seen, forget_before))
+        finally:
+            self.done += 1
+
+    async def next_held(self) -> asyncio.Event:
+        return await asyncio.wait_for(self.waiting.get(), 5)
+
+
+async def test_a_sweep_waiting_for_redis_while_the_dns_source_asks_leaves_the_session_live(
+        upstream: StubUpstream, data_dir: Path, tmp_path: Path, clock: FakeClock, redis_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep reads the clock, then waits for Redis's merged activity; queries from the kiosk's DNS
+    source answered meanwhile are later than the sweep's clock. They keep the session in use: the
+    sweep must not end it as idle (visitor 2 of the test above, on a loaded machine)."""
+    from dnsgate.consent.redis_store import RedisBackend
+    held = HeldActivity(RedisBackend.share_activity)
+
+    async def share_activity(store: RedisBackend, seen: Any, forget_before: float) -> dict[str, float]:
+        return await held(store, seen, forget_before)
+
+    monkeypatch.setattr(RedisBackend, "share_activity", share_activity)
+    async with kiosk_gate(upstream, data_dir, tmp_path, clock, redis_server.url, 0.05) as g:
+        await choose(g, clock, GRANT)
+        held.holding = True
+        (await held.next_held()).set()  # a sweep from before: let it finish
+        clock.advance(10 * MINUTE)
+        assert await rcode(g, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+        clock.advance(10 * MINUTE)
+        go = await held.next_held()  # this sweep's clock: 20 minutes after the kiosk's own last query
+        assert await rcode(g, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+        clock.advance(10 * MINUTE)
+        assert await rcode(g, KIOSK_DNS, "host.example.test") == dns.rcode.NOERROR
+        held.holding = False
+        before = held.done
+        go.set()
+
+        async def swept_twice() -> bool:
+            return held.done >= before + 2
+
+        await eventually(swept_twice)
+        last = (await events_of(g, KIOSK_MAC))[-1]
+        assert last["action"] == "grant", last
+        assert (await g.http("GET", "/v1/consent", source=KIOSK_HTTP))[1]["choice"] is not None
+        await live_everywhere(g)

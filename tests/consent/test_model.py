@@ -147,6 +147,68 @@ def test_kiosk_session_idles_out_unless_queries_keep_it_alive() -> None:
     assert t.kiosk_seen["10.9.0.2"] == NOW + 600
 
 
+KIOSK_MAC = "02:00:00:00:00:02"
+
+
+def test_a_kiosk_session_is_judged_by_all_its_identities_on_every_path() -> None:
+    """The kiosk (10.9.0.2, its MAC) and the DNS source linked to it (10.8.0.5): the session is in use
+    while either asks. Its own queries, a view (no key) and `last_use` (the sweeper's) agree."""
+    t = table(networks=[("10.9.0.0/24", "kiosk")], kiosk_idle=900)
+    t.set_neighbours({"10.9.0.2": KIOSK_MAC})
+    t.put(choice("10.9.0.2", mac=KIOSK_MAC))
+    t.set_seen("10.9.0.2", NOW)
+    t.set_seen("10.8.0.5", NOW)
+    t.set_kiosk_links({KIOSK_MAC: ("10.8.0.5",)})
+    assert t.allows("10.9.0.2", AC, NOW)
+    for minutes in (10, 20, 30):  # only the DNS source asks
+        t.touch("10.8.0.5", NOW + minutes * 60)
+    at = NOW + 40 * 60  # 40 minutes after the kiosk's own last query, 10 after its DNS source's
+    assert t.last_use("10.9.0.2") == t.last_use("10.8.0.5") == NOW + 30 * 60
+    assert t.allows("10.9.0.2", AC, at)
+    assert t.resolve("10.9.0.2", None, at).choice is not None
+    t.touch("10.9.0.2", at)  # its own query keeps it in use: the session is live
+    assert t.kiosk_seen["10.9.0.2"] == at
+    idle = at + 901
+    assert not t.allows("10.9.0.2", AC, idle)
+    r = t.resolve("10.9.0.2", None, idle)
+    assert r.choice is None and any("went idle" in n for n in r.notes)
+    t.touch("10.8.0.5", idle)  # a query after the session went idle revives nothing
+    t.touch("10.9.0.2", idle)
+    assert t.last_use("10.9.0.2") == at and not t.allows("10.9.0.2", AC, idle + 1)
+
+
+def test_a_key_new_to_an_idle_kiosk_session_does_not_revive_it() -> None:
+    """A client key first seen after the session went idle (the kiosk's address with its MAC, from a
+    trusted forwarder) joins the session at its last query, not at its own first one."""
+    t = table(networks=[("10.9.0.0/24", "kiosk")], kiosk_idle=900)
+    t.set_neighbours({"10.9.0.2": KIOSK_MAC})
+    t.put(choice("10.9.0.2", mac=KIOSK_MAC))
+    t.set_seen("10.9.0.2", NOW)
+    assert t.allows(f"10.9.0.2|{KIOSK_MAC}", AC, NOW + 600)  # in use: it joins, now
+    assert t.kiosk_seen[f"10.9.0.2|{KIOSK_MAC}"] == NOW + 600
+    t2 = table(networks=[("10.9.0.0/24", "kiosk")], kiosk_idle=900)
+    t2.set_neighbours({"10.9.0.2": KIOSK_MAC})
+    t2.put(choice("10.9.0.2", mac=KIOSK_MAC))
+    t2.set_seen("10.9.0.2", NOW)
+    assert not t2.allows(f"10.9.0.2|{KIOSK_MAC}", AC, NOW + 1000)
+    assert t2.kiosk_seen[f"10.9.0.2|{KIOSK_MAC}"] == NOW
+    assert not t2.allows("10.9.0.2", AC, NOW + 1000)
+
+
+def test_a_worker_keeps_an_idle_kiosk_session_until_the_primary_has_ended_it() -> None:
+    """A worker forgets an idle session's clocks only past twice the idle time: forgotten sooner, the
+    session's next query there would start it again while the primary has it idle."""
+    t = table(networks=[("10.9.0.0/24", "kiosk")], kiosk_idle=900)
+    t.put(choice("10.9.0.2"))
+    t.set_seen("10.9.0.2", NOW)
+    t.forget_idle(NOW + 1000)
+    assert not t.allows("10.9.0.2", AC, NOW + 1000)
+    t.touch("10.9.0.2", NOW + 1001)
+    assert not t.allows("10.9.0.2", AC, NOW + 1001)
+    t.forget_idle(NOW + 1801)
+    assert t.kiosk_seen == {}
+
+
 def test_superseding_keeps_another_devices_choice_made_at_the_same_address() -> None:
     t = table()
     first = choice("10.0.0.5", mac="aa:aa:aa:aa:aa:01")

@@ -105,5 +105,9 @@ def test_kiosk_activity_keeps_the_latest_and_a_worker_forgets_idle_sessions() ->
     mine.update({"10.0.2.1": 100.0, "10.0.2.2": 500.0})
     table.merge_seen({"10.0.2.1": 400.0, "10.0.2.2": 300.0, "10.0.2.3": 450.0})
     assert table.kiosk_seen is mine and mine == {"10.0.2.1": 400.0, "10.0.2.2": 500.0, "10.0.2.3": 450.0}
-    table.forget_idle(now=560.0)
+    table.forget_idle(now=560.0)  # idle, but the primary's sweeper may not have ended it yet: kept
+    assert mine == {"10.0.2.1": 400.0, "10.0.2.2": 500.0, "10.0.2.3": 450.0}
+    table.touch("10.0.2.1", 560.0)  # a query after the idle time revives nothing
+    assert mine["10.0.2.1"] == 400.0
+    table.forget_idle(now=680.0)  # twice the idle time: the primary has ended it
     assert table.kiosk_seen is mine and mine == {"10.0.2.2": 500.0, "10.0.2.3": 450.0}
