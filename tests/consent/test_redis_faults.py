@@ -17,7 +17,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from tests.support.consent_fixtures import consent_config, parse_jsonl
 from tests.support.consent_ledger import (
     GRANT,
     Ledger,
+    RunQueue,
     check_exact,
     check_log,
     check_safe,
@@ -51,10 +52,12 @@ pytestmark = pytest.mark.timeout(150)
 
 SECOND = 1.0  # a change through one instance is in force on the others within this
 LEASE = 4.0  # an instance that hears nothing from Redis holds closed after this (2 x storage.redis_timeout)
-ANSWER_WITHIN = 2.5  # every change is answered within storage.redis_timeout, plus the machine's delays
-# The same bound with room for a loaded machine (the fault suite runs beside other work on 2 cores);
-# an operation that outlived its deadline, by waiting for its socket timeout, took 4 s more.
-ANSWER_LIMIT = 2.0 + 1.5
+DEADLINE = 2.0  # storage.redis_timeout: every change is answered within it...
+# ...plus the test's own client and the event loop's other work (both instances and every client
+# answer in this one thread), once the time the thread waited for a CPU is taken off (`Ledger.late`:
+# a loaded machine's delay, which no deadline in dnsgate can shorten). An operation that outlived its
+# deadline, waiting for its socket timeout, was 4 s late.
+LATE = 0.5
 CLIENTS = [f"127.0.0.{i}" for i in range(60, 72)]
 
 
@@ -123,9 +126,16 @@ async def healthy_round(ledger: Ledger, lives: list[Live], seconds: float = 1.5)
 # -- Redis killed ------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def run_queue() -> Iterator[RunQueue]:
+    """The test thread's waits for a CPU, sampled while the test runs."""
+    with RunQueue() as rq:
+        yield rq
+
+
 async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_server: RedisServer,
-                            caplog: pytest.LogCaptureFixture) -> None:
-    ledger = Ledger(CLIENTS)
+                            caplog: pytest.LogCaptureFixture, run_queue: RunQueue) -> None:
+    ledger = Ledger(CLIENTS, run_queue=run_queue)
     async with two(upstream, tmp_path, redis_server.url, redis_server.url) as lives:
         await healthy_round(ledger, lives)
         redis_server.stop(kill=True)
@@ -133,14 +143,14 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         await churn(ledger, lives, 3.0)
         during = ledger.statuses() - before
         assert during[503] > 0 and during[202] > 0, during  # grants refused, withdrawals held
-        assert ledger.slowest() < ANSWER_WITHIN
+        assert ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         await check_safe(ledger, lives)
         await asyncio.sleep(LEASE)
         await check_safe(ledger, lives)
         redis_server.start()  # the same files: every acknowledged change is still there
         recovered = await recovered_as_promised(ledger, lives)
     assert outage_lines(caplog) == 2  # one per instance, not one per refused change
-    record("redis_sigkill", ledger, during, recovered=recovered)
+    record("redis_sigkill", ledger, during, recovered=recovered, late=ledger.late(DEADLINE))
 
 
 async def settled(lives: list[Live]) -> float:
@@ -178,10 +188,10 @@ def outage_lines(caplog: pytest.LogCaptureFixture) -> int:
 
 
 async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_server: RedisServer,
-                            caplog: pytest.LogCaptureFixture) -> None:
+                            caplog: pytest.LogCaptureFixture, run_queue: RunQueue) -> None:
     """Paused Redis: every change is answered within the deadline (none queues behind another), a
     grant answered 503 never lands when Redis resumes, a withdrawal holds at once and is recorded."""
-    ledger = Ledger(CLIENTS)
+    ledger = Ledger(CLIENTS, run_queue=run_queue)
     async with two(upstream, tmp_path, redis_server.url, redis_server.url) as lives:
         await healthy_round(ledger, lives)
         redis_server.pause()
@@ -193,11 +203,11 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
         finally:
             redis_server.resume()
         assert during[503] > 0 and during[202] > 0, during
-        assert ledger.slowest() < ANSWER_WITHIN, ledger.summary()
+        assert ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         # Resumed Redis ran the commands it had queued: none of the refused grants may be in force.
         recovered = await recovered_as_promised(ledger, lives)
     assert outage_lines(caplog) == 2
-    record("redis_sigstop", ledger, during, recovered=recovered)
+    record("redis_sigstop", ledger, during, recovered=recovered, late=ledger.late(DEADLINE))
 
 
 # -- Redis restarted empty -----------------------------------------------------------------------------
@@ -294,11 +304,11 @@ async def test_redis_restored_from_an_older_copy(upstream: StubUpstream, tmp_pat
 
 
 async def test_an_instance_partitioned_while_others_change(upstream: StubUpstream, tmp_path: Path,
-                                                           redis_server: RedisServer) -> None:
+                                                           redis_server: RedisServer, run_queue: RunQueue) -> None:
     """A reaches Redis through a proxy that stops passing bytes (they arrive late, when it heals);
     B goes on. Changes through A are refused or held; B's withdrawals hold on A once its lease is
     over; after the partition A catches up, and nothing A was refused lands late."""
-    ledger = Ledger(CLIENTS)
+    ledger = Ledger(CLIENTS, run_queue=run_queue)
     async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
         await healthy_round(ledger, lives)
         proxy.partition()
@@ -311,10 +321,10 @@ async def test_an_instance_partitioned_while_others_change(upstream: StubUpstrea
         await check_safe(ledger, lives)
         during = ledger.statuses() - before
         assert during[503] > 0 and during[202] > 0, during  # through A
-        assert ledger.slowest() < ANSWER_LIMIT, ledger.summary()
+        assert ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         proxy.heal()
         recovered = await recovered_as_promised(ledger, lives)
-    record("redis_partition", ledger, during, recovered=recovered)
+    record("redis_partition", ledger, during, recovered=recovered, late=ledger.late(DEADLINE))
 
 
 async def test_a_store_operation_ends_at_its_deadline_though_the_client_swallows_its_cancellation(
@@ -377,18 +387,18 @@ async def test_a_partitioned_instance_misses_an_empty_restart(upstream: StubUpst
 
 
 async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, tmp_path: Path,
-                                                       redis_server: RedisServer) -> None:
+                                                       redis_server: RedisServer, run_queue: RunQueue) -> None:
     """Redis records a grant through A but its reply never reaches A, nor do A's questions about it:
     A answers 503 within its deadline and, once it reaches Redis again, records the grant's undoing,
     so that the 503 holds: nothing changed."""
     client = CLIENTS[0]
-    ledger = Ledger(CLIENTS[:1])
+    ledger = Ledger(CLIENTS[:1], run_queue=run_queue)
     async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
         a, b = lives
         assert (await ledger.change(a, 0, client, False)).status == 200
         proxy.drop_replies(after=b"'late'")  # from the change's own script on (only it says 'late')
         answer = await ledger.change(a, 0, client, True)
-        assert answer.status == 503 and answer.took < ANSWER_WITHIN
+        assert answer.status == 503 and ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         proxy.heal()
         await eventually(a.settled, 10.0, "A back")
         await eventually(lambda: a.undone_at_least(1), 10.0, "the grant undone")
@@ -401,19 +411,20 @@ async def test_a_change_whose_answer_is_lost_is_undone(upstream: StubUpstream, t
 
 
 async def test_an_undo_whose_answer_is_lost_is_not_undone_again(upstream: StubUpstream, tmp_path: Path,
-                                                                redis_server: RedisServer) -> None:
+                                                                redis_server: RedisServer,
+                                                                run_queue: RunQueue) -> None:
     """A grant answered 503 turns out to be recorded; A records its undoing, but that answer is lost
     too. The grant must stay out of force until the undo is known to be recorded, and the undo, once
     confirmed, is the end of it: it is never taken for another change answered 503 and undone in
     turn (which put the refused grant back in force on every instance)."""
     client = CLIENTS[0]
-    ledger = Ledger(CLIENTS[:1])
+    ledger = Ledger(CLIENTS[:1], run_queue=run_queue)
     async with tcp_proxy(redis_server.port) as proxy, two(upstream, tmp_path, proxy.url, redis_server.url) as lives:
         a, b = lives
         assert (await ledger.change(a, 0, client, False)).status == 200
         proxy.drop_replies(after=b"'late'")  # the grant's own script: recorded, its answer lost
         answer = await ledger.change(a, 0, client, True)
-        assert answer.status == 503 and answer.took < ANSWER_WITHIN
+        assert answer.status == 503 and ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         proxy.drop_replies(after=b"'late'")  # A's questions answered again, but not its next change: the undo
 
         async def undo_recorded() -> bool:
@@ -421,7 +432,7 @@ async def test_an_undo_whose_answer_is_lost_is_not_undone_again(upstream: StubUp
 
         await eventually(undo_recorded, 10.0, "A records the undo (its answer lost)")
         assert not await a.allowed(client)  # the refused grant was never in force here, nor is it now
-        await asyncio.sleep(ANSWER_WITHIN * 2)  # A gives up asking about it: the undo is in doubt in turn
+        await asyncio.sleep((DEADLINE + LATE) * 2)  # A gives up asking about it: the undo is in doubt in turn
         assert not await a.allowed(client)
         proxy.heal()
         await eventually(a.settled, 10.0, "A back")

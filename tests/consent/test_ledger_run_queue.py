@@ -1,0 +1,44 @@
+"""The fault tests excuse a late answer only by the time the answering thread waited for a CPU
+(`consent_ledger.RunQueue`): it must see such a wait when there is one, and never count more than
+the time that passed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.consent_ledger import RunQueue
+
+BUSY = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_the_run_queue_sees_a_thread_wait_for_a_cpu_another_process_holds() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # this thread and two busy processes share one CPU
+    rivals = [subprocess.Popen([sys.executable, "-c", BUSY], preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+              for _ in range(2)]
+    try:
+        with RunQueue() as rq:
+            if rq._read() is None:
+                pytest.skip("no schedstat for this thread (a kernel without CONFIG_SCHED_INFO)")
+            time.sleep(0.3)  # (the rival is running by now)
+            start = time.monotonic()
+            end = start + 1.0
+            while time.monotonic() < end:  # busy as well: runnable the whole second
+                pass
+            time.sleep(0.05)  # (a sample after `end`)
+            waited = rq.between(start, end)
+    finally:
+        for rival in rivals:
+            rival.kill()
+            rival.wait()
+        os.sched_setaffinity(0, before)
+    # About two thirds of the second went to the rivals (its time on the CPU, the other figure
+    # schedstat keeps, is the third left).
+    assert 0.45 < waited < 1.1, waited
