@@ -315,8 +315,13 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
             transport.write(self.secure.close())
         transport.write_eof()
         self._stop_timers()
-        self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, transport.close)
-        self._set_reading(True)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Read and drop until the client closes, for at most `query_timeout`."""
+        if self.transport is not None:
+            self.slow_timer = asyncio.get_running_loop().call_later(self.limits.query_timeout, self.transport.close)
+            self._set_reading(True)
 
     def eof_received(self) -> bool:
         """The client closed its side: answer what it sent (forwards may still be out), then close."""
@@ -396,7 +401,9 @@ class TcpConnection(StreamConnectionBase, asyncio.Protocol):
         if self.slow_timer is not None:
             self.slow_timer.cancel()
             self.slow_timer = None
-        if self.transport is not None:
+        if self.finishing:
+            self._linger()  # (TLS's close_notify was what filled the buffer)
+        elif self.transport is not None:
             self._take_queries()
 
     def _too_slow(self, why: str) -> None:
