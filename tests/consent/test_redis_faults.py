@@ -149,7 +149,8 @@ async def test_redis_sigkill(upstream: StubUpstream, tmp_path: Path, redis_serve
         await check_safe(ledger, lives)
         redis_server.start()  # the same files: every acknowledged change is still there
         recovered = await recovered_as_promised(ledger, lives)
-    assert outage_lines(caplog) == 2  # one per instance, not one per refused change
+    lines = outage_lines(caplog)
+    assert len(lines) == 2, lines  # one per instance, not one per refused change
     record("redis_sigkill", ledger, during, recovered=recovered, late=ledger.late(DEADLINE))
 
 
@@ -180,8 +181,8 @@ async def nothing_lost(lives: list[Live]) -> None:
         assert (await live.health())["consent_store"] == "ok"
 
 
-def outage_lines(caplog: pytest.LogCaptureFixture) -> int:
-    return sum(1 for r in caplog.records if r.levelno >= logging.ERROR)
+def outage_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()[:160]}" for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 # -- Redis paused ------------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ async def test_redis_sigstop(upstream: StubUpstream, tmp_path: Path, redis_serve
         assert ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
         # Resumed Redis ran the commands it had queued: none of the refused grants may be in force.
         recovered = await recovered_as_promised(ledger, lives)
-    assert outage_lines(caplog) == 2
+    lines = outage_lines(caplog)
+    assert len(lines) == 2, lines
     record("redis_sigstop", ledger, during, recovered=recovered, late=ledger.late(DEADLINE))
 
 

@@ -68,8 +68,11 @@ def report(runs: int, passed: int, failures: list[str], figures: list[dict[str, 
         settle = f"; settled {min(recovered):.2f}-{max(recovered):.2f} s after the store was back" if recovered else ""
         fault = (f" ({during['200']} x 200, {during['202']} x 202, {during['503']} x 503 during the fault)"
                  if any(during.values()) else "")
+        lates = [r["late"] for r in rows if "late" in r]
+        late = (f" ({max(lates):+.2f} s past the 2 s deadline once the thread's waits for a CPU are taken off)"
+                if lates else "")
         out.append(f"{test}: passed {len(rows)} times; {total['changes']} changes{fault}; slowest answer "
-                   f"{slowest:.2f} s; {checked} DNS answers checked against the answers given, 0 stale{settle}")
+                   f"{slowest:.2f} s{late}; {checked} DNS answers checked against the answers given, 0 stale{settle}")
     out += failures
     return "\n".join(out)
 
