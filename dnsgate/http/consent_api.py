@@ -11,6 +11,7 @@ responses also carry a one-time pairing token. The app depends on the `ConsentCo
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -257,11 +258,16 @@ async def _honour_gpc(request: web.Request, wait: bool = True) -> None:
 # JSON views
 
 
+# A view formats the same few instants many times (its choice's made_at and expires_at once per vendor,
+# list and category), and a change's answer is a view: each instant is formatted once.
+_iso = functools.lru_cache(maxsize=1024)(iso)
+
+
 def view_json(view: ClientView) -> dict[str, Any]:
     choice = view.choice
     granted = {}
     if choice is not None and choice.expires_at > view.now:  # its grants are in force
-        granted = {c: {"granted": True, "granted_at": iso(choice.made_at), "expires_at": iso(choice.expires_at),
+        granted = {c: {"granted": True, "granted_at": _iso(choice.made_at), "expires_at": _iso(choice.expires_at),
                        "source": choice.source} for c, d in view.by_category if d.allowed and d.by_choice}
     return {
         "client": view.client,
@@ -280,9 +286,9 @@ def view_json(view: ClientView) -> dict[str, Any]:
         # items in force that the choice in force does not cover (added or changed since): no choice yet
         "new": [item_json(i) for i in view.new],
         "notes": list(view.notes),
-        "ask_again_after": iso(view.ask_again_after),
+        "ask_again_after": _iso(view.ask_again_after),
         "kiosk": None if view.kiosk_idle_minutes is None else {
-            "idle_minutes": view.kiosk_idle_minutes, "last_seen": iso(view.kiosk_last_seen)},
+            "idle_minutes": view.kiosk_idle_minutes, "last_seen": _iso(view.kiosk_last_seen)},
     }
 
 
@@ -292,7 +298,7 @@ def decision_json(d: Decision, view: ClientView) -> dict[str, Any]:
     # until: null for what has no end, a standing opt-out as much as a profile's default
     until = None if c is None or (c.standing and not d.allowed) else c.expires_at
     return {"allowed": d.allowed, "reason": d.reason, "by_choice": d.by_choice,
-            "since": iso(c.made_at) if c else None, "until": iso(until)}
+            "since": _iso(c.made_at) if c else None, "until": _iso(until)}
 
 
 def item_json(i: Item) -> dict[str, Any]:
@@ -309,9 +315,9 @@ def choice_json(c: Choice, view: ClientView) -> dict[str, Any]:
         "id": c.id,
         "subject": {"address": c.subject.address, "mac": c.subject.mac, "network": c.subject.network},
         "categories": dict(c.categories), "vendors": dict(c.vendors),
-        "made_at": iso(c.made_at), "expires_at": iso(c.expires_at), "active": c.active(view.now),
+        "made_at": _iso(c.made_at), "expires_at": _iso(c.expires_at), "active": c.active(view.now),
         "refusals_stand": c.standing, "channel": c.channel, "source": c.source, "profile": c.profile,
-        "sec_gpc": c.sec_gpc, "gpc_seen_at": iso(c.gpc_seen_at), "language": c.language or None,
+        "sec_gpc": c.sec_gpc, "gpc_seen_at": _iso(c.gpc_seen_at), "language": c.language or None,
         # the notice the client presented; null: none was shown (a device that named no notice, GPC)
         "notice": None if n is None else {"catalog": n.catalog, "version": n.version, "sha256": n.sha256,
                                           "language": n.language, "current": view.notice_current},
