@@ -82,9 +82,15 @@ def _libc_calls() -> tuple[Any, Any] | None:
     returning a C int. Without `argtypes`: converting each argument through its declared type took
     half of what one call costs in Python (8 000 -> 4 300 instructions), so callers pass the
     pointers as ctypes.c_void_p (a Python int would go as a C int, and one that does not fit raises)
-    and the counts, the descriptor and the flags as ints."""
+    and the counts, the descriptor and the flags as ints.
+
+    Loaded as a PyDLL: the GIL is kept through each call. Every socket they are called on is
+    non-blocking, so they return at once; letting go of the GIL there handed it, twice a batch, to
+    any thread waiting for it (the consent store's, once per SQLite statement of a change), and
+    each hand-off on the shared core cost the DNS path more than the other thread's own work.
+    Other threads still take the GIL between the event loop's callbacks."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.PyDLL(ctypes.util.find_library("c") or None, use_errno=True)
         recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
     except (OSError, AttributeError):  # not Linux (or a libc without them)
         return None

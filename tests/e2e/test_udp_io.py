@@ -226,3 +226,12 @@ async def test_workers_serve_the_same_path(upstream: StubUpstream, data_dir: Pat
             seen.add(reply.answer[0].to_text())
         assert len(seen) == 2, f"every query went to one process: {seen}"
         assert g.cfg.dns.udp_io == udp_io
+
+
+@pytest.mark.skipif(not udp_batch.available(), reason="recvmmsg/sendmmsg: Linux only")
+def test_the_batched_calls_keep_the_gil() -> None:
+    """recvmmsg and sendmmsg run on non-blocking sockets only, so they keep the GIL (ctypes.PyDLL):
+    a thread waiting for it (the consent store's) is not handed it in the middle of every batch."""
+    assert udp_batch._CALLS is not None
+    for call in udp_batch._CALLS:
+        assert call._flags_ & ctypes._FUNCFLAG_PYTHONAPI  # type: ignore[attr-defined]
