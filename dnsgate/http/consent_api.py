@@ -259,8 +259,10 @@ async def _honour_gpc(request: web.Request, wait: bool = True) -> None:
 
 
 # A view formats the same few instants many times (its choice's made_at and expires_at once per vendor,
-# list and category), and a change's answer is a view: each instant is formatted once.
-_iso = functools.lru_cache(maxsize=1024)(iso)
+# list and category), and a change's answer is a view: each instant is formatted once. A view has a
+# handful of instants and the next one others: a larger memo would only keep every client's (with
+# 10 000 clients changing their choice, 1 024 entries held ~0.5 MiB).
+_iso = functools.lru_cache(maxsize=16)(iso)
 
 
 def view_json(view: ClientView) -> dict[str, Any]:
