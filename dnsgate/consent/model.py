@@ -561,13 +561,17 @@ class ConsentTable:
         return mac or self.neighbours.get(address) or address
 
     def _state(self, client: str, now: float) -> ClientState:
+        """`resolve` without what only explains it (notes, reasons, every vendor decided at once): the
+        choice that applies and until when; each vendor is decided when first asked (`blocked`)."""
         address, _, mac = client.partition(KEY_SEPARATOR)
-        r = self.resolve(address, mac or None, now, key=client)
+        profile = self.profiles.of(address)[0]
+        device = mac or self.neighbours.get(address)
+        _, applied, until = self._applicable(address, device, profile, now, client, [])
         memo = self.states
         if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
             self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
-        state = memo[client] = ClientState({v: d.verdict for v, d in r.decisions}, r.until, r.profile, r.applied)
-        for by, key in ((self._memo_by_address, address), (self._memo_by_mac, r.mac)):
+        state = memo[client] = ClientState({}, until, profile, applied)
+        for by, key in ((self._memo_by_address, address), (self._memo_by_mac, device)):
             if key is not None:
                 keys = by.get(key, ())
                 if client not in keys:
@@ -613,6 +617,15 @@ class ConsentTable:
             mac = self.neighbours.get(address)
             mac_source = "neighbour table" if mac else None
         notes: list[str] = []
+        choice, applied, until = self._applicable(address, mac, profile, now, key, notes)
+        decisions = tuple((v, decide(v, profile, applied, self.notice)) for v in self.vendors)
+        return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
+                          tuple(notes), decisions, until, applied)
+
+    def _applicable(self, address: str, mac: str | None, profile: Profile, now: float, key: str | None,
+                    notes: list[str]) -> tuple[Choice | None, Choice | None, float]:
+        """The choice that applies to a client (as recorded, and what of it is in force) and until
+        when that holds; how it was found goes to `notes`. `key`: as for `resolve`."""
         choice: Choice | None = None
         applied: Choice | None = None
         until = FOREVER
@@ -642,9 +655,7 @@ class ConsentTable:
                 notes.append(f"the grants of choice #{candidate.id} expired; its refusals are opt-outs, which "
                              "stand until changed")
             break
-        decisions = tuple((v, decide(v, profile, applied, self.notice)) for v in self.vendors)
-        return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
-                          tuple(notes), decisions, until, applied)
+        return choice, applied, until
 
     def _candidates(self, address: str, mac: str | None, notes: list[str]) -> Iterator[tuple[Choice, bool]]:
         """Choices that may apply, most specific first: the device's, the address's, the networks'."""
