@@ -313,6 +313,9 @@ class ConsentService:
         self.store_errors = 0
         self.store_problem = ""
         self._feed_problem = ""
+        # Bumped as an outage is reported and as its end is: an operation's outcome says nothing
+        # about the store's state if that state was reported changed while the operation was out.
+        self._store_turn = 0
         self.remote_changes = 0
         self.timeout = store.timeout  # a change's deadline, from the moment it is asked for
         self._provisional = 0  # ids (negative) of refusals held in memory until the store records them
@@ -538,8 +541,10 @@ class ConsentService:
         if problem and not self.store_problem:
             log.error("consent store unavailable: %s; DNS answers from the choices in memory (gated names "
                       "stay blocked for clients without a known grant), consent changes answer 503", problem)
+            self._store_turn += 1
         elif not problem and self.store_problem:
             log.info("consent store %s reachable again; caught up with the changes made meanwhile", self.store.name)
+            self._store_turn += 1
         self.store_problem = problem
 
     async def run_follower(self) -> None:
@@ -1797,7 +1802,13 @@ class ConsentService:
 
     async def _in_store(self, op: Awaitable[T], deadline: float | None = None) -> T:
         """Run one store operation (within `deadline`, if given: time.monotonic); its failure is
-        reported once per outage, and its success ends the outage."""
+        reported once per outage, and its success ends the outage. Only if neither was reported while
+        it was out: an answer sent before the outage began does not end it, and a failure from before
+        the store was back does not start another. Nor does the failure of an operation given less
+        than half a change's time (its change waited for others first): that says how busy this
+        instance is, not that the store is gone; the next operation tells."""
+        turn = self._store_turn
+        given = self.timeout if deadline is None else deadline - time.monotonic()
         try:
             if deadline is None:
                 result = await op
@@ -1808,9 +1819,10 @@ class ConsentService:
                     raise StoreError(f"{self.store.name}: no answer within {self.timeout:g} s") from None
         except StoreError as exc:
             self.store_errors += 1
-            self._report(str(exc))
+            if self.store_problem or (turn == self._store_turn and given >= self.timeout / 2):
+                self._report(str(exc))
             raise
-        if self.store_problem and not self._feed_problem:
+        if self.store_problem and not self._feed_problem and turn == self._store_turn:
             self._report("")  # (while the follower is cut off, it says when the store is back, caught up)
         return result
 

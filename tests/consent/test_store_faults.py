@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.asyncquery
@@ -256,3 +257,91 @@ async def test_a_gpc_choice_is_answered_within_the_deadline_and_its_opt_out_hold
         log = parse_jsonl((await g.http("GET", "/v1/audit/export?format=jsonl", admin=True))[1])
         assert [(e["action"], e["vendors"]) for e in log] == [("refusal", {"activecampaign": False})], log
         assert log[0]["sec_gpc"] == "1"
+
+
+class HeldOutcome:
+    """The outcome (result or failure) of the next consent store commit, kept from dnsgate until
+    `release`: the store answered, dnsgate hears of it later (a reply still on its way, a loop busy
+    elsewhere). The calls after it go through as they come."""
+
+    def __init__(self) -> None:
+        self.armed = True
+        self.arrived = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def __call__(self, real: Any, *args: Any) -> Any:
+        if not self.armed:
+            return await real(*args)
+        self.armed = False
+        try:
+            return await real(*args)
+        finally:
+            self.arrived.set()
+            await self.released.wait()
+
+
+def outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
+    """The outage's log lines: its start (errors) and its end."""
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "dnsgate.consent.service"]
+    return ([m[:120] for level, m in messages if level >= logging.ERROR],
+            [m[:120] for _, m in messages if "reachable again" in m])
+
+
+def held_commits(monkeypatch: pytest.MonkeyPatch) -> HeldOutcome:
+    from dnsgate.consent.sqlite_store import SqliteBackend
+    held = HeldOutcome()
+    real = SqliteBackend.commit
+
+    async def commit(store: SqliteBackend, *args: Any) -> Any:
+        return await held(real, store, *args)
+
+    monkeypatch.setattr(SqliteBackend, "commit", commit)
+    return held
+
+
+async def test_an_answer_sent_before_the_outage_began_does_not_end_it(
+        upstream: StubUpstream, data_dir: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change the store recorded just before it was locked, heard of after the outage was reported:
+    the outage goes on (/healthz, /metrics) and is logged once, not again at the next failure."""
+    caplog.set_level(logging.INFO, logger="dnsgate")
+    held = held_commits(monkeypatch)
+    grant = {"categories": ["marketing"]}
+    async with running_gate(make_config(upstream, data_dir)) as g:
+        first = asyncio.ensure_future(g.http("PUT", "/v1/consent", json=grant, source="127.0.0.2"))
+        await asyncio.wait_for(held.arrived.wait(), 10)  # recorded; dnsgate has not heard yet
+        with locked(data_dir / "consent.sqlite3"):
+            assert (await g.http("PUT", "/v1/consent", json=grant, source="127.0.0.3"))[0] == 503
+            held.released.set()
+            assert (await first)[0] == 200
+            assert (await g.http("GET", "/healthz"))[1]["consent_store"] != "ok"
+            assert await metric(g, "dnsgate_consent_store_up") == 0
+            assert (await g.http("PUT", "/v1/consent", json=grant, source="127.0.0.4"))[0] == 503
+        assert (await g.http("PUT", "/v1/consent", json=grant, source="127.0.0.4"))[0] == 200
+        assert (await g.http("GET", "/healthz"))[1]["consent_store"] == "ok"
+    errors, back = outage_lines(caplog)
+    assert len(errors) == 1 and "consent store unavailable" in errors[0], errors
+    assert len(back) == 1, back
+
+
+async def test_a_failure_from_before_the_store_was_back_does_not_start_another_outage(
+        upstream: StubUpstream, data_dir: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change that failed while the store was locked, heard of after the store answered again: it
+    is answered 503, and the store stays reported as back (one outage, logged once)."""
+    caplog.set_level(logging.INFO, logger="dnsgate")
+    held = held_commits(monkeypatch)
+    grant = {"categories": ["marketing"]}
+    async with running_gate(make_config(upstream, data_dir)) as g:
+        with locked(data_dir / "consent.sqlite3"):
+            first = asyncio.ensure_future(g.http("PUT", "/v1/consent", json=grant, source="127.0.0.2"))
+            await asyncio.wait_for(held.arrived.wait(), 10)  # failed; dnsgate has not heard yet
+            assert (await g.http("PUT", "/v1/consent", json=grant, source="127.0.0.3"))[0] == 503
+        assert (await g.http("PUT", "/v1/consent", json=grant, source="127.0.0.4"))[0] == 200
+        held.released.set()
+        assert (await first)[0] == 503
+        assert (await g.http("GET", "/healthz"))[1]["consent_store"] == "ok"
+        assert await metric(g, "dnsgate_consent_store_up") == 1
+    errors, back = outage_lines(caplog)
+    assert len(errors) == 1 and "consent store unavailable" in errors[0], errors
+    assert len(back) == 1, back
