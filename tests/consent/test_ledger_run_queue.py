@@ -42,3 +42,41 @@ def test_the_run_queue_sees_a_thread_wait_for_a_cpu_another_process_holds() -> N
     # About two thirds of the second went to the rivals (its time on the CPU, the other figure
     # schedstat keeps, is the third left).
     assert 0.45 < waited < 1.1, waited
+
+
+def rivals_on(cpu: int, n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-c", BUSY], preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+            for _ in range(n)]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+def test_the_run_queue_sees_the_waits_of_another_process_and_counts_overlapping_waits_once() -> None:
+    """dnsgate run as a process: its threads' waits count (this thread sleeps meanwhile); then this
+    thread and that process both wait through the same second: counted once, not twice."""
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    server, *rivals = rivals_on(cpu, 3)  # ("server": busy, sharing the CPU with two rivals and this thread)
+    try:
+        with RunQueue(server.pid) as rq:
+            if rq._read() is None:
+                pytest.skip("no schedstat for this thread (a kernel without CONFIG_SCHED_INFO)")
+            time.sleep(0.3)
+            start = time.monotonic()
+            time.sleep(1.0)  # this thread waits for nothing: the server's waits alone
+            end = time.monotonic()
+            busy_end = end + 1.0
+            while time.monotonic() < busy_end:  # both this thread and the server wait now
+                pass
+            time.sleep(0.05)
+            alone = rq.between(start, end)
+            together = rq.between(end, busy_end)
+    finally:
+        for p in (server, *rivals):
+            p.kill()
+            p.wait()
+        os.sched_setaffinity(0, before)
+    # Three busy processes on one CPU: the server waits about two thirds of a second. With this
+    # thread busy too, each waits about three quarters of it; summed, they would pass 1.1 s.
+    assert 0.45 < alone < 1.1, alone
+    assert 0.45 < together < 1.1, together

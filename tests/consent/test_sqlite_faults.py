@@ -25,6 +25,7 @@ from tests.support.consent_fixtures import parse_jsonl
 from tests.support.consent_ledger import (
     GRANT,
     Ledger,
+    RunQueue,
     check_exact,
     check_log,
     check_safe,
@@ -40,7 +41,10 @@ pytestmark = pytest.mark.timeout(150)
 
 TOKEN = "fault-injection"
 CLIENTS = [f"127.0.0.{i}" for i in range(80, 90)]
-ANSWER_WITHIN = 2.5
+DEADLINE = 2.0  # a change's deadline with SQLite: every change is answered within it...
+# ...plus the test's client, once the time dnsgate's threads and this one waited for a CPU after the
+# deadline is taken off (`Ledger.late`: a loaded machine's delay, which no deadline can shorten).
+LATE = 0.5
 
 
 @dataclass
@@ -102,27 +106,29 @@ async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
     with small_disk(tmp_path / "data", "16m") as disk:
         proc = await start(upstream, disk.path)
         try:
-            disk.pid = proc.served.process.pid
-            await churn(ledger, [proc], 1.5)
-            await check_exact(ledger, [proc], within=1.0)
-            disk.fill()
-            before = ledger.statuses()
-            for _ in range(20):  # until the log's free pages are used up too
+            # (dnsgate's threads and this one: their waits for a CPU are the machine's delay)
+            with RunQueue(proc.served.process.pid) as ledger.run_queue:
+                disk.pid = proc.served.process.pid
+                await churn(ledger, [proc], 1.5)
+                await check_exact(ledger, [proc], within=1.0)
+                disk.fill()
+                before = ledger.statuses()
+                for _ in range(20):  # until the log's free pages are used up too
+                    await churn(ledger, [proc], 1.0)
+                    if (ledger.statuses() - before)[503] and (ledger.statuses() - before)[202]:
+                        break
+                during = ledger.statuses() - before
+                assert during[503] > 0 and during[202] > 0, during
+                assert ledger.late(DEADLINE) < LATE, ledger.summary(DEADLINE)
+                await check_safe(ledger, [proc])
+                health = await proc.health()
+                assert health["consent_store"] != "ok" and health["consent_withdrawals_held"] > 0
+                assert await resolves_normally(proc)  # DNS goes on
+                disk.free()
+                recovered = await eventually(proc.settled, 15.0, "the held withdrawals written")
                 await churn(ledger, [proc], 1.0)
-                if (ledger.statuses() - before)[503] and (ledger.statuses() - before)[202]:
-                    break
-            during = ledger.statuses() - before
-            assert during[503] > 0 and during[202] > 0, during
-            assert ledger.slowest() < ANSWER_WITHIN, ledger.summary()
-            await check_safe(ledger, [proc])
-            health = await proc.health()
-            assert health["consent_store"] != "ok" and health["consent_withdrawals_held"] > 0
-            assert await resolves_normally(proc)  # DNS goes on
-            disk.free()
-            recovered = await eventually(proc.settled, 15.0, "the held withdrawals written")
-            await churn(ledger, [proc], 1.0)
-            await check_exact(ledger, [proc], within=1.0)
-            check_log(ledger, await proc.export())
+                await check_exact(ledger, [proc], within=1.0)
+                check_log(ledger, await proc.export())
         finally:
             log = await proc.served.stop()
         assert sum("consent store unavailable" in line and "ERROR" in line for line in log) <= 3, log[-20:]
@@ -132,7 +138,8 @@ async def test_disk_full(upstream: StubUpstream, tmp_path: Path) -> None:
             check_log(ledger, await proc.export())
         finally:
             await proc.served.stop()
-    record("sqlite_disk_full" if disk.tmpfs else "sqlite_file_size_limit", ledger, during, recovered=recovered)
+    record("sqlite_disk_full" if disk.tmpfs else "sqlite_file_size_limit", ledger, during, recovered=recovered,
+           late=ledger.late(DEADLINE))
 
 
 async def resolves_normally(proc: Proc) -> bool:

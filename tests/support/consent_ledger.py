@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import json
 import os
@@ -54,17 +55,24 @@ class Answer:
 
 
 class RunQueue:
-    """How long one thread (the event loop's, where in-process instances answer) waited for a CPU
-    while it had work: Linux's run-queue time for it (/proc schedstat), sampled every few ms by a
-    thread of its own. It is the loaded machine's share of a late answer (other work on both cores),
-    which no deadline in dnsgate can shorten. Without schedstat it reads 0 (nothing is excused)."""
+    """How long the threads that answer waited for a CPU while they had work: Linux's run-queue time
+    (/proc schedstat), sampled every few ms by a thread of its own. Watched: the thread that makes it
+    (the event loop's, where in-process instances answer) and, with `pids`, every thread of those
+    processes (dnsgate run as a process: its event loop and its store's thread). It is the loaded
+    machine's share of a late answer (other work on both cores), which no deadline in dnsgate can
+    shorten. An answer passes from one thread to the next, so waits that overlap delay it once: each
+    interval between samples counts the most any one thread waited in it, not their sum. Without
+    schedstat it reads 0 (nothing is excused)."""
 
     EVERY = 0.005
 
-    def __init__(self) -> None:
+    def __init__(self, *pids: int) -> None:
         self.path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
+        self.pids = pids
         self.times: list[float] = []
         self.waited: list[float] = []  # seconds waited so far, at each of `times`
+        self._last: dict[str, float] = {}  # each thread's own figure at the sample before
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="run-queue", daemon=True)
 
@@ -76,35 +84,59 @@ class RunQueue:
         self._stop.set()
         self._thread.join(5)
 
-    def _read(self) -> float | None:
+    @staticmethod
+    def _waited(path: str) -> float | None:
         try:
-            with open(self.path, encoding="ascii") as f:
+            with open(path, encoding="ascii") as f:
                 return int(f.read().split()[1]) / 1e9
         except (OSError, IndexError, ValueError):
             return None
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            waited = self._read()
-            if waited is None:
-                return
+    def _read(self) -> float | None:
+        return self._waited(self.path)
+
+    def _paths(self) -> list[str]:
+        paths = [self.path]
+        for pid in self.pids:
+            with contextlib.suppress(OSError):  # (a process that has ended waits no more)
+                paths += [f"/proc/{pid}/task/{tid}/schedstat" for tid in os.listdir(f"/proc/{pid}/task")]
+        return paths
+
+    def _sample_once(self) -> bool:
+        with self._lock:
+            most = 0.0
+            for path in self._paths():
+                waited = self._waited(path)
+                if waited is None:
+                    if path == self.path:
+                        return False
+                    continue
+                before = self._last.get(path)
+                self._last[path] = waited
+                if before is not None:  # (a thread seen first now counts from the next interval)
+                    most = max(most, waited - before)
             self.times.append(time.monotonic())
-            self.waited.append(waited)
+            self.waited.append((self.waited[-1] if self.waited else 0.0) + most)
+            return True
+
+    def _sample(self) -> None:
+        while not self._stop.is_set() and self._sample_once():
             self._stop.wait(self.EVERY)
 
     def between(self, start: float, end: float | None = None) -> float:
-        """Seconds the thread waited for a CPU from `start` to `end` (time.monotonic; None: now): from
+        """Seconds the threads waited for a CPU from `start` to `end` (time.monotonic; None: now): from
         the last sample at or before `start` to the first at or after `end`; 0 if either is missing."""
-        times = self.times[:]  # (the sampler appends meanwhile)
+        if end is None and not self._sample_once():
+            return 0.0
+        with self._lock:
+            times, waited = self.times[:], self.waited[:]  # (the sampler appends meanwhile)
         i = bisect.bisect_right(times, start) - 1
         if i < 0:
             return 0.0
-        if end is None:
-            last = self._read()
-        else:
-            j = bisect.bisect_left(times, end)
-            last = self.waited[j] if j < len(times) else None
-        return 0.0 if last is None else max(0.0, last - self.waited[i])
+        j = len(times) - 1 if end is None else bisect.bisect_left(times, end)
+        if j >= len(times):
+            return 0.0
+        return max(0.0, waited[j] - waited[i])
 
 
 @dataclass
