@@ -43,6 +43,7 @@ from dnsgate.http.guard import (
     error_response,
     host_guard,
     html_error,
+    json_response,
     local_address,
     security_headers,
     store_error_response,
@@ -575,7 +576,7 @@ def time_param(request: web.Request, name: str) -> float | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", **request.app[HEALTH]()})
+    return json_response({"status": "ok", **request.app[HEALTH]()})
 
 
 async def vendors(request: web.Request) -> web.Response:
@@ -587,7 +588,7 @@ async def vendors(request: web.Request) -> web.Response:
     language = request.query.get("lang", request.app[CONSENT].shown.default_language).strip().lower()
     if not LANGUAGE_TAG.fullmatch(language):
         raise ApiError(400, "invalid_field", f"not a language tag: {language!r} (e.g. 'de')", "lang")
-    return web.json_response({
+    return json_response({
         "version": catalog.version,
         "language": language,
         "categories": [category_json(c.in_language(language)) for c in catalog.categories],
@@ -615,7 +616,7 @@ async def notice(request: web.Request) -> web.Response:
     """Everything a person is told before choosing, as hashed: a device that shows it sends back
     `version` and its language's `sha256` with the choice (else the choice records "not shown")."""
     shown = request.app[CONSENT].shown
-    return web.json_response({
+    return json_response({
         "catalog": shown.catalog_version, "version": shown.version, "default_language": shown.default_language,
         "operator": shown.operator.as_json() if shown.operator.named else None,
         # per language: what its hash covers besides the operator and the items' fingerprints in it
@@ -635,7 +636,7 @@ async def get_own(request: web.Request) -> web.Response:
     control = request.app[CONSENT]
     c = the_caller(request)
     assert c.address is not None
-    return web.json_response({**view_json(control.view(c.address)), "sec_gpc": c.sec_gpc})
+    return json_response({**view_json(control.view(c.address)), "sec_gpc": c.sec_gpc})
 
 
 async def put_own(request: web.Request) -> web.Response:
@@ -678,7 +679,7 @@ async def whoami(request: web.Request) -> web.Response:
     if paired is not None:
         address, _, mac = paired.dns_key.partition(KEY_SEPARATOR)
         dns = {"address": address, "mac": mac or control.mac_of(address), "paired_at": iso(paired.at)}
-    return web.json_response({
+    return json_response({
         "http": {"address": c.address, "mac": c.mac}, "dns": dns, "profile": view_json(view)["profile"],
     })
 
@@ -695,8 +696,8 @@ def state_response(body: dict[str, Any], view: ClientView) -> web.Response:
     """The new state after a change: 200 once recorded, 202 for a refusal in force here that the
     store has not recorded yet (`held` says why and what happens next)."""
     if view.held:
-        return web.json_response({**body, "held": view.held}, status=202)
-    return web.json_response(body)
+        return json_response({**body, "held": view.held}, status=202)
+    return json_response(body)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -705,7 +706,7 @@ def state_response(body: dict[str, Any], view: ClientView) -> web.Response:
 
 async def list_clients(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response({"clients": [view_json(v) for v in request.app[CONSENT].views()]})
+    return json_response({"clients": [view_json(v) for v in request.app[CONSENT].views()]})
 
 
 def _subject_view(control: ConsentControl, subject: Subject) -> ClientView:
@@ -716,7 +717,7 @@ def _subject_view(control: ConsentControl, subject: Subject) -> ClientView:
 
 async def get_client(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response(view_json(_subject_view(request.app[CONSENT], path_subject(request))))
+    return json_response(view_json(_subject_view(request.app[CONSENT], path_subject(request))))
 
 
 async def put_client(request: web.Request) -> web.Response:
@@ -740,7 +741,7 @@ async def end_client_session(request: web.Request) -> web.Response:
     subject = path_subject(request)
     await json_body(request, optional=True)
     view = await request.app[CONSENT].end_session(subject, admin_caller(request), "reset by an admin")
-    return web.json_response(view_json(view))
+    return json_response(view_json(view))
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -753,7 +754,7 @@ async def audit(request: web.Request) -> web.Response:
     if not 1 <= limit <= 10_000:
         raise ApiError(400, "invalid_field", "limit must be 1..10000", "limit")
     events = await request.app[CONSENT].events(address or mac, limit)
-    return web.json_response({"events": [_audit_json(e) for e in events]})
+    return json_response({"events": [_audit_json(e) for e in events]})
 
 
 def _audit_json(e: Event) -> dict[str, Any]:
@@ -819,7 +820,7 @@ async def explain(request: web.Request) -> web.Response:
         x = request.app[CONSENT].explain(name, address, mac)
     except ValueError as exc:
         raise ApiError(400, "invalid_field", f"not a domain name: {name!r} ({exc})", "name") from None
-    return web.json_response(explanation_json(x))
+    return json_response(explanation_json(x))
 
 
 def _rules(request: web.Request) -> RulesControl:
@@ -834,7 +835,7 @@ def _rules_response(report: RulesReport) -> web.Response:
         return error_response(422, "reload_rejected", report.error or "rejected")
     body = report.as_json()
     body["lists"] = [_list_json(s) for s in body.get("lists", [])]
-    return web.json_response(body)
+    return json_response(body)
 
 
 def _list_json(status: Mapping[str, Any]) -> dict[str, Any]:
@@ -858,9 +859,9 @@ async def acknowledge_loss(request: web.Request) -> web.Response:
     require_admin(request)
     await json_body(request, optional=True)
     loss = request.app[CONSENT].acknowledge_loss()
-    return web.json_response({"acknowledged": None if loss is None else {"at": iso(loss.at), "what": loss.what}})
+    return json_response({"acknowledged": None if loss is None else {"at": iso(loss.at), "what": loss.what}})
 
 
 async def list_status(request: web.Request) -> web.Response:
     require_admin(request)
-    return web.json_response({"lists": [_list_json(s) for s in _rules(request).status()]})
+    return json_response({"lists": [_list_json(s) for s in _rules(request).status()]})

@@ -12,12 +12,13 @@ import hashlib
 import hmac
 import html
 import ipaddress
+import json
 import logging
 import math
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -44,12 +45,24 @@ HOSTS_MEMO: Final = 1024  # Host headers whose verdict is remembered
 WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}  # a listener on every address (of one family; "::" takes both)
 
 
+# Every JSON answer is encoded by one encoder, made once (json.dumps makes one per call), without the
+# check for cycles: an answer is a tree of dicts and lists built for it.
+_encode: Final = json.JSONEncoder(check_circular=False).encode
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None,
+                  content_type: str = "application/json") -> web.Response:
+    """`data` as JSON (UTF-8): the body handed over as bytes, as aiohttp's own json_response would send it."""
+    return web.Response(body=_encode(data).encode(), status=status, headers=headers, content_type=content_type,
+                        charset="utf-8")
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
     """The API's one error shape: {"error": {"status", "code", "message", "field"?}}."""
     body: dict[str, Any] = {"status": status, "code": code, "message": message}
     if field is not None:
         body["field"] = field
-    return web.json_response({"error": body}, status=status)
+    return json_response({"error": body}, status=status)
 
 
 def html_error(status: int, title: str, message: str) -> web.Response:
@@ -201,7 +214,7 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
 def store_error_response(exc: StoreError) -> web.Response:
     """503: nothing changed; or, for a choice whose refusals hold (`RefusalsHeld`), nothing it grants."""
     if isinstance(exc, RefusalsHeld):
-        return web.json_response({"error": {
+        return json_response({"error": {
             "status": 503, "code": "consent_store_unavailable",
             "message": f"consent cannot be recorded right now ({exc}); nothing this choice grants was changed, "
                        "what it refuses is in force at once (see held)"}, "held": exc.held}, status=503)

@@ -51,7 +51,12 @@ class ApiConnection(asyncio.Protocol):
         self.last_active = 0.0
         self.admitted = False
         self.requests = 0  # being answered (a keep-alive connection may pipeline)
+        # When the headers now due began to arrive (None: none due). The timer that checks them is
+        # left armed across requests and re-armed when it fires early, as aiohttp's keep-alive timer
+        # is: a request then costs no timer of its own.
+        self.headers_since: float | None = None
         self.header_timer: asyncio.TimerHandle | None = None
+        self.loop = asyncio.get_running_loop()
 
     @property
     def busy(self) -> bool:
@@ -61,7 +66,7 @@ class ApiConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = normalize_client(peer[0]) if peer else "unknown"
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self.loop.time()
         if not self.listeners.table.admit(self):
             self.transport.abort()
             return
@@ -72,9 +77,11 @@ class ApiConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.admitted:
             return
-        if not self.requests and self.header_timer is None:  # a new request begins: its headers are due
-            self.header_timer = asyncio.get_running_loop().call_later(
-                self.listeners.limits.header_timeout, self._too_slow, "slow_headers")
+        if not self.requests and self.headers_since is None:  # a new request begins: its headers are due
+            self.headers_since = self.loop.time()
+            if self.header_timer is None:
+                self.header_timer = self.loop.call_at(self.headers_since + self.listeners.limits.header_timeout,
+                                                      self._check_headers)
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -98,22 +105,29 @@ class ApiConnection(asyncio.Protocol):
 
     def request_started(self) -> None:
         """Its headers are in: the handler runs (the `deadlines` middleware says so)."""
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
+        self.headers_since = None
         self.requests += 1
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self.loop.time()
 
     def request_done(self) -> None:
         self.requests -= 1
-        self.last_active = asyncio.get_running_loop().time()
+        self.last_active = self.loop.time()
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
 
-    def _too_slow(self, why: str) -> None:
+    def _check_headers(self) -> None:
         self.header_timer = None
+        if self.headers_since is None:  # no headers due now
+            return
+        due = self.headers_since + self.listeners.limits.header_timeout
+        if self.loop.time() < due:  # armed for an earlier request's: wait for this one's deadline
+            self.header_timer = self.loop.call_at(due, self._check_headers)
+            return
+        self._too_slow("slow_headers")
+
+    def _too_slow(self, why: str) -> None:
         self.listeners.table.closed[why] += 1
         log.debug("closing API connection from %s: %s", self.client, why)
         self.abort()
@@ -152,7 +166,9 @@ class ApiListeners:
                 return await handler(request)
             conn.request_started()
             try:
-                if request.body_exists:
+                if request.body_exists and request.content.is_eof():  # all here: reading it cannot wait
+                    await request.read()
+                elif request.body_exists:
                     try:
                         async with asyncio.timeout(limits.body_timeout):
                             await request.read()  # kept by the request: handlers read it from memory

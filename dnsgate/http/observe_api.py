@@ -40,7 +40,7 @@ from dnsgate.http.consent_api import (
     require_admin,
     require_admin_listener,
 )
-from dnsgate.http.guard import SESSION_COOKIE, SESSION_LIFETIME, ChangeLimiter, token_matches
+from dnsgate.http.guard import SESSION_COOKIE, SESSION_LIFETIME, ChangeLimiter, json_response, token_matches
 from dnsgate.observe.dashboard import Sampler
 from dnsgate.observe.events import STREAM_ACTIONS, EventHub, iso
 from dnsgate.observe.metrics import CONTENT_TYPE, exposition
@@ -187,7 +187,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[OBSERVE].sampler.stats())
+    return json_response(request.app[OBSERVE].sampler.stats())
 
 
 async def queries(request: web.Request) -> web.Response:
@@ -199,7 +199,7 @@ async def queries(request: web.Request) -> web.Response:
     if order not in ("newest", "oldest"):
         raise ApiError(400, "invalid_field", "order must be newest or oldest", "order")
     rows = await o.querylog.entries(filters, _limit(request, 100), newest_first=order == "newest")
-    return web.json_response({"mode": o.querylog.mode, "entries": [entry_json(r) for r in rows]})
+    return json_response({"mode": o.querylog.mode, "entries": [entry_json(r) for r in rows]})
 
 
 def _window(request: web.Request, now: float, default_since: str) -> tuple[float, float]:
@@ -259,7 +259,7 @@ async def top(request: web.Request) -> web.Response:
             bucket = changes.setdefault(int((event.at - since) // step), {})
             action = STREAM_ACTIONS.get(event.action, event.action)
             bucket[action] = bucket.get(action, 0) + 1
-    return web.json_response({
+    return json_response({
         "mode": o.querylog.mode, "since": iso(since), "until": iso(until), "step": step, "kinds": list(KINDS),
         "names": names, "gated_names": gated, "clients": clients,
         "timeline": [{**row, "t": iso(row["t"])} for row in timeline],
@@ -297,7 +297,7 @@ async def report(request: web.Request) -> web.Response:
                         detail_limit=_limit(request, 1000))
     if fmt == "junit":
         return web.Response(text=junit(body), content_type="application/xml")
-    return web.json_response(body)
+    return json_response(body)
 
 
 async def events(request: web.Request) -> web.StreamResponse:

@@ -38,6 +38,7 @@ from dnsgate.http.consent_api import (
     decision_json,
     the_caller,
 )
+from dnsgate.http.guard import json_response
 from dnsgate.http.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ async def status(request: web.Request) -> web.Response:
         "vendors": {v.id: _brief(decision_json(d, view)) for v, d in view.decisions},
         "portal_url": settings.url,
     }
-    return web.json_response(body, headers={**_cors(request), "Cache-Control": "no-store"})
+    return json_response(body, headers={**_cors(request), "Cache-Control": "no-store"})
 
 
 def _brief(decision: dict[str, Any]) -> dict[str, Any]:
@@ -273,12 +274,12 @@ async def captive(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "the captive-portal API is off (portal.captive = false)")
     view = request.app[CONSENT].view(caller_address(request))
     held = view.choice is None and view.profile not in ("deny", "allow")
-    return web.json_response({"captive": held, "user-portal-url": settings.url}, content_type=CAPTIVE_JSON,
-                             headers={"Cache-Control": "private, no-store"})
+    return json_response({"captive": held, "user-portal-url": settings.url}, content_type=CAPTIVE_JSON,
+                         headers={"Cache-Control": "private, no-store"})
 
 
 async def openapi(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]()
     document = openapi_document(tuple(c.id for c in catalog.categories), tuple(v.id for v in catalog.vendors),
                                 tuple(request.app[CONSENT].notice.texts), request.app[SETTINGS].max_days)
-    return web.json_response(document, headers={"Cache-Control": "no-cache"})
+    return json_response(document, headers={"Cache-Control": "no-cache"})
