@@ -39,15 +39,14 @@ from dnsgate.http.guard import (
     Boundaries,
     ChangeLimiter,
     bearer,
-    consent_rate_limit,
     error_response,
     host_guard,
     html_error,
     json_response,
     local_address,
+    rate_limited,
     security_headers,
     store_error_response,
-    store_unavailable,
     token_matches,
 )
 from dnsgate.rules.catalog import LANGUAGE_TAG, Catalog, Category
@@ -126,7 +125,7 @@ def create_app(consent: ConsentControl, catalog: Callable[[], Catalog], settings
     limiter = ChangeLimiter(settings.consent_changes_per_minute)
     app = web.Application(client_max_size=settings.max_body, middlewares=[
         host_guard(settings.boundaries), errors_as_json, *([deadlines] if deadlines is not None else []),
-        store_unavailable, global_privacy_control, consent_rate_limit(limiter, is_admin), origin_guard])
+        global_privacy_control, state_changes(limiter)])
     app.on_response_prepare.append(security_headers)
     app[CONSENT] = consent
     app[CATALOG] = catalog
@@ -190,22 +189,33 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return response
 
 
-@web.middleware
-async def origin_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.method not in STATE_CHANGING:
-        return await handler(request)
-    origin = request.headers.get("Origin")
-    boundaries = request.app[SETTINGS].boundaries
-    if origin is not None and not boundaries.origin_allowed(origin):
-        raise ApiError(403, "origin_refused",
-                       f"Origin {origin!r} may not change consent; add it to api.allowed_origins")
-    response = await handler(request)
-    if origin is not None and boundaries.own_origin(origin):
-        # The portal records a choice through the device's address of the other family too (the
-        # page's origin is another of dnsgate's): it may read the answer, as its own.
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers.add("Vary", "Origin")
-    return response
+def state_changes(limiter: ChangeLimiter) -> Middleware:
+    """A state change is held to its caller's rate limit (an admin's token has none), then refused for a
+    browser `Origin` that is neither dnsgate's own nor allow-listed. One middleware for both: each one a
+    request passes through is a coroutine of its own on the event loop."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in STATE_CHANGING:
+            return await handler(request)
+        if request.remote is not None and not is_admin(request):
+            refused = rate_limited(limiter, request.remote)
+            if refused is not None:
+                return refused
+        origin = request.headers.get("Origin")
+        boundaries = request.app[SETTINGS].boundaries
+        if origin is not None and not boundaries.origin_allowed(origin):
+            raise ApiError(403, "origin_refused",
+                           f"Origin {origin!r} may not change consent; add it to api.allowed_origins")
+        response = await handler(request)
+        if origin is not None and boundaries.own_origin(origin):
+            # The portal records a choice through the device's address of the other family too (the
+            # page's origin is another of dnsgate's): it may read the answer, as its own.
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+        return response
+
+    return middleware
 
 
 async def own_preflight(request: web.Request) -> web.Response:
@@ -389,10 +399,13 @@ def admin_caller(request: web.Request) -> Caller:
 
 def sec_gpc(request: web.Request) -> str | None:
     """The Sec-GPC value: "1" if any copy of the header says 1 (GPC spec), else what was sent."""
-    values = [v.strip() for v in request.headers.getall("Sec-GPC", [])]
+    sent = request.headers.getall("Sec-GPC", ())
+    if not sent:
+        return None
+    values = [v.strip() for v in sent]
     if "1" in values:
         return "1"
-    return values[0][:16] if values else None
+    return values[0][:16]
 
 
 def require_admin(request: web.Request) -> None:

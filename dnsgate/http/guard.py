@@ -31,7 +31,6 @@ from dnsgate.consent.records import RefusalsHeld, StoreError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-STATE_CHANGING: Final = frozenset({"PUT", "POST", "DELETE", "PATCH"})
 # Pages that set their own policy (dashboard, portal) keep it; everything else may load nothing.
 DEFAULT_CSP: Final = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 SECURITY_HEADERS: Final = {
@@ -185,30 +184,15 @@ class ChangeLimiter:
         return 0.0
 
 
-def consent_rate_limit(limiter: ChangeLimiter, is_admin: Callable[[web.Request], bool]) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method in STATE_CHANGING and request.remote is not None and not is_admin(request):
-            wait = limiter.take(request.remote)
-            if wait:
-                response = error_response(429, "rate_limited", "too many consent changes from this address; "
-                                          f"try again in {math.ceil(wait)} s")
-                response.headers["Retry-After"] = str(math.ceil(wait))
-                return response
-        return await handler(request)
-
-    return middleware
-
-
-@web.middleware
-async def store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A consent change or log read that the store cannot serve: 503, and nothing changed."""
-    try:
-        return await handler(request)
-    except StoreError as exc:
-        # (the outage itself is logged once, as an error, by the consent service)
-        log.debug("consent store unavailable: %s %s answered 503: %s", request.method, request.path, exc)
-        return store_error_response(exc)
+def rate_limited(limiter: ChangeLimiter, address: str) -> web.Response | None:
+    """429 for a consent change from `address` over its rate limit; None (a token used) when within it."""
+    wait = limiter.take(address)
+    if not wait:
+        return None
+    response = error_response(429, "rate_limited", "too many consent changes from this address; "
+                              f"try again in {math.ceil(wait)} s")
+    response.headers["Retry-After"] = str(math.ceil(wait))
+    return response
 
 
 def store_error_response(exc: StoreError) -> web.Response:
