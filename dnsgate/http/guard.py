@@ -7,6 +7,7 @@ consent store is unavailable.
 
 from __future__ import annotations
 
+import _json
 import functools
 import hashlib
 import hmac
@@ -44,16 +45,18 @@ HOSTS_MEMO: Final = 1024  # Host headers whose verdict is remembered
 WILDCARDS: Final = {"0.0.0.0": 4, "::": 6}  # a listener on every address (of one family; "::" takes both)
 
 
-# Every JSON answer is encoded by one encoder, made once (json.dumps makes one per call), without the
-# check for cycles: an answer is a tree of dicts and lists built for it.
-_encode: Final = json.JSONEncoder(check_circular=False).encode
+# Every JSON answer is encoded by one encoder, made once (json.dumps makes one per call): json.dumps's own
+# C encoder with its defaults, without the check for cycles (an answer is a tree of dicts and lists built
+# for it).
+_encoder: Final = _json.make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None,
+                                     ": ", ", ", False, False, True)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None,
                   content_type: str = "application/json") -> web.Response:
     """`data` as JSON (UTF-8): the body handed over as bytes, as aiohttp's own json_response would send it."""
-    return web.Response(body=_encode(data).encode(), status=status, headers=headers, content_type=content_type,
-                        charset="utf-8")
+    return web.Response(body="".join(_encoder(data, 0)).encode(), status=status, headers=headers,
+                        content_type=content_type, charset="utf-8")
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:

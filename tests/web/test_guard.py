@@ -4,6 +4,7 @@ consent changes per client."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dnsgate.http.guard import AdminSessions, ChangeLimiter, token_matches
+from dnsgate.http.guard import AdminSessions, ChangeLimiter, json_response, token_matches
 from tests.conftest import TOKEN, Gate, make_config, running_gate
 from tests.support.stub_upstream import StubUpstream
 
@@ -239,3 +240,16 @@ def test_sessions_end_when_idle_at_their_lifetime_at_logout_and_stay_bounded() -
     assert not sessions.check(c)
     ids = [sessions.start() for _ in range(5)]
     assert len(sessions) == 3 and not sessions.check(ids[0]) and sessions.check(ids[-1])
+
+
+@pytest.mark.parametrize("data", [
+    {"a": [1, 2.5, None, True, False], "b": {"c": "x"}, "é": "\u2028 \"quoted\" \\ \n"},
+    {"nan": float("nan"), "inf": float("-inf"), "big": 10**30, "nested": [[{}], []]},
+    {1: "int key", None: "null key", 2.5: "float key"},
+    [], "text", 0,
+])
+def test_json_answers_are_what_json_dumps_makes(data: Any) -> None:
+    """The encoder kept for every answer writes the same bytes as json.dumps with its defaults."""
+    response = json_response(data, status=201)
+    assert response.body == json.dumps(data).encode()
+    assert response.status == 201 and response.content_type == "application/json" and response.charset == "utf-8"
