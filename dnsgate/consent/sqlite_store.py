@@ -384,11 +384,12 @@ class ConsentStore:
         if step.only_if_current is not None and not self._current(step.only_if_current):
             return None
         e = step.event
-        event_id = self._insert("events", _event_row(e))
+        row = _event_row(e)
+        event_id = self._insert("events", row)
         for ended in step.ends:
             self.db.conn.execute("DELETE FROM choices WHERE id = ?", [ended])
         if step.makes_choice:
-            self._insert("choices", _choice_row(e.as_choice(event_id)))
+            self._insert("choices", _choice_row_of(e, event_id, row))
         if step.pairing is not None:
             self.db.table("pairings").insert({"http": step.pairing[0], "dns": step.pairing[1], "at": e.at},
                                              replace=True)
@@ -403,13 +404,18 @@ class ConsentStore:
     def _insert(self, table: str, row: dict[str, Any]) -> int:
         """INSERT one row; the rowid. sqlite-utils' Table.insert inspects the schema on every call
         (about a dozen statements, 4x the CPU of the insert itself), too much for every consent
-        change; the columns here are the schema's own (migrations own the schema)."""
-        sql = self._inserts.get((table, tuple(row)))
+        change; the columns here are the schema's own (migrations own the schema).
+
+        Columns that are None are left out (the table has no defaults: they are NULL all the same):
+        sqlite3 binds a None only after looking for an adapter, two failed attribute lookups that
+        each format an AttributeError, a seventh of a change's instructions on the store's thread."""
+        values = [v for v in row.values() if v is not None]
+        key = (table, tuple(c for c, v in row.items() if v is not None))
+        sql = self._inserts.get(key)
         if sql is None:
-            columns = ", ".join(f"[{c}]" for c in row)
-            sql = self._inserts[(table, tuple(row))] = (
-                f"INSERT INTO [{table}] ({columns}) VALUES ({', '.join('?' * len(row))})")
-        rowid = self.db.conn.execute(sql, list(row.values())).lastrowid
+            columns = ", ".join(f"[{c}]" for c in key[1])
+            sql = self._inserts[key] = f"INSERT INTO [{table}] ({columns}) VALUES ({', '.join('?' * len(values))})"
+        rowid = self.db.conn.execute(sql, values).lastrowid
         assert isinstance(rowid, int)
         return rowid
 
@@ -541,8 +547,11 @@ def _event_row(e: Event) -> dict[str, Any]:
     return row
 
 
+_COMPACT: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # (json.dumps would make one a call)
+
+
 def _json_or_none(value: Mapping[str, str] | None) -> str | None:
-    return None if value is None else json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+    return None if value is None else _COMPACT.encode(dict(value))
 
 
 def _json_map(raw: str | None) -> dict[str, str] | None:
@@ -587,6 +596,21 @@ def _choice_row(c: Choice) -> dict[str, Any]:
         "notice_sha256": n.sha256 if n else None, "language": c.language or None,
         "channel": c.channel, "profile": c.profile, "sec_gpc": c.sec_gpc,
         "items": _json_or_none(c.items), "terms": c.terms or None, "gpc_seen_at": c.gpc_seen_at,
+    }
+
+
+def _choice_row_of(e: Event, event_id: int, event_row: Mapping[str, Any]) -> dict[str, Any]:
+    """`_choice_row(e.as_choice(event_id))`, taking what the event's row has encoded already."""
+    assert e.expires_at is not None
+    s = e.subject
+    return {
+        "id": event_id, "address": s.address, "mac": s.mac, "network": s.network,
+        "categories": json.dumps(dict(e.categories)), "vendors": json.dumps(dict(e.vendors)),
+        "made_at": e.at, "expires_at": e.expires_at, "notice_catalog": event_row["notice_catalog"],
+        "notice_version": event_row["notice_version"], "notice_sha256": event_row["notice_sha256"],
+        "language": e.language or (e.notice.language if e.notice else "") or None,
+        "channel": e.channel, "profile": e.profile, "sec_gpc": e.sec_gpc,
+        "items": event_row["items"], "terms": e.terms or None, "gpc_seen_at": e.gpc_seen_at,
     }
 
 
