@@ -285,7 +285,7 @@ class ConsentStore:
                     ids.append(self._apply(step))
                 if abandon is not None:
                     abandon.commit_point()
-                conn.execute("COMMIT")
+                conn.commit()  # (the COMMIT in one call: no cursor, one release of the GIL instead of five)
             except BaseException:
                 if conn.in_transaction:  # (a trigger's RAISE(ROLLBACK) or a failed COMMIT may have ended it)
                     conn.execute("ROLLBACK")
@@ -352,7 +352,7 @@ class ConsentStore:
                 applied.append(i)
             if live and not broken:
                 try:
-                    conn.execute("COMMIT")
+                    conn.commit()
                     self.commits += 1
                     self.changes_committed += len(applied)
                 except sqlite3.Error:
