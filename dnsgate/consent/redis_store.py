@@ -619,11 +619,13 @@ class RedisBackend:
         while True:
             stop_if_cancelled()
             try:
-                if not self._loaded:
+                reloaded = not self._loaded
+                if reloaded:
                     sink.replace_all(await self.load())
                 elif problem:
                     await self._resume(sink)
-                if problem:
+                # (after any reload too: the lease may have cut this instance off while no read failed)
+                if problem or reloaded:
                     problem = ""
                     sink.store_health("")
                     wait = RETRY_MIN

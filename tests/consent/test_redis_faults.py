@@ -524,3 +524,32 @@ async def test_a_change_left_little_time_by_the_changes_before_it_is_not_an_outa
         assert len(asked) == 2, asked  # (the second did ask Redis: it was not refused as busy)
         assert (await live.health())["consent_store"] == "ok"
     assert outage_lines(caplog) == []
+
+
+async def test_an_instance_cut_off_by_its_lease_though_no_read_failed_is_back_once_reloaded(
+        upstream: StubUpstream, tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follower's read comes back after more than the lease without failing (a loop or a Redis
+    stalled that long): the instance holds closed meanwhile, as promised; once the follower has
+    loaded the whole state again the store is back on /healthz, not reported unavailable for good."""
+    real = RedisBackend._read_on
+    stalls = [True]
+
+    async def read_on(store: RedisBackend) -> list[Any]:
+        found = await real(store)
+        if stalls and stalls.pop():
+            await asyncio.sleep(store.lease + 1.0)
+        return found
+
+    cfg = consent_config(with_store(make_config(upstream, tmp_path / "a"), redis_server.url))
+    async with running_gate(cfg) as gate:
+        live = Live(gate)
+        assert (await live.change(CLIENTS[0], True))[0] == 200
+        monkeypatch.setattr(RedisBackend, "_read_on", read_on)
+        await eventually(lambda: unavailable(live), 10.0, "the lease's cut-off")
+        assert not await live.allowed(CLIENTS[0])  # held closed: changes elsewhere may be unknown
+        await eventually(live.settled, 10.0, "back once reloaded")
+        assert await live.allowed(CLIENTS[0])
+
+
+async def unavailable(live: Live) -> bool:
+    return not await live.store_ok_or_lost()
