@@ -20,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Final, TypeVar
 
 import sqlite_utils
@@ -35,6 +37,7 @@ from dnsgate.consent.model import Choice, NoticeRef, Subject
 from dnsgate.consent.records import Event, EventFilter, Step, StoreError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 SQLITE_FILE: Final = "consent.sqlite3"  # in the data dir
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT: Final = 2.0
@@ -629,6 +632,54 @@ def _choice(r: Mapping[str, Any]) -> Choice:
 event_row, event_from_row, choice_row, choice_from_row = _event_row, _event, _choice_row, _choice
 
 
+class StoreThread(Executor):
+    """The store's one thread: runs what it is handed, in order. A change's flush is handed over bare
+    (`post`); ThreadPoolExecutor would wrap it in a Future nobody waits for and count its idle
+    threads, bookkeeping that runs for every change on the core the DNS loop shares."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: SimpleQueue[Callable[[], object] | None] = SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def post(self, job: Callable[[], object]) -> None:
+        """Run `job` on the thread; what it raises is its own business (it answers its callers)."""
+        self._jobs.put(job)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("the store's thread is shut down")
+        future: Future[T] = Future()
+
+        def job() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+        self._jobs.put(job)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """After the jobs handed over before it."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+        if wait:
+            self._thread.join()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception:  # (a bug: its callers have heard of it already; the thread serves on)
+                log.exception("consent store: a job failed")
+
+
 class SqliteBackend:
     """`ConsentStore` (synchronous SQLite) behind the protocol: every call runs on one worker
     thread, so SQLite is never touched from the event loop and writes are serialized.
@@ -645,7 +696,7 @@ class SqliteBackend:
     def __init__(self, store: ConsentStore) -> None:
         self.store = store
         self.name = f"sqlite:{store.path}"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dnsgate-store")
+        self._executor = StoreThread("dnsgate-store")
         # Changes whose deadline passed while their transaction was committing: their outcome.
         self._doubtful: dict[str, Future[list[int | None]]] = {}
         self._queue: list[tuple[Sequence[Step], Abandon, Future[list[int | None]]]] = []
@@ -683,7 +734,7 @@ class SqliteBackend:
             self._queue.append((steps, abandon, future))
             submit, self._flush_due = not self._flush_due, True
         if submit:
-            self._executor.submit(self._flush)
+            self._executor.post(self._flush)
         try:
             return Recorded(await asyncio.wait_for(asyncio.wrap_future(future), deadline - time.monotonic()))
         except TimeoutError:
