@@ -468,8 +468,8 @@ class TableCopy:
 class ConsentTable:
     """Every choice in force, indexed by device, address and network, and the per-client memo."""
 
-    __slots__ = ("_index", "_kiosk_owners", "_memo_by_address", "_memo_by_mac", "kiosk_idle", "kiosk_links",
-                 "kiosk_seen", "neighbours", "notice", "profiles", "states", "vendors")
+    __slots__ = ("_index", "_kiosk_owners", "_memo_by_address", "_memo_by_mac", "_viewed", "kiosk_idle",
+                 "kiosk_links", "kiosk_seen", "neighbours", "notice", "profiles", "states", "vendors")
 
     def __init__(self, vendors: Iterable[Vendor] = (), profiles: ProfileMap | None = None,
                  notice: CurrentNotice | None = None, kiosk_idle: float = 900.0) -> None:
@@ -497,6 +497,10 @@ class ConsentTable:
         # the reverse: their queries keep its session in use, as its own do.
         self.kiosk_links: dict[str, tuple[str, ...]] = {}
         self._kiosk_owners: dict[str, tuple[str, ...]] = {}
+        # The last resolution made for a view of an address (not a kiosk's), until anything is
+        # forgotten: a change's answer shows the client's view, and the client's next query needs
+        # the same resolution (`_state`).
+        self._viewed: tuple[Resolution, float] | None = None  # and when it was made
 
     # -- the hot path --------------------------------------------------------------------------
     def blocked(self, client: str, vendor: Vendor, now: float) -> Verdict:
@@ -564,13 +568,20 @@ class ConsentTable:
         """`resolve` without what only explains it (notes, reasons, every vendor decided at once): the
         choice that applies and until when; each vendor is decided when first asked (`blocked`)."""
         address, _, mac = client.partition(KEY_SEPARATOR)
-        profile = self.profiles.of(address)[0]
-        device = mac or self.neighbours.get(address)
-        _, applied, until = self._applicable(address, device, profile, now, client, [])
+        viewed, at = self._viewed or (None, 0.0)
+        if viewed is not None and viewed.address == client and at <= now < viewed.until:
+            # (nothing forgotten since, made before `now` and its time limit not reached: the same)
+            profile, device, applied, until = viewed.profile, viewed.mac, viewed.applied, viewed.until
+            verdicts = {v: d.verdict for v, d in viewed.decisions}
+        else:
+            profile = self.profiles.of(address)[0]
+            device = mac or self.neighbours.get(address)
+            _, applied, until = self._applicable(address, device, profile, now, client, [])
+            verdicts = {}
         memo = self.states
         if len(memo) >= MEMO_LIMIT or len(self._memo_by_address) >= MEMO_LIMIT or len(self._memo_by_mac) >= MEMO_LIMIT:
             self._forget_all()  # a flood of addresses (or MACs) must not grow memory without bound
-        state = memo[client] = ClientState({}, until, profile, applied)
+        state = memo[client] = ClientState(verdicts, until, profile, applied)
         for by, key in ((self._memo_by_address, address), (self._memo_by_mac, device)):
             if key is not None:
                 keys = by.get(key, ())
@@ -619,8 +630,11 @@ class ConsentTable:
         notes: list[str] = []
         choice, applied, until = self._applicable(address, mac, profile, now, key, notes)
         decisions = tuple((v, decide(v, profile, applied, self.notice)) for v in self.vendors)
-        return Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
-                          tuple(notes), decisions, until, applied)
+        r = Resolution(address, mac, mac_source, profile, network, self.profiles.why(address), choice,
+                       tuple(notes), decisions, until, applied)
+        if mac_source != "trusted forwarder (EDNS)" and profile != "kiosk":  # (a kiosk's depends on the key)
+            self._viewed = r, now  # the state of client key `address`, as `_state` would find it
+        return r
 
     def _applicable(self, address: str, mac: str | None, profile: Profile, now: float, key: str | None,
                     notes: list[str]) -> tuple[Choice | None, Choice | None, float]:
@@ -759,7 +773,9 @@ class ConsentTable:
         # Another device's choice made at this address stays: it follows that device's MAC.
         if c is not None and (c.subject.mac is None or c.subject.mac == subject.mac) and c not in found:
             found.append(c)
-        return sorted(found, key=lambda c: c.made_at, reverse=True)
+        if len(found) > 1:
+            found.sort(key=lambda c: c.made_at, reverse=True)
+        return found
 
     def personal_choices(self, address: str, mac: str | None) -> list[Choice]:
         """The device's and the address's own choices (not a network's) that apply to this client."""
@@ -880,6 +896,7 @@ class ConsentTable:
 
     def _forget(self, subject: Subject) -> None:
         """Forget the memo of every client key a choice of `subject` can apply to."""
+        self._viewed = None
         if subject.network is not None:  # rare (an admin's): the network may hold any number of clients
             self._forget_all()
             return
@@ -890,6 +907,7 @@ class ConsentTable:
                     memo.pop(client, None)
 
     def _forget_all(self) -> None:
+        self._viewed = None
         self.states.clear()
         self._memo_by_address.clear()
         self._memo_by_mac.clear()

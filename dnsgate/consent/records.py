@@ -60,10 +60,11 @@ class Event:
 
     def as_choice(self, event_id: int) -> Choice:
         assert self.expires_at is not None
-        return Choice(event_id, self.subject, dict(self.categories), dict(self.vendors), self.at, self.expires_at,
+        # (no copies of the mappings: a Choice keeps one shared copy of each content)
+        return Choice(event_id, self.subject, self.categories, self.vendors, self.at, self.expires_at,
                       self.notice, self.channel, self.profile, self.sec_gpc,
-                      self.language or (self.notice.language if self.notice else ""),
-                      None if self.items is None else dict(self.items), self.terms, self.gpc_seen_at)
+                      self.language or (self.notice.language if self.notice else ""), self.items, self.terms,
+                      self.gpc_seen_at)
 
 
 @dataclass(frozen=True, slots=True)
