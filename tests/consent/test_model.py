@@ -400,3 +400,25 @@ def test_timestamps_format_as_datetime_does(ts: float) -> None:
     as_datetime = dt.datetime.fromtimestamp(ts, dt.UTC)
     assert consent_log.iso(ts) == as_datetime.isoformat(timespec="seconds").replace("+00:00", "Z")
     assert events.iso(ts) == as_datetime.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_the_state_a_view_leaves_for_the_next_query_is_the_one_a_lookup_finds() -> None:
+    """A change's answer shows the client's view, and its next query takes the client's state from
+    that resolution: only while it is the one a lookup of its own would find."""
+    t = table()
+    t.put(choice(network="10.0.0.0/24", expires_at=NOW + 100))
+    t.put(choice("10.0.0.9", categories={"marketing": False}, expires_at=NOW + 10))
+    t.resolve("10.0.0.9", None, NOW)
+    assert not t.allows("10.0.0.9", AC, NOW + 5)
+    t.resolve("10.0.0.9", None, NOW)
+    assert t.allows("10.0.0.9", AC, NOW + 10)  # its own refusal expired since the view: the network's grant
+    t.put(choice("10.0.0.8", categories={"marketing": False}, expires_at=NOW + 10))
+    t.resolve("10.0.0.8", None, NOW + 50)
+    assert not t.allows("10.0.0.8", AC, NOW)  # asked at a time before the view's: its refusal applies then
+    t.resolve("10.0.0.8", None, NOW)
+    t.put(choice("10.0.0.8", categories={"marketing": True}))
+    assert t.allows("10.0.0.8", AC, NOW)  # a change after the view
+    t.put(choice(mac="cc:cc:cc:cc:cc:03", categories={"marketing": True}))
+    t.put(choice("10.0.0.7", categories={"marketing": False}))
+    assert t.resolve("10.0.0.7", "cc:cc:cc:cc:cc:03", NOW).decisions[0][1].allowed  # a forwarder's MAC: the device
+    assert not t.allows("10.0.0.7", AC, NOW)  # the address alone: its own refusal
