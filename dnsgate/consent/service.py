@@ -1344,6 +1344,8 @@ class ConsentService:
             item = self.shown.item(f"vendor:{vendor_id}")
             if item is not None:
                 items.setdefault(item.key, item.fingerprint)
+        if items == basis.items:
+            return basis  # (it names no vendor the basis does not cover: most choices)
         return _replace(basis, items=items)
 
     def _notice_ref(self, request: ChoiceRequest) -> NoticeRef | None:
