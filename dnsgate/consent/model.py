@@ -530,6 +530,8 @@ class ConsentTable:
         """The last query of the kiosk session `key` belongs to: the latest of all its identities (the
         kiosk's client keys, which share its subject key, and every key linked to it); None if none
         is tracked. Each process notes its own queries per key, so merging them stays a max."""
+        if not self.kiosk_seen:
+            return None  # (no kiosk session is tracked: every choice's plan asks)
         owners = {self._subject_key(key), *self._kiosk_owners.get(key, ())}
         return max(self._latest(owners).values(), default=None)
 

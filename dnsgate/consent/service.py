@@ -827,7 +827,8 @@ class ConsentService:
 
     async def _write_held(self, keys: Sequence[str], deadline: float) -> bool:
         """Record the held refusals of `keys` (under the lock); whether all of them are recorded now."""
-        await self._settle_doubts(deadline)  # (a refusal supersedes what the store holds, not a change in doubt)
+        if self._doubts:  # (a refusal supersedes what the store holds, not a change in doubt)
+            await self._settle_doubts(deadline)
         for _ in range(PLAN_ATTEMPTS):
             batch = [self._held[k] for k in keys if k in self._held]
             if not batch:
@@ -1493,7 +1494,8 @@ class ConsentService:
         fast (Busy: nothing was attempted) instead of queueing behind each other."""
         await self._acquire(deadline)
         try:
-            await self._drain(deadline)
+            if self._alongside:
+                await self._drain(deadline)
             yield
         finally:
             self._lock.release()
