@@ -23,7 +23,7 @@ from dnsgate.consent.notice import Notice
 from dnsgate.consent.pairing import Pairings
 from dnsgate.consent.records import Event, Step
 from dnsgate.consent.service import ConsentService
-from dnsgate.consent.sqlite_store import Abandon, SqliteBackend
+from dnsgate.consent.sqlite_store import LOCK_MARGIN, Abandon, SqliteBackend
 from tests.support.consent_fixtures import CATALOG, table
 
 HOPS = 8  # event-loop iterations swept after the operation finished
@@ -58,8 +58,10 @@ async def test_a_change_in_doubt_stays_resolvable_when_its_resolver_is_given_up_
         for hops in range(HOPS):
             disk.clear()
             change = f"c{hops}"
+            # The store starts a change only with more than LOCK_MARGIN left (else "no time left", a
+            # plain refusal): the deadline leaves the store thread half a second to get to it.
             with pytest.raises(InDoubt):
-                await backend.commit([grant(f"10.0.0.{hops + 1}")], 0, change, time.monotonic() + 0.3)
+                await backend.commit([grant(f"10.0.0.{hops + 1}")], 0, change, time.monotonic() + LOCK_MARGIN + 0.5)
             resolving = loop.create_task(backend.resolve(change, 0))
             await asyncio.sleep(0.05)  # (waiting for the write now)
             disk.set()
