@@ -147,24 +147,35 @@ async def test_stale_answers_are_still_gated(upstream: StubUpstream, data_dir: P
         assert (await g.query("trackcmp.net", source="127.0.0.3")).rcode() == dns.rcode.NXDOMAIN
 
 
+async def hit_in_its_last_tenth(g: Gate, upstream: StubUpstream) -> str:
+    """A name with a 2 s TTL asked, then asked again 1.85 s later: in the last tenth of its cached
+    life. That second query is a hit only if it came within 2 s of the first being sent, which a
+    machine that held this process up may miss by 0.15 s: then the pair is tried again with
+    another name (each asked upstream once by the first query of its pair). Returns the name."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(3):
+        name = f"pop{attempt}.example.test"
+        upstream.add(name, f"{name}. 2 IN A 192.0.2.60")
+        asked = loop.time()
+        assert (await g.query(name)).answer
+        await asyncio.sleep(1.85)
+        assert (await g.query(name)).answer
+        if loop.time() - asked < 2.0:
+            return name
+    raise AssertionError("no query came within an entry's life: the machine held this test up each time")
+
+
 async def test_prefetch_refreshes_a_popular_entry_before_it_expires(upstream: StubUpstream, data_dir: Path) -> None:
-    upstream.add("pop.example.test", "pop.example.test. 2 IN A 192.0.2.60")
     cfg = make_config(upstream, data_dir, cache=replace(CacheConfig(), prefetch=True))
     async with running_gate(cfg) as g:
-        assert (await g.query("pop.example.test")).answer
-        await asyncio.sleep(1.85)  # into the last tenth of its 2 s lifetime
-        hit = await g.query("pop.example.test")
-        assert hit.answer and upstream.count("pop.example.test") >= 1
-        await upstream.wait_for("pop.example.test", 2)  # refreshed in the background
+        name = await hit_in_its_last_tenth(g, upstream)
+        await upstream.wait_for(name, 2)  # refreshed in the background
         await asyncio.sleep(0.3)  # past the original expiry: the refreshed entry answers
-        assert (await g.query("pop.example.test")).answer
-        assert upstream.count("pop.example.test") == 2
+        assert (await g.query(name)).answer
+        assert upstream.count(name) == 2
 
 
 async def test_no_prefetch_by_default(gate: Gate, upstream: StubUpstream) -> None:
-    upstream.add("pop.example.test", "pop.example.test. 2 IN A 192.0.2.60")
-    assert (await gate.query("pop.example.test")).answer
-    await asyncio.sleep(1.85)
-    assert (await gate.query("pop.example.test")).answer
+    name = await hit_in_its_last_tenth(gate, upstream)
     await asyncio.sleep(0.3)
-    assert upstream.count("pop.example.test") == 1  # expired, not yet asked again
+    assert upstream.count(name) == 1  # expired, not yet asked again
