@@ -126,17 +126,22 @@ class RunQueue:
     def between(self, start: float, end: float | None = None) -> float:
         """Seconds the threads waited for a CPU from `start` to `end` (time.monotonic; None: now): from
         the last sample at or before `start` to the first at or after `end`; 0 if either is missing."""
+        return self.measured(start, end)[0]
+
+    def measured(self, start: float, end: float | None = None) -> tuple[float, float]:
+        """`between`, and the seconds between the two samples it was read from (more than `end` -
+        `start` when the sampler itself waited for a CPU): (0, 0) if either sample is missing."""
         if end is None and not self._sample_once():
-            return 0.0
+            return 0.0, 0.0
         with self._lock:
             times, waited = self.times[:], self.waited[:]  # (the sampler appends meanwhile)
         i = bisect.bisect_right(times, start) - 1
         if i < 0:
-            return 0.0
+            return 0.0, 0.0
         j = len(times) - 1 if end is None else bisect.bisect_left(times, end)
         if j >= len(times):
-            return 0.0
-        return max(0.0, waited[j] - waited[i])
+            return 0.0, 0.0
+        return max(0.0, waited[j] - waited[i]), times[j] - times[i]
 
 
 @dataclass
