@@ -124,6 +124,10 @@ class CurrentNotice:
 UNTIL_CHANGED: Final = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the expiry of what stands until changed
 
 
+def grants_anything(categories: Mapping[str, bool], vendors: Mapping[str, bool]) -> bool:
+    return any(categories.values()) or any(vendors.values())
+
+
 def grants_vendor(categories: Mapping[str, bool], vendors: Mapping[str, bool], vendor: Vendor) -> bool:
     """Whether these decisions grant `vendor`: by name, or by its category unless it is refused by name."""
     said = vendors.get(vendor.id)
@@ -216,7 +220,7 @@ class Choice:
 
     @property
     def grants_anything(self) -> bool:
-        return any(self.categories.values()) or any(self.vendors.values())
+        return grants_anything(self.categories, self.vendors)
 
     def gpc_opt_out(self, vendor: Vendor) -> bool:
         """Whether this choice's refusal of `vendor` is an opt-out of sale/sharing under GPC."""

@@ -79,6 +79,7 @@ from dnsgate.consent.model import (
     Subject,
     decide,
     decide_category,
+    grants_anything,
     grants_vendor,
 )
 from dnsgate.consent.notice import Item, Notice, NoticeInForce, Operator, notice_in_force, sha256_text
@@ -802,7 +803,7 @@ class ConsentService:
                 if step.only_if_current is None or step.only_if_current > 0:
                     prelude.append(step)
                 continue
-            if e.as_choice(0).grants_anything and not narrowing:
+            if grants_anything(e.categories, e.vendors) and not narrowing:
                 continue
             shadow: list[Choice] = []
             for ended in step.ends:
