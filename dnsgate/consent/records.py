@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dnsgate.consent.model import Choice, NoticeRef, Subject, source_of
+from dnsgate.consent.model import Choice, NoticeRef, Subject, built_plain, source_of
 
 
 class StoreError(Exception):
@@ -29,6 +29,7 @@ class RefusalsHeld(StoreError):
         self.held = held
 
 
+@built_plain
 @dataclass(frozen=True, slots=True)
 class Event:
     """One entry of the consent log. `categories`/`vendors` map to True (granted) or False."""

@@ -77,6 +77,7 @@ from dnsgate.consent.model import (
     ProfileMap,
     Resolution,
     Subject,
+    built_plain,
     decide,
     decide_category,
     grants_anything,
@@ -177,6 +178,7 @@ class Basis:
         return cls(c.notice, None if c.items is None else dict(c.items), c.terms, language)
 
 
+@built_plain
 @dataclass(frozen=True, slots=True)
 class ClientView:
     """A client's (or a subject's) consent as the API shows it."""

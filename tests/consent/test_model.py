@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 
 import dns.edns
 import dns.message
@@ -422,3 +422,28 @@ def test_the_state_a_view_leaves_for_the_next_query_is_the_one_a_lookup_finds() 
     t.put(choice("10.0.0.7", categories={"marketing": False}))
     assert t.resolve("10.0.0.7", "cc:cc:cc:cc:cc:03", NOW).decisions[0][1].allowed  # a forwarder's MAC: the device
     assert not t.allows("10.0.0.7", AC, NOW)  # the address alone: its own refusal
+
+
+def test_records_built_plain_are_the_frozen_records_they_were() -> None:
+    """Event and Choice are built through a plain twin (built_plain): what comes out is the frozen
+    record itself, with its defaults, fresh default mappings, its __post_init__ run, and frozen."""
+    subject = Subject("192.0.2.7")
+    e = Event("grant", 10.0, subject, "opt-in", {"marketing": True}, expires_at=20.0, reason="r")
+    assert type(e) is Event
+    assert (e.action, e.at, e.subject, e.profile, e.categories, e.vendors, e.expires_at, e.channel, e.reason,
+            e.id, e.items) == ("grant", 10.0, subject, "opt-in", {"marketing": True}, {}, 20.0, "system", "r",
+                               None, None)
+    assert e.vendors is not Event("grant", 10.0, subject, "opt-in").vendors  # (a default factory per record)
+    with pytest.raises(FrozenInstanceError):
+        e.reason = "changed"  # type: ignore[misc]
+    assert replace(e, id=7) == Event("grant", 10.0, subject, "opt-in", {"marketing": True}, expires_at=20.0,
+                                     reason="r", id=7)
+    c = e.as_choice(3)
+    assert type(c) is Choice and c.id == 3 and c.made_at == 10.0
+    # __post_init__ ran: choices share one mapping per content
+    assert c.categories is Choice(4, Subject("192.0.2.8"), {"marketing": True}, {}, 1.0, 2.0, None, "device",
+                                  "opt-in").categories
+    with pytest.raises(FrozenInstanceError):
+        c.id = 4  # type: ignore[misc]
+    with pytest.raises(TypeError, match="profile"):
+        Event("grant", 10.0, subject)  # type: ignore[call-arg]
