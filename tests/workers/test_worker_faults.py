@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -230,9 +231,19 @@ async def test_a_stalled_worker_holds_a_change_at_most_2_s_while_another_is_star
     assert took < 3.0  # SYNC_TIMEOUT (2 s) and a killed process's exit, on a loaded machine
 
 
-async def test_a_hung_worker_is_replaced_while_consent_does_not_change(upstream: StubUpstream, data_dir: Path) -> None:
+async def test_a_hung_worker_is_replaced_while_consent_does_not_change(upstream: StubUpstream, data_dir: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     me = "127.0.0.79"
     loop = asyncio.get_running_loop()
+    beats: list[float] = []  # when the primary (this process) pinged its workers
+    send = Link.send
+
+    def noting_beats(link: Link, *message: Any) -> None:
+        if message == ("ping",) and (not beats or loop.time() - beats[-1] > 0.1 * supervisor.HEARTBEAT):
+            beats.append(loop.time())
+        send(link, *message)
+
+    monkeypatch.setattr(Link, "send", noting_beats)
     async with running_gate(with_workers(upstream, data_dir, 3)) as g, sockets(me) as socks:
         p1, p2 = (await health(g))["workers"]["pids"]
         ids = await server_ids(g, socks)
@@ -260,10 +271,18 @@ async def test_a_hung_worker_is_replaced_while_consent_does_not_change(upstream:
             assert hung != "dnsgate"
             assert await during == ["lost" if i == hung else "NXDOMAIN" for i in ids]
             assert await answers(g.dns_port, socks) == {"NXDOMAIN": SOCKETS}  # none lost once it is back
+
+    def behind(until: float) -> float:
+        """How far the beats fell behind their schedule in the first `until` seconds of the stop: a
+        beat the primary comes to more than half a beat late (this process held up by a loaded
+        machine) is skipped, not counted as missed, and the next comes a beat later."""
+        times = [stopped, *(b for b in beats if stopped < b <= stopped + until)]
+        return sum(max(0.0, b - a - supervisor.HEARTBEAT) for a, b in itertools.pairwise(times))
+
     print(f"measured: not listening after {late:.2f} s, killed after {killed:.2f} s, replacement listening "
-          f"after {back:.2f} s")
-    assert late < 2.5  # a ping unanswered at the next beat: 1-2 s
-    assert killed < 3.5  # two beats missed: 2-3 s
+          f"after {back:.2f} s; beats behind by {behind(killed):.2f} s")
+    assert late < 2.5 + behind(late)  # a ping unanswered at the next beat: 1-2 s
+    assert killed < 3.5 + behind(killed)  # two beats missed: 2-3 s
 
 
 def _free_port() -> int:
