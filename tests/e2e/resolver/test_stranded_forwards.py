@@ -300,7 +300,7 @@ async def test_a_prefetch_that_cannot_start_leaves_nothing_behind(stub: StubUpst
         client = await Client(g.dns_port).open()
         loop = asyncio.get_running_loop()
         try:
-            for attempt in range(3):
+            for attempt in range(5):
                 name = f"pre.n{attempt}.example.test"
                 stub.add(name, f"{name}. 2 IN A 192.0.2.5")
                 asked = loop.time()
