@@ -19,8 +19,9 @@ Workloads: blocked (a client without consent asks for gated names), allowed (cac
 one connection per dnsperf client), light (1,000 q/s: service latency); dot and doh (the mix over
 DNS over TLS and over HTTPS/2, GET, one connection per dnsperf client: dnsgate only, whose
 certificate `dnsgate cert init` makes). dnsgate alone also gets:
-churn (mix while another process grants and withdraws consent 100 times/s through the API, and
-checks each change reaches the next query; 10 000 other clients hold a choice), memory (RSS with
+churn (mix while a client grants and withdraws consent 100 times/s through the API, and checks each
+change reaches the next query; 10 000 other clients hold a choice; run right after each mix cell of
+the same server when both are asked for), memory (RSS with
 100k cached names and 10k clients holding consent), ready (seconds from start to the ready line).
 "dnsgate-workers" (in --only) is dnsgate with dns.workers = --workers, on --workers-cpus, beside
 the single-process dnsgate: what worker processes do on this machine, measured in the same minutes.
@@ -312,6 +313,7 @@ class Bench:
         self.out = out
         self.runs: list[Run] = []
         self.meta: dict[str, dict[str, Any]] = {}
+        self.filled: set[str] = set()  # servers given the churn's other clients' choices
         (out / "raw").mkdir(parents=True, exist_ok=True)
 
     def log(self, message: str) -> None:
@@ -447,10 +449,14 @@ class Bench:
         """Every server runs at once (idle ones cost nothing), and each cell of a workload runs on one
         server after the other: the VM's speed drifts by tens of percent within minutes, so peers
         measured back to back compare, peers measured minutes apart may not."""
+        # churn is judged against mix: with both, each churn cell runs right after the same server's
+        # mix cell, both with the other clients' choices held, so the pair shares the VM's minute
+        # (its speed drifts by tens of percent between minutes) and the server's state.
+        paired = "mix" in self.args.workloads and "churn" in self.args.workloads
         with contextlib.ExitStack() as stack:
             servers = [s for s in (self.start(name, stack) for name in names) if s is not None]
             for workload in self.args.workloads:
-                if workload in ("light", "memory"):
+                if workload in ("light", "memory") or (paired and workload == "churn"):
                     continue  # light runs last (after the cache is warm again); memory is dnsgate's
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
@@ -458,7 +464,12 @@ class Bench:
                                 or (workload in ENCRYPTED and s.name != "dnsgate")
                                 or (s.name == "echo" and workload not in ECHO_WORKLOADS)):
                             continue
+                        with_churn = paired and workload == "mix" and s.name in DNSGATES
+                        if with_churn:
+                            self.fill(s.name, s.pid)
                         self.cell(s, workload, rep)
+                        if with_churn:
+                            self.cell(s, "churn", rep)
             if "light" in self.args.workloads:
                 for rep in range(1, self.args.reps + 1):
                     for s in servers:
@@ -539,10 +550,7 @@ class Bench:
             api.close()
             udp.close()
 
-        if rep == 1 and self.args.churn_clients:
-            # other clients holding a choice: a change must not cost more with many of them
-            give_choices(self.args.churn_clients, PORTS[name + "-api"])
-            wait_idle(pid)  # (the consent store checkpoints its log after those writes)
+        self.fill(name, pid)
         self.wait_quiet()
         thread = threading.Thread(target=changer, daemon=True)
         started = time.monotonic()
@@ -553,10 +561,24 @@ class Bench:
             done.set()
             thread.join()
         elapsed = time.monotonic() - started
-        run.extra.update(stats, changes_per_s=round(stats["changes"] / elapsed, 1))
+        # The changer is client load beside dnsperf (on its core), not another process's: its CPU is
+        # shown on its own and taken out of "other".
+        changer_pct = round(100 * stats.get("changer_cpu_ms", 0) / 1000 / elapsed, 1)
+        run.other_cpu_pct = round(max(0.0, run.other_cpu_pct - changer_pct), 1)
+        run.disturbed = run.other_cpu_pct > self.args.other_max
+        run.extra.update(stats, changes_per_s=round(stats["changes"] / elapsed, 1), changer_cpu_pct=changer_pct)
         self.runs.append(run)
         self.log(f"{name}  churn    r{rep}: {run.qps:9.0f} q/s  lost {run.lost_pct:5.2f}%  "
-                 f"{run.cpu_us_per_query:5.2f} us/q  other {run.other_cpu_pct}%  {run.extra}")
+                 f"{run.cpu_us_per_query:5.2f} us/q  srv {run.server_cpu_pct}%  perf {run.dnsperf_cpu_pct}%  "
+                 f"changer {changer_pct}%  other {run.other_cpu_pct}%  {run.extra}")
+
+    def fill(self, name: str, pid: int) -> None:
+        """Once per server: the churn's other clients holding a choice (a change must not cost more
+        with many of them)."""
+        if self.args.churn_clients and name not in self.filled:
+            give_choices(self.args.churn_clients, PORTS[name + "-api"])
+            wait_idle(pid)  # (the consent store checkpoints its log after those writes)
+            self.filled.add(name)
 
     def memory(self, pid: int, port: int) -> None:
         """RSS with 100k cached names and 10k clients holding consent."""
