@@ -52,22 +52,11 @@ _encoder: Final = _json.make_encoder(None, json.JSONEncoder().default, json.enco
                                      ": ", ", ", False, False, True)
 
 
-def encode_json(data: Any) -> str:
-    """`data` as the JSON of every answer."""
-    return "".join(_encoder(data, 0))
-
-
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None,
                   content_type: str = "application/json") -> web.Response:
     """`data` as JSON (UTF-8): the body handed over as bytes, as aiohttp's own json_response would send it."""
-    return json_text_response(encode_json(data), status, headers, content_type)
-
-
-def json_text_response(text: str, status: int = 200, headers: Mapping[str, str] | None = None,
-                       content_type: str = "application/json") -> web.Response:
-    """JSON already written as `encode_json` writes it, as `json_response` sends it."""
-    return web.Response(body=text.encode(), status=status, headers=headers, content_type=content_type,
-                        charset="utf-8")
+    return web.Response(body="".join(_encoder(data, 0)).encode(), status=status, headers=headers,
+                        content_type=content_type, charset="utf-8")
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:

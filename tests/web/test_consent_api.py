@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import sqlite3
-from dataclasses import replace
 from pathlib import Path
 
 import dns.rcode
 import pytest
 
-from dnsgate.consent.export import iso
-from dnsgate.consent.model import Decision, Subject
-from dnsgate.consent.notice import items_of
-from dnsgate.consent.service import ClientView
-from dnsgate.http.consent_api import view_text
 from tests.conftest import Gate
-from tests.support.consent_fixtures import CATALOG, choice
 
 GRANT = {"categories": ["marketing"]}
 
@@ -177,68 +168,3 @@ async def test_vendors_and_health(gate: Gate) -> None:
     assert vendor["cookies"] and vendor["data_collected"] and vendor["recipients"]
     status, health = await gate.http("GET", "/healthz")
     assert status == 200 and health["status"] == "ok" and health["dns"] == [str(gate.running.dns[0])]
-
-
-def _views() -> list[ClientView]:
-    """Views of every shape the API answers with: no choice; a grant in force with its notice, a
-    device, a network, notes, new items, a kiosk, a held refusal; a standing refusal whose grants
-    expired, shown under no notice. Text fields hold what JSON must escape."""
-    vendor = CATALOG.vendors[0]
-    odd = 'a "quoted" \\ text\n, é \u2028 \x01 ünïcode'
-    now = 1_800_000_000.0
-    allowed, refused = Decision(True, odd, by_choice=True), Decision(False, "refused " + odd, by_choice=True)
-    default = Decision(False, "the profile's default")
-    grant = choice("192.0.2.7", mac="02:00:00:00:00:07", categories={"marketing": True, "analytics": False},
-                   vendors={vendor.id: True}, made_at=now - 10, expires_at=now + 86_400, sec_gpc="1")
-    grant = replace(grant, gpc_seen_at=now - 5)
-    standing = choice("192.0.2.8", categories={"marketing": False}, made_at=now - 100, expires_at=now - 1,
-                      notice=None, items=None, terms="", profile="opt-out")
-    standing = replace(standing, language="")
-    base = ClientView("192.0.2.9", Subject("192.0.2.9"), "192.0.2.9", None, None, "opt-in", None, odd, None, False,
-                      ((vendor, default),), (), None, None, None, now, (("marketing", default),))
-    return [
-        base,
-        replace(base, client=odd, mac="02:00:00:00:00:07", mac_source=odd, network=ipaddress.ip_network("192.0.2.0/24"),
-                choice=grant, notice_current=True, decisions=((vendor, allowed), (vendor, refused)),
-                notes=(odd, "second"), ask_again_after=now + 3600, kiosk_idle_minutes=15, kiosk_last_seen=now - 60,
-                by_category=(("marketing", allowed), ("analytics", refused)), lists=((vendor, refused),),
-                new=tuple(items_of(CATALOG))[:2], held=odd),
-        replace(base, choice=standing, profile="opt-out", decisions=((vendor, refused),),
-                by_category=(("marketing", refused), ("analytics", default)), kiosk_idle_minutes=7.5),
-    ]
-
-
-@pytest.mark.parametrize("view", _views())
-def test_a_view_is_written_as_the_answers_encoder_writes_what_it_says(view: ClientView) -> None:
-    """A view's JSON is written directly (view_text): it must be the very bytes json.dumps (the
-    answers' encoder) writes of what it says: escapes, separators, literals, numbers."""
-    text = view_text(view, ("sec_gpc", '"1"'), ("pairing", "null"))
-    said = json.loads(text)
-    assert text.encode() == json.dumps(said).encode()
-    assert list(said) == ["client", "identity", "profile", "categories", "choice", "vendors", "lists", "by_category",
-                          "new", "notes", "ask_again_after", "kiosk", "sec_gpc", "pairing"]
-    assert said["client"] == view.client and said["notes"] == list(view.notes)
-    assert said["identity"] == {"address": view.address, "mac": view.mac, "mac_source": view.mac_source}
-    assert said["new"] == [i.as_json() for i in view.new]
-    assert said["kiosk"] == (None if view.kiosk_idle_minutes is None else
-                             {"idle_minutes": view.kiosk_idle_minutes, "last_seen": iso(view.kiosk_last_seen)})
-    assert said["ask_again_after"] == iso(view.ask_again_after)
-    assert [(v["id"], v["name"], v["category"], v["allowed"], v["reason"]) for v in said["vendors"] + said["lists"]] \
-        == [(v.id, v.name, v.category, d.allowed, d.reason) for v, d in view.decisions + view.lists]
-    assert said["profile"] == {"name": view.profile, "network": str(view.network) if view.network else None,
-                               "why": view.why_profile}
-    c = view.choice
-    if c is None:
-        assert said["choice"] is None and said["categories"] == {}
-        return
-    assert said["choice"]["id"] == c.id and said["choice"]["categories"] == dict(c.categories)
-    assert said["choice"]["covers"] == [{"kind": k.partition(":")[0], "id": k.partition(":")[2], "fingerprint": fp}
-                                        for k, fp in sorted((c.items or {}).items())]
-    # grants in force show per category; a standing refusal has no end, a grant ends when the choice expires
-    in_force = c.expires_at > view.now
-    assert said["categories"].keys() == ({n for n, d in view.by_category if d.allowed and d.by_choice}
-                                         if in_force else set())
-    for (name, d), shown in zip(view.by_category, said["by_category"].items(), strict=True):
-        assert shown[0] == name and shown[1]["allowed"] is d.allowed and shown[1]["reason"] == d.reason
-        assert shown[1]["until"] is (None if not d.by_choice or (c.standing and not d.allowed) else
-                                     shown[1]["until"]) and (shown[1]["since"] is None) is (not d.by_choice)
