@@ -60,8 +60,10 @@ class RunQueue:
     (the event loop's, where in-process instances answer) and, with `pids`, every thread of those
     processes (dnsgate run as a process: its event loop and its store's thread). It is the loaded
     machine's share of a late answer (other work on both cores), which no deadline in dnsgate can
-    shorten. An answer passes from one thread to the next, so waits that overlap delay it once: each
-    interval between samples counts the most any one thread waited in it, not their sum. Without
+    shorten. An answer passes from one thread to the next, so waits that overlap delay it once: the
+    measure is the time covered by any thread's wait, not their sum. Linux credits a wait when it
+    ends, so a thread's wait seen at a sample is placed just before that sample (behind the thread's
+    earlier waits where they would overlap); only the part inside the measured span counts. Without
     schedstat it reads 0 (nothing is excused)."""
 
     EVERY = 0.005
@@ -70,7 +72,7 @@ class RunQueue:
         self.path = f"/proc/self/task/{threading.get_native_id()}/schedstat"
         self.pids = pids
         self.times: list[float] = []
-        self.waited: list[float] = []  # seconds waited so far, at each of `times`
+        self._waits: dict[str, list[tuple[float, float]]] = {}  # each thread's waits placed in time, in order
         self._last: dict[str, float] = {}  # each thread's own figure at the sample before
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -104,7 +106,7 @@ class RunQueue:
 
     def _sample_once(self) -> bool:
         with self._lock:
-            most = 0.0
+            now = time.monotonic()
             for path in self._paths():
                 waited = self._waited(path)
                 if waited is None:
@@ -113,10 +115,15 @@ class RunQueue:
                     continue
                 before = self._last.get(path)
                 self._last[path] = waited
-                if before is not None:  # (a thread seen first now counts from the next interval)
-                    most = max(most, waited - before)
-            self.times.append(time.monotonic())
-            self.waited.append((self.waited[-1] if self.waited else 0.0) + most)
+                if before is None or waited <= before:  # (a thread seen first now counts from the next sample)
+                    continue
+                waits = self._waits.setdefault(path, [])
+                took = waited - before
+                while waits and waits[-1][1] > now - took:  # (one thread waits once at a time: end to end)
+                    took += waits[-1][1] - waits[-1][0]
+                    waits.pop()
+                waits.append((now - took, now))
+            self.times.append(now)
             return True
 
     def _sample(self) -> None:
@@ -133,15 +140,23 @@ class RunQueue:
         `start` when the sampler itself waited for a CPU): (0, 0) if either sample is missing."""
         if end is None and not self._sample_once():
             return 0.0, 0.0
-        with self._lock:
-            times, waited = self.times[:], self.waited[:]  # (the sampler appends meanwhile)
-        i = bisect.bisect_right(times, start) - 1
-        if i < 0:
-            return 0.0, 0.0
-        j = len(times) - 1 if end is None else bisect.bisect_left(times, end)
-        if j >= len(times):
-            return 0.0, 0.0
-        return max(0.0, waited[j] - waited[i]), times[j] - times[i]
+        with self._lock:  # (the sampler appends meanwhile)
+            times = self.times
+            i = bisect.bisect_right(times, start) - 1
+            j = len(times) - 1 if end is None else bisect.bisect_left(times, end)
+            if i < 0 or j >= len(times):
+                return 0.0, 0.0
+            low, high = times[i], times[j]
+            # A thread's waits are in order and apart: those from the last one begun by `low` on.
+            waits = sorted(w for thread in self._waits.values()
+                           for w in thread[max(0, bisect.bisect_right(thread, (low, low)) - 1):])
+        covered, reached = 0.0, low
+        for begin, until in waits:  # the union of the waits, within the span
+            begin, until = max(begin, reached), min(until, high)
+            if until > begin:
+                covered += until - begin
+                reached = until
+        return covered, high - low
 
 
 @dataclass
