@@ -88,20 +88,45 @@ dnsgate.cli.main.load_server()  # as serve does
 import dnsgate.app.primary, dnsgate.app.worker
 from dnsgate.app.dns_side import build_upstreams
 from dnsgate.config import Config, parse_upstream
+
+def loaded():  # (a deferred module's placeholder is in sys.modules before its code has run)
+    return sorted(n for n, m in sys.modules.items() if type(m).__name__ != "_LazyModule")
+
 cfg = Config()
 build_upstreams(cfg, [parse_upstream("192.0.2.1:53"), parse_upstream("tls://192.0.2.2")])
-plain = sorted(sys.modules)
-build_upstreams(cfg, [parse_upstream("https://192.0.2.3/dns-query")])
-print(json.dumps({"plain": plain, "doh": sorted(sys.modules)}))
+plain = loaded()
+import dnsgate.dns.https_listener as listener
+with_listener = loaded()
+listener.h2_connection.H2Connection()  # as the first client that negotiates HTTP/2 makes it
+first_client = loaded()
+print(json.dumps({"plain": plain, "listener": with_listener, "first_client": first_client}))
 """
 
+DOH_UPSTREAM_PROBE = """
+import json, sys
+import dnsgate.cli.main
+dnsgate.cli.main.load_server()
+from dnsgate.app.dns_side import build_upstreams
+from dnsgate.config import Config, parse_upstream
+build_upstreams(Config(), [parse_upstream("https://192.0.2.3/dns-query")])
+print(json.dumps(sorted(n for n, m in sys.modules.items() if type(m).__name__ != "_LazyModule")))
+"""
 
-def test_http2_is_loaded_only_with_a_dns_over_https_upstream_or_listener() -> None:
-    """h2 (with hpack and hyperframe, ~1.3 MiB) serves DNS over HTTPS only: the primary without a DoH
-    listener and every worker (none has one) load it only when an https:// upstream is configured."""
+HTTP2 = {"h2.connection", "h2.events", "hpack", "hyperframe"}
+
+
+def test_http2_is_loaded_only_with_a_dns_over_https_upstream_or_client() -> None:
+    """h2 (with hpack and hyperframe, ~1.2 MiB) serves DNS over HTTPS only: a process loads it for an
+    https:// upstream, or when the first client of its DoH listener negotiates HTTP/2; a DoH listener
+    no client has used that way holds only its own module."""
     out = subprocess.run([sys.executable, "-c", HTTP2_PROBE], capture_output=True, text=True, timeout=60, check=True)
     seen = json.loads(out.stdout)
     assert "dnsgate.dns.upstreams" in seen["plain"]  # the probe did load the forwarding side
-    assert not {m.split(".")[0] for m in seen["plain"]} & {"h2", "hpack", "hyperframe"}
+    assert not HTTP2 & set(seen["plain"])
     assert "dnsgate.dns.https_listener" not in seen["plain"]
-    assert {"h2.connection", "dnsgate.dns.doh_upstream"} <= set(seen["doh"])  # and then it is there
+    assert "dnsgate.dns.https_listener" in seen["listener"]
+    assert not HTTP2 & set(seen["listener"])
+    assert set(seen["first_client"]) >= HTTP2  # and then it is there
+    out = subprocess.run([sys.executable, "-c", DOH_UPSTREAM_PROBE], capture_output=True, text=True, timeout=60,
+                         check=True)
+    assert {"dnsgate.dns.doh_upstream", *HTTP2} <= set(json.loads(out.stdout))

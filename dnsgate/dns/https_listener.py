@@ -27,13 +27,17 @@ from http import HTTPStatus
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import h11
+
+# From the package, not `import h2.config`: dnsgate.dns defers HTTP/2 until it is used, and importing
+# a deferred module by its dotted name loads it (the import system reads its spec), while a name
+# taken from the package stays a placeholder until the first HTTP/2 client.
+from h2 import config as h2_config
+from h2 import connection as h2_connection
+from h2 import errors as h2_errors
+from h2 import events as h2_events
+from h2 import exceptions as h2_exceptions
+from h2 import settings as h2_settings
 
 from dnsgate.addresses import normalize_client
 from dnsgate.dns.forwarding import Resolver
@@ -381,13 +385,13 @@ class _Http2:
         # What the client sends is validated (pseudo-headers, connection-specific fields); what we send
         # is our own few fixed headers, so h2's checks and normalization of them are skipped: they were
         # a third of the cost of a request.
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
+        config = h2_config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True,
                                            validate_outbound_headers=False, normalize_outbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: conn.limits.max_pipelined,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        self.h2 = h2_connection.H2Connection(config=config)
+        self.h2.local_settings = h2_settings.Settings(client=False, initial_values={
+            h2_settings.SettingCodes.MAX_CONCURRENT_STREAMS: conn.limits.max_pipelined,
+            h2_settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADERS,
+            h2_settings.SettingCodes.ENABLE_PUSH: 0,
         })
         self.h2.initiate_connection()
         self.streams: dict[int, Request] = {}
@@ -412,25 +416,25 @@ class _Http2:
     def _received(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+        except h2_exceptions.ProtocolError as exc:
             log.debug("DoH HTTP/2 error from %s: %s", self.conn.peer, exc)
             self.conn.write(self.h2.data_to_send())
             self.conn.close()
             return
         for event in events:
-            if isinstance(event, h2.events.RequestReceived):
+            if isinstance(event, h2_events.RequestReceived):
                 self._headers(event)
-            elif isinstance(event, h2.events.DataReceived):
+            elif isinstance(event, h2_events.DataReceived):
                 self._data(event)
-            elif isinstance(event, h2.events.StreamEnded):
+            elif isinstance(event, h2_events.StreamEnded):
                 if event.stream_id in self.streams:
                     self._ended(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
+            elif isinstance(event, h2_events.StreamReset):
                 self.streams.pop(event.stream_id, None)
                 self.pending.pop(event.stream_id, None)
-            elif isinstance(event, h2.events.WindowUpdated):
+            elif isinstance(event, h2_events.WindowUpdated):
                 self._send_pending()
-            elif isinstance(event, h2.events.ConnectionTerminated):
+            elif isinstance(event, h2_events.ConnectionTerminated):
                 self.conn.close()
                 return
         if any(s.body is not None for s in self.streams.values()):
@@ -438,7 +442,7 @@ class _Http2:
         else:
             self.conn.request_done()
 
-    def _headers(self, event: h2.events.RequestReceived) -> None:
+    def _headers(self, event: h2_events.RequestReceived) -> None:
         request = Request(body=bytearray(), forwarded=[])
         size = 0
         for raw_name, raw_value in event.headers or ():
@@ -460,7 +464,7 @@ class _Http2:
             return
         self.streams[event.stream_id] = request
 
-    def _data(self, event: h2.events.DataReceived) -> None:
+    def _data(self, event: h2_events.DataReceived) -> None:
         assert event.stream_id is not None
         if event.flow_controlled_length:
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -471,8 +475,8 @@ class _Http2:
             request.too_large = True
             request.body = None  # what else comes is not kept
             self._ended(event.stream_id)
-            with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
-                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.NO_ERROR)  # stop sending it
+            with contextlib.suppress(h2_exceptions.ProtocolError, h2_exceptions.StreamClosedError):
+                self.h2.reset_stream(event.stream_id, h2_errors.ErrorCodes.NO_ERROR)  # stop sending it
             return
         request.body += event.data or b""
 
@@ -486,7 +490,7 @@ class _Http2:
     def _respond(self, stream_id: int, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
         try:
             self.h2.send_headers(stream_id, [(":status", str(status)), *headers])
-        except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+        except (h2_exceptions.ProtocolError, h2_exceptions.StreamClosedError):
             return  # the client reset the stream meanwhile
         self.pending[stream_id] = body
         self._send_pending()
@@ -507,7 +511,7 @@ class _Http2:
                     self.pending[stream_id] = body
                     continue
                 self.h2.end_stream(stream_id)
-            except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            except (h2_exceptions.ProtocolError, h2_exceptions.StreamClosedError):
                 pass
             self.pending.pop(stream_id, None)
 
