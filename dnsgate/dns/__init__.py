@@ -13,7 +13,7 @@ Never imports observe, http, workers, app or cli: those are built on top of it.
 from dnsgate.lazy_imports import defer
 
 # HTTP/2 (h2, with hpack and hyperframe: ~1.2 MiB in a process) is loaded when the first DoH client
-# negotiates it or an https:// upstream is first asked, not when a DoH listener starts: a network
+# negotiates it or an https:// upstream is configured, not when a DoH listener starts: a network
 # whose clients use DoH over HTTP/1.1, or no DoH yet, never holds it.
 for _module in ("h2.config", "h2.connection", "h2.errors", "h2.events", "h2.exceptions", "h2.settings"):
     defer(_module)
